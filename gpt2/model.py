@@ -1,0 +1,210 @@
+"""GPT-2 exactly as OpenAI shipped it, readable top to bottom.
+
+Pre-LN blocks, learned position embeddings, one batched QKV projection, tanh-GELU MLP, final
+LayerNorm, lm_head tied to wte. Each hot op comes from `gpt2.ops` (torch or Triton), chosen once
+here at construction; the parameters and the state_dict are the same whichever runs.
+"""
+import math
+
+import torch
+import torch.nn as nn
+from torch.nn import functional as F
+
+from gpt2.config import GPTConfig
+from gpt2.ops import Ops, build_ops
+
+
+class LayerNorm(nn.Module):
+    def __init__(self, n_embd: int, eps: float, ops: Ops):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(n_embd))
+        self.bias = nn.Parameter(torch.zeros(n_embd))
+        self.eps = eps
+        self.layer_norm = ops.layer_norm
+
+    def forward(self, x):
+        return self.layer_norm(x, self.weight, self.bias, self.eps)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: GPTConfig, ops: Ops):
+        super().__init__()
+        self.n_head, self.n_embd = config.n_head, config.n_embd
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)  # q, k, v for all heads at once
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd)
+        self.c_proj.RESIDUAL_PROJECTION = True
+        self.attention = ops.attention
+
+    def forward(self, x):
+        B, T, C = x.size()
+        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
+        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        y = self.attention(q, k, v, causal=True)  # (B, nh, T, hs)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # heads side by side again
+        return self.c_proj(y)
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GPTConfig, ops: Ops):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd)
+        self.c_proj.RESIDUAL_PROJECTION = True
+        self.gelu_mlp = ops.gelu_mlp
+
+    def forward(self, x):  # c_proj(gelu_tanh(c_fc(x)))
+        return self.gelu_mlp(x, self.c_fc.weight, self.c_fc.bias, self.c_proj.weight, self.c_proj.bias)
+
+
+class Block(nn.Module):
+    def __init__(self, config: GPTConfig, ops: Ops):
+        super().__init__()
+        self.ln_1 = LayerNorm(config.n_embd, config.layer_norm_eps, ops)
+        self.attn = CausalSelfAttention(config, ops)
+        self.ln_2 = LayerNorm(config.n_embd, config.layer_norm_eps, ops)
+        self.mlp = MLP(config, ops)
+
+    def forward(self, x):
+        x = x + self.attn(self.ln_1(x))
+        x = x + self.mlp(self.ln_2(x))
+        return x
+
+
+class GPT(nn.Module):
+    def __init__(self, config: GPTConfig, kernels="torch"):
+        super().__init__()
+        self.config = config
+        self.ops = build_ops(kernels)
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.padded_vocab_size, config.n_embd),
+            wpe=nn.Embedding(config.block_size, config.n_embd),
+            h=nn.ModuleList([Block(config, self.ops) for _ in range(config.n_layer)]),
+            ln_f=LayerNorm(config.n_embd, config.layer_norm_eps, self.ops),
+        ))
+        self.lm_head = nn.Linear(config.n_embd, config.padded_vocab_size, bias=False)
+        self.lm_head.weight = self.transformer.wte.weight  # tied
+        self.apply(self._init_weights)
+
+    @property
+    def kernels(self) -> dict:
+        return dict(self.ops.choice)
+
+    def _init_weights(self, module):
+        if isinstance(module, nn.Linear):
+            std = 0.02
+            if getattr(module, "RESIDUAL_PROJECTION", False):
+                std *= (2 * self.config.n_layer) ** -0.5  # one per residual add: 2 per block
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def num_params(self, non_embedding=False) -> int:
+        """Parameters, the tied wte/lm_head once; padded vocab rows not counted."""
+        n = sum(p.numel() for p in self.parameters())
+        n -= (self.config.padded_vocab_size - self.config.vocab_size) * self.config.n_embd
+        if non_embedding:
+            n -= self.transformer.wpe.weight.numel()
+        return n
+
+    def check_idx(self, idx, name="idx", allow_ignore=False):
+        """Clear errors for bad token tensors (one host sync for the id range)."""
+        if not isinstance(idx, torch.Tensor):
+            raise ValueError(f"GPT: {name} must be a torch.Tensor; got {type(idx).__name__}")
+        if idx.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"GPT: {name} must be int64 (or int32) token ids; got {idx.dtype}")
+        if idx.dim() != 2:
+            raise ValueError(f"GPT: {name} must have shape (B, T); got {tuple(idx.shape)}")
+        if idx.size(1) > self.config.block_size:
+            raise ValueError(f"GPT: sequence length {idx.size(1)} exceeds block_size {self.config.block_size}")
+        if idx.numel() == 0:
+            raise ValueError(f"GPT: {name} is empty: shape {tuple(idx.shape)}")
+        if torch.compiler.is_compiling():
+            return
+        valid = idx if not allow_ignore else idx[idx != -100]
+        if valid.numel() and (valid.min() < 0 or valid.max() >= self.config.vocab_size):
+            raise ValueError(f"GPT: {name} has ids outside [0, {self.config.vocab_size}): "
+                             f"min {valid.min().item()}, max {valid.max().item()}")
+
+    def hidden_states(self, idx):
+        """Final (post ln_f) hidden states (B, T, C)."""
+        B, T = idx.size()
+        pos = torch.arange(0, T, dtype=torch.long, device=idx.device)  # (T,)
+        x = self.transformer.wte(idx) + self.transformer.wpe(pos)  # (B, T, C)
+        for block in self.transformer.h:
+            x = block(x)
+        return self.transformer.ln_f(x)
+
+    def logits(self, x):
+        """lm_head on hidden states; the padded vocab rows never reach the logits."""
+        return F.linear(x, self.lm_head.weight[: self.config.vocab_size])  # (..., V)
+
+    def forward(self, idx, targets=None):
+        """idx (B, T) -> logits (B, T, V); with targets (B, T) -> (logits or None, mean CE loss).
+
+        With fused lm_head + cross-entropy (Triton) the logits are never built and None is returned.
+        """
+        self.check_idx(idx)
+        x = self.hidden_states(idx)
+        if targets is None:
+            return self.logits(x)
+        if targets.shape != idx.shape:
+            raise ValueError(f"GPT: targets shape {tuple(targets.shape)} must equal idx shape {tuple(idx.shape)}")
+        self.check_idx(targets, "targets", allow_ignore=True)
+        flat_x, flat_targets = x.view(-1, x.size(-1)), targets.reshape(-1)
+        if self.ops.fused_lm_head_loss:
+            weight = self.lm_head.weight[: self.config.vocab_size]  # (V, C)
+            return None, self.ops.linear_cross_entropy(flat_x, weight, flat_targets)
+        logits = self.logits(x)
+        return logits, self.ops.cross_entropy(logits.view(-1, logits.size(-1)), flat_targets)
+
+    def configure_optimizer(self, weight_decay, learning_rate, betas=(0.9, 0.95), eps=1e-8, fused=None):
+        """AdamW with weight decay on matrices/embeddings (dim >= 2) only, as in GPT-2/nanoGPT."""
+        params = [p for p in self.parameters() if p.requires_grad]
+        groups = [
+            {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+        ]
+        if fused is None:
+            fused = all(p.is_cuda for p in params)
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, eps=eps, fused=fused)
+
+    def flops_per_token(self, seq_len=None) -> int:
+        """Training FLOPs per token (nanoGPT/PaLM): 6N + 12 * L * H * Q * T."""
+        cfg = self.config
+        T = seq_len or cfg.block_size
+        return 6 * self.num_params() + 12 * cfg.n_layer * cfg.n_head * cfg.head_size * T
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, generator=None):
+        """Sample max_new_tokens after idx (B, T); only the last position's logits are computed.
+
+        temperature 0 is greedy. Never emits a padded-vocab id.
+        """
+        self.check_idx(idx[:, -self.config.block_size:])  # longer prompts are cropped
+        if temperature < 0:
+            raise ValueError(f"GPT.generate: temperature must be >= 0; got {temperature}")
+        if top_k is not None and top_k < 1:
+            raise ValueError(f"GPT.generate: top_k must be >= 1; got {top_k}")
+        for _ in range(max_new_tokens):
+            context = idx[:, -self.config.block_size:]
+            logits = self.logits(self.hidden_states(context)[:, -1, :]).float()  # (B, V)
+            if temperature == 0:
+                next_id = logits.argmax(dim=-1, keepdim=True)
+            else:
+                logits = logits / temperature
+                if top_k is not None:
+                    kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
+                    logits = logits.masked_fill(logits < kth, float("-inf"))
+                probs = F.softmax(logits, dim=-1)
+                next_id = torch.multinomial(probs, num_samples=1, generator=generator)  # (B, 1)
+            idx = torch.cat((idx, next_id.to(idx.dtype)), dim=1)
+        return idx
+
+    @classmethod
+    def from_pretrained(cls, name_or_dir, kernels="torch", **config_overrides):
+        from gpt2.hf import load_pretrained
+        return load_pretrained(cls, name_or_dir, kernels=kernels, **config_overrides)

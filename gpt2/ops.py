@@ -1,0 +1,139 @@
+"""The one switch for the hot ops: picks each op's implementation ("torch" or "triton") once.
+
+`resolve_kernels("triton")`, `resolve_kernels({"attention": "triton"})`, ... -> {op: impl} for every op;
+`build_ops(...)` -> an `Ops` bundle of functions the model's modules keep. Nothing else in the
+library decides which implementation runs.
+"""
+import importlib
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from kernels import reference
+
+OP_NAMES = ("layer_norm", "attention", "gelu_mlp", "cross_entropy")
+IMPLS = ("torch", "triton")
+# op -> (module under kernels/, public functions it provides)
+TRITON_KERNELS = {
+    "layer_norm": ("kernels.layer_norm", ("layer_norm",)),
+    "attention": ("kernels.attention", ("flash_attention",)),
+    "gelu_mlp": ("kernels.mlp", ("gelu_mlp",)),
+    "cross_entropy": ("kernels.cross_entropy", ("cross_entropy", "linear_cross_entropy")),
+}
+
+
+# --- the "torch" implementations: plain PyTorch, the fast eager baseline -------------------------
+def torch_layer_norm(x, weight, bias, eps=1e-5):
+    return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
+
+
+def torch_attention(q, k, v, causal=True, scale=None):
+    return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale)
+
+
+def torch_gelu_mlp(x, fc_weight, fc_bias, proj_weight, proj_bias):
+    return reference.gelu_mlp(x, fc_weight, fc_bias, proj_weight, proj_bias, upcast=False)
+
+
+TORCH_OPS = {
+    "layer_norm": torch_layer_norm,
+    "flash_attention": torch_attention,
+    "gelu_mlp": torch_gelu_mlp,
+    "cross_entropy": reference.cross_entropy,
+    "linear_cross_entropy": reference.linear_cross_entropy,
+}
+
+
+# Ops whose PyTorch versions autocast runs in low precision (matmuls). LayerNorm and cross-entropy on
+# given logits run in fp32 under autocast, and so do ours: their inputs are left as they are.
+MATMUL_OPS = ("flash_attention", "gelu_mlp", "linear_cross_entropy")
+
+
+def under_autocast(fn: Callable) -> Callable:
+    """Custom kernels are invisible to autocast: cast float inputs to the autocast dtype ourselves,
+    as autocast would for the matmuls inside (bf16 weights/activations under bf16 autocast)."""
+    def wrapped(*args, **kwargs):
+        if args and isinstance(args[0], torch.Tensor):
+            device_type = args[0].device.type
+            if torch.is_autocast_enabled(device_type):
+                dtype = torch.get_autocast_dtype(device_type)
+                args = [a.to(dtype) if isinstance(a, torch.Tensor) and a.is_floating_point() else a
+                        for a in args]
+        return fn(*args, **kwargs)
+    wrapped.__name__ = getattr(fn, "__name__", "op")
+    wrapped.__wrapped__ = fn
+    return wrapped
+
+
+def resolve_kernels(kernels="torch") -> dict:
+    """"torch" | "triton" | {op: impl} (missing ops default to torch) -> {op: impl} for every op."""
+    if isinstance(kernels, str):
+        if kernels not in IMPLS:
+            raise ValueError(f"kernels must be one of {IMPLS} or a dict {{op: impl}}; got {kernels!r}")
+        return {op: kernels for op in OP_NAMES}
+    if not isinstance(kernels, dict):
+        raise TypeError(f"kernels must be a str or a dict; got {type(kernels).__name__}")
+    choice = {op: "torch" for op in OP_NAMES}
+    for op, impl in kernels.items():
+        if op == "linear_cross_entropy":
+            op = "cross_entropy"  # one choice covers both cross-entropy ops
+        if op not in OP_NAMES:
+            raise ValueError(f"kernels: unknown op {op!r}; ops are {OP_NAMES}")
+        if impl not in IMPLS:
+            raise ValueError(f"kernels: op {op!r} must be 'torch' or 'triton'; got {impl!r}")
+        choice[op] = impl
+    return choice
+
+
+def parse_kernels_arg(text: str):
+    """CLI form: 'torch' | 'triton' | 'attention=triton,layer_norm=torch'."""
+    if "=" not in text:
+        return text
+    pairs = [item.split("=", 1) for item in text.split(",") if item]
+    if any(len(p) != 2 for p in pairs):
+        raise ValueError(f"--kernels: expected op=impl pairs separated by commas; got {text!r}")
+    return {op.strip(): impl.strip() for op, impl in pairs}
+
+
+def _load_triton(op: str) -> dict:
+    module_name, names = TRITON_KERNELS[op]
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as e:
+        if e.name == module_name:
+            raise NotImplementedError(
+                f"kernels: op {op!r} has no Triton kernel yet ({module_name} is missing); "
+                f"use {op!r}: 'torch'") from None
+        raise
+    return {name: getattr(module, name) for name in names}
+
+
+@dataclass(frozen=True)
+class Ops:
+    layer_norm: Callable
+    attention: Callable
+    gelu_mlp: Callable
+    cross_entropy: Callable
+    linear_cross_entropy: Callable
+    choice: dict  # {op: "torch" | "triton"}
+
+    @property
+    def fused_lm_head_loss(self) -> bool:
+        """True when the loss is computed without ever materialising the (B, T, V) logits."""
+        return self.choice["cross_entropy"] == "triton"
+
+
+def build_ops(kernels="torch") -> Ops:
+    choice = resolve_kernels(kernels)
+    fns = {}
+    for op, impl in choice.items():
+        if impl == "torch":
+            fns.update({name: TORCH_OPS[name] for name in TRITON_KERNELS[op][1]})
+        else:
+            fns.update({name: under_autocast(fn) if name in MATMUL_OPS else fn
+                        for name, fn in _load_triton(op).items()})
+    return Ops(layer_norm=fns["layer_norm"], attention=fns["flash_attention"], gelu_mlp=fns["gelu_mlp"],
+               cross_entropy=fns["cross_entropy"], linear_cross_entropy=fns["linear_cross_entropy"],
+               choice=choice)

@@ -1,0 +1,39 @@
+"""Generate text: python -m gpt2.sample --init gpt2|DIR|CHECKPOINT --prompt "..." [options]."""
+import argparse
+
+import torch
+
+from gpt2.ops import parse_kernels_arg
+from gpt2.tokenizer import get_encoding
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--init", required=True, help="HF name (gpt2, gpt2-medium, ...), save_pretrained dir, "
+                                                 "our checkpoint file, or a run folder")
+    p.add_argument("--prompt", default="Hello, I'm a language model,")
+    p.add_argument("--num-samples", type=int, default=3)
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--top-k", type=int, default=50)
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--kernels", default="torch", help="torch | triton | op=impl,...")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = p.parse_args(argv)
+
+    from gpt2.checkpoint import load_model
+    model = load_model(args.init, kernels=parse_kernels_arg(args.kernels), device=args.device).eval()
+    enc = get_encoding()
+    prompt_ids = enc.encode(args.prompt, allowed_special={"<|endoftext|>"}) or [enc.eot_token]
+    idx = torch.tensor([prompt_ids] * args.num_samples, dtype=torch.long, device=args.device)
+    generator = torch.Generator(device=args.device).manual_seed(args.seed)
+    out = model.generate(idx, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                         generator=generator)
+    samples = [enc.decode(row.tolist()) for row in out]
+    for i, text in enumerate(samples):
+        print(f"--- sample {i} ---\n{text}")
+    return samples
+
+
+if __name__ == "__main__":
+    main()

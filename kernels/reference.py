@@ -1,0 +1,71 @@
+"""Plain PyTorch references for every public op, same signatures as the Triton versions.
+
+By default each computes in fp32 (`upcast=True`) and returns the input's dtype (losses stay fp32).
+`upcast=False` computes in the input's own dtype: that is "PyTorch's own error in that dtype",
+the yardstick for the low-precision tolerances in the tests.
+"""
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def _maybe_upcast(upcast, *tensors):
+    return tuple(t.float() if upcast and t is not None else t for t in tensors)
+
+
+def layer_norm(x, weight, bias, eps=1e-5, *, upcast=True):
+    """x (..., N), weight/bias (N,) -> (..., N) in x's dtype."""
+    xf, wf, bf = _maybe_upcast(upcast, x, weight, bias)
+    return F.layer_norm(xf, (x.shape[-1],), wf, bf, eps).to(x.dtype)
+
+
+def flash_attention(q, k, v, causal=True, scale=None, *, upcast=True):
+    """q, k, v (B, H, T, D) -> (B, H, T, D); materialises the (T, T) scores on purpose."""
+    dtype = q.dtype
+    q, k, v = _maybe_upcast(upcast, q, k, v)
+    T, S, D = q.shape[-2], k.shape[-2], q.shape[-1]
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    scores = (q @ k.transpose(-2, -1)) * scale  # (B, H, T, S)
+    if causal:
+        mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril()
+        scores = scores.masked_fill(~mask, float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    return (probs @ v).to(dtype)
+
+
+def gelu_tanh(x):
+    return F.gelu(x, approximate="tanh")
+
+
+def linear_gelu(x, weight, bias, *, upcast=True):
+    """gelu_tanh(x @ weight.T + bias); weight (N, K) in nn.Linear layout."""
+    dtype = x.dtype
+    x, weight, bias = _maybe_upcast(upcast, x, weight, bias)
+    return gelu_tanh(F.linear(x, weight, bias)).to(dtype)
+
+
+def gelu_mlp(x, fc_weight, fc_bias, proj_weight, proj_bias, *, upcast=True):
+    """c_proj(gelu_tanh(c_fc(x))): x (..., C), fc (4C, C), proj (C, 4C) -> (..., C)."""
+    dtype = x.dtype
+    x, fc_weight, fc_bias, proj_weight, proj_bias = _maybe_upcast(
+        upcast, x, fc_weight, fc_bias, proj_weight, proj_bias)
+    hidden = gelu_tanh(F.linear(x, fc_weight, fc_bias))
+    return F.linear(hidden, proj_weight, proj_bias).to(dtype)
+
+
+def cross_entropy(logits, targets, ignore_index=-100, *, upcast=True):
+    """logits (M, V), targets (M,) int64 -> mean loss over non-ignored rows, fp32 scalar.
+
+    All rows ignored gives 0 (F.cross_entropy gives NaN there).
+    """
+    (logits,) = _maybe_upcast(upcast, logits)
+    losses = F.cross_entropy(logits, targets, ignore_index=ignore_index, reduction="none")
+    count = (targets != ignore_index).sum().clamp(min=1)
+    return (losses.sum() / count).float()
+
+
+def linear_cross_entropy(x, weight, targets, ignore_index=-100, *, upcast=True):
+    """cross_entropy(x @ weight.T, targets): x (M, C), weight (V, C) as wte.weight is."""
+    xf, wf = _maybe_upcast(upcast, x, weight)
+    return cross_entropy(xf @ wf.T, targets, ignore_index, upcast=upcast)

@@ -1,0 +1,139 @@
+"""The model: parameter count, op switch, padded vocab, generation, bad input."""
+import pytest
+import torch
+
+from gpt2 import GPT, GPTConfig
+from gpt2.ops import build_ops, parse_kernels_arg, resolve_kernels
+
+
+def tiny(**overrides):
+    return GPTConfig.from_preset("tiny", **overrides)
+
+
+def test_gpt2_124m_parameter_count():
+    model = GPT(GPTConfig.from_preset("gpt2"))
+    assert model.num_params() == 124_439_808
+    assert model.lm_head.weight is model.transformer.wte.weight
+
+
+def test_padded_vocab_keeps_count_and_hides_padded_logits():
+    model = GPT(GPTConfig.from_preset("gpt2", pad_vocab_to=128))
+    assert model.config.padded_vocab_size == 50304
+    assert model.transformer.wte.weight.shape == (50304, 768)
+    assert model.num_params() == 124_439_808
+
+
+@pytest.mark.parametrize("name,layers,heads,embd", [
+    ("gpt2", 12, 12, 768), ("gpt2-medium", 24, 16, 1024), ("gpt2-large", 36, 20, 1280),
+    ("gpt2-xl", 48, 25, 1600)])
+def test_presets(name, layers, heads, embd):
+    c = GPTConfig.from_preset(name)
+    assert (c.n_layer, c.n_head, c.n_embd, c.block_size, c.vocab_size) == (layers, heads, embd, 1024, 50257)
+    assert c.layer_norm_eps == 1e-5
+
+
+def test_forward_shapes_and_loss():
+    torch.manual_seed(0)
+    model = GPT(tiny(vocab_size=100, pad_vocab_to=64))
+    idx = torch.randint(0, 100, (2, 9))
+    logits = model(idx)
+    assert logits.shape == (2, 9, 100)  # padded ids never reach the logits
+    targets = torch.randint(0, 100, (2, 9))
+    targets[0, :4] = -100
+    out_logits, loss = model(idx, targets)
+    expected = torch.nn.functional.cross_entropy(logits.view(-1, 100), targets.view(-1), ignore_index=-100)
+    torch.testing.assert_close(loss, expected)
+    torch.testing.assert_close(out_logits, logits)
+
+
+def test_init_matches_gpt2_recipe():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig.from_preset("tiny", n_layer=8, n_embd=256, n_head=4))
+    std = model.transformer.h[0].attn.c_attn.weight.std().item()
+    proj_std = model.transformer.h[0].mlp.c_proj.weight.std().item()
+    assert abs(std - 0.02) < 0.002
+    assert abs(proj_std - 0.02 / 4) < 0.0005  # (2 * 8) ** -0.5 = 1/4
+    assert model.transformer.h[0].attn.c_attn.bias.abs().sum() == 0
+
+
+def test_state_dict_same_whichever_kernels():
+    torch_model = GPT(tiny(), kernels="torch")
+    mixed = GPT(tiny(), kernels={"attention": "torch", "layer_norm": "torch"})
+    assert list(torch_model.state_dict()) == list(mixed.state_dict())
+    assert [v.shape for v in torch_model.state_dict().values()] == [v.shape for v in mixed.state_dict().values()]
+
+
+def test_resolve_kernels():
+    assert resolve_kernels("torch") == {op: "torch" for op in ("layer_norm", "attention", "gelu_mlp", "cross_entropy")}
+    mixed = resolve_kernels({"attention": "triton"})
+    assert mixed["attention"] == "triton" and mixed["layer_norm"] == "torch"
+    assert resolve_kernels({"linear_cross_entropy": "triton"})["cross_entropy"] == "triton"
+    assert parse_kernels_arg("attention=triton,layer_norm=torch") == {"attention": "triton", "layer_norm": "torch"}
+    with pytest.raises(ValueError, match="unknown op"):
+        resolve_kernels({"softmax": "triton"})
+    with pytest.raises(ValueError, match="must be one of"):
+        resolve_kernels("cuda")
+    with pytest.raises(ValueError, match="'torch' or 'triton'"):
+        resolve_kernels({"attention": "cudnn"})
+
+
+def test_build_ops_picks_triton_functions():
+    ops = build_ops("triton")
+    assert all(impl == "triton" for impl in ops.choice.values())
+    for fn in (ops.layer_norm, ops.attention, ops.gelu_mlp, ops.cross_entropy, ops.linear_cross_entropy):
+        module = getattr(fn, "__wrapped__", fn).__module__
+        assert module.startswith("kernels."), module
+    assert ops.fused_lm_head_loss
+
+
+def test_bad_inputs_raise_clear_errors():
+    model = GPT(tiny(vocab_size=100))
+    with pytest.raises(ValueError, match="exceeds block_size"):
+        model(torch.zeros(1, 65, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"outside \[0, 100\)"):
+        model(torch.full((1, 4), 100))
+    with pytest.raises(ValueError, match=r"outside \[0, 100\)"):
+        model(torch.full((1, 4), -1))
+    with pytest.raises(ValueError, match="int64"):
+        model(torch.zeros(1, 4))
+    with pytest.raises(ValueError, match=r"shape \(B, T\)"):
+        model(torch.zeros(4, dtype=torch.long))
+    with pytest.raises(ValueError, match="targets shape"):
+        model(torch.zeros(1, 4, dtype=torch.long), torch.zeros(1, 3, dtype=torch.long))
+    with pytest.raises(ValueError, match="targets has ids outside"):
+        model(torch.zeros(1, 4, dtype=torch.long), torch.full((1, 4), 100))
+    with pytest.raises(ValueError, match="divisible"):
+        GPTConfig(n_embd=10, n_head=3)
+    with pytest.raises(ValueError, match="unknown preset"):
+        GPTConfig.from_preset("gpt5")
+
+
+def test_generate_deterministic_and_never_padded_ids():
+    torch.manual_seed(0)
+    model = GPT(tiny(vocab_size=50, pad_vocab_to=64)).eval()
+    with torch.no_grad():  # make the padded rows win if they ever reached sampling
+        model.transformer.wte.weight[50:] = 10.0
+    idx = torch.randint(0, 50, (3, 5))
+    outs = [model.generate(idx, 80, temperature=1.0, top_k=None, generator=torch.Generator().manual_seed(7))
+            for _ in range(2)]
+    assert outs[0].shape == (3, 85)  # runs past block_size (64) by cropping the context
+    assert torch.equal(outs[0], outs[1])
+    assert torch.equal(outs[0][:, :5], idx)
+    assert outs[0].max() < 50 and outs[0].min() >= 0
+    other = model.generate(idx, 80, generator=torch.Generator().manual_seed(8))
+    assert not torch.equal(other, outs[0])
+    greedy = model.generate(idx, 3, temperature=0)
+    with torch.no_grad():
+        first = model(idx)[:, -1].argmax(-1)
+    assert torch.equal(greedy[:, 5], first)
+    top1 = model.generate(idx, 3, top_k=1, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(top1, greedy)
+
+
+def test_generate_bad_args():
+    model = GPT(tiny(vocab_size=50)).eval()
+    idx = torch.zeros(1, 2, dtype=torch.long)
+    with pytest.raises(ValueError, match="temperature"):
+        model.generate(idx, 1, temperature=-1)
+    with pytest.raises(ValueError, match="top_k"):
+        model.generate(idx, 1, top_k=0)
