@@ -1,0 +1,374 @@
+"""Fused GELU-MLP (kernels/mlp.py) vs kernels/reference.py: forward, every gradient, GELU edge values."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kernels import mlp
+from kernels import reference as ref
+from kernels.mlp import (fused_matmul, gelu_mlp, gelu_mlp_bwd, gelu_mlp_fwd, linear_gelu,
+                         linear_gelu_bwd, linear_gelu_fwd)
+from helpers import assert_close, assert_close_to_ref
+
+# (x shape, hidden): the last dim of x is C.
+SHAPES = [
+    pytest.param((1, 16), 64, id="M1-C16-H64"),
+    pytest.param((3, 7, 32), 128, id="B3-T7-C32-H128"),
+    pytest.param((37, 96), 384, id="M37-C96-H384"),
+    pytest.param((5, 9, 40), 200, id="B5-T9-C40-H200"),  # hidden not a multiple of any block
+]
+PARAM_NAMES = ("x", "fc_weight", "fc_bias", "proj_weight", "proj_bias")
+# Low-precision atol: about one fp16 ulp at |value| ~ 1-2. Max errors there are whole output ulps
+# (measured: ours <= 2x PyTorch's fp16 error in every case), so this only absorbs a one-ulp tie.
+LOWP_ATOL = 1e-3
+GELU_EDGE_VALUES = [-1e4, -100.0, -10.0, -5.0, -3.0, -1.0, -0.5, -1e-3, 0.0, 1e-3, 0.5, 1.0, 3.0, 5.0,
+                    10.0, 100.0, 1e4]
+
+
+def fp32_tol(expected):
+    """Tight fp32 tolerance, scaled by the magnitude of the tensor (grads sum over many rows)."""
+    return dict(atol=1e-5 * max(1.0, expected.abs().max().item()), rtol=1e-5)
+
+
+def make_mlp_inputs(x_shape, hidden, dtype, device, param_dtype=None, seed=0):
+    """x and nn.Linear-layout parameters scaled so pre-activations are O(1) (GELU's curved part)."""
+    gen = torch.Generator().manual_seed(seed)
+    C = x_shape[-1]
+    param_dtype = param_dtype or dtype
+
+    def rand(*shape, scale=1.0, dt=dtype):
+        return (torch.randn(*shape, generator=gen) * scale).to(device=device, dtype=dt)
+
+    x = rand(*x_shape)
+    params = (rand(hidden, C, scale=C ** -0.5, dt=param_dtype), rand(hidden, scale=0.1, dt=param_dtype),
+              rand(C, hidden, scale=hidden ** -0.5, dt=param_dtype), rand(C, scale=0.1, dt=param_dtype))
+    dy = rand(*x_shape)
+    return x, params, dy
+
+
+def forward_and_grads(fn, inputs, dy, **kwargs):
+    leaves = [t.detach().clone().requires_grad_() for t in inputs]
+    out = fn(*leaves, **kwargs)
+    grads = torch.autograd.grad(out, leaves, dy)
+    return out.detach(), grads
+
+
+def reference_mlp(x, params, dy):
+    """(fp32 reference out/grads, PyTorch-in-same-dtype out/grads) for the low-precision rule."""
+    want = forward_and_grads(ref.gelu_mlp, (x, *params), dy)
+    torch_same = forward_and_grads(ref.gelu_mlp, (x, *params), dy, upcast=False)
+    return want, torch_same
+
+
+# ---------------------------------------------------------------------------------------------
+# gelu_mlp
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("x_shape, hidden", SHAPES)
+def test_gelu_mlp_autograd_fp32(x_shape, hidden, device):
+    x, params, dy = make_mlp_inputs(x_shape, hidden, torch.float32, device)
+    out, grads = forward_and_grads(gelu_mlp, (x, *params), dy)
+    (want, want_grads), _ = reference_mlp(x, params, dy)
+    assert out.dtype == torch.float32
+    assert_close(out, want, **fp32_tol(want), name="y")
+    for name, g, w in zip(PARAM_NAMES, grads, want_grads):
+        assert g.dtype == torch.float32
+        assert_close(g, w, **fp32_tol(w), name=f"d{name}")
+
+
+@pytest.mark.parametrize("x_shape, hidden", SHAPES)
+def test_gelu_mlp_autograd_fp16(x_shape, hidden, device):
+    x, params, dy = make_mlp_inputs(x_shape, hidden, torch.float16, device)
+    out, grads = forward_and_grads(gelu_mlp, (x, *params), dy)
+    (want, want_grads), (torch_out, torch_grads) = reference_mlp(x, params, dy)
+    assert out.dtype == torch.float16
+    assert_close_to_ref(out, torch_out, want, atol=LOWP_ATOL, name="y")
+    for name, g, tg, w in zip(PARAM_NAMES, grads, torch_grads, want_grads):
+        assert g.dtype == torch.float16
+        assert_close_to_ref(g, tg, w, atol=LOWP_ATOL, name=f"d{name}")
+
+
+@pytest.mark.parametrize("x_shape, hidden", [SHAPES[2], SHAPES[3]])
+def test_gelu_mlp_launchers(x_shape, hidden, device):
+    """gelu_mlp_fwd / gelu_mlp_bwd called directly (no autograd) on 2-D inputs."""
+    x, params, dy = make_mlp_inputs(x_shape, hidden, torch.float32, device)
+    C = x_shape[-1]
+    x2d, dy2d = x.reshape(-1, C), dy.reshape(-1, C)
+    fc_w, fc_b, proj_w, proj_b = params
+
+    y, pre = gelu_mlp_fwd(x2d, fc_w, fc_b, proj_w, proj_b, True)
+    (want, want_grads), _ = reference_mlp(x2d, params, dy2d)
+    want_pre = x2d @ fc_w.T + fc_b
+    assert_close(y, want, **fp32_tol(want), name="y")
+    assert_close(pre, want_pre, **fp32_tol(want_pre), name="pre")
+
+    y_nosave, pre_nosave = gelu_mlp_fwd(x2d, fc_w, fc_b, proj_w, proj_b, False)
+    assert pre_nosave.numel() == 0
+    torch.testing.assert_close(y_nosave, y, atol=0, rtol=0)
+
+    grads = gelu_mlp_bwd(dy2d, x2d, pre, fc_w, proj_w)
+    for name, g, w in zip(PARAM_NAMES, grads, want_grads):
+        assert_close(g, w, **fp32_tol(w), name=f"d{name}")
+
+
+def test_gelu_mlp_mixed_dtype_autocast_rule(device):
+    """fp16 x with fp32 parameters (autocast): fp16 output, fp32 parameter grads, fp16-level error."""
+    x, params, dy = make_mlp_inputs((4, 9, 40), 200, torch.float16, device, param_dtype=torch.float32)
+    out, grads = forward_and_grads(gelu_mlp, (x, *params), dy)
+    assert out.dtype == torch.float16
+    assert grads[0].dtype == torch.float16
+    assert all(g.dtype == torch.float32 for g in grads[1:])
+    want, want_grads = forward_and_grads(ref.gelu_mlp, (x, *params), dy)
+    # Yardstick: PyTorch with everything in fp16 (what autocast would compute).
+    torch_out, torch_grads = forward_and_grads(
+        ref.gelu_mlp, (x, *(p.half() for p in params)), dy, upcast=False)
+    assert_close_to_ref(out, torch_out, want, atol=LOWP_ATOL, name="y")
+    for name, g, tg, w in zip(PARAM_NAMES, grads, torch_grads, want_grads):
+        assert_close_to_ref(g, tg, w, atol=LOWP_ATOL, name=f"d{name}")
+
+
+def test_gelu_mlp_without_biases_and_no_grad(device):
+    x, (fc_w, _, proj_w, _), dy = make_mlp_inputs((6, 32), 128, torch.float32, device)
+    out, grads = forward_and_grads(lambda x, a, b: gelu_mlp(x, a, None, b, None), (x, fc_w, proj_w), dy)
+    want, want_grads = forward_and_grads(lambda x, a, b: ref.gelu_mlp(x, a, None, b, None), (x, fc_w, proj_w), dy)
+    assert_close(out, want, **fp32_tol(want), name="y")
+    for name, g, w in zip(("x", "fc_weight", "proj_weight"), grads, want_grads):
+        assert_close(g, w, **fp32_tol(w), name=f"d{name}")
+    with torch.no_grad():
+        out_nograd = gelu_mlp(x, fc_w, None, proj_w, None)
+    torch.testing.assert_close(out_nograd, out, atol=0, rtol=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# linear_gelu
+# ---------------------------------------------------------------------------------------------
+LINEAR_SHAPES = [
+    pytest.param((3, 7, 32), 48, id="B3-T7-K32-N48"),
+    pytest.param((37, 40), 200, id="M37-K40-N200"),
+]
+
+
+def make_linear_inputs(x_shape, n_out, dtype, device, seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    K = x_shape[-1]
+    x = torch.randn(*x_shape, generator=gen).to(device, dtype)
+    w = (torch.randn(n_out, K, generator=gen) * K ** -0.5).to(device, dtype)
+    b = (torch.randn(n_out, generator=gen) * 0.1).to(device, dtype)
+    dout = torch.randn(*x_shape[:-1], n_out, generator=gen).to(device, dtype)
+    return x, w, b, dout
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("x_shape, n_out", LINEAR_SHAPES)
+def test_linear_gelu_autograd(x_shape, n_out, dtype, device):
+    x, w, b, dout = make_linear_inputs(x_shape, n_out, dtype, device)
+    out, grads = forward_and_grads(linear_gelu, (x, w, b), dout)
+    want, want_grads = forward_and_grads(ref.linear_gelu, (x, w, b), dout)
+    assert out.dtype == dtype and all(g.dtype == dtype for g in grads)
+    if dtype == torch.float32:
+        assert_close(out, want, **fp32_tol(want), name="out")
+        for name, g, wg in zip(("x", "weight", "bias"), grads, want_grads):
+            assert_close(g, wg, **fp32_tol(wg), name=f"d{name}")
+    else:
+        torch_out, torch_grads = forward_and_grads(ref.linear_gelu, (x, w, b), dout, upcast=False)
+        assert_close_to_ref(out, torch_out, want, atol=LOWP_ATOL, name="out")
+        for name, g, tg, wg in zip(("x", "weight", "bias"), grads, torch_grads, want_grads):
+            assert_close_to_ref(g, tg, wg, atol=LOWP_ATOL, name=f"d{name}")
+
+
+def test_linear_gelu_launchers(device):
+    x, w, b, dout = make_linear_inputs((37, 40), 200, torch.float32, device)
+    out, pre = linear_gelu_fwd(x, w, b, True)
+    want, want_grads = forward_and_grads(ref.linear_gelu, (x, w, b), dout)
+    assert_close(out, want, **fp32_tol(want), name="out")
+    assert_close(pre, x @ w.T + b, **fp32_tol(want), name="pre")
+    assert linear_gelu_fwd(x, w, b, False)[1].numel() == 0
+    for name, g, wg in zip(("x", "weight", "bias"), linear_gelu_bwd(dout, x, pre, w), want_grads):
+        assert_close(g, wg, **fp32_tol(wg), name=f"d{name}")
+
+
+# ---------------------------------------------------------------------------------------------
+# GELU itself: the kernel's GELU is reached exactly through linear_gelu with an identity weight
+# (x @ I is exact in fp32) and its derivative through both backward paths.
+# ---------------------------------------------------------------------------------------------
+def gelu_grad_fp64(x):
+    x64 = x.double().requires_grad_()
+    (g,) = torch.autograd.grad(F.gelu(x64, approximate="tanh").sum(), x64)
+    return g
+
+
+def test_gelu_matches_torch_including_large_values(device):
+    z = torch.tensor(GELU_EDGE_VALUES, device=device).repeat(3)
+    z = torch.cat([z, torch.randn(200, device=device) * 4])  # (251,)
+    eye = torch.eye(1, device=device)
+    out = linear_gelu(z[:, None], eye, None).squeeze(1)
+    assert torch.isfinite(out).all()
+    want64 = F.gelu(z.double(), approximate="tanh")
+    assert_close(out, want64, atol=1e-6, rtol=1e-6, name="gelu vs fp64")
+    assert_close(out, F.gelu(z, approximate="tanh"), atol=1e-6, rtol=1e-6, name="gelu vs fp32")
+    # Far tails are exact: gelu(x) = x for large x and 0 for very negative x.
+    big = torch.tensor([1e4, 100.0, -100.0, -1e4], device=device)
+    torch.testing.assert_close(linear_gelu(big[:, None], eye, None).squeeze(1),
+                               torch.tensor([1e4, 100.0, 0.0, 0.0], device=device), atol=0, rtol=0)
+
+
+def test_gelu_derivative_matches_autograd(device):
+    z = torch.cat([torch.tensor(GELU_EDGE_VALUES, device=device), torch.randn(100, device=device) * 4])
+    want = gelu_grad_fp64(z)
+    n = z.numel()
+    # Path 1: linear_gelu backward (elementwise GELU-grad kernel): dx = gelu'(z) for W = I, dout = 1.
+    x = z[:, None].clone().requires_grad_()
+    (dx,) = torch.autograd.grad(linear_gelu(x, torch.eye(1, device=device), None).sum(), x)
+    assert torch.isfinite(dx).all()
+    assert_close(dx.squeeze(1), want, atol=1e-6, rtol=1e-5, name="gelu' (elementwise kernel)")
+    # Path 2: the matmul's GELU-grad epilogue, via gelu_mlp_bwd with W_proj = I: d(pre) = gelu'(pre),
+    # so dx = d(pre) @ W_fc = d(pre) for W_fc = I, and dfc_b = column sums of d(pre) = gelu'(pre).
+    pre = z[None, :]  # (1, n): each pre value in its own hidden column
+    eye_n = torch.eye(n, device=device)
+    dx2, _, dfc_b, _, _ = gelu_mlp_bwd(torch.ones(1, n, device=device), torch.zeros(1, n, device=device),
+                                       pre, eye_n, eye_n)
+    assert torch.isfinite(dx2).all()
+    assert_close(dx2.squeeze(0), want, atol=1e-6, rtol=1e-5, name="gelu' (matmul epilogue) via dx")
+    assert_close(dfc_b, want, atol=1e-6, rtol=1e-5, name="gelu' (matmul epilogue) via dfc_b")
+
+
+# ---------------------------------------------------------------------------------------------
+# The matmul alone: awkward shapes, transposed (strided) operands, every epilogue used by fused_matmul
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("apply_gelu, with_bias", [(False, False), (False, True), (True, True)],
+                         ids=["plain", "bias", "bias-gelu"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_fused_matmul_strided_operands(apply_gelu, with_bias, dtype, device):
+    M, K, N = 70, 45, 33
+    gen = torch.Generator().manual_seed(2)
+    a = torch.randn(K, M, generator=gen).to(device, dtype).t()            # (M, K), column-major
+    b_full = torch.randn(N, 2 * K, generator=gen).to(device, dtype)
+    b = b_full[:, ::2].t()                                                 # (K, N), strides (2, 2K)
+    bias = (torch.randn(N, generator=gen) * 0.1).to(device, dtype) if with_bias else None
+    assert not a.is_contiguous() and not b.is_contiguous()
+
+    def torch_version(a, b, bias, upcast):
+        a, b, bias = (t.float() if upcast and t is not None else t for t in (a, b, bias))
+        out = a @ b if bias is None else a @ b + bias
+        return ref.gelu_tanh(out) if apply_gelu else out
+
+    out = fused_matmul(a, b, bias, apply_gelu)
+    want = torch_version(a, b, bias, upcast=True)
+    assert out.shape == (M, N) and out.dtype == dtype and out.is_contiguous()
+    if dtype == torch.float32:
+        assert_close(out, want, **fp32_tol(want), name="out")
+    else:
+        assert_close_to_ref(out, torch_version(a, b, bias, upcast=False), want, atol=LOWP_ATOL, name="out")
+
+
+def test_plain_matmul_torch_backend_switch(device, monkeypatch):
+    """The cuBLAS switch for the epilogue-free products gives the same results as the Triton path."""
+    monkeypatch.setattr(mlp, "PLAIN_MATMUL_BACKEND", "torch")
+    x, params, dy = make_mlp_inputs((37, 40), 200, torch.float32, device)
+    out, grads = forward_and_grads(gelu_mlp, (x, *params), dy)
+    (want, want_grads), _ = reference_mlp(x, params, dy)
+    assert_close(out, want, **fp32_tol(want), name="y")
+    for name, g, w in zip(PARAM_NAMES, grads, want_grads):
+        assert_close(g, w, **fp32_tol(w), name=f"d{name}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Errors, custom-op registration, torch.compile
+# ---------------------------------------------------------------------------------------------
+def _bad_calls(device):
+    x, (fc_w, fc_b, proj_w, proj_b), _ = make_mlp_inputs((4, 16), 64, torch.float32, device)
+    return [
+        (lambda: gelu_mlp(x[:, :8], fc_w, fc_b, proj_w, proj_b), ValueError, "x must have shape"),
+        (lambda: gelu_mlp(x, fc_w, fc_b, proj_w.t(), proj_b), ValueError, "proj_weight must have shape"),
+        (lambda: gelu_mlp(x, fc_w, fc_b[:10], proj_w, proj_b), ValueError, "fc_bias must have shape"),
+        (lambda: gelu_mlp(x, fc_w[0], fc_b, proj_w, proj_b), ValueError, "fc_weight must be 2-D"),
+        (lambda: gelu_mlp(x.long(), fc_w, fc_b, proj_w, proj_b), TypeError, "x must be float32"),
+        (lambda: gelu_mlp(x, fc_w.half(), fc_b, proj_w, proj_b), TypeError, "share one dtype"),
+        (lambda: gelu_mlp(x, fc_w.half(), fc_b.half(), proj_w.half(), proj_b.half()), TypeError,
+         "parameters must be in x's dtype"),
+        (lambda: linear_gelu(x, fc_w.t(), None), ValueError, "x must have shape"),
+        (lambda: linear_gelu(x, fc_w, proj_b), ValueError, "bias must have shape"),
+        (lambda: linear_gelu(x.double(), fc_w, fc_b), TypeError, "float32, float16 or bfloat16"),
+        (lambda: fused_matmul(x, fc_w), ValueError, "need a \\(M, K\\) and b \\(K, N\\)"),
+    ]
+
+
+def test_bad_inputs_raise_clear_errors(device):
+    for call, exc, match in _bad_calls(device):
+        with pytest.raises(exc, match=match):
+            call()
+
+
+def test_wrong_device_raises(device):
+    if device == "cpu":
+        pytest.skip("needs a second device type")
+    x, (fc_w, fc_b, proj_w, proj_b), _ = make_mlp_inputs((4, 16), 64, torch.float32, device)
+    with pytest.raises(ValueError, match="same device"):
+        gelu_mlp(x.cpu(), fc_w, fc_b, proj_w, proj_b)
+
+
+def test_custom_ops_opcheck(device):
+    x, (fc_w, fc_b, proj_w, proj_b), dy = make_mlp_inputs((5, 16), 32, torch.float32, device)
+    y, pre = gelu_mlp_fwd(x, fc_w, fc_b, proj_w, proj_b, True)
+    lx, lw, lb, ldout = make_linear_inputs((5, 16), 32, torch.float32, device)
+    _, lpre = linear_gelu_fwd(lx, lw, lb, True)
+    cases = [
+        (fused_matmul, (x, fc_w.t(), fc_b, True)),
+        (fused_matmul, (x, fc_w.t(), None, False)),
+        (gelu_mlp_fwd, (x, fc_w, fc_b, proj_w, proj_b, True)),
+        (gelu_mlp_fwd, (x, fc_w, None, proj_w, None, False)),
+        (gelu_mlp_bwd, (dy, x, pre, fc_w, proj_w)),
+        (linear_gelu_fwd, (lx, lw, lb, True)),
+        (linear_gelu_bwd, (ldout, lx, lpre, lw)),
+    ]
+    for op, args in cases:
+        torch.library.opcheck(op, args)  # schema, fake impl, autograd registration, aot dispatch
+
+
+def test_torch_compile_no_graph_breaks(device):
+    """fullgraph=True fails on any graph break; aot_eager traces fwd and bwd through the fake impls."""
+    x, params, dy = make_mlp_inputs((2, 5, 32), 128, torch.float32, device)
+    torch._dynamo.reset()
+    compiled = torch.compile(gelu_mlp, backend="aot_eager", fullgraph=True)
+    out, grads = forward_and_grads(compiled, (x, *params), dy)
+    eager_out, eager_grads = forward_and_grads(gelu_mlp, (x, *params), dy)
+    torch.testing.assert_close(out, eager_out, atol=0, rtol=0)
+    for g, eg in zip(grads, eager_grads):
+        torch.testing.assert_close(g, eg, atol=0, rtol=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# GPT-2 size on a GPU (bf16 cannot be tested under the interpreter)
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.gpu
+@pytest.mark.parametrize("param_dtype", [torch.bfloat16, torch.float32], ids=["bf16-params", "fp32-params"])
+def test_gelu_mlp_gpt2_size_bf16(param_dtype, device):
+    x, params, dy = make_mlp_inputs((16, 1024, 768), 3072, torch.bfloat16, device, param_dtype=param_dtype)
+    out, grads = forward_and_grads(gelu_mlp, (x, *params), dy)
+    want, want_grads = forward_and_grads(ref.gelu_mlp, (x, *params), dy)
+    torch_out, torch_grads = forward_and_grads(
+        ref.gelu_mlp, (x, *(p.bfloat16() for p in params)), dy, upcast=False)
+    assert_close_to_ref(out, torch_out, want, atol=LOWP_ATOL, name="y")
+    for name, g, tg, w in zip(PARAM_NAMES, grads, torch_grads, want_grads):
+        assert g.dtype == (torch.bfloat16 if name == "x" else param_dtype)
+        assert_close_to_ref(g, tg, w, atol=LOWP_ATOL, name=f"d{name}")
+
+
+@pytest.mark.gpu
+def test_linear_gelu_gpt2_size_bf16(device):
+    x, w, b, dout = make_linear_inputs((16384, 768), 3072, torch.bfloat16, device)
+    out, grads = forward_and_grads(linear_gelu, (x, w, b), dout)
+    want, want_grads = forward_and_grads(ref.linear_gelu, (x, w, b), dout)
+    torch_out, torch_grads = forward_and_grads(ref.linear_gelu, (x, w, b), dout, upcast=False)
+    assert_close_to_ref(out, torch_out, want, atol=LOWP_ATOL, name="out")
+    for name, g, tg, wg in zip(("x", "weight", "bias"), grads, torch_grads, want_grads):
+        assert_close_to_ref(g, tg, wg, atol=LOWP_ATOL, name=f"d{name}")
+
+
+@pytest.mark.gpu
+def test_gelu_mlp_gpt2_size_fp32(device):
+    """fp32 on the GPU must use IEEE dots (not tf32): tight tolerance at M = 4096."""
+    x, params, dy = make_mlp_inputs((4096, 768), 3072, torch.float32, device)
+    out, grads = forward_and_grads(gelu_mlp, (x, *params), dy)
+    want, want_grads = forward_and_grads(ref.gelu_mlp, (x, *params), dy)
+    assert_close(out, want, atol=1e-4, rtol=1e-4, name="y")
+    for name, g, w in zip(PARAM_NAMES, grads, want_grads):
+        assert_close(g, w, atol=1e-4 * max(1.0, w.abs().max().item()), rtol=1e-4, name=f"d{name}")
