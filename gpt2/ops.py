@@ -4,6 +4,7 @@
 `build_ops(...)` -> an `Ops` bundle of functions the model's modules keep. Nothing else in the
 library decides which implementation runs.
 """
+import functools
 import importlib
 from dataclasses import dataclass
 from typing import Callable
@@ -62,9 +63,7 @@ def under_autocast(fn: Callable) -> Callable:
                 args = [a.to(dtype) if isinstance(a, torch.Tensor) and a.is_floating_point() else a
                         for a in args]
         return fn(*args, **kwargs)
-    wrapped.__name__ = getattr(fn, "__name__", "op")
-    wrapped.__wrapped__ = fn
-    return wrapped
+    return functools.update_wrapper(wrapped, fn)
 
 
 def resolve_kernels(kernels="torch") -> dict:
@@ -132,8 +131,10 @@ def build_ops(kernels="torch") -> Ops:
         if impl == "torch":
             fns.update({name: TORCH_OPS[name] for name in TRITON_KERNELS[op][1]})
         else:
-            fns.update({name: under_autocast(fn) if name in MATMUL_OPS else fn
-                        for name, fn in _load_triton(op).items()})
+            for name, fn in _load_triton(op).items():
+                if op == "cross_entropy":  # the model checks target ids itself, without a second sync
+                    fn = functools.partial(fn, check_targets=False)
+                fns[name] = under_autocast(fn) if name in MATMUL_OPS else fn
     return Ops(layer_norm=fns["layer_norm"], attention=fns["flash_attention"], gelu_mlp=fns["gelu_mlp"],
                cross_entropy=fns["cross_entropy"], linear_cross_entropy=fns["linear_cross_entropy"],
                choice=choice)
