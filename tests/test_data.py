@@ -1,0 +1,408 @@
+"""The token-shard pipeline: shard files, prepare (sources, split, determinism), and the DataLoader."""
+import json
+import os
+import sys
+import sysconfig
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from gpt2 import data
+from gpt2.data import (DataLoader, default_data_dir, is_prepared, prepare, prepare_documents,
+                       pystdlib_files, read_shard, write_shard)
+from gpt2.tokenizer import EOT_ID, get_encoding
+
+
+def doc_tokens(docs):
+    """What prepare must produce for these documents: EOT, then the document's tokens, for each."""
+    enc = get_encoding()
+    return np.array([t for d in docs for t in [EOT_ID] + enc.encode_ordinary(d)], dtype=np.int64)
+
+
+def split_stream(data_dir, split):
+    """A split's tokens, shards concatenated in manifest order."""
+    shards = json.loads((data_dir / "manifest.json").read_text())["splits"][split]["shards"]
+    return np.concatenate([read_shard(data_dir / s["file"]) for s in shards]).astype(np.int64)
+
+
+def folder_bytes(folder):
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+# -----------------------------------------------------------------------------
+# shard files
+
+def test_shard_round_trip(tmp_path):
+    tokens = np.random.default_rng(0).integers(0, 2**16, size=1001).astype(np.uint16)
+    tokens[:2] = (0, 2**16 - 1)
+    path = tmp_path / "s.bin"
+    write_shard(path, tokens)
+    back = read_shard(path)
+    assert isinstance(back, np.memmap) and back.dtype == np.uint16
+    np.testing.assert_array_equal(back, tokens)
+    header = np.fromfile(path, dtype="<i4", count=3)
+    assert header.tolist() == [data.MAGIC, data.VERSION, 1001]
+    assert path.stat().st_size == data.HEADER_BYTES + 2 * 1001
+
+
+def _corrupt(path, how):
+    raw = bytearray(path.read_bytes())
+    if how == "magic":
+        raw[0:4] = np.int32(12345).tobytes()
+    elif how == "version":
+        raw[4:8] = np.int32(99).tobytes()
+    elif how == "truncated":
+        raw = raw[:-2]
+    elif how == "oversized":
+        raw += b"\0\0"
+    elif how == "no header":
+        raw = raw[:100]
+    path.write_bytes(bytes(raw))
+
+
+@pytest.mark.parametrize("how, message", [
+    ("magic", "bad magic number 12345"), ("version", "unsupported format version 99"),
+    ("truncated", "truncated file"), ("oversized", "oversized file"), ("no header", "shorter than"),
+])
+def test_read_shard_rejects_corrupt_file(tmp_path, how, message):
+    path = tmp_path / "bad.bin"
+    write_shard(path, np.arange(50))
+    _corrupt(path, how)
+    with pytest.raises(ValueError, match=message) as err:
+        read_shard(path)
+    assert str(path) in str(err.value)
+
+
+@pytest.mark.parametrize("tokens", [np.array([], dtype=np.int64), np.array([1, 2**16]), np.array([-1, 3])],
+                         ids=["empty", "too-big", "negative"])
+def test_write_shard_rejects_bad_tokens(tmp_path, tokens):
+    with pytest.raises(ValueError, match="write_shard"):
+        write_shard(tmp_path / "s.bin", tokens)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("fail_in", ["fsync", "replace"])
+@pytest.mark.parametrize("previous", [True, False], ids=["over-old-file", "new-file"])
+def test_interrupted_write_leaves_old_file_and_no_temp(tmp_path, monkeypatch, fail_in, previous):
+    path = tmp_path / "s.bin"
+    old = np.arange(10, dtype=np.uint16)
+    if previous:
+        write_shard(path, old)
+    written = []
+
+    def boom(*args):
+        written.append(sorted(p.name for p in tmp_path.iterdir()))  # the temp file exists right now
+        raise OSError("disk on fire")
+
+    monkeypatch.setattr(os, fail_in, boom)
+    with pytest.raises(OSError, match="disk on fire"):
+        write_shard(path, np.arange(1000, dtype=np.uint16))
+    monkeypatch.undo()
+    assert any(name.endswith(".tmp") for name in written[0]), "the write should have been midway"
+    assert sorted(p.name for p in tmp_path.iterdir()) == (["s.bin"] if previous else [])
+    if previous:
+        np.testing.assert_array_equal(read_shard(path), old)
+
+
+# -----------------------------------------------------------------------------
+# prepare
+
+# Documents in the order the text source must yield them (sorted relative paths; .jsonl line by line).
+TEXT_FILES = {
+    "a.txt": "Hello world.\nSecond line of a.",
+    "b.jsonl": [{"text": "first json doc", "id": 1}, {"text": "second <|endoftext|> json doc"}, None,
+                {"text": "third, ünïcödé ✓"}],
+    "c/d.txt": "def f(x):\n    return x + 1\n",
+    "c/e/f.jsonl": [{"text": "deep " * 20}],
+    "g.txt": "",
+    "notes.md": "not a document",
+}
+TEXT_DOCS = ["Hello world.\nSecond line of a.", "first json doc", "second <|endoftext|> json doc",
+             "third, ünïcödé ✓", "def f(x):\n    return x + 1\n", "deep " * 20, ""]
+
+
+def make_text_corpus(root):
+    for name, content in TEXT_FILES.items():
+        path = root / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if isinstance(content, list):
+            path.write_text("".join("\n" if r is None else json.dumps(r) + "\n" for r in content), encoding="utf-8")
+        else:
+            path.write_text(content, encoding="utf-8")
+    return root
+
+
+@pytest.fixture
+def text_corpus(tmp_path):
+    return make_text_corpus(tmp_path / "corpus")
+
+
+def test_prepare_text_with_workers(tmp_path, text_corpus):
+    out = prepare(f"text:{text_corpus}", tmp_path / "out", shard_tokens=7, val_every=3, workers=2, verbose=False)
+    manifest = json.loads((out / "manifest.json").read_text())
+    val_docs = [d for i, d in enumerate(TEXT_DOCS) if i % 3 == 0]
+    train_docs = [d for i, d in enumerate(TEXT_DOCS) if i % 3 != 0]
+    for split, docs in (("train", train_docs), ("val", val_docs)):
+        expected = doc_tokens(docs)
+        stream = split_stream(out, split)
+        np.testing.assert_array_equal(stream, expected)
+        assert np.count_nonzero(stream == EOT_ID) == len(docs) and stream[0] == EOT_ID
+        info = manifest["splits"][split]
+        assert info["tokens"] == len(expected) and info["documents"] == len(docs)
+        sizes = [s["tokens"] for s in info["shards"]]
+        assert all(n == 7 for n in sizes[:-1]) and 0 < sizes[-1] <= 7 and sum(sizes) == len(expected)
+    assert manifest["source"] == f"text:{text_corpus}" and manifest["tokenizer"] == "gpt2"
+    assert manifest["format_version"] == data.VERSION
+    assert is_prepared(out) and is_prepared(out, source=f"text:{text_corpus}")
+    assert not is_prepared(out, source="pystdlib")
+    assert not any(p.name.endswith(".tmp") for p in out.iterdir())
+
+    # Deterministic: in-process tokenising, and a re-run, give the same bytes.
+    again = prepare(f"text:{text_corpus}", tmp_path / "again", shard_tokens=7, val_every=3, workers=1, verbose=False)
+    assert folder_bytes(again) == folder_bytes(out)
+    prepare(f"text:{text_corpus}", again, shard_tokens=7, val_every=3, workers=1, verbose=False)
+    assert folder_bytes(again) == folder_bytes(out)
+
+
+def test_prepare_again_with_bigger_shards_removes_stale_ones(tmp_path, text_corpus):
+    out = prepare(f"text:{text_corpus}", tmp_path / "out", shard_tokens=5, val_every=3, workers=1, verbose=False)
+    assert len(list(out.glob("train_*.bin"))) > 2
+    prepare(f"text:{text_corpus}", out, shard_tokens=1000, val_every=3, workers=1, verbose=False)
+    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "train_000000.bin", "val_000000.bin"]
+    assert is_prepared(out)
+
+
+def test_val_tokens_cap_keeps_val_a_prefix(tmp_path):
+    docs = ["one two three", "four", "five six seven eight nine ten", "eleven", "twelve thirteen"]
+    sizes = [len(doc_tokens([d])) for d in docs]
+    cap = sizes[0] + sizes[1] + 1  # the third document does not fit
+    out = prepare_documents(iter(docs), tmp_path, shard_tokens=4, val_every=1, val_tokens=cap, workers=1,
+                            verbose=False)
+    np.testing.assert_array_equal(split_stream(out, "val"), doc_tokens(docs[:2]))
+    np.testing.assert_array_equal(split_stream(out, "train"), doc_tokens(docs[2:]))
+
+
+def test_is_prepared_detects_damage(tmp_path, text_corpus):
+    out = prepare(f"text:{text_corpus}", tmp_path / "out", shard_tokens=7, val_every=3, workers=1, verbose=False)
+    assert is_prepared(out)
+    shard = out / "train_000001.bin"
+    shard.write_bytes(shard.read_bytes()[:-2])
+    assert not is_prepared(out)
+    (out / "manifest.json").unlink()
+    assert not is_prepared(out) and not is_prepared(tmp_path / "nowhere")
+
+
+def test_prepare_errors_are_clear(tmp_path):
+    with pytest.raises(ValueError, match="train split got no documents"):
+        prepare_documents(["only one"], tmp_path / "a", val_every=1, workers=1, verbose=False)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "ok"}\n{"txt": "no text field"}\n')
+    with pytest.raises(ValueError, match=r"bad.jsonl:2: .*\"text\" field"):
+        prepare(f"text:{bad}", tmp_path / "b", workers=1, verbose=False)
+    with pytest.raises(FileNotFoundError, match="no such file or folder"):
+        prepare(f"text:{tmp_path / 'missing'}", tmp_path / "c", workers=1, verbose=False)
+    with pytest.raises(ValueError, match="unknown data source"):
+        prepare("wikipedia", tmp_path / "d", verbose=False)
+
+
+def test_default_data_dir(tmp_path, monkeypatch):
+    monkeypatch.delenv("GPT2_DATA_DIR", raising=False)
+    assert default_data_dir("pystdlib") == Path("data") / "pystdlib"
+    monkeypatch.setenv("GPT2_DATA_DIR", str(tmp_path))
+    assert default_data_dir("fineweb-edu") == tmp_path / "fineweb-edu"
+    a, b = default_data_dir("text:x/corpus"), default_data_dir("text:y/corpus")
+    assert a.parent == tmp_path and a.name.startswith("text-corpus-") and a != b
+
+
+# -----------------------------------------------------------------------------
+# fineweb-edu, through a fake `datasets` module
+
+def fake_datasets(docs=None, error=None):
+    module = types.ModuleType("datasets")
+
+    def load_dataset(path, name=None, split=None, streaming=False):
+        assert (path, name, split, streaming) == ("HuggingFaceFW/fineweb-edu", "sample-10BT", "train", True)
+        if error is not None:
+            raise error
+        return iter({"text": d, "id": i} for i, d in enumerate(docs))
+
+    module.load_dataset = load_dataset
+    return module
+
+
+def test_fineweb_edu_streams_val_first(tmp_path, monkeypatch):
+    docs = [f"educational document number {i}. " * (1 + i % 4) for i in range(30)]
+    monkeypatch.setitem(sys.modules, "datasets", fake_datasets(docs))
+    val_tokens = 60
+    out = prepare("fineweb-edu", tmp_path, shard_tokens=50, val_tokens=val_tokens, workers=1, verbose=False)
+    val = split_stream(out, "val")
+    n_val = 0
+    while len(doc_tokens(docs[:n_val + 1])) <= val_tokens:
+        n_val += 1
+    np.testing.assert_array_equal(val, doc_tokens(docs[:n_val]))
+    np.testing.assert_array_equal(split_stream(out, "train"), doc_tokens(docs[n_val:]))
+    assert json.loads((out / "manifest.json").read_text())["source"] == "fineweb-edu"
+
+
+def test_fineweb_edu_errors(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "datasets", None)  # import datasets -> ImportError
+    with pytest.raises(RuntimeError, match=r"pip install 'gpt2-triton\[fineweb\]'"):
+        prepare("fineweb-edu", tmp_path, workers=1, verbose=False)
+    monkeypatch.setitem(sys.modules, "datasets", fake_datasets(error=ConnectionError("no route to host")))
+    with pytest.raises(RuntimeError, match="network reachable.*no route to host"):
+        prepare("fineweb-edu", tmp_path, workers=1, verbose=False)
+    assert not is_prepared(tmp_path)
+
+
+# -----------------------------------------------------------------------------
+# pystdlib listing
+
+def test_pystdlib_files_excludes_tests_and_site_packages(tmp_path):
+    for rel in ["os.py", "abc.py", "json/__init__.py", "json/decoder.py", "json/tests/test_x.py", "test/test_os.py",
+                "idlelib/editor.py", "idlelib/idle_test/test_editor.py", "site-packages/torch/x.py",
+                "unittest/test/test_case.py", "distutils/tests/t.py", "readme.txt", "json/__pycache__/x.py"]:
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_text("x = 1\n")
+    rel = [p.relative_to(tmp_path).as_posix() for p in pystdlib_files(tmp_path)]
+    assert rel == ["abc.py", "idlelib/editor.py", "json/__init__.py", "json/decoder.py", "os.py"]
+
+
+def test_pystdlib_files_real_stdlib_is_deterministic():
+    files = pystdlib_files()
+    assert files == pystdlib_files() and len(files) > 300
+    root = Path(sysconfig.get_paths()["stdlib"])
+    rel = [p.relative_to(root).as_posix() for p in files]
+    assert rel == sorted(rel) and "os.py" in rel and "json/decoder.py" in rel
+    banned = {"test", "tests", "idle_test", "site-packages"}
+    assert not any(banned.intersection(r.split("/")[:-1]) for r in rel)
+
+
+# -----------------------------------------------------------------------------
+# DataLoader
+
+LOADER_DOCS = [f"document {i}: " + "alpha beta gamma delta " * (i % 7) for i in range(60)]
+
+
+@pytest.fixture(scope="module")
+def loader_dir(tmp_path_factory):
+    """~800 train tokens in 13 small shards, so batches cross shard boundaries."""
+    out = tmp_path_factory.mktemp("loader")
+    return prepare_documents(LOADER_DOCS, out, shard_tokens=64, val_every=5, workers=1, verbose=False)
+
+
+def epoch_stream(loader, epoch):
+    shards = [read_shard(loader.files[k]) for k in loader.shard_order(epoch)]
+    return torch.from_numpy(np.concatenate(shards).astype(np.int64))
+
+
+def test_loader_batches_are_the_concatenated_stream(loader_dir):
+    B, T = 3, 16
+    loader = DataLoader(loader_dir, "train", B, T)
+    stream = epoch_stream(loader, 0)
+    steps = (len(stream) - 1) // (B * T)
+    crossed = False
+    for step in range(steps):
+        x, y = loader.next_batch()
+        assert x.shape == y.shape == (B, T) and x.dtype == y.dtype == torch.int64
+        window = stream[step * B * T: (step + 1) * B * T + 1]
+        assert torch.equal(x.flatten(), window[:-1]) and torch.equal(y.flatten(), window[1:])
+        assert torch.equal(x[:, 1:], y[:, :-1])
+        crossed |= len(set(np.searchsorted(loader.starts, [step * B * T, (step + 1) * B * T], side="right"))) > 1
+    assert crossed, "no batch spanned two shards; the test data is too coarse"
+    assert loader.epoch == 0
+    x, _ = loader.next_batch()  # the tail is skipped: epoch 1 starts at its own beginning
+    assert loader.epoch == 1 and torch.equal(x.flatten(), epoch_stream(loader, 1)[:B * T])
+
+
+def test_train_shards_reshuffle_per_epoch_and_val_stays_in_order(loader_dir):
+    loader = DataLoader(loader_dir, "train", 2, 8, seed=1)
+    orders = [tuple(loader.shard_order(e)) for e in range(4)]
+    assert len(set(orders)) > 1 and all(sorted(o) == list(range(len(loader.files))) for o in orders)
+    assert orders == [tuple(DataLoader(loader_dir, "train", 2, 8, seed=1).shard_order(e)) for e in range(4)]
+    assert orders != [tuple(DataLoader(loader_dir, "train", 2, 8, seed=2).shard_order(e)) for e in range(4)]
+    val = DataLoader(loader_dir, "val", 2, 8)
+    assert all(list(val.shard_order(e)) == list(range(len(val.files))) for e in range(3))
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_ddp_ranks_are_disjoint_and_cover_each_step(loader_dir, world_size):
+    B, T = 2, 8
+    loaders = [DataLoader(loader_dir, "train", B, T, rank=r, world_size=world_size) for r in range(world_size)]
+    step_tokens = world_size * B * T
+    steps_per_epoch = (int(loaders[0].starts[-1]) - 1) // step_tokens
+    for step in range(steps_per_epoch + 2):  # into the second epoch
+        batches = [ld.next_batch() for ld in loaders]
+        epoch = loaders[0].epoch
+        assert all(ld.epoch == epoch for ld in loaders)
+        start = (step if epoch == 0 else step - steps_per_epoch) * step_tokens
+        stream = epoch_stream(loaders[0], epoch)
+        together = torch.cat([x.flatten() for x, _ in batches])
+        assert torch.equal(together, stream[start:start + step_tokens])  # disjoint, in order, covering
+        for x, y in batches:
+            assert torch.equal(x.flatten()[1:], y.flatten()[:-1])
+        assert torch.equal(batches[-1][1].flatten()[-1], stream[start + step_tokens])
+
+
+def test_epoch_ends_when_a_step_no_longer_fits(tmp_path):
+    docs = ["val doc", "a" + " a" * 62]  # train: EOT + 63 tokens = exactly 64
+    out = prepare_documents(docs, tmp_path, val_every=2, workers=1, verbose=False)
+    assert len(split_stream(out, "train")) == 64
+    loader = DataLoader(out, "train", 2, 8)  # 16 tokens a step: 3 steps fit (the 4th would need a 65th token)
+    firsts = []
+    for _ in range(7):
+        x, _ = loader.next_batch()
+        firsts.append((loader.epoch, x[0, 0].item()))
+    stream = split_stream(out, "train")
+    assert firsts == [(e, stream[s].item()) for e in (0, 1) for s in (0, 16, 32)] + [(2, stream[0].item())]
+
+
+def test_state_dict_resumes_on_the_next_batch_across_epochs(loader_dir):
+    B, T = 4, 8
+    first = DataLoader(loader_dir, "train", B, T, seed=7)
+    steps_per_epoch = (int(first.starts[-1]) - 1) // (B * T)
+    for _ in range(steps_per_epoch - 2):
+        first.next_batch()
+    state = first.state_dict()
+    assert all(type(v) is int for v in state.values()) and json.loads(json.dumps(state)) == state
+    expected = [first.next_batch() for _ in range(5)]  # crosses into epoch 1
+    assert first.epoch == 1
+    resumed = DataLoader(loader_dir, "train", B, T, seed=0)  # the seed comes back with the state
+    resumed.load_state_dict(state)
+    for (x, y), (ex, ey) in zip((resumed.next_batch() for _ in range(5)), expected):
+        assert torch.equal(x, ex) and torch.equal(y, ey)
+    assert resumed.state_dict() == first.state_dict()
+    with pytest.raises(ValueError, match="outside the train split"):
+        resumed.load_state_dict({**state, "offset": 10**6})
+
+
+def test_val_reset_gives_the_same_batches(loader_dir):
+    val = DataLoader(loader_dir, "val", 2, 8)
+    first = [val.next_batch() for _ in range(4)]
+    val.reset()
+    again = [val.next_batch() for _ in range(4)]
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(first, again))
+    stream = epoch_stream(val, 0)
+    assert torch.equal(first[0][0].flatten(), stream[:16])
+
+
+def test_loader_errors(tmp_path, loader_dir):
+    with pytest.raises(FileNotFoundError, match="prepare it first"):
+        DataLoader(tmp_path, "train", 2, 8)
+    with pytest.raises(ValueError, match="fewer than one step needs"):
+        DataLoader(loader_dir, "val", 64, 64)
+    with pytest.raises(ValueError, match="rank"):
+        DataLoader(loader_dir, "train", 2, 8, rank=2, world_size=2)
+    bad_dir = tmp_path / "bad"
+    prepare_documents(LOADER_DOCS[:10], bad_dir, shard_tokens=32, val_every=5, workers=1, verbose=False)
+    first = bad_dir / "train_000000.bin"
+    tokens = np.array(read_shard(first))
+    tokens[5] = 50257  # fits uint16, but is not a GPT-2 token (ids are 0..50256)
+    write_shard(first, tokens)
+    loader = DataLoader(bad_dir, "train", 1, 4)
+    loader.load_state_dict({"epoch": 0, "shard": int(np.flatnonzero(loader.order == 0)[0]), "offset": 0,
+                            "seed": loader.seed})
+    with pytest.raises(ValueError, match=r"train_000000.bin: token id 50257 >= vocab size 50257"):
+        loader.next_batch()
