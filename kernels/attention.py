@@ -1,0 +1,534 @@
+"""Tiled flash attention (forward and backward) in Triton.
+
+q, k, v are (B, H, T, D) tensors with any strides (the model passes strided views of its QKV
+projection); the (T, T) score matrix is never built. The forward keeps a running max and sum
+(online softmax, fp32, exp2 with log2(e) folded into the scale) and saves the fp32 logsumexp per
+row; the backward recomputes the probabilities from it. No atomics: dK/dV run one program per key
+tile, dQ one program per query tile.
+"""
+import math
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.utils import check_device, check_float, check_same_dtype, is_interpreter
+
+LOG2E = 1.4426950408889634  # log2(e)
+SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
+MAX_BATCH_HEADS = 65535  # grid axis 1 holds B * H
+
+
+# ----------------------------------------------------------------------------------------------
+# Kernels
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def _attn_fwd_inner(acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_vt, offs_kd, offs_vd,
+                    offs_m, T, qk_scale, lo, hi,
+                    BLOCK_N: tl.constexpr, MASK: tl.constexpr, CAUSAL: tl.constexpr,
+                    INPUT_PRECISION: tl.constexpr):
+    """Online softmax over key tiles [lo, hi). MASK: apply the causal and T-bound masks."""
+    offs_n0 = tl.arange(0, BLOCK_N)
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + offs_n0
+        k_ptrs = k_base + offs_n[:, None] * stride_kt + offs_kd[None, :]
+        v_ptrs = v_base + offs_n[:, None] * stride_vt + offs_vd[None, :]
+        if MASK:
+            k = tl.load(k_ptrs, mask=offs_n[:, None] < T, other=0.0)  # (BLOCK_N, D)
+        else:
+            k = tl.load(k_ptrs)
+        qk = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N), log2 units
+        if MASK:
+            keep = offs_n[None, :] < T
+            if CAUSAL:
+                keep = keep & (offs_n[None, :] <= offs_m[:, None])
+            qk = tl.where(keep, qk, float("-inf"))
+        # Every row sees at least one unmasked key in its first tile, so m_new is finite.
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        p = tl.math.exp2(qk - m_new[:, None])
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if MASK:
+            v = tl.load(v_ptrs, mask=offs_n[:, None] < T, other=0.0)  # (BLOCK_N, D)
+        else:
+            v = tl.load(v_ptrs)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=INPUT_PRECISION)
+        m_i = m_new
+    return acc, m_i, l_i
+
+
+@triton.jit(do_not_specialize=["T"])
+def _flash_attention_fwd_kernel(
+        q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr,
+        stride_qb, stride_qh, stride_qt, stride_qd,
+        stride_kb, stride_kh, stride_kt, stride_kd,
+        stride_vb, stride_vh, stride_vt, stride_vd,
+        stride_ob, stride_oh, stride_ot, stride_od,
+        H, T, qk_scale,
+        HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        CAUSAL: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    """q, k, v, o: (B, H, T, HEAD_DIM) with any strides; lse: (B, H, T) fp32 contiguous, natural log.
+    Grid: (cdiv(T, BLOCK_M), B * H). qk_scale = scale * log2(e). Needs BLOCK_M % BLOCK_N == 0."""
+    start_m = tl.program_id(0) * BLOCK_M
+    off_bh = tl.program_id(1)
+    off_b = (off_bh // H).to(tl.int64)
+    off_h = (off_bh % H).to(tl.int64)
+    q_base = q_ptr + off_b * stride_qb + off_h * stride_qh
+    k_base = k_ptr + off_b * stride_kb + off_h * stride_kh
+    v_base = v_ptr + off_b * stride_vb + off_h * stride_vh
+    o_base = o_ptr + off_b * stride_ob + off_h * stride_oh
+
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    q = tl.load(q_base + offs_m[:, None] * stride_qt + offs_d[None, :] * stride_qd,
+                mask=offs_m[:, None] < T, other=0.0)  # (BLOCK_M, D)
+    offs_kd = offs_d * stride_kd
+    offs_vd = offs_d * stride_vd
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+
+    if CAUSAL:
+        # Tiles left of the diagonal block: no mask. Then the diagonal block(s): causal + bound mask.
+        acc, m_i, l_i = _attn_fwd_inner(acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_vt,
+                                        offs_kd, offs_vd, offs_m, T, qk_scale, 0, start_m,
+                                        BLOCK_N, False, CAUSAL, INPUT_PRECISION)
+        acc, m_i, l_i = _attn_fwd_inner(acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_vt,
+                                        offs_kd, offs_vd, offs_m, T, qk_scale,
+                                        start_m, tl.minimum(start_m + BLOCK_M, T),
+                                        BLOCK_N, True, CAUSAL, INPUT_PRECISION)
+    else:
+        t_full = (T // BLOCK_N) * BLOCK_N
+        acc, m_i, l_i = _attn_fwd_inner(acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_vt,
+                                        offs_kd, offs_vd, offs_m, T, qk_scale, 0, t_full,
+                                        BLOCK_N, False, CAUSAL, INPUT_PRECISION)
+        acc, m_i, l_i = _attn_fwd_inner(acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_vt,
+                                        offs_kd, offs_vd, offs_m, T, qk_scale, t_full, T,
+                                        BLOCK_N, True, CAUSAL, INPUT_PRECISION)
+
+    acc = acc / l_i[:, None]
+    lse = (m_i + tl.math.log2(l_i)) * 0.6931471805599453  # back to natural log
+    row_ok = offs_m < T
+    tl.store(lse_ptr + off_bh.to(tl.int64) * T + offs_m, lse, mask=row_ok)
+    o_ptrs = o_base + offs_m[:, None] * stride_ot + offs_d[None, :] * stride_od
+    tl.store(o_ptrs, acc.to(o_ptr.dtype.element_ty), mask=row_ok[:, None])
+
+
+@triton.jit(do_not_specialize=["T"])
+def _flash_attention_bwd_preprocess_kernel(
+        o_ptr, do_ptr, delta_ptr,
+        stride_ob, stride_oh, stride_ot, stride_od,
+        stride_dob, stride_doh, stride_dot, stride_dod,
+        H, T,
+        HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr):
+    """delta[b, h, t] = sum_d o * do, fp32. o, do: (B, H, T, D) any strides; delta (B, H, T) contiguous."""
+    start_m = tl.program_id(0) * BLOCK_M
+    off_bh = tl.program_id(1)
+    off_b = (off_bh // H).to(tl.int64)
+    off_h = (off_bh % H).to(tl.int64)
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_ok = offs_m < T
+    o = tl.load(o_ptr + off_b * stride_ob + off_h * stride_oh
+                + offs_m[:, None] * stride_ot + offs_d[None, :] * stride_od,
+                mask=row_ok[:, None], other=0.0).to(tl.float32)
+    do = tl.load(do_ptr + off_b * stride_dob + off_h * stride_doh
+                 + offs_m[:, None] * stride_dot + offs_d[None, :] * stride_dod,
+                 mask=row_ok[:, None], other=0.0).to(tl.float32)
+    tl.store(delta_ptr + off_bh.to(tl.int64) * T + offs_m, tl.sum(o * do, 1), mask=row_ok)
+
+
+@triton.jit
+def _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base,
+                         stride_qt, stride_dot, offs_qd, offs_dod, offs_n,
+                         T, qk_scale, lo, hi,
+                         BLOCK_M: tl.constexpr, MASK: tl.constexpr, CAUSAL: tl.constexpr,
+                         INPUT_PRECISION: tl.constexpr):
+    """Accumulate dk, dv (BLOCK_N, D) over query tiles [lo, hi). Works on transposed scores (BLOCK_N, BLOCK_M)."""
+    offs_m0 = tl.arange(0, BLOCK_M)
+    for start_m in range(lo, hi, BLOCK_M):
+        offs_m = start_m + offs_m0
+        q_ptrs = q_base + offs_m[:, None] * stride_qt + offs_qd[None, :]
+        do_ptrs = do_base + offs_m[:, None] * stride_dot + offs_dod[None, :]
+        if MASK:
+            row_ok = offs_m < T
+            q = tl.load(q_ptrs, mask=row_ok[:, None], other=0.0)  # (BLOCK_M, D)
+            do = tl.load(do_ptrs, mask=row_ok[:, None], other=0.0)
+            lse = tl.load(lse_base + offs_m, mask=row_ok, other=0.0)  # (BLOCK_M,), log2 units below
+            delta = tl.load(delta_base + offs_m, mask=row_ok, other=0.0)
+        else:
+            q = tl.load(q_ptrs)
+            do = tl.load(do_ptrs)
+            lse = tl.load(lse_base + offs_m)
+            delta = tl.load(delta_base + offs_m)
+        qk_t = tl.dot(k, tl.trans(q), input_precision=INPUT_PRECISION) * qk_scale  # (BLOCK_N, BLOCK_M)
+        p_t = tl.math.exp2(qk_t - lse[None, :] * 1.4426950408889634)
+        if MASK:
+            keep = offs_m[None, :] < T
+            if CAUSAL:
+                keep = keep & (offs_m[None, :] >= offs_n[:, None])
+            p_t = tl.where(keep, p_t, 0.0)
+        dv += tl.dot(p_t.to(do.dtype), do, input_precision=INPUT_PRECISION)
+        dp_t = tl.dot(v, tl.trans(do), input_precision=INPUT_PRECISION)  # (BLOCK_N, BLOCK_M)
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk += tl.dot(ds_t.to(q.dtype), q, input_precision=INPUT_PRECISION)
+    return dk, dv
+
+
+@triton.jit(do_not_specialize=["T"])
+def _flash_attention_bwd_dkdv_kernel(
+        q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr,
+        stride_qb, stride_qh, stride_qt, stride_qd,
+        stride_kb, stride_kh, stride_kt, stride_kd,
+        stride_vb, stride_vh, stride_vt, stride_vd,
+        stride_dob, stride_doh, stride_dot, stride_dod,
+        stride_dkb, stride_dkh, stride_dkt, stride_dkd,
+        stride_dvb, stride_dvh, stride_dvt, stride_dvd,
+        H, T, scale, qk_scale,
+        HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        CAUSAL: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    """One program per key tile: dk, dv (B, H, T, D). lse, delta: (B, H, T) fp32 contiguous.
+    Grid: (cdiv(T, BLOCK_N), B * H). Needs BLOCK_N % BLOCK_M == 0."""
+    start_n = tl.program_id(0) * BLOCK_N
+    off_bh = tl.program_id(1)
+    off_b = (off_bh // H).to(tl.int64)
+    off_h = (off_bh % H).to(tl.int64)
+    q_base = q_ptr + off_b * stride_qb + off_h * stride_qh
+    do_base = do_ptr + off_b * stride_dob + off_h * stride_doh
+    lse_base = lse_ptr + off_bh.to(tl.int64) * T
+    delta_base = delta_ptr + off_bh.to(tl.int64) * T
+
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    col_ok = offs_n < T
+    k = tl.load(k_ptr + off_b * stride_kb + off_h * stride_kh
+                + offs_n[:, None] * stride_kt + offs_d[None, :] * stride_kd,
+                mask=col_ok[:, None], other=0.0)  # (BLOCK_N, D)
+    v = tl.load(v_ptr + off_b * stride_vb + off_h * stride_vh
+                + offs_n[:, None] * stride_vt + offs_d[None, :] * stride_vd,
+                mask=col_ok[:, None], other=0.0)
+    dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+    offs_qd = offs_d * stride_qd
+    offs_dod = offs_d * stride_dod
+
+    # Query tiles: [diag] masked (causal only), then full tiles unmasked, then the T tail masked.
+    t_full = (T // BLOCK_M) * BLOCK_M
+    if CAUSAL:
+        diag_hi = tl.minimum(start_n + BLOCK_N, T)
+        dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base,
+                                      stride_qt, stride_dot, offs_qd, offs_dod, offs_n,
+                                      T, qk_scale, start_n, diag_hi,
+                                      BLOCK_M, True, CAUSAL, INPUT_PRECISION)
+        full_lo = start_n + BLOCK_N
+    else:
+        full_lo = 0
+    dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base,
+                                  stride_qt, stride_dot, offs_qd, offs_dod, offs_n,
+                                  T, qk_scale, full_lo, t_full,
+                                  BLOCK_M, False, CAUSAL, INPUT_PRECISION)
+    dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base,
+                                  stride_qt, stride_dot, offs_qd, offs_dod, offs_n,
+                                  T, qk_scale, tl.maximum(full_lo, t_full), T,
+                                  BLOCK_M, True, CAUSAL, INPUT_PRECISION)
+
+    dk = dk * scale
+    tl.store(dk_ptr + off_b * stride_dkb + off_h * stride_dkh
+             + offs_n[:, None] * stride_dkt + offs_d[None, :] * stride_dkd,
+             dk.to(dk_ptr.dtype.element_ty), mask=col_ok[:, None])
+    tl.store(dv_ptr + off_b * stride_dvb + off_h * stride_dvh
+             + offs_n[:, None] * stride_dvt + offs_d[None, :] * stride_dvd,
+             dv.to(dv_ptr.dtype.element_ty), mask=col_ok[:, None])
+
+
+@triton.jit
+def _attn_bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt,
+                       offs_kd, offs_vd, offs_m, T, qk_scale, lo, hi,
+                       BLOCK_N: tl.constexpr, MASK: tl.constexpr, CAUSAL: tl.constexpr,
+                       INPUT_PRECISION: tl.constexpr):
+    """Accumulate dq (BLOCK_M, D) over key tiles [lo, hi). lse is in log2 units here."""
+    offs_n0 = tl.arange(0, BLOCK_N)
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + offs_n0
+        k_ptrs = k_base + offs_n[:, None] * stride_kt + offs_kd[None, :]
+        v_ptrs = v_base + offs_n[:, None] * stride_vt + offs_vd[None, :]
+        if MASK:
+            k = tl.load(k_ptrs, mask=offs_n[:, None] < T, other=0.0)  # (BLOCK_N, D)
+            v = tl.load(v_ptrs, mask=offs_n[:, None] < T, other=0.0)
+        else:
+            k = tl.load(k_ptrs)
+            v = tl.load(v_ptrs)
+        qk = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N)
+        p = tl.math.exp2(qk - lse[:, None])
+        if MASK:
+            keep = offs_n[None, :] < T
+            if CAUSAL:
+                keep = keep & (offs_n[None, :] <= offs_m[:, None])
+            p = tl.where(keep, p, 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=INPUT_PRECISION)  # (BLOCK_M, BLOCK_N)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=INPUT_PRECISION)
+    return dq
+
+
+@triton.jit(do_not_specialize=["T"])
+def _flash_attention_bwd_dq_kernel(
+        q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr,
+        stride_qb, stride_qh, stride_qt, stride_qd,
+        stride_kb, stride_kh, stride_kt, stride_kd,
+        stride_vb, stride_vh, stride_vt, stride_vd,
+        stride_dob, stride_doh, stride_dot, stride_dod,
+        stride_dqb, stride_dqh, stride_dqt, stride_dqd,
+        H, T, scale, qk_scale,
+        HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        CAUSAL: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    """One program per query tile: dq (B, H, T, D). Grid: (cdiv(T, BLOCK_M), B * H).
+    Needs BLOCK_M % BLOCK_N == 0."""
+    start_m = tl.program_id(0) * BLOCK_M
+    off_bh = tl.program_id(1)
+    off_b = (off_bh // H).to(tl.int64)
+    off_h = (off_bh % H).to(tl.int64)
+    k_base = k_ptr + off_b * stride_kb + off_h * stride_kh
+    v_base = v_ptr + off_b * stride_vb + off_h * stride_vh
+
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_ok = offs_m < T
+    q = tl.load(q_ptr + off_b * stride_qb + off_h * stride_qh
+                + offs_m[:, None] * stride_qt + offs_d[None, :] * stride_qd,
+                mask=row_ok[:, None], other=0.0)  # (BLOCK_M, D)
+    do = tl.load(do_ptr + off_b * stride_dob + off_h * stride_doh
+                 + offs_m[:, None] * stride_dot + offs_d[None, :] * stride_dod,
+                 mask=row_ok[:, None], other=0.0)
+    lse = tl.load(lse_ptr + off_bh.to(tl.int64) * T + offs_m, mask=row_ok, other=0.0) * 1.4426950408889634
+    delta = tl.load(delta_ptr + off_bh.to(tl.int64) * T + offs_m, mask=row_ok, other=0.0)
+    dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    offs_kd = offs_d * stride_kd
+    offs_vd = offs_d * stride_vd
+
+    if CAUSAL:
+        dq = _attn_bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt,
+                                offs_kd, offs_vd, offs_m, T, qk_scale, 0, start_m,
+                                BLOCK_N, False, CAUSAL, INPUT_PRECISION)
+        dq = _attn_bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt,
+                                offs_kd, offs_vd, offs_m, T, qk_scale,
+                                start_m, tl.minimum(start_m + BLOCK_M, T),
+                                BLOCK_N, True, CAUSAL, INPUT_PRECISION)
+    else:
+        t_full = (T // BLOCK_N) * BLOCK_N
+        dq = _attn_bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt,
+                                offs_kd, offs_vd, offs_m, T, qk_scale, 0, t_full,
+                                BLOCK_N, False, CAUSAL, INPUT_PRECISION)
+        dq = _attn_bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt,
+                                offs_kd, offs_vd, offs_m, T, qk_scale, t_full, T,
+                                BLOCK_N, True, CAUSAL, INPUT_PRECISION)
+
+    dq = dq * scale
+    tl.store(dq_ptr + off_b * stride_dqb + off_h * stride_dqh
+             + offs_m[:, None] * stride_dqt + offs_d[None, :] * stride_dqd,
+             dq.to(dq_ptr.dtype.element_ty), mask=row_ok[:, None])
+
+
+# ----------------------------------------------------------------------------------------------
+# Configs (no hardware probing: decided from the problem only)
+# ----------------------------------------------------------------------------------------------
+def _input_precision(dtype: torch.dtype) -> str:
+    # fp32 inputs: exact fp32 products on the GPU (tf32 would break fp32 tolerances).
+    # The option is ignored for fp16/bf16, where "tf32" is Triton's default.
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _fwd_config(head_dim: int, dtype: torch.dtype) -> dict:
+    """Forward tiles. Constraint: BLOCK_M % BLOCK_N == 0. GPU values checked spill-free (except
+    fp32 D=128) with ptxas for sm_90 on triton 3.9; not yet timed on a GPU."""
+    if is_interpreter():
+        return dict(BLOCK_M=32, BLOCK_N=16, num_warps=4, num_stages=1)
+    if dtype == torch.float32:  # fp32 tiles take twice the shared memory and registers
+        if head_dim <= 64:
+            return dict(BLOCK_M=64, BLOCK_N=32, num_warps=8, num_stages=2)
+        return dict(BLOCK_M=32, BLOCK_N=32, num_warps=8, num_stages=2)
+    # fp16 / bf16: 128 x 64 is known-good on Hopper for D = 64; D = 128 needs 8 warps for its accumulator.
+    return dict(BLOCK_M=128, BLOCK_N=64, num_warps=4 if head_dim <= 64 else 8, num_stages=3)
+
+
+def _bwd_config(head_dim: int, dtype: torch.dtype) -> dict:
+    """Backward tiles. dK/dV: (BLOCK_M1 queries) x (BLOCK_N1 keys), BLOCK_N1 % BLOCK_M1 == 0;
+    dQ: (BLOCK_M2 queries) x (BLOCK_N2 keys), BLOCK_M2 % BLOCK_N2 == 0. GPU values are spill-free
+    with ptxas for sm_90 (4 warps spilled for the dK/dV accumulators)."""
+    if is_interpreter():
+        return dict(BLOCK_M1=16, BLOCK_N1=32, BLOCK_M2=32, BLOCK_N2=16, BLOCK_PRE=32,
+                    num_warps=4, num_stages=1)
+    if dtype == torch.float32:
+        if head_dim <= 64:
+            return dict(BLOCK_M1=16, BLOCK_N1=64, BLOCK_M2=64, BLOCK_N2=16, BLOCK_PRE=64,
+                        num_warps=8, num_stages=2)
+        return dict(BLOCK_M1=16, BLOCK_N1=32, BLOCK_M2=32, BLOCK_N2=16, BLOCK_PRE=64,
+                    num_warps=8, num_stages=2)
+    if head_dim <= 64:
+        return dict(BLOCK_M1=32, BLOCK_N1=128, BLOCK_M2=128, BLOCK_N2=32, BLOCK_PRE=128,
+                    num_warps=8, num_stages=3)
+    return dict(BLOCK_M1=32, BLOCK_N1=64, BLOCK_M2=64, BLOCK_N2=32, BLOCK_PRE=64,
+                num_warps=8, num_stages=2)
+
+
+# ----------------------------------------------------------------------------------------------
+# Input checks
+# ----------------------------------------------------------------------------------------------
+def _check_inputs(op: str, q, k, v) -> None:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        check_float(op, name, t)
+    check_same_dtype(op, q=q, k=k, v=v)
+    check_device(op, q=q, k=k, v=v)
+    if q.dim() != 4:
+        raise ValueError(f"{op}: q, k, v must be 4-D (B, H, T, D); got q.shape={tuple(q.shape)}")
+    if q.shape != k.shape or q.shape != v.shape:
+        raise ValueError(f"{op}: q, k, v must have the same shape (B, H, T, D); got "
+                         f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+    B, H, T, D = q.shape
+    if D not in SUPPORTED_HEAD_DIMS:
+        raise ValueError(f"{op}: head dim D must be one of {SUPPORTED_HEAD_DIMS}; got D={D}")
+    if T == 0 or B == 0 or H == 0:
+        raise ValueError(f"{op}: empty input, need B, H, T >= 1; got (B, H, T, D)={tuple(q.shape)}")
+    if B * H > MAX_BATCH_HEADS:
+        raise ValueError(f"{op}: B * H must be at most {MAX_BATCH_HEADS}; got B={B}, H={H}")
+
+
+def _resolve_scale(op: str, scale, head_dim: int) -> float:
+    if scale is None:
+        return 1.0 / math.sqrt(head_dim)
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        raise TypeError(f"{op}: scale must be a float or None; got {type(scale).__name__}")
+    if not math.isfinite(scale):
+        raise ValueError(f"{op}: scale must be finite; got {scale}")
+    return float(scale)
+
+
+def _empty_bhtd(B: int, H: int, T: int, D: int, like: torch.Tensor) -> torch.Tensor:
+    """A fresh (B, H, T, D) tensor stored as (B, T, H, D): the model's transpose(1, 2).contiguous() is then free."""
+    return like.new_empty((B, T, H, D)).transpose(1, 2)
+
+
+# ----------------------------------------------------------------------------------------------
+# Launchers (registered custom ops: torch.compile calls them without graph breaks)
+# ----------------------------------------------------------------------------------------------
+@torch.library.custom_op("gpt2_triton::flash_attention_fwd", mutates_args=())
+def flash_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True,
+                        scale: Optional[float] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention forward.
+
+    q, k, v: (B, H, T, D), any strides, fp32/fp16/bf16, D in {16, 32, 64, 128}.
+    Returns o (B, H, T, D) in q's dtype (a transposed view of a fresh (B, T, H, D) buffer) and
+    lse (B, H, T) fp32, the natural-log logsumexp of each row of scale * q @ k^T (masked if causal).
+    """
+    op = "flash_attention_fwd"
+    _check_inputs(op, q, k, v)
+    B, H, T, D = q.shape
+    scale = _resolve_scale(op, scale, D)
+    o = _empty_bhtd(B, H, T, D, q)
+    lse = torch.empty((B, H, T), dtype=torch.float32, device=q.device)
+    cfg = _fwd_config(D, q.dtype)
+    grid = (triton.cdiv(T, cfg["BLOCK_M"]), B * H)
+    _flash_attention_fwd_kernel[grid](
+        q, k, v, o, lse,
+        *q.stride(), *k.stride(), *v.stride(), *o.stride(),
+        H, T, scale * LOG2E,
+        HEAD_DIM=D, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], CAUSAL=causal,
+        INPUT_PRECISION=_input_precision(q.dtype),
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    return o, lse
+
+
+@flash_attention_fwd.register_fake
+def _flash_attention_fwd_fake(q, k, v, causal=True, scale=None):
+    B, H, T, D = q.shape
+    return _empty_bhtd(B, H, T, D, q), q.new_empty((B, H, T), dtype=torch.float32)
+
+
+@torch.library.custom_op("gpt2_triton::flash_attention_bwd", mutates_args=())
+def flash_attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                        o: torch.Tensor, lse: torch.Tensor, causal: bool = True,
+                        scale: Optional[float] = None
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Attention backward.
+
+    do, q, k, v, o: (B, H, T, D), any strides (do is cast to q's dtype if it differs);
+    lse: (B, H, T) fp32 from flash_attention_fwd. Returns dq, dk, dv (B, H, T, D) in q's dtype.
+    """
+    op = "flash_attention_bwd"
+    _check_inputs(op, q, k, v)
+    B, H, T, D = q.shape
+    check_float(op, "do", do)
+    check_float(op, "o", o)
+    check_device(op, q=q, do=do, o=o, lse=lse)
+    if do.shape != q.shape or o.shape != q.shape:
+        raise ValueError(f"{op}: do and o must have q's shape {tuple(q.shape)}; "
+                         f"got do {tuple(do.shape)}, o {tuple(o.shape)}")
+    if lse.shape != (B, H, T) or lse.dtype != torch.float32:
+        raise ValueError(f"{op}: lse must be fp32 of shape {(B, H, T)}; got {lse.dtype} {tuple(lse.shape)}")
+    scale = _resolve_scale(op, scale, D)
+    do = do.to(q.dtype)
+    lse = lse.contiguous()
+    cfg = _bwd_config(D, q.dtype)
+    precision = _input_precision(q.dtype)
+
+    delta = torch.empty((B, H, T), dtype=torch.float32, device=q.device)  # rowsum(do * o)
+    _flash_attention_bwd_preprocess_kernel[(triton.cdiv(T, cfg["BLOCK_PRE"]), B * H)](
+        o, do, delta, *o.stride(), *do.stride(), H, T,
+        HEAD_DIM=D, BLOCK_M=cfg["BLOCK_PRE"], num_warps=4)
+
+    dq, dk, dv = (_empty_bhtd(B, H, T, D, q) for _ in range(3))
+    _flash_attention_bwd_dkdv_kernel[(triton.cdiv(T, cfg["BLOCK_N1"]), B * H)](
+        q, k, v, do, lse, delta, dk, dv,
+        *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
+        H, T, scale, scale * LOG2E,
+        HEAD_DIM=D, BLOCK_M=cfg["BLOCK_M1"], BLOCK_N=cfg["BLOCK_N1"], CAUSAL=causal,
+        INPUT_PRECISION=precision, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    _flash_attention_bwd_dq_kernel[(triton.cdiv(T, cfg["BLOCK_M2"]), B * H)](
+        q, k, v, do, lse, delta, dq,
+        *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
+        H, T, scale, scale * LOG2E,
+        HEAD_DIM=D, BLOCK_M=cfg["BLOCK_M2"], BLOCK_N=cfg["BLOCK_N2"], CAUSAL=causal,
+        INPUT_PRECISION=precision, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    return dq, dk, dv
+
+
+@flash_attention_bwd.register_fake
+def _flash_attention_bwd_fake(do, q, k, v, o, lse, causal=True, scale=None):
+    B, H, T, D = q.shape
+    return tuple(_empty_bhtd(B, H, T, D, q) for _ in range(3))
+
+
+# ----------------------------------------------------------------------------------------------
+# Autograd and the public op
+# ----------------------------------------------------------------------------------------------
+class FlashAttentionFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, causal, scale):
+        o, lse = flash_attention_fwd(q, k, v, causal, scale)
+        ctx.save_for_backward(q, k, v, o, lse)
+        ctx.causal, ctx.scale = causal, scale
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, o, lse = ctx.saved_tensors
+        dq, dk, dv = flash_attention_bwd(do, q, k, v, o, lse, ctx.causal, ctx.scale)
+        return dq, dk, dv, None, None
+
+
+def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True,
+                    scale: Optional[float] = None) -> torch.Tensor:
+    """softmax(scale * q @ k^T [causal mask]) @ v without building the (T, T) matrix.
+
+    q, k, v: (B, H, T, D), any strides (e.g. transposed views of the QKV projection), one float dtype,
+    D in {16, 32, 64, 128}, T >= 1. scale defaults to 1/sqrt(D). Returns (B, H, T, D) in q's dtype,
+    stored as (B, T, H, D) so that `y.transpose(1, 2).contiguous()` costs nothing.
+    """
+    op = "flash_attention"
+    _check_inputs(op, q, k, v)
+    if not isinstance(causal, bool):
+        raise TypeError(f"{op}: causal must be a bool; got {type(causal).__name__}")
+    scale = _resolve_scale(op, scale, q.shape[-1])
+    return FlashAttentionFunction.apply(q, k, v, causal, scale)
