@@ -1,0 +1,76 @@
+"""A tiny GPT on Triton kernels gives the same loss and parameter grads as on the torch ops."""
+import pytest
+import torch
+
+from gpt2 import GPT, GPTConfig
+from helpers import assert_close
+
+CONFIG = GPTConfig.from_preset("tiny", vocab_size=97, block_size=32, n_embd=32, n_head=2, n_layer=2,
+                               pad_vocab_to=64)
+
+
+def loss_and_grads(kernels, idx, targets):
+    torch.manual_seed(0)
+    model = GPT(CONFIG, kernels=kernels)
+    logits, loss = model(idx, targets)
+    loss.backward()
+    return logits, loss, {n: p.grad for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("kernels", [
+    pytest.param({"layer_norm": "triton", "cross_entropy": "triton"}, id="layer_norm+cross_entropy"),
+    pytest.param({"attention": "triton"}, id="attention"),
+    pytest.param({"gelu_mlp": "triton"}, id="gelu_mlp"),
+    pytest.param("triton", id="all"),
+])
+def test_same_loss_and_grads_as_torch(kernels):
+    gen = torch.Generator().manual_seed(1)
+    idx = torch.randint(0, CONFIG.vocab_size, (2, 19), generator=gen)
+    targets = torch.randint(0, CONFIG.vocab_size, (2, 19), generator=gen)
+    targets[1, :5] = -100
+    ref_logits, ref_loss, ref_grads = loss_and_grads("torch", idx, targets)
+    logits, loss, grads = loss_and_grads(kernels, idx, targets)
+    assert_close(loss, ref_loss, atol=1e-5, rtol=1e-5, name="loss")
+    if logits is None:  # fused lm_head + cross-entropy never builds the logits
+        assert GPT(CONFIG, kernels=kernels).ops.fused_lm_head_loss
+    else:
+        assert_close(logits, ref_logits, atol=1e-4, rtol=1e-4, name="logits")
+    assert ref_grads.keys() == grads.keys()
+    for name, grad in grads.items():
+        assert_close(grad, ref_grads[name], atol=2e-5, rtol=1e-4, name=f"grad {name}")
+    assert grads["transformer.wte.weight"][CONFIG.vocab_size:].abs().sum() == 0  # padded rows untouched
+
+
+def test_compiled_model_with_triton_kernels_has_no_graph_breaks():
+    """The kernels are registered custom ops: dynamo traces the whole model in one graph."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = GPT(CONFIG, kernels="triton")
+    idx = torch.randint(0, CONFIG.vocab_size, (2, 16))
+    explanation = torch._dynamo.explain(model)(idx, idx)
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    _, loss = compiled(idx, idx)
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    _, eager_loss = model(idx, idx)
+    eager_loss.backward()
+    assert_close(loss, eager_loss, atol=1e-6, rtol=1e-6, name="compiled loss")
+    for name, p in model.named_parameters():
+        assert_close(grads[name], p.grad, atol=1e-6, rtol=1e-5, name=f"compiled grad {name}")
+
+
+@pytest.mark.gpu
+def test_compiled_model_on_gpu_equals_eager():
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    config = GPTConfig.from_preset("gpt2", n_layer=2, pad_vocab_to=128)
+    model = GPT(config, kernels="triton").cuda()
+    idx = torch.randint(0, config.vocab_size, (4, 256), device="cuda")
+    explanation = torch._dynamo.explain(model)(idx, idx)
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        _, eager_loss = model(idx, idx)
+        _, compiled_loss = torch.compile(model)(idx, idx)
+    assert_close(compiled_loss, eager_loss, atol=1e-3, rtol=1e-3, name="compiled loss")
