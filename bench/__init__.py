@@ -1,0 +1,1 @@
+"""Benchmarks: every kernel against its baselines, and end-to-end training throughput."""

@@ -1,0 +1,50 @@
+"""python -m bench [attention layer_norm gelu_mlp cross_entropy e2e] [--dtype bf16] [--quick] [--out DIR]"""
+import argparse
+import importlib
+import sys
+
+import torch
+
+from bench.common import DTYPES, environment, format_table, has_cuda, out_dir_for, write_results
+
+BENCHES = ("attention", "layer_norm", "gelu_mlp", "cross_entropy", "e2e")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    p.add_argument("benches", nargs="*", metavar="bench",
+                   help=f"any of {', '.join(BENCHES)} (default: all)")
+    p.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
+    p.add_argument("--quick", action="store_true", help="tiny sizes; on CPU runs through the interpreter")
+    p.add_argument("--out", default=None, help="results folder (default bench/results/<device>)")
+    args = p.parse_args(argv)
+    benches = args.benches or list(BENCHES)
+    unknown = [b for b in benches if b not in BENCHES]
+    if unknown:
+        p.error(f"unknown bench {unknown}; choose from {BENCHES}")
+    if not has_cuda():
+        from kernels.utils import is_interpreter
+        if not is_interpreter():
+            sys.exit("python -m bench: no CUDA GPU here; run with TRITON_INTERPRET=1 and --quick "
+                     "to exercise the benchmarks on CPU (not performance)")
+        if not args.quick:
+            sys.exit("python -m bench: no CUDA GPU here; only --quick runs on CPU (not performance)")
+    dtype = DTYPES[args.dtype] if has_cuda() else torch.float32  # the interpreter mis-loads bf16
+    env = environment()
+    out_dir = out_dir_for(args.out)
+    print(f"# {env['device']} | torch {env['torch']} | triton {env['triton']} | CUDA {env['cuda']} | "
+          f"commit {env['git_commit']} | dtype {str(dtype).removeprefix('torch.')}"
+          + ("" if has_cuda() else "\n# CPU --quick: interpreter, tiny sizes; NOT performance"))
+    for name in benches:
+        module = importlib.import_module(f"bench.{name}")
+        rows = module.run(dtype, quick=args.quick)
+        print(f"\n## {name}\n{format_table(rows)}")
+        write_results(rows, out_dir, name, env)
+        if hasattr(module, "plots"):
+            module.plots(rows, out_dir, f"on {env['device']}")
+    print(f"\nresults in {out_dir}")
+    return out_dir
+
+
+if __name__ == "__main__":
+    main()

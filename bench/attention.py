@@ -1,0 +1,79 @@
+"""Flash attention vs every SDPA backend, the math reference, eager and torch.compile."""
+import functools
+
+import torch
+import torch.nn.functional as F
+
+from bench.common import attention_flops, has_cuda, measure, plot_scaling, run_modes
+from kernels import reference
+from kernels.attention import flash_attention
+
+MODES = ("fwd", "bwd", "fwd+bwd")
+
+
+def sdpa_backends():
+    """{provider: backend} for the SDPA backends this torch knows (the device may still refuse one)."""
+    from torch.nn.attention import SDPBackend
+    names = {"sdpa-flash": "FLASH_ATTENTION", "sdpa-cudnn": "CUDNN_ATTENTION",
+             "sdpa-efficient": "EFFICIENT_ATTENTION", "sdpa-math": "MATH"}
+    return {p: getattr(SDPBackend, n) for p, n in names.items() if hasattr(SDPBackend, n)}
+
+
+def sdpa_with(backend, q, k, v, causal):
+    from torch.nn.attention import sdpa_kernel
+    with sdpa_kernel(backend):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+
+
+def providers(quick):
+    eager = functools.partial(reference.flash_attention, upcast=False)
+    out = {"triton": flash_attention, "eager": eager}
+    out.update({name: functools.partial(sdpa_with, backend) for name, backend in sdpa_backends().items()})
+    if has_cuda():
+        out["compile"] = torch.compile(eager)
+    elif quick:  # CPU: only the math backend runs here
+        out = {k: v for k, v in out.items() if k in ("triton", "eager", "sdpa-math")}
+    return out
+
+
+def shapes(quick):
+    if quick:
+        return [(1, 2, 64, 16), (1, 2, 32, 16)]
+    # GPT-2 training shape first, then T = 512 ... 8192 at the same B*T tokens
+    return [(16, 12, 1024, 64)] + [(16384 // T, 12, T, 64) for T in (512, 2048, 4096, 8192)]
+
+
+def run(dtype, quick=False):
+    rows = []
+    dtype_name = str(dtype).removeprefix("torch.")
+    device = "cuda" if has_cuda() else "cpu"
+    for B, H, T, D in shapes(quick):
+        shape = {"B": B, "H": H, "T": T, "D": D, "causal": True}
+        case = f"attention B{B}-H{H}-T{T}-D{D} causal"
+        gen = torch.Generator(device=device).manual_seed(0)
+        q, k, v = (torch.randn(B, H, T, D, device=device, dtype=dtype, generator=gen).requires_grad_()
+                   for _ in range(3))
+        for name, fn in providers(quick).items():
+            try:
+                fns = run_modes(lambda fn=fn: fn(q, k, v, causal=True), [q, k, v], MODES)
+            except Exception as e:  # an SDPA backend this device / dtype does not support
+                if name == "triton":
+                    raise
+                fns = {m: functools.partial(_raise, e) for m in MODES}
+            for mode, call in fns.items():
+                rows.append(measure("attention", case, name, mode, call, shape, dtype_name,
+                                    flops=attention_flops(B, H, T, D, True, mode), grad_to_none=[q, k, v],
+                                    quick=quick))
+            if has_cuda():
+                torch.cuda.empty_cache()
+    return rows
+
+
+def _raise(e):
+    raise e
+
+
+def plots(rows, out_dir, title):
+    plot_scaling(rows, out_dir / "attention_scaling.png", "T", f"attention scaling (B*T = 16384) {title}")
+    plot_scaling(rows, out_dir / "attention_memory.png", "T", f"attention peak memory {title}",
+                 y="peak_mb", ylabel="peak MB")

@@ -1,0 +1,99 @@
+"""End-to-end GPT-2 124M training step: tokens/s, MFU and peak memory for four stacks.
+
+1. PyTorch eager + SDPA   2. torch.compile + SDPA (build-nanogpt's recipe)
+3. our Triton kernels, eager   4. our Triton kernels inside torch.compile
+Each step: forward + backward (bf16 autocast on CUDA) + fused AdamW, T = 1024.
+"""
+import time
+
+import torch
+
+from bench.common import Row, has_cuda, summarize
+from gpt2 import GPT, GPTConfig
+from gpt2.train_utils import device_peak_flops, mfu
+
+STACKS = {  # provider -> (kernels, compile)
+    "eager-sdpa": ("torch", False),
+    "compile-sdpa": ("torch", True),
+    "triton": ("triton", False),
+    "triton-compile": ("triton", True),
+}
+
+
+def setup(quick):
+    if quick:  # CPU: a tiny model through the interpreter, just to keep the code working
+        return GPTConfig.from_preset("tiny", vocab_size=512, pad_vocab_to=64), [2], 32, 1, 2
+    return GPTConfig.from_preset("gpt2", pad_vocab_to=128), [16, 32, 64], 1024, 3, 10
+
+
+def train_step_fn(model, optimizer, x, y, device_type):
+    def step():
+        with torch.autocast(device_type=device_type, dtype=torch.bfloat16, enabled=device_type == "cuda"):
+            _, loss = model(x, y)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return step
+
+
+def time_steps(step, warmup, reps):
+    """Per-step wall time in ms (synchronised), after warm-up steps (where compilation happens)."""
+    for _ in range(warmup):
+        step()
+    times = []
+    for _ in range(reps):
+        if has_cuda():
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        step()
+        if has_cuda():
+            torch.cuda.synchronize()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return summarize(times)
+
+
+def run(dtype=torch.bfloat16, quick=False):
+    config, batch_sizes, T, warmup, reps = setup(quick)
+    device = "cuda" if has_cuda() else "cpu"
+    peak = device_peak_flops(device)
+    rows = []
+    for B in batch_sizes:
+        case = f"gpt2-124m train step B{B}-T{T}" if not quick else f"tiny train step B{B}-T{T}"
+        shape = {"B": B, "T": T, "n_layer": config.n_layer, "n_embd": config.n_embd}
+        for provider, (kernels, compile_model) in STACKS.items():
+            if compile_model and not has_cuda():
+                rows.append(Row("e2e", case, provider, "step", shape, "bf16-autocast", None,
+                                error="torch.compile stacks run on CUDA only (skipped on CPU --quick)"))
+                continue
+            rows.append(_measure_stack(config, kernels, compile_model, B, T, device, peak, warmup, reps,
+                                       case, provider, shape))
+    return rows
+
+
+def _measure_stack(config, kernels, compile_model, B, T, device, peak, warmup, reps, case, provider, shape):
+    model = optimizer = None
+    try:
+        torch.manual_seed(0)
+        model = GPT(config, kernels=kernels).to(device)
+        optimizer = model.configure_optimizer(0.1, 6e-4)
+        runner = torch.compile(model) if compile_model else model
+        x = torch.randint(0, config.vocab_size, (B, T), device=device)
+        y = torch.randint(0, config.vocab_size, (B, T), device=device)
+        step = train_step_fn(runner, optimizer, x, y, torch.device(device).type)
+        if has_cuda():
+            torch.cuda.reset_peak_memory_stats()
+        med, p20, p80 = time_steps(step, warmup, reps)
+        tokens_per_s = B * T / (med * 1e-3)
+        util = mfu(model.flops_per_token(T), tokens_per_s, peak)
+        return Row("e2e", case, provider, "step", shape, "bf16-autocast", med, p20, p80,
+                   tflops=model.flops_per_token(T) * tokens_per_s / 1e12,
+                   peak_mb=torch.cuda.max_memory_allocated() / 2**20 if has_cuda() else None,
+                   extra={"tokens_per_s": round(tokens_per_s), "mfu": None if util is None else round(util, 4),
+                          "kernels": kernels, "compile": compile_model})
+    except Exception as e:  # e.g. out of memory at a large micro-batch
+        return Row("e2e", case, provider, "step", shape, "bf16-autocast", None, error=f"{type(e).__name__}: {e}"[:300])
+    finally:
+        del model, optimizer
+        if has_cuda():
+            torch.cuda.empty_cache()

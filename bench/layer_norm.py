@@ -1,0 +1,58 @@
+"""Fused LayerNorm vs eager F.layer_norm and torch.compile; GB/s against the device's bandwidth."""
+import torch
+import torch.nn.functional as F
+
+from bench.common import has_cuda, measure, run_modes
+from kernels.layer_norm import layer_norm
+
+MODES = ("fwd", "bwd", "fwd+bwd")
+# HBM bandwidth, bytes/s, matched on the device name (override: none needed, the ratio is a guide)
+BANDWIDTH = {"H200": 4.8e12, "H100 PCIe": 2.0e12, "H100": 3.35e12, "A100": 2.0e12, "L4": 0.3e12,
+             "A10G": 0.6e12, "4090": 1.0e12}
+
+
+def device_bandwidth():
+    if not has_cuda():
+        return None
+    name = torch.cuda.get_device_name()
+    return next((bw for key, bw in BANDWIDTH.items() if key in name), None)
+
+
+def eager(x, w, b):
+    return F.layer_norm(x, (x.shape[-1],), w, b, 1e-5)
+
+
+def providers():
+    out = {"triton": lambda x, w, b: layer_norm(x, w, b, 1e-5), "eager": eager}
+    if has_cuda():
+        out["compile"] = torch.compile(eager)
+    return out
+
+
+def shapes(quick):
+    if quick:
+        return [(64, 96), (33, 768)]
+    return [(16384, 768), (16384, 1024), (16384, 1600), (16384, 4096), (4096, 8192)]
+
+
+def run(dtype, quick=False):
+    rows = []
+    dtype_name = str(dtype).removeprefix("torch.")
+    device = "cuda" if has_cuda() else "cpu"
+    bandwidth = device_bandwidth()
+    for M, N in shapes(quick):
+        gen = torch.Generator(device=device).manual_seed(0)
+        x = torch.randn(M, N, device=device, dtype=dtype, generator=gen).requires_grad_()
+        w = (1 + 0.1 * torch.randn(N, device=device, generator=gen)).to(dtype).requires_grad_()
+        b = (0.1 * torch.randn(N, device=device, generator=gen)).to(dtype).requires_grad_()
+        case = f"layer_norm M{M}-N{N}"
+        elem = x.element_size()
+        nbytes = {"fwd": 2 * M * N * elem, "bwd": 3 * M * N * elem, "fwd+bwd": 5 * M * N * elem}
+        for name, fn in providers().items():
+            for mode, call in run_modes(lambda fn=fn: fn(x, w, b), [x, w, b], MODES).items():
+                row = measure("layer_norm", case, name, mode, call, {"M": M, "N": N}, dtype_name,
+                              nbytes=nbytes[mode], grad_to_none=[x, w, b], quick=quick)
+                if bandwidth and row.gbps:
+                    row.extra["pct_of_bandwidth"] = round(100 * row.gbps * 1e9 / bandwidth, 1)
+                rows.append(row)
+    return rows
