@@ -23,13 +23,13 @@ import multiprocessing as mp
 import os
 import sys
 import sysconfig
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from gpt2.atomic import atomic_write
 from gpt2.tokenizer import EOT_ID, get_encoding
 
 MAGIC = 20240520
@@ -63,17 +63,9 @@ def write_shard(path, tokens) -> None:
                          f"[{tokens.min()}, {tokens.max()}]")
     header = np.zeros(HEADER_INTS, dtype="<i4")
     header[:3] = (MAGIC, VERSION, tokens.size)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(header.tobytes())
-            f.write(tokens.astype("<u2", copy=False).tobytes())
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_write(path, "wb") as f:
+        f.write(header.tobytes())
+        f.write(tokens.astype("<u2", copy=False).tobytes())
 
 
 def read_shard(path) -> np.ndarray:
@@ -318,17 +310,9 @@ def prepare_documents(docs, out_dir, source: str = "custom", shard_tokens: int =
 
 
 def write_json_atomic(path: Path, obj) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_write(path, "w") as f:
+        json.dump(obj, f, indent=2)
+        f.write("\n")
 
 
 def default_data_dir(source: str) -> Path:
