@@ -9,6 +9,7 @@ Every TrainConfig field is a flag (`--micro-batch 8`, `--no-compile`, ...); a pr
 override of the defaults, and flags override the preset.
 """
 import argparse
+import gc
 import json
 import math
 import os
@@ -538,8 +539,13 @@ def train(cfg: TrainConfig) -> list[dict]:
         prepare_data(cfg, ctx)
         trainer = Trainer(cfg, ctx)
         with _StopOnSigint(trainer):
-            return trainer.run()
+            history = trainer.run()
+        if ctx.is_ddp:
+            dist.barrier()  # every rank is done before any tears down
+        return history
     finally:
+        trainer = None  # free DDP's reducer before its process group: gloo aborts at exit otherwise
+        gc.collect()
         if dist.is_initialized():
             dist.destroy_process_group()
 
