@@ -372,7 +372,8 @@ class DataLoader:
     """(x, y) batches of consecutive tokens from one split of a prepared folder.
 
     The split is read as one stream: its shards concatenated in the epoch's order (train: a
-    permutation seeded by (seed, epoch); val: file order). Each step consumes world_size*B*T tokens;
+    permutation seeded by (seed, epoch), and within each shard its documents in an order seeded by
+    (seed, epoch, shard); val: as written). Each step consumes world_size*B*T tokens;
     rank r takes the r-th window of B*T+1 tokens of the step, so ranks are disjoint. When fewer than
     world_size*B*T+1 tokens are left the epoch ends (the tail is skipped) and the next one begins.
     """
@@ -394,6 +395,7 @@ class DataLoader:
             raise ValueError(f"DataLoader: {split} split of {data_dir} has {self.sizes.sum()} tokens, fewer than "
                              f"one step needs (world_size*B*T+1 = {self.step_tokens + 1})")
         self._shards = {}  # shard index -> validated memmap
+        self._shuffled = {}  # (epoch, shard index) -> that shard's documents in this epoch's order
         self.reset()
 
     def shard_order(self, epoch: int) -> np.ndarray:
@@ -421,13 +423,33 @@ class DataLoader:
             self._shards[index] = tokens
         return self._shards[index]
 
+    def shard_tokens(self, index: int, epoch: int) -> np.ndarray:
+        """Shard `index` as epoch `epoch` reads it. Train: its documents (each starts at an
+        <|endoftext|>; a shard may begin mid-document) in an order seeded by (seed, epoch, index), so
+        no two epochs see the same sequence (PITFALLS: unshuffled data gives a periodic loss).
+        Val: as written."""
+        tokens = self._shard(index)
+        if self.split != "train":
+            return tokens
+        key = (epoch, index)
+        if key not in self._shuffled:
+            if len(self._shuffled) >= 4:  # a step spans few shards: keep only the recent ones
+                self._shuffled.pop(next(iter(self._shuffled)))
+            starts = np.flatnonzero(tokens == EOT_ID)
+            if len(starts) == 0 or starts[0] != 0:
+                starts = np.concatenate([[0], starts])
+            ends = np.append(starts[1:], len(tokens))
+            order = np.random.default_rng([self.seed, epoch, index]).permutation(len(starts))
+            self._shuffled[key] = np.concatenate([tokens[starts[i]:ends[i]] for i in order])
+        return self._shuffled[key]
+
     def _read(self, start: int, stop: int) -> np.ndarray:
         """Tokens [start, stop) of this epoch's stream, as int64 (crossing shards as needed)."""
         parts = []
         k = int(np.searchsorted(self.starts, start, side="right")) - 1
         while start < stop:
             lo, hi = start - self.starts[k], min(stop, self.starts[k + 1]) - self.starts[k]
-            parts.append(self._shard(self.order[k])[lo:hi])
+            parts.append(self.shard_tokens(self.order[k], self.epoch)[lo:hi])
             start += hi - lo
             k += 1
         return np.concatenate(parts).astype(np.int64)

@@ -294,8 +294,29 @@ def loader_dir(tmp_path_factory):
 
 
 def epoch_stream(loader, epoch):
-    shards = [read_shard(loader.files[k]) for k in loader.shard_order(epoch)]
+    shards = [loader.shard_tokens(k, epoch) for k in loader.shard_order(epoch)]
     return torch.from_numpy(np.concatenate(shards).astype(np.int64))
+
+
+def documents(tokens):
+    """The shard's pieces, each starting at an EOT (the first may be the tail of a document)."""
+    starts = [0] + [i for i, t in enumerate(tokens.tolist()) if t == EOT_ID and i > 0]
+    return [tuple(tokens[a:b].tolist()) for a, b in zip(starts, starts[1:] + [len(tokens)])]
+
+
+def test_train_documents_reshuffle_per_epoch_within_each_shard(tmp_path):
+    docs = [f"doc {i} " + "word " * (i % 5) for i in range(40)]
+    out = prepare_documents(docs, tmp_path, shard_tokens=10_000, val_every=8, workers=1, verbose=False)
+    loader = DataLoader(out, "train", 2, 8, seed=3)
+    written = read_shard(loader.files[0])
+    epochs = [loader.shard_tokens(0, e) for e in range(3)]
+    assert all(sorted(documents(e)) == sorted(documents(written)) for e in epochs)  # same documents
+    assert len({tuple(e.tolist()) for e in epochs} | {tuple(written.tolist())}) == 4  # each epoch its own order
+    again = DataLoader(out, "train", 2, 8, seed=3)
+    assert np.array_equal(again.shard_tokens(0, 1), epochs[1])  # deterministic in (seed, epoch, shard)
+    assert not np.array_equal(DataLoader(out, "train", 2, 8, seed=4).shard_tokens(0, 1), epochs[1])
+    val = DataLoader(out, "val", 2, 8)
+    assert np.array_equal(val.shard_tokens(0, 2), read_shard(val.files[0]))  # val as written
 
 
 def test_loader_batches_are_the_concatenated_stream(loader_dir):
