@@ -4,7 +4,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from bench.common import attention_flops, has_cuda, measure, plot_scaling, run_modes
+from bench.common import attention_flops, has_cuda, kernel_providers, measure, plot_scaling, run_modes
 from kernels import reference
 from kernels.attention import flash_attention
 
@@ -26,12 +26,9 @@ def sdpa_with(backend, q, k, v, causal):
 
 
 def providers(quick):
-    eager = functools.partial(reference.flash_attention, upcast=False)
-    out = {"triton": flash_attention, "eager": eager}
+    out = kernel_providers(flash_attention, functools.partial(reference.flash_attention, upcast=False))
     out.update({name: functools.partial(sdpa_with, backend) for name, backend in sdpa_backends().items()})
-    if has_cuda():
-        out["compile"] = torch.compile(eager)
-    elif quick:  # CPU: only the math backend runs here
+    if not has_cuda():  # CPU (--quick): only the math backend runs here
         out = {k: v for k, v in out.items() if k in ("triton", "eager", "sdpa-math")}
     return out
 

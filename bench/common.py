@@ -6,7 +6,6 @@ those rows are labelled `cpu` and are not kernel performance.
 """
 import datetime
 import json
-import os
 import platform
 import statistics
 import subprocess
@@ -127,6 +126,14 @@ def run_modes(forward, inputs, modes):
         if "fwd+bwd" in modes:
             fns["fwd+bwd"] = lambda: forward().backward(grad_out)
     return fns
+
+
+def kernel_providers(ours, eager):
+    """Ours, the eager PyTorch code and (on CUDA) torch.compile of that same eager code."""
+    out = {"triton": ours, "eager": eager}
+    if has_cuda():
+        out["compile"] = torch.compile(eager)
+    return out
 
 
 # --- formulas ------------------------------------------------------------------------------------

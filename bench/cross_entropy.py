@@ -2,7 +2,7 @@
 import torch
 import torch.nn.functional as F
 
-from bench.common import has_cuda, matmul_flops, measure, plot_scaling, run_modes
+from bench.common import has_cuda, kernel_providers, matmul_flops, measure, plot_scaling, run_modes
 from kernels.cross_entropy import cross_entropy, linear_cross_entropy
 
 MODES = ("fwd", "bwd", "fwd+bwd")
@@ -14,13 +14,6 @@ def eager_ce(logits, targets):
 
 def eager_linear_ce(x, weight, targets):
     return F.cross_entropy(F.linear(x, weight).float(), targets)
-
-
-def _providers(ours, eager):
-    out = {"triton": ours, "eager": eager}
-    if has_cuda():
-        out["compile"] = torch.compile(eager)
-    return out
 
 
 def shapes(quick):
@@ -41,18 +34,17 @@ def run(dtype, quick=False):
         case = f"cross_entropy M{M}-V{V}"
         nbytes = {"fwd": M * V * logits.element_size(), "bwd": 2 * M * V * logits.element_size()}
         nbytes["fwd+bwd"] = nbytes["fwd"] + nbytes["bwd"]
-        for name, fn in _providers(cross_entropy, eager_ce).items():
+        for name, fn in kernel_providers(cross_entropy, eager_ce).items():
             for mode, call in run_modes(lambda fn=fn: fn(logits, targets), [logits], MODES).items():
                 rows.append(measure("cross_entropy", case, name, mode, call, {"M": M, "V": V}, dtype_name,
                                     nbytes=nbytes[mode], grad_to_none=[logits], quick=quick))
-        del logits
     for M, C, V in shapes(quick)["linear_ce"]:
         x = torch.randn(M, C, device=device, dtype=dtype, generator=gen).requires_grad_()
         weight = (0.02 * torch.randn(V, C, device=device, generator=gen)).to(dtype).requires_grad_()
         targets = torch.randint(0, V, (M,), device=device, generator=gen)
         case = f"linear_cross_entropy M{M}-C{C}-V{V}"
         flops = {"fwd": matmul_flops(M, V, C), "bwd": 2 * matmul_flops(M, V, C), "fwd+bwd": 3 * matmul_flops(M, V, C)}
-        for name, fn in _providers(linear_cross_entropy, eager_linear_ce).items():
+        for name, fn in kernel_providers(linear_cross_entropy, eager_linear_ce).items():
             for mode, call in run_modes(lambda fn=fn: fn(x, weight, targets), [x, weight], MODES).items():
                 rows.append(measure("cross_entropy", case, name, mode, call, {"M": M, "C": C, "V": V},
                                     dtype_name, flops=flops[mode], grad_to_none=[x, weight], quick=quick))

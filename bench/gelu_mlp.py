@@ -2,7 +2,7 @@
 import torch
 import torch.nn.functional as F
 
-from bench.common import has_cuda, matmul_flops, measure, run_modes
+from bench.common import has_cuda, kernel_providers, matmul_flops, measure, run_modes
 from kernels import reference
 from kernels.mlp import fused_matmul, gelu_mlp, linear_gelu
 
@@ -15,13 +15,6 @@ def eager_mlp(x, fc_w, fc_b, proj_w, proj_b):
 
 def eager_linear_gelu(x, w, b):
     return F.gelu(torch.addmm(b, x, w.t()), approximate="tanh")
-
-
-def _providers(ours, eager):
-    out = {"triton": ours, "eager": eager}
-    if has_cuda():
-        out["compile"] = torch.compile(eager)
-    return out
 
 
 def shapes(quick):
@@ -44,13 +37,13 @@ def run(dtype, quick=False):
         mlp_flops = 2 * matmul_flops(M, Hd, C)
         flops = {"fwd": mlp_flops, "bwd": 2 * mlp_flops, "fwd+bwd": 3 * mlp_flops}
         params = [x, fc_w, fc_b, proj_w, proj_b]
-        for name, fn in _providers(gelu_mlp, eager_mlp).items():
+        for name, fn in kernel_providers(gelu_mlp, eager_mlp).items():
             for mode, call in run_modes(lambda fn=fn: fn(*params), params, MODES).items():
                 rows.append(measure("gelu_mlp", f"gelu_mlp M{M}-C{C}-H{Hd}", name, mode, call, shape,
                                     dtype_name, flops=flops[mode], grad_to_none=params, quick=quick))
         lg_flops = {"fwd": matmul_flops(M, Hd, C), "bwd": 2 * matmul_flops(M, Hd, C),
                     "fwd+bwd": 3 * matmul_flops(M, Hd, C)}
-        for name, fn in _providers(linear_gelu, eager_linear_gelu).items():
+        for name, fn in kernel_providers(linear_gelu, eager_linear_gelu).items():
             for mode, call in run_modes(lambda fn=fn: fn(x, fc_w, fc_b), [x, fc_w, fc_b], MODES).items():
                 rows.append(measure("gelu_mlp", f"linear_gelu M{M}-C{C}-H{Hd}", name, mode, call, shape,
                                     dtype_name, flops=lg_flops[mode], grad_to_none=[x, fc_w, fc_b], quick=quick))

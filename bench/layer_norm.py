@@ -2,7 +2,7 @@
 import torch
 import torch.nn.functional as F
 
-from bench.common import has_cuda, measure, run_modes
+from bench.common import has_cuda, kernel_providers, measure, run_modes
 from kernels.layer_norm import layer_norm
 
 MODES = ("fwd", "bwd", "fwd+bwd")
@@ -20,13 +20,6 @@ def device_bandwidth():
 
 def eager(x, w, b):
     return F.layer_norm(x, (x.shape[-1],), w, b, 1e-5)
-
-
-def providers():
-    out = {"triton": lambda x, w, b: layer_norm(x, w, b, 1e-5), "eager": eager}
-    if has_cuda():
-        out["compile"] = torch.compile(eager)
-    return out
 
 
 def shapes(quick):
@@ -48,7 +41,7 @@ def run(dtype, quick=False):
         case = f"layer_norm M{M}-N{N}"
         elem = x.element_size()
         nbytes = {"fwd": 2 * M * N * elem, "bwd": 3 * M * N * elem, "fwd+bwd": 5 * M * N * elem}
-        for name, fn in providers().items():
+        for name, fn in kernel_providers(lambda x, w, b: layer_norm(x, w, b, 1e-5), eager).items():
             for mode, call in run_modes(lambda fn=fn: fn(x, w, b), [x, w, b], MODES).items():
                 row = measure("layer_norm", case, name, mode, call, {"M": M, "N": N}, dtype_name,
                               nbytes=nbytes[mode], grad_to_none=[x, w, b], quick=quick)

@@ -4,7 +4,6 @@ Pre-LN blocks, learned position embeddings, one batched QKV projection, tanh-GEL
 LayerNorm, lm_head tied to wte. Each hot op comes from `gpt2.ops` (torch or Triton), chosen once
 here at construction; the parameters and the state_dict are the same whichever runs.
 """
-import math
 
 import torch
 import torch.nn as nn

@@ -14,6 +14,18 @@ from kernels.utils import check_device, check_float, is_interpreter
 
 
 @triton.jit
+def _store_grad_row(logits_row_ptr, grad_row_ptr, target, lse, scale, vocab, BLOCK_V: tl.constexpr):
+    """grad row = (softmax - one_hot(target)) * scale, over V-blocks; scale is 0 for ignored rows."""
+    cols = tl.arange(0, BLOCK_V)
+    for start in range(0, vocab, BLOCK_V):
+        offs = start + cols
+        mask = offs < vocab
+        x = tl.load(logits_row_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        grad = tl.exp(x - lse) - tl.where(offs == target, 1.0, 0.0)
+        tl.store(grad_row_ptr + offs, (grad * scale).to(grad_row_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _cross_entropy_fwd_kernel(
     logits_ptr,  # (M, V)
     targets_ptr,  # (M,) int64
@@ -50,16 +62,8 @@ def _cross_entropy_fwd_kernel(
     tl.store(lse_ptr + row, lse)
 
     if COMPUTE_GRAD:
-        # d(row loss)/d(logits) = softmax - one_hot(target); ignored rows get 0.
-        scale = tl.load(grad_scale_ptr).to(tl.float32)
-        scale = tl.where(is_valid, scale, 0.0)
-        grad_row_ptr = grad_ptr + row * stride_gm
-        for start in range(0, vocab, BLOCK_V):
-            offs = start + cols
-            mask = offs < vocab
-            x = tl.load(logits_row_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-            grad = tl.exp(x - lse) - tl.where(offs == target, 1.0, 0.0)
-            tl.store(grad_row_ptr + offs, (grad * scale).to(grad_ptr.dtype.element_ty), mask=mask)
+        scale = tl.where(is_valid, tl.load(grad_scale_ptr).to(tl.float32), 0.0)
+        _store_grad_row(logits_row_ptr, grad_ptr + row * stride_gm, target, lse, scale, vocab, BLOCK_V)
 
 
 @triton.jit
@@ -74,19 +78,10 @@ def _cross_entropy_bwd_kernel(
     BLOCK_V: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
-    logits_row_ptr = logits_ptr + row * stride_lm
-    grad_row_ptr = grad_ptr + row * stride_gm
-    cols = tl.arange(0, BLOCK_V)
     target = tl.load(targets_ptr + row)
-    lse = tl.load(lse_ptr + row)
-    scale = tl.load(grad_scale_ptr).to(tl.float32)
-    scale = tl.where(target != ignore_index, scale, 0.0)
-    for start in range(0, vocab, BLOCK_V):
-        offs = start + cols
-        mask = offs < vocab
-        x = tl.load(logits_row_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        grad = tl.exp(x - lse) - tl.where(offs == target, 1.0, 0.0)
-        tl.store(grad_row_ptr + offs, (grad * scale).to(grad_ptr.dtype.element_ty), mask=mask)
+    scale = tl.where(target != ignore_index, tl.load(grad_scale_ptr).to(tl.float32), 0.0)
+    _store_grad_row(logits_ptr + row * stride_lm, grad_ptr + row * stride_gm, target,
+                    tl.load(lse_ptr + row), scale, vocab, BLOCK_V)
 
 
 def _config(vocab: int):
