@@ -4,7 +4,8 @@ q, k, v are (B, H, T, D) tensors with any strides (the model passes strided view
 projection); the (T, T) score matrix is never built. The forward keeps a running max and sum
 (online softmax, fp32, exp2 with log2(e) folded into the scale) and saves the fp32 logsumexp per
 row; the backward recomputes the probabilities from it. No atomics: dK/dV run one program per key
-tile, dQ one program per query tile.
+tile, dQ one program per query tile. On the GPU the tiles of these three kernels are autotuned per
+(power-of-two bucket of T, D, causal, dtype); under the interpreter one small config runs.
 """
 import math
 from typing import Optional
@@ -58,18 +59,19 @@ def _attn_fwd_inner(acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_vt, offs
     return acc, m_i, l_i
 
 
-@triton.jit(do_not_specialize=["T"])
+@triton.jit(do_not_specialize=["T", "T_BUCKET"])
 def _flash_attention_fwd_kernel(
         q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr,
         stride_qb, stride_qh, stride_qt, stride_qd,
         stride_kb, stride_kh, stride_kt, stride_kd,
         stride_vb, stride_vh, stride_vt, stride_vd,
         stride_ob, stride_oh, stride_ot, stride_od,
-        H, T, qk_scale,
+        H, T, T_BUCKET, qk_scale,
         HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         CAUSAL: tl.constexpr, INPUT_PRECISION: tl.constexpr):
     """q, k, v, o: (B, H, T, HEAD_DIM) with any strides; lse: (B, H, T) fp32 contiguous, natural log.
-    Grid: (cdiv(T, BLOCK_M), B * H). qk_scale = scale * log2(e). Needs BLOCK_M % BLOCK_N == 0."""
+    Grid: (cdiv(T, BLOCK_M), B * H). qk_scale = scale * log2(e). Needs BLOCK_M % BLOCK_N == 0.
+    T_BUCKET (next power of two of T) is unused here: it is the autotuner's key."""
     start_m = tl.program_id(0) * BLOCK_M
     off_bh = tl.program_id(1)
     off_b = (off_bh // H).to(tl.int64)
@@ -177,7 +179,7 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base,
     return dk, dv
 
 
-@triton.jit(do_not_specialize=["T"])
+@triton.jit(do_not_specialize=["T", "T_BUCKET"])
 def _flash_attention_bwd_dkdv_kernel(
         q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr,
         stride_qb, stride_qh, stride_qt, stride_qd,
@@ -186,11 +188,11 @@ def _flash_attention_bwd_dkdv_kernel(
         stride_dob, stride_doh, stride_dot, stride_dod,
         stride_dkb, stride_dkh, stride_dkt, stride_dkd,
         stride_dvb, stride_dvh, stride_dvt, stride_dvd,
-        H, T, scale, qk_scale,
+        H, T, T_BUCKET, scale, qk_scale,
         HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         CAUSAL: tl.constexpr, INPUT_PRECISION: tl.constexpr):
     """One program per key tile: dk, dv (B, H, T, D). lse, delta: (B, H, T) fp32 contiguous.
-    Grid: (cdiv(T, BLOCK_N), B * H). Needs BLOCK_N % BLOCK_M == 0."""
+    Grid: (cdiv(T, BLOCK_N), B * H). Needs BLOCK_N % BLOCK_M == 0. T_BUCKET: the autotuner's key."""
     start_n = tl.program_id(0) * BLOCK_N
     off_bh = tl.program_id(1)
     off_b = (off_bh // H).to(tl.int64)
@@ -273,7 +275,7 @@ def _attn_bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_
     return dq
 
 
-@triton.jit(do_not_specialize=["T"])
+@triton.jit(do_not_specialize=["T", "T_BUCKET"])
 def _flash_attention_bwd_dq_kernel(
         q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr,
         stride_qb, stride_qh, stride_qt, stride_qd,
@@ -281,11 +283,11 @@ def _flash_attention_bwd_dq_kernel(
         stride_vb, stride_vh, stride_vt, stride_vd,
         stride_dob, stride_doh, stride_dot, stride_dod,
         stride_dqb, stride_dqh, stride_dqt, stride_dqd,
-        H, T, scale, qk_scale,
+        H, T, T_BUCKET, scale, qk_scale,
         HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         CAUSAL: tl.constexpr, INPUT_PRECISION: tl.constexpr):
     """One program per query tile: dq (B, H, T, D). Grid: (cdiv(T, BLOCK_M), B * H).
-    Needs BLOCK_M % BLOCK_N == 0."""
+    Needs BLOCK_M % BLOCK_N == 0. T_BUCKET: the autotuner's key."""
     start_m = tl.program_id(0) * BLOCK_M
     off_bh = tl.program_id(1)
     off_b = (off_bh // H).to(tl.int64)
@@ -332,7 +334,7 @@ def _flash_attention_bwd_dq_kernel(
 
 
 # ----------------------------------------------------------------------------------------------
-# Configs (no hardware probing: decided from the problem only)
+# Configs and autotuners (no hardware probing: TRITON_INTERPRET and the problem decide)
 # ----------------------------------------------------------------------------------------------
 def _input_precision(dtype: torch.dtype) -> str:
     # fp32 inputs: exact fp32 products on the GPU (tf32 would break fp32 tolerances).
@@ -340,38 +342,116 @@ def _input_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def _fwd_config(head_dim: int, dtype: torch.dtype) -> dict:
-    """Forward tiles. Constraint: BLOCK_M % BLOCK_N == 0. GPU values compiled with ptxas for sm_90
-    (tests/test_native_compile.py): spill-free on triton 3.9 except fp32 D=128; on triton 3.6 the
-    bf16 D=64 forward spills 4 bytes. Hand-picked, not yet timed or autotuned on a GPU."""
-    if is_interpreter():
-        return dict(BLOCK_M=32, BLOCK_N=16, num_warps=4, num_stages=1)
+# Candidate tiles per head dim and dtype, (BLOCK_M queries, BLOCK_N keys, num_warps, num_stages),
+# the hand-picked one first. Not timed here (the autotuner picks on the GPU); all compiled with
+# ptxas for sm_90 on triton 3.6 and 3.9 (tests/test_native_compile.py) and spill-free except:
+# fp16/bf16 D<=64 forward 128x64 and dK/dV 64x128 (3.6: 4 B), fp16/bf16 D=128 dK/dV 64x64 (3.6: 28 B),
+# fp32 D<=64 forward 64x64 (3.9: ~500 B), fp32 D=128 forward 32x32 (~600 B) and dQ 64x16, 32x16 w4
+# (3.9: 16-20 B). Candidates that spilled 0.6-1.8 KB on 3.6 were dropped (fp32 forward 128x32 and,
+# at D=128, 64x32, 32x32 w4, 32x16; fp32 dK/dV 32x64, 32x32 and, at D=128, 16x64, 16x32 w4).
+def _fwd_tiles(head_dim: int, dtype: torch.dtype) -> list:
+    """Forward. Constraint: BLOCK_M % BLOCK_N == 0."""
     if dtype == torch.float32:  # fp32 tiles take twice the shared memory and registers
         if head_dim <= 64:
-            return dict(BLOCK_M=64, BLOCK_N=32, num_warps=8, num_stages=2)
-        return dict(BLOCK_M=32, BLOCK_N=32, num_warps=8, num_stages=2)
+            return [(64, 32, 8, 2), (32, 32, 4, 2), (64, 64, 8, 2)]
+        return [(32, 32, 8, 2), (16, 16, 4, 2)]
     # fp16 / bf16: 128 x 64 is known-good on Hopper for D = 64; D = 128 needs 8 warps for its accumulator.
-    return dict(BLOCK_M=128, BLOCK_N=64, num_warps=4 if head_dim <= 64 else 8, num_stages=3)
+    if head_dim <= 64:
+        return [(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 32, 4, 3), (64, 32, 4, 4)]
+    return [(128, 64, 8, 3), (128, 32, 8, 3), (64, 64, 4, 3), (64, 32, 4, 3)]
 
 
-def _bwd_config(head_dim: int, dtype: torch.dtype) -> dict:
-    """Backward tiles. dK/dV: (BLOCK_M1 queries) x (BLOCK_N1 keys), BLOCK_N1 % BLOCK_M1 == 0;
-    dQ: (BLOCK_M2 queries) x (BLOCK_N2 keys), BLOCK_M2 % BLOCK_N2 == 0. GPU values are spill-free
-    with ptxas for sm_90 (4 warps spilled for the dK/dV accumulators)."""
-    if is_interpreter():
-        return dict(BLOCK_M1=16, BLOCK_N1=32, BLOCK_M2=32, BLOCK_N2=16, BLOCK_PRE=32,
-                    num_warps=4, num_stages=1)
+def _bwd_dkdv_tiles(head_dim: int, dtype: torch.dtype) -> list:
+    """dK/dV: BLOCK_M queries per step, BLOCK_N keys per program. Constraint: BLOCK_N % BLOCK_M == 0."""
     if dtype == torch.float32:
         if head_dim <= 64:
-            return dict(BLOCK_M1=16, BLOCK_N1=64, BLOCK_M2=64, BLOCK_N2=16, BLOCK_PRE=64,
-                        num_warps=8, num_stages=2)
-        return dict(BLOCK_M1=16, BLOCK_N1=32, BLOCK_M2=32, BLOCK_N2=16, BLOCK_PRE=64,
-                    num_warps=8, num_stages=2)
+            return [(16, 64, 8, 2), (16, 32, 4, 2)]
+        return [(16, 32, 8, 2), (16, 16, 4, 2)]
     if head_dim <= 64:
-        return dict(BLOCK_M1=32, BLOCK_N1=128, BLOCK_M2=128, BLOCK_N2=32, BLOCK_PRE=128,
-                    num_warps=8, num_stages=3)
-    return dict(BLOCK_M1=32, BLOCK_N1=64, BLOCK_M2=64, BLOCK_N2=32, BLOCK_PRE=64,
-                num_warps=8, num_stages=2)
+        return [(32, 128, 8, 3), (64, 128, 8, 2), (32, 64, 4, 3), (16, 64, 4, 3)]
+    return [(32, 64, 8, 2), (32, 128, 8, 2), (64, 64, 8, 2), (16, 64, 4, 2)]
+
+
+def _bwd_dq_tiles(head_dim: int, dtype: torch.dtype) -> list:
+    """dQ: BLOCK_M queries per program, BLOCK_N keys per step. Constraint: BLOCK_M % BLOCK_N == 0."""
+    if dtype == torch.float32:
+        if head_dim <= 64:
+            return [(64, 16, 8, 2), (32, 16, 4, 2), (64, 32, 8, 2), (32, 32, 4, 2)]
+        return [(32, 16, 8, 2), (32, 16, 4, 2), (64, 16, 8, 2)]
+    if head_dim <= 64:
+        return [(128, 32, 8, 3), (128, 64, 8, 2), (64, 32, 4, 3), (64, 64, 4, 2)]
+    return [(64, 32, 8, 2), (128, 32, 8, 2), (64, 64, 8, 2), (64, 16, 4, 2)]
+
+
+def _config(tile) -> triton.Config:
+    block_m, block_n, num_warps, num_stages = tile
+    return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=num_warps, num_stages=num_stages)
+
+
+def _tile(config: triton.Config) -> tuple:
+    return config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.num_warps, config.num_stages
+
+
+def _autotune_configs(tiles, interpreter_tile) -> list:
+    """Under the interpreter: one small config (CPU tests stay fast; the autotuner then runs it
+    without benchmarking). On GPU: every candidate of every head dim and dtype; early_config_prune
+    (_keep_candidates) narrows them to the launch's."""
+    if is_interpreter():
+        return [_config(interpreter_tile)]
+    candidates = dict.fromkeys(t for d in SUPPORTED_HEAD_DIMS for dt in (torch.float16, torch.float32)
+                               for t in tiles(d, dt))
+    return [_config(t) for t in candidates]
+
+
+def _flash_attention_fwd_configs() -> list:
+    return _autotune_configs(_fwd_tiles, (32, 16, 4, 1))
+
+
+def _flash_attention_bwd_dkdv_configs() -> list:
+    return _autotune_configs(_bwd_dkdv_tiles, (16, 32, 4, 1))
+
+
+def _flash_attention_bwd_dq_configs() -> list:
+    return _autotune_configs(_bwd_dq_tiles, (32, 16, 4, 1))
+
+
+def _keep_candidates(tiles):
+    """early_config_prune: keep the configs that `tiles` lists for the launch's HEAD_DIM and dtype."""
+    def prune(configs, named_args, **kwargs):
+        args = {**named_args, **kwargs}
+        by_tile = {_tile(c): c for c in configs}
+        return [by_tile[t] for t in tiles(args["HEAD_DIM"], args["q_ptr"].dtype)]
+    return prune
+
+
+def _t_bucket(T: int) -> int:
+    """The autotuner's view of T: generation with a growing T retunes once per power of two."""
+    return triton.next_power_of_2(T)
+
+
+def _bwd_preprocess_block(head_dim: int, dtype: torch.dtype) -> int:
+    """delta = rowsum(o * do) rows per program (fixed, not autotuned)."""
+    if is_interpreter():
+        return 32
+    return 128 if dtype != torch.float32 and head_dim <= 64 else 64
+
+
+# Triton's autotuner adds every tensor argument's dtype to the key. Benchmarking re-runs a kernel on
+# the same arguments: each one overwrites all of its outputs (plain stores, no accumulation into
+# global memory, no atomics), so nothing needs reset_to_zero / restore_value.
+_AUTOTUNE_KEY = ["T_BUCKET", "HEAD_DIM", "CAUSAL"]
+_flash_attention_fwd = triton.autotune(
+    configs=_flash_attention_fwd_configs(), key=_AUTOTUNE_KEY,
+    prune_configs_by={"early_config_prune": _keep_candidates(_fwd_tiles)},
+)(_flash_attention_fwd_kernel)
+_flash_attention_bwd_dkdv = triton.autotune(
+    configs=_flash_attention_bwd_dkdv_configs(), key=_AUTOTUNE_KEY,
+    prune_configs_by={"early_config_prune": _keep_candidates(_bwd_dkdv_tiles)},
+)(_flash_attention_bwd_dkdv_kernel)
+_flash_attention_bwd_dq = triton.autotune(
+    configs=_flash_attention_bwd_dq_configs(), key=_AUTOTUNE_KEY,
+    prune_configs_by={"early_config_prune": _keep_candidates(_bwd_dq_tiles)},
+)(_flash_attention_bwd_dq_kernel)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -429,15 +509,12 @@ def flash_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causa
     scale = _resolve_scale(op, scale, D)
     o = _empty_bhtd(B, H, T, D, q)
     lse = torch.empty((B, H, T), dtype=torch.float32, device=q.device)
-    cfg = _fwd_config(D, q.dtype)
-    grid = (triton.cdiv(T, cfg["BLOCK_M"]), B * H)
-    _flash_attention_fwd_kernel[grid](
+    grid = lambda meta: (triton.cdiv(T, meta["BLOCK_M"]), B * H)  # noqa: E731
+    _flash_attention_fwd[grid](
         q, k, v, o, lse,
         *q.stride(), *k.stride(), *v.stride(), *o.stride(),
-        H, T, scale * LOG2E,
-        HEAD_DIM=D, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], CAUSAL=causal,
-        INPUT_PRECISION=_input_precision(q.dtype),
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        H, T, _t_bucket(T), scale * LOG2E,
+        HEAD_DIM=D, CAUSAL=causal, INPUT_PRECISION=_input_precision(q.dtype))
     return o, lse
 
 
@@ -471,27 +548,27 @@ def flash_attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: t
     scale = _resolve_scale(op, scale, D)
     do = do.to(q.dtype)
     lse = lse.contiguous()
-    cfg = _bwd_config(D, q.dtype)
     precision = _input_precision(q.dtype)
 
     delta = torch.empty((B, H, T), dtype=torch.float32, device=q.device)  # rowsum(do * o)
-    _flash_attention_bwd_preprocess_kernel[(triton.cdiv(T, cfg["BLOCK_PRE"]), B * H)](
+    block_pre = _bwd_preprocess_block(D, q.dtype)
+    _flash_attention_bwd_preprocess_kernel[(triton.cdiv(T, block_pre), B * H)](
         o, do, delta, *o.stride(), *do.stride(), H, T,
-        HEAD_DIM=D, BLOCK_M=cfg["BLOCK_PRE"], num_warps=4)
+        HEAD_DIM=D, BLOCK_M=block_pre, num_warps=4)
 
     dq, dk, dv = (_empty_bhtd(B, H, T, D, q) for _ in range(3))
-    _flash_attention_bwd_dkdv_kernel[(triton.cdiv(T, cfg["BLOCK_N1"]), B * H)](
+    grid_dkdv = lambda meta: (triton.cdiv(T, meta["BLOCK_N"]), B * H)  # noqa: E731  one program per key tile
+    _flash_attention_bwd_dkdv[grid_dkdv](
         q, k, v, do, lse, delta, dk, dv,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
-        H, T, scale, scale * LOG2E,
-        HEAD_DIM=D, BLOCK_M=cfg["BLOCK_M1"], BLOCK_N=cfg["BLOCK_N1"], CAUSAL=causal,
-        INPUT_PRECISION=precision, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-    _flash_attention_bwd_dq_kernel[(triton.cdiv(T, cfg["BLOCK_M2"]), B * H)](
+        H, T, _t_bucket(T), scale, scale * LOG2E,
+        HEAD_DIM=D, CAUSAL=causal, INPUT_PRECISION=precision)
+    grid_dq = lambda meta: (triton.cdiv(T, meta["BLOCK_M"]), B * H)  # noqa: E731  one program per query tile
+    _flash_attention_bwd_dq[grid_dq](
         q, k, v, do, lse, delta, dq,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
-        H, T, scale, scale * LOG2E,
-        HEAD_DIM=D, BLOCK_M=cfg["BLOCK_M2"], BLOCK_N=cfg["BLOCK_N2"], CAUSAL=causal,
-        INPUT_PRECISION=precision, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        H, T, _t_bucket(T), scale, scale * LOG2E,
+        HEAD_DIM=D, CAUSAL=causal, INPUT_PRECISION=precision)
     return dq, dk, dv
 
 

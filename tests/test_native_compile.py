@@ -13,8 +13,10 @@ kernel replaced by a recorder. A recorded launch gives the kernel, its arguments
 strides, ints, None pointers, constexprs) and num_warps / num_stages; the signature, constexprs and
 divisibility attributes are then built the way `JITFunction.run` specializes a launch (16-aligned
 pointers and ints % 16 == 0 get tt.divisibility=16, ints == 1 become constexpr 1,
-do_not_specialize honoured). The autotuned matmul is compiled for the configs of
-`_matmul_configs()`. Config and launcher changes are followed without editing this file.
+do_not_specialize honoured). Autotuned kernels (the matmul, the three attention kernels) are
+compiled for the GPU configs of their module's `<kernel>_configs()` (e.g. `_matmul_configs()`),
+narrowed by the autotuner's early_config_prune for the launch when it has one. Config and launcher
+changes are followed without editing this file.
 
 The compiles run in a worker subprocess without TRITON_INTERPRET: with TRITON_INTERPRET=1 set
 before triton is imported (tests/conftest.py does, without a GPU) every @triton.jit function,
@@ -26,8 +28,9 @@ Register spills: CompiledKernel.n_spills is only set when the cubin is loaded on
 Triton uses. Asserted zero for the GPT-2 hot path where that holds now (see CRITICAL below).
 
 Works with triton 3.6 (the GPU machine) and 3.9. The default run compiles one autotune config per
-matmul use and dtype (rotating through the list); other sizes, head dims, the non-causal masks and
-the full bf16 autotune sweep are marked slow.
+matmul use and dtype (rotating through the list) and every attention candidate for bf16 at D=64
+causal; other sizes, head dims, the non-causal masks and the full bf16 matmul autotune sweep are
+marked slow.
     python -m pytest tests/test_native_compile.py -q -m "not slow"   # default subset
     python -m pytest tests/test_native_compile.py -q                 # everything
     python tests/test_native_compile.py                              # table: regs / spills / smem
@@ -81,15 +84,19 @@ _TORCH_TO_TRITON = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16
                     torch.int64: "i64", torch.int32: "i32", torch.bool: "i1"}
 COMPILE_TIMEOUT_S = 600
 
-# Critical cases (GPT-2 hot path, bf16: LayerNorm N=768, attention D=64 causal, matmul without
-# epilogue, every config) must not spill. Exceptions, with the most spill-store bytes allowed, for
-# the ones that spill a little now. Measured (ptxas -v, sm_90a):
-#   attn_fwd-bf16-D64-causal               triton 3.6: 4 B (255 regs)   triton 3.9: 0 (237 regs)
-#   matmul-bf16-none-bias-NT-32x64x32-w2s5 triton 3.6: 8 B (80 regs)    triton 3.9: 0 (87 regs)
+# Critical cases (GPT-2 hot path, bf16: LayerNorm N=768, attention D=64 causal and matmul without
+# epilogue, every autotune config) must not spill. Exceptions, with the most spill-store bytes
+# allowed, for the ones that spill a little now. Measured (ptxas -v, sm_90a):
+#   attn_fwd-bf16-D64-causal-128x64-w4s3       triton 3.6: 4 B (255 regs)   triton 3.9: 0 (237 regs)
+#   attn_bwd_dkdv-bf16-D64-causal-64x128-w8s2  triton 3.6: 4 B (255 regs)   triton 3.9: 0 (218 regs)
+#   matmul-bf16-none-bias-NT-32x64x32-w2s5     triton 3.6: 8 B (80 regs)    triton 3.9: 0 (87 regs)
 # Not critical (not asserted) and spilling now: the GELU / GELU-gradient matmul epilogues with the
-# large tiles (bf16 up to ~6 KB on 3.6), LayerNorm backward at N=16384, fp32 attention at D=128.
+# large tiles (bf16 up to ~6 KB on 3.6), LayerNorm backward at N=16384, fp32 attention at D=128
+# (forward 32x32, ~600 B), fp32 forward 64x64 at D=64 (3.9: ~500 B), fp16/bf16 dK/dV 64x64 at
+# D=128 (3.6: 28 B).
 SPILL_BUDGET_BYTES = {
-    "attn_fwd-bf16-D64-causal": 16,
+    "attn_fwd-bf16-D64-causal-128x64-w4s3": 16,
+    "attn_bwd_dkdv-bf16-D64-causal-64x128-w8s2": 16,
     "matmul-bf16-none-bias-NT-32x64x32-w2s5": 16,
 }
 
@@ -149,6 +156,9 @@ class _Recorder:
             configs = None
             if isinstance(self.kernel, triton.runtime.Autotuner):
                 configs = _gpu_autotune_configs(self.module, self.name)
+                prune = self.kernel.early_config_prune
+                if prune is not None:  # what the autotuner would benchmark for this launch
+                    configs = prune(configs, dict(zip(names, args)), **kwargs)
             self.sink.append(Launch(self.module, self.name, fn, bound, opts, configs))
         return launch
 
@@ -305,10 +315,12 @@ def _config_id(cfg):
 
 def _all_cases():
     """Every case, with its slow flag. Default (fast) subset, per dtype: LayerNorm N=768 and 16384,
-    cross-entropy V=50257, attention D=64 causal, and each matmul use (bf16: every epilogue/layout
-    variant; fp32/fp16: one per epilogue) with one autotune config, rotating through the list so
-    the default run still compiles every config. Slow: other sizes / head dims / non-causal and
-    the full autotune list for every bf16 matmul use."""
+    cross-entropy V=50257, attention D=64 causal (bf16: every autotune candidate of the three
+    autotuned kernels, ~1 s each; fp32/fp16: one each, rotating through the list), and each matmul
+    use (bf16: every epilogue/layout variant; fp32/fp16: one per epilogue) with one autotune config,
+    rotating through the list so the default run still compiles every config. Slow: other sizes /
+    head dims / non-causal (one autotune config each) and the full autotune list for every bf16
+    matmul use."""
     cases = []  # (Case, slow)
 
     def add(run_id, launches, critical=False, slow=False):
@@ -318,38 +330,49 @@ def _all_cases():
             base = "-".join(p for p in (_short(launch.fn.__name__), run_id, _launch_tag(launch)) if p)
             cases.append((Case(base, launch, None, critical), slow))
 
-    def add_autotuned(run_id, launches, dt_index, fast_all_variants):
+    def add_autotuned(run_id, launches, dt_index, sweep=False, sweep_is_slow=True, critical=False,
+                      fast_all_variants=True, slow=False):
+        """Autotuned kernels: one config per launch (per epilogue unless fast_all_variants), rotating
+        through the list with the launch and dtype index; every config when `sweep` (the others
+        slow if sweep_is_slow). The configs are those the autotuner would benchmark for the launch
+        (its early_config_prune applied, see _Recorder)."""
         seen_epilogues = set()
         autotuned = [launch for launch in _dedup(launches) if launch.configs is not None]
         for j, launch in enumerate(autotuned):
-            base = "-".join((_short(launch.fn.__name__), run_id, _launch_tag(launch)))
-            # bf16 plain products (no epilogue): spill-free for every config (see SPILL_BUDGET_BYTES)
-            critical = run_id == "bf16" and launch.args.get("EPILOGUE", 0) == 0
+            base = "-".join(p for p in (_short(launch.fn.__name__), run_id, _launch_tag(launch)) if p)
+            # plain products (no epilogue): spill-free for every config (see SPILL_BUDGET_BYTES)
+            launch_critical = critical and launch.args.get("EPILOGUE", 0) == 0
             epi = launch.args.get("EPILOGUE")
-            fast_variant = fast_all_variants or epi not in seen_epilogues
+            fast_variant = not slow and (fast_all_variants or epi not in seen_epilogues)
             seen_epilogues.add(epi)
             n = len(launch.configs)
-            fast_index = (j + 3 * dt_index) % n
+            pick = (j + 3 * dt_index) % n
             for i, cfg in enumerate(launch.configs):
-                fast = fast_variant and i == fast_index
-                if fast or run_id == "bf16":
-                    cases.append((Case(f"{base}-{_config_id(cfg)}", launch, cfg, critical), not fast))
+                fast = fast_variant and (i == pick or (sweep and not sweep_is_slow))
+                if fast or sweep or (slow and i == pick):
+                    cases.append((Case(f"{base}-{_config_id(cfg)}", launch, cfg, launch_critical), not fast))
+
+    def add_attention(run_id, dt_index, *args, sweep=False, critical=False, slow=False):
+        launches = _capture(_run_attention, *args)
+        add(run_id, launches, critical=critical, slow=slow)  # the preprocess kernel
+        add_autotuned(run_id, launches, dt_index, sweep=sweep, sweep_is_slow=False, critical=critical, slow=slow)
 
     for d, (dt_name, dt) in enumerate(DTYPES.items()):
-        add(f"{dt_name}-N768", _capture(_run_layer_norm, dt, 768), critical=dt_name == "bf16")
+        bf16 = dt_name == "bf16"
+        add(f"{dt_name}-N768", _capture(_run_layer_norm, dt, 768), critical=bf16)
         add(f"{dt_name}-N16384", _capture(_run_layer_norm, dt, 16384))
         add(f"{dt_name}-V50257", _capture(_run_cross_entropy, dt, 50257))
-        add(f"{dt_name}-D64-causal", _capture(_run_attention, dt, 64), critical=dt_name == "bf16")
+        add_attention(f"{dt_name}-D64-causal", d, dt, 64, sweep=bf16, critical=bf16)
         mlp_launches = _capture(_run_mlp, dt)
         add(dt_name, mlp_launches)  # the GELU-gradient kernel
-        add_autotuned(dt_name, mlp_launches, d, fast_all_variants=dt_name == "bf16")
+        add_autotuned(dt_name, mlp_launches, d, sweep=bf16, critical=bf16, fast_all_variants=bf16)
         for N in (1024, 1280, 1600, 4096):
             add(f"{dt_name}-N{N}", _capture(_run_layer_norm, dt, N), slow=True)
         add(f"{dt_name}-N768-w{dt_name}", _capture(_run_layer_norm, dt, 768, False, dt), slow=True)
         add(f"{dt_name}-V50304", _capture(_run_cross_entropy, dt, 50304), slow=True)
         for D in (16, 32, 128):
-            add(f"{dt_name}-D{D}-causal", _capture(_run_attention, dt, D), slow=True)
-        add(f"{dt_name}-D64-full", _capture(_run_attention, dt, 64, False), slow=True)
+            add_attention(f"{dt_name}-D{D}-causal", d, dt, D, slow=True)
+        add_attention(f"{dt_name}-D64-full", d, dt, 64, False, slow=True)
     ids = [c.id for c, _ in cases]
     assert len(ids) == len(set(ids)), "duplicate case ids"
     return cases
