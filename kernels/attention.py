@@ -25,6 +25,25 @@ MAX_BATCH_HEADS = 65535  # grid axis 1 holds B * H
 # Kernels
 # ----------------------------------------------------------------------------------------------
 @triton.jit
+def _load_rows(base, offs_t, stride_t, offs_d, T, MASK: tl.constexpr):
+    """Rows offs_t of a (T, D) matrix at base -> (len(offs_t), D); offs_d holds the column offsets
+    (times their stride). MASK: rows past T read as 0."""
+    ptrs = base + offs_t[:, None] * stride_t + offs_d[None, :]
+    if MASK:
+        return tl.load(ptrs, mask=offs_t[:, None] < T, other=0.0)
+    return tl.load(ptrs)
+
+
+@triton.jit
+def _keep_scores(offs_m, offs_n, T, CAUSAL: tl.constexpr):
+    """(BLOCK_M queries, BLOCK_N keys): keys inside T and, if causal, not after their query."""
+    keep = offs_n[None, :] < T
+    if CAUSAL:
+        keep = keep & (offs_n[None, :] <= offs_m[:, None])
+    return keep
+
+
+@triton.jit
 def _attn_fwd_inner(acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_vt, offs_kd, offs_vd,
                     offs_m, T, qk_scale, lo, hi,
                     BLOCK_N: tl.constexpr, MASK: tl.constexpr, CAUSAL: tl.constexpr,
@@ -33,27 +52,16 @@ def _attn_fwd_inner(acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_vt, offs
     offs_n0 = tl.arange(0, BLOCK_N)
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + offs_n0
-        k_ptrs = k_base + offs_n[:, None] * stride_kt + offs_kd[None, :]
-        v_ptrs = v_base + offs_n[:, None] * stride_vt + offs_vd[None, :]
-        if MASK:
-            k = tl.load(k_ptrs, mask=offs_n[:, None] < T, other=0.0)  # (BLOCK_N, D)
-        else:
-            k = tl.load(k_ptrs)
+        k = _load_rows(k_base, offs_n, stride_kt, offs_kd, T, MASK)  # (BLOCK_N, D)
         qk = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N), log2 units
         if MASK:
-            keep = offs_n[None, :] < T
-            if CAUSAL:
-                keep = keep & (offs_n[None, :] <= offs_m[:, None])
-            qk = tl.where(keep, qk, float("-inf"))
+            qk = tl.where(_keep_scores(offs_m, offs_n, T, CAUSAL), qk, float("-inf"))
         # Every row sees at least one unmasked key in its first tile, so m_new is finite.
         m_new = tl.maximum(m_i, tl.max(qk, 1))
         p = tl.math.exp2(qk - m_new[:, None])
         alpha = tl.math.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
-        if MASK:
-            v = tl.load(v_ptrs, mask=offs_n[:, None] < T, other=0.0)  # (BLOCK_N, D)
-        else:
-            v = tl.load(v_ptrs)
+        v = _load_rows(v_base, offs_n, stride_vt, offs_vd, T, MASK)  # (BLOCK_N, D)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=INPUT_PRECISION)
         m_i = m_new
     return acc, m_i, l_i
@@ -83,8 +91,7 @@ def _flash_attention_fwd_kernel(
 
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
-    q = tl.load(q_base + offs_m[:, None] * stride_qt + offs_d[None, :] * stride_qd,
-                mask=offs_m[:, None] < T, other=0.0)  # (BLOCK_M, D)
+    q = _load_rows(q_base, offs_m, stride_qt, offs_d * stride_qd, T, True)  # (BLOCK_M, D)
     offs_kd = offs_d * stride_kd
     offs_vd = offs_d * stride_vd
 
@@ -152,17 +159,13 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base,
     offs_m0 = tl.arange(0, BLOCK_M)
     for start_m in range(lo, hi, BLOCK_M):
         offs_m = start_m + offs_m0
-        q_ptrs = q_base + offs_m[:, None] * stride_qt + offs_qd[None, :]
-        do_ptrs = do_base + offs_m[:, None] * stride_dot + offs_dod[None, :]
+        q = _load_rows(q_base, offs_m, stride_qt, offs_qd, T, MASK)  # (BLOCK_M, D)
+        do = _load_rows(do_base, offs_m, stride_dot, offs_dod, T, MASK)
         if MASK:
             row_ok = offs_m < T
-            q = tl.load(q_ptrs, mask=row_ok[:, None], other=0.0)  # (BLOCK_M, D)
-            do = tl.load(do_ptrs, mask=row_ok[:, None], other=0.0)
             lse = tl.load(lse_base + offs_m, mask=row_ok, other=0.0)  # (BLOCK_M,), log2 units below
             delta = tl.load(delta_base + offs_m, mask=row_ok, other=0.0)
         else:
-            q = tl.load(q_ptrs)
-            do = tl.load(do_ptrs)
             lse = tl.load(lse_base + offs_m)
             delta = tl.load(delta_base + offs_m)
         qk_t = tl.dot(k, tl.trans(q), input_precision=INPUT_PRECISION) * qk_scale  # (BLOCK_N, BLOCK_M)
@@ -205,12 +208,9 @@ def _flash_attention_bwd_dkdv_kernel(
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     col_ok = offs_n < T
-    k = tl.load(k_ptr + off_b * stride_kb + off_h * stride_kh
-                + offs_n[:, None] * stride_kt + offs_d[None, :] * stride_kd,
-                mask=col_ok[:, None], other=0.0)  # (BLOCK_N, D)
-    v = tl.load(v_ptr + off_b * stride_vb + off_h * stride_vh
-                + offs_n[:, None] * stride_vt + offs_d[None, :] * stride_vd,
-                mask=col_ok[:, None], other=0.0)
+    k = _load_rows(k_ptr + off_b * stride_kb + off_h * stride_kh, offs_n, stride_kt, offs_d * stride_kd,
+                   T, True)  # (BLOCK_N, D)
+    v = _load_rows(v_ptr + off_b * stride_vb + off_h * stride_vh, offs_n, stride_vt, offs_d * stride_vd, T, True)
     dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     offs_qd = offs_d * stride_qd
@@ -254,21 +254,12 @@ def _attn_bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_
     offs_n0 = tl.arange(0, BLOCK_N)
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + offs_n0
-        k_ptrs = k_base + offs_n[:, None] * stride_kt + offs_kd[None, :]
-        v_ptrs = v_base + offs_n[:, None] * stride_vt + offs_vd[None, :]
-        if MASK:
-            k = tl.load(k_ptrs, mask=offs_n[:, None] < T, other=0.0)  # (BLOCK_N, D)
-            v = tl.load(v_ptrs, mask=offs_n[:, None] < T, other=0.0)
-        else:
-            k = tl.load(k_ptrs)
-            v = tl.load(v_ptrs)
+        k = _load_rows(k_base, offs_n, stride_kt, offs_kd, T, MASK)  # (BLOCK_N, D)
+        v = _load_rows(v_base, offs_n, stride_vt, offs_vd, T, MASK)
         qk = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N)
         p = tl.math.exp2(qk - lse[:, None])
         if MASK:
-            keep = offs_n[None, :] < T
-            if CAUSAL:
-                keep = keep & (offs_n[None, :] <= offs_m[:, None])
-            p = tl.where(keep, p, 0.0)
+            p = tl.where(_keep_scores(offs_m, offs_n, T, CAUSAL), p, 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=INPUT_PRECISION)  # (BLOCK_M, BLOCK_N)
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k, input_precision=INPUT_PRECISION)
@@ -298,12 +289,10 @@ def _flash_attention_bwd_dq_kernel(
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     row_ok = offs_m < T
-    q = tl.load(q_ptr + off_b * stride_qb + off_h * stride_qh
-                + offs_m[:, None] * stride_qt + offs_d[None, :] * stride_qd,
-                mask=row_ok[:, None], other=0.0)  # (BLOCK_M, D)
-    do = tl.load(do_ptr + off_b * stride_dob + off_h * stride_doh
-                 + offs_m[:, None] * stride_dot + offs_d[None, :] * stride_dod,
-                 mask=row_ok[:, None], other=0.0)
+    q = _load_rows(q_ptr + off_b * stride_qb + off_h * stride_qh, offs_m, stride_qt, offs_d * stride_qd,
+                   T, True)  # (BLOCK_M, D)
+    do = _load_rows(do_ptr + off_b * stride_dob + off_h * stride_doh, offs_m, stride_dot, offs_d * stride_dod,
+                    T, True)
     lse = tl.load(lse_ptr + off_bh.to(tl.int64) * T + offs_m, mask=row_ok, other=0.0) * 1.4426950408889634
     delta = tl.load(delta_ptr + off_bh.to(tl.int64) * T + offs_m, mask=row_ok, other=0.0)
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
