@@ -74,14 +74,24 @@ def time_ms(fn, grad_to_none=None, quick=False):
         med, p20, p80 = triton.testing.do_bench(fn, warmup=warmup, rep=rep, grad_to_none=grad_to_none,
                                                 quantiles=[0.5, 0.2, 0.8])
         return med, p20, p80
-    fn()  # warm-up (compiles / interprets once)
+    return wall_clock_ms(fn, warmup=1, reps=3 if quick else 10, grad_to_none=grad_to_none)
+
+
+def wall_clock_ms(fn, warmup, reps, grad_to_none=None):
+    """(median, p20, p80) ms of fn() by the wall clock (CUDA synchronised around each call), after
+    `warmup` untimed calls (where compilation happens). For work do_bench cannot repeat freely."""
+    for _ in range(warmup):
+        fn()
     times = []
-    for _ in range(3 if quick else 10):
-        if grad_to_none:
-            for t in grad_to_none:
-                t.grad = None
+    for _ in range(reps):
+        for t in grad_to_none or ():
+            t.grad = None
+        if has_cuda():
+            torch.cuda.synchronize()
         start = time.perf_counter()
         fn()
+        if has_cuda():
+            torch.cuda.synchronize()
         times.append((time.perf_counter() - start) * 1e3)
     return summarize(times)
 
@@ -201,15 +211,22 @@ def speedups(rows, ours="triton"):
     return out
 
 
+def speedup_text(rows, ours="triton"):
+    """Row -> "baseline ms / ours ms" as text for each baseline row that has an ours to compare."""
+    ours_ms = {r.key: r.median_ms for r in rows if r.provider == ours and r.median_ms}
+    return lambda r: (f"{r.median_ms / ours_ms[r.key]:.2f}"
+                      if r.key in ours_ms and r.provider != ours and r.median_ms else "")
+
+
 def format_table(rows, ours="triton"):
     lines = [f"{'case':<46} {'mode':<8} {'provider':<16} {'median ms':>10} {'p20-p80':>17} "
              f"{'TFLOP/s':>8} {'GB/s':>8} {'peak MB':>9} {'ours x':>7}"]
-    ours_ms = {r.key: r.median_ms for r in rows if r.provider == ours and r.median_ms}
+    ratio_of = speedup_text(rows, ours)
     for r in rows:
         if r.error:
             lines.append(f"{r.case:<46} {r.mode:<8} {r.provider:<16} unavailable: {r.error[:60]}")
             continue
-        ratio = f"{r.median_ms / ours_ms[r.key]:.2f}" if r.key in ours_ms and r.provider != ours else ""
+        ratio = ratio_of(r)
         lines.append(
             f"{r.case:<46} {r.mode:<8} {r.provider:<16} {r.median_ms:>10.3f} "
             f"{f'{r.p20_ms:.3f}-{r.p80_ms:.3f}':>17} {_fmt(r.tflops, 1):>8} {_fmt(r.gbps, 0):>8} "
@@ -236,12 +253,13 @@ def write_results(rows, out_dir, name, env):
                "that the code runs; they are not kernel performance.**", ""]
     md += ["| case | mode | provider | median ms | p20-p80 ms | TFLOP/s | GB/s | peak MB | speedup of ours |",
            "|---|---|---|---:|---:|---:|---:|---:|---:|"]
-    ours_ms = {r.key: r.median_ms for r in rows if r.provider == "triton" and r.median_ms}
+    ratio_of = speedup_text(rows)
     for r in rows:
         if r.error:
             md.append(f"| {r.case} | {r.mode} | {r.provider} | unavailable: {r.error[:80]} | | | | | |")
             continue
-        ratio = f"{r.median_ms / ours_ms[r.key]:.2f}x" if r.key in ours_ms and r.provider != "triton" else ""
+        ratio = ratio_of(r)
+        ratio = f"{ratio}x" if ratio else ""
         md.append(f"| {r.case} | {r.mode} | {r.provider} | {r.median_ms:.3f} | {r.p20_ms:.3f}-{r.p80_ms:.3f} | "
                   f"{_fmt(r.tflops, 1)} | {_fmt(r.gbps, 0)} | {_fmt(r.peak_mb, 1)} | {ratio} |")
     (out_dir / f"{name}.md").write_text("\n".join(md) + "\n")

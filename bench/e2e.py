@@ -4,11 +4,10 @@
 3. our Triton kernels, eager   4. our Triton kernels inside torch.compile
 Each step: forward + backward (bf16 autocast on CUDA) + fused AdamW, T = 1024.
 """
-import time
 
 import torch
 
-from bench.common import Row, has_cuda, summarize
+from bench.common import Row, has_cuda, wall_clock_ms
 from gpt2 import GPT, GPTConfig
 from gpt2.train_utils import device_peak_flops, mfu
 
@@ -35,22 +34,6 @@ def train_step_fn(model, optimizer, x, y, device_type):
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     return step
-
-
-def time_steps(step, warmup, reps):
-    """Per-step wall time in ms (synchronised), after warm-up steps (where compilation happens)."""
-    for _ in range(warmup):
-        step()
-    times = []
-    for _ in range(reps):
-        if has_cuda():
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        step()
-        if has_cuda():
-            torch.cuda.synchronize()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return summarize(times)
 
 
 def run(dtype=torch.bfloat16, quick=False):
@@ -83,7 +66,7 @@ def _measure_stack(config, kernels, compile_model, B, T, device, peak, warmup, r
         step = train_step_fn(runner, optimizer, x, y, torch.device(device).type)
         if has_cuda():
             torch.cuda.reset_peak_memory_stats()
-        med, p20, p80 = time_steps(step, warmup, reps)
+        med, p20, p80 = wall_clock_ms(step, warmup, reps)
         tokens_per_s = B * T / (med * 1e-3)
         util = mfu(model.flops_per_token(T), tokens_per_s, peak)
         return Row("e2e", case, provider, "step", shape, "bf16-autocast", med, p20, p80,
