@@ -1,5 +1,20 @@
-"""Shared helpers for the kernels: interpreter detection and input checks. Nothing probes the GPU here."""
+"""Shared helpers for the kernels: interpreter detection, input checks and the autocast policy.
+Nothing probes the GPU here.
+
+Autocast policy of the public ops (one rule, applied by each op itself, so every caller gets it):
+custom kernels are invisible to autocast, so each public op asks `autocast_dtype(device_type)` and
+- matmul-type ops (flash_attention, gelu_mlp, linear_gelu, the matmul inside linear_cross_entropy)
+  cast their float activations to the autocast dtype and return that dtype, as autocast does for
+  F.linear / SDPA; parameters are read in their own dtype (fp32 master weights are cast tile by
+  tile or once per call) and their grads come back in that dtype, accumulated in fp32;
+- fp32-policy ops (layer_norm, cross_entropy) compute in fp32 whatever the input dtype, as
+  autocast's fp32 list says; layer_norm returns fp32 under autocast, like F.layer_norm.
+The launchers then run with autocast off (`autocast_disabled`), so the few torch ops inside them
+(sums, casts, matmuls of the chunked paths) keep the dtypes the launcher chose.
+"""
+import contextlib
 import os
+from typing import Optional
 
 import torch
 
@@ -36,3 +51,24 @@ def check_same_dtype(op: str, **tensors: torch.Tensor) -> None:
     if len(set(dtypes.values())) > 1:
         found = ", ".join(f"{n} {d}" for n, d in dtypes.items())
         raise TypeError(f"{op}: tensors must share one dtype; got {found}")
+
+
+def autocast_dtype(device_type: str) -> Optional[torch.dtype]:
+    """The dtype autocast runs matmuls in on `device_type` ("cuda", "cpu"), or None where it is off."""
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return None
+
+
+def cast_floats(dtype: Optional[torch.dtype], *tensors):
+    """tensors with every floating-point one cast to dtype (None entries and dtype None: unchanged)."""
+    if dtype is None:
+        return tensors
+    return tuple(t.to(dtype) if t is not None and t.is_floating_point() else t for t in tensors)
+
+
+def autocast_disabled(device_type: str):
+    """Context manager: autocast off on device_type while a launcher runs its own torch ops."""
+    if not torch.is_autocast_enabled(device_type):
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device_type, enabled=False)
