@@ -3,7 +3,11 @@
 On CUDA, timings come from `triton.testing.do_bench` (warm-up, L2 flushed between reps, median with
 p20/p80). Without CUDA (`--quick` on CPU) the same code runs at tiny sizes so CI keeps it working;
 those rows are labelled `cpu` and are not kernel performance.
+
+`session(...)` lets a caller (bench/headline.py) receive each row as soon as it is measured, stop
+measuring after a deadline, and measure only some cases, without changing the per-kernel modules.
 """
+import contextlib
 import datetime
 import json
 import platform
@@ -12,6 +16,7 @@ import subprocess
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Callable, Optional
 
 import torch
 
@@ -66,15 +71,27 @@ def _driver_version():
 
 
 # --- timing --------------------------------------------------------------------------------------
-def time_ms(fn, grad_to_none=None, quick=False):
-    """(median, p20, p80) milliseconds of fn()."""
+def time_ms(fn, grad_to_none=None, quick=False, warm=False):
+    """(median, p20, p80) milliseconds of fn(). warm: fn has already run once (compiled, tuned)."""
     if has_cuda():
         import triton.testing
         warmup, rep = (5, 20) if quick else (25, 100)
         med, p20, p80 = triton.testing.do_bench(fn, warmup=warmup, rep=rep, grad_to_none=grad_to_none,
                                                 quantiles=[0.5, 0.2, 0.8])
         return med, p20, p80
-    return wall_clock_ms(fn, warmup=1, reps=3 if quick else 10, grad_to_none=grad_to_none)
+    return wall_clock_ms(fn, warmup=0 if warm else 1, reps=3 if quick else 10, grad_to_none=grad_to_none)
+
+
+def first_call_s(fn):
+    """Seconds of one call of fn(), CUDA synchronised: the warm-up call where compilation and
+    autotuning happen."""
+    if has_cuda():
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    fn()
+    if has_cuda():
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
 
 
 def wall_clock_ms(fn, warmup, reps, grad_to_none=None):
@@ -105,9 +122,9 @@ def summarize(times_ms):
 
 
 def peak_memory_mb(fn):
-    """Peak CUDA memory allocated while fn() runs, above what was allocated before (None on CPU)."""
+    """Peak CUDA memory allocated while fn() runs, above what was allocated before (on CPU: None,
+    without running fn)."""
     if not has_cuda():
-        fn()
         return None
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
@@ -120,29 +137,40 @@ def peak_memory_mb(fn):
 def run_modes(forward, inputs, modes):
     """Build the callables for "fwd", "bwd" (backward of a retained graph) and "fwd+bwd".
 
-    forward() -> output tensor; inputs: tensors whose grads are reset between reps.
+    forward() -> output tensor; inputs: tensors whose grads are reset between reps. Nothing runs
+    until a callable is first called (the graph for "bwd" is built then), so a provider that fails
+    fails inside measure() and gives an error row, and its compile time lands in the first call.
     """
-    fns = {}
-    if "fwd" in modes:
-        def fwd():
-            with torch.no_grad():
-                forward()
-        fns["fwd"] = fwd
-    if "bwd" in modes or "fwd+bwd" in modes:
-        out = forward()
-        grad_out = torch.randn_like(out)
-        if "bwd" in modes:
-            fns["bwd"] = lambda: out.backward(grad_out, retain_graph=True)
-        if "fwd+bwd" in modes:
-            fns["fwd+bwd"] = lambda: forward().backward(grad_out)
-    return fns
+    graph = {}
+
+    def retained():  # (out, grad_out) of one forward with autograd, built once
+        if not graph:
+            out = forward()
+            graph.update(out=out, grad_out=torch.randn_like(out))
+        return graph["out"], graph["grad_out"]
+
+    def fwd():
+        with torch.no_grad():
+            forward()
+
+    def bwd():
+        out, grad_out = retained()
+        out.backward(grad_out, retain_graph=True)
+
+    def fwd_bwd():
+        grad_out = retained()[1]
+        forward().backward(grad_out)
+
+    fns = {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd_bwd}
+    return {mode: fns[mode] for mode in modes}
 
 
 def kernel_providers(ours, eager):
-    """Ours, the eager PyTorch code and (on CUDA) torch.compile of that same eager code."""
+    """Ours, the eager PyTorch code and (on CUDA) torch.compile of that same eager code, specialised
+    to each shape (dynamic=False: a second shape recompiles statically instead of going dynamic)."""
     out = {"triton": ours, "eager": eager}
     if has_cuda():
-        out["compile"] = torch.compile(eager)
+        out["compile"] = torch.compile(eager, dynamic=False)
     return out
 
 
@@ -181,18 +209,58 @@ class Row:
         return self.bench, self.case, self.mode
 
 
+@dataclass
+class Session:
+    """What a caller asked of measure(): `sink(row)` gets every row as soon as it exists, rows are
+    skipped (with a reason) once time.monotonic() passes `deadline`, and only the cases for which
+    `select(case)` is true are measured (the others give an unrecorded "not selected" row)."""
+    sink: Optional[Callable[[Row], None]] = None
+    deadline: Optional[float] = None
+    select: Optional[Callable[[str], bool]] = None
+
+
+_session = Session()
+NOT_SELECTED = "not selected"
+
+
+@contextlib.contextmanager
+def session(sink=None, deadline=None, select=None):
+    global _session
+    previous, _session = _session, Session(sink, deadline, select)
+    try:
+        yield _session
+    finally:
+        _session = previous
+
+
+def record(row):
+    """Hand a finished row to the session's sink (if any) and return it."""
+    if _session.sink is not None and row.error != NOT_SELECTED:
+        _session.sink(row)
+    return row
+
+
 def measure(bench, case, provider, mode, fn, shape, dtype, flops=None, nbytes=None, grad_to_none=None,
             quick=False, memory=True, extra=None):
-    """Time fn and return a Row (a failing provider gives a Row with `error` instead of raising)."""
+    """Time fn and return a Row (a failing provider gives a Row with `error` instead of raising).
+    extra["first_call_s"]: the first, untimed call (torch.compile and autotuning happen there)."""
+    if _session.select is not None and not _session.select(case):
+        return Row(bench, case, provider, mode, shape, dtype, None, error=NOT_SELECTED)
+    if _session.deadline is not None and time.monotonic() > _session.deadline:
+        return record(Row(bench, case, provider, mode, shape, dtype, None,
+                          error="skipped: this job's time budget was spent before it started"))
+    extra = dict(extra or {})
     try:
-        med, p20, p80 = time_ms(fn, grad_to_none=grad_to_none, quick=quick)
+        extra["first_call_s"] = round(first_call_s(fn), 3)
+        med, p20, p80 = time_ms(fn, grad_to_none=grad_to_none, quick=quick, warm=True)
         peak = peak_memory_mb(fn) if memory else None
     except Exception as e:  # a baseline missing on this device must not stop the suite
-        return Row(bench, case, provider, mode, shape, dtype, None, error=f"{type(e).__name__}: {e}"[:300])
-    return Row(bench, case, provider, mode, shape, dtype, med, p20, p80,
-               tflops=flops / (med * 1e-3) / 1e12 if flops else None,
-               gbps=nbytes / (med * 1e-3) / 1e9 if nbytes else None,
-               peak_mb=peak, extra=extra or {})
+        return record(Row(bench, case, provider, mode, shape, dtype, None, extra=extra,
+                          error=f"{type(e).__name__}: {e}"[:300]))
+    return record(Row(bench, case, provider, mode, shape, dtype, med, p20, p80,
+                      tflops=flops / (med * 1e-3) / 1e12 if flops else None,
+                      gbps=nbytes / (med * 1e-3) / 1e9 if nbytes else None,
+                      peak_mb=peak, extra=extra))
 
 
 def speedups(rows, ours="triton"):

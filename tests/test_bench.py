@@ -1,9 +1,13 @@
-"""`python -m bench --quick` runs every benchmark on CPU (interpreter) and writes complete outputs."""
+"""`python -m bench --quick` runs every benchmark on CPU (interpreter) and writes complete outputs;
+measure() and run_modes() behave as bench/headline.py relies on."""
 import json
+import time
 
 import pytest
+import torch
 
 from bench.__main__ import BENCHES, main
+from bench.common import NOT_SELECTED, measure, run_modes, session
 
 
 @pytest.mark.slow
@@ -30,3 +34,51 @@ def test_quick_bench_writes_complete_results(tmp_path):
 def test_cpu_without_quick_refuses():
     with pytest.raises(SystemExit, match="only --quick"):
         main(["layer_norm"])
+
+
+def test_session_hands_over_rows_selects_cases_and_stops_at_the_deadline():
+    calls, got = [], []
+
+    def fn():
+        calls.append(1)
+
+    def run(case):
+        return measure("b", case, "p", "fwd", fn, {}, "float32", quick=True)
+
+    with session(sink=got.append, select=lambda case: case != "other"):
+        kept, other = run("case"), run("other")
+    assert got == [kept] and kept.median_ms >= 0 and kept.extra["first_call_s"] >= 0 and calls
+    assert other.error == NOT_SELECTED
+    n_calls = len(calls)
+    with session(sink=got.append, deadline=time.monotonic() - 1):
+        late = run("case")
+    assert late.error.startswith("skipped") and got[-1] is late and len(calls) == n_calls
+    run("case")  # outside a session nothing is handed over
+    assert len(got) == 2
+
+
+def test_failing_provider_gives_an_error_row_to_the_sink():
+    got = []
+    with session(sink=got.append):
+        row = measure("b", "case", "p", "fwd", lambda: 1 / 0, {}, "float32", quick=True)
+    assert got == [row] and row.median_ms is None and row.error.startswith("ZeroDivisionError")
+
+
+def test_run_modes_runs_nothing_until_called():
+    x = torch.randn(4, 3, requires_grad=True)
+    forwards = []
+
+    def forward():
+        forwards.append(1)
+        return x * 2
+
+    fns = run_modes(forward, [x], ("fwd", "bwd", "fwd+bwd"))
+    assert list(fns) == ["fwd", "bwd", "fwd+bwd"] and not forwards
+    fns["bwd"]()
+    first = x.grad.clone()
+    fns["bwd"]()  # backward of the same retained graph, same grad_out
+    assert len(forwards) == 1 and torch.equal(x.grad, 2 * first)
+    fns["fwd+bwd"]()
+    fns["fwd"]()
+    assert len(forwards) == 3
+
