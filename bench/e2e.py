@@ -2,12 +2,13 @@
 
 1. PyTorch eager + SDPA   2. torch.compile + SDPA (build-nanogpt's recipe)
 3. our Triton kernels, eager   4. our Triton kernels inside torch.compile
-Each step: forward + backward (bf16 autocast on CUDA) + fused AdamW, T = 1024.
+Each step: forward + backward (bf16 autocast on CUDA) + fused AdamW, T = 1024. The first step
+(torch.compile, autotuning, allocator warm-up) is timed on its own and reported apart.
 """
 
 import torch
 
-from bench.common import Row, has_cuda, wall_clock_ms
+from bench.common import Row, first_call_s, has_cuda, record, wall_clock_ms
 from gpt2 import GPT, GPTConfig
 from gpt2.train_utils import device_peak_flops, mfu
 
@@ -36,22 +37,29 @@ def train_step_fn(model, optimizer, x, y, device_type):
     return step
 
 
-def run(dtype=torch.bfloat16, quick=False):
-    config, batch_sizes, T, warmup, reps = setup(quick)
+def run(dtype=torch.bfloat16, quick=False, batch_sizes=None, stacks=None, warmup=None, reps=None):
+    """Rows for each batch size and stack (default: all). warmup counts the first step (>= 1)."""
+    config, default_batch_sizes, T, default_warmup, default_reps = setup(quick)
+    warmup = max(1, warmup or default_warmup)
+    reps = reps or default_reps
     device = "cuda" if has_cuda() else "cpu"
     peak = device_peak_flops(device)
     rows = []
-    for B in batch_sizes:
+    for B in batch_sizes or default_batch_sizes:
         case = f"gpt2-124m train step B{B}-T{T}" if not quick else f"tiny train step B{B}-T{T}"
         shape = {"B": B, "T": T, "n_layer": config.n_layer, "n_embd": config.n_embd}
-        for provider, (kernels, compile_model) in STACKS.items():
+        for provider in stacks or STACKS:
+            kernels, compile_model = STACKS[provider]
             if compile_model and not has_cuda():
-                rows.append(Row("e2e", case, provider, "step", shape, "bf16-autocast", None,
-                                error="torch.compile stacks run on CUDA only (skipped on CPU --quick)"))
+                rows.append(record(Row("e2e", case, provider, "step", shape, "bf16-autocast", None,
+                                       error=COMPILE_NEEDS_CUDA)))
                 continue
-            rows.append(_measure_stack(config, kernels, compile_model, B, T, device, peak, warmup, reps,
-                                       case, provider, shape))
+            rows.append(record(_measure_stack(config, kernels, compile_model, B, T, device, peak, warmup,
+                                              reps, case, provider, shape)))
     return rows
+
+
+COMPILE_NEEDS_CUDA = "skipped: torch.compile stacks run on CUDA only (not on CPU --quick)"
 
 
 def _measure_stack(config, kernels, compile_model, B, T, device, peak, warmup, reps, case, provider, shape):
@@ -66,14 +74,17 @@ def _measure_stack(config, kernels, compile_model, B, T, device, peak, warmup, r
         step = train_step_fn(runner, optimizer, x, y, torch.device(device).type)
         if has_cuda():
             torch.cuda.reset_peak_memory_stats()
-        med, p20, p80 = wall_clock_ms(step, warmup, reps)
+        first_step_s = first_call_s(step)
+        med, p20, p80 = wall_clock_ms(step, warmup - 1, reps)
         tokens_per_s = B * T / (med * 1e-3)
         util = mfu(model.flops_per_token(T), tokens_per_s, peak)
         return Row("e2e", case, provider, "step", shape, "bf16-autocast", med, p20, p80,
                    tflops=model.flops_per_token(T) * tokens_per_s / 1e12,
                    peak_mb=torch.cuda.max_memory_allocated() / 2**20 if has_cuda() else None,
                    extra={"tokens_per_s": round(tokens_per_s), "mfu": None if util is None else round(util, 4),
-                          "kernels": kernels, "compile": compile_model})
+                          "kernels": kernels, "compile": compile_model, "first_step_s": round(first_step_s, 2),
+                          "compile_s": round(max(first_step_s - med * 1e-3, 0.0), 2),
+                          "warmup_steps": warmup, "timed_steps": reps})
     except Exception as e:  # e.g. out of memory at a large micro-batch
         return Row("e2e", case, provider, "step", shape, "bf16-autocast", None, error=f"{type(e).__name__}: {e}"[:300])
     finally:
