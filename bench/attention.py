@@ -40,11 +40,12 @@ def shapes(quick):
     return [(16, 12, 1024, 64)] + [(16384 // T, 12, T, 64) for T in (512, 2048, 4096, 8192)]
 
 
-def run(dtype, quick=False):
+def run(dtype, quick=False, sizes=None):
+    """sizes: (B, H, T, D) list to run instead of shapes(quick)."""
     rows = []
     dtype_name = str(dtype).removeprefix("torch.")
     device = "cuda" if has_cuda() else "cpu"
-    for B, H, T, D in shapes(quick):
+    for B, H, T, D in sizes or shapes(quick):
         shape = {"B": B, "H": H, "T": T, "D": D, "causal": True}
         case = f"attention B{B}-H{H}-T{T}-D{D} causal"
         gen = torch.Generator(device=device).manual_seed(0)

@@ -23,12 +23,14 @@ def shapes(quick):
             "linear_ce": [(16384, 768, 50304), (4096, 768, 50304)]}
 
 
-def run(dtype, quick=False):
+def run(dtype, quick=False, sizes=None):
+    """sizes: {"ce": [(M, V)], "linear_ce": [(M, C, V)]} to run instead of shapes(quick)."""
     rows = []
     dtype_name = str(dtype).removeprefix("torch.")
     device = "cuda" if has_cuda() else "cpu"
     gen = torch.Generator(device=device).manual_seed(0)
-    for M, V in shapes(quick)["ce"]:
+    sizes = sizes or shapes(quick)
+    for M, V in sizes["ce"]:
         logits = torch.randn(M, V, device=device, dtype=dtype, generator=gen).requires_grad_()
         targets = torch.randint(0, V, (M,), device=device, generator=gen)
         case = f"cross_entropy M{M}-V{V}"
@@ -38,7 +40,7 @@ def run(dtype, quick=False):
             for mode, call in run_modes(lambda fn=fn: fn(logits, targets), [logits], MODES).items():
                 rows.append(measure("cross_entropy", case, name, mode, call, {"M": M, "V": V}, dtype_name,
                                     nbytes=nbytes[mode], grad_to_none=[logits], quick=quick))
-    for M, C, V in shapes(quick)["linear_ce"]:
+    for M, C, V in sizes["linear_ce"]:
         x = torch.randn(M, C, device=device, dtype=dtype, generator=gen).requires_grad_()
         weight = (0.02 * torch.randn(V, C, device=device, generator=gen)).to(dtype).requires_grad_()
         targets = torch.randint(0, V, (M,), device=device, generator=gen)

@@ -21,7 +21,8 @@ def shapes(quick):
     return [(48, 32, 128), (37, 40, 200)] if quick else [(16384, 768, 3072), (4096, 768, 3072), (16384, 1024, 4096)]
 
 
-def run(dtype, quick=False):
+def run(dtype, quick=False, sizes=None):
+    """sizes: (M, C, hidden) list to run instead of shapes(quick)."""
     rows = []
     dtype_name = str(dtype).removeprefix("torch.")
     device = "cuda" if has_cuda() else "cpu"
@@ -30,7 +31,7 @@ def run(dtype, quick=False):
     def param(*shape, scale=0.02):
         return (scale * torch.randn(*shape, device=device, generator=gen)).to(dtype).requires_grad_()
 
-    for M, C, Hd in shapes(quick):
+    for M, C, Hd in sizes or shapes(quick):
         x = torch.randn(M, C, device=device, dtype=dtype, generator=gen).requires_grad_()
         fc_w, fc_b, proj_w, proj_b = param(Hd, C), param(Hd), param(C, Hd), param(C)
         shape = {"M": M, "C": C, "hidden": Hd}

@@ -28,12 +28,13 @@ def shapes(quick):
     return [(16384, 768), (16384, 1024), (16384, 1600), (16384, 4096), (4096, 8192)]
 
 
-def run(dtype, quick=False):
+def run(dtype, quick=False, sizes=None):
+    """sizes: (M, N) list to run instead of shapes(quick)."""
     rows = []
     dtype_name = str(dtype).removeprefix("torch.")
     device = "cuda" if has_cuda() else "cpu"
     bandwidth = device_bandwidth()
-    for M, N in shapes(quick):
+    for M, N in sizes or shapes(quick):
         gen = torch.Generator(device=device).manual_seed(0)
         x = torch.randn(M, N, device=device, dtype=dtype, generator=gen).requires_grad_()
         w = (1 + 0.1 * torch.randn(N, device=device, generator=gen)).to(dtype).requires_grad_()
