@@ -1,4 +1,7 @@
-"""python -m bench [attention layer_norm gelu_mlp cross_entropy e2e] [--dtype bf16] [--quick] [--out DIR]"""
+"""python -m bench [attention layer_norm gelu_mlp cross_entropy e2e] [--dtype bf16] [--quick] [--out DIR]
+
+python -m bench headline [--out DIR] [--budget-s 420]: the headline table in one budgeted run
+(bench/headline.py; `python -m bench headline --help`)."""
 import argparse
 import importlib
 import sys
@@ -11,6 +14,10 @@ BENCHES = ("attention", "layer_norm", "gelu_mlp", "cross_entropy", "e2e")
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["headline"]:
+        from bench.headline import main as headline
+        return headline(argv[1:])
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     p.add_argument("benches", nargs="*", metavar="bench",
                    help=f"any of {', '.join(BENCHES)} (default: all)")

@@ -1,0 +1,233 @@
+"""`python -m bench headline`: every stage writes rows or a stated skip reason, on CPU through the
+interpreter, so the GPU path cannot rot unseen; the budget, the job time cap, bounded autotuning
+and the goal verdicts (which only a GPU run reaches) are checked here too."""
+import json
+import os
+
+import pytest
+import torch
+import triton
+import triton.language as tl
+
+from bench import headline
+from bench.__main__ import main as bench_main
+from bench.common import Row
+
+GPU_ENV = {"device": "NVIDIA H100 80GB HBM3", "torch": "2.11.0", "triton": "3.6.0", "cuda": "13.0",
+           "driver": "580.1", "git_commit": "abc1234", "date": "2026-01-01", "budget_s": 420.0, "quick": False,
+           "max_configs": 4, "pytest_max_configs": 1, "dtype": "bfloat16", "sm_count": 132, "memory_gib": 79.2,
+           "hbm_bandwidth_gbps": 3350.0, "nvidia_smi": {"clocks.sm": "1980", "clocks.max.sm": "1980"},
+           "autotuners": {"mlp._matmul": 10}}
+
+
+def _records(path):
+    return [json.loads(line) for line in (path / headline.RESULTS).read_text().splitlines()]
+
+
+@pytest.mark.slow
+def test_quick_headline_every_stage_writes_rows_or_a_skip_reason(tmp_path):
+    out = bench_main(["headline", "--quick", "--out", str(tmp_path), "--budget-s", "400"])
+    assert out == tmp_path
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(headline.OUTPUTS)  # few files, one folder
+    env = json.loads((tmp_path / headline.ENV).read_text())
+    assert env["device"].startswith("cpu") and env["torch"] and env["triton"] and env["autotuners"]
+    records = _records(tmp_path)
+    jobs = {r["job"]: r for r in records if r["kind"] == "job"}
+    assert set(jobs) == {job.name for job in headline.JOBS}
+    for job in headline.JOBS:
+        event = jobs[job.name]
+        if job.needs_cuda:
+            assert event["event"] == "skipped" and "CUDA" in event["reason"], event
+        else:
+            assert event["event"] == "done", event
+    rows = [r for r in records if r["kind"] == "row"]
+    for job in (j for j in headline.JOBS if j.stage == "kernels"):
+        mine = [r for r in rows if r["job"] == job.name]
+        ours = [r for r in mine if r["provider"] == "triton"]
+        assert {r["mode"] for r in ours} == {"fwd", "bwd", "fwd+bwd"}, job.name
+        assert all(r["median_ms"] > 0 and r["extra"]["first_call_s"] > 0 for r in ours), job.name
+        assert any(r["provider"] != "triton" and r["median_ms"] for r in mine), f"{job.name}: no baseline"
+    assert not any(r["case"].startswith("linear_gelu") for r in rows)  # gelu_mlp job selects its cases
+    for stack in ("eager-sdpa", "triton"):
+        (row,) = [r for r in rows if r["job"] == stack]
+        assert row["extra"]["tokens_per_s"] > 0 and row["extra"]["first_step_s"] > 0
+    tests = [r for r in records if r["kind"] == "test"]
+    (collected,) = [r["tests"] for r in records if r["kind"] == "collected"]
+    assert collected and {t["test"] for t in tests} == set(collected)
+    assert all(t["outcome"] == "skipped" and "CUDA" in t["message"] for t in tests)  # no GPU here
+    summary = (tmp_path / headline.SUMMARY).read_text()
+    assert "CPU run" in summary and "## Goals" in summary
+    for goal in headline.GOALS:
+        assert goal.text in summary
+    assert f"{len(collected)} collected: 0 passed, 0 failed, {len(collected)} skipped, 0 not run" in summary
+    for png in (headline.KERNELS_PNG, headline.E2E_PNG):
+        assert (tmp_path / png).stat().st_size > 1000
+
+
+def test_tiny_budget_skips_every_job_with_the_reason(tmp_path):
+    headline.main(["--quick", "--out", str(tmp_path), "--budget-s", "1"])
+    jobs = [r for r in _records(tmp_path) if r["kind"] == "job"]
+    assert len(jobs) == len(headline.JOBS)
+    for r in jobs:
+        assert r["event"] == "skipped" and ("budget" in r["reason"] or "CUDA" in r["reason"]), r
+    summary = (tmp_path / headline.SUMMARY).read_text()
+    assert "skipped: budget" in summary and "not measured" in summary
+
+
+def test_stages_option_runs_only_what_is_asked(tmp_path):
+    headline.main(["--quick", "--out", str(tmp_path), "--budget-s", "1", "--stages", "e2e"])
+    records = _records(tmp_path)
+    assert {r["stage"] for r in records if r["kind"] == "stage" and r["event"] == "skip"} == {"pytest", "kernels"}
+    assert {r["stage"] for r in records if r["kind"] == "job"} == {"e2e"}
+
+
+def test_a_job_past_its_time_cap_is_killed(tmp_path):
+    args = headline.parse_args(["--quick", "--out", str(tmp_path)])
+    event, reason = headline._launch(headline.JOBS_BY_NAME["attention"], 0.5, args, tmp_path)
+    assert event == "killed" and "time cap" in reason
+    assert "kernels/attention" in (tmp_path / headline.RUN_LOG).read_text()
+
+
+def test_cpu_without_interpreter_and_quick_refuses(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(SystemExit, match="TRITON_INTERPRET=1 and --quick"):
+        headline.main(["--out", "unused"])
+
+
+# --- bounded autotuning --------------------------------------------------------------------------
+def _fake_bench(kernel_call, quantiles):
+    kernel_call()
+    return [1.0, 1.0, 1.0]
+
+
+def _toy_autotuner(prune=None):
+    @triton.autotune(configs=[triton.Config({"BLOCK": b}) for b in (16, 32, 64)], key=["N"],
+                     prune_configs_by={"early_config_prune": prune} if prune else None, do_bench=_fake_bench)
+    @triton.jit
+    def add_one(x_ptr, N, BLOCK: tl.constexpr):
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        tl.store(x_ptr + offs, tl.load(x_ptr + offs, mask=offs < N) + 1, mask=offs < N)
+    return add_one
+
+
+def _launch_toy(tuner, n):
+    x = torch.zeros(n)
+    tuner[lambda meta: (triton.cdiv(n, meta["BLOCK"]),)](x, n)
+    return x
+
+
+def test_bounded_autotune_benchmarks_the_first_configs_and_logs_each_tuning():
+    tuner, tunings = _toy_autotuner(), []
+    with headline.bounded_autotune({"toy.add_one": tuner}, 2, lambda **t: tunings.append(t)):
+        assert (_launch_toy(tuner, 100) == 3).all()  # in place: 2 configs benchmarked, then the launch
+        assert [c.kwargs["BLOCK"] for c in tuner.configs_timings] == [16, 32]
+        _launch_toy(tuner, 100)  # cached key: no new tuning
+        _launch_toy(tuner, 50)
+        # someone else asking the autotuner's pruning (tests/test_native_compile.py) gets every candidate
+        assert len(tuner.early_config_prune(list(tuner.configs), {"N": 8})) == 3
+    assert tunings == [{"kernel": "toy.add_one", "key": {"N": "100"}, "tried": 2, "candidates": 3},
+                       {"kernel": "toy.add_one", "key": {"N": "50"}, "tried": 2, "candidates": 3}]
+    assert tuner.early_config_prune is None  # restored
+
+
+def test_bounded_autotune_bounds_what_the_kernels_own_pruning_keeps():
+    def drop_first(configs, named_args, **kwargs):
+        return configs[1:]
+    tuner, tunings = _toy_autotuner(drop_first), []
+    with headline.bounded_autotune({"toy": tuner}, 4, lambda **t: tunings.append(t)):
+        _launch_toy(tuner, 10)
+    assert [(t["tried"], t["candidates"]) for t in tunings] == [(2, 2)]
+    assert tuner.early_config_prune is drop_first
+
+
+def test_find_autotuners_scans_the_kernels_package():
+    from triton.runtime.autotuner import Autotuner
+    tuners = headline.find_autotuners()
+    assert {"attention._flash_attention_fwd", "attention._flash_attention_bwd_dkdv",
+            "attention._flash_attention_bwd_dq", "mlp._matmul"} <= set(tuners)
+    assert all(isinstance(t, Autotuner) for t in tuners.values())
+
+
+def test_gpu_test_files_are_the_ones_with_gpu_marks():
+    files = [os.path.basename(f) for f in headline.gpu_test_files()]
+    assert "test_attention.py" in files and "test_headline.py" not in files
+
+
+# --- the summary a GPU run gets ------------------------------------------------------------------
+def _row(job, case, provider, mode, ms, peak=None, tflops=None, gbps=None, extra=None, stage="kernels"):
+    row = Row(case.split()[0], case, provider, mode, {}, "bfloat16", ms, ms, ms, tflops=tflops, gbps=gbps,
+              peak_mb=peak, extra=extra or {"first_call_s": 1.5})
+    return {"kind": "row", "stage": stage, "job": job, **headline.row_record(row)}
+
+
+def _gpu_records():
+    attn, ln, ce = "attention B16-H12-T1024-D64 causal", "layer_norm M16384-N768", "cross_entropy M16384-V50304"
+    lce, mlp = "linear_cross_entropy M16384-C768-V50257", "gelu_mlp M16384-C768-H3072"
+    step = "gpt2-124m train step B16-T1024"
+    records = [
+        _row("attention", attn, "triton", "fwd", 0.8, peak=10, tflops=250.0),
+        _row("attention", attn, "sdpa-flash", "fwd", 1.0, peak=10),
+        _row("attention", attn, "sdpa-math", "fwd", 5.0, peak=800),
+        _row("attention", attn, "compile", "fwd", 0.5, peak=10, extra={"first_call_s": 20.0}),
+        _row("attention", attn, "triton", "fwd+bwd", 2.5, peak=50),
+        _row("attention", attn, "sdpa-cudnn", "fwd+bwd", 2.0, peak=50),
+        _row("layer_norm", ln, "triton", "fwd+bwd", 0.1, peak=60, gbps=2900.0),
+        _row("layer_norm", ln, "compile", "fwd+bwd", 0.12, peak=60),
+        _row("cross_entropy", ce, "triton", "fwd+bwd", 1.0, peak=1600),
+        _row("cross_entropy", ce, "eager", "fwd+bwd", 3.0, peak=8000),
+        _row("linear_cross_entropy", lce, "triton", "fwd+bwd", 5.0, peak=400),
+        {"kind": "job", "stage": "kernels", "job": "gelu_mlp", "event": "killed", "reason": "time cap: stopped",
+         "allowance_s": 30.0, "elapsed_s": 30.0},
+        _row("compile-sdpa", step, "compile-sdpa", "step", 40.0, peak=30000, stage="e2e",
+             extra={"tokens_per_s": 400000, "mfu": 0.45, "first_step_s": 50.0, "compile_s": 49.9}),
+        _row("triton-compile", step, "triton-compile", "step", 36.0, peak=25000, stage="e2e",
+             extra={"tokens_per_s": 440000, "mfu": 0.5, "first_step_s": 60.0, "compile_s": 59.9}),
+    ]
+    records.append({**_row("linear_cross_entropy", lce, "eager", "fwd+bwd", None, stage="kernels"),
+                    "error": "OutOfMemoryError: CUDA out of memory"})
+    return records
+
+
+def test_summary_judges_each_goal_from_gpu_rows(tmp_path):
+    headline.write_summary(tmp_path, _gpu_records(), GPU_ENV)
+    lines = (tmp_path / headline.SUMMARY).read_text().splitlines()
+
+    def verdict(goal_text, case=""):
+        (line,) = [l for l in lines if l.startswith(f"| {goal_text} | {case}")]
+        return line.rsplit("|", 2)[-2].strip()
+
+    assert verdict("attention fwd ≥ 1.0× the fastest SDPA backend") == "**met**"  # 1.0/0.8, compile not SDPA
+    assert verdict("attention fwd ≥ 300 TFLOP/s") == "missed by 17%"
+    assert verdict("attention fwd+bwd ≥ 1.0× the fastest SDPA backend") == "missed by 20%"
+    assert verdict("layer_norm fwd+bwd ≥ 1.0× torch.compile") == "**met**"
+    assert verdict("layer_norm fwd+bwd ≥ 80% of HBM bandwidth") == "**met**"  # 2900 / 3350 = 87%
+    assert verdict("cross_entropy fwd+bwd ≥ 2× eager") == "**met**"
+    assert verdict("cross_entropy fwd+bwd ≥ 4× less peak memory than eager") == "**met**"
+    assert verdict("linear_cross_entropy fwd+bwd time ≤ 1.0× lm_head + eager CE") == "not measured"
+    assert verdict("gelu_mlp fwd+bwd ≥ 1.0× torch.compile of the eager MLP") == "not measured"
+    assert verdict("e2e ours compiled ≥ 1.05× compile+SDPA tokens/s") == "**met**"  # 1.10x
+    text = "\n".join(lines)
+    assert "OutOfMemoryError" in text and "killed: time cap" in text
+    assert "attention 20 s" in text  # torch.compile baseline's compile time, reported apart
+    assert "| compile-sdpa | gpt2-124m train step B16-T1024 | 40.0 (40.0-40.0) | 400,000 | 45.0% |" in text
+
+
+def test_plots_from_gpu_rows(tmp_path):
+    headline.write_plots(tmp_path, _gpu_records(), GPU_ENV)
+    for png in (headline.KERNELS_PNG, headline.E2E_PNG):
+        assert (tmp_path / png).stat().st_size > 1000
+
+
+def test_pytest_summary_counts_failures_and_tests_cut_by_the_cap():
+    records = [
+        {"kind": "collected", "stage": "pytest", "job": "pytest", "tests": ["t::a", "t::b", "t::c"]},
+        {"kind": "test", "stage": "pytest", "job": "pytest", "test": "t::a", "outcome": "passed", "when": "call",
+         "duration_s": 1.0, "message": ""},
+        {"kind": "test", "stage": "pytest", "job": "pytest", "test": "t::b", "outcome": "failed", "when": "call",
+         "duration_s": 1.0, "message": "E   AssertionError: max abs err 0.5"},
+        {"kind": "job", "stage": "pytest", "job": "pytest", "event": "killed", "reason": "time cap: stopped",
+         "allowance_s": 60.0, "elapsed_s": 60.0},
+    ]
+    text = headline._pytest_text(records)
+    assert text.startswith("3 collected: 1 passed, 1 failed, 0 skipped, 1 not run (killed: time cap")
+    assert "FAILED `t::b`" in text and "max abs err 0.5" in text
