@@ -3,6 +3,8 @@ interpreter, so the GPU path cannot rot unseen; the budget, the job time cap, bo
 and the goal verdicts (which only a GPU run reaches) are checked here too."""
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -86,6 +88,16 @@ def test_a_job_past_its_time_cap_is_killed(tmp_path):
     event, reason = headline._launch(headline.JOBS_BY_NAME["attention"], 0.5, args, tmp_path)
     assert event == "killed" and "time cap" in reason
     assert "kernels/attention" in (tmp_path / headline.RUN_LOG).read_text()
+
+
+def test_pytest_job_runs_gpt2_sized_tests_first_and_stops_at_its_deadline(tmp_path):
+    subprocess.run([sys.executable, "-m", "bench.headline", "--job", "pytest", "--out", str(tmp_path),
+                    "--deadline", "0", "--quick"], cwd=headline.ROOT, check=True, capture_output=True)
+    records = _records(tmp_path)
+    assert [r["kind"] for r in records] == ["collected", "test", "pytest-exit"]
+    collected, test, exit_ = records
+    assert len(collected["tests"]) > 1 and "gpt2_size" in test["test"]  # one test, then the cap
+    assert exit_["rc"] == pytest.ExitCode.INTERRUPTED
 
 
 def test_cpu_without_interpreter_and_quick_refuses(monkeypatch):
