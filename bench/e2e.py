@@ -18,6 +18,7 @@ STACKS = {  # provider -> (kernels, compile)
     "triton": ("triton", False),
     "triton-compile": ("triton", True),
 }
+COMPILE_NEEDS_CUDA = "skipped: torch.compile stacks run on CUDA only (not on CPU --quick)"
 
 
 def setup(quick):
@@ -57,9 +58,6 @@ def run(dtype=torch.bfloat16, quick=False, batch_sizes=None, stacks=None, warmup
             rows.append(record(_measure_stack(config, kernels, compile_model, B, T, device, peak, warmup,
                                               reps, case, provider, shape)))
     return rows
-
-
-COMPILE_NEEDS_CUDA = "skipped: torch.compile stacks run on CUDA only (not on CPU --quick)"
 
 
 def _measure_stack(config, kernels, compile_model, B, T, device, peak, warmup, reps, case, provider, shape):

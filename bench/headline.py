@@ -754,7 +754,7 @@ def parse_args(argv):
     p.add_argument("--stages", default=",".join(STAGES),
                    help=f"comma-separated subset of {','.join(STAGES)} (env and summary always run)")
     p.add_argument("--max-configs", type=int, default=4,
-                   help="autotuned kernels benchmark at most this many candidates, first first (0: all)")
+                   help="autotuned kernels benchmark at most this many candidates, in their listed order (0: all)")
     p.add_argument("--pytest-max-configs", type=int, default=1,
                    help="the same bound inside pytest (default 1: each kernel's hand-picked config)")
     p.add_argument("--commit", default=None, help="commit to record when the copy has no .git")
