@@ -212,11 +212,11 @@ class Row:
 @dataclass
 class Session:
     """What a caller asked of measure(): `sink(row)` gets every row as soon as it exists, rows are
-    skipped (with a reason) once time.monotonic() passes `deadline`, and only the cases for which
-    `select(case)` is true are measured (the others give an unrecorded "not selected" row)."""
+    skipped (with a reason) once time.monotonic() passes `deadline`, and only what
+    `select(case, provider)` accepts is measured (the rest gives an unrecorded "not selected" row)."""
     sink: Optional[Callable[[Row], None]] = None
     deadline: Optional[float] = None
-    select: Optional[Callable[[str], bool]] = None
+    select: Optional[Callable[[str, str], bool]] = None
 
 
 _session = Session()
@@ -244,7 +244,7 @@ def measure(bench, case, provider, mode, fn, shape, dtype, flops=None, nbytes=No
             quick=False, memory=True, extra=None):
     """Time fn and return a Row (a failing provider gives a Row with `error` instead of raising).
     extra["first_call_s"]: the first, untimed call (torch.compile and autotuning happen there)."""
-    if _session.select is not None and not _session.select(case):
+    if _session.select is not None and not _session.select(case, provider):
         return Row(bench, case, provider, mode, shape, dtype, None, error=NOT_SELECTED)
     if _session.deadline is not None and time.monotonic() > _session.deadline:
         return record(Row(bench, case, provider, mode, shape, dtype, None,

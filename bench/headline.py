@@ -12,7 +12,7 @@ Stages, in order; everything is written the moment it exists, so a kill keeps wh
 Every row, test outcome, autotuning and stage event goes to results.jsonl (one JSON object a line,
 `kind` says which); the jobs' output goes to run.log.
 
-Budget: after env, stages pytest / kernels / e2e get 18% / 42% / 40% of what is left (time a stage
+Budget: after env, stages pytest / kernels / e2e get 15% / 45% / 40% of what is left (time a stage
 does not use rolls over to the next), and each job of a stage a weighted part of its stage's time.
 A job whose part is below what it needs at minimum skips itself with the reason. Each job runs in
 its own process (a hang or a CUDA error in one cannot take the next down): after 80% of its part it
@@ -44,7 +44,7 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS, SUMMARY, ENV, PYTEST_LOG, RUN_LOG = "results.jsonl", "summary.md", "env.json", "pytest.log", "run.log"
 KERNELS_PNG, E2E_PNG = "kernels.png", "e2e.png"
 OUTPUTS = (RESULTS, SUMMARY, ENV, PYTEST_LOG, RUN_LOG, KERNELS_PNG, E2E_PNG)
-STAGE_SHARES = {"pytest": 0.18, "kernels": 0.42, "e2e": 0.40}
+STAGE_SHARES = {"pytest": 0.15, "kernels": 0.45, "e2e": 0.40}
 SUMMARY_RESERVE_S = 10.0  # kept back from the stages for the summary and plots
 SOFT_DEADLINE = 0.8  # fraction of a job's time after which it starts no new measurement
 OURS = "triton"  # providers whose name starts with this are ours; every other provider is a baseline
@@ -84,18 +84,20 @@ class Job:
     weight: float  # its part of the stage's time, relative to the stage's other jobs
     min_s: float  # on a GPU, skip when less time than this is left for it (start-up, compile, timing)
     run: Callable[[JobContext], None]
-    select: Optional[Callable[[str], bool]] = None  # which cases of its bench module to measure
-    needs_cuda: bool = False
+    select: Optional[Callable[[str, str], bool]] = None  # which (case, provider) of its modules to measure
+    needs_cuda: bool = False  # torch.compile on CPU is not run here
 
 
 def _dtype():
     return torch.bfloat16 if has_cuda() else torch.float32  # the interpreter mis-loads bf16
 
 
-def _kernel_job(module_name, size_key):
+def _kernel_job(*runs):
+    """Run bench.<module>.run at sizes(quick)[key] for each (module, key), in order."""
     def run(ctx):
-        module = importlib.import_module(f"bench.{module_name}")
-        module.run(_dtype(), quick=ctx.quick, sizes=sizes(ctx.quick)[size_key])
+        for module_name, size_key in runs:
+            module = importlib.import_module(f"bench.{module_name}")
+            module.run(_dtype(), quick=ctx.quick, sizes=sizes(ctx.quick)[size_key])
     return run
 
 
@@ -119,19 +121,26 @@ def _pytest_job(ctx):
     ctx.write("pytest-exit", rc=int(rc))
 
 
-def _first_word_in(*words):
-    return lambda case: case.split()[0] in words
+def _without_compile(*ops):
+    """Every provider but the torch.compile baseline, for cases whose first word is in ops (any if none)."""
+    return lambda case, provider: provider != "compile" and (not ops or case.split()[0] in ops)
 
 
+# Kernels are measured first without their torch.compile baseline (two graph compiles each), which
+# then run together in one job, those that goals need first; attention at T=2048 comes last.
 JOBS = (
     Job("pytest", "pytest", 1.0, 30, _pytest_job),
-    Job("kernels", "attention", 3.0, 30, _kernel_job("attention", "attention")),
-    Job("kernels", "layer_norm", 1.0, 15, _kernel_job("layer_norm", "layer_norm")),
-    Job("kernels", "cross_entropy", 2.5, 30, _kernel_job("cross_entropy", "cross_entropy")),
-    Job("kernels", "linear_cross_entropy", 2.0, 25, _kernel_job("cross_entropy", "linear_cross_entropy")),
-    Job("kernels", "gelu_mlp", 2.0, 25, _kernel_job("gelu_mlp", "gelu_mlp"),
-        select=_first_word_in("gelu_mlp", "matmul")),
-    Job("kernels", "attention-T2048", 1.5, 25, _kernel_job("attention", "attention-T2048")),
+    Job("kernels", "attention", 2.0, 20, _kernel_job(("attention", "attention")), _without_compile()),
+    Job("kernels", "layer_norm", 0.7, 10, _kernel_job(("layer_norm", "layer_norm")), _without_compile()),
+    Job("kernels", "cross_entropy", 1.5, 15, _kernel_job(("cross_entropy", "cross_entropy")), _without_compile()),
+    Job("kernels", "linear_cross_entropy", 1.2, 15, _kernel_job(("cross_entropy", "linear_cross_entropy")),
+        _without_compile()),
+    Job("kernels", "gelu_mlp", 1.5, 20, _kernel_job(("gelu_mlp", "gelu_mlp")), _without_compile("gelu_mlp", "matmul")),
+    Job("kernels", "compile-baselines", 4.0, 30,
+        _kernel_job(("layer_norm", "layer_norm"), ("gelu_mlp", "gelu_mlp"), ("attention", "attention"),
+                    ("cross_entropy", "cross_entropy"), ("cross_entropy", "linear_cross_entropy")),
+        lambda case, provider: provider == "compile" and case.split()[0] != "linear_gelu", needs_cuda=True),
+    Job("kernels", "attention-T2048", 1.2, 15, _kernel_job(("attention", "attention-T2048")), _without_compile()),
     Job("e2e", "eager-sdpa", 1.0, 12, _e2e_job("eager-sdpa")),
     Job("e2e", "triton", 1.5, 20, _e2e_job("triton")),
     Job("e2e", "compile-sdpa", 3.5, 45, _e2e_job("compile-sdpa"), needs_cuda=True),
@@ -348,7 +357,7 @@ def run_stage(stage, stages, budget, args, out, results, env, log):
             allowance = left * job.weight / sum(j.weight for j in runnable[runnable.index(job):])
         start = time.monotonic()
         if job not in runnable:
-            event, reason = "skipped", "needs CUDA: torch.compile stacks run on the GPU only"
+            event, reason = "skipped", "needs CUDA: torch.compile runs on the GPU only here"
         elif allowance < _min_s(job):
             event, reason = "skipped", (f"budget: {allowance:.0f} s left for it, it needs about "
                                         f"{_min_s(job):.0f} s")
@@ -608,10 +617,10 @@ def write_summary(out, records, env, budget=None):
     compiled = {}
     for r in rows.rows:
         if r["stage"] == "kernels" and r["provider"] == "compile" and r["extra"].get("first_call_s") is not None:
-            compiled[r["job"]] = compiled.get(r["job"], 0.0) + r["extra"]["first_call_s"]
+            compiled[r["case"]] = compiled.get(r["case"], 0.0) + r["extra"]["first_call_s"]
     if compiled:
-        md += ["", "torch.compile baselines, first calls of fwd / bwd / fwd+bwd together (compilation): "
-               + ", ".join(f"{job} {s:.0f} s" for job, s in compiled.items()) + "."]
+        md += ["", "torch.compile baselines, first calls of fwd, bwd and fwd+bwd together (compilation): "
+               + ", ".join(f"{case} {s:.0f} s" for case, s in compiled.items()) + "."]
 
     md += ["", "## End to end: one training step (fwd + bwd + AdamW, bf16 autocast on CUDA)", "",
            "| stack | case | ms/step (p20-p80) | tokens/s | MFU | peak MB | first step s | compile s |",

@@ -45,7 +45,7 @@ def test_session_hands_over_rows_selects_cases_and_stops_at_the_deadline():
     def run(case):
         return measure("b", case, "p", "fwd", fn, {}, "float32", quick=True)
 
-    with session(sink=got.append, select=lambda case: case != "other"):
+    with session(sink=got.append, select=lambda case, provider: case != "other" and provider == "p"):
         kept, other = run("case"), run("other")
     assert got == [kept] and kept.median_ms >= 0 and kept.extra["first_call_s"] >= 0 and calls
     assert other.error == NOT_SELECTED
