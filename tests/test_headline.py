@@ -243,3 +243,22 @@ def test_pytest_summary_counts_failures_and_tests_cut_by_the_cap():
     text = headline._pytest_text(records)
     assert text.startswith("3 collected: 1 passed, 1 failed, 0 skipped, 1 not run (killed: time cap")
     assert "FAILED `t::b`" in text and "max abs err 0.5" in text
+
+
+def _fake_nvidia_smi(tmp_path, monkeypatch, script):
+    fake = tmp_path / "nvidia-smi"
+    fake.write_text("#!/bin/sh\n" + script + "\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+
+
+def test_nvidia_smi_fields_it_cannot_read_are_left_out(tmp_path, monkeypatch):
+    _fake_nvidia_smi(tmp_path, monkeypatch, 'echo "NVIDIA H100 80GB HBM3, 580.1, [N/A]"')
+    assert headline._nvidia_smi(("name", "driver_version", "clocks.sm")) == {
+        "name": "NVIDIA H100 80GB HBM3", "driver_version": "580.1"}
+
+
+def test_nvidia_smi_asks_one_field_at_a_time_when_a_field_is_unknown(tmp_path, monkeypatch):
+    _fake_nvidia_smi(tmp_path, monkeypatch,
+                     'case "$3" in *,*) exit 2;; *=clocks.sm) echo 1980;; *=name) echo H100;; *) exit 2;; esac')
+    assert headline._nvidia_smi(("name", "clocks.sm", "no.such.field")) == {"name": "H100", "clocks.sm": "1980"}
