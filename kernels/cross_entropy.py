@@ -39,18 +39,52 @@ from kernels.utils import autocast_disabled, autocast_dtype, cast_floats, check_
 
 
 @triton.jit
+def _load_block(row_ptr, offs, num_cols, num_classes, TAIL: tl.constexpr):
+    """x[offs] in fp32. TAIL: the blocks past the last whole block of classes, where columns
+    >= num_classes are -inf; the others load unmasked (every column a class)."""
+    if TAIL:
+        # masked on num_cols (the padded, 16-divisible width) so the loads stay vectorized
+        x = tl.load(row_ptr + offs, mask=offs < num_cols, other=float("-inf")).to(tl.float32)
+        return tl.where(offs < num_classes, x, float("-inf"))
+    return tl.load(row_ptr + offs).to(tl.float32)
+
+
+@triton.jit
+def _lse_block(row_ptr, offs, running_max, running_sum, num_cols, num_classes, TAIL: tl.constexpr):
+    """One online-logsumexp step over a V-block: (max, sum exp(x - max)) updated, in fp32."""
+    x = _load_block(row_ptr, offs, num_cols, num_classes, TAIL)
+    new_max = tl.maximum(running_max, tl.max(x, axis=0))
+    running_sum = running_sum * tl.exp(running_max - new_max) + tl.sum(tl.exp(x - new_max), axis=0)
+    return new_max, running_sum
+
+
+@triton.jit
+def _grad_block(row_ptr, grad_row_ptr, offs, target, row_max, log_norm, scale, num_cols, num_classes,
+                TAIL: tl.constexpr):
+    """grad[offs] = (softmax - one_hot(target)) * scale, softmax = exp((x - row_max) - log_norm);
+    0 past num_classes (exp(-inf))."""
+    x = _load_block(row_ptr, offs, num_cols, num_classes, TAIL)
+    grad = tl.exp((x - row_max) - log_norm) - tl.where(offs == target, 1.0, 0.0)
+    grad = (grad * scale).to(grad_row_ptr.dtype.element_ty)
+    if TAIL:
+        tl.store(grad_row_ptr + offs, grad, mask=offs < num_cols)
+    else:
+        tl.store(grad_row_ptr + offs, grad)
+
+
+@triton.jit
 def _store_grad_row(logits_row_ptr, grad_row_ptr, target, row_max, log_norm, scale, num_cols, num_classes,
                     BLOCK_V: tl.constexpr):
-    """grad row = (softmax - one_hot(target)) * scale over V-blocks; 0 past num_classes and for ignored
-    rows (scale 0). softmax = exp((x - row_max) - log_norm)."""
+    """The grad row over V-blocks: whole blocks of classes unmasked, then the tail. scale is 0 for
+    ignored rows."""
     cols = tl.arange(0, BLOCK_V)
-    for start in range(0, num_cols, BLOCK_V):
-        offs = start + cols
-        mask = offs < num_cols  # num_cols (the padded width) keeps the loads vectorized
-        x = tl.load(logits_row_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        prob = tl.where(offs < num_classes, tl.exp((x - row_max) - log_norm), 0.0)
-        grad = prob - tl.where(offs == target, 1.0, 0.0)
-        tl.store(grad_row_ptr + offs, (grad * scale).to(grad_row_ptr.dtype.element_ty), mask=mask)
+    num_whole = (num_classes // BLOCK_V) * BLOCK_V
+    for start in range(0, num_whole, BLOCK_V):
+        _grad_block(logits_row_ptr, grad_row_ptr, start + cols, target, row_max, log_norm, scale,
+                    num_cols, num_classes, False)
+    for start in range(num_whole, num_cols, BLOCK_V):
+        _grad_block(logits_row_ptr, grad_row_ptr, start + cols, target, row_max, log_norm, scale,
+                    num_cols, num_classes, True)
 
 
 @triton.jit
@@ -73,16 +107,16 @@ def _cross_entropy_fwd_kernel(
     is_valid = target != ignore_index
     in_range = (target >= 0) & (target < num_classes)  # never read outside the row, even for bad targets
 
-    # Online logsumexp over V-blocks, in fp32; columns past num_classes are -inf.
+    # Online logsumexp over V-blocks, in fp32: whole blocks of classes, then the tail (padding -inf).
     running_max = float("-inf")
     running_sum = 0.0
-    for start in range(0, num_cols, BLOCK_V):
-        offs = start + cols
-        x = tl.load(logits_row_ptr + offs, mask=offs < num_cols, other=float("-inf")).to(tl.float32)
-        x = tl.where(offs < num_classes, x, float("-inf"))
-        new_max = tl.maximum(running_max, tl.max(x, axis=0))
-        running_sum = running_sum * tl.exp(running_max - new_max) + tl.sum(tl.exp(x - new_max), axis=0)
-        running_max = new_max
+    num_whole = (num_classes // BLOCK_V) * BLOCK_V
+    for start in range(0, num_whole, BLOCK_V):
+        running_max, running_sum = _lse_block(logits_row_ptr, start + cols, running_max, running_sum,
+                                              num_cols, num_classes, False)
+    for start in range(num_whole, num_cols, BLOCK_V):
+        running_max, running_sum = _lse_block(logits_row_ptr, start + cols, running_max, running_sum,
+                                              num_cols, num_classes, True)
     log_norm = tl.log(running_sum)
 
     target_logit = tl.load(logits_row_ptr + target, mask=is_valid & in_range, other=0.0).to(tl.float32)
@@ -302,6 +336,7 @@ def linear_cross_entropy_fwd(
                     grad_weight = logits.T @ x_chunk  # (V, C)
                 else:
                     _matmul_into_fp32(grad_weight_acc, logits.T, x_chunk, accumulate=start > 0)
+            del logits  # freed before the next chunk's logits are allocated
         loss = loss_rows.sum() / count[0]
         if not compute_grad:
             return loss, x.new_empty((0,)), weight.new_empty((0,))

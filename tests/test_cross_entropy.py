@@ -241,6 +241,7 @@ def test_cross_entropy_large_logits_vs_fp64(dtype, device):
 PAD_CASES = [
     pytest.param(7, 97, 128, id="M7-V97-pad128"),
     pytest.param(5, 300, 1100, id="M5-V300-pad1100"),  # whole V-blocks of padding (interpreter BLOCK_V 512)
+    pytest.param(4, 512, 1100, id="M4-V512-pad1100"),  # classes end on a block boundary
     pytest.param(3, 50257, 50304, id="M3-V50257-pad50304"),
 ]
 
