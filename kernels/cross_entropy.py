@@ -150,6 +150,57 @@ def _cross_entropy_bwd_kernel(
                     num_cols, num_classes, BLOCK_V)
 
 
+@triton.jit(do_not_specialize=["M", "M_BUCKET"])
+def _linear_cross_entropy_lse_kernel(
+    x_ptr,  # (M, C)
+    w_ptr,  # (V, C); rows >= num_classes are never read
+    targets_ptr,  # (M,) int64
+    part_ptr,  # (S, M, 3) fp32 out: per V-split and row, max, sum exp(logit - max), target logit (0 elsewhere)
+    M, C, num_classes, M_BUCKET,
+    stride_xm, stride_wv,
+    INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """Logits of x @ w.T tile by tile (fp32 accumulator over C) folded into an online logsumexp per
+    row over this program's share of the classes; the logits never reach memory.
+    Grid (cdiv(M, BLOCK_M), S). M_BUCKET (next power of two of M) is the autotuner's key, unused here."""
+    pid_m = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    cols_per_split = tl.cdiv(tl.cdiv(num_classes, tl.num_programs(1)), BLOCK_V) * BLOCK_V
+    v_begin = pid_s * cols_per_split
+    v_end = tl.minimum(v_begin + cols_per_split, num_classes)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < M
+    targets = tl.load(targets_ptr + rows, mask=row_ok, other=-1)
+    x_rows = x_ptr + rows.to(tl.int64)[:, None] * stride_xm  # (BLOCK_M, 1)
+    offs_k = tl.arange(0, BLOCK_K)
+    offs_v = tl.arange(0, BLOCK_V)
+
+    row_max = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+    row_sum = tl.zeros((BLOCK_M,), tl.float32)
+    target_logit = tl.zeros((BLOCK_M,), tl.float32)
+    for v_start in range(v_begin, v_end, BLOCK_V):
+        cols = v_start + offs_v
+        col_ok = cols < v_end
+        w_cols = w_ptr + cols.to(tl.int64)[None, :] * stride_wv  # (1, BLOCK_V)
+        acc = tl.zeros((BLOCK_M, BLOCK_V), tl.float32)
+        for k_start in range(0, C, BLOCK_K):
+            k = k_start + offs_k
+            a = tl.load(x_rows + k[None, :], mask=row_ok[:, None] & (k[None, :] < C), other=0.0)  # (BLOCK_M, BLOCK_K)
+            b = tl.load(w_cols + k[:, None], mask=col_ok[None, :] & (k[:, None] < C), other=0.0)  # (BLOCK_K, BLOCK_V)
+            acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+        logits = tl.where(col_ok[None, :], acc, float("-inf"))
+        new_max = tl.maximum(row_max, tl.max(logits, axis=1))
+        row_sum = row_sum * tl.exp(row_max - new_max) + tl.sum(tl.exp(logits - new_max[:, None]), axis=1)
+        row_max = new_max
+        target_logit += tl.sum(tl.where(cols[None, :] == targets[:, None], acc, 0.0), axis=1)
+
+    out = part_ptr + (pid_s.to(tl.int64) * M + rows) * 3
+    tl.store(out, row_max, mask=row_ok)
+    tl.store(out + 1, row_sum, mask=row_ok)
+    tl.store(out + 2, target_logit, mask=row_ok)
+
+
 def _config(num_cols: int):
     """(BLOCK_V, num_warps) for a row of `num_cols` logits, walked in BLOCK_V blocks."""
     if is_interpreter():
@@ -255,6 +306,66 @@ def default_chunk_size(num_rows: int, vocab: int, hidden: int, elem_size: int = 
     return min(triton.cdiv(rows, 64) * 64, num_rows)
 
 
+# Fused no-grad linear + cross-entropy: candidate tiles (BLOCK_M, BLOCK_V, BLOCK_K, num_warps, num_stages),
+# the hand-picked one first; the autotuner picks on the GPU (not timed here).
+def _lse_tiles(dtype: torch.dtype) -> list:
+    if dtype == torch.float32:
+        return [(64, 64, 32, 4, 2), (32, 64, 32, 4, 2)]
+    return [(128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (64, 256, 64, 8, 3), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4)]
+
+
+def _lse_config(tile) -> triton.Config:
+    block_m, block_v, block_k, num_warps, num_stages = tile
+    return triton.Config({"BLOCK_M": block_m, "BLOCK_V": block_v, "BLOCK_K": block_k},
+                         num_warps=num_warps, num_stages=num_stages)
+
+
+def _linear_cross_entropy_lse_configs() -> list:
+    """Under the interpreter one small config (tl.dot needs 16); on GPU every candidate, narrowed to
+    the launch's dtype by _keep_lse_candidates."""
+    if is_interpreter():
+        return [_lse_config((16, 32, 16, 1, 1))]
+    tiles = dict.fromkeys(t for dt in (torch.float16, torch.float32) for t in _lse_tiles(dt))
+    return [_lse_config(t) for t in tiles]
+
+
+def _keep_lse_candidates(configs, named_args, **kwargs):
+    wanted = _lse_tiles(named_args["x_ptr"].dtype)
+    by_tile = {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_V"], c.kwargs["BLOCK_K"], c.num_warps, c.num_stages): c
+               for c in configs}
+    return [by_tile[t] for t in wanted if t in by_tile] or configs
+
+
+# Every launch overwrites all of its outputs (no accumulation), so benchmarking needs no reset.
+_linear_cross_entropy_lse = triton.autotune(
+    configs=_linear_cross_entropy_lse_configs(), key=["M_BUCKET", "C", "num_classes"],
+    prune_configs_by={"early_config_prune": _keep_lse_candidates},
+)(_linear_cross_entropy_lse_kernel)
+
+
+def _lse_splits(num_rows: int, num_classes: int) -> int:
+    """V-splits S of the fused loss: about 1024 programs at 128 rows each, at least 512 classes a split."""
+    return max(1, min(triton.cdiv(1024, triton.cdiv(num_rows, 128)), triton.cdiv(num_classes, 512)))
+
+
+def _linear_cross_entropy_rows(x, weight, targets, ignore_index, num_classes):
+    """Per-row losses (M,) fp32 of cross_entropy(x @ weight[:num_classes].T) by the fused kernel
+    (no logits in memory); x (M, C) and weight (V, C) row-major in one dtype."""
+    num_rows, hidden = x.shape
+    splits = _lse_splits(num_rows, num_classes)
+    part = torch.empty((splits, num_rows, 3), dtype=torch.float32, device=x.device)
+    if num_rows > 0:
+        grid = lambda meta: (triton.cdiv(num_rows, meta["BLOCK_M"]), splits)  # noqa: E731
+        _linear_cross_entropy_lse[grid](
+            x, weight, targets, part, num_rows, hidden, num_classes, triton.next_power_of_2(num_rows),
+            x.stride(0), weight.stride(0),
+            INPUT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32")
+    row_max = part[..., 0].amax(dim=0)  # (M,)
+    log_norm = torch.log((part[..., 1] * torch.exp(part[..., 0] - row_max)).sum(dim=0))
+    loss_rows = log_norm - (part[..., 2].sum(dim=0) - row_max)
+    return torch.where(targets != ignore_index, loss_rows, 0.0)
+
+
 _FP32_OUT_MATMUL = {}  # device type -> how low-precision products reach an fp32 output; filled on first use
 
 
@@ -302,11 +413,12 @@ def linear_cross_entropy_fwd(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """cross_entropy(x @ weight.T, targets) without the (M, V) logits: x (M, C), weight (V, C), targets (M,).
 
-    The products run in x's dtype (weight is cast to it once). Rows go in chunks of `chunk_size`:
-    logits (chunk, V) by matmul, then the Triton kernel writes loss and d(loss)/d(logits) over them in
-    place; dx rows go straight into grad_x and dW is summed over the chunks in fp32. Rows of weight
-    past num_classes (default: none) are not classes. With compute_grad the grads of the (unscaled)
-    loss come back: grad_x (M, C) in x's dtype and grad_weight (V, C) in weight's dtype; otherwise both
+    The products run in x's dtype (weight is cast to it once); rows of weight past num_classes
+    (default: none) are not classes. With compute_grad, rows go in chunks of `chunk_size`: logits
+    (chunk, V) by matmul, then the Triton kernel writes loss and d(loss)/d(logits) over them in place;
+    dx rows go straight into grad_x and dW is summed over the chunks in fp32. The grads of the
+    (unscaled) loss come back: grad_x (M, C) in x's dtype and grad_weight (V, C) in weight's dtype.
+    Without compute_grad one fused kernel computes the loss with no logits in memory and both grads
     are empty (0,) tensors. Returns (loss () fp32, grad_x, grad_weight). No host sync.
     """
     with autocast_disabled(x.device.type):
@@ -314,36 +426,38 @@ def linear_cross_entropy_fwd(
         num_rows, hidden = x.shape
         vocab = weight.shape[0]
         num_classes = vocab if num_classes is None else num_classes
-        weight_in = weight.to(x.dtype)  # (V, C); no copy when the dtypes already match
+        weight_in = _row_major(weight.to(x.dtype))  # (V, C); no copy when the dtypes already match
         count = _num_valid(targets, ignore_index)  # (1,) global count: right normalisation across chunks
+        if not compute_grad:
+            loss_rows = _linear_cross_entropy_rows(x, weight_in, targets, ignore_index, num_classes)
+            return loss_rows.sum() / count[0], x.new_empty((0,)), weight.new_empty((0,))
+
         grad_scale = 1.0 / count
         loss_rows = torch.empty((num_rows,), dtype=torch.float32, device=x.device)
         stats = torch.empty((num_rows, 2), dtype=torch.float32, device=x.device)
-        single_product = compute_grad and chunk_size >= num_rows and weight.dtype == x.dtype
-        if compute_grad:
-            grad_x = torch.empty((num_rows, hidden), dtype=x.dtype, device=x.device)
-            if not single_product:  # fp32 sum over the chunks (it is grad_weight itself for fp32 weights)
-                grad_weight_acc = torch.empty((vocab, hidden), dtype=torch.float32, device=x.device)
+        grad_x = torch.empty((num_rows, hidden), dtype=x.dtype, device=x.device)
+        # One product over all rows accumulates in fp32 inside the matmul; otherwise an fp32 sum over
+        # the chunks (grad_weight itself for fp32 weights).
+        single_product = chunk_size >= num_rows and weight.dtype == x.dtype
+        if num_rows == 0:
+            grad_weight = torch.zeros_like(weight)
+        elif not single_product:
+            grad_weight_acc = torch.empty((vocab, hidden), dtype=torch.float32, device=x.device)
         for start in range(0, num_rows, chunk_size):
             end = min(start + chunk_size, num_rows)
             x_chunk = x[start:end]  # (m, C)
             logits = x_chunk @ weight_in.T  # (m, V), fresh: the kernel overwrites it with its grad
             _launch_fwd(logits, targets[start:end], loss_rows[start:end], stats[start:end],
-                        logits if compute_grad else None, grad_scale, ignore_index, num_classes)
-            if compute_grad:
-                torch.matmul(logits, weight_in, out=grad_x[start:end])  # (m, C)
-                if single_product:  # one product over all rows: fp32 accumulation inside the matmul
-                    grad_weight = logits.T @ x_chunk  # (V, C)
-                else:
-                    _matmul_into_fp32(grad_weight_acc, logits.T, x_chunk, accumulate=start > 0)
+                        logits, grad_scale, ignore_index, num_classes)
+            torch.matmul(logits, weight_in, out=grad_x[start:end])  # (m, C)
+            if single_product:
+                grad_weight = logits.T @ x_chunk  # (V, C)
+            else:
+                _matmul_into_fp32(grad_weight_acc, logits.T, x_chunk, accumulate=start > 0)
             del logits  # freed before the next chunk's logits are allocated
-        loss = loss_rows.sum() / count[0]
-        if not compute_grad:
-            return loss, x.new_empty((0,)), weight.new_empty((0,))
-        if num_rows == 0:
-            grad_weight = torch.zeros_like(weight)
-        elif not single_product:
+        if num_rows > 0 and not single_product:
             grad_weight = grad_weight_acc.to(weight.dtype)
+        loss = loss_rows.sum() / count[0]
     return loss, grad_x, grad_weight
 
 

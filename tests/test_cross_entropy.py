@@ -335,6 +335,45 @@ def test_linear_cross_entropy_launcher_and_no_grad(device):
         assert_close(linear_cross_entropy(x, weight, targets, chunk_size=8), loss_ref, atol=1e-5, name="no_grad loss")
 
 
+@pytest.mark.parametrize("num_rows, hidden, num_classes, padded, ignored", [
+    pytest.param(37, 24, 97, 97, "some", id="M37-C24-V97"),
+    pytest.param(20, 40, 1100, 1100, "none", id="M20-C40-V1100-3splits"),  # K tail, several V-splits
+    pytest.param(9, 16, 300, 320, "some", id="M9-C16-V300-pad320"),
+    pytest.param(6, 16, 60, 60, "all", id="M6-C16-V60-all-ignored"),
+])
+def test_linear_cross_entropy_no_grad_fused(num_rows, hidden, num_classes, padded, ignored, device):
+    # No grad: one fused kernel (matmul + online logsumexp), the logits never in memory.
+    x, weight, targets, _ = _lce_inputs(num_rows, hidden, padded, ignored, torch.float32, device, seed=30)
+    targets = targets.clamp(max=num_classes - 1).where(targets != IGNORE, IGNORE)
+    weight[num_classes:] = 30.0
+    with torch.no_grad():
+        loss = linear_cross_entropy(x, weight, targets, num_classes=num_classes)
+    loss_ref = _ref64_lce(x, weight, targets, num_classes)
+    assert loss.dtype == torch.float32
+    assert_close(loss, loss_ref, atol=1e-5, rtol=1e-6, name="loss")
+    if ignored == "all":
+        assert loss.item() == 0.0
+
+
+def test_linear_cross_entropy_no_grad_empty_splits(device, monkeypatch):
+    # More V-splits than the classes fill: the empty ones (max -inf, sum 0) drop out of the combine.
+    from kernels import cross_entropy as ce
+    monkeypatch.setattr(ce, "_lse_splits", lambda num_rows, num_classes: 8)
+    x, weight, targets, _ = _lce_inputs(11, 16, 50, "some", torch.float32, device, seed=31)
+    loss, _, _ = linear_cross_entropy_fwd(x, weight, targets, IGNORE, 11, False)
+    assert_close(loss, _ref64_lce(x, weight, targets), atol=1e-5, rtol=1e-6, name="loss")
+
+
+def test_linear_cross_entropy_no_grad_fp16(device):
+    # fp16 tiles, fp32 accumulation; the logits are never rounded to fp16 here (PyTorch's are).
+    x, weight, targets, _ = _lce_inputs(37, 32, 300, "some", torch.float16, device, seed=32)
+    with torch.no_grad():
+        loss = linear_cross_entropy(x, weight, targets)
+        loss16 = reference.linear_cross_entropy(x, weight, targets, IGNORE, upcast=False)
+    loss64 = _ref64_lce(x, weight, targets)
+    assert_close_to_ref(loss, loss16, loss64, atol=1e-6, name="loss")
+
+
 def test_linear_cross_entropy_chunk_size_independent(device):
     x, weight, targets, grad_loss = _lce_inputs(40, 16, 130, "some", torch.float32, device, seed=2)
     results = [_loss_and_grads(linear_cross_entropy, [x, weight], grad_loss, targets, chunk_size=c)
@@ -595,3 +634,15 @@ def test_linear_cross_entropy_fp32_out_products_gpu(device):
         [x.bfloat16().float(), weight.bfloat16().float()], grad_loss, targets)
     for name, a, b, r in zip(("loss", "grad_x", "grad_weight"), runs[0], torch_amp, ref):
         assert_close_to_ref(a, b, r, atol=1e-6, name=name)
+
+
+@pytest.mark.gpu
+def test_linear_cross_entropy_no_grad_gpt2_size_bf16(device):
+    # bf16 tl.dot is tested here only: the interpreter multiplies bf16 tiles as their uint16 storage.
+    x, weight, targets, _ = _lce_inputs(4096, 768, 50304, "some", torch.bfloat16, device, seed=33)
+    targets = targets.clamp(max=50256).where(targets != IGNORE, IGNORE)
+    with torch.no_grad():
+        loss = linear_cross_entropy(x, weight, targets, num_classes=50257)
+        loss16 = reference.linear_cross_entropy(x, weight, targets, IGNORE, num_classes=50257, upcast=False)
+        loss32 = reference.linear_cross_entropy(x, weight, targets, IGNORE, num_classes=50257)
+    assert_close_to_ref(loss, loss16, loss32, atol=1e-4, name="loss")
