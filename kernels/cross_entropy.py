@@ -1,4 +1,4 @@
-"""Fused cross-entropy (online logsumexp over V-blocks) and chunked linear + cross-entropy.
+"""Fused cross-entropy (online logsumexp over V-blocks) and linear + cross-entropy (chunked with grads, one fused kernel without).
 
 The loss is the mean over rows whose target is not `ignore_index` (0 when every row is ignored), in fp32.
 The count of such rows stays a device tensor: nothing here syncs with the host except the optional,
@@ -13,21 +13,23 @@ Padded vocabularies: logits (M, V) and weight (V, C) may carry rows/columns past
 `num_classes` names the real ones: the others are -inf inside the kernel, so they add nothing to the
 loss and get zero gradient; targets must be < num_classes.
 
-linear_cross_entropy = cross_entropy(x @ weight.T) without the (M, V) logits. Cost at GPT-2 124M
-(M = B·1024 rows, C = 768, V = 50304, bf16; H100 ~800 TFLOP/s bf16, ~3 TB/s; one 2·M·V·C product is
-1.27 TFLOP ≈ 1.6 ms at B = 16):
-- eager lm_head + F.cross_entropy (autocast): 3 products (logits, dx, dW) plus the logits in bf16 and
-  fp32 several times over: 42 GB at B = 16, 11 GB at B = 4 (fwd+bwd traffic trace), peak 9.3 GB / 2.4 GB.
-- CCE-style fully fused (logits never in memory): forward 1 product; a deterministic backward (no
-  atomics) must recompute the logits once for dx and once for dW, and a (BLOCK, 768) fp32 accumulator
-  does not fit in registers, so C is split and the logits recomputed per split: ~7-9 products (≥ 11 ms
-  at B = 16) against eager's 3. CCE itself accumulates dx/dW with atomics (not deterministic).
-- here: eager's 3 products (cuBLAS) over a few large row chunks; the Triton kernel writes loss and
-  d(loss)/d(logits) into each chunk's logits in place, dx rows are written straight into grad_x, and
-  dW accumulates in fp32 (bf16 products with an fp32 output, never rounded per chunk). Traffic:
-  ~5 passes over each chunk's logits (10·V bytes a row in bf16) plus ~12·V·C bytes per chunk (W
-  read twice, the fp32 dW read and written): ~10 GB at B = 16 (4 chunks), ~3.4 GB at B = 4 (3
-  chunks), i.e. ≈ 3.4 ms of traffic around ≈ 4.8 ms of products. Chunk size: `default_chunk_size`.
+linear_cross_entropy = cross_entropy(x @ weight.T) without the (M, V) logits. Estimate at GPT-2 124M
+training (M = B·1024 rows, C = 768, V = 50304, bf16; H100 ~800 TFLOP/s bf16 dense, ~3 TB/s; one
+2·M·V·C product is 1.27 TFLOP ≈ 1.6 ms at B = 16; bytes from a fwd+bwd trace of every op's tensors):
+- eager lm_head + F.cross_entropy under autocast: 3 products (logits, dx, dW) and the logits in bf16
+  and fp32 several times over: 42 GB at B = 16 (≈ 14 ms of traffic), 11 GB at B = 4; peak 9.3 / 2.4 GiB.
+- CCE-style, fully fused (logits never in memory): forward 1 product, but a deterministic backward
+  (no atomics; CCE itself uses them for dx and dW) recomputes the logits for dx and again for dW, and a
+  (BLOCK, 768) fp32 accumulator does not fit in registers, so C is split and the logits recomputed per
+  split: ~7-9 products (≥ 11 ms at B = 16) against eager's 3.
+- training here: eager's 3 products (cuBLAS) over a few large row chunks; the Triton kernel writes
+  loss and d(loss)/d(logits) into each chunk's logits in place, dx rows go straight into grad_x, and
+  dW is summed in fp32 (bf16 products with an fp32 output, never rounded per chunk). ~5 passes over
+  each chunk's logits (10·V bytes a row) plus ~12·V·C bytes per chunk (W read twice, the fp32 dW read
+  and written): 11.3 GB at B = 16 (4 chunks), 4.3 GB at B = 4 (3 chunks); peak 0.65 / 0.36 GiB. So
+  ≈ 4.8 ms of products and ≈ 1.1 ms for the Triton kernel (3.3 GB). Chunk size: `default_chunk_size`.
+- no grad (evaluation): the CCE forward, one fused kernel (tl.dot tiles folded into an online
+  logsumexp), 1 product and no logits in memory.
 """
 from typing import Optional
 
