@@ -430,36 +430,42 @@ def linear_cross_entropy_fwd(
         num_classes = vocab if num_classes is None else num_classes
         weight_in = _row_major(weight.to(x.dtype))  # (V, C); no copy when the dtypes already match
         count = _num_valid(targets, ignore_index)  # (1,) global count: right normalisation across chunks
-        if not compute_grad:
+        # The interpreter multiplies bf16 tl.dot tiles as their uint16 storage: there the bf16 loss
+        # without grads goes through the chunks too.
+        if not compute_grad and not (is_interpreter() and x.dtype == torch.bfloat16):
             loss_rows = _linear_cross_entropy_rows(x, weight_in, targets, ignore_index, num_classes)
             return loss_rows.sum() / count[0], x.new_empty((0,)), weight.new_empty((0,))
 
         grad_scale = 1.0 / count
         loss_rows = torch.empty((num_rows,), dtype=torch.float32, device=x.device)
         stats = torch.empty((num_rows, 2), dtype=torch.float32, device=x.device)
-        grad_x = torch.empty((num_rows, hidden), dtype=x.dtype, device=x.device)
+        if compute_grad:
+            grad_x = torch.empty((num_rows, hidden), dtype=x.dtype, device=x.device)
         # One product over all rows accumulates in fp32 inside the matmul; otherwise an fp32 sum over
         # the chunks (grad_weight itself for fp32 weights).
         single_product = chunk_size >= num_rows and weight.dtype == x.dtype
         if num_rows == 0:
             grad_weight = torch.zeros_like(weight)
-        elif not single_product:
+        elif compute_grad and not single_product:
             grad_weight_acc = torch.empty((vocab, hidden), dtype=torch.float32, device=x.device)
         for start in range(0, num_rows, chunk_size):
             end = min(start + chunk_size, num_rows)
             x_chunk = x[start:end]  # (m, C)
             logits = x_chunk @ weight_in.T  # (m, V), fresh: the kernel overwrites it with its grad
             _launch_fwd(logits, targets[start:end], loss_rows[start:end], stats[start:end],
-                        logits, grad_scale, ignore_index, num_classes)
-            torch.matmul(logits, weight_in, out=grad_x[start:end])  # (m, C)
-            if single_product:
-                grad_weight = logits.T @ x_chunk  # (V, C)
-            else:
-                _matmul_into_fp32(grad_weight_acc, logits.T, x_chunk, accumulate=start > 0)
+                        logits if compute_grad else None, grad_scale, ignore_index, num_classes)
+            if compute_grad:
+                torch.matmul(logits, weight_in, out=grad_x[start:end])  # (m, C)
+                if single_product:
+                    grad_weight = logits.T @ x_chunk  # (V, C)
+                else:
+                    _matmul_into_fp32(grad_weight_acc, logits.T, x_chunk, accumulate=start > 0)
             del logits  # freed before the next chunk's logits are allocated
+        loss = loss_rows.sum() / count[0]
+        if not compute_grad:
+            return loss, x.new_empty((0,)), weight.new_empty((0,))
         if num_rows > 0 and not single_product:
             grad_weight = grad_weight_acc.to(weight.dtype)
-        loss = loss_rows.sum() / count[0]
     return loss, grad_x, grad_weight
 
 

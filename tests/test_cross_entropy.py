@@ -374,6 +374,18 @@ def test_linear_cross_entropy_no_grad_fp16(device):
     assert_close_to_ref(loss, loss16, loss64, atol=1e-6, name="loss")
 
 
+@pytest.mark.parametrize("amp_dtype", AUTOCAST_DTYPES)
+def test_linear_cross_entropy_no_grad_autocast(amp_dtype, device):
+    # Validation loss: fp32 x and weight under autocast without grad, vs F.linear + F.cross_entropy under
+    # the same autocast. (bf16 under the interpreter takes the chunks: its bf16 tl.dot is not usable.)
+    x, weight, targets, _ = _lce_inputs(64, 31, 123, "some", torch.float32, device, seed=34)
+    with torch.no_grad(), torch.autocast(device, dtype=amp_dtype):
+        loss = linear_cross_entropy(x, weight, targets)
+        loss_amp = F.cross_entropy(F.linear(x, weight), targets, ignore_index=IGNORE)
+    assert loss.dtype == torch.float32
+    assert_close_to_ref(loss, loss_amp, _ref64_lce(x, weight, targets), atol=1e-6, name="loss")
+
+
 def test_linear_cross_entropy_chunk_size_independent(device):
     x, weight, targets, grad_loss = _lce_inputs(40, 16, 130, "some", torch.float32, device, seed=2)
     results = [_loss_and_grads(linear_cross_entropy, [x, weight], grad_loss, targets, chunk_size=c)
