@@ -1,4 +1,5 @@
-"""Fused cross-entropy (online logsumexp over V-blocks) and linear + cross-entropy (chunked with grads, one fused kernel without).
+"""Fused cross-entropy (online logsumexp over V-blocks) and linear + cross-entropy (chunked with
+grads, one fused kernel without).
 
 The loss is the mean over rows whose target is not `ignore_index` (0 when every row is ignored), in fp32.
 The count of such rows stays a device tensor: nothing here syncs with the host except the optional,
@@ -188,8 +189,9 @@ def _linear_cross_entropy_lse_kernel(
         acc = tl.zeros((BLOCK_M, BLOCK_V), tl.float32)
         for k_start in range(0, C, BLOCK_K):
             k = k_start + offs_k
-            a = tl.load(x_rows + k[None, :], mask=row_ok[:, None] & (k[None, :] < C), other=0.0)  # (BLOCK_M, BLOCK_K)
-            b = tl.load(w_cols + k[:, None], mask=col_ok[None, :] & (k[:, None] < C), other=0.0)  # (BLOCK_K, BLOCK_V)
+            k_ok = k < C
+            a = tl.load(x_rows + k[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)  # (BLOCK_M, BLOCK_K)
+            b = tl.load(w_cols + k[:, None], mask=col_ok[None, :] & k_ok[:, None], other=0.0)  # (BLOCK_K, BLOCK_V)
             acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
         logits = tl.where(col_ok[None, :], acc, float("-inf"))
         new_max = tl.maximum(row_max, tl.max(logits, axis=1))
@@ -313,7 +315,8 @@ def default_chunk_size(num_rows: int, vocab: int, hidden: int, elem_size: int = 
 def _lse_tiles(dtype: torch.dtype) -> list:
     if dtype == torch.float32:
         return [(64, 64, 32, 4, 2), (32, 64, 32, 4, 2)]
-    return [(128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (64, 256, 64, 8, 3), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4)]
+    return [(128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (64, 256, 64, 8, 3), (128, 64, 64, 4, 4),
+            (64, 128, 64, 4, 4)]
 
 
 def _lse_config(tile) -> triton.Config:
