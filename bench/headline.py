@@ -55,12 +55,12 @@ def sizes(quick: bool) -> dict:
     """GPT-2 124M training shapes (B=16, T=1024: 16384 tokens); tiny ones for the CPU interpreter."""
     if quick:
         return {"attention": [(1, 2, 32, 16)], "attention-T2048": [(1, 2, 64, 16)], "layer_norm": [(33, 96)],
-                "cross_entropy": {"ce": [(16, 128), (16, 97)], "linear_ce": []},
-                "linear_cross_entropy": {"ce": [], "linear_ce": [(24, 32, 97)]},
+                "cross_entropy": {"ce": [(16, 128, 97), (16, 97, 97)], "linear_ce": []},
+                "linear_cross_entropy": {"ce": [], "linear_ce": [(24, 32, 128, 97)]},
                 "gelu_mlp": [(37, 40, 160)], "e2e_batch": 2}
     return {"attention": [(16, 12, 1024, 64)], "attention-T2048": [(8, 12, 2048, 64)], "layer_norm": [(16384, 768)],
-            "cross_entropy": {"ce": [(16384, 50304), (16384, 50257)], "linear_ce": []},
-            "linear_cross_entropy": {"ce": [], "linear_ce": [(16384, 768, 50257)]},
+            "cross_entropy": {"ce": [(16384, 50304, 50257), (16384, 50257, 50257)], "linear_ce": []},
+            "linear_cross_entropy": {"ce": [], "linear_ce": [(16384, 768, 50304, 50257)]},
             "gelu_mlp": [(16384, 768, 3072)], "e2e_batch": 16}
 
 

@@ -54,18 +54,24 @@ def gelu_mlp(x, fc_weight, fc_bias, proj_weight, proj_bias, *, upcast=True):
     return F.linear(hidden, proj_weight, proj_bias).to(dtype)
 
 
-def cross_entropy(logits, targets, ignore_index=-100, *, upcast=True):
+def cross_entropy(logits, targets, ignore_index=-100, *, num_classes=None, upcast=True):
     """logits (M, V), targets (M,) int64 -> mean loss over non-ignored rows, fp32 scalar.
 
-    All rows ignored gives 0 (F.cross_entropy gives NaN there).
+    Only the first num_classes columns (default all) are classes. All rows ignored gives 0
+    (F.cross_entropy gives NaN there).
     """
     (logits,) = _maybe_upcast(upcast, logits)
+    if num_classes is not None:
+        logits = logits[:, :num_classes]
     losses = F.cross_entropy(logits, targets, ignore_index=ignore_index, reduction="none")
     count = (targets != ignore_index).sum().clamp(min=1)
     return (losses.sum() / count).float()
 
 
-def linear_cross_entropy(x, weight, targets, ignore_index=-100, *, upcast=True):
-    """cross_entropy(x @ weight.T, targets): x (M, C), weight (V, C) as wte.weight is."""
+def linear_cross_entropy(x, weight, targets, ignore_index=-100, *, num_classes=None, upcast=True):
+    """cross_entropy(x @ weight.T, targets): x (M, C), weight (V, C) as wte.weight is; only its first
+    num_classes rows (default all) are classes."""
     xf, wf = _maybe_upcast(upcast, x, weight)
+    if num_classes is not None:
+        wf = wf[:num_classes]
     return cross_entropy(xf @ wf.T, targets, ignore_index, upcast=upcast)

@@ -53,9 +53,17 @@ def check_same_dtype(op: str, **tensors: torch.Tensor) -> None:
         raise TypeError(f"{op}: tensors must share one dtype; got {found}")
 
 
+def _autocast_enabled(device_type: str) -> bool:
+    """torch.is_autocast_enabled, False for device types autocast does not know (e.g. "meta")."""
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except RuntimeError:
+        return False
+
+
 def autocast_dtype(device_type: str) -> Optional[torch.dtype]:
     """The dtype autocast runs matmuls in on `device_type` ("cuda", "cpu"), or None where it is off."""
-    if torch.is_autocast_enabled(device_type):
+    if _autocast_enabled(device_type):
         return torch.get_autocast_dtype(device_type)
     return None
 
@@ -69,6 +77,6 @@ def cast_floats(dtype: Optional[torch.dtype], *tensors):
 
 def autocast_disabled(device_type: str):
     """Context manager: autocast off on device_type while a launcher runs its own torch ops."""
-    if not torch.is_autocast_enabled(device_type):
+    if not _autocast_enabled(device_type):
         return contextlib.nullcontext()
     return torch.autocast(device_type=device_type, enabled=False)
