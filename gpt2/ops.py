@@ -49,7 +49,7 @@ TORCH_OPS = {
 
 # Ops whose PyTorch versions autocast runs in low precision (matmuls). LayerNorm and cross-entropy on
 # given logits run in fp32 under autocast, and so do ours: their inputs are left as they are.
-MATMUL_OPS = ("flash_attention", "gelu_mlp", "linear_cross_entropy")
+MATMUL_OPS = ("flash_attention", "gelu_mlp")  # linear_cross_entropy applies autocast itself
 
 
 def under_autocast(fn: Callable) -> Callable:
