@@ -257,6 +257,12 @@ class GPT(nn.Module):
         from gpt2.hf import load_pretrained
         return load_pretrained(cls, name_or_dir, kernels=kernels, **config_overrides)
 
+    def save_pretrained(self, out_dir, overwrite=False):
+        """Write a Hugging Face GPT-2 folder (config.json + model.safetensors) that
+        `transformers.GPT2LMHeadModel.from_pretrained(out_dir)` loads; no transformers needed here."""
+        from gpt2.export import save_pretrained
+        return save_pretrained(self, out_dir, overwrite=overwrite)
+
 
 def check_token_ids(ids, vocab_size: int, name: str, ignore_index=None) -> None:
     """Every id in [0, vocab_size) (or == ignore_index). On CPU a ValueError naming the range; on a GPU
