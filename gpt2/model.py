@@ -2,7 +2,8 @@
 
 Pre-LN blocks, learned position embeddings, one batched QKV projection, tanh-GELU MLP, final
 LayerNorm, lm_head tied to wte. Each hot op comes from `gpt2.ops` (torch or Triton), chosen once
-here at construction; the parameters and the state_dict are the same whichever runs.
+here at construction; the parameters and the state_dict are the same whichever runs. `generate`
+keeps a KVCache per layer: one prefill, then one-token steps.
 """
 
 import torch
@@ -180,6 +181,7 @@ class GPT(nn.Module):
 
     def forward(self, idx, targets=None):
         """idx (B, T) -> logits (B, T, V); with targets (B, T) -> (logits or None, mean CE loss).
+        Ids are int64 or int32 (targets are cast to int64 once); -100 in targets is ignored.
 
         With fused lm_head + cross-entropy (Triton) the logits are never built and None is returned.
         """
