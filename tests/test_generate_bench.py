@@ -1,9 +1,12 @@
 """bench.generate --quick: tokens/s rows for both kernel sets, with and without the KV cache."""
 import json
 
+import pytest
+
 from bench.generate import main
 
 
+@pytest.mark.slow
 def test_quick_generate_bench_writes_rows(tmp_path, capsys):
     rows = main(["--quick", "--out", str(tmp_path)])
     assert {(r.extra.get("kernels"), r.provider) for r in rows} == {

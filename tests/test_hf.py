@@ -1,8 +1,10 @@
-"""Loading HF GPT-2 weights: a random small GPT2LMHeadModel round-trips through save_pretrained."""
+"""HF GPT-2: its weights loaded into our GPT, and a transformers GPT2LMHeadModel patched onto our kernels."""
 import pytest
 import torch
 
 from gpt2 import GPT
+from gpt2.hf import applied_kernels, apply_kernels, kernels_applied, remove_kernels
+from helpers import assert_close, assert_close_to_ref
 
 transformers = pytest.importorskip("transformers")
 
@@ -41,9 +43,6 @@ def test_padded_vocab_load(hf_dir):
 
 
 # --- our kernels inside a transformers GPT2LMHeadModel -----------------------------------------------
-from gpt2.hf import applied_kernels, apply_kernels, kernels_applied, remove_kernels  # noqa: E402
-from helpers import assert_close  # noqa: E402
-
 OPS = ("layer_norm", "attention", "gelu_mlp", "cross_entropy")
 
 
@@ -77,6 +76,7 @@ def batch(B=2, T=19, seed=1):
     return idx, labels
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kernels", [
     pytest.param("triton", id="all"),
     pytest.param({"attention": "triton"}, id="attention"),
@@ -107,6 +107,7 @@ def test_patched_hf_same_loss_and_grads(kernels):
     assert_close(out_eval.loss, ref_eval.loss, atol=1e-5, rtol=1e-5, name="eval loss")
 
 
+@pytest.mark.slow
 def test_patched_hf_generate_padding_and_loss_kwargs():
     ref, model = hf_pair()
     ref.eval(), apply_kernels(model.eval())
@@ -133,6 +134,7 @@ def test_patched_hf_generate_padding_and_loss_kwargs():
         model(idx, labels=torch.full_like(idx, 97))
 
 
+@pytest.mark.slow
 def test_patched_hf_dropout_in_train_mode_falls_back_for_attention():
     """attn_pdrop > 0 in train mode: attention runs HF's SDPA (with dropout); under one seed the loss
     equals the unpatched model's, since every dropout draws the same random numbers in the same order."""
@@ -180,10 +182,10 @@ def test_kernels_that_cannot_apply_leave_hf_code():
         apply_kernels(hf_pair()[1], {"softmax": "triton"})
 
 
+@pytest.mark.slow
 def test_patched_hf_under_fp16_autocast():
     """Under autocast the patched model is as close to the fp32 model as HF's own fp16 autocast run
     (bf16 is not testable in the interpreter)."""
-    from helpers import assert_close_to_ref
     ref, model = hf_pair()
     half = transformers.GPT2LMHeadModel(ref.config)
     half.load_state_dict(ref.state_dict())
@@ -201,3 +203,29 @@ def test_patched_hf_under_fp16_autocast():
     for name, p in model.named_parameters():
         assert p.grad.dtype == torch.float32, name
         assert_close_to_ref(p.grad, half_params[name].grad, ref_params[name].grad, atol=1e-6, name=f"grad {name}")
+
+
+@pytest.mark.gpu
+def test_patched_hf_bf16_autocast_on_gpu():
+    """GPT-2-sized heads and T on CUDA under bf16 autocast: the patched model is as close to the fp32
+    model as HF's own bf16 autocast run (loss and every grad)."""
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(n_layer=2, n_head=12, n_embd=768, n_positions=1024, attn_pdrop=0.0,
+                                     resid_pdrop=0.0, embd_pdrop=0.0)
+    ref = transformers.GPT2LMHeadModel(config).cuda().train()
+    half, model = (transformers.GPT2LMHeadModel(config).cuda().train() for _ in range(2))
+    half.load_state_dict(ref.state_dict())
+    model.load_state_dict(ref.state_dict())
+    apply_kernels(model)
+    idx = torch.randint(0, config.vocab_size, (4, 256), device="cuda")
+    fp32_loss = ref(idx, labels=idx).loss
+    fp32_loss.backward()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        half_loss = half(idx, labels=idx).loss
+        loss = model(idx, labels=idx).loss
+    half_loss.backward()
+    loss.backward()
+    assert_close_to_ref(loss, half_loss, fp32_loss.detach(), atol=1e-3, name="bf16 loss")
+    ref_params, half_params = dict(ref.named_parameters()), dict(half.named_parameters())
+    for name, p in model.named_parameters():
+        assert_close_to_ref(p.grad, half_params[name].grad, ref_params[name].grad, atol=1e-5, name=f"grad {name}")

@@ -76,6 +76,7 @@ def test_compiled_model_on_gpu_equals_eager():
     assert_close(compiled_loss, eager_loss, atol=1e-3, rtol=1e-3, name="compiled loss")
 
 
+@pytest.mark.slow
 def test_kv_cache_generate_with_triton_kernels_equals_recompute():
     """Prefill runs our flash attention, decode steps SDPA on the cache; greedy output equals
     recomputing the whole window each step, past block_size (16) too."""
