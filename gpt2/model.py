@@ -221,7 +221,8 @@ class GPT(nn.Module):
         """Sample max_new_tokens after idx (B, T); only the last position's logits are computed.
 
         temperature 0 is greedy. Never emits a padded-vocab id. With use_cache, the context is run once
-        (prefill) and then each step runs only the new token against the cached keys/values. Once the
+        (prefill) and then each step runs only the new token against the cached keys/values (those
+        steps use torch SDPA whatever the kernels choice: q and k lengths differ). Once the
         sequence is longer than block_size the window slides and every position embedding shifts, so
         each step then recomputes the last block_size tokens, exactly as without the cache.
         """

@@ -31,10 +31,6 @@ def __getattr__(name):
     raise AttributeError(f"module 'kernels' has no attribute {name!r}")
 
 
-def __dir__():
-    return sorted(set(globals()) | set(__all__))
-
-
 class _Package(types.ModuleType):
     def __setattr__(self, name, value):
         # Importing kernels.layer_norm binds the submodule to `kernels.layer_norm`; the op keeps the name.
