@@ -2,7 +2,8 @@
 
 Pre-LN blocks, learned position embeddings, one batched QKV projection, tanh-GELU MLP, final
 LayerNorm, lm_head tied to wte. Each hot op comes from `gpt2.ops` (torch or Triton), chosen once
-here at construction; the parameters and the state_dict are the same whichever runs.
+here at construction; the parameters and the state_dict are the same whichever runs. `generate`
+keeps a KVCache per layer: one prefill, then one-token steps.
 """
 
 import torch
@@ -25,6 +26,38 @@ class LayerNorm(nn.Module):
         return self.layer_norm(x, self.weight, self.bias, self.eps)
 
 
+class KVCache:
+    """Keys and values of one layer for the positions seen so far, in buffers of `max_len` positions.
+
+    `append(k, v)` stores the new positions and returns all of them: (B, nh, length, hs) each.
+    """
+
+    def __init__(self, max_len: int):
+        self.max_len = max_len
+        self.length = 0
+        self.k = self.v = None  # (B, nh, max_len, hs), allocated by the first append
+
+    def append(self, k, v):
+        B, nh, T, hs = k.shape
+        if self.length + T > self.max_len:
+            raise ValueError(f"KVCache: {self.length} cached + {T} new positions exceed max_len {self.max_len}")
+        if self.k is None:
+            self.k = k.new_empty(B, nh, self.max_len, hs)
+            self.v = v.new_empty(B, nh, self.max_len, hs)
+        self.k[:, :, self.length:self.length + T] = k
+        self.v[:, :, self.length:self.length + T] = v
+        self.length += T
+        return self.k[:, :, :self.length], self.v[:, :, :self.length]
+
+
+def attention_after_cache(q, k, v):
+    """Causal attention of the last T positions (q) over all S cached ones (k, v): q (B, nh, T, hs),
+    k, v (B, nh, S, hs), S > T. Always torch SDPA: the Triton kernel needs equal q and k lengths."""
+    T, S = q.size(2), k.size(2)
+    mask = None if T == 1 else torch.ones(T, S, dtype=torch.bool, device=q.device).tril(diagonal=S - T)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig, ops: Ops):
         super().__init__()
@@ -34,13 +67,18 @@ class CausalSelfAttention(nn.Module):
         self.c_proj.RESIDUAL_PROJECTION = True
         self.attention = ops.attention
 
-    def forward(self, x):
+    def forward(self, x, kv_cache=None):
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
-        y = self.attention(q, k, v, causal=True)  # (B, nh, T, hs)
+        if kv_cache is not None:
+            k, v = kv_cache.append(k, v)  # (B, nh, S, hs): cached positions, then these T
+        if k.size(2) == T:
+            y = self.attention(q, k, v, causal=True)  # (B, nh, T, hs)
+        else:
+            y = attention_after_cache(q, k, v)  # decode step: T new queries after S - T cached positions
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # heads side by side again
         return self.c_proj(y)
 
@@ -65,8 +103,8 @@ class Block(nn.Module):
         self.ln_2 = LayerNorm(config.n_embd, config.layer_norm_eps, ops)
         self.mlp = MLP(config, ops)
 
-    def forward(self, x):
-        x = x + self.attn(self.ln_1(x))
+    def forward(self, x, kv_cache=None):
+        x = x + self.attn(self.ln_1(x), kv_cache)
         x = x + self.mlp(self.ln_2(x))
         return x
 
@@ -110,7 +148,8 @@ class GPT(nn.Module):
         return n
 
     def check_idx(self, idx, name="idx", allow_ignore=False):
-        """Clear errors for bad token tensors (one host sync for the id range)."""
+        """Clear errors for bad token tensors (int64 or int32 ids, shape (B, T)); the id range is
+        checked without a host sync on GPUs (see `check_token_ids`)."""
         if not isinstance(idx, torch.Tensor):
             raise ValueError(f"GPT: {name} must be a torch.Tensor; got {type(idx).__name__}")
         if idx.dtype not in (torch.int64, torch.int32):
@@ -121,20 +160,19 @@ class GPT(nn.Module):
             raise ValueError(f"GPT: sequence length {idx.size(1)} exceeds block_size {self.config.block_size}")
         if idx.numel() == 0:
             raise ValueError(f"GPT: {name} is empty: shape {tuple(idx.shape)}")
-        if torch.compiler.is_compiling():
-            return
-        valid = idx if not allow_ignore else idx[idx != -100]
-        if valid.numel() and (valid.min() < 0 or valid.max() >= self.config.vocab_size):
-            raise ValueError(f"GPT: {name} has ids outside [0, {self.config.vocab_size}): "
-                             f"min {valid.min().item()}, max {valid.max().item()}")
+        check_token_ids(idx, self.config.vocab_size, f"GPT: {name}", ignore_index=-100 if allow_ignore else None)
 
-    def hidden_states(self, idx):
-        """Final (post ln_f) hidden states (B, T, C)."""
+    def hidden_states(self, idx, kv_caches=None):
+        """Final (post ln_f) hidden states (B, T, C). With kv_caches (one KVCache per layer), idx holds
+        the positions after the cached ones."""
         B, T = idx.size()
-        pos = torch.arange(0, T, dtype=torch.long, device=idx.device)  # (T,)
+        start = kv_caches[0].length if kv_caches else 0
+        if start + T > self.config.block_size:
+            raise ValueError(f"GPT: {start} cached + {T} new positions exceed block_size {self.config.block_size}")
+        pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)  # (T,)
         x = self.transformer.wte(idx) + self.transformer.wpe(pos)  # (B, T, C)
-        for block in self.transformer.h:
-            x = block(x)
+        for i, block in enumerate(self.transformer.h):
+            x = block(x, kv_caches[i] if kv_caches else None)
         return self.transformer.ln_f(x)
 
     def logits(self, x):
@@ -143,6 +181,7 @@ class GPT(nn.Module):
 
     def forward(self, idx, targets=None):
         """idx (B, T) -> logits (B, T, V); with targets (B, T) -> (logits or None, mean CE loss).
+        Ids are int64 or int32 (targets are cast to int64 once); -100 in targets is ignored.
 
         With fused lm_head + cross-entropy (Triton) the logits are never built and None is returned.
         """
@@ -153,7 +192,7 @@ class GPT(nn.Module):
         if targets.shape != idx.shape:
             raise ValueError(f"GPT: targets shape {tuple(targets.shape)} must equal idx shape {tuple(idx.shape)}")
         self.check_idx(targets, "targets", allow_ignore=True)
-        flat_x, flat_targets = x.view(-1, x.size(-1)), targets.reshape(-1)
+        flat_x, flat_targets = x.view(-1, x.size(-1)), targets.reshape(-1).long()  # int32 targets: one cast
         if self.ops.fused_lm_head_loss:
             weight = self.lm_head.weight[: self.config.vocab_size]  # (V, C)
             return None, self.ops.linear_cross_entropy(flat_x, weight, flat_targets)
@@ -178,19 +217,28 @@ class GPT(nn.Module):
         return 6 * self.num_params() + 12 * cfg.n_layer * cfg.n_head * cfg.head_size * T
 
     @torch.no_grad()
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, generator=None):
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, generator=None, use_cache=True):
         """Sample max_new_tokens after idx (B, T); only the last position's logits are computed.
 
-        temperature 0 is greedy. Never emits a padded-vocab id.
+        temperature 0 is greedy. Never emits a padded-vocab id. With use_cache, the context is run once
+        (prefill) and then each step runs only the new token against the cached keys/values (those
+        steps use torch SDPA whatever the kernels choice: q and k lengths differ). Once the
+        sequence is longer than block_size the window slides and every position embedding shifts, so
+        each step then recomputes the last block_size tokens, exactly as without the cache.
         """
         self.check_idx(idx[:, -self.config.block_size:])  # longer prompts are cropped
         if temperature < 0:
             raise ValueError(f"GPT.generate: temperature must be >= 0; got {temperature}")
         if top_k is not None and top_k < 1:
             raise ValueError(f"GPT.generate: top_k must be >= 1; got {top_k}")
+        kv_caches = None
         for _ in range(max_new_tokens):
-            context = idx[:, -self.config.block_size:]
-            logits = self.logits(self.hidden_states(context)[:, -1, :]).float()  # (B, V)
+            if kv_caches is not None and idx.size(1) <= self.config.block_size:
+                x = self.hidden_states(idx[:, -1:], kv_caches)  # one-token step
+            else:  # prefill; past block_size every step recomputes the window (a full cache is of no use)
+                kv_caches = self.new_kv_caches() if use_cache and idx.size(1) < self.config.block_size else None
+                x = self.hidden_states(idx[:, -self.config.block_size:], kv_caches)
+            logits = self.logits(x[:, -1, :]).float()  # (B, V)
             if temperature == 0:
                 next_id = logits.argmax(dim=-1, keepdim=True)
             else:
@@ -203,7 +251,35 @@ class GPT(nn.Module):
             idx = torch.cat((idx, next_id.to(idx.dtype)), dim=1)
         return idx
 
+    def new_kv_caches(self) -> list:
+        """One empty KVCache per layer, holding up to block_size positions."""
+        return [KVCache(self.config.block_size) for _ in self.transformer.h]
+
     @classmethod
     def from_pretrained(cls, name_or_dir, kernels="torch", **config_overrides):
         from gpt2.hf import load_pretrained
         return load_pretrained(cls, name_or_dir, kernels=kernels, **config_overrides)
+
+    def save_pretrained(self, out_dir, overwrite=False):
+        """Write a Hugging Face GPT-2 folder (config.json + model.safetensors) that
+        `transformers.GPT2LMHeadModel.from_pretrained(out_dir)` loads; no transformers needed here."""
+        from gpt2.export import save_pretrained
+        return save_pretrained(self, out_dir, overwrite=overwrite)
+
+
+def check_token_ids(ids, vocab_size: int, name: str, ignore_index=None) -> None:
+    """Every id in [0, vocab_size) (or == ignore_index). On CPU a ValueError naming the range; on a GPU
+    an asynchronous device-side assert, so the check never waits for the device. Skipped while
+    torch.compile traces."""
+    if torch.compiler.is_compiling():
+        return
+    ok = (ids >= 0) & (ids < vocab_size)
+    if ignore_index is not None:
+        ok |= ids == ignore_index
+    if ids.device.type != "cpu":
+        torch._assert_async(ok.all(), f"{name} has ids outside [0, {vocab_size})")
+        return
+    if not bool(ok.all()):
+        valid = ids if ignore_index is None else ids[ids != ignore_index]
+        raise ValueError(f"{name} has ids outside [0, {vocab_size}): min {valid.min().item()}, "
+                         f"max {valid.max().item()}")

@@ -1,8 +1,10 @@
-"""Loading HF GPT-2 weights: a random small GPT2LMHeadModel round-trips through save_pretrained."""
+"""HF GPT-2: its weights loaded into our GPT, and a transformers GPT2LMHeadModel patched onto our kernels."""
 import pytest
 import torch
 
 from gpt2 import GPT
+from gpt2.hf import applied_kernels, apply_kernels, kernels_applied, remove_kernels
+from helpers import assert_close, assert_close_to_ref
 
 transformers = pytest.importorskip("transformers")
 
@@ -38,3 +40,192 @@ def test_padded_vocab_load(hf_dir):
     idx = torch.randint(0, 300, (2, 10))
     with torch.no_grad():
         torch.testing.assert_close(ours(idx), hf(idx).logits, atol=1e-5, rtol=1e-5)
+
+
+# --- our kernels inside a transformers GPT2LMHeadModel -----------------------------------------------
+OPS = ("layer_norm", "attention", "gelu_mlp", "cross_entropy")
+
+
+def hf_pair(dropout=0.0, seed=0, **overrides):
+    """A tiny random GPT2LMHeadModel and an identical copy to patch."""
+    torch.manual_seed(seed)
+    fields = dict(n_layer=2, n_head=2, n_embd=32, n_positions=32, vocab_size=97, bos_token_id=0, eos_token_id=0,
+                  pad_token_id=0, attn_pdrop=dropout, resid_pdrop=dropout, embd_pdrop=dropout)
+    config = transformers.GPT2Config(**{**fields, **overrides})
+    ref = transformers.GPT2LMHeadModel(config)
+    model = transformers.GPT2LMHeadModel(config)
+    model.load_state_dict(ref.state_dict())
+    return ref, model
+
+
+def count_kernel_attention(model):
+    """Wrap the flash attention each attention module calls; returns the list of query lengths."""
+    calls = []
+    for m in model.modules():
+        if hasattr(m, "_gpt2_triton_attention"):
+            inner = m._gpt2_triton_attention
+            m._gpt2_triton_attention = lambda q, k, v, inner=inner, **kw: calls.append(q.shape[2]) or inner(q, k, v, **kw)
+    return calls
+
+
+def batch(B=2, T=19, seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    idx = torch.randint(0, 97, (B, T), generator=gen)
+    labels = idx.clone()
+    labels[1, :5] = -100
+    return idx, labels
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kernels", [
+    pytest.param("triton", id="all"),
+    pytest.param({"attention": "triton"}, id="attention"),
+    pytest.param({"layer_norm": "triton", "gelu_mlp": "triton"}, id="layer_norm+gelu_mlp"),
+    pytest.param({"cross_entropy": "triton"}, id="cross_entropy"),
+])
+def test_patched_hf_same_loss_and_grads(kernels):
+    from gpt2.ops import resolve_kernels
+    ref, model = hf_pair()
+    apply_kernels(model, kernels)
+    choice = resolve_kernels(kernels)
+    assert applied_kernels(model) == {op: "triton" if choice[op] == "triton" else "hf" for op in OPS}
+    calls = count_kernel_attention(model)
+    idx, labels = batch()
+    ref_out = ref.train()(idx, labels=labels)
+    out = model.train()(idx, labels=labels)
+    ref_out.loss.backward()
+    out.loss.backward()
+    assert_close(out.loss, ref_out.loss, atol=1e-5, rtol=1e-5, name="loss")
+    assert (out.logits is None) == (choice["cross_entropy"] == "triton")  # fused lm_head + CE in train mode
+    assert len(calls) == (2 if choice["attention"] == "triton" else 0)  # one per layer
+    ref_params = dict(ref.named_parameters())
+    for name, p in model.named_parameters():
+        assert_close(p.grad, ref_params[name].grad, atol=2e-5, rtol=1e-4, name=f"grad {name}")
+    with torch.no_grad():  # eval mode: logits are built, the loss is ours on them
+        ref_eval, out_eval = ref.eval()(idx, labels=labels), model.eval()(idx, labels=labels)
+    assert_close(out_eval.logits, ref_eval.logits, atol=1e-5, rtol=1e-5, name="eval logits")
+    assert_close(out_eval.loss, ref_eval.loss, atol=1e-5, rtol=1e-5, name="eval loss")
+
+
+@pytest.mark.slow
+def test_patched_hf_generate_padding_and_loss_kwargs():
+    ref, model = hf_pair()
+    ref.eval(), apply_kernels(model.eval())
+    calls = count_kernel_attention(model)
+    idx, labels = batch(T=6)
+    greedy = dict(max_new_tokens=6, do_sample=False)
+    out = model.generate(idx, attention_mask=torch.ones_like(idx), **greedy)
+    assert torch.equal(out, ref.generate(idx, attention_mask=torch.ones_like(idx), **greedy))
+    assert calls == [6, 6]  # the prefill ran our kernel; the one-token decode steps ran HF's SDPA
+    calls.clear()
+    mask = torch.ones_like(idx)
+    mask[0, :2] = 0  # left padding: HF's mask logic keeps a mask, so HF's SDPA path runs
+    with torch.no_grad():
+        assert_close(model(idx, attention_mask=mask).logits, ref(idx, attention_mask=mask).logits,
+                     atol=1e-5, rtol=1e-5, name="padded logits")
+    assert calls == []
+    n = torch.tensor(40)  # Trainer's num_items_in_batch with gradient accumulation
+    model.train(), ref.train()
+    loss = model(idx, labels=labels, num_items_in_batch=n).loss
+    assert_close(loss, ref(idx, labels=labels, num_items_in_batch=n).loss, atol=1e-6, rtol=1e-5, name="loss")
+    as_tuple = model(idx, labels=labels, return_dict=False)
+    assert isinstance(as_tuple, tuple) and as_tuple[0].shape == ()
+    with pytest.raises(ValueError, match=r"labels has ids outside \[0, 97\)"):
+        model(idx, labels=torch.full_like(idx, 97))
+
+
+@pytest.mark.slow
+def test_patched_hf_dropout_in_train_mode_falls_back_for_attention():
+    """attn_pdrop > 0 in train mode: attention runs HF's SDPA (with dropout); under one seed the loss
+    equals the unpatched model's, since every dropout draws the same random numbers in the same order."""
+    ref, model = hf_pair(dropout=0.1)
+    apply_kernels(model)
+    calls = count_kernel_attention(model)
+    idx, labels = batch()
+    torch.manual_seed(5)
+    ref_loss = ref.train()(idx, labels=labels).loss
+    torch.manual_seed(5)
+    loss = model.train()(idx, labels=labels).loss
+    assert calls == []
+    assert_close(loss, ref_loss, atol=1e-5, rtol=1e-5, name="loss with dropout")
+    with torch.no_grad():
+        model.eval()(idx)
+    assert calls == [19, 19]  # eval mode: dropout is off and the kernel runs
+
+
+def test_remove_kernels_and_context_restore_hf_code():
+    ref, model = hf_pair()
+    implementation = model.config._attn_implementation
+    idx, _ = batch()
+    with kernels_applied(model, {"attention": "triton", "layer_norm": "triton"}):
+        assert model.config._attn_implementation == "gpt2_triton"
+        assert "forward" in vars(model.transformer.ln_f)
+    assert model.config._attn_implementation == implementation
+    assert applied_kernels(model) == {op: "hf" for op in OPS}
+    assert not any("forward" in vars(m) or hasattr(m, "_gpt2_triton_attention") for m in model.modules())
+    apply_kernels(model, "triton")
+    apply_kernels(model, {"gelu_mlp": "triton"})  # re-applying replaces the previous choice
+    assert applied_kernels(model) == {"layer_norm": "hf", "attention": "hf", "gelu_mlp": "triton", "cross_entropy": "hf"}
+    remove_kernels(remove_kernels(model))  # idempotent
+    with torch.no_grad():
+        assert torch.equal(model.eval()(idx).logits, ref.eval()(idx).logits)
+
+
+def test_kernels_that_cannot_apply_leave_hf_code():
+    _, exact_gelu = hf_pair(activation_function="gelu")  # not GPT-2's tanh GELU
+    assert applied_kernels(apply_kernels(exact_gelu))["gelu_mlp"] == "hf"
+    _, head_dim_24 = hf_pair(n_embd=48)  # head dim 24: not a flash-attention size
+    assert applied_kernels(apply_kernels(head_dim_24))["attention"] == "hf"
+    with pytest.raises(TypeError, match="GPT2LMHeadModel"):
+        apply_kernels(torch.nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="unknown op"):
+        apply_kernels(hf_pair()[1], {"softmax": "triton"})
+
+
+@pytest.mark.slow
+def test_patched_hf_under_fp16_autocast():
+    """Under autocast the patched model is as close to the fp32 model as HF's own fp16 autocast run
+    (bf16 is not testable in the interpreter)."""
+    ref, model = hf_pair()
+    half = transformers.GPT2LMHeadModel(ref.config)
+    half.load_state_dict(ref.state_dict())
+    apply_kernels(model)
+    idx, labels = batch()
+    ref.train()(idx, labels=labels).loss.backward()
+    with torch.autocast("cpu", dtype=torch.float16):
+        half_loss = half.train()(idx, labels=labels).loss
+        loss = model.train()(idx, labels=labels).loss
+    half_loss.backward()
+    loss.backward()
+    fp32_loss = ref(idx, labels=labels).loss.detach()
+    assert_close_to_ref(loss, half_loss, fp32_loss, atol=1e-5, name="fp16 autocast loss")
+    ref_params, half_params = dict(ref.named_parameters()), dict(half.named_parameters())
+    for name, p in model.named_parameters():
+        assert p.grad.dtype == torch.float32, name
+        assert_close_to_ref(p.grad, half_params[name].grad, ref_params[name].grad, atol=1e-6, name=f"grad {name}")
+
+
+@pytest.mark.gpu
+def test_patched_hf_bf16_autocast_on_gpu():
+    """GPT-2-sized heads and T on CUDA under bf16 autocast: the patched model is as close to the fp32
+    model as HF's own bf16 autocast run (loss and every grad)."""
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(n_layer=2, n_head=12, n_embd=768, n_positions=1024, attn_pdrop=0.0,
+                                     resid_pdrop=0.0, embd_pdrop=0.0)
+    ref = transformers.GPT2LMHeadModel(config).cuda().train()
+    half, model = (transformers.GPT2LMHeadModel(config).cuda().train() for _ in range(2))
+    half.load_state_dict(ref.state_dict())
+    model.load_state_dict(ref.state_dict())
+    apply_kernels(model)
+    idx = torch.randint(0, config.vocab_size, (4, 256), device="cuda")
+    fp32_loss = ref(idx, labels=idx).loss
+    fp32_loss.backward()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        half_loss = half(idx, labels=idx).loss
+        loss = model(idx, labels=idx).loss
+    half_loss.backward()
+    loss.backward()
+    assert_close_to_ref(loss, half_loss, fp32_loss.detach(), atol=1e-3, name="bf16 loss")
+    ref_params, half_params = dict(ref.named_parameters()), dict(half.named_parameters())
+    for name, p in model.named_parameters():
+        assert_close_to_ref(p.grad, half_params[name].grad, ref_params[name].grad, atol=1e-5, name=f"grad {name}")

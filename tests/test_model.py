@@ -138,3 +138,49 @@ def test_generate_bad_args():
         model.generate(idx, 1, temperature=-1)
     with pytest.raises(ValueError, match="top_k"):
         model.generate(idx, 1, top_k=0)
+
+
+@pytest.mark.parametrize("prompt_len", [pytest.param(5, id="short-prompt"), pytest.param(20, id="prompt-past-block")])
+def test_kv_cache_generate_equals_recompute(prompt_len):
+    """Greedy and sampled output identical with and without the cache, running well past block_size (16)."""
+    torch.manual_seed(0)
+    model = GPT(tiny(vocab_size=50, block_size=16)).eval()
+    idx = torch.randint(0, 50, (3, prompt_len), generator=torch.Generator().manual_seed(2))
+    greedy = model.generate(idx, 30, temperature=0, use_cache=True)
+    assert torch.equal(greedy, model.generate(idx, 30, temperature=0, use_cache=False))
+    sampled = [model.generate(idx, 30, top_k=10, generator=torch.Generator().manual_seed(5), use_cache=cache)
+               for cache in (True, False)]
+    assert torch.equal(sampled[0], sampled[1])
+    assert not torch.equal(sampled[0], greedy)  # the sampling path really ran
+
+
+def test_kv_cache_steps_give_full_forward_logits():
+    """Prefill then one-token steps give the logits of a full causal forward at every position."""
+    torch.manual_seed(0)
+    model = GPT(tiny(vocab_size=50, block_size=16)).eval()
+    idx = torch.randint(0, 50, (2, 16))
+    with torch.no_grad():
+        full = model(idx)  # (B, T, V)
+        caches = model.new_kv_caches()
+        steps = [model.logits(model.hidden_states(idx[:, :6], caches))]  # prefill 6
+        steps.append(model.logits(model.hidden_states(idx[:, 6:9], caches)))  # a 3-token chunk
+        steps += [model.logits(model.hidden_states(idx[:, t:t + 1], caches)) for t in range(9, 16)]
+    assert caches[0].length == 16
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match=r"16 cached \+ 1 new positions exceed block_size 16"):
+        model.hidden_states(idx[:, :1], caches)
+
+
+def test_int32_ids_and_targets_same_loss():
+    torch.manual_seed(0)
+    model = GPT(tiny(vocab_size=100))
+    idx = torch.randint(0, 100, (2, 9))
+    targets = torch.randint(0, 100, (2, 9))
+    targets[0, :3] = -100
+    _, ref = model(idx, targets)
+    _, loss = model(idx.int(), targets.int())
+    torch.testing.assert_close(loss, ref, atol=0, rtol=0)
+    with pytest.raises(ValueError, match=r"targets has ids outside \[0, 100\)"):
+        model(idx.int(), torch.full((2, 9), 100, dtype=torch.int32))
+    with pytest.raises(ValueError, match="int64"):
+        model(idx.short())

@@ -74,3 +74,50 @@ def test_compiled_model_on_gpu_equals_eager():
         _, eager_loss = model(idx, idx)
         _, compiled_loss = torch.compile(model)(idx, idx)
     assert_close(compiled_loss, eager_loss, atol=1e-3, rtol=1e-3, name="compiled loss")
+
+
+@pytest.mark.slow
+def test_kv_cache_generate_with_triton_kernels_equals_recompute():
+    """Prefill runs our flash attention, decode steps SDPA on the cache; greedy output equals
+    recomputing the whole window each step, past block_size (16) too."""
+    torch.manual_seed(0)
+    config = GPTConfig.from_preset("tiny", vocab_size=97, block_size=16, n_embd=32, n_head=2, n_layer=2)
+    model = GPT(config, kernels="triton").eval()
+    idx = torch.randint(0, config.vocab_size, (2, 10), generator=torch.Generator().manual_seed(3))
+    cached = model.generate(idx, 9, temperature=0, use_cache=True)  # 6 cached steps, then 2 past the window
+    assert torch.equal(cached, model.generate(idx, 9, temperature=0, use_cache=False))
+    torch_model = GPT(config, kernels="torch").eval()
+    torch_model.load_state_dict(model.state_dict())
+    assert torch.equal(cached, torch_model.generate(idx, 9, temperature=0, use_cache=True))
+
+
+@pytest.mark.parametrize("kernels", ["torch", "triton"])
+def test_int32_ids_and_targets(kernels):
+    """int32 ids/targets are accepted and give the int64 loss and grads with either kernel set."""
+    gen = torch.Generator().manual_seed(1)
+    idx = torch.randint(0, CONFIG.vocab_size, (2, 11), generator=gen)
+    targets = torch.randint(0, CONFIG.vocab_size, (2, 11), generator=gen)
+    targets[0, :4] = -100
+    _, ref_loss, ref_grads = loss_and_grads(kernels, idx, targets)
+    _, loss, grads = loss_and_grads(kernels, idx.int(), targets.int())
+    assert_close(loss, ref_loss, atol=0, rtol=0, name="int32 loss")
+    for name, grad in grads.items():
+        assert_close(grad, ref_grads[name], atol=0, rtol=0, name=f"int32 grad {name}")
+    with pytest.raises(ValueError, match="targets has ids outside"):
+        GPT(CONFIG, kernels=kernels)(idx.int(), torch.full((2, 11), CONFIG.vocab_size, dtype=torch.int32))
+
+
+@pytest.mark.gpu
+def test_id_checks_do_not_sync_on_gpu():
+    """On CUDA the id-range checks are device-side asserts: a forward with targets never syncs."""
+    torch.manual_seed(0)
+    model = GPT(CONFIG, kernels="triton").cuda()
+    idx = torch.randint(0, CONFIG.vocab_size, (2, 16), device="cuda")
+    model(idx, idx)  # warm-up: autotuning may sync
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        _, loss = model(idx, idx)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.isfinite(loss)
