@@ -193,9 +193,10 @@ class GPT(nn.Module):
             raise ValueError(f"GPT: targets shape {tuple(targets.shape)} must equal idx shape {tuple(idx.shape)}")
         self.check_idx(targets, "targets", allow_ignore=True)
         flat_x, flat_targets = x.view(-1, x.size(-1)), targets.reshape(-1).long()  # int32 targets: one cast
-        if self.ops.fused_lm_head_loss:
-            weight = self.lm_head.weight[: self.config.vocab_size]  # (V, C)
-            return None, self.ops.linear_cross_entropy(flat_x, weight, flat_targets)
+        if self.ops.fused_lm_head_loss:  # the whole padded (V_pad, C) lm_head: 16-byte aligned rows,
+            # and rows >= vocab_size are masked inside the kernel (never classes, zero grad)
+            return None, self.ops.linear_cross_entropy(flat_x, self.lm_head.weight, flat_targets,
+                                                       num_classes=self.config.vocab_size)
         logits = self.logits(x)
         return logits, self.ops.cross_entropy(logits.view(-1, logits.size(-1)), flat_targets)
 

@@ -210,7 +210,7 @@ def _attn_qkv(B, H, T, D, dtype):
 
 
 def _run_layer_norm(dtype, N, bias=True, param_dtype=torch.float32):
-    from kernels import layer_norm as ln
+    ln = importlib.import_module("kernels.layer_norm")
     M = 64
     x = torch.empty((M, N), dtype=dtype)
     w = torch.empty((N,), dtype=param_dtype)
@@ -219,16 +219,18 @@ def _run_layer_norm(dtype, N, bias=True, param_dtype=torch.float32):
     ln.layer_norm_bwd(torch.empty_like(x), x, w, mean, rstd)
 
 
-def _run_cross_entropy(dtype, V):
-    from kernels import cross_entropy as ce
+def _run_cross_entropy(dtype, V, num_classes=None):
+    ce = importlib.import_module("kernels.cross_entropy")
     M = 8
     logits = torch.empty((M, V), dtype=dtype)
     targets = torch.zeros((M,), dtype=torch.int64)
-    loss, lse = ce.cross_entropy_fwd(logits, targets, -100)
-    ce.cross_entropy_bwd(torch.ones((), dtype=torch.float32), logits, targets, lse, -100)
-    # chunked linear + CE: the kernel writes the grad in place (COMPUTE_GRAD=True)
-    x, w = torch.zeros((M, 16), dtype=dtype), torch.zeros((V, 16), dtype=torch.float32)
-    ce.linear_cross_entropy_fwd(x, w, targets, -100, M, True)
+    loss, stats = ce.cross_entropy_fwd(logits, targets, -100, num_classes)
+    ce.cross_entropy_bwd(torch.ones((), dtype=torch.float32), logits, targets, stats, -100, num_classes)
+    # linear + CE, fp32 master weight: chunked with grads (the CE kernel writes the grad in place,
+    # COMPUTE_GRAD=True), and without grads the fused matmul + logsumexp kernel (autotuned)
+    x, w = torch.zeros((M, 768), dtype=dtype), torch.zeros((V, 768), dtype=torch.float32)
+    ce.linear_cross_entropy_fwd(x, w, targets, -100, M, True, num_classes)
+    ce.linear_cross_entropy_fwd(x, w, targets, -100, M, False, num_classes)
 
 
 def _run_attention(dtype, D, causal=True):
@@ -361,7 +363,10 @@ def _all_cases():
         bf16 = dt_name == "bf16"
         add(f"{dt_name}-N768", _capture(_run_layer_norm, dt, 768), critical=bf16)
         add(f"{dt_name}-N16384", _capture(_run_layer_norm, dt, 16384))
-        add(f"{dt_name}-V50257", _capture(_run_cross_entropy, dt, 50257))
+        ce_launches = _capture(_run_cross_entropy, dt, 50304, 50257)  # the model's padded lm_head
+        add(f"{dt_name}-V50304-classes50257", ce_launches, critical=bf16)
+        add_autotuned(f"{dt_name}-V50304-classes50257", ce_launches, d, sweep=bf16, sweep_is_slow=False,
+                      critical=bf16)
         add_attention(f"{dt_name}-D64-causal", d, dt, 64, sweep=bf16, critical=bf16)
         mlp_launches = _capture(_run_mlp, dt)
         add(dt_name, mlp_launches)  # the GELU-gradient kernel
@@ -369,7 +374,7 @@ def _all_cases():
         for N in (1024, 1280, 1600, 4096):
             add(f"{dt_name}-N{N}", _capture(_run_layer_norm, dt, N), slow=True)
         add(f"{dt_name}-N768-w{dt_name}", _capture(_run_layer_norm, dt, 768, False, dt), slow=True)
-        add(f"{dt_name}-V50304", _capture(_run_cross_entropy, dt, 50304), slow=True)
+        add(f"{dt_name}-V50257", _capture(_run_cross_entropy, dt, 50257), slow=True)
         for D in (16, 32, 128):
             add_attention(f"{dt_name}-D{D}-causal", d, dt, D, slow=True)
         add_attention(f"{dt_name}-D64-full", d, dt, 64, False, slow=True)
