@@ -93,6 +93,19 @@ def _split_cols(x, ROWS: tl.constexpr, HALF: tl.constexpr):
 
 
 @triton.jit
+def _epilogue_halves(acc, out_ptr, bias_ptr, aux_in_ptr, aux_out_ptr, offs_m, first_col, M, N, stride_outm,
+                     stride_outn, HAS_BIAS: tl.constexpr, EPILOGUE: tl.constexpr, STORE_AUX: tl.constexpr,
+                     ROWS: tl.constexpr, WIDTH: tl.constexpr):
+    """_epilogue on the left, then the right half of acc (ROWS, WIDTH), the tile's columns from first_col."""
+    HALF: tl.constexpr = WIDTH // 2
+    lo, hi = _split_cols(acc, ROWS, HALF)
+    _epilogue(lo, out_ptr, bias_ptr, aux_in_ptr, aux_out_ptr, offs_m, first_col + tl.arange(0, HALF), M, N,
+              stride_outm, stride_outn, HAS_BIAS, EPILOGUE, STORE_AUX)
+    _epilogue(hi, out_ptr, bias_ptr, aux_in_ptr, aux_out_ptr, offs_m, first_col + HALF + tl.arange(0, HALF), M, N,
+              stride_outm, stride_outn, HAS_BIAS, EPILOGUE, STORE_AUX)
+
+
+@triton.jit
 def _matmul_kernel(
     a_ptr, b_ptr, out_ptr, bias_ptr, aux_in_ptr, aux_out_ptr,
     M, N, K, K_SPLIT,
@@ -180,30 +193,20 @@ def _matmul_kernel(
         aux_in_ptr += tile
     if STORE_AUX:
         aux_out_ptr += tile
+    rows_left, cols_left = M - row0, N - col0
     offs_m = tl.arange(0, BLOCK_M)
     if SUBTILE == 4 and BLOCK_N >= 64:
-        Q: tl.constexpr = BLOCK_N // 4
         lo, hi = _split_cols(acc, BLOCK_M, BLOCK_N // 2)
-        q0, q1 = _split_cols(lo, BLOCK_M, Q)
-        _epilogue(q0, out_ptr, bias_ptr, aux_in_ptr, aux_out_ptr, offs_m, tl.arange(0, Q),
-                  M - row0, N - col0, stride_outm, stride_outn, HAS_BIAS, EPILOGUE, STORE_AUX)
-        _epilogue(q1, out_ptr, bias_ptr, aux_in_ptr, aux_out_ptr, offs_m, Q + tl.arange(0, Q),
-                  M - row0, N - col0, stride_outm, stride_outn, HAS_BIAS, EPILOGUE, STORE_AUX)
-        q2, q3 = _split_cols(hi, BLOCK_M, Q)
-        _epilogue(q2, out_ptr, bias_ptr, aux_in_ptr, aux_out_ptr, offs_m, 2 * Q + tl.arange(0, Q),
-                  M - row0, N - col0, stride_outm, stride_outn, HAS_BIAS, EPILOGUE, STORE_AUX)
-        _epilogue(q3, out_ptr, bias_ptr, aux_in_ptr, aux_out_ptr, offs_m, 3 * Q + tl.arange(0, Q),
-                  M - row0, N - col0, stride_outm, stride_outn, HAS_BIAS, EPILOGUE, STORE_AUX)
+        _epilogue_halves(lo, out_ptr, bias_ptr, aux_in_ptr, aux_out_ptr, offs_m, 0, rows_left, cols_left,
+                         stride_outm, stride_outn, HAS_BIAS, EPILOGUE, STORE_AUX, BLOCK_M, BLOCK_N // 2)
+        _epilogue_halves(hi, out_ptr, bias_ptr, aux_in_ptr, aux_out_ptr, offs_m, BLOCK_N // 2, rows_left, cols_left,
+                         stride_outm, stride_outn, HAS_BIAS, EPILOGUE, STORE_AUX, BLOCK_M, BLOCK_N // 2)
     elif SUBTILE >= 2 and BLOCK_N >= 32:
-        HALF: tl.constexpr = BLOCK_N // 2
-        acc_lo, acc_hi = _split_cols(acc, BLOCK_M, HALF)
-        _epilogue(acc_lo, out_ptr, bias_ptr, aux_in_ptr, aux_out_ptr, offs_m, tl.arange(0, HALF),
-                  M - row0, N - col0, stride_outm, stride_outn, HAS_BIAS, EPILOGUE, STORE_AUX)
-        _epilogue(acc_hi, out_ptr, bias_ptr, aux_in_ptr, aux_out_ptr, offs_m, HALF + tl.arange(0, HALF),
-                  M - row0, N - col0, stride_outm, stride_outn, HAS_BIAS, EPILOGUE, STORE_AUX)
+        _epilogue_halves(acc, out_ptr, bias_ptr, aux_in_ptr, aux_out_ptr, offs_m, 0, rows_left, cols_left,
+                         stride_outm, stride_outn, HAS_BIAS, EPILOGUE, STORE_AUX, BLOCK_M, BLOCK_N)
     else:
-        _epilogue(acc, out_ptr, bias_ptr, aux_in_ptr, aux_out_ptr, offs_m, tl.arange(0, BLOCK_N),
-                  M - row0, N - col0, stride_outm, stride_outn, HAS_BIAS, EPILOGUE, STORE_AUX)
+        _epilogue(acc, out_ptr, bias_ptr, aux_in_ptr, aux_out_ptr, offs_m, tl.arange(0, BLOCK_N), rows_left,
+                  cols_left, stride_outm, stride_outn, HAS_BIAS, EPILOGUE, STORE_AUX)
 
 
 def _matmul_configs():
