@@ -379,17 +379,20 @@ def _check_against_torch_autocast(ours, theirs, truth, names, amp_dtype):
         assert_close_to_ref(a, t, e, factor=factor, atol=LOWP_ATOL, name=name)
 
 
-@pytest.mark.parametrize("x_dtype", [torch.float32, "amp"], ids=["x_fp32", "x_amp"])
+@pytest.mark.parametrize("cast", ["none", "x", "all"], ids=["x_fp32", "x_amp", "all_amp"])
 @pytest.mark.parametrize("amp_dtype", AMP_DTYPES)
-def test_gelu_mlp_under_autocast(amp_dtype, x_dtype, device):
+def test_gelu_mlp_under_autocast(amp_dtype, cast, device):
+    """fp32 x and parameters; x already in the autocast dtype; everything already cast (as gpt2.ops'
+    under_autocast hands them over)."""
     x, params, _ = make_mlp_inputs((3, 7, 32), 128, torch.float32, device)
-    x = x.to(amp_dtype if x_dtype == "amp" else x_dtype)
+    x = x.to(amp_dtype) if cast != "none" else x
+    params = tuple(p.to(amp_dtype) for p in params) if cast == "all" else params
     dy = torch.randn(x.shape, generator=torch.Generator().manual_seed(5)).to(device, amp_dtype)
     with torch.autocast(device, dtype=amp_dtype):
         ours = forward_and_grads(gelu_mlp, (x, *params), dy)
         theirs = forward_and_grads(torch_gelu_mlp, (x, *params), dy)
     assert ours[0].dtype == amp_dtype and ours[1][0].dtype == x.dtype
-    assert all(g.dtype == torch.float32 for g in ours[1][1:])
+    assert all(g.dtype == p.dtype for g, p in zip(ours[1][1:], params))
     truth = forward_and_grads(torch_gelu_mlp, (x.double(), *(p.double() for p in params)), dy.double())
     _check_against_torch_autocast([ours[0], *ours[1]], [theirs[0], *theirs[1]], [truth[0], *truth[1]],
                                   ("y",) + tuple(f"d{n}" for n in PARAM_NAMES), amp_dtype)
