@@ -290,18 +290,19 @@ def _launch_matmul(a, b, out, bias=None, epilogue=EPI_NONE, aux_in=None, aux_out
         return out
     for t in (aux_in, aux_out):
         assert t is None or t.stride() == out.stride(), "aux tensors must share out's strides"
-    bm, bn, bk = _max_block("BLOCK_M"), _max_block("BLOCK_N"), _max_block("BLOCK_K")
-    for name, t, (b0, b1) in (("a", a, (bm, bk)), ("b", b, (bk, bn)), ("out", out, (bm, bn))):
-        if b0 * t.stride(0) + b1 * t.stride(1) >= 2**31:
-            raise ValueError(f"matmul: {name} strides {t.stride()} are too large for the kernel's int32 "
-                             f"offsets inside a tile (need {b0}·stride(0) + {b1}·stride(1) < 2^31)")
     assert split_k == 1 or (bias is None and epilogue == EPI_NONE)
-    k_split = max(triton.cdiv(triton.cdiv(K, split_k), bk), 1) * bk
-    # No K mask when every config's BLOCK_K divides every split's range.
-    even_k = K % k_split == 0
     target = out
     if split_k > 1:
         target = torch.empty((split_k, M, N), dtype=torch.float32, device=out.device)
+    bm, bn, bk = _max_block("BLOCK_M"), _max_block("BLOCK_N"), _max_block("BLOCK_K")
+    for name, t, (b0, b1) in (("a", a, (bm, bk)), ("b", b, (bk, bn)), ("out", target, (bm, bn))):
+        if b0 * t.stride(-2) + b1 * t.stride(-1) >= 2**31:
+            raise ValueError(f"matmul: {name} strides {t.stride()} are too large for the kernel's int32 "
+                             f"offsets inside a tile (need {b0}·stride(0) + {b1}·stride(1) < 2^31)")
+    k_split = max(triton.cdiv(triton.cdiv(K, split_k), bk), 1) * bk
+    # No K mask when every config's BLOCK_K divides every split's range.
+    even_k = K % k_split == 0
+    bias = bias.contiguous() if bias is not None else None
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]), split_k)  # noqa: E731
     _matmul[grid](
         a, b, target, bias, aux_in, aux_out,

@@ -246,8 +246,8 @@ def test_fused_matmul_strided_operands(apply_gelu, with_bias, dtype, device):
     a = torch.randn(K, M, generator=gen).to(device, dtype).t()            # (M, K), column-major
     b_full = torch.randn(N, 2 * K, generator=gen).to(device, dtype)
     b = b_full[:, ::2].t()                                                 # (K, N), strides (2, 2K)
-    bias = (torch.randn(N, generator=gen) * 0.1).to(device, dtype) if with_bias else None
-    assert not a.is_contiguous() and not b.is_contiguous()
+    bias = (torch.randn(2 * N, generator=gen) * 0.1).to(device, dtype)[::2] if with_bias else None
+    assert not a.is_contiguous() and not b.is_contiguous() and (bias is None or not bias.is_contiguous())
 
     def torch_version(a, b, bias, upcast):
         a, b, bias = (t.float() if upcast and t is not None else t for t in (a, b, bias))
