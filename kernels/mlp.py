@@ -273,8 +273,9 @@ def _max_block(name):
     return _max_blocks(is_interpreter())[name]
 
 
-# Epilogue column slices, by epilogue: fewer live registers where the GELU math would spill the big
-# tiles (ptxas -v, sm_90, bf16: no spills with these; 1.3-2.2 KB with one slice for the GELU gradient).
+# Epilogue column slices, by epilogue: fewer live registers where the GELU math spills the tiles with
+# 128 accumulator registers per thread (ptxas -v, sm_90, bf16, triton 3.9: the GELU gradient spills
+# 1.9-2.2 KB with one slice, 1.1-1.6 KB with two, nothing with four; the GELU 40-80 B with one slice).
 _EPILOGUE_SUBTILES = {EPI_NONE: 1, EPI_GELU: 2, EPI_GELU_GRAD: 4}
 
 
@@ -354,7 +355,8 @@ def _split_k(M: int, N: int, K: int, num_sms: int) -> int:
     tiles = triton.cdiv(M, 128) * triton.cdiv(N, 128)
 
     def cost(s):
-        return triton.cdiv(tiles * s, num_sms) * num_sms * 2 * 128 * 128 * K / s + (8 * s * M * N * 300 if s > 1 else 0)
+        compute = triton.cdiv(tiles * s, num_sms) * num_sms * 2 * 128 * 128 * K / s
+        return compute + (8 * s * M * N * 300 if s > 1 else 0)
 
     return min((1, 2, 4, 8), key=cost)
 
