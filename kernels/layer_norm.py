@@ -1,7 +1,11 @@
 """Fused LayerNorm: one program per row forward, one-pass dx backward, deterministic dweight/dbias.
 
 x (..., N) in fp32/fp16/bf16; weight/bias (N,) may have another float dtype (e.g. fp32 master weights
-with bf16 activations under autocast). The output has x's dtype; mean and rstd are fp32.
+with bf16 activations under autocast). Statistics and arithmetic are fp32. The output has x's dtype, or
+fp32 under CUDA autocast (as F.layer_norm, on that autocast's fp32 list), or `out_dtype` when given: the
+dtype the consumer wants, written in the same pass (e.g. bf16 for the matmul after it, from an fp32
+residual).
+The backward takes dy in the output's dtype and returns dx in x's dtype.
 """
 import functools
 from typing import Optional
@@ -10,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.utils import check_device, check_float, is_interpreter
+from kernels.utils import FLOAT_DTYPES, autocast_disabled, autocast_dtype, check_device, check_float, is_interpreter
 
 MAX_FEAT_DIM = 16384  # one row lives in registers: BLOCK_N = next_power_of_2(N) <= MAX_FEAT_DIM
 
@@ -35,7 +39,8 @@ def _layer_norm_fwd_kernel(
     mean = tl.sum(x, axis=0) / feat_dim
     x_centered = tl.where(mask, x - mean, 0.0)  # padded lanes stay out of the variance
     var = tl.sum(x_centered * x_centered, axis=0) / feat_dim
-    rstd = 1.0 / tl.sqrt(var + eps)
+    # An overflowed variance (|x| beyond ~1e19) gives NaN, not the zeros 1 / sqrt(inf) would make.
+    rstd = tl.where(var == float("inf"), float("nan"), 1.0 / tl.sqrt(var + eps))
     weight = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)
     y = x_centered * rstd * weight
     if HAS_BIAS:
@@ -119,16 +124,18 @@ def _row_major(t: torch.Tensor) -> torch.Tensor:
 
 @torch.library.custom_op("gpt2_triton::layer_norm_fwd", mutates_args=())
 def layer_norm_fwd(
-    x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], eps: float
+    x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], eps: float,
+    out_dtype: Optional[torch.dtype] = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """x (M, N), weight/bias (N,) -> y (M, N) in x's dtype, mean (M,) fp32, rstd (M,) fp32."""
-    x = _row_major(x)
-    weight = weight.contiguous()
-    bias = bias.contiguous() if bias is not None else None
-    num_rows, feat_dim = x.shape
-    y = torch.empty((num_rows, feat_dim), dtype=x.dtype, device=x.device)
-    mean = torch.empty((num_rows,), dtype=torch.float32, device=x.device)
-    rstd = torch.empty((num_rows,), dtype=torch.float32, device=x.device)
+    """x (M, N), weight/bias (N,) -> y (M, N) in out_dtype (default x's dtype), mean (M,) fp32, rstd (M,) fp32."""
+    with autocast_disabled(x.device.type):
+        x = _row_major(x)
+        weight = weight.contiguous()
+        bias = bias.contiguous() if bias is not None else None
+        num_rows, feat_dim = x.shape
+        y = torch.empty((num_rows, feat_dim), dtype=out_dtype or x.dtype, device=x.device)
+        mean = torch.empty((num_rows,), dtype=torch.float32, device=x.device)
+        rstd = torch.empty((num_rows,), dtype=torch.float32, device=x.device)
     if num_rows == 0:
         return y, mean, rstd
     block_n, num_warps = _fwd_config(feat_dim)
@@ -140,9 +147,9 @@ def layer_norm_fwd(
 
 
 @layer_norm_fwd.register_fake
-def _(x, weight, bias, eps):
+def _(x, weight, bias, eps, out_dtype=None):
     num_rows, feat_dim = x.shape
-    return (x.new_empty((num_rows, feat_dim)),
+    return (x.new_empty((num_rows, feat_dim), dtype=out_dtype or x.dtype),
             x.new_empty((num_rows,), dtype=torch.float32),
             x.new_empty((num_rows,), dtype=torch.float32))
 
@@ -151,25 +158,31 @@ def _(x, weight, bias, eps):
 def layer_norm_bwd(
     dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """dy, x (M, N), weight (N,), mean/rstd (M,) fp32 -> dx (M, N) in x's dtype, dweight (N,) and
-    dbias (N,) in weight's dtype. dweight/dbias are sums of fixed per-program fp32 partials: bit-reproducible."""
-    dy, x = _row_major(dy), _row_major(x)
-    weight = weight.contiguous()
-    num_rows, feat_dim = x.shape
-    dx = torch.empty((num_rows, feat_dim), dtype=x.dtype, device=x.device)
-    num_programs = _bwd_num_programs(num_rows, x.device)
-    dweight_partial = torch.zeros((num_programs, feat_dim), dtype=torch.float32, device=x.device)
-    dbias_partial = torch.zeros((num_programs, feat_dim), dtype=torch.float32, device=x.device)
-    if num_rows > 0:
-        rows_per_program = triton.cdiv(num_rows, num_programs)
-        block_n, num_warps = _fwd_config(feat_dim)
-        _layer_norm_bwd_kernel[(num_programs,)](
-            dy, x, weight, mean, rstd, dx, dweight_partial, dbias_partial,
-            dy.stride(0), x.stride(0), dx.stride(0),
-            num_rows, feat_dim, rows_per_program,
-            BLOCK_N=block_n, num_warps=num_warps)
-    dweight = dweight_partial.sum(0).to(weight.dtype)
-    dbias = dbias_partial.sum(0).to(weight.dtype)
+    """dy (M, N) any float dtype, x (M, N), weight (N,), mean/rstd (M,) fp32 -> dx (M, N) in x's dtype,
+    dweight (N,) and dbias (N,) in weight's dtype. dweight/dbias are sums of fixed per-program fp32
+    partials: bit-reproducible."""
+    with autocast_disabled(x.device.type):
+        dy, x = _row_major(dy), _row_major(x)
+        weight = weight.contiguous()
+        num_rows, feat_dim = x.shape
+        dx = torch.empty((num_rows, feat_dim), dtype=x.dtype, device=x.device)
+        num_programs = _bwd_num_programs(num_rows, x.device)
+        # Every program writes its whole row of partials (zeros when it gets no rows): no memset needed.
+        dweight_partial = torch.empty((num_programs, feat_dim), dtype=torch.float32, device=x.device)
+        dbias_partial = torch.empty((num_programs, feat_dim), dtype=torch.float32, device=x.device)
+        if num_rows > 0:
+            rows_per_program = triton.cdiv(num_rows, num_programs)
+            block_n, num_warps = _fwd_config(feat_dim)
+            _layer_norm_bwd_kernel[(num_programs,)](
+                dy, x, weight, mean, rstd, dx, dweight_partial, dbias_partial,
+                dy.stride(0), x.stride(0), dx.stride(0),
+                num_rows, feat_dim, rows_per_program,
+                BLOCK_N=block_n, num_warps=num_warps)
+        else:
+            dweight_partial.zero_()
+            dbias_partial.zero_()
+        dweight = dweight_partial.sum(0).to(weight.dtype)
+        dbias = dbias_partial.sum(0).to(weight.dtype)
     return dx, dweight, dbias
 
 
@@ -183,10 +196,10 @@ def _(dy, x, weight, mean, rstd):
 
 class LayerNormFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, eps):
+    def forward(ctx, x, weight, bias, eps, out_dtype):
         shape = x.shape
         x2d = x.reshape(-1, shape[-1])  # (M, N)
-        y, mean, rstd = layer_norm_fwd(x2d, weight, bias, eps)
+        y, mean, rstd = layer_norm_fwd(x2d, weight, bias, eps, out_dtype)
         ctx.save_for_backward(x2d, weight, mean, rstd)
         ctx.has_bias = bias is not None
         ctx.bias_dtype = bias.dtype if bias is not None else None
@@ -197,16 +210,24 @@ class LayerNormFunction(torch.autograd.Function):
         x2d, weight, mean, rstd = ctx.saved_tensors
         dx, dweight, dbias = layer_norm_bwd(dy.reshape(x2d.shape), x2d, weight, mean, rstd)
         dbias = dbias.to(ctx.bias_dtype) if ctx.has_bias else None
-        return dx.view(dy.shape), dweight, dbias, None
+        return dx.view(dy.shape), dweight, dbias, None, None
 
 
-def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], eps: float = 1e-5):
-    """LayerNorm over the last dim: x (..., N), weight/bias (N,) (bias may be None) -> (..., N) in x's dtype."""
+def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], eps: float = 1e-5,
+               out_dtype: Optional[torch.dtype] = None):
+    """LayerNorm over the last dim: x (..., N), weight/bias (N,) (bias may be None) -> (..., N).
+
+    Computes in fp32. Returns out_dtype when given; otherwise the dtype F.layer_norm returns: fp32 under
+    CUDA autocast (its fp32 list), x's dtype elsewhere (CPU autocast leaves layer_norm alone).
+    dx comes back in x's dtype, dweight/dbias in the parameters' dtypes.
+    """
     op = "layer_norm"
     check_float(op, "x", x)
     check_float(op, "weight", weight)
     if bias is not None:
         check_float(op, "bias", bias)
+    if out_dtype is not None and out_dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{op}: out_dtype must be torch.float32, float16 or bfloat16 (or None); got {out_dtype}")
     check_device(op, x=x, weight=weight, bias=bias)
     if x.dim() < 1:
         raise ValueError(f"{op}: x must have at least one dim (..., N); got a 0-dim tensor")
@@ -217,4 +238,6 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
         raise ValueError(f"{op}: weight must have shape (N,) = ({feat_dim},); got {tuple(weight.shape)}")
     if bias is not None and bias.shape != (feat_dim,):
         raise ValueError(f"{op}: bias must have shape (N,) = ({feat_dim},); got {tuple(bias.shape)}")
-    return LayerNormFunction.apply(x, weight, bias, float(eps))
+    if out_dtype is None and x.device.type == "cuda" and autocast_dtype("cuda") is not None:
+        out_dtype = torch.float32  # CUDA autocast runs F.layer_norm in fp32 (CPU autocast leaves it alone)
+    return LayerNormFunction.apply(x, weight, bias, float(eps), out_dtype)

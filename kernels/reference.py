@@ -14,10 +14,10 @@ def _maybe_upcast(upcast, *tensors):
     return tuple(t.float() if upcast and t is not None else t for t in tensors)
 
 
-def layer_norm(x, weight, bias, eps=1e-5, *, upcast=True):
-    """x (..., N), weight/bias (N,) -> (..., N) in x's dtype."""
+def layer_norm(x, weight, bias, eps=1e-5, out_dtype=None, *, upcast=True):
+    """x (..., N), weight/bias (N,) -> (..., N) in out_dtype (default x's dtype)."""
     xf, wf, bf = _maybe_upcast(upcast, x, weight, bias)
-    return F.layer_norm(xf, (x.shape[-1],), wf, bf, eps).to(x.dtype)
+    return F.layer_norm(xf, (x.shape[-1],), wf, bf, eps).to(out_dtype or x.dtype)
 
 
 def flash_attention(q, k, v, causal=True, scale=None, *, upcast=True):
