@@ -12,6 +12,7 @@ from torch.nn import functional as F
 
 from gpt2.config import GPTConfig
 from gpt2.ops import Ops, build_ops
+from kernels.utils import autocast_dtype
 
 
 class LayerNorm(nn.Module):
@@ -22,8 +23,8 @@ class LayerNorm(nn.Module):
         self.eps = eps
         self.layer_norm = ops.layer_norm
 
-    def forward(self, x):
-        return self.layer_norm(x, self.weight, self.bias, self.eps)
+    def forward(self, x):  # every LayerNorm of GPT-2 feeds a matmul: write its input dtype in the same pass
+        return self.layer_norm(x, self.weight, self.bias, self.eps, out_dtype=autocast_dtype(x.device.type))
 
 
 class KVCache:

@@ -26,8 +26,9 @@ TRITON_KERNELS = {
 
 
 # --- the "torch" implementations: plain PyTorch, the fast eager baseline -------------------------
-def torch_layer_norm(x, weight, bias, eps=1e-5):
-    return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
+def torch_layer_norm(x, weight, bias, eps=1e-5, out_dtype=None):
+    y = F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
+    return y if out_dtype is None else y.to(out_dtype)
 
 
 def torch_attention(q, k, v, causal=True, scale=None):
@@ -49,7 +50,7 @@ TORCH_OPS = {
 
 # Ops whose PyTorch versions autocast runs in low precision (matmuls). LayerNorm and cross-entropy on
 # given logits run in fp32 under autocast, and so do ours: their inputs are left as they are.
-MATMUL_OPS = ("flash_attention", "gelu_mlp")  # linear_cross_entropy applies autocast itself
+MATMUL_OPS = ("flash_attention",)  # gelu_mlp and linear_cross_entropy apply autocast themselves
 
 
 def under_autocast(fn: Callable) -> Callable:

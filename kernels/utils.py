@@ -8,7 +8,8 @@ custom kernels are invisible to autocast, so each public op asks `autocast_dtype
   F.linear / SDPA; parameters are read in their own dtype (fp32 master weights are cast tile by
   tile or once per call) and their grads come back in that dtype, accumulated in fp32;
 - fp32-policy ops (layer_norm, cross_entropy) compute in fp32 whatever the input dtype, as
-  autocast's fp32 list says; layer_norm returns fp32 under autocast, like F.layer_norm.
+  autocast's fp32 list says; without `out_dtype`, layer_norm returns what F.layer_norm returns in the
+  same context (fp32 under CUDA autocast; x's dtype under CPU autocast, which leaves layer_norm alone).
 The launchers then run with autocast off (`autocast_disabled`), so the few torch ops inside them
 (sums, casts, matmuls of the chunked paths) keep the dtypes the launcher chose.
 """
