@@ -1,0 +1,251 @@
+"""The profile: compile every case with each triton, trace the bytes and launches, write JSON + markdown."""
+import datetime
+import json
+import math
+import os
+import platform
+import subprocess
+import time
+from pathlib import Path
+
+import torch
+
+from bench.static import cases as cases_mod
+from bench.static.native import Worker
+
+# H100 SXM (sm_90) per-SM limits used for CTAs per SM.
+H100 = {"sms": 132, "regs_per_sm": 65536, "reg_alloc_unit": 256, "smem_per_sm": 233472, "smem_per_block": 232448,
+        "smem_reserved_per_block": 1024, "max_warps_per_sm": 64, "max_ctas_per_sm": 32}
+
+
+def ctas_per_sm(regs, num_warps, shared) -> int:
+    """Resident CTAs per H100 SM allowed by registers, shared memory and warps (the occupancy
+    calculator's rules: registers allocated per warp in units of 256, 1 KB of shared memory reserved
+    per CTA)."""
+    if regs is None or shared is None:
+        return None
+    if shared > H100["smem_per_block"]:
+        return 0
+    regs_per_warp = math.ceil(max(regs, 1) * 32 / H100["reg_alloc_unit"]) * H100["reg_alloc_unit"]
+    by_regs = (H100["regs_per_sm"] // regs_per_warp) // num_warps
+    by_smem = H100["smem_per_sm"] // (shared + H100["smem_reserved_per_block"])
+    by_warps = H100["max_warps_per_sm"] // num_warps
+    return min(by_regs, by_smem, by_warps, H100["max_ctas_per_sm"])
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).resolve().parent).stdout.strip()
+        return out or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def compile_all(cases, pythons, jobs=1, log=print) -> dict:
+    """{triton version: {case id: result}} for every case, with `jobs` workers per python."""
+    specs = [c.spec() for c in cases]
+    out = {}
+    for python in pythons:
+        workers = [Worker(python) for _ in range(max(1, jobs))]
+        version = workers[0].info["triton"]
+        results = out.setdefault(version, {})
+        t0 = time.time()
+        try:
+            pending = list(specs)
+            busy = {}  # worker index -> spec id
+            while pending or busy:
+                for i, w in enumerate(workers):
+                    if i not in busy and pending:
+                        spec = pending.pop(0)
+                        w.submit(spec)
+                        busy[i] = spec["id"]
+                import select
+                ready, _, _ = select.select([workers[i].proc.stdout for i in busy], [], [], 600)
+                for i in list(busy):
+                    if workers[i].proc.stdout in ready:
+                        res = workers[i].receive(busy.pop(i))
+                        results[res["id"]] = res
+                        if not res["ok"]:
+                            log(f"  FAIL {res['id']} (triton {version}): {res['error'][:300]}")
+        finally:
+            for w in workers:
+                w.close()
+        log(f"  triton {version}: {len(specs)} compiles in {time.time() - t0:.0f} s ({python or 'this python'})")
+    return out
+
+
+def run(out_dir, pythons=(None,), quick=False, jobs=1, batch=16, only=(), log=print) -> dict:
+    """The whole profile; `quick`: first autotune candidate only; `only`: cases whose id contains one
+    of these strings."""
+    t_start = time.time()
+    timing = {}
+    t = time.time()
+    all_cases = cases_mod.gpt2_cases(batch)
+    if quick:  # the hand-picked (first) candidate of each launch only
+        all_cases = [c for c in all_cases if c.first_candidate]
+    if only:
+        all_cases = [c for c in all_cases if any(s in c.id for s in only)]
+    timing["trace_launches_s"] = time.time() - t
+    log(f"{len(all_cases)} compile cases (kernel x autotune candidate) at GPT-2 124M shapes")
+    t = time.time()
+    compiled = compile_all(all_cases, pythons, jobs, log)
+    timing["compile_s"] = time.time() - t
+    t = time.time()
+    ops = cases_mod.op_traffic((4, batch))
+    step = cases_mod.step_summary(batch)
+    timing["traffic_s"] = time.time() - t
+
+    kernels = []
+    for c in all_cases:
+        row = {"id": c.id, "kernel": c.launch.fn.__name__, "module": c.launch.module,
+               "config": cases_mod.config_id(c.config) if c.config is not None else None,
+               "first_candidate": c.first_candidate,
+               "sites": list(c.sites), "programs": c.programs, "num_warps": c.num_warps, "results": {}}
+        for version, results in compiled.items():
+            r = dict(results.get(c.id, {"ok": False, "error": "not compiled"}))
+            if r.get("ok"):
+                r["ctas_per_sm"] = ctas_per_sm(r.get("regs"), r.get("num_warps", c.num_warps), r.get("shared"))
+                if r["ctas_per_sm"]:
+                    r["waves"] = round(c.programs / (H100["sms"] * r["ctas_per_sm"]), 2)
+            row["results"][version] = r
+        kernels.append(row)
+    timing["total_s"] = time.time() - t_start
+    profile = {
+        "env": {"torch": torch.__version__, "tritons": sorted(compiled), "git_commit": git_commit(),
+                "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                "host": platform.node(), "cpus": os.cpu_count(), "quick": quick},
+        "shapes": {"B": batch, "T": cases_mod.T, "C": cases_mod.C, "H": cases_mod.N_HEAD, "D": cases_mod.C // cases_mod.N_HEAD,
+                   "V": cases_mod.VOCAB, "dtype": "bf16 autocast, fp32 parameters"},
+        "h100": H100, "kernels": kernels, "ops": ops, "micro_step": step, "timing": timing,
+    }
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "static.json").write_text(json.dumps(profile, indent=1, default=str))
+    (out_dir / "static.md").write_text(markdown(profile))
+    log(f"wrote {out_dir / 'static.json'} and {out_dir / 'static.md'} ({timing['total_s']:.0f} s)")
+    return profile
+
+
+# ----------------------------------------------------------------------------------------------
+# Markdown
+# ----------------------------------------------------------------------------------------------
+def _gb(b):
+    return f"{b / 1e9:.2f}"
+
+
+def _cell(values):
+    """'a / b' over triton versions ('-' for a missing value)."""
+    return " / ".join("-" if v is None else str(v) for v in values)
+
+
+def _loop_counts(loop):
+    c, ops = loop["classes"], loop["opcodes"]
+    ldg = loop.get("ldg_bits", {})
+    ldg_txt = str(c.get("ldg", 0)) + (" (" + ", ".join(f"{n}x{b}b" for b, n in ldg.items()) + ")" if ldg else "")
+    return [loop["instructions"], c.get("hgmma", 0) + c.get("hmma", 0), c.get("mufu", 0), ops.get("FFMA", 0),
+            ops.get("FMUL", 0), ops.get("ISETP", 0), c.get("int", 0), ldg_txt, c.get("lds", 0) + c.get("ldgsts", 0)
+            + c.get("tma", 0)]
+
+
+def markdown(p) -> str:
+    versions = p["env"]["tritons"]
+    vs = " / ".join(versions)
+    s = p["shapes"]
+    lines = [
+        "# Static profile: GPT-2 124M training shapes, sm_90 (H100)",
+        "",
+        f"`python -m bench.static` | commit {p['env']['git_commit']} | torch {p['env']['torch']} | triton {vs} | "
+        f"{p['env']['date']} | {p['timing']['total_s']:.0f} s on {p['env']['cpus']} CPUs"
+        + (" | --quick (first candidate only)" if p["env"]["quick"] else ""),
+        "",
+        f"Shapes: B={s['B']}, T={s['T']}, C={s['C']}, H={s['H']}, D={s['D']}, V={s['V']}, {s['dtype']}. "
+        "Nothing ran on a GPU: compiled for sm_90 with each triton's ptxas; bytes and launches traced on "
+        "fake tensors (see bench/static/__init__.py for the method).",
+        "",
+        "## Kernels: every launch and autotune candidate",
+        "",
+        f"Cells with two values: triton {vs}. CTAs: grid size of the launch. CTAs/SM: resident per H100 SM "
+        "(registers, shared memory, warps). dots: wgmma of all tl.dot.",
+        "",
+        "| kernel (launch) | candidate | used by | CTAs | warps | regs | spill st B | smem KB | CTAs/SM | dots wgmma/all | TMA |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for k in p["kernels"]:
+        rs = [k["results"][v] for v in versions]
+
+        def get(key, fmt=None, rs=rs):
+            return _cell([(fmt(r[key]) if fmt else r[key]) if r.get("ok") and r.get(key) is not None else
+                          ("FAIL" if not r.get("ok") else None) for r in rs])
+        dots = _cell([f"{r['dots']['wgmma']}/{r['dots']['dots']}" if r.get("ok") else "FAIL" for r in rs])
+        tma = _cell(["yes" if r.get("tma") else "no" for r in rs if r.get("ok")])
+        base = k["id"] if k["config"] is None else k["id"][: -len(k["config"]) - 1]
+        lines.append(f"| {base} | {k['config'] or '-'} | {', '.join(k['sites'])} | {k['programs']} | "
+                     f"{k['num_warps']} | {get('regs')} | {get('spill_stores')} | "
+                     f"{get('shared', lambda b: round(b / 1024, 1))} | {get('ctas_per_sm')} | {dots} | {tma} |")
+    lines += [
+        "",
+        "## Hot loops (SASS instructions per iteration), first candidate of each launch",
+        "",
+        "One row per loop and triton version; `line`: the kernel source line the loop comes from. "
+        "MMA: HGMMA + HMMA; int: integer/address math (IMAD, IADD3, LEA, SHF, LOP3, ...); "
+        "LDG: global loads (count x width); smem: LDS/LDSM + LDGSTS + TMA.",
+        "",
+        "| kernel (launch) | candidate | triton | loop (line) | instr | MMA | MUFU | FFMA | FMUL | ISETP | int | LDG | smem |",
+        "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|---:|",
+    ]
+    for k in p["kernels"]:
+        if not k["first_candidate"]:
+            continue
+        base = k["id"] if k["config"] is None else k["id"][: -len(k["config"]) - 1]
+        for v in versions:
+            r = k["results"][v]
+            if not r.get("ok"):
+                continue
+            for i, loop in enumerate(r["sass"]["loops"]):
+                cells = " | ".join(str(x) for x in _loop_counts(loop))
+                lines.append(f"| {base} | {k['config'] or '-'} | {v} | {i + 1} ({loop['site']}) | {cells} |")
+    lines += [
+        "",
+        "## HBM bytes per op call (forward + backward), traced",
+        "",
+        "Ours: `gpt2.ops.build_ops(\"triton\")`, eager: `build_ops(\"torch\")`, called as GPT-2 calls them under "
+        "bf16 autocast. Minimum: the op's inputs read once and output written once in the forward; the "
+        "output's grad and the inputs read once and the inputs' grads written once in the backward. "
+        "Triton launches count each tensor argument once (tile re-reads assumed to hit L2).",
+        "",
+        "| op | B | minimum GB | ours GB | ours / min | eager GB | eager / min | ours / eager | ours: launches + other ops | eager: ops |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---|---:|",
+    ]
+    for r in p["ops"]:
+        m, o, e = r["min_bytes"], r["triton"]["bytes"], r["torch"]["bytes"]
+        lines.append(f"| {r['op']} | {r['B']} | {_gb(m)} | {_gb(o)} | {o / m:.2f} | {_gb(e)} | {e / m:.2f} | "
+                     f"{o / e:.2f} | {r['triton']['triton_launches']} + {r['triton']['device_ops']} | "
+                     f"{r['torch']['device_ops']} |")
+    st = p["micro_step"]
+    tri, eag = st["triton"], st["torch"]
+    lines += [
+        "",
+        f"## One training micro-step, B={st['B']} (steady state of gradient accumulation)",
+        "",
+        "`train.accumulate_gradients` on GPT-2 124M (gpt2 preset, pad_vocab_to=128), bf16 autocast, traced "
+        "with kernels recorded (nothing runs); the second of two micro-steps (grads accumulate into .grad).",
+        "",
+        "| | kernels=\"triton\" | kernels=\"torch\" |",
+        "|---|---:|---:|",
+        f"| Triton launches | {tri['triton_launches']} | {eag['triton_launches']} |",
+        f"| other device ops | {tri['device_ops']} | {eag['device_ops']} |",
+        f"| host syncs | {tri['host_syncs']} | {eag['host_syncs']} |",
+        f"| HBM GB traced | {_gb(tri['bytes'])} | {_gb(eag['bytes'])} |",
+        f"| HBM GB, first micro-step | {_gb(tri['first_micro_step_bytes'])} | {_gb(eag['first_micro_step_bytes'])} |",
+        "",
+        "Triton launches (kernels=\"triton\"): " + ", ".join(f"{k} {n}" for k, n in tri["launches"].items()),
+        "",
+        "Other device ops (kernels=\"triton\"): " + ", ".join(f"{k.removeprefix('aten.')} {n}" for k, n in tri["ops"].items()),
+        "",
+        "Other device ops (kernels=\"torch\"): " + ", ".join(f"{k.removeprefix('aten.')} {n}" for k, n in eag["ops"].items()),
+        "",
+        "Host syncs (both): " + ", ".join(f"{k.removeprefix('aten.')} {n}" for k, n in tri["syncs"].items()),
+        "",
+    ]
+    return "\n".join(lines)
