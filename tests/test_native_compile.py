@@ -38,7 +38,7 @@ import torch  # noqa: E402
 
 from bench.static.cases import Case, config_id, launch_tag, short_name, signature_key  # noqa: E402
 from bench.static.native import Worker, ptxas_path  # noqa: E402
-from bench.static.trace import KERNEL_MODULES, capture, is_kernel, is_recorder, raw_kernel  # noqa: E402
+from bench.static.trace import capture, is_kernel, is_recorder, kernel_modules, raw_kernel  # noqa: E402
 
 if ptxas_path() is None:
     pytest.skip("ptxas (bundled with triton's NVIDIA backend) not found: cannot compile for sm_90",
@@ -237,7 +237,7 @@ def test_every_kernel_is_covered():
     """Every @triton.jit kernel (not device helper) in kernels/*.py is compiled by a default case."""
     launched = {(p.values[0].launch.module, p.values[0].launch.fn.__name__) for p in FAST_CASES}
     found = set()
-    for mod_name in KERNEL_MODULES:
+    for mod_name in kernel_modules():
         mod = importlib.import_module(mod_name)
         for v in vars(mod).values():
             fn = raw_kernel(v) if is_kernel(v) else None

@@ -12,7 +12,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from bench.static.trace import Launch, capture, param_info, summarize, tensor_bytes
+from bench.static.trace import DescriptorMeta, Launch, TensorMeta, capture, param_info, summarize, tensor_bytes
 
 T, C, N_HEAD, VOCAB = 1024, 768, 12, 50257
 TORCH_TO_TRITON = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16",
@@ -22,7 +22,7 @@ TORCH_TO_TRITON = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16:
 # ----------------------------------------------------------------------------------------------
 # Specialization and compile specs
 # ----------------------------------------------------------------------------------------------
-def is_aligned(t: torch.Tensor) -> bool:
+def is_aligned(t) -> bool:
     return (t.storage_offset() * t.element_size()) % 16 == 0
 
 
@@ -41,10 +41,12 @@ def specialize(launch: Launch, config=None):
         v = args[name]
         if name in constexpr_names or v is None:
             sig[name], consts[name] = "constexpr", v
-        elif isinstance(v, torch.Tensor):
+        elif isinstance(v, TensorMeta):
             sig[name] = "*" + TORCH_TO_TRITON[v.dtype]
             if is_aligned(v):
                 attrs[(i,)] = [["tt.divisibility", 16]]
+        elif isinstance(v, DescriptorMeta):  # host TMA descriptor (triton.tools.tensor_descriptor)
+            sig[name] = f"tensordesc<{TORCH_TO_TRITON[v.base.dtype]}{list(v.block_shape)}>"
         elif isinstance(v, bool):
             sig[name] = "u1"
         elif isinstance(v, int):
@@ -140,7 +142,7 @@ def launch_tag(launch: Launch) -> str:
 
 def first_dtype(launch: Launch) -> str:
     for v in launch.args.values():
-        if isinstance(v, torch.Tensor) and v.is_floating_point():
+        if isinstance(v, TensorMeta) and v.is_floating_point():
             return TORCH_TO_TRITON[v.dtype]
     return ""
 

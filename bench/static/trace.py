@@ -32,6 +32,8 @@ import contextlib
 import functools
 import importlib
 import inspect
+import math
+import pkgutil
 import textwrap
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -40,7 +42,18 @@ import torch
 from torch._subclasses.fake_tensor import DynamicOutputShapeException, FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
-KERNEL_MODULES = ("kernels.layer_norm", "kernels.cross_entropy", "kernels.attention", "kernels.mlp")
+
+
+@functools.lru_cache(maxsize=None)
+def kernel_modules() -> tuple:
+    """Names of the modules of the `kernels` package that define Triton kernels."""
+    import kernels
+    names = []
+    for info in pkgutil.iter_modules(kernels.__path__, "kernels."):
+        mod = importlib.import_module(info.name)
+        if any(is_kernel(v) for v in vars(mod).values()):
+            names.append(info.name)
+    return tuple(names)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -191,7 +204,8 @@ class _Taint:
         if isinstance(e, ast.Name):
             if e.id in self.env or e.id in self.known:
                 return _UNKNOWN
-            return self.globals.get(e.id, getattr(builtins, e.id, _UNKNOWN))
+            obj = self.globals.get(e.id, getattr(builtins, e.id, _UNKNOWN))
+            return raw_kernel(obj.kernel) if isinstance(obj, _Recorder) else obj  # helpers during capture()
         if isinstance(e, ast.Attribute):
             base = self.resolve(e.value)
             return _UNKNOWN if base is _UNKNOWN else getattr(base, e.attr, _UNKNOWN)
@@ -316,8 +330,8 @@ def pointer_roles(fn, constexprs: dict) -> dict:
 # ----------------------------------------------------------------------------------------------
 # Bytes
 # ----------------------------------------------------------------------------------------------
-def tensor_bytes(t: torch.Tensor) -> int:
-    """Distinct elements times element size (stride-0 dims count once)."""
+def tensor_bytes(t) -> int:
+    """Distinct elements times element size (stride-0 dims count once); a tensor or a TensorMeta."""
     if t.numel() == 0:
         return 0
     n = 1
@@ -327,8 +341,9 @@ def tensor_bytes(t: torch.Tensor) -> int:
     return n * t.element_size()
 
 
-def _tensor_key(t: torch.Tensor):
-    return (t.untyped_storage()._cdata, t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype)
+def _tensor_key(t):
+    storage = t.storage if isinstance(t, TensorMeta) else t.untyped_storage()._cdata
+    return (storage, t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype)
 
 
 def _tensors(obj):
@@ -399,14 +414,62 @@ def aten_bytes(func, args, kwargs, out) -> tuple:
     return read, written
 
 
+@dataclass(frozen=True)
+class TensorMeta:
+    """What a launch record keeps of a tensor argument: its metadata, no reference (a kept reference
+    would stop autograd from stealing a grad buffer and add a copy that a real run does not make)."""
+    dtype: torch.dtype
+    shape: tuple
+    strides: tuple
+    offset: int
+    itemsize: int
+    storage: int  # storage identity
+
+    @classmethod
+    def of(cls, t: torch.Tensor) -> "TensorMeta":
+        return cls(t.dtype, tuple(t.shape), tuple(t.stride()), t.storage_offset(), t.element_size(),
+                   t.untyped_storage()._cdata)
+
+    def stride(self):
+        return self.strides
+
+    def storage_offset(self):
+        return self.offset
+
+    def element_size(self):
+        return self.itemsize
+
+    def numel(self):
+        return math.prod(self.shape)
+
+    def is_floating_point(self):
+        return self.dtype.is_floating_point
+
+
+@dataclass(frozen=True)
+class DescriptorMeta:
+    """A host TensorDescriptor argument (triton.tools.tensor_descriptor): its base tensor and block."""
+    base: TensorMeta
+    block_shape: tuple
+
+
+def _arg_meta(v):
+    if isinstance(v, torch.Tensor):
+        return TensorMeta.of(v)
+    if type(v).__name__ == "TensorDescriptor" and isinstance(getattr(v, "base", None), torch.Tensor):
+        return DescriptorMeta(TensorMeta.of(v.base), tuple(v.block_shape))
+    return v
+
+
 def launch_bytes(launch) -> tuple:
     """(bytes read, bytes written) of a recorded Triton launch: each tensor argument the kernel loads
     from read once, each it stores to written once (`pointer_roles`)."""
     roles = pointer_roles(launch.fn, {k: v for k, v in launch.args.items() if k in launch.constexpr_names})
     per_tensor = {}
     for name, v in launch.args.items():
-        if isinstance(v, torch.Tensor):
-            entry = per_tensor.setdefault(_tensor_key(v), [v, set()])
+        t = v.base if isinstance(v, DescriptorMeta) else v
+        if isinstance(t, TensorMeta):
+            entry = per_tensor.setdefault(_tensor_key(t), [t, set()])
             entry[1] |= roles.get(name, set())
     read = sum(tensor_bytes(t) for t, r in per_tensor.values() if "read" in r)
     written = sum(tensor_bytes(t) for t, r in per_tensor.values() if "write" in r)
@@ -421,7 +484,7 @@ class Launch:
     module: str
     name: str  # attribute name of the launched kernel (e.g. "_matmul" for the autotuner)
     fn: Any  # raw kernel object (JITFunction or InterpretedFunction)
-    args: dict  # kernel arg name -> value, as passed (tensors, ints, floats, None, constexprs)
+    args: dict  # kernel arg name -> value as passed (ints, floats, None, constexprs), TensorMeta for tensors
     options: dict  # num_warps / num_stages passed at launch
     grid: Any = None  # tuple, or callable of the meta-parameters
     configs: Optional[list] = None  # triton.Config list the autotuner would try, when autotuned
@@ -440,13 +503,20 @@ class Launch:
 
 
 def autotune_configs(module_name, name, tuner):
-    """The autotuner's configs as on GPU. Under the interpreter they are built at import time (one
-    small config), so rebuild them with the module's `<kernel>_configs()` when it has one (called
+    """The autotuner's configs as on GPU. They are built at import time (under the interpreter: the
+    one small interpreter config), so they are rebuilt with the module's `<kernel>_configs()` (called
     while is_interpreter() is patched to False)."""
+    from kernels.utils import is_interpreter
     mod = importlib.import_module(module_name)
     fn = raw_kernel(tuner)
-    getter = getattr(mod, fn.__name__.removesuffix("_kernel") + "_configs", None)
-    return list(getter()) if getter is not None else list(tuner.configs)
+    getter_name = fn.__name__.removesuffix("_kernel") + "_configs"
+    getter = getattr(mod, getter_name, None)
+    if getter is not None:
+        return list(getter())
+    if is_interpreter():
+        raise RuntimeError(f"{module_name}.{name}: autotuned kernel {fn.__name__} has no {getter_name}() "
+                           "function; bench.static needs it to rebuild the GPU candidates under the interpreter")
+    return list(tuner.configs)
 
 
 class _Recorder:
@@ -469,6 +539,7 @@ class _Recorder:
                 prune = self.kernel.early_config_prune
                 if prune is not None:  # what the autotuner would benchmark for this launch
                     configs = prune(configs, dict(zip(names, args)), **kwargs)
+            bound = {k: _arg_meta(v) for k, v in bound.items()}
             rec = Launch(self.module, self.name, fn, bound, opts, grid, configs,
                          self.trace.op_stack[-1] if self.trace.op_stack else None, frozenset(constexprs))
             self.trace.record_launch(rec)
@@ -563,7 +634,7 @@ def capture():
     trace = Trace()
     saved = []
     try:
-        for mod_name in KERNEL_MODULES:
+        for mod_name in kernel_modules():
             mod = importlib.import_module(mod_name)
             for name, v in list(vars(mod).items()):
                 if name == "is_interpreter":
