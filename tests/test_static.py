@@ -17,6 +17,7 @@ that spills or loops less than its budget passes. Performance is not timed anywh
 
     python -m pytest tests/test_static.py -q
 """
+import functools
 import json
 import math
 
@@ -121,6 +122,7 @@ BYTES_RATIO_BUDGET = {
 STEP_BUDGET = {"triton_launches": 239, "device_ops": 1033, "host_syncs": 5}
 
 CASES = static_cases.gpt2_cases(16)
+_step_summary = functools.lru_cache(maxsize=None)(static_cases.step_summary)
 
 
 @pytest.fixture(scope="module")
@@ -180,7 +182,7 @@ def test_bytes_per_op_within_budget():
 
 def test_micro_step_within_budget():
     """Triton launches, other device ops and host syncs of one GPT-2 training micro-step (B=16)."""
-    step = static_cases.step_summary(16)["triton"]
+    step = _step_summary(16)["triton"]
     measured = {k: step[k] for k in STEP_BUDGET}
     over = {k: (v, STEP_BUDGET[k]) for k, v in measured.items() if v > STEP_BUDGET[k]}
     assert not over, (f"micro-step over budget (measured, budget): {over}\nlaunches: {step['launches']}\n"
@@ -266,7 +268,7 @@ def test_micro_step_launches_follow_the_model():
     """One micro-step with kernels="triton": each of the 12 blocks launches its attention, LayerNorm and
     MLP kernels; the host syncs are GPT.check_idx's."""
     from gpt2 import GPTConfig
-    step = static_cases.step_summary(16)["triton"]
+    step = _step_summary(16)["triton"]
     n_layer = GPTConfig.from_preset("gpt2").n_layer
     assert step["launches"]["_flash_attention_fwd_kernel"] == n_layer
     assert step["launches"]["_layer_norm_fwd_kernel"] == 2 * n_layer + 1

@@ -31,6 +31,7 @@ import io
 import json
 import os
 import re
+import select
 import subprocess
 import sys
 import tempfile
@@ -303,7 +304,6 @@ class Worker:
     with the repository on PYTHONPATH and TRITON_INTERPRET removed."""
 
     def __init__(self, python=None, repo=None):
-        import select  # noqa: F401 - fail early where select is missing
         repo = repo or os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
         env = dict(os.environ)
         env.pop("TRITON_INTERPRET", None)
@@ -322,7 +322,6 @@ class Worker:
         return self.log.read()[-4000:]
 
     def _read(self, what):
-        import select
         if not select.select([self.proc.stdout], [], [], COMPILE_TIMEOUT_S)[0]:
             self.close()
             raise TimeoutError(f"{what}: no answer from the compile worker in {COMPILE_TIMEOUT_S} s")

@@ -4,6 +4,7 @@ import json
 import math
 import os
 import platform
+import select
 import subprocess
 import time
 from pathlib import Path
@@ -11,7 +12,7 @@ from pathlib import Path
 import torch
 
 from bench.static import cases as cases_mod
-from bench.static.native import Worker
+from bench.static.native import COMPILE_TIMEOUT_S, Worker
 
 # H100 SXM (sm_90) per-SM limits used for CTAs per SM.
 H100 = {"sms": 132, "regs_per_sm": 65536, "reg_alloc_unit": 256, "smem_per_sm": 233472, "smem_per_block": 232448,
@@ -53,18 +54,19 @@ def compile_all(cases, pythons, jobs=1, log=print) -> dict:
         t0 = time.time()
         try:
             pending = list(specs)
-            busy = {}  # worker index -> spec id
+            busy = {}  # worker -> spec id
             while pending or busy:
-                for i, w in enumerate(workers):
-                    if i not in busy and pending:
+                for w in workers:
+                    if w not in busy and pending:
                         spec = pending.pop(0)
                         w.submit(spec)
-                        busy[i] = spec["id"]
-                import select
-                ready, _, _ = select.select([workers[i].proc.stdout for i in busy], [], [], 600)
-                for i in list(busy):
-                    if workers[i].proc.stdout in ready:
-                        res = workers[i].receive(busy.pop(i))
+                        busy[w] = spec["id"]
+                ready, _, _ = select.select([w.proc.stdout for w in busy], [], [], COMPILE_TIMEOUT_S)
+                if not ready:
+                    raise TimeoutError(f"no compile result in {COMPILE_TIMEOUT_S} s for {sorted(busy.values())}")
+                for w in list(busy):
+                    if w.proc.stdout in ready:
+                        res = w.receive(busy.pop(w))
                         results[res["id"]] = res
                         if not res["ok"]:
                             log(f"  FAIL {res['id']} (triton {version}): {res['error'][:300]}")

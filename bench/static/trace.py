@@ -282,11 +282,11 @@ class _Taint:
             return _NO_TAINT  # a loaded value is data, not an address
         target = self.resolve(func)
         if target is not _UNKNOWN and _is_jit_helper(target):
-            names = list(inspect.signature(target.fn).parameters.items())
+            params = inspect.signature(target.fn).parameters
             taints, known = {}, {}
-            arg_exprs = dict(zip([n for n, _ in names], c.args))
+            arg_exprs = dict(zip(params, c.args))
             arg_exprs.update({k.arg: k.value for k in c.keywords})
-            for i, (name, p) in enumerate(names):
+            for name, p in params.items():
                 if name in arg_exprs:
                     taints[name] = self.expr(arg_exprs[name])
                     v = self.const(arg_exprs[name])
