@@ -16,10 +16,10 @@ the GPU machine, picked by the installed version) with a small margin: spills +1
 that spills or loops less than its budget passes. Performance is not timed anywhere here.
 
     python -m pytest tests/test_static.py -q
+    python -m bench.static --out DIR && python -m bench.static --budgets DIR/static.json   # new tables
 """
 import functools
 import json
-import math
 
 import pytest
 
@@ -31,6 +31,7 @@ pytest.importorskip("triton.backends.nvidia.compiler",
 
 from bench.static import cases as static_cases  # noqa: E402
 from bench.static.native import Worker, ptxas_path  # noqa: E402
+from bench.static.profile import loop_budget  # noqa: E402
 
 if ptxas_path() is None:
     pytest.skip("ptxas (bundled with triton's NVIDIA backend) not found: cannot compile for sm_90",
@@ -112,9 +113,9 @@ HOT_LOOP_BUDGET = {
 # (op, B) -> HBM bytes of ours (fwd + bwd) / the op's minimum (measured ratio in the comment).
 BYTES_RATIO_BUDGET = {
     ("layer_norm", 4): 1.03, ("layer_norm", 16): 1.03,  # 1.002, 1.001
-    ("attention", 4): 2.15, ("attention", 16): 2.15,  # 2.108: three kernels re-read q, k, v, do; dq/dk/dv `cat`
+    ("attention", 4): 2.16, ("attention", 16): 2.16,  # 2.108: three kernels re-read q, k, v, do; dq/dk/dv `cat`
     ("gelu_mlp", 4): 3.57, ("gelu_mlp", 16): 4.70,  # 3.50, 4.60: (M, 4C) pre and h, weight casts
-    ("cross_entropy", 4): 1.02, ("cross_entropy", 16): 1.02,  # 1.000
+    ("cross_entropy", 4): 1.03, ("cross_entropy", 16): 1.03,  # 1.000
     ("linear_cross_entropy", 4): 87.48, ("linear_cross_entropy", 16): 81.93,  # 85.76, 80.32 (43.0 GB, 49.3 GB)
 }
 
@@ -130,10 +131,6 @@ def worker():
     w = Worker()
     yield w
     w.close()
-
-
-def _budget_margin(n):
-    return n + max(2, math.ceil(0.02 * n))
 
 
 @pytest.mark.parametrize("case", [pytest.param(c, id=c.id) for c in CASES])
@@ -154,7 +151,7 @@ def test_gpt2_kernel(case, worker):
         loops = [loop["instructions"] for loop in res["sass"]["loops"]]
         budget = HOT_LOOP_BUDGET[TRITON].get(case.id)
         if budget is None:
-            problems.append(f"no hot-loop budget: add {case.id!r}: {[_budget_margin(n) for n in loops]} "
+            problems.append(f"no hot-loop budget: add {case.id!r}: {[loop_budget(n) for n in loops]} "
                             f"(measured {loops})")
         elif len(loops) != len(budget) or any(n > b for n, b in zip(loops, budget)):
             problems.append(f"instructions per iteration {loops}; budget {budget} (one entry per loop)")
@@ -273,3 +270,32 @@ def test_micro_step_launches_follow_the_model():
     assert step["launches"]["_flash_attention_fwd_kernel"] == n_layer
     assert step["launches"]["_layer_norm_fwd_kernel"] == 2 * n_layer + 1
     assert step["host_syncs"] >= 1 and step["bytes"] > 0
+
+
+def test_sass_loops_and_breakdown():
+    """Outermost backward-branch ranges are the loops (a nested retry loop is part of its loop, the
+    self-branch after EXIT is not a loop); each is labelled with the call site it was inlined from."""
+    from bench.static.native import find_loops, parse_sass
+    sass = """
+        /*0000*/                   MOV R1, c[0x0][0x28] ;
+.L_x_1:
+	//## File "k.py", line 31 inlined at "k.py", line 104
+        /*0010*/                   LDG.E.U16 R2, desc[UR4][R4.64] ;
+        /*0020*/                   HGMMA.64x64x16.F32.BF16 R24, gdesc[UR8], R24 ;
+.L_x_2:
+        /*0030*/                   SYNCS.PHASECHK.TRANS64.TRYWAIT P0, [UR4], R3 ;
+        /*0040*/               @!P0 BRA `(.L_x_2) ;
+        /*0050*/                   FFMA R5, R6, R7, R8 ;
+        /*0060*/                   ISETP.GE.AND P1, PT, R9, R10, PT ;
+	//## File "k.py", line 20
+        /*0070*/               @!P1 BRA `(.L_x_1) ;
+        /*0080*/                   EXIT ;
+.L_x_3:
+        /*0090*/                   BRA `(.L_x_3);
+"""
+    loops = find_loops(parse_sass(sass))
+    assert len(loops) == 1
+    (loop,) = loops
+    assert (loop["start"], loop["end"], loop["instructions"], loop["nested"]) == (0x10, 0x70, 7, 1)
+    assert loop["site"] == 104 and loop["branches"] == 1
+    assert loop["classes"]["hgmma"] == 1 and loop["classes"]["ldg"] == 1 and loop["ldg_bits"] == {"16": 1}

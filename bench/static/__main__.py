@@ -1,5 +1,7 @@
-"""python -m bench.static --out DIR [--python OTHER_PYTHON] [--quick] [--jobs N] [--only TEXT]"""
+"""python -m bench.static --out DIR [--python OTHER_PYTHON] [--quick] [--jobs N] [--only TEXT]
+   python -m bench.static --budgets DIR/static.json   (budget tables for tests/test_static.py)"""
 import argparse
+import json
 import os
 import sys
 
@@ -15,8 +17,14 @@ def main(argv=None):
     p.add_argument("--batch", type=int, default=16, help="micro-batch B of the GPT-2 shapes (default 16)")
     p.add_argument("--only", action="append", default=[], metavar="TEXT",
                    help="compile only the cases whose id contains TEXT (repeatable); bytes and launches as always")
+    p.add_argument("--budgets", metavar="STATIC_JSON",
+                   help="print tests/test_static.py's budget tables from a profile's static.json, and exit")
     args = p.parse_args(argv)
     from bench.static import profile
+    if args.budgets:
+        with open(args.budgets) as f:
+            print(profile.budgets(json.load(f)))
+        return
     from bench.static.native import ptxas_path
     if ptxas_path() is None:
         sys.exit("python -m bench.static: triton's NVIDIA backend or its ptxas is missing: cannot compile for sm_90")

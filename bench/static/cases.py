@@ -79,7 +79,7 @@ class Case:
     launch: Launch
     config: Any = None  # triton.Config for autotuned kernels
     critical: bool = False  # for tests: must not spill
-    sites: tuple = ()  # custom ops that make this launch (e.g. "gelu_mlp_bwd x3")
+    sites: tuple = ()  # custom ops making this launch, and how often per micro-step ("gelu_mlp_bwd x12")
 
     def spec(self, usage=True, sass=True) -> dict:
         """JSON-able compile spec for bench.static.native (any triton version)."""
@@ -148,27 +148,34 @@ def first_dtype(launch: Launch) -> str:
 
 
 def dedup_launches(launches):
-    """[(launch, [ops that make it])] with one launch per specialization, in first-seen order."""
+    """[(launch, [launches with its specialization])], one per specialization, in first-seen order."""
     seen = {}
     for launch in launches:
-        seen.setdefault(signature_key(launch), (launch, []))[1].append(launch.op or "?")
+        seen.setdefault(signature_key(launch), (launch, []))[1].append(launch)
     return list(seen.values())
 
 
-def cases_from_launches(launches) -> list:
-    """One Case per distinct launch and autotune candidate, ids `kernel-dtype-tags[-config]`."""
+def _sites(same, in_step) -> tuple:
+    """'op xN' per custom op launching it N times per micro-step, or 'op (not in a micro-step)'."""
+    counts = {}
+    for launch in same:
+        counts.setdefault(launch.op or "?", [0])[0] += id(launch) in in_step
+    return tuple(f"{op} x{n}" if n else f"{op} (not in a micro-step)" for op, (n,) in counts.items())
+
+
+def cases_from_launches(launches, in_step=()) -> list:
+    """One Case per distinct launch and autotune candidate, ids `kernel-dtype-tags[-config]`;
+    in_step: ids (id()) of the launches made by one training micro-step, for the sites."""
     cases, ids = [], set()
-    for launch, ops in dedup_launches(launches):
+    in_step = set(in_step)
+    for launch, same in dedup_launches(launches):
         base = "-".join(p for p in (short_name(launch.fn.__name__), first_dtype(launch), launch_tag(launch)) if p)
         n = 2
         while base in ids:
             base = f"{base.rsplit('#', 1)[0]}#{n}"
             n += 1
         ids.add(base)
-        counts = {}
-        for op in ops:
-            counts[op] = counts.get(op, 0) + 1
-        sites = tuple(f"{op} x{k}" if k > 1 else op for op, k in counts.items())
+        sites = _sites(same, in_step)
         for cfg in launch.configs or [None]:
             cid = base if cfg is None else f"{base}-{config_id(cfg)}"
             cases.append(Case(cid, launch, cfg, sites=sites))
@@ -287,19 +294,22 @@ def linear_gelu_launches(batch: int):
         return trace.launches
 
 
-def gpt2_launches(batch: int = 16) -> list:
-    """The launches the profile compiles: every launch of a GPT-2 training micro-step with
+def gpt2_launches(batch: int = 16) -> tuple:
+    """(launches, those of the micro-step): every launch of a GPT-2 training micro-step with
     kernels="triton" and of each op's fwd+bwd, plus those of linear_gelu (not used by GPT-2) whose
-    kernel none of them launches."""
-    launches = [e.launch for e in micro_step(batch, "triton")[0] if e.kind == "launch"]
+    kernel none of them launches. These are what the profile compiles."""
+    step = [e.launch for e in micro_step(batch, "triton")[0] if e.kind == "launch"]
+    launches = list(step)
     for call in OP_CALLS:
         launches += [e.launch for e in trace_op(call, batch, "triton")[0] if e.kind == "launch"]
     seen = {launch.fn.__name__ for launch in launches}
-    return launches + [launch for launch in linear_gelu_launches(batch) if launch.fn.__name__ not in seen]
+    launches += [launch for launch in linear_gelu_launches(batch) if launch.fn.__name__ not in seen]
+    return launches, step
 
 
 def gpt2_cases(batch: int = 16) -> list:
-    return cases_from_launches(gpt2_launches(batch))
+    launches, step = gpt2_launches(batch)
+    return cases_from_launches(launches, [id(launch) for launch in step])
 
 
 def op_traffic(batches=(4, 16)) -> list:

@@ -130,6 +130,53 @@ def run(out_dir, pythons=(None,), quick=False, jobs=1, batch=16, only=(), log=pr
 
 
 # ----------------------------------------------------------------------------------------------
+# Budgets for tests/test_static.py, from a profile
+# ----------------------------------------------------------------------------------------------
+def spill_budget(measured: int) -> int:
+    return measured + 16
+
+
+def loop_budget(measured: int) -> int:
+    return measured + max(2, math.ceil(0.02 * measured))
+
+
+def ratio_budget(measured: float) -> float:
+    return math.ceil(measured * 1.02 * 100) / 100
+
+
+def count_budget(measured: int) -> int:
+    return measured + math.ceil(0.02 * measured)
+
+
+def _dict_text(d: dict) -> str:
+    def lit(x):
+        return "(" + ", ".join(json.dumps(e) for e in x) + ")" if isinstance(x, tuple) else json.dumps(x)
+    return "{\n" + "".join(f"    {lit(k)}: {lit(v)},\n" for k, v in d.items()) + "}"
+
+
+def budgets(profile: dict) -> str:
+    """tests/test_static.py's budget tables (today's measurements with its margins) as Python text."""
+    out = []
+    for version in profile["env"]["tritons"]:
+        key = ".".join(version.split(".")[:2])
+        res = [(k, k["results"][version]) for k in profile["kernels"]]
+        spills = {k["id"]: spill_budget(r["spill_stores"]) for k, r in res if r.get("ok") and r["spill_stores"]}
+        loops = {k["id"]: [loop_budget(loop["instructions"]) for loop in r["sass"]["loops"]]
+                 for k, r in res if r.get("ok") and k["first_candidate"]}
+        not_wgmma = sorted(k["id"] for k, r in res if r.get("ok") and r["dots"]["wgmma"] != r["dots"]["dots"])
+        out.append(f"# triton {version}")
+        out.append(f'SPILL_BUDGET_BYTES["{key}"] = {_dict_text(spills)}')
+        out.append(f'HOT_LOOP_BUDGET["{key}"] = {_dict_text(loops)}')
+        out.append(f"# not wgmma: {not_wgmma}")
+    ratios = {(r["op"], r["B"]): ratio_budget(r["triton"]["bytes"] / r["min_bytes"]) for r in profile["ops"]}
+    out.append(f"BYTES_RATIO_BUDGET = {_dict_text(ratios)}")
+    step = profile["micro_step"]["triton"]
+    out.append(f'STEP_BUDGET = {{"triton_launches": {count_budget(step["triton_launches"])}, '
+               f'"device_ops": {count_budget(step["device_ops"])}, "host_syncs": {step["host_syncs"]}}}')
+    return "\n".join(out)
+
+
+# ----------------------------------------------------------------------------------------------
 # Markdown
 # ----------------------------------------------------------------------------------------------
 def _gb(b):
@@ -150,6 +197,34 @@ def _loop_counts(loop):
             + c.get("tma", 0)]
 
 
+def launch_base(k) -> str:
+    return k["id"] if k["config"] is None else k["id"][: -len(k["config"]) - 1]
+
+
+def summary_rows(p) -> list:
+    """One markdown row per launch: its first candidate, and how many of its candidates spill."""
+    versions = p["env"]["tritons"]
+    by_launch = {}
+    for k in p["kernels"]:
+        by_launch.setdefault(launch_base(k), []).append(k)
+    rows = []
+    for base, ks in by_launch.items():
+        first = next(k for k in ks if k["first_candidate"])
+        rs = [first["results"][v] for v in versions]
+        spilling = []
+        for v in versions:
+            sp = [k["results"][v].get("spill_stores") or 0 for k in ks if k["results"][v].get("ok")]
+            n = sum(1 for x in sp if x)
+            spilling.append(f"{n} of {len(sp)}" + (f" (max {max(sp)})" if n else ""))
+        loops = _cell([", ".join(str(loop["instructions"]) for loop in r["sass"]["loops"]) or "no loop"
+                       if r.get("ok") else "FAIL" for r in rs])
+        dots = _cell(["{wgmma}/{dots}".format(**r["dots"]) if r.get("ok") else "FAIL" for r in rs])
+        rows.append(f"| {base} | {first['config'] or '-'} | {', '.join(first['sites'])} | "
+                    f"{_cell([r.get('regs') for r in rs])} | {_cell([r.get('spill_stores') for r in rs])} | "
+                    f"{' / '.join(spilling)} | {_cell([r.get('ctas_per_sm') for r in rs])} | {dots} | {loops} |")
+    return rows
+
+
 def markdown(p) -> str:
     versions = p["env"]["tritons"]
     vs = " / ".join(versions)
@@ -164,6 +239,17 @@ def markdown(p) -> str:
         f"Shapes: B={s['B']}, T={s['T']}, C={s['C']}, H={s['H']}, D={s['D']}, V={s['V']}, {s['dtype']}. "
         "Nothing ran on a GPU: compiled for sm_90 with each triton's ptxas; bytes and launches traced on "
         "fake tensors (see bench/static/__init__.py for the method).",
+        "",
+        "## Summary: each launch, its first (hand-picked) autotune candidate",
+        "",
+        f"Cells with two values: triton {vs}. Spilling candidates: of all candidates the autotuner may pick for "
+        "this launch, how many spill and the most spill-store bytes. Loops: SASS instructions per iteration "
+        "of each loop, in address order.",
+        "",
+        "| kernel (launch) | candidate | used by | regs | spill B | spilling candidates | CTAs/SM | dots wgmma/all "
+        "| loops: instructions per iteration |",
+        "|---|---|---|---:|---:|---|---:|---:|---|",
+        *summary_rows(p),
         "",
         "## Kernels: every launch and autotune candidate",
         "",
@@ -181,8 +267,7 @@ def markdown(p) -> str:
                           ("FAIL" if not r.get("ok") else None) for r in rs])
         dots = _cell([f"{r['dots']['wgmma']}/{r['dots']['dots']}" if r.get("ok") else "FAIL" for r in rs])
         tma = _cell(["yes" if r.get("tma") else "no" for r in rs if r.get("ok")])
-        base = k["id"] if k["config"] is None else k["id"][: -len(k["config"]) - 1]
-        lines.append(f"| {base} | {k['config'] or '-'} | {', '.join(k['sites'])} | {k['programs']} | "
+        lines.append(f"| {launch_base(k)} | {k['config'] or '-'} | {', '.join(k['sites'])} | {k['programs']} | "
                      f"{k['num_warps']} | {get('regs')} | {get('spill_stores')} | "
                      f"{get('shared', lambda b: round(b / 1024, 1))} | {get('ctas_per_sm')} | {dots} | {tma} |")
     lines += [
@@ -199,7 +284,7 @@ def markdown(p) -> str:
     for k in p["kernels"]:
         if not k["first_candidate"]:
             continue
-        base = k["id"] if k["config"] is None else k["id"][: -len(k["config"]) - 1]
+        base = launch_base(k)
         for v in versions:
             r = k["results"][v]
             if not r.get("ok"):
