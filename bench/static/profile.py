@@ -334,5 +334,16 @@ def markdown(p) -> str:
         "",
         "Host syncs (both): " + ", ".join(f"{k.removeprefix('aten.')} {n}" for k, n in tri["syncs"].items()),
         "",
+        "Where the bytes go (GB; inside one of our custom ops: the op, else the aten op):",
+        "",
+        "| kernels=\"triton\" | GB | kernels=\"torch\" | GB |",
+        "|---|---:|---|---:|",
     ]
+    top_t, top_e = list(tri["bytes_by_source"].items())[:12], list(eag["bytes_by_source"].items())[:12]
+    for i in range(max(len(top_t), len(top_e))):
+        a = top_t[i] if i < len(top_t) else ("", None)
+        b = top_e[i] if i < len(top_e) else ("", None)
+        lines.append(f"| {a[0].removeprefix('aten.')} | {_gb(a[1]) if a[1] is not None else ''} | "
+                     f"{b[0].removeprefix('aten.')} | {_gb(b[1]) if b[1] is not None else ''} |")
+    lines.append("")
     return "\n".join(lines)

@@ -659,13 +659,18 @@ def is_recorder(obj) -> bool:
 
 
 def summarize(events) -> dict:
-    """Bytes, launches by kernel, device ops by aten name and host syncs of a list of events."""
+    """Bytes (in all, and by source: the enclosing custom op, else the aten op), launches by kernel, device
+    ops by aten name and host syncs of a list of events."""
     launches = collections.Counter(e.name for e in events if e.kind == "launch")
     device_ops = collections.Counter(e.name for e in events if e.kind == "aten" and (e.read or e.written))
     syncs = collections.Counter(e.name for e in events if e.kind == "sync")
+    by_source = collections.Counter()
+    for e in events:  # inside one of our custom ops: the op; else the aten op or kernel
+        by_source[e.op or e.name] += e.read + e.written
     return {
         "read": sum(e.read for e in events), "written": sum(e.written for e in events),
         "bytes": sum(e.read + e.written for e in events),
+        "bytes_by_source": {k: v for k, v in by_source.most_common() if v},
         "triton_launches": sum(launches.values()), "launches": dict(launches.most_common()),
         "device_ops": sum(device_ops.values()), "ops": dict(device_ops.most_common()),
         "host_syncs": sum(syncs.values()), "syncs": dict(syncs.most_common()),
