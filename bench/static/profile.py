@@ -117,7 +117,8 @@ def run(out_dir, pythons=(None,), quick=False, jobs=1, batch=16, only=(), log=pr
         "env": {"torch": torch.__version__, "tritons": sorted(compiled), "git_commit": git_commit(),
                 "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                 "host": platform.node(), "cpus": os.cpu_count(), "quick": quick},
-        "shapes": {"B": batch, "T": cases_mod.T, "C": cases_mod.C, "H": cases_mod.N_HEAD, "D": cases_mod.C // cases_mod.N_HEAD,
+        "shapes": {"B": batch, "T": cases_mod.T, "C": cases_mod.C, "H": cases_mod.N_HEAD,
+                   "D": cases_mod.C // cases_mod.N_HEAD,
                    "V": cases_mod.VOCAB, "dtype": "bf16 autocast, fp32 parameters"},
         "h100": H100, "kernels": kernels, "ops": ops, "micro_step": step, "timing": timing,
     }
@@ -181,6 +182,10 @@ def budgets(profile: dict) -> str:
 # ----------------------------------------------------------------------------------------------
 def _gb(b):
     return f"{b / 1e9:.2f}"
+
+
+def _counts(d) -> str:
+    return ", ".join(f"{k.removeprefix('aten.')} {n}" for k, n in d.items())
 
 
 def _cell(values):
@@ -256,7 +261,8 @@ def markdown(p) -> str:
         f"Cells with two values: triton {vs}. CTAs: grid size of the launch. CTAs/SM: resident per H100 SM "
         "(registers, shared memory, warps). dots: wgmma of all tl.dot.",
         "",
-        "| kernel (launch) | candidate | used by | CTAs | warps | regs | spill st B | smem KB | CTAs/SM | dots wgmma/all | TMA |",
+        "| kernel (launch) | candidate | used by | CTAs | warps | regs | spill st B | smem KB | CTAs/SM "
+        "| dots wgmma/all | TMA |",
         "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for k in p["kernels"]:
@@ -278,7 +284,8 @@ def markdown(p) -> str:
         "MMA: HGMMA + HMMA; int: integer/address math (IMAD, IADD3, LEA, SHF, LOP3, ...); "
         "LDG: global loads (count x width); smem: LDS/LDSM + LDGSTS + TMA.",
         "",
-        "| kernel (launch) | candidate | triton | loop (line) | instr | MMA | MUFU | FFMA | FMUL | ISETP | int | LDG | smem |",
+        "| kernel (launch) | candidate | triton | loop (line) | instr | MMA | MUFU | FFMA | FMUL | ISETP | int "
+        "| LDG | smem |",
         "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|---:|",
     ]
     for k in p["kernels"]:
@@ -301,7 +308,8 @@ def markdown(p) -> str:
         "output's grad and the inputs read once and the inputs' grads written once in the backward. "
         "Triton launches count each tensor argument once (tile re-reads assumed to hit L2).",
         "",
-        "| op | B | minimum GB | ours GB | ours / min | eager GB | eager / min | ours / eager | ours: launches + other ops | eager: ops |",
+        "| op | B | minimum GB | ours GB | ours / min | eager GB | eager / min | ours / eager "
+        "| ours: launches + other ops | eager: ops |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---|---:|",
     ]
     for r in p["ops"]:
@@ -326,13 +334,13 @@ def markdown(p) -> str:
         f"| HBM GB traced | {_gb(tri['bytes'])} | {_gb(eag['bytes'])} |",
         f"| HBM GB, first micro-step | {_gb(tri['first_micro_step_bytes'])} | {_gb(eag['first_micro_step_bytes'])} |",
         "",
-        "Triton launches (kernels=\"triton\"): " + ", ".join(f"{k} {n}" for k, n in tri["launches"].items()),
+        "Triton launches (kernels=\"triton\"): " + _counts(tri["launches"]),
         "",
-        "Other device ops (kernels=\"triton\"): " + ", ".join(f"{k.removeprefix('aten.')} {n}" for k, n in tri["ops"].items()),
+        "Other device ops (kernels=\"triton\"): " + _counts(tri["ops"]),
         "",
-        "Other device ops (kernels=\"torch\"): " + ", ".join(f"{k.removeprefix('aten.')} {n}" for k, n in eag["ops"].items()),
+        "Other device ops (kernels=\"torch\"): " + _counts(eag["ops"]),
         "",
-        "Host syncs (both): " + ", ".join(f"{k.removeprefix('aten.')} {n}" for k, n in tri["syncs"].items()),
+        "Host syncs: kernels=\"triton\": " + _counts(tri["syncs"]) + "; kernels=\"torch\": " + _counts(eag["syncs"]),
         "",
         "Where the bytes go (GB; inside one of our custom ops: the op, else the aten op):",
         "",

@@ -409,7 +409,8 @@ def aten_bytes(func, args, kwargs, out) -> tuple:
             new_outputs.setdefault(k, t)
     if not mutated and not new_outputs:
         return 0, 0  # a view, an alias or a no-op cast
-    read = 0 if metadata_only else sum(partial.get(k, tensor_bytes(t)) for k, t in inputs.items() if k not in write_only)
+    read = 0 if metadata_only else \
+        sum(partial.get(k, tensor_bytes(t)) for k, t in inputs.items() if k not in write_only)
     written = sum(tensor_bytes(inputs[k]) for k in mutated) + sum(tensor_bytes(t) for t in new_outputs.values())
     return read, written
 
