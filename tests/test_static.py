@@ -112,7 +112,9 @@ HOT_LOOP_BUDGET = {
 
 # (op, B) -> HBM bytes of ours (fwd + bwd) / the op's minimum (measured ratio in the comment).
 BYTES_RATIO_BUDGET = {
-    ("layer_norm", 4): 1.03, ("layer_norm", 16): 1.03,  # 1.002, 1.001
+    # 1.002, 1.001 while the backward's program count takes its non-CUDA branch on the traced CPU device
+    # (4 programs); 1.156, 1.040 with an H100's 4 x 132 (fp32 partial buffers, zeroed then summed)
+    ("layer_norm", 4): 1.18, ("layer_norm", 16): 1.07,
     ("attention", 4): 2.16, ("attention", 16): 2.16,  # 2.108: three kernels re-read q, k, v, do; dq/dk/dv `cat`
     ("gelu_mlp", 4): 3.57, ("gelu_mlp", 16): 4.70,  # 3.50, 4.60: (M, 4C) pre and h, weight casts
     ("cross_entropy", 4): 1.03, ("cross_entropy", 16): 1.03,  # 1.000

@@ -13,9 +13,10 @@ import torch
 
 from bench.static import cases as cases_mod
 from bench.static.native import COMPILE_TIMEOUT_S, Worker
+from bench.static.trace import H100_SMS
 
 # H100 SXM (sm_90) per-SM limits used for CTAs per SM.
-H100 = {"sms": 132, "regs_per_sm": 65536, "reg_alloc_unit": 256, "smem_per_sm": 233472, "smem_per_block": 232448,
+H100 = {"sms": H100_SMS, "regs_per_sm": 65536, "reg_alloc_unit": 256, "smem_per_sm": 233472, "smem_per_block": 232448,
         "smem_reserved_per_block": 1024, "max_warps_per_sm": 64, "max_ctas_per_sm": 32}
 
 

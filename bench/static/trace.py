@@ -3,8 +3,8 @@
 `capture()` gives a `Trace`: inside it, tensors are FakeTensors on "cpu" (shapes, dtypes and strides,
 no data, nothing computed: GPT-2 124M shapes cost nothing), CPU autocast works on them as CUDA
 autocast would on the ops that matter here, and
-- each kernels module sees `is_interpreter() -> False` (the GPU configs are chosen) and a no-op
-  `check_device`; each of its kernels (JITFunction, InterpretedFunction or Autotuner) is a recorder
+- each kernels module sees `is_interpreter() -> False` (the GPU configs are chosen), a no-op
+  `check_device` and, if it has one, `sm_count()` / `_sm_count()` answering an H100's 132 SMs; each of its kernels (JITFunction, InterpretedFunction or Autotuner) is a recorder
   that keeps the launch (kernel, arguments, num_warps/num_stages, grid, autotune configs rebuilt with
   the module's `<kernel>_configs()` and narrowed by the autotuner's early_config_prune) and runs nothing;
 - the project's custom ops (torch.library ops defined in kernels/) run their Python launcher instead
@@ -59,6 +59,9 @@ def kernel_modules() -> tuple:
 # ----------------------------------------------------------------------------------------------
 # Kernel objects: JITFunction (native), InterpretedFunction (TRITON_INTERPRET=1), Autotuner
 # ----------------------------------------------------------------------------------------------
+H100_SMS = 132  # what `sm_count` / `_sm_count` of a kernels module answers during capture()
+
+
 def is_kernel(obj) -> bool:
     import triton
     return isinstance(obj, (triton.runtime.JITFunction, triton.runtime.Autotuner)) \
@@ -640,6 +643,8 @@ def capture():
             for name, v in list(vars(mod).items()):
                 if name == "is_interpreter":
                     new = lambda: False  # noqa: E731
+                elif name in ("sm_count", "_sm_count"):  # launchers sizing grids by the device's SMs
+                    new = lambda *args, **kwargs: H100_SMS  # noqa: E731
                 elif name == "check_device":
                     new = lambda *args, **kwargs: None  # noqa: E731
                 elif is_kernel(v):
