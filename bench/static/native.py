@@ -21,8 +21,9 @@ Method:
   "Instructions per iteration" is every instruction in the range: the exact count of a straight-line
   body (the hot loops here have no forward branch inside; `branches` says when one does). Each loop
   is labelled with a kernel source line (the helper call most of it was inlined from: a helper called
-  twice gives two loops with two lines; else its backward branch's line) and broken down by opcode
-  class (see CLASSES).
+  twice gives two loops with two lines; else its backward branch's line; the line tables of triton
+  3.6's ptxas carry no inlining, so there a helper's loops show the helper's line) and broken down by
+  opcode class (see CLASSES).
 """
 import collections
 import contextlib
