@@ -56,7 +56,7 @@ def run(dtype, quick=False, sizes=None):
         h = torch.randn(M, Hd, device=device, dtype=dtype, generator=gen)
         dpre = torch.randn(M, Hd, device=device, dtype=dtype, generator=gen)
         w_grad = torch.empty(Hd, C, device=device, dtype=torch.float32)
-        split = mlp._split_k(Hd, C, M, mlp._num_sms(a.device) or 1)
+        split = mlp._split_k(Hd, C, M, mlp.sm_count(a.device) or 1)
         products = [
             (f"matmul M{M}-K{C}-N{Hd}", (M, Hd, C), {"triton": lambda: fused_matmul(a, b), "cublas": lambda: a @ b}),
             (f"c_proj M{M}-K{Hd}-N{C}", (M, C, Hd), {

@@ -269,6 +269,11 @@ class GPT(nn.Module):
         return save_pretrained(self, out_dir, overwrite=overwrite)
 
 
+def asserts_on_device(device: torch.device) -> bool:
+    """Checks of tensor values run as device-side asserts (no host sync) everywhere but on the CPU."""
+    return device.type != "cpu"
+
+
 def check_token_ids(ids, vocab_size: int, name: str, ignore_index=None) -> None:
     """Every id in [0, vocab_size) (or == ignore_index). On CPU a ValueError naming the range; on a GPU
     an asynchronous device-side assert, so the check never waits for the device. Skipped while
@@ -278,7 +283,7 @@ def check_token_ids(ids, vocab_size: int, name: str, ignore_index=None) -> None:
     ok = (ids >= 0) & (ids < vocab_size)
     if ignore_index is not None:
         ok |= ids == ignore_index
-    if ids.device.type != "cpu":
+    if asserts_on_device(ids.device):
         torch._assert_async(ok.all(), f"{name} has ids outside [0, {vocab_size})")
         return
     if not bool(ok.all()):

@@ -7,14 +7,14 @@ dtype the consumer wants, written in the same pass (e.g. bf16 for the matmul aft
 residual).
 The backward takes dy in the output's dtype and returns dx in x's dtype.
 """
-import functools
 from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 
-from kernels.utils import FLOAT_DTYPES, autocast_disabled, autocast_dtype, check_device, check_float, is_interpreter
+from kernels.utils import (FLOAT_DTYPES, autocast_disabled, autocast_dtype, check_device, check_float, is_interpreter,
+                           sm_count)
 
 MAX_FEAT_DIM = 16384  # one row lives in registers: BLOCK_N = next_power_of_2(N) <= MAX_FEAT_DIM
 
@@ -105,17 +105,10 @@ def _fwd_config(feat_dim: int):
     return block_n, min(max(block_n // 256, 1), 16)
 
 
-@functools.lru_cache(maxsize=None)
-def _sm_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
 def _bwd_num_programs(num_rows: int, device: torch.device) -> int:
     """Programs for the backward; fixed by (num_rows, device) so the dweight/dbias sums are reproducible."""
-    if is_interpreter() or device.type != "cuda":
-        return max(min(num_rows, 4), 1)
-    device_index = device.index if device.index is not None else torch.cuda.current_device()
-    return max(min(num_rows, 4 * _sm_count(device_index)), 1)
+    num_sms = None if is_interpreter() else sm_count(device)
+    return max(min(num_rows, 4 * num_sms if num_sms else 4), 1)
 
 
 def _row_major(t: torch.Tensor) -> torch.Tensor:

@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 
 from kernels.utils import (autocast_disabled, autocast_dtype, cast_floats, check_device, check_float,
-                           is_interpreter)
+                           is_interpreter, sm_count)
 
 EPI_NONE, EPI_GELU, EPI_GELU_GRAD = 0, 1, 2
 
@@ -336,18 +336,6 @@ def _launch_matmul(a, b, out, bias=None, epilogue=EPI_NONE, aux_in=None, aux_out
 MATMUL_BACKENDS = {"c_proj": "triton", "dx": "triton", "dweight": "triton"}
 
 
-@functools.lru_cache(maxsize=None)
-def _cuda_sm_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
-def _num_sms(device: torch.device) -> Optional[int]:
-    """Programs a GPU runs at once (one per SM for the big tiles); None off a GPU: no waves to fill."""
-    if device.type != "cuda":
-        return None
-    return _cuda_sm_count(device.index if device.index is not None else torch.cuda.current_device())
-
-
 def _split_k(M: int, N: int, K: int, num_sms: int) -> int:
     """K splits (1, 2, 4 or 8) for an (M, N) output with a long K, from a simple time model: waves of
     128x128 tiles (num_sms at a time), each 2·128·128·K/S FLOPs, plus the fp32 partials written and read
@@ -369,7 +357,7 @@ def _product(name, a, b, out, bias=None):
         return out.copy_(res)
     if backend != "triton":
         raise ValueError(f"MATMUL_BACKENDS[{name!r}] must be 'triton' or 'torch'; got {backend!r}")
-    num_sms = _num_sms(a.device) if name == "dweight" else None
+    num_sms = sm_count(a.device) if name == "dweight" else None
     split_k = _split_k(a.shape[0], b.shape[1], a.shape[1], num_sms) if num_sms else 1
     return _launch_matmul(a, b, out, bias=bias, split_k=split_k)
 

@@ -14,6 +14,7 @@ The launchers then run with autocast off (`autocast_disabled`), so the few torch
 (sums, casts, matmuls of the chunked paths) keep the dtypes the launcher chose.
 """
 import contextlib
+import functools
 import os
 from typing import Optional
 
@@ -81,3 +82,16 @@ def autocast_disabled(device_type: str):
     if not _autocast_enabled(device_type):
         return contextlib.nullcontext()
     return torch.autocast(device_type=device_type, enabled=False)
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def sm_count(device: torch.device) -> Optional[int]:
+    """Streaming multiprocessors of a CUDA device (asked when a launcher sizes a grid, never at import);
+    None for other devices (the interpreter on CPU)."""
+    if device.type != "cuda":
+        return None
+    return _cuda_sm_count(device.index if device.index is not None else torch.cuda.current_device())

@@ -316,7 +316,7 @@ def test_split_k_matches_reference(K, split_k, out_dtype, device):
 
 def test_split_k_through_the_public_ops(device, monkeypatch):
     """gelu_mlp / linear_gelu weight grads with split-K forced on (off a GPU it is never chosen)."""
-    monkeypatch.setattr(mlp, "_num_sms", lambda device: 4)
+    monkeypatch.setattr(mlp, "sm_count", lambda device: 4)
     monkeypatch.setattr(mlp, "_split_k", lambda M, N, K, num_sms: 3)
     x, params, dy = make_mlp_inputs((5, 9, 40), 200, torch.float32, device)
     out, grads = forward_and_grads(gelu_mlp, (x, *params), dy)

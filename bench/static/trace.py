@@ -4,7 +4,7 @@
 no data, nothing computed: GPT-2 124M shapes cost nothing), CPU autocast works on them as CUDA
 autocast would on the ops that matter here, and
 - each kernels module sees `is_interpreter() -> False` (the GPU configs are chosen), a no-op
-  `check_device` and, if it has one, `sm_count()` / `_sm_count()` answering an H100's 132 SMs; each of its kernels (JITFunction, InterpretedFunction or Autotuner) is a recorder
+  `check_device` and, if it has one, `sm_count()` (kernels.utils.sm_count, imported by name) answering an H100's 132 SMs; each of its kernels (JITFunction, InterpretedFunction or Autotuner) is a recorder
   that keeps the launch (kernel, arguments, num_warps/num_stages, grid, autotune configs rebuilt with
   the module's `<kernel>_configs()` and narrowed by the autotuner's early_config_prune) and runs nothing;
 - the project's custom ops (torch.library ops defined in kernels/) run their Python launcher instead
@@ -59,7 +59,7 @@ def kernel_modules() -> tuple:
 # ----------------------------------------------------------------------------------------------
 # Kernel objects: JITFunction (native), InterpretedFunction (TRITON_INTERPRET=1), Autotuner
 # ----------------------------------------------------------------------------------------------
-H100_SMS = 132  # what `sm_count` / `_sm_count` of a kernels module answers during capture()
+H100_SMS = 132  # what `sm_count` of a kernels module answers during capture()
 
 
 def is_kernel(obj) -> bool:
@@ -643,7 +643,7 @@ def capture():
             for name, v in list(vars(mod).items()):
                 if name == "is_interpreter":
                     new = lambda: False  # noqa: E731
-                elif name in ("sm_count", "_sm_count"):  # launchers sizing grids by the device's SMs
+                elif name == "sm_count":  # launchers sizing grids by the device's SMs
                     new = lambda *args, **kwargs: H100_SMS  # noqa: E731
                 elif name == "check_device":
                     new = lambda *args, **kwargs: None  # noqa: E731
@@ -653,6 +653,9 @@ def capture():
                     continue
                 saved.append((mod, name, v))
                 setattr(mod, name, new)
+        import gpt2.model  # value checks take the GPU's path (device-side asserts, no host sync)
+        saved.append((gpt2.model, "asserts_on_device", gpt2.model.asserts_on_device))
+        gpt2.model.asserts_on_device = lambda device: True
         with FakeTensorMode(), trace:
             yield trace
     finally:
