@@ -489,9 +489,13 @@ def _even_t(T: int) -> bool:
 
 
 def _tma_ok(*tensors: torch.Tensor) -> bool:
-    """The hot loops may read these (B, H, T, D) tensors through TMA descriptors over their (T, D)
-    slices: unit stride along D, 16-byte aligned base and row/head/batch strides (qkv's views are)."""
+    """The hot loops read these (B, H, T, D) tensors through TMA descriptors over their (T, D) slices
+    when they are fp16/bf16 with unit stride along D and 16-byte aligned base and row/head/batch
+    strides (qkv's views are). fp32 keeps pointer loads: its products are not wgmma ones, and with
+    TMA ptxas spilled 0.4-7 KB per fp32 candidate (triton 3.6, sm_90)."""
     for t in tensors:
+        if t.dtype not in (torch.float16, torch.bfloat16):
+            return False
         if t.stride(3) != 1 or t.data_ptr() % 16:
             return False
         if any(s * t.element_size() % 16 for s in t.stride()[:3]):
