@@ -196,7 +196,7 @@ def _attn_bwd_dq_inner(dq, q, do, lse2, delta, k_src, v_src, stride_kt, stride_v
 
 @triton.jit(do_not_specialize=["T", "T_BUCKET"])
 def _flash_attention_bwd_dq_kernel(
-        q_ptr, k_ptr, v_ptr, o_ptr, do_ptr, lse_ptr, lse2_ptr, delta_ptr, dq_ptr,
+        q_ptr, k_ptr, v_ptr, o_ptr, do_ptr, lse_ptr, stats_ptr, dq_ptr,
         stride_qb, stride_qh, stride_qt, stride_qd,
         stride_kb, stride_kh, stride_kt, stride_kd,
         stride_vb, stride_vh, stride_vt, stride_vd,
@@ -206,10 +206,11 @@ def _flash_attention_bwd_dq_kernel(
         stride_s, H, T, T_BUCKET, scale, qk_scale,
         HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         CAUSAL: tl.constexpr, EVEN_T: tl.constexpr, USE_TMA: tl.constexpr, INPUT_PRECISION: tl.constexpr):
-    """One program per query tile: the row statistics the dK/dV kernel reads (delta = rowsum(o * do),
-    lse2 = lse in log2 units), then dq. q, k, v, o, do, dq: (B, H, T, D), any strides (USE_TMA: k, v
-    with stride_d 1 and 16-byte aligned rows); lse: (B, H, T) fp32 contiguous; lse2, delta:
-    (B * H, T) fp32 with row stride stride_s. Grid: (cdiv(T, BLOCK_M), B * H). T_BUCKET: the autotuner's key."""
+    """One program per query tile: the row statistics the dK/dV kernel reads (lse2 = lse in log2 units,
+    delta = rowsum(o * do)), then dq. q, k, v, o, do, dq: (B, H, T, D), any strides (USE_TMA: k, v
+    with stride_d 1 and 16-byte aligned rows); lse: (B, H, T) fp32 contiguous; stats: (B * H, 2, T)
+    fp32 (lse2 | delta) with row stride stride_s. Grid: (cdiv(T, BLOCK_M), B * H). T_BUCKET: the
+    autotuner's key."""
     tl.static_assert(BLOCK_M % BLOCK_N == 0)
     tl.static_assert(TILE_MULTIPLE % BLOCK_M == 0)
     start_m = tl.program_id(0) * BLOCK_M
@@ -230,13 +231,13 @@ def _flash_attention_bwd_dq_kernel(
                    offs_m, T, not EVEN_T)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)  # (BLOCK_M,); padded rows: 0
     lse2 = _load_row_stat(lse_ptr + off_bh.to(tl.int64) * T + offs_m, offs_m, T, not EVEN_T) * 1.4426950408889634
-    stat_off = off_bh.to(tl.int64) * stride_s + offs_m
+    stats_ptrs = stats_ptr + off_bh.to(tl.int64) * 2 * stride_s + offs_m
     if EVEN_T:
-        tl.store(delta_ptr + stat_off, delta)
-        tl.store(lse2_ptr + stat_off, lse2)
+        tl.store(stats_ptrs, lse2)
+        tl.store(stats_ptrs + stride_s, delta)
     else:
-        tl.store(delta_ptr + stat_off, delta, mask=offs_m < T)
-        tl.store(lse2_ptr + stat_off, lse2, mask=offs_m < T)
+        tl.store(stats_ptrs, lse2, mask=offs_m < T)
+        tl.store(stats_ptrs + stride_s, delta, mask=offs_m < T)
 
     k_src = _row_tiles(k_ptr + off_b * stride_kb + off_h * stride_kh, stride_kt, stride_kd, T,
                        BLOCK_N, HEAD_DIM, USE_TMA)
@@ -266,27 +267,29 @@ def _flash_attention_bwd_dq_kernel(
 
 
 @triton.jit
-def _stat_source(base, T, stride_s, BLOCK: tl.constexpr, USE_TMA: tl.constexpr):
-    """Where a hot loop reads a per-row fp32 statistic of one (batch, head) from: a TMA descriptor
-    over the (1, T) row at base (past T reads as 0; base and stride_s 16-byte aligned), or the
-    pointers to entries 0..BLOCK-1."""
+def _stats_source(base, T, stride_s, BLOCK: tl.constexpr, USE_TMA: tl.constexpr):
+    """Where a hot loop reads the per-row fp32 statistics (lse2 | delta, rows of a (2, T) matrix at base
+    with row stride stride_s) of one (batch, head) from: a TMA descriptor (past T reads as 0; base and
+    stride_s 16-byte aligned), or the pointers to entries 0..BLOCK-1 of the first row."""
     if USE_TMA:
-        return tl.make_tensor_descriptor(base, [1, T], [stride_s, 1], [1, BLOCK])
+        return tl.make_tensor_descriptor(base, [2, T], [stride_s, 1], [2, BLOCK])
     else:
         return base + tl.arange(0, BLOCK)
 
 
 @triton.jit
-def _next_stat(src, start, offs_t, T, MASK: tl.constexpr, USE_TMA: tl.constexpr):
-    """Entries offs_t = start + arange(BLOCK) of a _stat_source (MASK, pointers: past T read as 0)."""
+def _next_stats(src, start, offs_t, T, stride_s, MASK: tl.constexpr, USE_TMA: tl.constexpr):
+    """(lse2, delta) at entries offs_t = start + arange(BLOCK) of a _stats_source (MASK, pointers: past T
+    read as 0)."""
     if USE_TMA:
-        return tl.reshape(src.load([0, start]), offs_t.shape)
+        return tl.split(tl.permute(src.load([0, start]), (1, 0)))
     else:
-        return _load_row_stat(src + start, offs_t, T, MASK)
+        return (_load_row_stat(src + start, offs_t, T, MASK),
+                _load_row_stat(src + stride_s + start, offs_t, T, MASK))
 
 
 @triton.jit
-def _attn_bwd_dkdv_inner(dk, dv, k, v, q_src, do_src, lse2_src, delta_src, stride_qt, stride_dot,
+def _attn_bwd_dkdv_inner(dk, dv, k, v, q_src, do_src, stats_src, stride_qt, stride_dot, stride_s,
                          offs_n, offs_m0, T, qk_scale, lo, hi,
                          BLOCK_M: tl.constexpr, CAUSAL_MASK: tl.constexpr, LOAD_MASK: tl.constexpr,
                          USE_TMA: tl.constexpr, INPUT_PRECISION: tl.constexpr):
@@ -299,14 +302,13 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, q_src, do_src, lse2_src, delta_src, strid
         start_m = tl.multiple_of(start_m, BLOCK_M)
         offs_m = start_m + offs_m0
         q = _next_tile(q_src, start_m, offs_m, T, LOAD_MASK, USE_TMA)  # (BLOCK_M, D)
-        lse2 = _next_stat(lse2_src, start_m, offs_m, T, LOAD_MASK, USE_TMA)
+        lse2, delta = _next_stats(stats_src, start_m, offs_m, T, stride_s, LOAD_MASK, USE_TMA)
         qk_t = tl.dot(k, tl.trans(q), input_precision=INPUT_PRECISION)  # (BLOCK_N, BLOCK_M)
         p_t = tl.math.exp2(qk_t * qk_scale - lse2[None, :])
         if CAUSAL_MASK:
             p_t = tl.where(offs_m[None, :] >= offs_n[:, None], p_t, 0.0)
         do = _next_tile(do_src, start_m, offs_m, T, LOAD_MASK, USE_TMA)  # (BLOCK_M, D)
         dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=INPUT_PRECISION)
-        delta = _next_stat(delta_src, start_m, offs_m, T, LOAD_MASK, USE_TMA)
         dp_t = tl.dot(v, tl.trans(do), input_precision=INPUT_PRECISION)  # (BLOCK_N, BLOCK_M)
         ds_t = p_t * (dp_t - delta[None, :])
         dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=INPUT_PRECISION)
@@ -318,7 +320,7 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, q_src, do_src, lse2_src, delta_src, strid
 
 @triton.jit(do_not_specialize=["T", "T_BUCKET"])
 def _flash_attention_bwd_dkdv_kernel(
-        q_ptr, k_ptr, v_ptr, do_ptr, lse2_ptr, delta_ptr, dk_ptr, dv_ptr,
+        q_ptr, k_ptr, v_ptr, do_ptr, stats_ptr, dk_ptr, dv_ptr,
         stride_qb, stride_qh, stride_qt, stride_qd,
         stride_kb, stride_kh, stride_kt, stride_kd,
         stride_vb, stride_vh, stride_vt, stride_vd,
@@ -329,8 +331,8 @@ def _flash_attention_bwd_dkdv_kernel(
         HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         CAUSAL: tl.constexpr, EVEN_T: tl.constexpr, USE_TMA: tl.constexpr, INPUT_PRECISION: tl.constexpr):
     """One program per key tile: dk, dv (B, H, T, D), any strides (USE_TMA: q, do with stride_d 1 and
-    16-byte aligned rows). lse2, delta: (B * H, T) fp32 with row stride stride_s (16-byte aligned),
-    from the dQ kernel.
+    16-byte aligned rows). stats: (B * H, 2, T) fp32 (lse2 | delta) with row stride stride_s (16-byte
+    aligned), from the dQ kernel.
     Grid: (cdiv(T, BLOCK_N), B * H). Needs BLOCK_N % BLOCK_M == 0."""
     tl.static_assert(BLOCK_N % BLOCK_M == 0)
     tl.static_assert(TILE_MULTIPLE % BLOCK_N == 0)
@@ -352,8 +354,7 @@ def _flash_attention_bwd_dkdv_kernel(
                        BLOCK_M, HEAD_DIM, USE_TMA)
     do_src = _row_tiles(do_ptr + off_b * stride_dob + off_h * stride_doh, stride_dot, stride_dod, T,
                         BLOCK_M, HEAD_DIM, USE_TMA)
-    lse2_src = _stat_source(lse2_ptr + off_bh.to(tl.int64) * stride_s, T, stride_s, BLOCK_M, USE_TMA)
-    delta_src = _stat_source(delta_ptr + off_bh.to(tl.int64) * stride_s, T, stride_s, BLOCK_M, USE_TMA)
+    stats_src = _stats_source(stats_ptr + off_bh.to(tl.int64) * 2 * stride_s, T, stride_s, BLOCK_M, USE_TMA)
     dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
 
@@ -361,17 +362,17 @@ def _flash_attention_bwd_dkdv_kernel(
     t_full = T if EVEN_T else (T // BLOCK_M) * BLOCK_M
     if CAUSAL:
         diag_hi = start_n + BLOCK_N if EVEN_T else tl.minimum(start_n + BLOCK_N, T)
-        dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, q_src, do_src, lse2_src, delta_src, stride_qt, stride_dot,
+        dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, q_src, do_src, stats_src, stride_qt, stride_dot, stride_s,
                                       offs_n, offs_m0, T, qk_scale, start_n, diag_hi,
                                       BLOCK_M, True, not EVEN_T, USE_TMA, INPUT_PRECISION)
         mid_lo = start_n + BLOCK_N
     else:
         mid_lo = 0
-    dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, q_src, do_src, lse2_src, delta_src, stride_qt, stride_dot,
+    dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, q_src, do_src, stats_src, stride_qt, stride_dot, stride_s,
                                   offs_n, offs_m0, T, qk_scale, mid_lo, t_full,
                                   BLOCK_M, False, False, USE_TMA, INPUT_PRECISION)
     if not EVEN_T:
-        dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, q_src, do_src, lse2_src, delta_src, stride_qt, stride_dot,
+        dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, q_src, do_src, stats_src, stride_qt, stride_dot, stride_s,
                                       offs_n, offs_m0, T, qk_scale, tl.maximum(mid_lo, t_full), T,
                                       BLOCK_M, False, True, USE_TMA, INPUT_PRECISION)
 
@@ -637,7 +638,7 @@ def _bwd_into(do, q, k, v, o, lse, dq, dk, dv, causal: bool, scale: float) -> No
     row statistics delta = rowsum(o * do) and lse in log2 units), then dK/dV (which reads them)."""
     B, H, T, D = q.shape
     stride_s = triton.cdiv(T, 4) * 4  # 16-byte aligned rows: the dK/dV kernel reads them through TMA
-    lse2, delta = torch.empty((2, B * H, stride_s), dtype=torch.float32, device=q.device)
+    stats = torch.empty((B * H, 2, stride_s), dtype=torch.float32, device=q.device)  # lse2 | delta
     precision = _input_precision(q.dtype)
     even_t = _even_t(T)
     tma_dq, tma_dkdv = _tma_ok(k, v), _tma_ok(q, do)
@@ -645,13 +646,13 @@ def _bwd_into(do, q, k, v, o, lse, dq, dk, dv, causal: bool, scale: float) -> No
         _ensure_scratch_allocator(q.device)
     grid_dq = lambda meta: (triton.cdiv(T, meta["BLOCK_M"]), B * H)  # noqa: E731  one program per query tile
     _flash_attention_bwd_dq[grid_dq](
-        q, k, v, o, do, lse, lse2, delta, dq,
+        q, k, v, o, do, lse, stats, dq,
         *q.stride(), *k.stride(), *v.stride(), *o.stride(), *do.stride(), *dq.stride(),
         stride_s, H, T, _t_bucket(T), scale, scale * LOG2E,
         HEAD_DIM=D, CAUSAL=causal, EVEN_T=even_t, USE_TMA=tma_dq, INPUT_PRECISION=precision)
     grid_dkdv = lambda meta: (triton.cdiv(T, meta["BLOCK_N"]), B * H)  # noqa: E731  one program per key tile
     _flash_attention_bwd_dkdv[grid_dkdv](
-        q, k, v, do, lse2, delta, dk, dv,
+        q, k, v, do, stats, dk, dv,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
         stride_s, H, T, _t_bucket(T), scale, scale * LOG2E,
         HEAD_DIM=D, CAUSAL=causal, EVEN_T=even_t, USE_TMA=tma_dkdv, INPUT_PRECISION=precision)
