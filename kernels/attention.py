@@ -2,10 +2,18 @@
 
 q, k, v are (B, H, T, D) tensors with any strides (the model passes strided views of its QKV
 projection); the (T, T) score matrix is never built. The forward keeps a running max and sum
-(online softmax, fp32, exp2 with log2(e) folded into the scale) and saves the fp32 logsumexp per
-row; the backward recomputes the probabilities from it. No atomics: dK/dV run one program per key
-tile, dQ one program per query tile. On the GPU the tiles of these three kernels are autotuned per
-(power-of-two bucket of T, D, causal, dtype); under the interpreter one small config runs.
+(online softmax, fp32, exp2; the scale is folded into one FMA after the row max) and saves the fp32
+logsumexp per row; the backward recomputes the probabilities from it in two launches, no atomics:
+dQ (one program per query tile, which also writes delta = rowsum(o * do) and the log2 logsumexp),
+then dK/dV (one program per key tile). Causal loops run in two stages, the tiles left of the
+diagonal block without any mask; with T a multiple of 128 (EVEN_T) no load or store is masked.
+fp16/bf16 tiles that a hot loop walks are read through TMA descriptors made in the kernel (per
+(batch, head) slice, rows past T read as 0; an input whose layout TMA cannot read is copied to a
+contiguous one first); fp32 tiles through pointers.
+`flash_attention_qkv` takes the (B, T, 3C) QKV projection itself and returns (B, T, C); its backward
+writes dq | dk | dv straight into one (B, T, 3C) buffer. On the GPU the tiles of the three kernels
+are autotuned per (power-of-two bucket of T, D, causal, EVEN_T, dtype); under the interpreter
+one small config runs.
 """
 import math
 from typing import Optional
@@ -489,19 +497,24 @@ def _even_t(T: int) -> bool:
     return T % TILE_MULTIPLE.value == 0
 
 
-def _tma_ok(*tensors: torch.Tensor) -> bool:
-    """The hot loops read these (B, H, T, D) tensors through TMA descriptors over their (T, D) slices
-    when they are fp16/bf16 with unit stride along D and 16-byte aligned base and row/head/batch
-    strides (qkv's views are). fp32 keeps pointer loads: its products are not wgmma ones, and with
-    TMA ptxas spilled 0.4-7 KB per fp32 candidate (triton 3.6, sm_90)."""
-    for t in tensors:
-        if t.dtype not in (torch.float16, torch.bfloat16):
-            return False
-        if t.stride(3) != 1 or t.data_ptr() % 16:
-            return False
-        if any(s * t.element_size() % 16 for s in t.stride()[:3]):
-            return False
-    return True
+def _use_tma(dtype: torch.dtype) -> bool:
+    """fp16/bf16: the hot loops read their tiles through TMA descriptors. fp32 keeps pointer loads: its
+    products are not wgmma ones, and with TMA ptxas spilled 0.3-7.7 KB per fp32 candidate (sm_90)."""
+    return dtype in (torch.float16, torch.bfloat16)
+
+
+def _tma_ok(t: torch.Tensor) -> bool:
+    """A (B, H, T, D) tensor a TMA descriptor can read (T, D) slices of: unit stride along D, positive
+    16-byte aligned row stride, 16-byte aligned base and batch/head strides (qkv's views qualify)."""
+    size = t.element_size()
+    return (t.stride(3) == 1 and t.stride(2) > 0 and (t.stride(2) * size) % 16 == 0
+            and t.data_ptr() % 16 == 0
+            and all((s * size) % 16 == 0 for s, n in zip(t.stride()[:2], t.shape[:2]) if n > 1))
+
+
+def _tma_readable(t: torch.Tensor) -> torch.Tensor:
+    """t itself, or a copy with standard contiguous strides where its layout does not qualify."""
+    return t if _tma_ok(t) else t.clone(memory_format=torch.contiguous_format)
 
 
 def _torch_scratch(size: int, alignment: int, stream: Optional[int]) -> torch.Tensor:
@@ -523,7 +536,7 @@ def _ensure_scratch_allocator(device: torch.device) -> None:
 # the same arguments: each one overwrites all of its outputs (plain stores, no accumulation into
 # global memory, no atomics; the dQ kernel rewrites delta with the same values), so nothing needs
 # reset_to_zero / restore_value.
-_AUTOTUNE_KEY = ["T_BUCKET", "HEAD_DIM", "CAUSAL", "EVEN_T", "USE_TMA"]
+_AUTOTUNE_KEY = ["T_BUCKET", "HEAD_DIM", "CAUSAL", "EVEN_T"]  # USE_TMA follows the dtype
 _flash_attention_fwd = triton.autotune(
     configs=_flash_attention_fwd_configs(), key=_AUTOTUNE_KEY,
     prune_configs_by={"early_config_prune": _keep_candidates(_fwd_tiles)},
@@ -622,8 +635,9 @@ def _fwd_into(q, k, v, o, lse, causal: bool, scale: float) -> None:
         # |scale| * (-q).k, and 0 * q.k equals 1 * 0.k.
         q = q.neg() if scale < 0 else torch.zeros_like(q)
         scale = -scale if scale < 0 else 1.0
-    use_tma = _tma_ok(k, v)
+    use_tma = _use_tma(q.dtype)
     if use_tma:
+        k, v = _tma_readable(k), _tma_readable(v)
         _ensure_scratch_allocator(q.device)
     grid = lambda meta: (triton.cdiv(T, meta["BLOCK_M"]), B * H)  # noqa: E731
     _flash_attention_fwd[grid](
@@ -641,21 +655,22 @@ def _bwd_into(do, q, k, v, o, lse, dq, dk, dv, causal: bool, scale: float) -> No
     stats = torch.empty((B * H, 2, stride_s), dtype=torch.float32, device=q.device)  # lse2 | delta
     precision = _input_precision(q.dtype)
     even_t = _even_t(T)
-    tma_dq, tma_dkdv = _tma_ok(k, v), _tma_ok(q, do)
-    if tma_dq or tma_dkdv:
+    use_tma = _use_tma(q.dtype)
+    if use_tma:  # the dQ loop reads k, v tiles; the dK/dV loop q, do tiles
+        q, k, v, do = (_tma_readable(t) for t in (q, k, v, do))
         _ensure_scratch_allocator(q.device)
     grid_dq = lambda meta: (triton.cdiv(T, meta["BLOCK_M"]), B * H)  # noqa: E731  one program per query tile
     _flash_attention_bwd_dq[grid_dq](
         q, k, v, o, do, lse, stats, dq,
         *q.stride(), *k.stride(), *v.stride(), *o.stride(), *do.stride(), *dq.stride(),
         stride_s, H, T, _t_bucket(T), scale, scale * LOG2E,
-        HEAD_DIM=D, CAUSAL=causal, EVEN_T=even_t, USE_TMA=tma_dq, INPUT_PRECISION=precision)
+        HEAD_DIM=D, CAUSAL=causal, EVEN_T=even_t, USE_TMA=use_tma, INPUT_PRECISION=precision)
     grid_dkdv = lambda meta: (triton.cdiv(T, meta["BLOCK_N"]), B * H)  # noqa: E731  one program per key tile
     _flash_attention_bwd_dkdv[grid_dkdv](
         q, k, v, do, stats, dk, dv,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
         stride_s, H, T, _t_bucket(T), scale, scale * LOG2E,
-        HEAD_DIM=D, CAUSAL=causal, EVEN_T=even_t, USE_TMA=tma_dkdv, INPUT_PRECISION=precision)
+        HEAD_DIM=D, CAUSAL=causal, EVEN_T=even_t, USE_TMA=use_tma, INPUT_PRECISION=precision)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -303,30 +303,35 @@ def test_qkv_launchers_layout(device):
 
 
 # ------------------------------------------------------------------------------------------------
-# Load paths: TMA descriptors where the layout allows, pointers elsewhere; both exact
+# Load paths: fp16/bf16 through TMA descriptors (inputs TMA cannot read are copied first), fp32 pointers
 # ------------------------------------------------------------------------------------------------
 def test_tma_layout_rule(device):
     half = dict(device=device, dtype=torch.float16)
     x = torch.randn(2, 8, 3 * 2 * 16, **half)
     q, k, v = _model_views(x, 2)
-    assert attn._tma_ok(q, k, v)  # the model's views of the QKV projection
+    assert all(attn._tma_ok(t) for t in (q, k, v))  # the model's views of the QKV projection: read in place
+    assert attn._tma_readable(q) is q
     assert attn._tma_ok(torch.randn(1, 2, 5, 16, **half))
-    assert not attn._tma_ok(torch.randn(1, 2, 5, 16, device=device))  # fp32: pointer loads
-    assert not attn._tma_ok(torch.randn(1, 2, 5, 32, **half)[..., ::2])  # stride_d 2
-    assert not attn._tma_ok(torch.randn(1, 2, 5, 17, **half)[..., 1:])  # rows not 16-byte aligned
-    assert not attn._tma_ok(torch.randn(1 * 2 * 5 * 16 + 1, **half)[1:].view(1, 2, 5, 16))  # base
+    assert attn._tma_ok(torch.randn(1, 2, 5, 16, **half).as_strided((1, 2, 5, 16), (3, 80, 16, 1)))  # B = 1
+    odd = [torch.randn(1, 2, 5, 32, **half)[..., ::2],  # stride 2 along D
+           torch.randn(1, 2, 5, 17, **half)[..., 1:],  # rows not 16-byte aligned
+           torch.randn(1 * 2 * 5 * 16 + 1, **half)[1:].view(1, 2, 5, 16),  # base not 16-byte aligned
+           torch.randn(1, 1, 1, 16, **half).expand(1, 2, 5, 16)]  # stride 0
+    for t in odd:
+        assert not attn._tma_ok(t)
+        copy = attn._tma_readable(t)
+        assert attn._tma_ok(copy) and torch.equal(copy, t)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32-pointers", "fp16-tma"])
 @pytest.mark.parametrize("causal", CAUSAL)
 @pytest.mark.parametrize("T", [37, 128])
-def test_pointer_path_matches_tma_path(T, causal, device):
-    """fp16 q, k, v, do with stride 2 along D cannot be read through TMA: the pointer path runs and must
-    give exactly what the TMA path gives on contiguous copies (same products, same order)."""
+def test_strided_inputs_match_contiguous(T, causal, dtype, device):
+    """q, k, v, do with stride 2 along D give exactly what their contiguous copies give: fp32 reads
+    them through pointers, fp16 through TMA after a copy."""
     B, H, D = 1, 2, 32
     gen = torch.Generator().manual_seed(24)
-    q, k, v, do = (torch.randn(B, H, T, 2 * D, generator=gen).to(device, torch.float16)[..., ::2]
-                   for _ in range(4))
-    assert not attn._tma_ok(q) and attn._tma_ok(q.contiguous())
+    q, k, v, do = (torch.randn(B, H, T, 2 * D, generator=gen).to(device, dtype)[..., ::2] for _ in range(4))
     o, lse = flash_attention_fwd(q, k, v, causal, None)
     grads = flash_attention_bwd(do, q, k, v, o, lse, causal, None)
     qc, kc, vc, doc = (t.contiguous() for t in (q, k, v, do))
@@ -336,10 +341,16 @@ def test_pointer_path_matches_tma_path(T, causal, device):
     assert_close(lse, lse_c, atol=0, rtol=0, name="lse")
     for name, a, b in zip(("dq", "dk", "dv"), grads, grads_c):
         assert_close(a, b, atol=0, rtol=0, name=name)
-    exact = _reference(q, k, v, do, causal, upcast=True)
-    same_dtype = _reference(q, k, v, do, causal, upcast=False)
-    for name, a, b, c in zip(("o", "dq", "dk", "dv"), (o, *grads), same_dtype, exact):
-        assert_close_to_ref(a, b, c, name=f"{name} vs reference")
+    if dtype == torch.float32:
+        o_ref, *grads_ref = _reference(q, k, v, do, causal)
+        assert_close(o, o_ref, **FP32_TOL, name="o vs reference")
+        for name, a, b in zip(("dq", "dk", "dv"), grads, grads_ref):
+            assert_close(a, b, **FP32_TOL, name=f"{name} vs reference")
+    else:
+        exact = _reference(q, k, v, do, causal, upcast=True)
+        same_dtype = _reference(q, k, v, do, causal, upcast=False)
+        for name, a, b, c in zip(("o", "dq", "dk", "dv"), (o, *grads), same_dtype, exact):
+            assert_close_to_ref(a, b, c, name=f"{name} vs reference")
 
 
 # ------------------------------------------------------------------------------------------------
