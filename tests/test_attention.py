@@ -284,6 +284,34 @@ def test_qkv_equals_flash_attention_on_views(causal, device):
     assert_close(qkv.grad, x.grad, atol=0, rtol=0, name="dqkv")
 
 
+def test_qkv_backward_is_one_op(device):
+    """Autograd runs the backward launcher and nothing else: no cat of dq, dk, dv, no copy (the views
+    path, for comparison, ends in aten.cat)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Recorder(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    B, T, H, D = 1, 20, 2, 16
+    qkv, dy = _qkv_inputs(B, T, H, D, torch.float32, device, seed=32)
+    y = flash_attention_qkv(qkv, H)
+    with Recorder() as rec:
+        y.backward(dy)
+    assert [op for op in rec.ops if "detach" not in op] == ["gpt2_triton.flash_attention_qkv_bwd.default"], rec.ops
+
+    x = qkv.detach().clone().requires_grad_(True)
+    o = flash_attention(*_model_views(x, H))
+    with Recorder() as rec:
+        o.transpose(1, 2).reshape(B, T, H * D).backward(dy)
+    assert "aten.cat.default" in rec.ops
+
+
 def test_qkv_launchers_layout(device):
     """The backward launcher returns one contiguous (B, T, 3C) buffer in qkv's layout (no cat after it),
     and takes strided inputs (qkv a slice of a wider buffer, dy transposed)."""
