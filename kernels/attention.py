@@ -406,12 +406,13 @@ def _input_precision(dtype: torch.dtype) -> str:
 
 
 # Candidate tiles per head dim and dtype, (BLOCK_M queries, BLOCK_N keys, num_warps, num_stages),
-# the hand-picked one first. Not timed here (the autotuner picks on the GPU); all compiled with
-# ptxas for sm_90 on triton 3.6 and 3.9 (tests/test_native_compile.py) and spill-free except:
-# fp16/bf16 D<=64 forward 128x64 and dK/dV 64x128 (3.6: 4 B), fp16/bf16 D=128 dK/dV 64x64 (3.6: 28 B),
-# fp32 D<=64 forward 64x64 (3.9: ~500 B), fp32 D=128 forward 32x32 (~600 B) and dQ 64x16, 32x16 w4
-# (3.9: 16-20 B). Candidates that spilled 0.6-1.8 KB on 3.6 were dropped (fp32 forward 128x32 and,
-# at D=128, 64x32, 32x32 w4, 32x16; fp32 dK/dV 32x64, 32x32 and, at D=128, 16x64, 16x32 w4).
+# the hand-picked one first. Not timed here (the autotuner picks on the GPU). Every candidate compiled
+# with ptxas for sm_90 on triton 3.6 and 3.9 at T = 1024 (fp16/bf16 at D = 16, 32, 64, 128 causal and
+# D = 64 full; fp32 at D = 16..128 causal): fp16/bf16 (TMA loads) spill-free everywhere; fp32 (pointer
+# loads) spills in the forward 64x64 at D = 64 (0.5 KB), 32x32 at D = 128 (0.3 KB), 64x32 at D = 32
+# (3.6: 8 B) and in dK/dV 16x16 at D = 128 (3.9: 4 B). Not listed because they spilled 0.6-1.8 KB on
+# 3.6: fp32 forward 128x32 and, at D=128, 64x32, 32x32 w4, 32x16; fp32 dK/dV 32x64, 32x32 and, at
+# D=128, 16x64, 16x32 w4.
 def _fwd_tiles(head_dim: int, dtype: torch.dtype) -> list:
     """Forward. Constraint: BLOCK_M % BLOCK_N == 0."""
     if dtype == torch.float32:  # fp32 tiles take twice the shared memory and registers
