@@ -34,6 +34,14 @@ def flash_attention(q, k, v, causal=True, scale=None, *, upcast=True):
     return (probs @ v).to(dtype)
 
 
+def flash_attention_qkv(qkv, n_head, causal=True, scale=None, *, upcast=True):
+    """qkv (B, T, 3C) as c_attn returns it (q | k | v, heads side by side) -> y (B, T, C), heads side by side."""
+    B, T, C3 = qkv.shape
+    q, k, v = (t.unflatten(2, (n_head, C3 // (3 * n_head))).transpose(1, 2) for t in qkv.chunk(3, dim=2))
+    y = flash_attention(q, k, v, causal, scale, upcast=upcast)  # (B, H, T, D)
+    return y.transpose(1, 2).reshape(B, T, C3 // 3)
+
+
 def gelu_tanh(x):
     return F.gelu(x, approximate="tanh")
 
