@@ -66,18 +66,18 @@ class CausalSelfAttention(nn.Module):
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)  # q, k, v for all heads at once
         self.c_proj = nn.Linear(config.n_embd, config.n_embd)
         self.c_proj.RESIDUAL_PROJECTION = True
-        self.attention = ops.attention
+        self.attention, self.attention_qkv = ops.attention, ops.attention_qkv
 
     def forward(self, x, kv_cache=None):
         B, T, C = x.size()
-        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
-        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
-        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
-        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
-        if kv_cache is not None:
-            k, v = kv_cache.append(k, v)  # (B, nh, S, hs): cached positions, then these T
+        qkv = self.c_attn(x)  # (B, T, 3C): q | k | v, heads side by side
+        if kv_cache is None:  # training and plain inference: one op, its backward writes one dqkv
+            return self.c_proj(self.attention_qkv(qkv, self.n_head, causal=True))  # (B, T, C)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+                   for t in qkv.split(self.n_embd, dim=2))
+        k, v = kv_cache.append(k, v)  # (B, nh, S, hs): cached positions, then these T
         if k.size(2) == T:
-            y = self.attention(q, k, v, causal=True)  # (B, nh, T, hs)
+            y = self.attention(q, k, v, causal=True)  # prefill (B, nh, T, hs)
         else:
             y = attention_after_cache(q, k, v)  # decode step: T new queries after S - T cached positions
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # heads side by side again

@@ -9,7 +9,6 @@ import importlib
 from dataclasses import dataclass
 from typing import Callable
 
-import torch
 import torch.nn.functional as F
 
 from kernels import reference
@@ -19,7 +18,7 @@ IMPLS = ("torch", "triton")
 # op -> (module under kernels/, public functions it provides)
 TRITON_KERNELS = {
     "layer_norm": ("kernels.layer_norm", ("layer_norm",)),
-    "attention": ("kernels.attention", ("flash_attention",)),
+    "attention": ("kernels.attention", ("flash_attention", "flash_attention_qkv")),
     "gelu_mlp": ("kernels.mlp", ("gelu_mlp",)),
     "cross_entropy": ("kernels.cross_entropy", ("cross_entropy", "linear_cross_entropy")),
 }
@@ -35,6 +34,15 @@ def torch_attention(q, k, v, causal=True, scale=None):
     return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale)
 
 
+def torch_attention_qkv(qkv, n_head, causal=True, scale=None):
+    """The (B, T, 3C) QKV projection -> (B, T, C), heads side by side, through SDPA."""
+    B, T, C3 = qkv.shape
+    q, k, v = (t.unflatten(2, (n_head, C3 // (3 * n_head))).transpose(1, 2)  # (B, nh, T, hs)
+               for t in qkv.split(C3 // 3, dim=2))
+    y = F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale)
+    return y.transpose(1, 2).reshape(B, T, C3 // 3)
+
+
 def torch_gelu_mlp(x, fc_weight, fc_bias, proj_weight, proj_bias):
     return reference.gelu_mlp(x, fc_weight, fc_bias, proj_weight, proj_bias, upcast=False)
 
@@ -42,29 +50,11 @@ def torch_gelu_mlp(x, fc_weight, fc_bias, proj_weight, proj_bias):
 TORCH_OPS = {
     "layer_norm": torch_layer_norm,
     "flash_attention": torch_attention,
+    "flash_attention_qkv": torch_attention_qkv,
     "gelu_mlp": torch_gelu_mlp,
     "cross_entropy": reference.cross_entropy,
     "linear_cross_entropy": reference.linear_cross_entropy,
 }
-
-
-# Ops whose PyTorch versions autocast runs in low precision (matmuls). LayerNorm and cross-entropy on
-# given logits run in fp32 under autocast, and so do ours: their inputs are left as they are.
-MATMUL_OPS = ("flash_attention",)  # gelu_mlp and linear_cross_entropy apply autocast themselves
-
-
-def under_autocast(fn: Callable) -> Callable:
-    """Custom kernels are invisible to autocast: cast float inputs to the autocast dtype ourselves,
-    as autocast would for the matmuls inside (bf16 weights/activations under bf16 autocast)."""
-    def wrapped(*args, **kwargs):
-        if args and isinstance(args[0], torch.Tensor):
-            device_type = args[0].device.type
-            if torch.is_autocast_enabled(device_type):
-                dtype = torch.get_autocast_dtype(device_type)
-                args = [a.to(dtype) if isinstance(a, torch.Tensor) and a.is_floating_point() else a
-                        for a in args]
-        return fn(*args, **kwargs)
-    return functools.update_wrapper(wrapped, fn)
 
 
 def resolve_kernels(kernels="torch") -> dict:
@@ -106,7 +96,8 @@ def _load_triton(op: str) -> dict:
 @dataclass(frozen=True)
 class Ops:
     layer_norm: Callable
-    attention: Callable
+    attention: Callable  # (q, k, v) (B, nh, T, hs) each -> (B, nh, T, hs)
+    attention_qkv: Callable  # (qkv (B, T, 3C), n_head) -> (B, T, C)
     gelu_mlp: Callable
     cross_entropy: Callable
     linear_cross_entropy: Callable
@@ -128,7 +119,8 @@ def build_ops(kernels="torch") -> Ops:
             for name, fn in _load_triton(op).items():
                 if op == "cross_entropy":  # the model checks target ids itself, without a second sync
                     fn = functools.partial(fn, check_targets=False)
-                fns[name] = under_autocast(fn) if name in MATMUL_OPS else fn
-    return Ops(layer_norm=fns["layer_norm"], attention=fns["flash_attention"], gelu_mlp=fns["gelu_mlp"],
+                fns[name] = fn  # each public op applies the autocast policy itself (kernels/utils.py)
+    return Ops(layer_norm=fns["layer_norm"], attention=fns["flash_attention"],
+               attention_qkv=fns["flash_attention_qkv"], gelu_mlp=fns["gelu_mlp"],
                cross_entropy=fns["cross_entropy"], linear_cross_entropy=fns["linear_cross_entropy"],
                choice=choice)

@@ -1,6 +1,7 @@
 """Triton kernels for GPT-2. Each op lives in its own module; this package only hands names on.
 
-    from kernels import flash_attention, layer_norm, gelu_mlp, linear_gelu, cross_entropy, linear_cross_entropy
+    from kernels import (flash_attention, flash_attention_qkv, layer_norm, gelu_mlp, linear_gelu,
+                         cross_entropy, linear_cross_entropy)
 
 Names resolve on first use, so `import kernels.reference` (plain PyTorch) never imports triton.
 `kernels.layer_norm` and `kernels.cross_entropy` are the ops, not the modules of the same name:
@@ -13,6 +14,7 @@ import types
 # public op -> module under kernels/
 _OPS = {
     "flash_attention": "kernels.attention",
+    "flash_attention_qkv": "kernels.attention",
     "layer_norm": "kernels.layer_norm",
     "gelu_mlp": "kernels.mlp",
     "linear_gelu": "kernels.mlp",

@@ -22,8 +22,11 @@ def test_public_ops_import_from_package():
     assert flash_attention is attention_op and linear_cross_entropy is lce_op and linear_gelu is linear_gelu_op
     for fn in (cross_entropy, gelu_mlp, layer_norm):
         assert fn.__module__.startswith("kernels.") and callable(fn)
-    assert set(kernels.__all__) == {"flash_attention", "layer_norm", "gelu_mlp", "linear_gelu", "cross_entropy",
-                                    "linear_cross_entropy"}
+    from kernels import flash_attention_qkv
+    from kernels.attention import flash_attention_qkv as attention_qkv_op
+    assert flash_attention_qkv is attention_qkv_op
+    assert set(kernels.__all__) == {"flash_attention", "flash_attention_qkv", "layer_norm", "gelu_mlp", "linear_gelu",
+                                    "cross_entropy", "linear_cross_entropy"}
     with pytest.raises(ImportError, match="no_such_op"):
         from kernels import no_such_op  # noqa: F401
 
