@@ -17,7 +17,9 @@ Method:
 - TMA: any UTMALDG / UTMASTG / UBLKCP / UTMAPF instruction in the SASS.
 - loops: `nvdisasm -c -gi` on the cubin. A loop is the address range from the target of a backward
   branch to that branch; the loops reported are the outermost ones (barrier retry loops nested in
-  them are counted as part of them; the one-instruction self-branch after EXIT is not a loop).
+  them are counted as part of them; the one-instruction self-branch after EXIT is not a loop, nor is
+  an out-of-line block placed after the last EXIT (an mbarrier wait's retry spin, or its jump back
+  into the body).
   "Instructions per iteration" is every instruction in the range: the exact count of a straight-line
   body (the hot loops here have no forward branch inside; `branches` says when one does). Each loop
   is labelled with a kernel source line (the helper call most of it was inlined from: a helper called
@@ -192,8 +194,11 @@ def find_loops(instrs: list) -> list:
     """Outermost loops in address order: [{start, end, instructions, site, nested, branches, ...breakdown}].
     site: the kernel line of the helper call most of the loop was inlined from, else the line of the
     loop's backward branch (its `for`)."""
+    exits = [i["addr"] for i in instrs if i["base"] == "EXIT"]
     back = [(i["target_addr"], i["addr"]) for i in instrs
-            if i["base"] == "BRA" and i["target_addr"] is not None and i["target_addr"] < i["addr"]]
+            if i["base"] == "BRA" and i["target_addr"] is not None and i["target_addr"] < i["addr"]
+            and not any(i["target_addr"] < e < i["addr"] for e in exits)  # out-of-line blocks jumping back
+            and not (exits and i["target_addr"] > exits[-1])]  # retry spins placed after the last EXIT
     outer = [r for r in back if not any(o != r and o[0] <= r[0] and r[1] <= o[1] for o in back)]
     loops = []
     for start, end in sorted(set(outer)):
