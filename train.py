@@ -36,8 +36,17 @@ from tqdm import tqdm
 from gpt2 import data as gpt2_data
 from gpt2 import hellaswag
 from gpt2.atomic import FolderLock, remove_stale_temps
-from gpt2.checkpoint import (RUN_LOCK, checkpoint_path, latest_checkpoint, load_checkpoint, prune_checkpoints,
-                             rng_state, run_artifacts, save_checkpoint, set_rng_state)
+from gpt2.checkpoint import (
+    RUN_LOCK,
+    checkpoint_path,
+    latest_checkpoint,
+    load_checkpoint,
+    prune_checkpoints,
+    rng_state,
+    run_artifacts,
+    save_checkpoint,
+    set_rng_state,
+)
 from gpt2.config import PRESETS as MODEL_PRESETS
 from gpt2.config import GPTConfig
 from gpt2.model import GPT
@@ -670,9 +679,9 @@ class Trainer:
         self.step += 1
         dt = time.time() - t0
         tokens_per_s = self.grad_accum * cfg.micro_batch * cfg.seq_len * self.ctx.world_size / dt
+        mfu_value = mfu(self.flops_per_token, tokens_per_s, self.peak_flops, self.ctx.world_size)
         return dict(step=self.step, loss=loss, lr=lr, grad_norm=grad_norm, tokens_per_s=tokens_per_s,
-                    step_ms=1000 * dt, mfu=mfu(self.flops_per_token, tokens_per_s, self.peak_flops, self.ctx.world_size),
-                    peak_mem_mb=peak_memory_mb(self.device))
+                    step_ms=1000 * dt, mfu=mfu_value, peak_mem_mb=peak_memory_mb(self.device))
 
     def after_step(self):
         cfg = self.cfg

@@ -211,7 +211,7 @@ def iter_text_documents(files):
                     record = json.loads(line)
                     text = record["text"]
                 except (json.JSONDecodeError, KeyError, TypeError) as e:
-                    raise ValueError(f"{path}:{lineno}: expected a JSON object with a \"text\" field ({e!r})")
+                    raise ValueError(f"{path}:{lineno}: expected a JSON object with a \"text\" field ({e!r})") from None
                 if not isinstance(text, str):
                     raise ValueError(f"{path}:{lineno}: \"text\" must be a string; got {type(text).__name__}")
                 yield text

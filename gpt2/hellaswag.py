@@ -173,7 +173,8 @@ def main(argv=None):
     from gpt2.ops import parse_kernels_arg
 
     parser = argparse.ArgumentParser(description="HellaSwag val accuracy of a GPT-2 model")
-    parser.add_argument("--init", required=True, help="HF name (gpt2, ...), HF save_pretrained dir, checkpoint or run dir")
+    parser.add_argument("--init", required=True,
+                        help="HF name (gpt2, ...), HF save_pretrained dir, checkpoint or run dir")
     parser.add_argument("--data", default=None, help="hellaswag_val.jsonl (default: cache, downloaded if needed)")
     parser.add_argument("--kernels", default="torch", help="torch | triton | op=impl,op=impl")
     parser.add_argument("--limit", type=int, default=None, help="only the first N examples (>= 1)")

@@ -12,8 +12,19 @@ import pytest
 import torch
 
 from gpt2 import data
-from gpt2.data import (DataLoader, default_data_dir, ensure_prepared, is_prepared, load_manifest, prepare,
-                       prepare_documents, pystdlib_files, read_shard, split_text, write_shard)
+from gpt2.data import (
+    DataLoader,
+    default_data_dir,
+    ensure_prepared,
+    is_prepared,
+    load_manifest,
+    prepare,
+    prepare_documents,
+    pystdlib_files,
+    read_shard,
+    split_text,
+    write_shard,
+)
 from gpt2.tokenizer import EOT_ID, get_encoding
 
 
@@ -307,7 +318,8 @@ def test_llmc_shard_folder_loads_without_a_manifest(tmp_path):
     assert manifest["splits"]["train"]["tokens"] == 500 and manifest["splits"]["val"]["tokens"] == 100
     loader = DataLoader(tmp_path, "val", 2, 8)
     x, y = loader.next_batch()
-    assert torch.equal(x.flatten(), torch.from_numpy(val[:16])) and torch.equal(y.flatten(), torch.from_numpy(val[1:17]))
+    assert torch.equal(x.flatten(), torch.from_numpy(val[:16]))
+    assert torch.equal(y.flatten(), torch.from_numpy(val[1:17]))
     train_loader = DataLoader(tmp_path, "train", 2, 8)
     assert torch.equal(train_loader.next_batch()[0].flatten(), epoch_stream(train_loader, 0)[:16])
     (tmp_path / "fineweb_val_000000.bin").unlink()

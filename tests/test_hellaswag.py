@@ -7,8 +7,7 @@ import urllib.error
 import pytest
 import torch
 
-from gpt2 import GPT, GPTConfig
-from gpt2 import hellaswag
+from gpt2 import GPT, GPTConfig, hellaswag
 from gpt2.tokenizer import get_encoding
 
 V = 50257

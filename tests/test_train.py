@@ -14,12 +14,11 @@ import numpy as np
 import pytest
 import torch
 
+import train  # a script at the repo root: pyproject's pytest `pythonpath` puts the root on sys.path
 from gpt2 import GPT, GPTConfig
 from gpt2.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
 from gpt2.data import prepare_documents, write_shard
 from gpt2.train_utils import MetricsLog, cosine_lr, device_peak_flops, mfu, read_metrics
-
-import train  # a script at the repo root: pyproject's pytest `pythonpath` puts the root on sys.path
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN_FIELDS = {"step", "loss", "lr", "grad_norm", "tokens_per_s", "step_ms", "mfu", "peak_mem_mb"}
