@@ -289,6 +289,10 @@ def check_config(cfg: TrainConfig) -> None:
         raise ConfigError(f"--resume {cfg.resume}: no such checkpoint file")
     if cfg.hellaswag and not Path(cfg.hellaswag).is_file():
         raise ConfigError(f"--hellaswag {cfg.hellaswag}: no such file")
+    for name in ("run_dir", "data_dir"):
+        folder = getattr(cfg, name)
+        if folder and Path(folder).exists() and not Path(folder).is_dir():
+            raise ConfigError(f"{_flag(name)} {folder}: not a folder")
 
 
 def check_triton_usable(kernels: str, device_type: str) -> None:
@@ -569,8 +573,10 @@ class Trainer:
     def check_resumable(self, path: Path, state: dict):
         """The checkpoint was written by this same run: same model, data, batch and optimizer settings,
         as many processes, and it has steps left to take. Records which changeable fields changed."""
-        if "model" not in state or "step" not in state:
-            raise ConfigError(f"--resume: {path} is not a training checkpoint")
+        missing = [k for k in ("model", "optimizer", "step", "loader", "rng", "world_size", "model_config")
+                   if k not in state]
+        if missing:
+            raise ConfigError(f"--resume: {path} is not a training checkpoint (it lacks {', '.join(missing)})")
         if state["model_config"] != self.model_config.to_dict():
             diff = {k: (v, self.model_config.to_dict().get(k)) for k, v in state["model_config"].items()
                     if v != self.model_config.to_dict().get(k)}

@@ -16,7 +16,7 @@ import torch
 
 import train  # a script at the repo root: pyproject's pytest `pythonpath` puts the root on sys.path
 from gpt2 import GPT, GPTConfig
-from gpt2.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
+from gpt2.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
 from gpt2.data import prepare_documents, write_shard
 from gpt2.train_utils import MetricsLog, cosine_lr, device_peak_flops, mfu, read_metrics
 
@@ -353,6 +353,9 @@ def test_resume_refuses_changed_settings_and_names_them(data_dir, tmp_path):
         train.train(replace(cfg, resume="latest", max_steps=4, n_layer=3))
     with pytest.raises(train.ConfigError, match="is at step 2, and --max-steps is 2: nothing left"):
         train.train(replace(cfg, resume="latest"))
+    save_checkpoint(tmp_path.parent / "other.pt", {"weights": torch.ones(2)})
+    with pytest.raises(train.ConfigError, match="other.pt is not a training checkpoint .it lacks model, optimizer"):
+        train.train(replace(cfg, resume=str(tmp_path.parent / "other.pt"), run_dir=str(tmp_path / "new")))
     assert (tmp_path / "train_config.json").read_text() == saved_config  # nothing rewritten
     history = train.train(replace(cfg, resume="latest", max_steps=3, val_every=3))  # allowed changes
     assert [r["step"] for r in history] == [3]
@@ -443,10 +446,11 @@ BAD_FLAGS = [
     (["--kernels", "attention=fast"], "op 'attention' must be 'torch' or 'triton'"),
     (["--resume", "nowhere.pt"], "--resume nowhere.pt: no such checkpoint file"),
     (["--total-batch", "100"], "--total-batch 100 must be a multiple of micro_batch x seq_len"),
+    (["--run-dir", str(REPO / "train.py")], "train.py: not a folder"),
 ]
 
 
-@pytest.mark.parametrize("flags, message", BAD_FLAGS, ids=[" ".join(f) for f, _ in BAD_FLAGS])
+@pytest.mark.parametrize("flags, message", BAD_FLAGS, ids=[" ".join(f).replace(str(REPO), "") for f, _ in BAD_FLAGS])
 def test_bad_flags_are_one_line_errors_before_anything_is_written(tmp_path, flags, message):
     data_dir, run_dir = tmp_path / "data", tmp_path / "run"
     with pytest.raises(SystemExit) as excinfo:
