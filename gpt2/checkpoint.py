@@ -3,6 +3,9 @@
 A training checkpoint is a plain dict (see train.py): model and optimizer state, step, data-loader
 position, RNG states, the model/train configs, the kernels choice and val losses. Everything in it
 loads with `torch.load(weights_only=True)`.
+
+A run folder belongs to one run: its checkpoints, `train_config.json`, `metrics.jsonl` and
+`loss.png` (`run_artifacts`), guarded while the run lives by a FolderLock on `RUN_LOCK`.
 """
 import os
 import random
@@ -15,6 +18,8 @@ import torch
 from gpt2.atomic import atomic_write
 
 CKPT_PATTERN = re.compile(r"^ckpt_(\d+)\.pt$")
+RUN_LOCK = ".lock"  # a FolderLock: held by the (rank-0) process of the live run
+RUN_FILES = ("train_config.json", "metrics.jsonl", "loss.png")
 
 
 def checkpoint_path(run_dir, step: int) -> Path:
@@ -57,6 +62,12 @@ def list_checkpoints(run_dir) -> list[Path]:
 def latest_checkpoint(run_dir) -> Path | None:
     ckpts = list_checkpoints(run_dir)
     return ckpts[-1] if ckpts else None
+
+
+def run_artifacts(run_dir) -> list[Path]:
+    """The files that show `run_dir` holds a run: checkpoints, train_config.json, metrics.jsonl, loss.png."""
+    run_dir = Path(run_dir)
+    return list_checkpoints(run_dir) + [run_dir / n for n in RUN_FILES if (run_dir / n).is_file()]
 
 
 def prune_checkpoints(run_dir, keep: int) -> list[Path]:

@@ -8,12 +8,18 @@ Shard format (the llm.c token-file layout): a header of 256 little-endian int32 
 (20240520), [1] = VERSION (1), [2] = token count, the rest zero -- then `count` uint16 tokens.
 A prepared folder holds `train_000000.bin`, ..., `val_000000.bin`, ... and `manifest.json`, written
 last, so a folder with a manifest whose shards all have the right size is complete (`is_prepared`).
+A folder of llm.c shards (`<name>_train_000001.bin`, `<name>_val.bin`, ..., no manifest) loads too.
+
+prepare() writes into a staging folder inside the output folder and moves the shards in only when
+everything succeeded, so a failed prepare leaves a prepared folder as it was; one prepare at a time
+per folder (a FolderLock; a second waits).
 
 Every document is preceded by <|endoftext|> (50256), as in build-nanogpt. Split rule: document i
 (0-based, in source order) goes to val iff i % val_every == 0 and it still fits in val_tokens
 (val stops at the first document that does not fit, so val is always a prefix of those documents).
 pystdlib/text: val_every=50, no cap (every 50th document). fineweb-edu: val_every=1, val_tokens=1e8
-(the first ~100M tokens are val, as build-nanogpt's first shard).
+(the first ~100M tokens are val, as build-nanogpt's first shard). A text source that is a single .txt
+file is cut into documents at paragraph breaks (`split_text`), so it has a train and a val split.
 """
 import argparse
 import hashlib
@@ -21,15 +27,20 @@ import itertools
 import json
 import multiprocessing as mp
 import os
+import re
+import shutil
+import signal
 import sys
 import sysconfig
+import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
-from gpt2.atomic import atomic_write
+from gpt2.atomic import FolderLock, atomic_write, fsync_dir, remove_stale_temps
 from gpt2.tokenizer import EOT_ID, get_encoding
 
 MAGIC = 20240520
@@ -39,6 +50,12 @@ HEADER_BYTES = HEADER_INTS * 4
 VOCAB_SIZE = 50257
 MANIFEST = "manifest.json"
 SPLITS = ("train", "val")
+PREPARE_LOCK = ".prepare.lock"
+STAGING_PREFIX = ".staging-"
+LLMC_SOURCE = "llm.c"  # the "source" of a folder of llm.c shards without a manifest
+# llm.c shard names: a dataset prefix, the split, an optional index (ours have no prefix, so never match)
+LLMC_NAME = re.compile(r"^.+_(?P<split>train|val)(?:_(?P<index>\d+))?\.bin$")
+TEXT_CHUNK_CHARS = 16384  # a single .txt file becomes documents of at least this many characters
 
 # Per-source defaults for prepare(); every one can be overridden by argument or on the command line.
 SOURCE_DEFAULTS = {
@@ -161,6 +178,25 @@ def text_files(root) -> list:
     return files
 
 
+def split_text(text: str, min_chars: int = TEXT_CHUNK_CHARS) -> list[str]:
+    """Cut one long text into documents at paragraph breaks (blank lines; failing those, line breaks;
+    failing those, spaces), each at least min(min_chars, len(text) // 8) characters long except
+    perhaps the last. Joined, the documents are the text."""
+    min_chars = max(1, min(min_chars, len(text) // 8))
+    for boundary in (r"\n[ \t]*\n\s*", r"\n\s*", r"\s+"):
+        cuts = [m.end() for m in re.finditer(boundary, text) if 0 < m.end() < len(text)]
+        if cuts:
+            break
+    docs, start = [], 0
+    for cut in cuts:
+        if cut - start >= min_chars:
+            docs.append(text[start:cut])
+            start = cut
+    if start < len(text):
+        docs.append(text[start:])
+    return docs
+
+
 def iter_text_documents(files):
     """One document per .txt file; one per non-empty line of a .jsonl file (its "text" field)."""
     for path in files:
@@ -175,7 +211,7 @@ def iter_text_documents(files):
                     record = json.loads(line)
                     text = record["text"]
                 except (json.JSONDecodeError, KeyError, TypeError) as e:
-                    raise ValueError(f"{path}:{lineno}: expected a JSON object with a \"text\" field ({e!r})")
+                    raise ValueError(f"{path}:{lineno}: expected a JSON object with a \"text\" field ({e!r})") from None
                 if not isinstance(text, str):
                     raise ValueError(f"{path}:{lineno}: \"text\" must be a string; got {type(text).__name__}")
                 yield text
@@ -203,7 +239,10 @@ def source_documents(source: str):
     if source == "fineweb-edu":
         return iter_fineweb_edu()
     if source.startswith("text:"):
-        return iter_text_documents(text_files(source[len("text:"):]))
+        files = text_files(source[len("text:"):])
+        if len(files) == 1 and files[0].suffix == ".txt":  # one document would leave train or val empty
+            return iter(split_text(files[0].read_text(encoding="utf-8", errors="replace")))
+        return iter_text_documents(files)
     raise ValueError(f"unknown data source {source!r}; use 'pystdlib', 'fineweb-edu' or 'text:PATH'")
 
 
@@ -220,34 +259,6 @@ def tokenize_document(text: str) -> np.ndarray:
     return np.array(tokens, dtype=np.uint16)
 
 
-class Progress:
-    """A one-line progress printer (to stderr) that rewrites itself at most every `every` seconds."""
-
-    def __init__(self, label: str, enabled: bool = True, every: float = 1.0):
-        self.label, self.enabled, self.every = label, enabled, every
-        self.start = self.last = time.perf_counter()
-        self.docs = self.tokens = 0
-
-    def update(self, tokens: int) -> None:
-        self.docs += 1
-        self.tokens += tokens
-        now = time.perf_counter()
-        if self.enabled and now - self.last >= self.every:
-            self.last = now
-            self._print("\r" if sys.stderr.isatty() else "", "" if sys.stderr.isatty() else "\n")
-
-    def close(self) -> None:
-        if self.enabled:
-            self._print("\r" if sys.stderr.isatty() else "", "\n")
-
-    def _print(self, start: str, end: str) -> None:
-        dt = time.perf_counter() - self.start
-        rate = self.tokens / max(dt, 1e-9)
-        sys.stderr.write(f"{start}{self.label}: {self.docs:,} docs, {self.tokens:,} tokens, "
-                         f"{dt:.1f}s, {rate:,.0f} tok/s{end}")
-        sys.stderr.flush()
-
-
 def tokenized(docs, workers: int, chunksize: int = 16):
     """Yield each document's tokens in order, tokenised by `workers` spawned processes (0/1: here).
     Documents go to the pool in blocks, so a fast source never queues the whole corpus in memory."""
@@ -255,58 +266,99 @@ def tokenized(docs, workers: int, chunksize: int = 16):
         yield from map(tokenize_document, docs)
         return
     docs, block = iter(docs), workers * chunksize * 16
-    with mp.get_context("spawn").Pool(workers) as pool:
+    with mp.get_context("spawn").Pool(workers, initializer=_ignore_sigint) as pool:
         while chunk := list(itertools.islice(docs, block)):
             yield from pool.imap(tokenize_document, chunk, chunksize=chunksize)
+
+
+def _ignore_sigint():
+    """Tokeniser workers leave Ctrl-C to the main process, which stops the pool."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def prepare_documents(docs, out_dir, source: str = "custom", shard_tokens: int = 10_000_000,
                       val_every: int = 50, val_tokens=None, workers=None, verbose: bool = True) -> Path:
     """Tokenise an iterable of document strings into train/val shards in `out_dir` (see the module
-    docstring for the split rule); write the manifest last. Returns `out_dir`."""
+    docstring for the split rule); write the manifest last. Returns `out_dir`.
+
+    The shards are written into a staging folder and moved in only when all went well: an error
+    leaves a folder that was prepared before exactly as it was. Waits while another process
+    prepares the same folder."""
     out_dir = Path(out_dir)
     if shard_tokens < 1 or val_every < 1 or (val_tokens is not None and val_tokens < 0):
         raise ValueError(f"prepare: need shard_tokens >= 1, val_every >= 1, val_tokens >= 0; got "
                          f"{shard_tokens}, {val_every}, {val_tokens}")
-    workers = (os.cpu_count() or 1) if workers is None else workers
+    with prepare_lock(out_dir, verbose):
+        return _prepare_documents_locked(docs, out_dir, source, shard_tokens, val_every, val_tokens, workers,
+                                         verbose)
+
+
+def prepare_lock(out_dir: Path, verbose: bool = True) -> FolderLock:
+    """The folder's prepare lock, acquired (waiting, with a message, while another process holds it)."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / MANIFEST).unlink(missing_ok=True)  # the folder is not prepared until we finish
-    for tmp in out_dir.glob(".*.bin.*.tmp"):  # left by a killed run
-        tmp.unlink()
+    lock = FolderLock(out_dir / PREPARE_LOCK)
+    if not lock.acquire():
+        if verbose:
+            print(f"waiting for another process preparing {out_dir} ({lock.owner()}) ...", file=sys.stderr,
+                  flush=True)
+        lock.acquire(blocking=True)
+    return lock
 
-    writers = {split: ShardWriter(out_dir, split, shard_tokens) for split in SPLITS}
-    docs_per_split = dict.fromkeys(SPLITS, 0)
-    val_open, val_count = True, 0
-    progress = Progress(f"prepare {source}", enabled=verbose)
-    for i, tokens in enumerate(tokenized(docs, workers)):
-        to_val = val_open and i % val_every == 0
-        if to_val and val_tokens is not None and val_count + len(tokens) > val_tokens:
-            to_val = val_open = False  # val is full: it stays a prefix of the val documents
-        split = "val" if to_val else "train"
-        val_count += len(tokens) if to_val else 0
-        writers[split].add(tokens)
-        docs_per_split[split] += 1
-        progress.update(len(tokens))
-    progress.close()
 
-    splits = {}
-    for split, writer in writers.items():
-        shards = writer.close()
-        if not shards:
-            raise ValueError(f"prepare {source}: the {split} split got no documents ({progress.docs} in all, "
-                             f"val_every={val_every}, val_tokens={val_tokens}); need at least one in each")
-        splits[split] = {"shards": shards, "tokens": sum(s["tokens"] for s in shards),
-                         "documents": docs_per_split[split]}
-    keep = {s["file"] for split in splits.values() for s in split["shards"]}
+def _prepare_documents_locked(docs, out_dir: Path, source, shard_tokens, val_every, val_tokens, workers,
+                              verbose) -> Path:
+    workers = (os.cpu_count() or 1) if workers is None else workers
+    for stale in out_dir.glob(STAGING_PREFIX + "*"):  # left by a killed prepare (we hold the lock)
+        shutil.rmtree(stale, ignore_errors=True)
+    remove_stale_temps(out_dir)
+    staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=out_dir))
+    try:
+        writers = {split: ShardWriter(staging, split, shard_tokens) for split in SPLITS}
+        docs_per_split = dict.fromkeys(SPLITS, 0)
+        val_open, val_count, n_docs = True, 0, 0
+        bar = tqdm(desc=f"prepare {source}", unit="tok", unit_scale=True, disable=None if verbose else True)
+        for i, tokens in enumerate(tokenized(docs, workers)):
+            to_val = val_open and i % val_every == 0
+            if to_val and val_tokens is not None and val_count + len(tokens) > val_tokens:
+                to_val = val_open = False  # val is full: it stays a prefix of the val documents
+            split = "val" if to_val else "train"
+            val_count += len(tokens) if to_val else 0
+            writers[split].add(tokens)
+            docs_per_split[split] += 1
+            n_docs += 1
+            bar.update(len(tokens))
+        bar.close()
+
+        splits = {}
+        for split, writer in writers.items():
+            shards = writer.close()
+            if not shards:
+                raise ValueError(f"prepare {source}: the {split} split got no documents ({n_docs} in all, "
+                                 f"val_every={val_every}, val_tokens={val_tokens}); need at least one in each")
+            splits[split] = {"shards": shards, "tokens": sum(s["tokens"] for s in shards),
+                             "documents": docs_per_split[split]}
+        manifest = {"format_version": VERSION, "magic": MAGIC, "source": source, "tokenizer": "gpt2",
+                    "eot_id": EOT_ID, "vocab_size": VOCAB_SIZE, "shard_tokens": shard_tokens,
+                    "val_every": val_every, "val_tokens": val_tokens, "splits": splits}
+        _publish(staging, out_dir, manifest)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return out_dir
+
+
+def _publish(staging: Path, out_dir: Path, manifest: dict) -> None:
+    """Move the staged shards into out_dir. The old manifest goes first, the new one last: in between
+    (renames only) the folder counts as unprepared, never as a mix of old and new."""
+    (out_dir / MANIFEST).unlink(missing_ok=True)
+    fsync_dir(out_dir)
+    keep = {s["file"] for split in manifest["splits"].values() for s in split["shards"]}
+    for name in keep:
+        os.replace(staging / name, out_dir / name)
     for split in SPLITS:  # shards of an earlier, larger run in the same folder
         for stale in out_dir.glob(f"{split}_*.bin"):
             if stale.name not in keep:
                 stale.unlink()
-    manifest = {"format_version": VERSION, "magic": MAGIC, "source": source, "tokenizer": "gpt2",
-                "eot_id": EOT_ID, "vocab_size": VOCAB_SIZE, "shard_tokens": shard_tokens,
-                "val_every": val_every, "val_tokens": val_tokens, "splits": splits}
     write_json_atomic(out_dir / MANIFEST, manifest)
-    return out_dir
 
 
 def write_json_atomic(path: Path, obj) -> None:
@@ -337,9 +389,66 @@ def prepare(source: str, out_dir=None, shard_tokens=None, val_every=None, val_to
     return prepare_documents(docs, out_dir, source=source, workers=workers, verbose=verbose, **opts)
 
 
+def ensure_prepared(source: str, out_dir, verbose: bool = True, **options) -> bool:
+    """Prepare `source` into `out_dir` unless it is prepared already (checked again under the prepare
+    lock, so two runs starting together prepare it once). True if it prepared it now."""
+    out_dir = Path(out_dir)
+    if is_prepared(out_dir, source=source):
+        return False
+    defaults = SOURCE_DEFAULTS.get(source_kind(source))
+    docs = source_documents(source)  # raises for an unknown source
+    opts = {k: defaults[k] if options.get(k) is None else options[k] for k in ("shard_tokens", "val_every",
+                                                                               "val_tokens")}
+    with prepare_lock(out_dir, verbose):
+        if is_prepared(out_dir, source=source):
+            return False
+        if verbose:
+            print(f"preparing {source} into {out_dir} ...", file=sys.stderr, flush=True)
+        _prepare_documents_locked(docs, out_dir, source, workers=options.get("workers"), verbose=verbose, **opts)
+    if verbose:
+        print(summary(out_dir), file=sys.stderr, flush=True)
+    return True
+
+
+def summary(data_dir) -> str:
+    splits = load_manifest(data_dir)["splits"]
+    return f"{data_dir}: " + ", ".join(
+        f"{s}: {v['tokens']:,} tokens in {len(v['shards'])} shards ({v['documents'] or '?'} docs)"
+        for s, v in splits.items())
+
+
+def llmc_manifest(data_dir) -> dict | None:
+    """A manifest for a folder of llm.c shards (`*_train_*.bin`, `*_val_*.bin`; files sorted by name,
+    each validated by its header), or None if the folder has none."""
+    data_dir = Path(data_dir)
+    if not data_dir.is_dir():
+        return None
+    found = {split: [] for split in SPLITS}
+    for path in sorted(data_dir.iterdir()):
+        m = LLMC_NAME.match(path.name)
+        if m and path.is_file():
+            found[m["split"]].append(path)
+    if not any(found.values()):
+        return None
+    missing = [split for split, paths in found.items() if not paths]
+    if missing:
+        raise ValueError(f"{data_dir}: llm.c-format shards but no {missing[0]} split "
+                         f"(expected files named like <name>_{missing[0]}_000000.bin)")
+    splits = {}
+    for split, paths in found.items():
+        shards = [{"file": p.name, "tokens": len(read_shard(p))} for p in paths]
+        splits[split] = {"shards": shards, "tokens": sum(s["tokens"] for s in shards), "documents": None}
+    return {"format_version": VERSION, "magic": MAGIC, "source": LLMC_SOURCE, "tokenizer": "gpt2",
+            "eot_id": EOT_ID, "vocab_size": VOCAB_SIZE, "splits": splits}
+
+
 def load_manifest(data_dir) -> dict:
+    """The folder's manifest.json; for a folder of llm.c shards without one, a manifest made from them."""
     path = Path(data_dir) / MANIFEST
     if not path.is_file():
+        llmc = llmc_manifest(data_dir)
+        if llmc is not None:
+            return llmc
         raise FileNotFoundError(f"{data_dir}: no {MANIFEST}; prepare it first (python -m gpt2.data prepare SOURCE)")
     manifest = json.loads(path.read_text())
     if manifest.get("format_version") != VERSION:
@@ -349,13 +458,13 @@ def load_manifest(data_dir) -> dict:
 
 
 def is_prepared(data_dir, source=None) -> bool:
-    """True if `data_dir` has a current manifest (for `source`, if given) and every shard it lists has
-    the size its token count implies."""
+    """True if `data_dir` has a current manifest (for `source`, if given; llm.c shards count for any
+    source) and every shard it lists has the size its token count implies."""
     try:
         manifest = load_manifest(data_dir)
     except (FileNotFoundError, ValueError):
         return False
-    if source is not None and manifest["source"] != source:
+    if source is not None and manifest["source"] not in (source, LLMC_SOURCE):
         return False
     for split in manifest["splits"].values():
         for shard in split["shards"]:
@@ -376,10 +485,12 @@ class DataLoader:
     (seed, epoch, shard); val: as written). Each step consumes world_size*B*T tokens;
     rank r takes the r-th window of B*T+1 tokens of the step, so ranks are disjoint. When fewer than
     world_size*B*T+1 tokens are left the epoch ends (the tail is skipped) and the next one begins.
+    With pin_memory (for a CUDA run) the batches come in page-locked memory, so that
+    `.to(device, non_blocking=True)` overlaps the copy with compute.
     """
 
     def __init__(self, data_dir, split: str, batch_size: int, seq_len: int, rank: int = 0,
-                 world_size: int = 1, seed: int = 1337):
+                 world_size: int = 1, seed: int = 1337, pin_memory: bool = False):
         if split not in SPLITS:
             raise ValueError(f"DataLoader: split must be one of {SPLITS}; got {split!r}")
         if not 0 <= rank < world_size:
@@ -387,6 +498,7 @@ class DataLoader:
         self.data_dir = Path(data_dir)
         self.split, self.B, self.T = split, batch_size, seq_len
         self.rank, self.world_size, self.seed = rank, world_size, seed
+        self.pin_memory = pin_memory
         shards = load_manifest(data_dir)["splits"][split]["shards"]
         self.files = [self.data_dir / s["file"] for s in shards]
         self.sizes = np.array([s["tokens"] for s in shards], dtype=np.int64)
@@ -461,6 +573,8 @@ class DataLoader:
             self.pos = 0
         start = self.pos + self.rank * self.B * self.T
         buf = torch.from_numpy(self._read(start, start + self.B * self.T + 1))
+        if self.pin_memory:
+            buf = buf.pin_memory()  # a fresh page-locked buffer per batch: none is reused mid-copy
         x = buf[:-1].view(self.B, self.T)
         y = buf[1:].view(self.B, self.T)
         self.pos += self.step_tokens
@@ -500,12 +614,14 @@ def main(argv=None) -> None:
     p.add_argument("--workers", type=int, default=None, help="tokeniser processes (default: all cores)")
     args = parser.parse_args(argv)
     t0 = time.perf_counter()
-    out = prepare(args.source, args.out, shard_tokens=args.shard_tokens, val_every=args.val_every,
-                  val_tokens=args.val_tokens, workers=args.workers)
-    splits = load_manifest(out)["splits"]
-    summary = ", ".join(f"{s}: {v['tokens']:,} tokens in {len(v['shards'])} shards ({v['documents']:,} docs)"
-                        for s, v in splits.items())
-    print(f"prepared {out} in {time.perf_counter() - t0:.1f}s -- {summary}")
+    try:
+        out = prepare(args.source, args.out, shard_tokens=args.shard_tokens, val_every=args.val_every,
+                      val_tokens=args.val_tokens, workers=args.workers)
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        raise SystemExit(f"error: {e}") from None
+    except KeyboardInterrupt:
+        raise SystemExit(128 + signal.SIGINT) from None
+    print(f"prepared in {time.perf_counter() - t0:.1f}s -- {summary(out)}")
 
 
 if __name__ == "__main__":

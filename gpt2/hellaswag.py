@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from torch.nn import functional as F
+from tqdm import tqdm
 
 from gpt2.atomic import atomic_write
 
@@ -60,17 +61,37 @@ def find_data(path=None, allow_download=True) -> Path:
 
 
 def load_examples(path, limit=None) -> list[dict]:
+    """The examples of a HellaSwag jsonl (the first `limit` if given). ValueError naming the file and
+    line for anything that is not an example: not JSON, no ctx / 4 string endings / label in 0..3;
+    and for a file with no examples."""
+    if limit is not None and limit < 1:
+        raise ValueError(f"HellaSwag: limit must be >= 1 (or None for all); got {limit}")
     examples = []
     with open(path, encoding="utf-8") as f:
         for line_no, line in enumerate(f, 1):
             if not line.strip():
                 continue
-            ex = json.loads(line)
-            if not all(k in ex for k in ("ctx", "endings", "label")) or len(ex["endings"]) != 4:
-                raise ValueError(f"HellaSwag: {path}:{line_no} is not an example with ctx, 4 endings, label")
-            examples.append(ex)
+            where = f"HellaSwag: {path}:{line_no}"
+            try:
+                ex = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{where} is not valid JSON ({e})") from None
+            if not isinstance(ex, dict) or not all(k in ex for k in ("ctx", "endings", "label")):
+                raise ValueError(f"{where} is not an example with ctx, 4 endings, label")
+            endings, label = ex["endings"], ex["label"]
+            if not isinstance(ex["ctx"], str) or not isinstance(endings, list) or len(endings) != 4 \
+                    or not all(isinstance(e, str) for e in endings):
+                raise ValueError(f"{where} is not an example with ctx, 4 endings, label "
+                                 f"(ctx must be a string and endings a list of 4 strings)")
+            if isinstance(label, str) and label.strip().isdigit():
+                label = int(label)
+            if isinstance(label, bool) or not isinstance(label, int) or not 0 <= label <= 3:
+                raise ValueError(f"{where}: label must be 0, 1, 2 or 3; got {ex['label']!r}")
+            examples.append({**ex, "label": label})
             if limit is not None and len(examples) >= limit:
                 break
+    if not examples:
+        raise ValueError(f"HellaSwag: {path} holds no examples")
     return examples
 
 
@@ -114,10 +135,12 @@ def predict(losses, mask):
 
 
 @torch.no_grad()
-def evaluate_hellaswag(model, examples, device, rank=0, world_size=1, autocast_dtype=None) -> dict:
+def evaluate_hellaswag(model, examples, device, rank=0, world_size=1, autocast_dtype=None,
+                       progress: bool = True) -> dict:
     """acc/acc_norm of `model` (called as model(tokens) -> logits (B, T, V)) on `examples`.
 
     Rank r takes examples[r::world_size]; under torch.distributed the counts are summed over ranks.
+    With `progress`, rank 0 shows a progress bar when stderr is a terminal.
     """
     from gpt2.tokenizer import get_encoding
 
@@ -128,7 +151,8 @@ def evaluate_hellaswag(model, examples, device, rank=0, world_size=1, autocast_d
     if hasattr(model, "eval"):
         model.eval()
     counts = torch.zeros(3, dtype=torch.long, device=device)  # n, correct, correct_norm
-    for example in examples[rank::world_size]:
+    shard = examples[rank::world_size]
+    for example in tqdm(shard, desc="HellaSwag", leave=False, disable=None if progress and rank == 0 else True):
         tokens, mask, label = render_example(example, enc, max_len=block_size)
         tokens, mask = tokens.to(device), mask.to(device)
         with torch.autocast(device_type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
@@ -149,18 +173,21 @@ def main(argv=None):
     from gpt2.ops import parse_kernels_arg
 
     parser = argparse.ArgumentParser(description="HellaSwag val accuracy of a GPT-2 model")
-    parser.add_argument("--init", required=True, help="HF name (gpt2, ...), HF save_pretrained dir, checkpoint or run dir")
+    parser.add_argument("--init", required=True,
+                        help="HF name (gpt2, ...), HF save_pretrained dir, checkpoint or run dir")
     parser.add_argument("--data", default=None, help="hellaswag_val.jsonl (default: cache, downloaded if needed)")
     parser.add_argument("--kernels", default="torch", help="torch | triton | op=impl,op=impl")
-    parser.add_argument("--limit", type=int, default=None, help="only the first N examples")
+    parser.add_argument("--limit", type=int, default=None, help="only the first N examples (>= 1)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
+    if args.limit is not None and args.limit < 1:
+        parser.error(f"--limit must be >= 1; got {args.limit}")
 
     try:
         path = find_data(args.data)
-    except (RuntimeError, FileNotFoundError) as e:
-        raise SystemExit(str(e)) from None
-    examples = load_examples(path, args.limit)
+        examples = load_examples(path, args.limit)
+    except (RuntimeError, FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"error: {e}") from None
     model = load_model(args.init, kernels=parse_kernels_arg(args.kernels), device=args.device)
     autocast_dtype = torch.bfloat16 if args.device.startswith("cuda") else None
     t0 = time.time()

@@ -12,17 +12,27 @@ def main(argv=None):
     p.add_argument("--init", required=True, help="HF name (gpt2, gpt2-medium, ...), save_pretrained dir, "
                                                  "our checkpoint file, or a run folder")
     p.add_argument("--prompt", default="Hello, I'm a language model,")
-    p.add_argument("--num-samples", type=int, default=3)
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--top-k", type=int, default=50)
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--num-samples", type=int, default=3, help="samples to draw (>= 1)")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate per sample (>= 1)")
+    p.add_argument("--top-k", type=int, default=50, help="sample from the k most likely tokens (>= 1)")
+    p.add_argument("--temperature", type=float, default=1.0, help="softmax temperature (> 0)")
+    p.add_argument("--seed", type=int, default=1337, help="seed of the sampling generator (>= 0)")
     p.add_argument("--kernels", default="torch", help="torch | triton | op=impl,...")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
+    for flag, value, ok, rule in (("--num-samples", args.num_samples, args.num_samples >= 1, ">= 1"),
+                                  ("--max-new-tokens", args.max_new_tokens, args.max_new_tokens >= 1, ">= 1"),
+                                  ("--top-k", args.top_k, args.top_k >= 1, ">= 1"),
+                                  ("--temperature", args.temperature, args.temperature > 0, "> 0"),
+                                  ("--seed", args.seed, args.seed >= 0, ">= 0")):
+        if not ok:
+            p.error(f"{flag} must be {rule}; got {value}")  # one line, exit 2, before the model loads
 
     from gpt2.checkpoint import load_model
-    model = load_model(args.init, kernels=parse_kernels_arg(args.kernels), device=args.device).eval()
+    try:
+        model = load_model(args.init, kernels=parse_kernels_arg(args.kernels), device=args.device).eval()
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"error: {e}") from None
     enc = get_encoding()
     prompt_ids = enc.encode(args.prompt, allowed_special={"<|endoftext|>"}) or [enc.eot_token]
     idx = torch.tensor([prompt_ids] * args.num_samples, dtype=torch.long, device=args.device)

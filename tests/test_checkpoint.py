@@ -7,8 +7,18 @@ import torch
 
 from gpt2 import GPT, GPTConfig
 from gpt2 import checkpoint as ckpt
-from gpt2.checkpoint import (checkpoint_path, latest_checkpoint, list_checkpoints, load_checkpoint, load_model,
-                             prune_checkpoints, rng_state, save_checkpoint, set_rng_state, unwrap_model)
+from gpt2.checkpoint import (
+    checkpoint_path,
+    latest_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+    load_model,
+    prune_checkpoints,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+    unwrap_model,
+)
 
 
 def tiny_model(seed=0):

@@ -1,4 +1,5 @@
 """The token-shard pipeline: shard files, prepare (sources, split, determinism), and the DataLoader."""
+import io
 import json
 import os
 import sys
@@ -11,8 +12,19 @@ import pytest
 import torch
 
 from gpt2 import data
-from gpt2.data import (DataLoader, default_data_dir, is_prepared, prepare, prepare_documents,
-                       pystdlib_files, read_shard, write_shard)
+from gpt2.data import (
+    DataLoader,
+    default_data_dir,
+    ensure_prepared,
+    is_prepared,
+    load_manifest,
+    prepare,
+    prepare_documents,
+    pystdlib_files,
+    read_shard,
+    split_text,
+    write_shard,
+)
 from gpt2.tokenizer import EOT_ID, get_encoding
 
 
@@ -28,8 +40,13 @@ def split_stream(data_dir, split):
     return np.concatenate([read_shard(data_dir / s["file"]) for s in shards]).astype(np.int64)
 
 
+def visible(folder):
+    """The folder's entries, without dot-files (the prepare lock)."""
+    return sorted(p for p in folder.iterdir() if not p.name.startswith("."))
+
+
 def folder_bytes(folder):
-    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+    return {p.name: p.read_bytes() for p in visible(folder)}
 
 
 # -----------------------------------------------------------------------------
@@ -171,7 +188,8 @@ def test_prepare_again_with_bigger_shards_removes_stale_ones(tmp_path, text_corp
     out = prepare(f"text:{text_corpus}", tmp_path / "out", shard_tokens=5, val_every=3, workers=1, verbose=False)
     assert len(list(out.glob("train_*.bin"))) > 2
     prepare(f"text:{text_corpus}", out, shard_tokens=1000, val_every=3, workers=1, verbose=False)
-    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "train_000000.bin", "val_000000.bin"]
+    assert [p.name for p in visible(out)] == ["manifest.json", "train_000000.bin", "val_000000.bin"]
+    assert [p.name for p in out.iterdir() if p.name.startswith(".")] == [".prepare.lock"]  # no staging left
     assert is_prepared(out)
 
 
@@ -206,6 +224,125 @@ def test_prepare_errors_are_clear(tmp_path):
         prepare(f"text:{tmp_path / 'missing'}", tmp_path / "c", workers=1, verbose=False)
     with pytest.raises(ValueError, match="unknown data source"):
         prepare("wikipedia", tmp_path / "d", verbose=False)
+
+
+def test_failed_prepare_leaves_a_prepared_folder_as_it_was(tmp_path, text_corpus):
+    out = prepare(f"text:{text_corpus}", tmp_path / "out", shard_tokens=7, val_every=3, workers=1, verbose=False)
+    before = folder_bytes(out)
+
+    def docs_then_network_error():
+        yield from ["a new document", "another one"] * 20
+        raise RuntimeError("connection reset")
+
+    with pytest.raises(RuntimeError, match="connection reset"):
+        prepare_documents(docs_then_network_error(), out, shard_tokens=5, val_every=3, workers=1, verbose=False)
+    with pytest.raises(ValueError, match="train split got no documents"):
+        prepare_documents(["only one"], out, val_every=1, workers=1, verbose=False)
+    assert folder_bytes(out) == before and is_prepared(out, source=f"text:{text_corpus}")
+    assert [p.name for p in out.iterdir() if p.name.startswith(".")] == [".prepare.lock"]  # staging removed
+
+
+def test_prepare_sweeps_what_a_killed_prepare_left(tmp_path):
+    out = tmp_path / "out"
+    (out / ".staging-abc123").mkdir(parents=True)
+    (out / ".staging-abc123" / "train_000000.bin").write_bytes(b"half a shard")
+    (out / ".train_000003.bin.0123abcd.tmp").write_bytes(b"half a shard")
+    prepare_documents(["one doc", "two docs", "three"], out, val_every=2, workers=1, verbose=False)
+    assert [p.name for p in out.iterdir() if p.name.startswith(".")] == [".prepare.lock"]
+    assert is_prepared(out)
+
+
+def test_ensure_prepared_prepares_once(tmp_path, text_corpus):
+    source = f"text:{text_corpus}"
+    assert ensure_prepared(source, tmp_path / "out", verbose=False, val_every=3, workers=1)
+    before = folder_bytes(tmp_path / "out")
+    assert not ensure_prepared(source, tmp_path / "out", verbose=False, val_every=3, workers=1)
+    assert folder_bytes(tmp_path / "out") == before
+
+
+PARAGRAPHS = [f"Paragraph {i}. " + "words and more words " * (i % 9 + 1) for i in range(300)]
+
+
+def test_split_text_cuts_at_paragraphs_then_lines_then_spaces():
+    text = "\n\n".join(PARAGRAPHS) + "\n"
+    docs = split_text(text, min_chars=500)
+    assert "".join(docs) == text and len(docs) > 10
+    assert all(len(d) >= 500 and d.endswith("\n\n") for d in docs[:-1])  # cut only at blank lines
+    lines = "\n".join(PARAGRAPHS)
+    docs = split_text(lines, min_chars=500)
+    assert "".join(docs) == lines and len(docs) > 10 and all(d.endswith("\n") for d in docs[:-1])
+    one_line = " ".join(PARAGRAPHS)
+    docs = split_text(one_line, min_chars=500)
+    assert "".join(docs) == one_line and len(docs) > 10 and all(d.endswith(" ") for d in docs[:-1])
+    assert split_text("word") == ["word"]
+    short = "one\n\ntwo\n\nthree\n\nfour"  # shorter than min_chars: documents of >= len // 8 characters
+    assert split_text(short) == ["one\n\n", "two\n\n", "three\n\n", "four"]
+
+
+def test_single_txt_file_is_split_into_train_and_val(tmp_path):
+    text = "\n\n".join(PARAGRAPHS) + "\n"
+    path = tmp_path / "corpus.txt"
+    path.write_text(text, encoding="utf-8")
+    out = prepare(f"text:{path}", tmp_path / "out", workers=1, verbose=False)  # val_every=50 by default
+    docs = split_text(text)
+    assert len(docs) >= 8
+    np.testing.assert_array_equal(split_stream(out, "val"), doc_tokens(docs[:1]))
+    np.testing.assert_array_equal(split_stream(out, "train"), doc_tokens(docs[1:]))
+    word = tmp_path / "word.txt"
+    word.write_text("lonely", encoding="utf-8")
+    with pytest.raises(ValueError, match="train split got no documents"):
+        prepare(f"text:{word}", tmp_path / "w", workers=1, verbose=False)
+
+
+def llmc_shard(path, tokens, version=1):
+    """A shard exactly as llm.c's write_datafile writes it: 256 int32 header, then uint16 tokens."""
+    header = np.zeros(256, dtype=np.int32)
+    header[:3] = (20240520, version, len(tokens))
+    with open(path, "wb") as f:
+        f.write(header.tobytes())
+        f.write(np.asarray(tokens, dtype=np.uint16).tobytes())
+
+
+def test_llmc_shard_folder_loads_without_a_manifest(tmp_path):
+    rng = np.random.default_rng(0)
+    val, train_a, train_b = (rng.integers(0, EOT_ID, n) for n in (100, 300, 200))
+    llmc_shard(tmp_path / "fineweb_val_000000.bin", val)
+    llmc_shard(tmp_path / "fineweb_train_000001.bin", train_a)
+    llmc_shard(tmp_path / "fineweb_train_000002.bin", train_b)
+    (tmp_path / "README.md").write_text("not a shard")
+    assert is_prepared(tmp_path) and is_prepared(tmp_path, source="fineweb-edu")
+    manifest = load_manifest(tmp_path)
+    assert manifest["source"] == data.LLMC_SOURCE
+    assert [s["file"] for s in manifest["splits"]["train"]["shards"]] == ["fineweb_train_000001.bin",
+                                                                          "fineweb_train_000002.bin"]
+    assert manifest["splits"]["train"]["tokens"] == 500 and manifest["splits"]["val"]["tokens"] == 100
+    loader = DataLoader(tmp_path, "val", 2, 8)
+    x, y = loader.next_batch()
+    assert torch.equal(x.flatten(), torch.from_numpy(val[:16]))
+    assert torch.equal(y.flatten(), torch.from_numpy(val[1:17]))
+    train_loader = DataLoader(tmp_path, "train", 2, 8)
+    assert torch.equal(train_loader.next_batch()[0].flatten(), epoch_stream(train_loader, 0)[:16])
+    (tmp_path / "fineweb_val_000000.bin").unlink()
+    with pytest.raises(ValueError, match="llm.c-format shards but no val split"):
+        load_manifest(tmp_path)
+    llmc_shard(tmp_path / "llama_val_000000.bin", val, version=2)  # llm.c's uint32 llama-3 shards
+    with pytest.raises(ValueError, match="unsupported format version 2"):
+        load_manifest(tmp_path)
+    assert not is_prepared(tmp_path)
+
+
+def test_progress_bar_only_on_a_terminal(tmp_path, capsys, monkeypatch):
+    prepare_documents(["one doc", "two docs", "three"], tmp_path / "a", val_every=2, workers=1, verbose=True)
+    assert capsys.readouterr().err == ""  # not a terminal: quiet
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    terminal = Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    prepare_documents(["one doc", "two docs", "three"], tmp_path / "b", val_every=2, workers=1, verbose=True)
+    assert "prepare custom" in terminal.getvalue() and "tok" in terminal.getvalue()
 
 
 def test_default_data_dir(tmp_path, monkeypatch):
@@ -407,6 +544,28 @@ def test_val_reset_gives_the_same_batches(loader_dir):
     assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(first, again))
     stream = epoch_stream(val, 0)
     assert torch.equal(first[0][0].flatten(), stream[:16])
+
+
+def test_pinned_batches_equal_plain_ones(loader_dir, monkeypatch):
+    pinned = []
+
+    def pin_memory(self):  # CPU-only torch cannot pin: record the call, return a copy
+        pinned.append(self.shape)
+        return self.clone()
+
+    monkeypatch.setattr(torch.Tensor, "pin_memory", pin_memory)
+    plain, pinning = DataLoader(loader_dir, "train", 2, 8), DataLoader(loader_dir, "train", 2, 8, pin_memory=True)
+    for _ in range(3):
+        (x, y), (px, py) = plain.next_batch(), pinning.next_batch()
+        assert torch.equal(x, px) and torch.equal(y, py)
+    assert pinned == [(2 * 8 + 1,)] * 3  # one buffer per batch; x and y are views of it
+
+
+@pytest.mark.gpu
+def test_pinned_batches_on_cuda(loader_dir):
+    x, y = DataLoader(loader_dir, "train", 2, 8, pin_memory=True).next_batch()
+    assert x.is_pinned() and y.is_pinned()
+    assert torch.equal(x.to("cuda", non_blocking=True).cpu(), x)
 
 
 def test_loader_errors(tmp_path, loader_dir):

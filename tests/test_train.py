@@ -1,21 +1,24 @@
 """train.py: the loss falls, resume is bit-exact, grad accumulation and DDP match one big batch,
-NaN stops cleanly, Ctrl-C checkpoints, triton without the interpreter fails clearly, metrics and plot."""
+NaN stops cleanly, Ctrl-C checkpoints, triton without the interpreter fails clearly, metrics and plot;
+run-folder safety (one run per folder, a lock, SIGTERM, resume checks, stale temps) and flag checks."""
 import json
 import os
 import signal
 import subprocess
 import sys
+import time
+from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
-from gpt2 import GPT, GPTConfig
-from gpt2.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
-from gpt2.data import prepare_documents
-from gpt2.train_utils import cosine_lr, device_peak_flops, mfu, read_metrics
-
 import train  # a script at the repo root: pyproject's pytest `pythonpath` puts the root on sys.path
+from gpt2 import GPT, GPTConfig
+from gpt2.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
+from gpt2.data import prepare_documents, write_shard
+from gpt2.train_utils import MetricsLog, cosine_lr, device_peak_flops, mfu, read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN_FIELDS = {"step", "loss", "lr", "grad_norm", "tokens_per_s", "step_ms", "mfu", "peak_mem_mb"}
@@ -39,7 +42,7 @@ def data_dir(tmp_path_factory):
 def tiny_config(data_dir, run_dir, **overrides):
     settings = dict(n_layer=2, n_head=2, n_embd=32, block_size=32, seq_len=32, micro_batch=4, total_batch=None,
                     max_steps=30, warmup_steps=3, max_lr=1e-2, val_every=10, val_steps=2, hellaswag_every=0,
-                    sample_every=0, checkpoint_every=10, data_dir=str(data_dir), run_dir=str(run_dir),
+                    sample_every=0, checkpoint_every=10, data="synthetic", data_dir=str(data_dir), run_dir=str(run_dir),
                     device="cpu", plot=False)
     return train.make_config("demo", **{**settings, **overrides})
 
@@ -133,7 +136,7 @@ def test_ddp_two_processes_match_single_process(data_dir, tmp_path):
              "--seq-len", "32", "--micro-batch", "4", "--total-batch", str(2 * 4 * 32), "--max-steps", "2",
              "--warmup-steps", "3", "--max-lr", "1e-2", "--adam-eps", "1e-4", "--val-every", "2", "--val-steps", "2",
              "--hellaswag-every", "0", "--sample-every", "0", "--checkpoint-every", "100", "--device", "cpu",
-             "--no-plot", "--data-dir", str(data_dir), "--run-dir", str(tmp_path / "ddp")]
+             "--no-plot", "--data", "synthetic", "--data-dir", str(data_dir), "--run-dir", str(tmp_path / "ddp")]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                            "train.py", *flags], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
@@ -172,21 +175,305 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(data_dir, tmp_path, monke
     assert state["step"] == 4 and all(torch.isfinite(v).all() for v in state["model"].values())
 
 
-def test_ctrl_c_saves_the_completed_step(data_dir, tmp_path, monkeypatch):
+def signal_at_step(monkeypatch, step, signum):
     real_after_step = train.Trainer.after_step
 
     def after_step(self):
         real_after_step(self)
-        if self.step == 3:
-            os.kill(os.getpid(), signal.SIGINT)  # as if the user pressed Ctrl-C during step 3
+        if self.step == step:
+            os.kill(os.getpid(), signum)  # as if the user pressed Ctrl-C (or a scheduler sent SIGTERM) now
 
     monkeypatch.setattr(train.Trainer, "after_step", after_step)
-    handler_before = signal.getsignal(signal.SIGINT)
-    history = train.train(tiny_config(data_dir, tmp_path, max_steps=1000, checkpoint_every=0, val_every=0))
-    assert [r["step"] for r in history] == [1, 2, 3]
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_signal_saves_the_completed_step_and_exits_nonzero(data_dir, tmp_path, monkeypatch, signum):
+    signal_at_step(monkeypatch, 3, signum)
+    handlers_before = [signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)]
+    with pytest.raises(train.TrainingInterrupted) as excinfo:
+        train.train(tiny_config(data_dir, tmp_path, max_steps=1000, checkpoint_every=0, val_every=0))
+    assert [r["step"] for r in excinfo.value.history] == [1, 2, 3] and excinfo.value.signum == signum
+    assert excinfo.value.exit_code == {signal.SIGINT: 130, signal.SIGTERM: 143}[signum]
     assert [p.name for p in list_checkpoints(tmp_path)] == ["ckpt_000003.pt"]
     assert load_checkpoint(latest_checkpoint(tmp_path))["step"] == 3
-    assert signal.getsignal(signal.SIGINT) is handler_before  # handler restored
+    assert [signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)] == handlers_before  # restored
+
+
+def cli_flags(data_dir, run_dir, **overrides):
+    """tiny_config's settings as train.py flags."""
+    settings = dict(preset="demo", n_layer=2, n_head=2, n_embd=32, block_size=32, seq_len=32, micro_batch=4,
+                    max_steps=30, warmup_steps=3, max_lr=1e-2, val_every=10, val_steps=2, hellaswag_every=0,
+                    sample_every=0, checkpoint_every=10, data="synthetic", data_dir=data_dir, run_dir=run_dir,
+                    device="cpu", plot=False)
+    flags = []
+    for name, value in {**settings, **overrides}.items():
+        flag = "--" + name.replace("_", "-")
+        flags += ([flag] if value else ["--no-" + flag[2:]]) if isinstance(value, bool) else [flag, str(value)]
+    return flags
+
+
+def test_ctrl_c_exits_130_after_saving(data_dir, tmp_path, monkeypatch, capsys):
+    signal_at_step(monkeypatch, 2, signal.SIGINT)
+    with pytest.raises(SystemExit) as excinfo:
+        train.main(cli_flags(data_dir, tmp_path, max_steps=1000, checkpoint_every=0, val_every=0))
+    assert excinfo.value.code == 130
+    assert "stopped by SIGINT after step 2; saved" in capsys.readouterr().err
+    assert load_checkpoint(latest_checkpoint(tmp_path))["step"] == 2
+
+
+def wait_for(condition, proc, timeout=180.0, what="the condition"):
+    """Poll (no fixed sleep) until condition() holds; fail early if the process died."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if proc.poll() is not None:
+            out, err = proc.communicate()
+            pytest.fail(f"process exited {proc.returncode} before {what}:\n{out[-3000:]}\n{err[-3000:]}")
+        if time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+def train_steps(run_dir) -> list[int]:
+    return [r["step"] for r in read_metrics(Path(run_dir) / "metrics.jsonl", "train")]
+
+
+def test_live_run_locks_its_folder_and_sigterm_saves_and_exits_143(data_dir, tmp_path):
+    run_dir = tmp_path / "run"
+    flags = cli_flags(data_dir, run_dir, max_steps=100000, checkpoint_every=0, val_every=0)
+    proc = subprocess.Popen([sys.executable, "train.py", *flags], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        wait_for(lambda: len(train_steps(run_dir)) >= 2, proc, what="2 training steps")
+        stale = run_dir / ".ckpt_000007.pt.0123abcd.tmp"  # a live save's temp file looks just like this
+        stale.write_bytes(b"being written")
+        for extra in ([], ["--resume"], ["--overwrite"]):
+            with pytest.raises(SystemExit, match=rf"in use by another train.py \(pid {proc.pid} on") as excinfo:
+                train.main(cli_flags(data_dir, run_dir, max_steps=5) + extra)
+            assert "\n" not in str(excinfo.value.code)
+        assert stale.exists()  # not swept: its writer may be alive
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=180)
+    finally:
+        proc.kill()
+    assert proc.returncode == 143, err[-3000:]
+    last = train_steps(run_dir)[-1]
+    assert f"SIGTERM: saving step {last} and stopping" in out
+    assert f"stopped by SIGTERM after step {last}; saved" in err and "Traceback" not in err
+    assert [p.name for p in list_checkpoints(run_dir)] == [f"ckpt_{last:06d}.pt"]
+    # The lock died with the process: the run resumes here, and the stale temp file is swept.
+    history = train.train(tiny_config(data_dir, run_dir, max_steps=last + 1, checkpoint_every=0, val_every=0,
+                                      resume="latest"))
+    assert [r["step"] for r in history] == [last + 1] and not stale.exists()
+
+
+def find_worker(parent_pid: int, rank: int) -> int:
+    """The pid of torchrun's worker with RANK=rank (a child of parent_pid), from /proc."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            env = (entry / "environ").read_bytes().split(b"\0")
+        except (OSError, IndexError, ValueError):
+            continue
+        if ppid == parent_pid and f"RANK={rank}".encode() in env:
+            return int(entry.name)
+    raise LookupError(f"no worker with RANK={rank} under pid {parent_pid}")
+
+
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds the workers through /proc")
+def test_sigterm_to_one_ddp_rank_stops_every_rank_at_the_same_step(data_dir, tmp_path):
+    run_dir = tmp_path / "ddp"
+    flags = cli_flags(data_dir, run_dir, max_steps=100000, checkpoint_every=0, val_every=0,
+                      total_batch=2 * 4 * 32)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([*torchrun, *flags], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=env)
+    try:
+        wait_for(lambda: len(train_steps(run_dir)) >= 2, proc, what="2 DDP training steps")
+        os.kill(find_worker(proc.pid, rank=1), signal.SIGTERM)  # rank 1 only; rank 0 never sees a signal
+        out, err = proc.communicate(timeout=180)
+    finally:
+        proc.kill()
+    last = train_steps(run_dir)[-1]
+    assert out.count(f"stopped by SIGTERM after step {last}") + err.count(f"stopped by SIGTERM after step {last}") == 2
+    state = load_checkpoint(latest_checkpoint(run_dir))
+    assert state["step"] == last and len(state["loader"]) == 2 and len(list_checkpoints(run_dir)) == 1
+    # A new run on the folder: rank 0 refuses, and rank 1 learns it and exits too (no hang at a barrier).
+    again = subprocess.run([*torchrun, *cli_flags(data_dir, run_dir, max_steps=5, total_batch=2 * 4 * 32)],
+                           cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
+    assert again.returncode != 0
+    assert (again.stdout + again.stderr).count(f"error: run folder {run_dir} already holds a run") == 2
+
+
+def test_new_run_refuses_a_folder_that_holds_one(data_dir, tmp_path):
+    cfg = tiny_config(data_dir, tmp_path, max_steps=2, checkpoint_every=0, val_every=0)
+    first = train.train(cfg)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
+    with pytest.raises(train.ConfigError, match=r"already holds a run \(up to ckpt_000002.pt.*--resume.*--overwrite"):
+        train.train(cfg)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()} == before  # nothing touched
+    with pytest.raises(train.ConfigError, match="pick one"):
+        train.train(replace(cfg, overwrite=True, resume="latest"))
+    history = train.train(replace(cfg, overwrite=True, max_steps=1, seed=7))  # starts over
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["ckpt_000001.pt"]
+    rows = read_metrics(tmp_path / "metrics.jsonl", superseded=True)
+    assert [r["step"] for r in rows] == [1] and rows[0]["loss"] == history[0]["loss"] != first[0]["loss"]
+    assert json.loads((tmp_path / "train_config.json").read_text())["seed"] == 7
+
+
+def test_resume_appends_metrics_and_redoes_lost_steps(data_dir, tmp_path):
+    cfg = tiny_config(data_dir, tmp_path, max_steps=4, checkpoint_every=2, val_every=0, keep_checkpoints=5)
+    first = train.train(cfg)
+    (tmp_path / "ckpt_000004.pt").unlink()  # as if killed after step 4 was logged, before it was saved
+    text_before = (tmp_path / "metrics.jsonl").read_text()
+    again = train.train(replace(cfg, resume="latest"))
+    assert (tmp_path / "metrics.jsonl").read_text().startswith(text_before)  # appended, never truncated
+    assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl", "train", superseded=True)] == [1, 2, 3, 4, 3, 4]
+    effective = read_metrics(tmp_path / "metrics.jsonl", "train")
+    assert [r["step"] for r in effective] == [1, 2, 3, 4]
+    assert [r["loss"] for r in effective] == [r["loss"] for r in first[:2] + again]
+    assert [r["loss"] for r in again] == [r["loss"] for r in first[2:]]  # bit-exact redo
+    resumes = read_metrics(tmp_path / "metrics.jsonl", "resume")
+    assert len(resumes) == 1 and resumes[0]["step"] == 2 and resumes[0]["checkpoint"].endswith("ckpt_000002.pt")
+
+
+def test_resume_refuses_changed_settings_and_names_them(data_dir, tmp_path):
+    cfg = tiny_config(data_dir, tmp_path, max_steps=2, checkpoint_every=0, val_every=0)
+    train.train(cfg)
+    saved_config = (tmp_path / "train_config.json").read_text()
+    with pytest.raises(train.ConfigError, match=r"--seq-len \(32 in the checkpoint, 16 now\), "
+                                               r"--micro-batch \(4 in the checkpoint, 2 now\), "
+                                               r"--total-batch \(128 in the checkpoint, 32 now\)\. "
+                                               r"A resumed run may change only --max-steps, --lr-decay-steps"):
+        train.train(replace(cfg, resume="latest", max_steps=4, micro_batch=2, seq_len=16))
+    with pytest.raises(train.ConfigError, match="holds another model: n_layer 2 \\(now 3\\)"):
+        train.train(replace(cfg, resume="latest", max_steps=4, n_layer=3))
+    with pytest.raises(train.ConfigError, match="is at step 2, and --max-steps is 2: nothing left"):
+        train.train(replace(cfg, resume="latest"))
+    save_checkpoint(tmp_path.parent / "other.pt", {"weights": torch.ones(2)})
+    with pytest.raises(train.ConfigError, match="other.pt is not a training checkpoint .it lacks model, optimizer"):
+        train.train(replace(cfg, resume=str(tmp_path.parent / "other.pt"), run_dir=str(tmp_path / "new")))
+    assert (tmp_path / "train_config.json").read_text() == saved_config  # nothing rewritten
+    history = train.train(replace(cfg, resume="latest", max_steps=3, val_every=3))  # allowed changes
+    assert [r["step"] for r in history] == [3]
+    assert read_metrics(tmp_path / "metrics.jsonl", "resume")[0]["changed"] == {
+        "max_steps": [2, 3], "lr_decay_steps": [2, 3], "val_every": [0, 3]}
+
+
+def test_resume_refuses_to_mix_two_runs(data_dir, tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    train.train(tiny_config(data_dir, a, max_steps=4, checkpoint_every=2, val_every=0))
+    train.train(tiny_config(data_dir, b, max_steps=1, checkpoint_every=0, val_every=0))
+    with pytest.raises(train.ConfigError, match="holds another run's history"):  # b's folder, a's checkpoint
+        train.train(tiny_config(data_dir, b, max_steps=6, resume=str(a / "ckpt_000004.pt")))
+    with pytest.raises(train.ConfigError, match="latest checkpoint: ckpt_000004.pt"):  # an older one of a's own
+        train.train(tiny_config(data_dir, a, max_steps=6, resume=str(a / "ckpt_000002.pt")))
+    history = train.train(tiny_config(data_dir, tmp_path / "fork", max_steps=5, val_every=0,
+                                      resume=str(a / "ckpt_000002.pt")))  # a new folder may branch off
+    assert [r["step"] for r in history] == [3, 4, 5]
+    with pytest.raises(train.ConfigError, match="no ckpt_<step>.pt in .* start it over with --overwrite"):
+        (tmp_path / "c").mkdir()
+        (tmp_path / "c" / "metrics.jsonl").write_text("")
+        train.train(tiny_config(data_dir, tmp_path / "c", resume="latest"))
+
+
+def test_nonfinite_update_is_caught_before_it_is_saved(data_dir, tmp_path, monkeypatch):
+    """Finite loss and grad norm, but the update itself makes a weight inf: it must not be saved."""
+    real_step = torch.optim.AdamW.step
+    calls = {"n": 0}
+
+    def step(self, *args, **kwargs):
+        out = real_step(self, *args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] == 6:
+            with torch.no_grad():
+                self.param_groups[0]["params"][0].view(-1)[0] = float("inf")
+        return out
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", step)
+    cfg = tiny_config(data_dir, tmp_path, max_steps=20, checkpoint_every=2, val_every=0)
+    with pytest.raises(train.NonFiniteError, match=r"step 6: the update made the weights non-finite.*"
+                                                   r"last good checkpoint: .*ckpt_000004.pt"):
+        train.train(cfg)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["ckpt_000002.pt", "ckpt_000004.pt"]
+    state = load_checkpoint(latest_checkpoint(tmp_path))
+    assert all(torch.isfinite(v).all() for v in state["model"].values())
+
+
+def test_data_folder_of_another_dataset_is_refused_not_overwritten(data_dir, tmp_path):
+    manifest = (data_dir / "manifest.json").read_bytes()
+    with pytest.raises(train.ConfigError, match=r"holds 'synthetic' data, not 'pystdlib': pass --data synthetic"):
+        train.train(tiny_config(data_dir, tmp_path, data="pystdlib"))
+    assert (data_dir / "manifest.json").read_bytes() == manifest
+
+
+def test_trains_on_an_llmc_shard_folder(tmp_path):
+    rng = np.random.default_rng(0)
+    llmc = tmp_path / "fineweb10B"
+    llmc.mkdir()
+    for name, n in (("fineweb_val_000000.bin", 2000), ("fineweb_train_000001.bin", 3000),
+                    ("fineweb_train_000002.bin", 3000)):
+        write_shard(llmc / name, rng.integers(0, 50256, n))  # llm.c's header and layout
+    history = train.train(tiny_config(llmc, tmp_path / "run", data="fineweb-edu", max_steps=2, val_every=2,
+                                      checkpoint_every=0))
+    assert len(history) == 2 and sorted(p.name for p in llmc.iterdir()) == [
+        "fineweb_train_000001.bin", "fineweb_train_000002.bin", "fineweb_val_000000.bin"]  # used as it is
+
+
+BAD_FLAGS = [
+    (["--total-batch", "-1024"], "--total-batch must be >= 1; got -1024"),
+    (["--micro-batch", "0"], "--micro-batch must be >= 1; got 0"),
+    (["--seq-len", "0"], "--seq-len must be >= 1; got 0"),
+    (["--seq-len", "-8"], "--seq-len must be >= 1; got -8"),
+    (["--val-steps", "0"], "--val-steps must be >= 1; got 0"),
+    (["--max-steps", "0"], "--max-steps must be >= 1; got 0"),
+    (["--max-lr", "nan"], "--max-lr must be a finite number; got nan"),
+    (["--max-lr=-1e-3"], "--max-lr must be > 0; got -0.001"),
+    (["--beta2", "1.0"], "--beta2 must be < 1; got 1.0"),
+    (["--min-lr-ratio", "2"], "--min-lr-ratio must be <= 1; got 2.0"),
+    (["--grad-clip", "0"], "--grad-clip must be > 0; got 0.0"),
+    (["--keep-checkpoints", "0"], "--keep-checkpoints must be >= 1; got 0"),
+    (["--warmup-steps", "-1"], "--warmup-steps must be >= 0; got -1"),
+    (["--hellaswag-limit", "0"], "--hellaswag-limit must be >= 1; got 0"),
+    (["--seed", "-3"], "--seed must be >= 0; got -3"),
+    (["--peak-flops", "0"], "--peak-flops must be > 0; got 0.0"),
+    (["--seq-len", "64"], "--seq-len 64 exceeds the model's block size 32"),
+    (["--n-head", "3"], "n_embd (32) must be divisible by n_head (3)"),
+    (["--device", "tpu"], "--device must be auto, cpu, cuda or cuda:N; got 'tpu'"),
+    (["--kernels", "attention=fast"], "op 'attention' must be 'torch' or 'triton'"),
+    (["--resume", "nowhere.pt"], "--resume nowhere.pt: no such checkpoint file"),
+    (["--total-batch", "100"], "--total-batch 100 must be a multiple of micro_batch x seq_len"),
+    (["--run-dir", str(REPO / "train.py")], "train.py: not a folder"),
+]
+
+
+@pytest.mark.parametrize("flags, message", BAD_FLAGS, ids=[" ".join(f).replace(str(REPO), "") for f, _ in BAD_FLAGS])
+def test_bad_flags_are_one_line_errors_before_anything_is_written(tmp_path, flags, message):
+    data_dir, run_dir = tmp_path / "data", tmp_path / "run"
+    with pytest.raises(SystemExit) as excinfo:
+        train.main(cli_flags(data_dir, run_dir) + flags)
+    text = str(excinfo.value.code)
+    assert text.startswith("error: ") and message in text and "\n" not in text
+    assert not data_dir.exists() and not run_dir.exists()
+
+
+def test_bad_flag_from_the_shell_exits_1_with_one_line(tmp_path):
+    proc = subprocess.run([sys.executable, "train.py", "--total-batch", "-1024", "--run-dir", str(tmp_path / "r")],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1
+    assert proc.stderr == "error: --total-batch must be >= 1; got -1024\n"
+    assert not (tmp_path / "r").exists()
+
+
+def test_help_shows_what_each_flag_does():
+    text = " ".join(train.build_parser().format_help().split())  # argparse wraps lines
+    assert "--micro-batch MICRO_BATCH sequences per forward pass, per process (>= 1; default 64; demo: 8)" in text
+    assert "--max-lr MAX_LR peak learning rate (> 0; default 0.0006; demo: 0.003)" in text
+    for f in train.fields(train.TrainConfig):
+        assert f.metadata["help"].split(";")[0].split("(")[0].strip() in text, f.name
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only path")
@@ -215,8 +502,9 @@ def test_cli_overrides_preset_and_defaults():
 
 
 def test_bad_total_batch_is_a_clear_error(data_dir, tmp_path):
-    with pytest.raises(ValueError, match="total_batch 100 must be a multiple of micro_batch x seq_len"):
+    with pytest.raises(train.ConfigError, match="total-batch 100 must be a multiple of micro_batch x seq_len"):
         train.train(tiny_config(data_dir, tmp_path, total_batch=100))
+    assert not any(tmp_path.iterdir())
 
 
 def test_lr_schedule_and_mfu():
@@ -228,3 +516,15 @@ def test_lr_schedule_and_mfu():
     assert device_peak_flops("cpu") is None and device_peak_flops("cpu", override=1e12) == 1e12
     assert mfu(1e9, 1e5, None) is None
     assert mfu(1e9, 1e5, 1e15, n_devices=2) == pytest.approx(0.05)
+
+
+def test_metrics_log_survives_a_line_cut_by_a_kill(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    log = MetricsLog(path)
+    log.log("train", step=1, loss=5.0)
+    with open(path, "a") as f:
+        f.write('{"kind": "train", "step": 2, "lo')  # killed mid-write
+    MetricsLog(path).log("resume", step=1, checkpoint="ckpt_000001.pt")
+    MetricsLog(path).log("train", step=2, loss=4.0)
+    assert [(r["kind"], r["step"]) for r in read_metrics(path)] == [("train", 1), ("resume", 1), ("train", 2)]
+    assert path.read_text().count("\n") == 4  # the cut line was ended, not glued to the next record
