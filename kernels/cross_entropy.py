@@ -38,7 +38,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.utils import autocast_disabled, autocast_dtype, cast_floats, check_device, check_float, is_interpreter
+from kernels.utils import (autocast_disabled, autocast_dtype, cast_floats, check_device, check_float,
+                           fp32_out_matmul_kind, is_interpreter)
 
 
 @triton.jit
@@ -371,37 +372,13 @@ def _linear_cross_entropy_rows(x, weight, targets, ignore_index, num_classes):
     return torch.where(targets != ignore_index, loss_rows, 0.0)
 
 
-_FP32_OUT_MATMUL = {}  # device type -> how low-precision products reach an fp32 output; filled on first use
-
-
-def _fp32_out_matmul_kind(device: torch.device) -> str:
-    """'addmm': torch.addmm(acc, a, b, out_dtype=float32, out=acc) runs (recent torch on CUDA);
-    'mm': only torch.mm(a, b, out_dtype=float32); 'upcast': neither (e.g. CPU), products of fp32 copies.
-    Found out with a tiny call on the device the first time it is asked (never at import)."""
-    kind = _FP32_OUT_MATMUL.get(device.type)
-    if kind is None:
-        a = torch.zeros((2, 2), dtype=torch.bfloat16, device=device)
-        acc = torch.zeros((2, 2), dtype=torch.float32, device=device)
-        kind = "upcast"
-        try:
-            torch.mm(a, a, out_dtype=torch.float32)
-            kind = "mm"
-            torch.addmm(acc, a, a, beta=0, out_dtype=torch.float32, out=acc)
-            torch.addmm(acc, a, a, out_dtype=torch.float32, out=acc)
-            kind = "addmm"
-        except (RuntimeError, NotImplementedError, TypeError):
-            pass
-        _FP32_OUT_MATMUL[device.type] = kind
-    return kind
-
-
 def _matmul_into_fp32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, accumulate: bool) -> None:
     """acc (fp32) = a @ b, or acc += a @ b: products summed in fp32, never rounded to a's dtype."""
     beta = 1 if accumulate else 0
     if a.dtype == torch.float32:
         acc.addmm_(a, b, beta=beta)
         return
-    kind = _fp32_out_matmul_kind(a.device)
+    kind = fp32_out_matmul_kind(a.device)
     if kind == "addmm":
         torch.addmm(acc, a, b, beta=beta, out_dtype=torch.float32, out=acc)
     elif kind == "mm":

@@ -95,3 +95,29 @@ def sm_count(device: torch.device) -> Optional[int]:
     if device.type != "cuda":
         return None
     return _cuda_sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_fp32_out_matmul_kind(device_index: int) -> str:
+    device = torch.device("cuda", device_index)
+    a = torch.zeros((2, 2), dtype=torch.bfloat16, device=device)
+    acc = torch.zeros((2, 2), dtype=torch.float32, device=device)
+    kind = "upcast"
+    try:
+        torch.mm(a, a, out_dtype=torch.float32)
+        kind = "mm"
+        torch.addmm(acc, a, a, out_dtype=torch.float32, out=acc)
+        kind = "addmm"
+    except (RuntimeError, NotImplementedError, TypeError):
+        pass
+    return kind
+
+
+def fp32_out_matmul_kind(device: torch.device) -> str:
+    """How fp16/bf16 products reach an fp32 output on `device` without rounding to the inputs' dtype:
+    'addmm' (torch.addmm(acc, a, b, out_dtype=float32, out=acc), recent torch on CUDA), 'mm'
+    (torch.mm(a, b, out_dtype=float32) only) or 'upcast' (fp32 copies: CPU, whose torch has no
+    aten::mm.dtype kernel). Found with a tiny call on the GPU the first time it is asked, never at import."""
+    if device.type != "cuda":
+        return "upcast"
+    return _cuda_fp32_out_matmul_kind(device.index if device.index is not None else torch.cuda.current_device())

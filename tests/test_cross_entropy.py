@@ -1,10 +1,11 @@
+import importlib
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 from kernels import reference
 from kernels.cross_entropy import (
-    _fp32_out_matmul_kind,
     cross_entropy,
     cross_entropy_bwd,
     cross_entropy_fwd,
@@ -13,7 +14,7 @@ from kernels.cross_entropy import (
     linear_cross_entropy_fwd,
 )
 from helpers import assert_close, assert_close_to_ref, error_stats
-from kernels.utils import is_interpreter
+from kernels.utils import fp32_out_matmul_kind, is_interpreter
 
 IGNORE = -100
 AUTOCAST_DTYPES = [pytest.param(torch.bfloat16, id="bf16"), pytest.param(torch.float16, id="fp16")]
@@ -357,7 +358,7 @@ def test_linear_cross_entropy_no_grad_fused(num_rows, hidden, num_classes, padde
 
 def test_linear_cross_entropy_no_grad_empty_splits(device, monkeypatch):
     # More V-splits than the classes fill: the empty ones (max -inf, sum 0) drop out of the combine.
-    from kernels import cross_entropy as ce
+    ce = importlib.import_module("kernels.cross_entropy")  # the module; `from kernels import cross_entropy` is the op
     monkeypatch.setattr(ce, "_lse_splits", lambda num_rows, num_classes: 8)
     x, weight, targets, _ = _lce_inputs(11, 16, 50, "some", torch.float32, device, seed=31)
     loss, _, _ = linear_cross_entropy_fwd(x, weight, targets, IGNORE, 11, False)
@@ -630,7 +631,7 @@ def test_cross_entropy_gpt2_padded_vocab_bf16(device):
 def test_linear_cross_entropy_fp32_out_products_gpu(device):
     # CUDA path of the fp32 dW sum (addmm/mm with out_dtype=float32 where torch has it): bf16 products,
     # fp32 sum, so 4 chunks equal 1 chunk up to fp32 summation order, under CUDA autocast like the model.
-    kind = _fp32_out_matmul_kind(torch.device(device))
+    kind = fp32_out_matmul_kind(torch.device(device))
     assert kind in ("addmm", "mm", "upcast")
     x, weight, targets, grad_loss = _lce_inputs(4096, 768, 50304, "some", torch.float32, device, seed=25)
     targets = targets.clamp(max=50256).where(targets != IGNORE, IGNORE)

@@ -4,7 +4,9 @@
 no data, nothing computed: GPT-2 124M shapes cost nothing), CPU autocast works on them as CUDA
 autocast would on the ops that matter here, and
 - each kernels module sees `is_interpreter() -> False` (the GPU configs are chosen), a no-op
-  `check_device` and, if it has one, `sm_count()` (kernels.utils.sm_count, imported by name) answering an H100's 132 SMs; each of its kernels (JITFunction, InterpretedFunction or Autotuner) is a recorder
+  `check_device` and, where it imports them from kernels.utils, `sm_count()` answering an H100's
+  132 SMs and `fp32_out_matmul_kind()` answering "addmm" (bf16 products summed into fp32 by cuBLAS,
+  as on CUDA); each of its kernels (JITFunction, InterpretedFunction or Autotuner) is a recorder
   that keeps the launch (kernel, arguments, num_warps/num_stages, grid, autotune configs rebuilt with
   the module's `<kernel>_configs()` and narrowed by the autotuner's early_config_prune) and runs nothing;
 - the project's custom ops (torch.library ops defined in kernels/) run their Python launcher instead
@@ -645,6 +647,8 @@ def capture():
                     new = lambda: False  # noqa: E731
                 elif name == "sm_count":  # launchers sizing grids by the device's SMs
                     new = lambda *args, **kwargs: H100_SMS  # noqa: E731
+                elif name == "fp32_out_matmul_kind":  # bf16 products into an fp32 output, as on CUDA
+                    new = lambda *args, **kwargs: "addmm"  # noqa: E731
                 elif name == "check_device":
                     new = lambda *args, **kwargs: None  # noqa: E731
                 elif is_kernel(v):
