@@ -32,9 +32,10 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 
@@ -183,9 +184,10 @@ def row_record(row) -> dict:
 def find_autotuners() -> dict:
     """{"attention._flash_attention_fwd": Autotuner, ...}: every triton.autotune'd kernel that a
     kernels.* module holds (also under triton.heuristics), found by scanning, not by name."""
-    import kernels
     from triton.runtime.autotuner import Autotuner
     from triton.runtime.jit import JITFunction, KernelInterface
+
+    import kernels
 
     found, seen = {}, set()
     for info in sorted(pkgutil.iter_modules(kernels.__path__), key=lambda m: m.name):

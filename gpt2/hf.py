@@ -181,12 +181,13 @@ def apply_kernels(model, kernels="triton"):
     """
     import transformers
     from transformers import GPT2LMHeadModel
-    from transformers.models.gpt2.modeling_gpt2 import GPT2Attention, GPT2MLP
+    from transformers.models.gpt2.modeling_gpt2 import GPT2MLP, GPT2Attention
 
     from gpt2.ops import OP_NAMES, build_ops
 
     if int(transformers.__version__.split(".")[0]) < 5:
-        raise ImportError(f"apply_kernels needs transformers >= 5 (tested: 5.17, 5.24); found {transformers.__version__}")
+        raise ImportError("apply_kernels needs transformers >= 5 (tested: 5.17, 5.24); "
+                          f"found {transformers.__version__}")
     if not isinstance(model, GPT2LMHeadModel):
         raise TypeError(f"apply_kernels: expected a transformers GPT2LMHeadModel; got {type(model).__name__}")
     remove_kernels(model)

@@ -6,8 +6,8 @@ library decides which implementation runs.
 """
 import functools
 import importlib
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch.nn.functional as F
 

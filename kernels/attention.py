@@ -22,8 +22,15 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.utils import (autocast_disabled, autocast_dtype, cast_floats, check_device, check_float,
-                           check_same_dtype, is_interpreter)
+from kernels.utils import (
+    autocast_disabled,
+    autocast_dtype,
+    cast_floats,
+    check_device,
+    check_float,
+    check_same_dtype,
+    is_interpreter,
+)
 
 LOG2E = 1.4426950408889634  # log2(e)
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)

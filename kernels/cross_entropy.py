@@ -38,8 +38,15 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.utils import (autocast_disabled, autocast_dtype, cast_floats, check_device, check_float,
-                           fp32_out_matmul_kind, is_interpreter)
+from kernels.utils import (
+    autocast_disabled,
+    autocast_dtype,
+    cast_floats,
+    check_device,
+    check_float,
+    fp32_out_matmul_kind,
+    is_interpreter,
+)
 
 
 @triton.jit

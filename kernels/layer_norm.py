@@ -13,8 +13,15 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.utils import (FLOAT_DTYPES, autocast_disabled, autocast_dtype, check_device, check_float, is_interpreter,
-                           sm_count)
+from kernels.utils import (
+    FLOAT_DTYPES,
+    autocast_disabled,
+    autocast_dtype,
+    check_device,
+    check_float,
+    is_interpreter,
+    sm_count,
+)
 
 MAX_FEAT_DIM = 16384  # one row lives in registers: BLOCK_N = next_power_of_2(N) <= MAX_FEAT_DIM
 

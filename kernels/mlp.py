@@ -19,14 +19,21 @@ fp32, outputs come in the activation dtype; weight and bias grads are written fr
 accumulator in each parameter's own dtype (fp32 master weights get fp32-accumulated grads).
 """
 import functools
-from typing import Optional, Tuple
+from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 
-from kernels.utils import (autocast_disabled, autocast_dtype, cast_floats, check_device, check_float,
-                           is_interpreter, sm_count)
+from kernels.utils import (
+    autocast_disabled,
+    autocast_dtype,
+    cast_floats,
+    check_device,
+    check_float,
+    is_interpreter,
+    sm_count,
+)
 
 EPI_NONE, EPI_GELU, EPI_GELU_GRAD = 0, 1, 2
 
@@ -262,7 +269,7 @@ def _gelu_bwd_kernel(
 # Plain launchers (no autograd). Internal helpers write into outputs they are handed; the
 # registered launchers below always allocate fresh outputs and never mutate their inputs.
 # ----------------------------------------------------------------------------------------------
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _max_blocks(interpreter: bool) -> dict:
     """Largest BLOCK_M / BLOCK_N / BLOCK_K among the configs the autotuner may pick."""
     configs = _matmul_configs()
@@ -407,7 +414,7 @@ def _(a, b, bias=None, apply_gelu=False):
 @torch.library.custom_op("gpt2_triton::gelu_mlp_fwd", mutates_args=())
 def gelu_mlp_fwd(x2d: torch.Tensor, fc_weight: torch.Tensor, fc_bias: Optional[torch.Tensor],
                  proj_weight: torch.Tensor, proj_bias: Optional[torch.Tensor],
-                 save_pre: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+                 save_pre: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """x2d (M, C) -> (y (M, C), pre (M, H)), both in x2d's dtype.
 
     fc_weight (H, C), fc_bias (H,) or None, proj_weight (C, H), proj_bias (C,) or None; weights of any
@@ -435,7 +442,7 @@ def _(x2d, fc_weight, fc_bias, proj_weight, proj_bias, save_pre):
 
 @torch.library.custom_op("gpt2_triton::gelu_mlp_bwd", mutates_args=())
 def gelu_mlp_bwd(dy: torch.Tensor, x2d: torch.Tensor, pre: torch.Tensor, fc_weight: torch.Tensor,
-                 proj_weight: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                 proj_weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
                                                      torch.Tensor, torch.Tensor]:
     """Grads of gelu_mlp: dy (M, C), x2d (M, C), pre (M, H) from gelu_mlp_fwd, weights as in the fwd.
 
@@ -468,7 +475,7 @@ def _(dy, x2d, pre, fc_weight, proj_weight):
 
 @torch.library.custom_op("gpt2_triton::linear_gelu_fwd", mutates_args=())
 def linear_gelu_fwd(x2d: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                    save_pre: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+                    save_pre: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """x2d (M, K), weight (N, K), bias (N,) or None -> (gelu(pre) (M, N), pre (M, N) or empty (0,)).
 
     Outputs in x2d's dtype; the weight (any float dtype) is cast to it once per call, the bias is added in fp32.
@@ -491,7 +498,7 @@ def _(x2d, weight, bias, save_pre):
 
 @torch.library.custom_op("gpt2_triton::linear_gelu_bwd", mutates_args=())
 def linear_gelu_bwd(dout: torch.Tensor, x2d: torch.Tensor, pre: torch.Tensor,
-                    weight: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                    weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """dout (M, N), x2d (M, K), pre (M, N), weight (N, K) -> dx (M, K) in x2d's dtype,
     dw (N, K) and db (N,) in weight's dtype (fp32-accumulated)."""
     dtype = x2d.dtype

@@ -84,7 +84,7 @@ def autocast_disabled(device_type: str):
     return torch.autocast(device_type=device_type, enabled=False)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _cuda_sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
@@ -97,7 +97,7 @@ def sm_count(device: torch.device) -> Optional[int]:
     return _cuda_sm_count(device.index if device.index is not None else torch.cuda.current_device())
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _cuda_fp32_out_matmul_kind(device_index: int) -> str:
     device = torch.device("cuda", device_index)
     a = torch.zeros((2, 2), dtype=torch.bfloat16, device=device)

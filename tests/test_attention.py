@@ -3,12 +3,18 @@ import math
 
 import pytest
 import torch
-
 from helpers import assert_close, assert_close_to_ref
-from kernels import reference as ref
+
 from kernels import attention as attn
-from kernels.attention import (flash_attention, flash_attention_bwd, flash_attention_fwd, flash_attention_qkv,
-                               flash_attention_qkv_bwd, flash_attention_qkv_fwd)
+from kernels import reference as ref
+from kernels.attention import (
+    flash_attention,
+    flash_attention_bwd,
+    flash_attention_fwd,
+    flash_attention_qkv,
+    flash_attention_qkv_bwd,
+    flash_attention_qkv_fwd,
+)
 
 SHAPES = [  # (B, H, T, D); T not a multiple of any block on purpose
     pytest.param((1, 1, 1, 16), id="B1-H1-T1-D16"),

@@ -3,6 +3,7 @@ import importlib
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import assert_close, assert_close_to_ref, error_stats
 
 from kernels import reference
 from kernels.cross_entropy import (
@@ -13,7 +14,6 @@ from kernels.cross_entropy import (
     linear_cross_entropy,
     linear_cross_entropy_fwd,
 )
-from helpers import assert_close, assert_close_to_ref, error_stats
 from kernels.utils import fp32_out_matmul_kind, is_interpreter
 
 IGNORE = -100

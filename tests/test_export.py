@@ -8,8 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from gpt2 import GPT, GPTConfig
-from gpt2 import export
+from gpt2 import GPT, GPTConfig, export
 from gpt2.checkpoint import save_checkpoint
 
 transformers = pytest.importorskip("transformers")

@@ -174,7 +174,7 @@ def _row(job, case, provider, mode, ms, peak=None, tflops=None, gbps=None, extra
 
 def _gpu_records():
     attn, ln, ce = "attention B16-H12-T1024-D64 causal", "layer_norm M16384-N768", "cross_entropy M16384-V50304"
-    lce, mlp = "linear_cross_entropy M16384-C768-V50257", "gelu_mlp M16384-C768-H3072"
+    lce = "linear_cross_entropy M16384-C768-V50257"
     step = "gpt2-124m train step B16-T1024"
     records = [
         _row("attention", attn, "triton", "fwd", 0.8, peak=10, tflops=250.0),
@@ -205,7 +205,7 @@ def test_summary_judges_each_goal_from_gpu_rows(tmp_path):
     lines = (tmp_path / headline.SUMMARY).read_text().splitlines()
 
     def verdict(goal_text, case=""):
-        (line,) = [l for l in lines if l.startswith(f"| {goal_text} | {case}")]
+        (line,) = [row for row in lines if row.startswith(f"| {goal_text} | {case}")]
         return line.rsplit("|", 2)[-2].strip()
 
     assert verdict("attention fwd ≥ 1.0× the fastest SDPA backend") == "**met**"  # 1.0/0.8, compile not SDPA

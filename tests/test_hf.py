@@ -1,10 +1,10 @@
 """HF GPT-2: its weights loaded into our GPT, and a transformers GPT2LMHeadModel patched onto our kernels."""
 import pytest
 import torch
+from helpers import assert_close, assert_close_to_ref
 
 from gpt2 import GPT
 from gpt2.hf import applied_kernels, apply_kernels, kernels_applied, remove_kernels
-from helpers import assert_close, assert_close_to_ref
 
 transformers = pytest.importorskip("transformers")
 
@@ -64,7 +64,8 @@ def count_kernel_attention(model):
     for m in model.modules():
         if hasattr(m, "_gpt2_triton_attention"):
             inner = m._gpt2_triton_attention
-            m._gpt2_triton_attention = lambda q, k, v, inner=inner, **kw: calls.append(q.shape[2]) or inner(q, k, v, **kw)
+            m._gpt2_triton_attention = (
+                lambda q, k, v, inner=inner, **kw: calls.append(q.shape[2]) or inner(q, k, v, **kw))
     return calls
 
 
@@ -165,7 +166,8 @@ def test_remove_kernels_and_context_restore_hf_code():
     assert not any("forward" in vars(m) or hasattr(m, "_gpt2_triton_attention") for m in model.modules())
     apply_kernels(model, "triton")
     apply_kernels(model, {"gelu_mlp": "triton"})  # re-applying replaces the previous choice
-    assert applied_kernels(model) == {"layer_norm": "hf", "attention": "hf", "gelu_mlp": "triton", "cross_entropy": "hf"}
+    assert applied_kernels(model) == {"layer_norm": "hf", "attention": "hf", "gelu_mlp": "triton",
+                                      "cross_entropy": "hf"}
     remove_kernels(remove_kernels(model))  # idempotent
     with torch.no_grad():
         assert torch.equal(model.eval()(idx).logits, ref.eval()(idx).logits)

@@ -6,8 +6,6 @@ from pathlib import Path
 
 import pytest
 
-import kernels
-
 ROOT = Path(__file__).resolve().parent.parent
 
 

@@ -3,11 +3,11 @@ import importlib
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import assert_close, assert_close_to_ref
 
 from kernels import reference
 from kernels.layer_norm import MAX_FEAT_DIM, layer_norm, layer_norm_bwd, layer_norm_fwd
 from kernels.utils import is_interpreter
-from helpers import assert_close, assert_close_to_ref
 
 ln = importlib.import_module("kernels.layer_norm")  # the module; `from kernels import layer_norm` is the op
 

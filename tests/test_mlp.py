@@ -2,13 +2,20 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import assert_close, assert_close_to_ref, error_stats
 
 from kernels import mlp
 from kernels import reference as ref
-from kernels.mlp import (fused_matmul, gelu_mlp, gelu_mlp_bwd, gelu_mlp_fwd, linear_gelu,
-                         linear_gelu_bwd, linear_gelu_fwd)
+from kernels.mlp import (
+    fused_matmul,
+    gelu_mlp,
+    gelu_mlp_bwd,
+    gelu_mlp_fwd,
+    linear_gelu,
+    linear_gelu_bwd,
+    linear_gelu_fwd,
+)
 from kernels.utils import is_interpreter
-from helpers import assert_close, assert_close_to_ref, error_stats
 
 # (x shape, hidden): the last dim of x is C.
 SHAPES = [

@@ -1,9 +1,9 @@
 """A tiny GPT on Triton kernels gives the same loss and parameter grads as on the torch ops."""
 import pytest
 import torch
+from helpers import assert_close
 
 from gpt2 import GPT, GPTConfig
-from helpers import assert_close
 
 CONFIG = GPTConfig.from_preset("tiny", vocab_size=97, block_size=32, n_embd=32, n_head=2, n_layer=2,
                                pad_vocab_to=64)

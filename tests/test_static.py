@@ -218,6 +218,7 @@ def test_aten_bytes_rules():
     """Views and allocations are free, out= is written not read, in-place reads and writes, gathers
     read the rows they pick, stride-0 dims count once."""
     import torch
+
     from bench.static.trace import capture, summarize
     with capture() as trace:
         x = torch.empty((64, 32), dtype=torch.float32)  # 8 KB

@@ -7,8 +7,9 @@ Shapes: B x T = B x 1024 tokens, C = 768, H = 12 heads of D = 64, V = 50257 (emb
 pointers and ints % 16 == 0 get tt.divisibility=16, ints == 1 become constexpr 1, do_not_specialize is
 honoured. A tensor is 16-byte aligned when its storage offset is (fresh CUDA allocations are).
 """
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import torch
 

@@ -238,6 +238,7 @@ def dot_lowering(ttgir: str) -> dict:
 def _kernel(module: str, name: str):
     """The JITFunction called `name` in `module` (under an Autotuner if need be)."""
     import importlib
+
     import triton
     mod = importlib.import_module(module)
     obj = getattr(mod, name, None)

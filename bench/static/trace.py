@@ -45,8 +45,7 @@ from torch._subclasses.fake_tensor import DynamicOutputShapeException, FakeTenso
 from torch.utils._python_dispatch import TorchDispatchMode
 
 
-
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def kernel_modules() -> tuple:
     """Names of the modules of the `kernels` package that define Triton kernels."""
     import kernels
@@ -106,13 +105,13 @@ def _is_jit_helper(obj) -> bool:
         and not fn.__module__.startswith("triton")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _fn_ast(pyfn):
     tree = ast.parse(textwrap.dedent(inspect.getsource(pyfn)))
     return next(n for n in tree.body if isinstance(n, ast.FunctionDef))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _analyze(pyfn, taints: tuple, known: tuple):
     """(roles {label: frozenset{"read","write"}}, taint of the return value) of a jit function whose
     params carry `taints` ((param, labels) pairs) and constexpr values `known` ((param, value) pairs)."""
