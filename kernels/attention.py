@@ -32,7 +32,8 @@ from kernels.utils import (
     is_interpreter,
 )
 
-LOG2E = 1.4426950408889634  # log2(e)
+LOG2E = tl.constexpr(1.4426950408889634)  # log2(e); host code uses LOG2E.value
+LN2 = tl.constexpr(0.6931471805599453)  # ln(2) = 1 / log2(e)
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
 MAX_BATCH_HEADS = 65535  # grid axis 1 holds B * H
 
@@ -170,7 +171,7 @@ def _flash_attention_fwd_kernel(
                                             BLOCK_N, False, True, not EVEN_T, USE_TMA, INPUT_PRECISION)
 
     inv_l = 1.0 / l_i
-    lse = (m_i + tl.math.log2(l_i)) * 0.6931471805599453  # back to natural log
+    lse = (m_i + tl.math.log2(l_i)) * LN2  # back to natural log
     lse_ptrs = lse_ptr + off_bh.to(tl.int64) * T + offs_m
     o_ptrs = o_ptr + off_b * stride_ob + off_h * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :] * stride_od
     o = (acc * inv_l[:, None]).to(o_ptr.dtype.element_ty)
@@ -245,7 +246,7 @@ def _flash_attention_bwd_dq_kernel(
     o = _load_tile(o_ptr + off_b * stride_ob + off_h * stride_oh + rows * stride_ot + cols * stride_od,
                    offs_m, T, not EVEN_T)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)  # (BLOCK_M,); padded rows: 0
-    lse2 = _load_row_stat(lse_ptr + off_bh.to(tl.int64) * T + offs_m, offs_m, T, not EVEN_T) * 1.4426950408889634
+    lse2 = _load_row_stat(lse_ptr + off_bh.to(tl.int64) * T + offs_m, offs_m, T, not EVEN_T) * LOG2E
     stats_ptrs = stats_ptr + off_bh.to(tl.int64) * 2 * stride_s + offs_m
     if EVEN_T:
         tl.store(stats_ptrs, lse2)
@@ -651,7 +652,7 @@ def _fwd_into(q, k, v, o, lse, causal: bool, scale: float) -> None:
     _flash_attention_fwd[grid](
         q, k, v, o, lse,
         *q.stride(), *k.stride(), *v.stride(), *o.stride(),
-        H, T, _t_bucket(T), scale * LOG2E,
+        H, T, _t_bucket(T), scale * LOG2E.value,
         HEAD_DIM=D, CAUSAL=causal, EVEN_T=_even_t(T), USE_TMA=use_tma, INPUT_PRECISION=_input_precision(q.dtype))
 
 
@@ -671,13 +672,13 @@ def _bwd_into(do, q, k, v, o, lse, dq, dk, dv, causal: bool, scale: float) -> No
     _flash_attention_bwd_dq[grid_dq](
         q, k, v, o, do, lse, stats, dq,
         *q.stride(), *k.stride(), *v.stride(), *o.stride(), *do.stride(), *dq.stride(),
-        stride_s, H, T, _t_bucket(T), scale, scale * LOG2E,
+        stride_s, H, T, _t_bucket(T), scale, scale * LOG2E.value,
         HEAD_DIM=D, CAUSAL=causal, EVEN_T=even_t, USE_TMA=use_tma, INPUT_PRECISION=precision)
     grid_dkdv = lambda meta: (triton.cdiv(T, meta["BLOCK_N"]), B * H)  # noqa: E731  one program per key tile
     _flash_attention_bwd_dkdv[grid_dkdv](
         q, k, v, do, stats, dk, dv,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
-        stride_s, H, T, _t_bucket(T), scale, scale * LOG2E,
+        stride_s, H, T, _t_bucket(T), scale, scale * LOG2E.value,
         HEAD_DIM=D, CAUSAL=causal, EVEN_T=even_t, USE_TMA=use_tma, INPUT_PRECISION=precision)
 
 

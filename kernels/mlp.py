@@ -35,7 +35,8 @@ from kernels.utils import (
     sm_count,
 )
 
-EPI_NONE, EPI_GELU, EPI_GELU_GRAD = 0, 1, 2
+# The matmul kernel's epilogues: constexprs the kernel compares against (host code passes `.value`).
+EPI_NONE, EPI_GELU, EPI_GELU_GRAD = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)
 
 # ----------------------------------------------------------------------------------------------
 # GELU (tanh approximation), fp32 in, fp32 out.
@@ -81,11 +82,11 @@ def _epilogue(acc, out_ptr, bias_ptr, aux_in_ptr, aux_out_ptr, offs_m, offs_n, M
         acc += bias[None, :]
     mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
     offs = offs_m[:, None] * stride_outm + offs_n[None, :] * stride_outn  # in-tile: fits int32 (launcher)
-    if EPILOGUE == 1:  # EPI_GELU
+    if EPILOGUE == EPI_GELU:
         if STORE_AUX:
             tl.store(aux_out_ptr + offs, acc.to(aux_out_ptr.dtype.element_ty), mask=mask)
         acc = _gelu_tanh(acc)
-    elif EPILOGUE == 2:  # EPI_GELU_GRAD
+    elif EPILOGUE == EPI_GELU_GRAD:
         pre = tl.load(aux_in_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         acc = acc * _gelu_tanh_grad(pre)
         if STORE_AUX:
@@ -196,7 +197,7 @@ def _matmul_kernel(
     out_ptr += tile
     if HAS_BIAS:
         bias_ptr += col0
-    if EPILOGUE == 2:
+    if EPILOGUE == EPI_GELU_GRAD:
         aux_in_ptr += tile
     if STORE_AUX:
         aux_out_ptr += tile
@@ -283,7 +284,7 @@ def _max_block(name):
 # Epilogue column slices, by epilogue: fewer live registers where the GELU math spills the tiles with
 # 128 accumulator registers per thread (ptxas -v, sm_90, bf16, triton 3.9: the GELU gradient spills
 # 1.9-2.2 KB with one slice, 1.1-1.6 KB with two, nothing with four; the GELU 40-80 B with one slice).
-_EPILOGUE_SUBTILES = {EPI_NONE: 1, EPI_GELU: 2, EPI_GELU_GRAD: 4}
+_EPILOGUE_SUBTILES = {EPI_NONE.value: 1, EPI_GELU.value: 2, EPI_GELU_GRAD.value: 4}
 
 
 def _launch_matmul(a, b, out, bias=None, epilogue=EPI_NONE, aux_in=None, aux_out=None, split_k=1):
@@ -318,9 +319,9 @@ def _launch_matmul(a, b, out, bias=None, epilogue=EPI_NONE, aux_in=None, aux_out
         triton.next_power_of_2(M), triton.next_power_of_2(max(K, 1)),
         a.stride(0), a.stride(1), b.stride(0), b.stride(1),
         target.stride(-2), target.stride(-1),
-        HAS_BIAS=bias is not None, EPILOGUE=epilogue, STORE_AUX=aux_out is not None,
+        HAS_BIAS=bias is not None, EPILOGUE=epilogue.value, STORE_AUX=aux_out is not None,
         IEEE_FP32=a.dtype == torch.float32, UPCAST_OPERANDS=is_interpreter() and a.dtype == torch.bfloat16,
-        EVEN_K=even_k, SPLIT_K=split_k, SUBTILE=_EPILOGUE_SUBTILES[epilogue],
+        EVEN_K=even_k, SPLIT_K=split_k, SUBTILE=_EPILOGUE_SUBTILES[epilogue.value],
     )
     if split_k > 1:  # a fixed-order sum: the same bits on every run
         if out.dtype == torch.float32:
