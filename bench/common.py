@@ -83,9 +83,9 @@ def time_ms(fn, grad_to_none=None, quick=False, warm=False):
     return wall_clock_ms(fn, warmup=0 if warm else 1, reps=3 if quick else 10, grad_to_none=grad_to_none)
 
 
-def first_call_s(fn):
-    """Seconds of one call of fn(), CUDA synchronised: the warm-up call where compilation and
-    autotuning happen."""
+def timed_call_s(fn):
+    """Seconds of one call of fn(), CUDA synchronised around it (e.g. the warm-up call where
+    compilation and autotuning happen)."""
     if has_cuda():
         torch.cuda.synchronize()
     start = time.perf_counter()
@@ -104,13 +104,7 @@ def wall_clock_ms(fn, warmup, reps, grad_to_none=None):
     for _ in range(reps):
         for t in grad_to_none or ():
             t.grad = None
-        if has_cuda():
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        if has_cuda():
-            torch.cuda.synchronize()
-        times.append((time.perf_counter() - start) * 1e3)
+        times.append(timed_call_s(fn) * 1e3)
     return summarize(times)
 
 
@@ -252,7 +246,7 @@ def measure(bench, case, provider, mode, fn, shape, dtype, flops=None, nbytes=No
                           error="skipped: this job's time budget was spent before it started"))
     extra = dict(extra or {})
     try:
-        extra["first_call_s"] = round(first_call_s(fn), 3)
+        extra["first_call_s"] = round(timed_call_s(fn), 3)
         med, p20, p80 = time_ms(fn, grad_to_none=grad_to_none, quick=quick, warm=True)
         peak = peak_memory_mb(fn) if memory else None
     except Exception as e:  # a baseline missing on this device must not stop the suite

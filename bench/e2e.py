@@ -8,7 +8,7 @@ Each step: forward + backward (bf16 autocast on CUDA) + fused AdamW, T = 1024. T
 
 import torch
 
-from bench.common import Row, first_call_s, has_cuda, record, wall_clock_ms
+from bench.common import Row, has_cuda, record, timed_call_s, wall_clock_ms
 from gpt2 import GPT, GPTConfig
 from gpt2.train_utils import device_peak_flops, mfu
 
@@ -72,7 +72,7 @@ def _measure_stack(config, kernels, compile_model, B, T, device, peak, warmup, r
         step = train_step_fn(runner, optimizer, x, y, torch.device(device).type)
         if has_cuda():
             torch.cuda.reset_peak_memory_stats()
-        first_step_s = first_call_s(step)
+        first_step_s = timed_call_s(step)
         med, p20, p80 = wall_clock_ms(step, warmup - 1, reps)
         tokens_per_s = B * T / (med * 1e-3)
         util = mfu(model.flops_per_token(T), tokens_per_s, peak)

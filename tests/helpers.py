@@ -1,4 +1,5 @@
 """One comparison helper for every test: failures name the max abs error and the relative RMS error."""
+import pytest
 import torch
 
 
@@ -29,3 +30,16 @@ def assert_close_to_ref(ours, torch_same_dtype, ref_fp32, factor=2.0, atol=1e-5,
            f"PyTorch same dtype max abs {torch_max:.3e} / rel RMS {torch_rms:.3e}")
     assert ours_max <= factor * torch_max + atol, msg
     assert ours_rms <= factor * torch_rms + atol, msg
+
+
+def require_sm90_compiler():
+    """Skip the calling test module unless triton's NVIDIA backend and its ptxas are installed: they
+    compile kernels for sm_90 without a GPU. Returns the triton module."""
+    triton = pytest.importorskip("triton", reason="triton is not installed")
+    pytest.importorskip("triton.backends.nvidia.compiler",
+                        reason="triton's NVIDIA backend is not available: cannot compile for sm_90")
+    from bench.static.native import ptxas_path
+    if ptxas_path() is None:
+        pytest.skip("ptxas (bundled with triton's NVIDIA backend) not found: cannot compile for sm_90",
+                    allow_module_level=True)
+    return triton

@@ -30,19 +30,14 @@ import sys
 import time
 
 import pytest
+from helpers import require_sm90_compiler
 
-triton = pytest.importorskip("triton", reason="triton is not installed")
-pytest.importorskip("triton.backends.nvidia.compiler",
-                    reason="triton's NVIDIA backend is not available: cannot compile for sm_90")
+triton = require_sm90_compiler()
 import torch  # noqa: E402
 
 from bench.static.cases import Case, config_id, launch_tag, short_name, signature_key  # noqa: E402
-from bench.static.native import Worker, ptxas_path  # noqa: E402
+from bench.static.native import Worker  # noqa: E402
 from bench.static.trace import capture, is_kernel, is_recorder, kernel_modules, raw_kernel  # noqa: E402
-
-if ptxas_path() is None:
-    pytest.skip("ptxas (bundled with triton's NVIDIA backend) not found: cannot compile for sm_90",
-                allow_module_level=True)
 
 pytestmark = pytest.mark.filterwarnings("ignore:TRITON_DEFAULT_FP_FUSION")
 
@@ -256,6 +251,7 @@ def test_capture_leaves_modules_untouched():
 # python tests/test_native_compile.py: the table of every case (regs, spills, smem)
 # ----------------------------------------------------------------------------------------------
 if __name__ == "__main__":
+    from bench.static.native import ptxas_path
     print(f"triton {triton.__version__}, torch {torch.__version__}, ptxas {ptxas_path()}", flush=True)
     w = Worker()
     failures = 0

@@ -23,20 +23,14 @@ import functools
 import json
 
 import pytest
+from helpers import require_sm90_compiler
 
-triton = pytest.importorskip("triton", reason="triton is not installed")
+triton = require_sm90_compiler()
 import triton.language as tl  # noqa: E402
 
-pytest.importorskip("triton.backends.nvidia.compiler",
-                    reason="triton's NVIDIA backend is not available: cannot compile for sm_90")
-
 from bench.static import cases as static_cases  # noqa: E402
-from bench.static.native import Worker, ptxas_path  # noqa: E402
+from bench.static.native import Worker  # noqa: E402
 from bench.static.profile import loop_budget  # noqa: E402
-
-if ptxas_path() is None:
-    pytest.skip("ptxas (bundled with triton's NVIDIA backend) not found: cannot compile for sm_90",
-                allow_module_level=True)
 
 pytestmark = pytest.mark.filterwarnings("ignore:TRITON_DEFAULT_FP_FUSION")
 
