@@ -207,13 +207,17 @@ def test_cross_entropy_torch_compile_matches_eager(device):
         assert torch.equal(a, e)
 
 
+def _ce_ours_same_dtype_fp32(logits, targets, grad_loss):
+    """(loss, grad) of ours, of PyTorch in the logits' dtype, and of the fp32 reference."""
+    return (_loss_and_grads(cross_entropy, [logits], grad_loss, targets),
+            _loss_and_grads(lambda *a: reference.cross_entropy(*a, upcast=False), [logits], grad_loss, targets),
+            _loss_and_grads(reference.cross_entropy, [logits.float()], grad_loss, targets))
+
+
 def test_cross_entropy_bf16(device):
     # bf16 on CPU too: the interpreter loads bf16 exactly (its stores truncate: _assert_low_precision).
     logits, targets, grad_loss = _ce_inputs(9, 1000, "some", torch.bfloat16, device, seed=12)
-    loss, grad = _loss_and_grads(cross_entropy, [logits], grad_loss, targets)
-    loss32, grad32 = _loss_and_grads(reference.cross_entropy, [logits.float()], grad_loss, targets)
-    loss16, grad16 = _loss_and_grads(
-        lambda *a: reference.cross_entropy(*a, upcast=False), [logits], grad_loss, targets)
+    (loss, grad), (loss16, grad16), (loss32, grad32) = _ce_ours_same_dtype_fp32(logits, targets, grad_loss)
     assert loss.dtype == torch.float32 and grad.dtype == torch.bfloat16
     assert_close_to_ref(loss, loss16, loss32, atol=1e-5, name="loss")
     _assert_low_precision(grad, grad16, grad32, atol=1e-8, name="grad_logits")
@@ -571,10 +575,7 @@ def test_linear_cross_entropy_torch_compile_matches_eager(device):
 @pytest.mark.gpu
 def test_cross_entropy_gpt2_size_bf16(device):
     logits, targets, grad_loss = _ce_inputs(4096, 50304, "some", torch.bfloat16, device, seed=7)
-    loss, grad = _loss_and_grads(cross_entropy, [logits], grad_loss, targets)
-    loss32, grad32 = _loss_and_grads(reference.cross_entropy, [logits.float()], grad_loss, targets)
-    loss16, grad16 = _loss_and_grads(
-        lambda *a: reference.cross_entropy(*a, upcast=False), [logits], grad_loss, targets)
+    (loss, grad), (loss16, grad16), (loss32, grad32) = _ce_ours_same_dtype_fp32(logits, targets, grad_loss)
     assert_close_to_ref(loss, loss16, loss32, atol=1e-4, name="loss")
     assert_close_to_ref(grad, grad16, grad32, atol=1e-6, name="grad_logits")
 
