@@ -12,7 +12,7 @@ from torch.nn import functional as F
 
 from gpt2.config import GPTConfig
 from gpt2.ops import Ops, build_ops
-from kernels.utils import autocast_dtype
+from kernels.utils import autocast_dtype, merge_heads, split_heads
 
 
 class LayerNorm(nn.Module):
@@ -69,19 +69,17 @@ class CausalSelfAttention(nn.Module):
         self.attention, self.attention_qkv = ops.attention, ops.attention_qkv
 
     def forward(self, x, kv_cache=None):
-        B, T, C = x.size()
+        T = x.size(1)
         qkv = self.c_attn(x)  # (B, T, 3C): q | k | v, heads side by side
         if kv_cache is None:  # training and plain inference: one op, its backward writes one dqkv
             return self.c_proj(self.attention_qkv(qkv, self.n_head, causal=True))  # (B, T, C)
-        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
-                   for t in qkv.split(self.n_embd, dim=2))
+        q, k, v = split_heads(qkv, self.n_head)  # (B, nh, T, hs) each
         k, v = kv_cache.append(k, v)  # (B, nh, S, hs): cached positions, then these T
         if k.size(2) == T:
             y = self.attention(q, k, v, causal=True)  # prefill (B, nh, T, hs)
         else:
             y = attention_after_cache(q, k, v)  # decode step: T new queries after S - T cached positions
-        y = y.transpose(1, 2).contiguous().view(B, T, C)  # heads side by side again
-        return self.c_proj(y)
+        return self.c_proj(merge_heads(y))  # (B, T, C): heads side by side again
 
 
 class MLP(nn.Module):

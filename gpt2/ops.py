@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch.nn.functional as F
 
 from kernels import reference
+from kernels.utils import merge_heads, split_heads
 
 OP_NAMES = ("layer_norm", "attention", "gelu_mlp", "cross_entropy")
 IMPLS = ("torch", "triton")
@@ -36,11 +37,8 @@ def torch_attention(q, k, v, causal=True, scale=None):
 
 def torch_attention_qkv(qkv, n_head, causal=True, scale=None):
     """The (B, T, 3C) QKV projection -> (B, T, C), heads side by side, through SDPA."""
-    B, T, C3 = qkv.shape
-    q, k, v = (t.unflatten(2, (n_head, C3 // (3 * n_head))).transpose(1, 2)  # (B, nh, T, hs)
-               for t in qkv.split(C3 // 3, dim=2))
-    y = F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale)
-    return y.transpose(1, 2).reshape(B, T, C3 // 3)
+    q, k, v = split_heads(qkv, n_head)  # (B, nh, T, hs) each
+    return merge_heads(torch_attention(q, k, v, causal, scale))
 
 
 def torch_gelu_mlp(x, fc_weight, fc_bias, proj_weight, proj_bias):

@@ -30,6 +30,7 @@ from kernels.utils import (
     check_float,
     check_same_dtype,
     is_interpreter,
+    split_heads,
 )
 
 LOG2E = tl.constexpr(1.4426950408889634)  # log2(e); host code uses LOG2E.value
@@ -622,12 +623,6 @@ def _empty_bhtd(B: int, H: int, T: int, D: int, like: torch.Tensor) -> torch.Ten
     return like.new_empty((B, T, H, D)).transpose(1, 2)
 
 
-def _split_heads(qkv: torch.Tensor, n_head: int):
-    """(B, T, 3C) -> q, k, v (B, H, T, D) views (q | k | v along the last dim, heads side by side)."""
-    B, T, C3 = qkv.shape
-    return qkv.unflatten(2, (3, n_head, C3 // (3 * n_head))).permute(2, 0, 3, 1, 4).unbind(0)
-
-
 def _heads_view(y: torch.Tensor, n_head: int) -> torch.Tensor:
     """(B, T, C) -> (B, H, T, D) view."""
     return y.unflatten(2, (n_head, y.shape[2] // n_head)).transpose(1, 2)
@@ -759,7 +754,7 @@ def flash_attention_qkv_fwd(qkv: torch.Tensor, n_head: int, causal: bool = True,
     op = "flash_attention_qkv_fwd"
     _check_qkv(op, qkv, n_head)
     B, T, C3 = qkv.shape
-    q, k, v = _split_heads(qkv, n_head)
+    q, k, v = split_heads(qkv, n_head)
     scale = _resolve_scale(op, scale, q.shape[-1])
     y = qkv.new_empty((B, T, C3 // 3))
     lse = torch.empty((B, n_head, T), dtype=torch.float32, device=qkv.device)
@@ -786,10 +781,10 @@ def flash_attention_qkv_bwd(dy: torch.Tensor, qkv: torch.Tensor, y: torch.Tensor
     _check_qkv(op, qkv, n_head)
     B, T, C3 = qkv.shape
     _check_bwd(op, dy, y, lse, qkv[..., :C3 // 3], B, n_head, T)
-    q, k, v = _split_heads(qkv, n_head)
+    q, k, v = split_heads(qkv, n_head)
     scale = _resolve_scale(op, scale, q.shape[-1])
     dqkv = qkv.new_empty((B, T, C3))
-    dq, dk, dv = _split_heads(dqkv, n_head)
+    dq, dk, dv = split_heads(dqkv, n_head)
     do = _heads_view(dy.to(qkv.dtype), n_head)
     o = _heads_view(y.to(qkv.dtype), n_head)
     _bwd_into(do, q, k, v, o, lse.contiguous(), dq, dk, dv, causal, scale)

@@ -9,6 +9,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from kernels.utils import merge_heads, split_heads
+
 
 def _maybe_upcast(upcast, *tensors):
     return tuple(t.float() if upcast and t is not None else t for t in tensors)
@@ -36,10 +38,8 @@ def flash_attention(q, k, v, causal=True, scale=None, *, upcast=True):
 
 def flash_attention_qkv(qkv, n_head, causal=True, scale=None, *, upcast=True):
     """qkv (B, T, 3C) as c_attn returns it (q | k | v, heads side by side) -> y (B, T, C), heads side by side."""
-    B, T, C3 = qkv.shape
-    q, k, v = (t.unflatten(2, (n_head, C3 // (3 * n_head))).transpose(1, 2) for t in qkv.chunk(3, dim=2))
-    y = flash_attention(q, k, v, causal, scale, upcast=upcast)  # (B, H, T, D)
-    return y.transpose(1, 2).reshape(B, T, C3 // 3)
+    q, k, v = split_heads(qkv, n_head)  # (B, H, T, D) each
+    return merge_heads(flash_attention(q, k, v, causal, scale, upcast=upcast))
 
 
 def gelu_tanh(x):

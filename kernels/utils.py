@@ -55,6 +55,19 @@ def check_same_dtype(op: str, **tensors: torch.Tensor) -> None:
         raise TypeError(f"{op}: tensors must share one dtype; got {found}")
 
 
+def split_heads(qkv: torch.Tensor, n_head: int):
+    """The (B, T, 3C) QKV projection (q | k | v along the last dim, heads side by side) -> q, k, v as
+    (B, n_head, T, C // n_head) views: no copy."""
+    B, T, C3 = qkv.shape
+    return qkv.unflatten(2, (3, n_head, C3 // (3 * n_head))).permute(2, 0, 3, 1, 4).unbind(0)
+
+
+def merge_heads(y: torch.Tensor) -> torch.Tensor:
+    """(B, H, T, D) -> (B, T, H * D), heads side by side (no copy when y is stored as (B, T, H, D))."""
+    B, H, T, D = y.shape
+    return y.transpose(1, 2).reshape(B, T, H * D)
+
+
 def _autocast_enabled(device_type: str) -> bool:
     """torch.is_autocast_enabled, False for device types autocast does not know (e.g. "meta")."""
     try:

@@ -435,10 +435,16 @@ def test_autocast_fp16(causal, device):
 
 @pytest.mark.parametrize("causal", CAUSAL)
 def test_autocast_qkv_fp16(causal, device):
-    B, T, H, D = 2, 37, 2, 32
-    qkv, dy = _qkv_inputs(B, T, H, D, torch.float32, device, seed=26)
+    _check_qkv_autocast(2, 37, 2, 32, torch.float16, causal, device, seed=26)
+
+
+def _check_qkv_autocast(B, T, H, D, dtype, causal, device, seed):
+    """flash_attention_qkv on fp32 qkv under autocast(dtype) against SDPA under the same autocast.
+    Returns qkv and dy."""
+    qkv, dy = _qkv_inputs(B, T, H, D, torch.float32, device, seed=seed)
     _check_autocast(lambda x: flash_attention_qkv(x, H, causal=causal), lambda x: _sdpa_qkv(x, H, causal),
-                    lambda x: ref.flash_attention_qkv(x, H, causal), (qkv,), dy, torch.float16)
+                    lambda x: ref.flash_attention_qkv(x, H, causal), (qkv,), dy, dtype)
+    return qkv, dy
 
 
 def test_autocast_already_cast_inputs(device):
@@ -644,9 +650,7 @@ def test_qkv_gpt2_size_gpu_bf16(causal, device):
 def test_autocast_bf16_gpu(causal, device):
     """CUDA autocast bf16 (the interpreter computes bf16 wrongly, so bf16 autocast is checked here)."""
     B, T, H, D = 2, 300, 4, 64
-    qkv, dy = _qkv_inputs(B, T, H, D, torch.float32, device, seed=31)
-    _check_autocast(lambda x: flash_attention_qkv(x, H, causal=causal), lambda x: _sdpa_qkv(x, H, causal),
-                    lambda x: ref.flash_attention_qkv(x, H, causal), (qkv,), dy, torch.bfloat16)
+    qkv, dy = _check_qkv_autocast(B, T, H, D, torch.bfloat16, causal, device, seed=31)
     q, k, v = (t.detach() for t in _model_views(qkv, H))
     do = dy.view(B, T, H, D).transpose(1, 2)
     sdpa = lambda q, k, v: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal)  # noqa: E731
