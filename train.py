@@ -174,6 +174,10 @@ def _field_type(annotation):
     return args[0] if args else annotation
 
 
+# A field's range in its metadata: key -> (test, how --help and errors write it).
+BOUNDS = (("ge", operator.ge, ">="), ("gt", operator.gt, ">"), ("le", operator.le, "<="), ("lt", operator.lt, "<"))
+
+
 def _is_optional(annotation) -> bool:
     return type(None) in typing.get_args(annotation)
 
@@ -185,8 +189,7 @@ def _flag(name: str) -> str:
 def _help(f) -> str:
     """The field's help, its range and its default (and each preset's value where it sets one)."""
     meta = f.metadata
-    bounds = [f"{word} {meta[key]}" for key, word in (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<"))
-              if key in meta]
+    bounds = [f"{word} {meta[key]}" for key, _, word in BOUNDS if key in meta]
     default = [] if f.default is None else [f"default {f.default}"]  # the help says what None means
     default += [f"{name}: {preset[f.name]}" for name, preset in PRESETS.items()
                 if f.name in preset and preset[f.name] != f.default]
@@ -247,8 +250,7 @@ def _range_problem(f, value, annotation) -> str | None:
         return f"{flag} must be {kind.__name__}; got {value!r}"
     if kind is float and not math.isfinite(value) and not (meta.get("inf_ok") and value == math.inf):
         return f"{flag} must be a finite number; got {value}"
-    for key, op, word in (("ge", operator.ge, ">="), ("gt", operator.gt, ">"), ("le", operator.le, "<="),
-                          ("lt", operator.lt, "<")):
+    for key, op, word in BOUNDS:
         if key in meta and not op(value, meta[key]):
             return f"{flag} must be {word} {meta[key]}; got {value}"
     if "choices" in meta and value not in meta["choices"]:
@@ -403,8 +405,7 @@ def accumulate_gradients(model, next_batch, grad_accum: int, device, amp_dtype=N
 def weights_finite(model: torch.nn.Module) -> bool:
     """True when every parameter is finite (by the norm of each; weights beyond ~1e19 count as inf)."""
     params = [p.detach() for p in model.parameters()]
-    norms = torch._foreach_norm(params) if hasattr(torch, "_foreach_norm") else [p.norm() for p in params]
-    return bool(torch.stack([n.float() for n in norms]).isfinite().all())
+    return bool(torch.stack([n.float() for n in torch._foreach_norm(params)]).isfinite().all())
 
 
 # --- the run folder -------------------------------------------------------------------------------
@@ -577,9 +578,9 @@ class Trainer:
                    if k not in state]
         if missing:
             raise ConfigError(f"--resume: {path} is not a training checkpoint (it lacks {', '.join(missing)})")
-        if state["model_config"] != self.model_config.to_dict():
-            diff = {k: (v, self.model_config.to_dict().get(k)) for k, v in state["model_config"].items()
-                    if v != self.model_config.to_dict().get(k)}
+        model_now = self.model_config.to_dict()
+        if state["model_config"] != model_now:
+            diff = {k: (v, model_now.get(k)) for k, v in state["model_config"].items() if v != model_now.get(k)}
             raise ConfigError(f"--resume: {path} holds another model: " +
                               ", ".join(f"{k} {a} (now {b})" for k, (a, b) in diff.items()))
         if state["world_size"] != self.ctx.world_size:

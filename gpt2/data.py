@@ -285,12 +285,16 @@ def prepare_documents(docs, out_dir, source: str = "custom", shard_tokens: int =
     leaves a folder that was prepared before exactly as it was. Waits while another process
     prepares the same folder."""
     out_dir = Path(out_dir)
-    if shard_tokens < 1 or val_every < 1 or (val_tokens is not None and val_tokens < 0):
-        raise ValueError(f"prepare: need shard_tokens >= 1, val_every >= 1, val_tokens >= 0; got "
-                         f"{shard_tokens}, {val_every}, {val_tokens}")
+    _check_prepare_options(shard_tokens, val_every, val_tokens)
     with prepare_lock(out_dir, verbose):
         return _prepare_documents_locked(docs, out_dir, source, shard_tokens, val_every, val_tokens, workers,
                                          verbose)
+
+
+def _check_prepare_options(shard_tokens, val_every, val_tokens) -> None:
+    if shard_tokens < 1 or val_every < 1 or (val_tokens is not None and val_tokens < 0):
+        raise ValueError(f"prepare: need shard_tokens >= 1, val_every >= 1, val_tokens >= 0; got "
+                         f"{shard_tokens}, {val_every}, {val_tokens}")
 
 
 def prepare_lock(out_dir: Path, verbose: bool = True) -> FolderLock:
@@ -337,13 +341,17 @@ def _prepare_documents_locked(docs, out_dir: Path, source, shard_tokens, val_eve
                                  f"val_every={val_every}, val_tokens={val_tokens}); need at least one in each")
             splits[split] = {"shards": shards, "tokens": sum(s["tokens"] for s in shards),
                              "documents": docs_per_split[split]}
-        manifest = {"format_version": VERSION, "magic": MAGIC, "source": source, "tokenizer": "gpt2",
-                    "eot_id": EOT_ID, "vocab_size": VOCAB_SIZE, "shard_tokens": shard_tokens,
-                    "val_every": val_every, "val_tokens": val_tokens, "splits": splits}
-        _publish(staging, out_dir, manifest)
+        _publish(staging, out_dir, _manifest(source, splits, shard_tokens=shard_tokens, val_every=val_every,
+                                             val_tokens=val_tokens))
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return out_dir
+
+
+def _manifest(source: str, splits: dict, **options) -> dict:
+    """A manifest.json: the shard format, the tokenizer, `source`, its prepare options and its splits."""
+    return {"format_version": VERSION, "magic": MAGIC, "source": source, "tokenizer": "gpt2", "eot_id": EOT_ID,
+            "vocab_size": VOCAB_SIZE, **options, "splits": splits}
 
 
 def _publish(staging: Path, out_dir: Path, manifest: dict) -> None:
@@ -381,30 +389,34 @@ def prepare(source: str, out_dir=None, shard_tokens=None, val_every=None, val_to
             workers=None, verbose: bool = True) -> Path:
     """Prepare `source` ('pystdlib', 'fineweb-edu', 'text:PATH') into shards; returns the folder.
     Unset options take the source's SOURCE_DEFAULTS."""
-    defaults = SOURCE_DEFAULTS.get(source_kind(source))
-    docs = source_documents(source)  # raises for an unknown source
-    opts = dict(shard_tokens=shard_tokens, val_every=val_every, val_tokens=val_tokens)
-    opts = {k: defaults[k] if v is None else v for k, v in opts.items()}
+    docs, opts = _documents_and_options(source, shard_tokens, val_every, val_tokens)
     out_dir = Path(out_dir) if out_dir is not None else default_data_dir(source)
     return prepare_documents(docs, out_dir, source=source, workers=workers, verbose=verbose, **opts)
 
 
-def ensure_prepared(source: str, out_dir, verbose: bool = True, **options) -> bool:
+def _documents_and_options(source: str, shard_tokens=None, val_every=None, val_tokens=None):
+    """`source`'s documents and its prepare options, the unset ones from SOURCE_DEFAULTS."""
+    defaults = SOURCE_DEFAULTS.get(source_kind(source))
+    docs = source_documents(source)  # raises for an unknown source
+    opts = dict(shard_tokens=shard_tokens, val_every=val_every, val_tokens=val_tokens)
+    return docs, {k: defaults[k] if v is None else v for k, v in opts.items()}
+
+
+def ensure_prepared(source: str, out_dir, verbose: bool = True, shard_tokens=None, val_every=None,
+                    val_tokens=None, workers=None) -> bool:
     """Prepare `source` into `out_dir` unless it is prepared already (checked again under the prepare
     lock, so two runs starting together prepare it once). True if it prepared it now."""
     out_dir = Path(out_dir)
     if is_prepared(out_dir, source=source):
         return False
-    defaults = SOURCE_DEFAULTS.get(source_kind(source))
-    docs = source_documents(source)  # raises for an unknown source
-    opts = {k: defaults[k] if options.get(k) is None else options[k] for k in ("shard_tokens", "val_every",
-                                                                               "val_tokens")}
+    docs, opts = _documents_and_options(source, shard_tokens, val_every, val_tokens)
+    _check_prepare_options(**opts)
     with prepare_lock(out_dir, verbose):
         if is_prepared(out_dir, source=source):
             return False
         if verbose:
             print(f"preparing {source} into {out_dir} ...", file=sys.stderr, flush=True)
-        _prepare_documents_locked(docs, out_dir, source, workers=options.get("workers"), verbose=verbose, **opts)
+        _prepare_documents_locked(docs, out_dir, source, workers=workers, verbose=verbose, **opts)
     if verbose:
         print(summary(out_dir), file=sys.stderr, flush=True)
     return True
@@ -438,8 +450,7 @@ def llmc_manifest(data_dir) -> dict | None:
     for split, paths in found.items():
         shards = [{"file": p.name, "tokens": len(read_shard(p))} for p in paths]
         splits[split] = {"shards": shards, "tokens": sum(s["tokens"] for s in shards), "documents": None}
-    return {"format_version": VERSION, "magic": MAGIC, "source": LLMC_SOURCE, "tokenizer": "gpt2",
-            "eot_id": EOT_ID, "vocab_size": VOCAB_SIZE, "splits": splits}
+    return _manifest(LLMC_SOURCE, splits)
 
 
 def load_manifest(data_dir) -> dict:
