@@ -54,21 +54,31 @@ def environment() -> dict:
         "torch": torch.__version__,
         "triton": triton.__version__,
         "cuda": torch.version.cuda,
-        "driver": _driver_version(),
+        "driver": nvidia_smi(("driver_version",)).get("driver_version") if has_cuda() else None,
         "git_commit": git_commit(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
 
 
-def _driver_version():
-    if not has_cuda():
-        return None
-    try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                             capture_output=True, text=True, timeout=10)
-        return out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else None
-    except (OSError, subprocess.SubprocessError):
-        return None
+def nvidia_smi(fields) -> dict:
+    """What nvidia-smi reports for GPU 0; fields it cannot read are left out."""
+    def query(names):
+        try:
+            out = subprocess.run(["nvidia-smi", "-i", "0", f"--query-gpu={','.join(names)}",
+                                  "--format=csv,noheader,nounits"], capture_output=True, text=True, timeout=15)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        if out.returncode != 0 or not out.stdout.strip():
+            return None
+        values = [v.strip() for v in out.stdout.strip().splitlines()[0].split(",")]
+        return dict(zip(names, values)) if len(values) == len(names) else None
+
+    values = query(fields)
+    if values is None:  # an unknown field fails the whole query: ask one at a time
+        values = {}
+        for field in fields:
+            values.update(query([field]) or {})
+    return {k: v for k, v in values.items() if v and "N/A" not in v and "Not Supported" not in v}
 
 
 # --- timing --------------------------------------------------------------------------------------

@@ -39,7 +39,7 @@ from typing import Optional
 
 import torch
 
-from bench.common import environment, has_cuda, session
+from bench.common import environment, has_cuda, nvidia_smi, session
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS, SUMMARY, ENV, PYTEST_LOG, RUN_LOG = "results.jsonl", "summary.md", "env.json", "pytest.log", "run.log"
@@ -379,27 +379,6 @@ NVIDIA_SMI_FIELDS = ("name", "driver_version", "clocks.sm", "clocks.max.sm", "cl
                      "persistence_mode", "ecc.mode.current")
 
 
-def _nvidia_smi(fields=NVIDIA_SMI_FIELDS) -> dict:
-    """What nvidia-smi reports for GPU 0; fields it cannot read are left out."""
-    def query(names):
-        try:
-            out = subprocess.run(["nvidia-smi", "-i", "0", f"--query-gpu={','.join(names)}",
-                                  "--format=csv,noheader,nounits"], capture_output=True, text=True, timeout=15)
-        except (OSError, subprocess.SubprocessError):
-            return None
-        if out.returncode != 0 or not out.stdout.strip():
-            return None
-        values = [v.strip() for v in out.stdout.strip().splitlines()[0].split(",")]
-        return dict(zip(names, values)) if len(values) == len(names) else None
-
-    values = query(fields)
-    if values is None:  # an unknown field fails the whole query: ask one at a time
-        values = {}
-        for field in fields:
-            values.update(query([field]) or {})
-    return {k: v for k, v in values.items() if v and "N/A" not in v and "Not Supported" not in v}
-
-
 def collect_env(args, tuners) -> dict:
     from bench.layer_norm import device_bandwidth
     from gpt2.train_utils import device_peak_flops
@@ -417,7 +396,7 @@ def collect_env(args, tuners) -> dict:
         bandwidth, peak = device_bandwidth(), device_peak_flops("cuda")
         env.update(sm_count=props.multi_processor_count, compute_capability=f"{props.major}.{props.minor}",
                    memory_gib=round(props.total_memory / 2**30, 1), l2_cache_mb=round(l2 / 2**20, 1) if l2 else None,
-                   cudnn=torch.backends.cudnn.version(), nvidia_smi=_nvidia_smi(),
+                   cudnn=torch.backends.cudnn.version(), nvidia_smi=nvidia_smi(NVIDIA_SMI_FIELDS),
                    hbm_bandwidth_gbps=bandwidth / 1e9 if bandwidth else None,
                    peak_bf16_tflops=peak / 1e12 if peak else None)
     return env

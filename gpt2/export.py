@@ -20,9 +20,9 @@ import torch
 
 from gpt2.atomic import atomic_write
 from gpt2.hf import CONV1D_SUFFIXES
+from gpt2.tokenizer import EOT_ID
 
 SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
-GPT2_EOT = 50256  # <|endoftext|> in GPT-2's tokenizer
 
 
 def hf_state_dict(model, dtype=None) -> dict:
@@ -43,7 +43,7 @@ def hf_state_dict(model, dtype=None) -> dict:
 
 def hf_config(config, dtype: torch.dtype) -> dict:
     """config.json for transformers' GPT2Config. Dropout 0: our model trains without it."""
-    eot = GPT2_EOT if config.vocab_size > GPT2_EOT else None
+    eot = EOT_ID if config.vocab_size > EOT_ID else None  # <|endoftext|>, when the vocabulary has it
     return {
         "architectures": ["GPT2LMHeadModel"],
         "model_type": "gpt2",

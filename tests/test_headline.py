@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from bench import headline
+from bench import common, headline
 from bench.__main__ import main as bench_main
 from bench.common import Row
 
@@ -254,11 +254,11 @@ def _fake_nvidia_smi(tmp_path, monkeypatch, script):
 
 def test_nvidia_smi_fields_it_cannot_read_are_left_out(tmp_path, monkeypatch):
     _fake_nvidia_smi(tmp_path, monkeypatch, 'echo "NVIDIA H100 80GB HBM3, 580.1, [N/A]"')
-    assert headline._nvidia_smi(("name", "driver_version", "clocks.sm")) == {
+    assert common.nvidia_smi(("name", "driver_version", "clocks.sm")) == {
         "name": "NVIDIA H100 80GB HBM3", "driver_version": "580.1"}
 
 
 def test_nvidia_smi_asks_one_field_at_a_time_when_a_field_is_unknown(tmp_path, monkeypatch):
     _fake_nvidia_smi(tmp_path, monkeypatch,
                      'case "$3" in *,*) exit 2;; *=clocks.sm) echo 1980;; *=name) echo H100;; *) exit 2;; esac')
-    assert headline._nvidia_smi(("name", "clocks.sm", "no.such.field")) == {"name": "H100", "clocks.sm": "1980"}
+    assert common.nvidia_smi(("name", "clocks.sm", "no.such.field")) == {"name": "H100", "clocks.sm": "1980"}
