@@ -38,7 +38,7 @@ def require_sm90_compiler():
     triton = pytest.importorskip("triton", reason="triton is not installed")
     pytest.importorskip("triton.backends.nvidia.compiler",
                         reason="triton's NVIDIA backend is not available: cannot compile for sm_90")
-    from bench.static.native import ptxas_path
+    from gpt2_triton.bench.static.native import ptxas_path
     if ptxas_path() is None:
         pytest.skip("ptxas (bundled with triton's NVIDIA backend) not found: cannot compile for sm_90",
                     allow_module_level=True)

@@ -1,4 +1,4 @@
-"""gpt2.atomic: files get the umask's mode, stale temps are swept, a folder lock dies with its process."""
+"""gpt2_triton.atomic: files get the umask's mode, stale temps are swept, a folder lock dies with its process."""
 import os
 import subprocess
 import sys
@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from gpt2.atomic import FolderLock, atomic_write, remove_stale_temps
-from gpt2.checkpoint import save_checkpoint
-from gpt2.data import prepare_documents, write_shard
+from gpt2_triton.atomic import FolderLock, atomic_write, remove_stale_temps
+from gpt2_triton.checkpoint import save_checkpoint
+from gpt2_triton.data import prepare_documents, write_shard
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -50,7 +50,7 @@ def test_remove_stale_temps_only_takes_atomic_write_temps(tmp_path):
 def test_folder_lock_excludes_others_and_dies_with_its_process(tmp_path):
     path = tmp_path / ".lock"
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys; from gpt2.atomic import FolderLock; lock = FolderLock(sys.argv[1]); "
+        [sys.executable, "-c", "import sys; from gpt2_triton.atomic import FolderLock; lock = FolderLock(sys.argv[1]); "
                                "assert lock.acquire(); print('locked', flush=True); sys.stdin.read()", str(path)],
         cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:

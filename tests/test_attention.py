@@ -5,9 +5,9 @@ import pytest
 import torch
 from helpers import assert_close, assert_close_to_ref
 
-from kernels import attention as attn
-from kernels import reference as ref
-from kernels.attention import (
+from gpt2_triton.kernels import attention as attn
+from gpt2_triton.kernels import reference as ref
+from gpt2_triton.kernels.attention import (
     flash_attention,
     flash_attention_bwd,
     flash_attention_fwd,

@@ -1,4 +1,4 @@
-"""`python -m bench --quick` runs every benchmark on CPU (interpreter) and writes complete outputs;
+"""`python -m gpt2_triton.bench --quick` runs every benchmark on CPU (interpreter) and writes complete outputs;
 measure() and run_modes() behave as bench/headline.py relies on."""
 import json
 import time
@@ -6,8 +6,8 @@ import time
 import pytest
 import torch
 
-from bench.__main__ import BENCHES, main
-from bench.common import NOT_SELECTED, measure, run_modes, session
+from gpt2_triton.bench.__main__ import BENCHES, main
+from gpt2_triton.bench.common import NOT_SELECTED, measure, run_modes, session
 
 
 @pytest.mark.slow

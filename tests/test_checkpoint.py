@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 import torch
 
-from gpt2 import GPT, GPTConfig
-from gpt2 import checkpoint as ckpt
-from gpt2.checkpoint import (
+from gpt2_triton import GPT, GPTConfig
+from gpt2_triton import checkpoint as ckpt
+from gpt2_triton.checkpoint import (
     checkpoint_path,
     latest_checkpoint,
     list_checkpoints,

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from gpt2 import data
-from gpt2.data import (
+from gpt2_triton import data
+from gpt2_triton.data import (
     DataLoader,
     default_data_dir,
     ensure_prepared,
@@ -25,7 +25,7 @@ from gpt2.data import (
     split_text,
     write_shard,
 )
-from gpt2.tokenizer import EOT_ID, get_encoding
+from gpt2_triton.tokenizer import EOT_ID, get_encoding
 
 
 def doc_tokens(docs):

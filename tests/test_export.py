@@ -1,4 +1,5 @@
-"""GPT.save_pretrained / python -m gpt2.export: a folder transformers loads with equal logits and loss."""
+"""gpt2_triton.export.save_pretrained / python -m gpt2_triton.export: a folder transformers loads with equal
+logits and loss."""
 import io
 import json
 import subprocess
@@ -8,8 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from gpt2 import GPT, GPTConfig, export
-from gpt2.checkpoint import save_checkpoint
+from gpt2_triton import GPT, GPTConfig, export
+from gpt2_triton.checkpoint import save_checkpoint
+from gpt2_triton.export import save_pretrained
+from gpt2_triton.hf import from_pretrained
 
 transformers = pytest.importorskip("transformers")
 ROOT = Path(__file__).resolve().parent.parent
@@ -24,7 +27,7 @@ def make_model(seed=0):
 
 def test_transformers_loads_export_with_equal_logits_and_loss(tmp_path):
     model = make_model()
-    out = model.save_pretrained(tmp_path / "hf")
+    out = save_pretrained(model, tmp_path / "hf")
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
     config = json.loads((out / "config.json").read_text())
     assert config["vocab_size"] == 97 and config["n_positions"] == 24 and config["model_type"] == "gpt2"
@@ -38,7 +41,7 @@ def test_transformers_loads_export_with_equal_logits_and_loss(tmp_path):
         _, loss = model(idx[:, :-1], idx[:, 1:])
     torch.testing.assert_close(hf_out.logits, logits, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(hf_out.loss, loss, atol=1e-6, rtol=1e-6)
-    back = GPT.from_pretrained(str(out)).eval()  # and our own loader reads it back
+    back = from_pretrained(str(out)).eval()  # and our own loader reads it back
     with torch.no_grad():
         torch.testing.assert_close(back(idx), logits, atol=0, rtol=0)
 
@@ -60,17 +63,17 @@ def test_safetensors_file_matches_the_format():
 def test_refuses_non_empty_dir_and_overwrites_when_asked(tmp_path):
     out = tmp_path / "hf"
     out.mkdir()
-    make_model(0).save_pretrained(out)  # an empty folder is fine
+    save_pretrained(make_model(0), out)  # an empty folder is fine
     with pytest.raises(FileExistsError, match="not empty"):
-        make_model(1).save_pretrained(out)
-    make_model(1).save_pretrained(out, overwrite=True)
+        save_pretrained(make_model(1), out)
+    save_pretrained(make_model(1), out, overwrite=True)
     hf = transformers.GPT2LMHeadModel.from_pretrained(out)
     torch.testing.assert_close(hf.transformer.wpe.weight, make_model(1).transformer.wpe.weight)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]  # no temp or old folders left
 
 
 def test_failed_export_leaves_previous_folder_intact(tmp_path, monkeypatch):
-    out = make_model(0).save_pretrained(tmp_path / "hf")
+    out = save_pretrained(make_model(0), tmp_path / "hf")
     before = {p.name: p.read_bytes() for p in out.iterdir()}
 
     def fail(f, tensors):
@@ -79,9 +82,9 @@ def test_failed_export_leaves_previous_folder_intact(tmp_path, monkeypatch):
 
     monkeypatch.setattr(export, "write_safetensors", fail)
     with pytest.raises(OSError, match="disk full"):
-        make_model(1).save_pretrained(out, overwrite=True)
+        save_pretrained(make_model(1), out, overwrite=True)
     with pytest.raises(OSError, match="disk full"):
-        make_model(1).save_pretrained(tmp_path / "new")
+        save_pretrained(make_model(1), tmp_path / "new")
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]
 
@@ -93,7 +96,7 @@ def test_cli_exports_a_run_folder_without_transformers(tmp_path):
                                              "kernels": "torch"})
     out = tmp_path / "hf"
     code = ("import sys; sys.modules['transformers'] = None\n"  # importing transformers now fails
-            "from gpt2.export import main\n"
+            "from gpt2_triton.export import main\n"
             f"main(['--init', {str(run)!r}, '--out', {str(out)!r}])\n")
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]

@@ -1,9 +1,9 @@
-"""bench.generate --quick: tokens/s rows for both kernel sets, with and without the KV cache."""
+"""gpt2_triton.bench.generate --quick: tokens/s rows for both kernel sets, with and without the KV cache."""
 import json
 
 import pytest
 
-from bench.generate import main
+from gpt2_triton.bench.generate import main
 
 
 @pytest.mark.slow

@@ -1,4 +1,4 @@
-"""`python -m bench headline`: every stage writes rows or a stated skip reason, on CPU through the
+"""`python -m gpt2_triton.bench headline`: every stage writes rows or a stated skip reason, on CPU through the
 interpreter, so the GPU path cannot rot unseen; the budget, the job time cap, bounded autotuning
 and the goal verdicts (which only a GPU run reaches) are checked here too."""
 import json
@@ -11,9 +11,9 @@ import torch
 import triton
 import triton.language as tl
 
-from bench import common, headline
-from bench.__main__ import main as bench_main
-from bench.common import Row
+from gpt2_triton.bench import common, headline
+from gpt2_triton.bench.__main__ import main as bench_main
+from gpt2_triton.bench.common import Row
 
 GPU_ENV = {"device": "NVIDIA H100 80GB HBM3", "torch": "2.11.0", "triton": "3.6.0", "cuda": "13.0",
            "driver": "580.1", "git_commit": "abc1234", "date": "2026-01-01", "budget_s": 420.0, "quick": False,
@@ -91,7 +91,7 @@ def test_a_job_past_its_time_cap_is_killed(tmp_path):
 
 
 def test_pytest_job_runs_gpt2_sized_tests_first_and_stops_at_its_deadline(tmp_path):
-    subprocess.run([sys.executable, "-m", "bench.headline", "--job", "pytest", "--out", str(tmp_path),
+    subprocess.run([sys.executable, "-m", "gpt2_triton.bench.headline", "--job", "pytest", "--out", str(tmp_path),
                     "--deadline", "0", "--quick"], cwd=headline.ROOT, check=True, capture_output=True)
     records = _records(tmp_path)
     assert [r["kind"] for r in records] == ["collected", "test", "pytest-exit"]

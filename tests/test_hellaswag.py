@@ -7,8 +7,8 @@ import urllib.error
 import pytest
 import torch
 
-from gpt2 import GPT, GPTConfig, hellaswag
-from gpt2.tokenizer import get_encoding
+from gpt2_triton import GPT, GPTConfig, hellaswag
+from gpt2_triton.tokenizer import get_encoding
 
 V = 50257
 CONFIDENCE = [0.0, 4.0, 2.0, 1.0]  # the stub's logit on the true next token, per ending row

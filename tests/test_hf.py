@@ -3,8 +3,7 @@ import pytest
 import torch
 from helpers import assert_close, assert_close_to_ref
 
-from gpt2 import GPT
-from gpt2.hf import applied_kernels, apply_kernels, kernels_applied, remove_kernels
+from gpt2_triton.hf import applied_kernels, apply_kernels, from_pretrained, kernels_applied, remove_kernels
 
 transformers = pytest.importorskip("transformers")
 
@@ -22,7 +21,7 @@ def hf_dir(tmp_path_factory):
 
 def test_logits_and_loss_match_hf(hf_dir):
     path, hf = hf_dir
-    ours = GPT.from_pretrained(str(path)).eval()
+    ours = from_pretrained(str(path)).eval()
     assert ours.config.n_layer == 2 and ours.config.vocab_size == 300 and ours.config.block_size == 48
     idx = torch.randint(0, 300, (3, 20), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
@@ -35,7 +34,7 @@ def test_logits_and_loss_match_hf(hf_dir):
 
 def test_padded_vocab_load(hf_dir):
     path, hf = hf_dir
-    ours = GPT.from_pretrained(str(path), pad_vocab_to=64).eval()
+    ours = from_pretrained(str(path), pad_vocab_to=64).eval()
     assert ours.transformer.wte.weight.shape[0] == 320
     idx = torch.randint(0, 300, (2, 10))
     with torch.no_grad():
@@ -85,7 +84,7 @@ def batch(B=2, T=19, seed=1):
     pytest.param({"cross_entropy": "triton"}, id="cross_entropy"),
 ])
 def test_patched_hf_same_loss_and_grads(kernels):
-    from gpt2.ops import resolve_kernels
+    from gpt2_triton.model.ops import resolve_kernels
     ref, model = hf_pair()
     apply_kernels(model, kernels)
     choice = resolve_kernels(kernels)

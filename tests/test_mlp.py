@@ -4,9 +4,9 @@ import torch
 import torch.nn.functional as F
 from helpers import assert_close, assert_close_to_ref, error_stats
 
-from kernels import mlp
-from kernels import reference as ref
-from kernels.mlp import (
+from gpt2_triton.kernels import mlp
+from gpt2_triton.kernels import reference as ref
+from gpt2_triton.kernels.mlp import (
     fused_matmul,
     gelu_mlp,
     gelu_mlp_bwd,
@@ -15,7 +15,7 @@ from kernels.mlp import (
     linear_gelu_bwd,
     linear_gelu_fwd,
 )
-from kernels.utils import is_interpreter
+from gpt2_triton.kernels.utils import is_interpreter
 
 # (x shape, hidden): the last dim of x is C.
 SHAPES = [
@@ -389,7 +389,7 @@ def _check_against_torch_autocast(ours, theirs, truth, names, amp_dtype):
 @pytest.mark.parametrize("cast", ["none", "x", "all"], ids=["x_fp32", "x_amp", "all_amp"])
 @pytest.mark.parametrize("amp_dtype", AMP_DTYPES)
 def test_gelu_mlp_under_autocast(amp_dtype, cast, device):
-    """fp32 x and parameters; x already in the autocast dtype; everything already cast (as gpt2.ops'
+    """fp32 x and parameters; x already in the autocast dtype; everything already cast (as gpt2_triton.model.ops'
     under_autocast hands them over)."""
     x, params, _ = make_mlp_inputs((3, 7, 32), 128, torch.float32, device)
     x = x.to(amp_dtype) if cast != "none" else x

@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from gpt2 import GPT, GPTConfig
-from gpt2.ops import build_ops, parse_kernels_arg, resolve_kernels
+from gpt2_triton import GPT, GPTConfig
+from gpt2_triton.model.ops import build_ops, resolve_kernels
 
 
 def tiny(**overrides):
@@ -68,7 +68,7 @@ def test_resolve_kernels():
     mixed = resolve_kernels({"attention": "triton"})
     assert mixed["attention"] == "triton" and mixed["layer_norm"] == "torch"
     assert resolve_kernels({"linear_cross_entropy": "triton"})["cross_entropy"] == "triton"
-    assert parse_kernels_arg("attention=triton,layer_norm=torch") == {"attention": "triton", "layer_norm": "torch"}
+    assert resolve_kernels("attention=triton,layer_norm=torch") == {**resolve_kernels("torch"), "attention": "triton"}
     with pytest.raises(ValueError, match="unknown op"):
         resolve_kernels({"softmax": "triton"})
     with pytest.raises(ValueError, match="must be one of"):
@@ -83,7 +83,7 @@ def test_build_ops_picks_triton_functions():
     for fn in (ops.layer_norm, ops.attention, ops.gelu_mlp, ops.cross_entropy, ops.linear_cross_entropy):
         fn = getattr(fn, "__wrapped__", fn)
         module = getattr(fn, "func", fn).__module__  # partials keep the kernel in .func
-        assert module.startswith("kernels."), module
+        assert module.startswith("gpt2_triton.kernels."), module
     assert ops.fused_lm_head_loss
 
 

@@ -3,7 +3,7 @@ import pytest
 import torch
 from helpers import assert_close
 
-from gpt2 import GPT, GPTConfig
+from gpt2_triton import GPT, GPTConfig
 
 CONFIG = GPTConfig.from_preset("tiny", vocab_size=97, block_size=32, n_embd=32, n_head=2, n_layer=2,
                                pad_vocab_to=64)

@@ -3,12 +3,12 @@
 The interpreter (TRITON_INTERPRET=1, how the other tests run on CPU) never lowers a kernel to
 PTX / SASS, so codegen errors (layouts, dtype mismatches in tl.dot, ptxas failures, register and
 shared-memory blow-ups) only show up on a GPU. Here each kernel is compiled ahead of time for sm_90
-by bench.static's compile worker (`bench/static/native.py`: triton.compile(ASTSource(...),
+by gpt2_triton.bench.static's compile worker (`bench/static/native.py`: triton.compile(ASTSource(...),
 target=GPUTarget("cuda", 90, 32)) in a process without TRITON_INTERPRET, registers and spills from
 ptxas -v). What gets compiled is taken from the launchers themselves: the scenarios below call the real
-launchers on fake tensors of the given shapes inside `bench.static.trace.capture()`, which records each
+launchers on fake tensors of the given shapes inside `gpt2_triton.bench.static.trace.capture()`, which records each
 launch (GPU configs chosen, autotune candidates rebuilt from the module's `<kernel>_configs()` and
-narrowed by early_config_prune) and specializes it as JITFunction.run would (`bench.static.cases`).
+narrowed by early_config_prune) and specializes it as JITFunction.run would (`gpt2_triton.bench.static.cases`).
 Config and launcher changes are followed without editing this file.
 
 This file covers dtypes, sizes and head dims beyond GPT-2's; tests/test_static.py gates every kernel
@@ -35,9 +35,10 @@ from helpers import require_sm90_compiler
 triton = require_sm90_compiler()
 import torch  # noqa: E402
 
-from bench.static.cases import Case, config_id, launch_tag, short_name, signature_key  # noqa: E402
-from bench.static.native import Worker  # noqa: E402
-from bench.static.trace import capture, is_kernel, is_recorder, kernel_modules, raw_kernel  # noqa: E402
+from gpt2_triton.bench.static.cases import Case, config_id, launch_tag, short_name, signature_key  # noqa: E402
+from gpt2_triton.bench.static.native import Worker  # noqa: E402
+from gpt2_triton.bench.static.trace import capture, is_kernel, is_recorder, raw_kernel  # noqa: E402
+from gpt2_triton.kernels import KERNEL_MODULES  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore:TRITON_DEFAULT_FP_FUSION")
 
@@ -46,14 +47,14 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 # Critical cases (GPT-2 hot path, bf16: LayerNorm N=768, cross-entropy at the padded vocab, attention
 # D=64 causal and every matmul product with its epilogue, every autotune config) must not spill; none
-# does on triton 3.6 or 3.9 (`python -m bench.static` has the figures). Exceptions would go here with
+# does on triton 3.6 or 3.9 (`python -m gpt2_triton.bench.static` has the figures). Exceptions would go here with
 # the most spill-store bytes allowed. Not critical (not asserted) and spilling now: LayerNorm backward
 # at N=16384 (3.6: ~0.5 KB), fp32 attention forward 64x64 at D=64 (~0.5 KB) and 32x32 at D=128.
 SPILL_BUDGET_BYTES = {}
 
 
 # ----------------------------------------------------------------------------------------------
-# Scenarios: GPT-2-shaped calls of the launchers on fake tensors (inside bench.static's capture)
+# Scenarios: GPT-2-shaped calls of the launchers on fake tensors (inside gpt2_triton.bench.static's capture)
 # ----------------------------------------------------------------------------------------------
 def _attn_qkv(B, H, T, D, dtype):
     """q, k, v as the model passes them: (B, H, T, D) views of the (B, T, 3C) QKV projection."""
@@ -63,7 +64,7 @@ def _attn_qkv(B, H, T, D, dtype):
 
 
 def _run_layer_norm(dtype, N, bias=True, param_dtype=torch.float32):
-    ln = importlib.import_module("kernels.layer_norm")
+    ln = importlib.import_module("gpt2_triton.kernels.norm")
     M = 64
     x = torch.empty((M, N), dtype=dtype)
     w = torch.empty((N,), dtype=param_dtype)
@@ -73,7 +74,7 @@ def _run_layer_norm(dtype, N, bias=True, param_dtype=torch.float32):
 
 
 def _run_cross_entropy(dtype, V, num_classes=None):
-    ce = importlib.import_module("kernels.cross_entropy")
+    ce = importlib.import_module("gpt2_triton.kernels.loss")
     M = 8
     logits = torch.empty((M, V), dtype=dtype)
     targets = torch.zeros((M,), dtype=torch.int64)
@@ -87,7 +88,7 @@ def _run_cross_entropy(dtype, V, num_classes=None):
 
 
 def _run_attention(dtype, D, causal=True):
-    from kernels import attention as attn
+    from gpt2_triton.kernels import attention as attn
     B, H, T = 1, 12, 1024
     q, k, v = _attn_qkv(B, H, T, D, dtype)
     o, lse = attn.flash_attention_fwd(q, k, v, causal)
@@ -98,7 +99,7 @@ def _run_attention(dtype, D, causal=True):
 def _run_mlp(dtype):
     """GPT-2 MLP training step (fc + gelu, proj, and their backward) plus linear_gelu; fp32 master
     weights with fp16/bf16 activations (autocast), as the model runs them."""
-    from kernels import mlp
+    from gpt2_triton.kernels import mlp
     M, C, H = 256, 768, 3072
     x = torch.zeros((M, C), dtype=dtype)
     fc_w, fc_b = torch.zeros((H, C)), torch.zeros((H,))
@@ -227,7 +228,7 @@ def test_every_kernel_is_covered():
     """Every @triton.jit kernel (not device helper) in kernels/*.py is compiled by a default case."""
     launched = {(p.values[0].launch.module, p.values[0].launch.fn.__name__) for p in FAST_CASES}
     found = set()
-    for mod_name in kernel_modules():
+    for mod_name in KERNEL_MODULES:
         mod = importlib.import_module(mod_name)
         for v in vars(mod).values():
             fn = raw_kernel(v) if is_kernel(v) else None
@@ -239,19 +240,19 @@ def test_every_kernel_is_covered():
 
 def test_capture_leaves_modules_untouched():
     """The launch capture restores is_interpreter / check_device / the kernels."""
-    import kernels.utils
-    from kernels import attention, mlp
+    import gpt2_triton.kernels.utils
+    from gpt2_triton.kernels import attention, mlp
     assert not is_recorder(mlp._matmul)
-    assert mlp.is_interpreter is kernels.utils.is_interpreter
-    assert attention.check_device is kernels.utils.check_device
-    assert kernels.utils.is_interpreter() == (os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"))
+    assert mlp.is_interpreter is gpt2_triton.kernels.utils.is_interpreter
+    assert attention.check_device is gpt2_triton.kernels.utils.check_device
+    assert gpt2_triton.kernels.utils.is_interpreter() == (os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"))
 
 
 # ----------------------------------------------------------------------------------------------
 # python tests/test_native_compile.py: the table of every case (regs, spills, smem)
 # ----------------------------------------------------------------------------------------------
 if __name__ == "__main__":
-    from bench.static.native import ptxas_path
+    from gpt2_triton.bench.static.native import ptxas_path
     print(f"triton {triton.__version__}, torch {torch.__version__}, ptxas {ptxas_path()}", flush=True)
     w = Worker()
     failures = 0

@@ -1,9 +1,9 @@
-"""python -m gpt2.sample: prints samples from a checkpoint / HF folder, deterministic for a seed;
+"""python -m gpt2_triton.sample: prints samples from a checkpoint / HF folder, deterministic for a seed;
 bad flags are one-line errors before any model loads."""
 import pytest
 import torch
 
-from gpt2 import sample
+from gpt2_triton import sample
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""Regression gates of the static profile (`python -m bench.static`) at GPT-2 124M training shapes.
+"""Regression gates of the static profile (`python -m gpt2_triton.bench.static`) at GPT-2 124M training shapes.
 
 Every kernel launch of a GPT-2 training micro-step with kernels="triton" (and of each op's fwd+bwd),
 for every autotune candidate its autotuner may pick there, compiled for sm_90 with the installed
@@ -17,7 +17,8 @@ when a kernel gets better; a case that spills or loops less than its budget pass
 not timed anywhere here.
 
     python -m pytest tests/test_static.py -q
-    python -m bench.static --out DIR && python -m bench.static --budgets DIR/static.json   # new tables
+    python -m gpt2_triton.bench.static --out DIR
+    python -m gpt2_triton.bench.static --budgets DIR/static.json   # new tables
 """
 import functools
 import json
@@ -28,9 +29,9 @@ from helpers import require_sm90_compiler
 triton = require_sm90_compiler()
 import triton.language as tl  # noqa: E402
 
-from bench.static import cases as static_cases  # noqa: E402
-from bench.static.native import Worker  # noqa: E402
-from bench.static.profile import loop_budget  # noqa: E402
+from gpt2_triton.bench.static import cases as static_cases  # noqa: E402
+from gpt2_triton.bench.static.native import Worker  # noqa: E402
+from gpt2_triton.bench.static.profile import loop_budget  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore:TRITON_DEFAULT_FP_FUSION")
 
@@ -164,8 +165,8 @@ def test_micro_step_within_budget():
 
 
 def test_cli_writes_json_and_markdown(tmp_path):
-    """python -m bench.static on one case: JSON and markdown with every section."""
-    from bench.static.__main__ import main
+    """python -m gpt2_triton.bench.static on one case: JSON and markdown with every section."""
+    from gpt2_triton.bench.static.__main__ import main
     main(["--out", str(tmp_path), "--quick", "--only", "layer_norm_bwd-fp32", "--jobs", "1"])
     profile = json.loads((tmp_path / "static.json").read_text())
     assert [k["id"] for k in profile["kernels"]] == ["layer_norm_bwd-fp32"]
@@ -200,7 +201,7 @@ def _toy_kernel(x_ptr, y_ptr, out_ptr, aux_ptr, unused_ptr, n, USE_Y: tl.constex
 
 
 def test_pointer_roles_follow_helpers_aliases_and_constexprs():
-    from bench.static.trace import pointer_roles
+    from gpt2_triton.bench.static.trace import pointer_roles
     roles = pointer_roles(_toy_kernel, {"USE_Y": False, "STORE_AUX": True})
     assert {k: sorted(v) for k, v in roles.items() if k.endswith("_ptr")} == {
         "x_ptr": ["read"], "out_ptr": ["write"], "aux_ptr": ["write"]}
@@ -213,7 +214,7 @@ def test_aten_bytes_rules():
     read the rows they pick, stride-0 dims count once."""
     import torch
 
-    from bench.static.trace import capture, summarize
+    from gpt2_triton.bench.static.trace import capture, summarize
     with capture() as trace:
         x = torch.empty((64, 32), dtype=torch.float32)  # 8 KB
         y = torch.empty((64, 32), dtype=torch.bfloat16)  # 4 KB
@@ -241,7 +242,7 @@ def test_aten_bytes_rules():
 def test_micro_step_launches_follow_the_model():
     """One micro-step with kernels="triton": each of the 12 blocks launches its attention, LayerNorm and
     MLP kernels; no host sync (GPT.check_idx asserts on the device)."""
-    from gpt2 import GPTConfig
+    from gpt2_triton import GPTConfig
     step = _step_summary(16)["triton"]
     n_layer = GPTConfig.from_preset("gpt2").n_layer
     assert step["launches"]["_flash_attention_fwd_kernel"] == n_layer
@@ -253,7 +254,7 @@ def test_sass_loops_and_breakdown():
     """Outermost backward-branch ranges are the loops (a nested retry loop is part of its loop; the
     self-branch after EXIT and an out-of-line retry block after the last EXIT that jumps back into the
     body are not loops); each is labelled with the call site it was inlined from."""
-    from bench.static.native import find_loops, parse_sass
+    from gpt2_triton.bench.static.native import find_loops, parse_sass
     sass = """
         /*0000*/                   MOV R1, c[0x0][0x28] ;
 .L_x_1:

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from gpt2 import tokenizer
-from gpt2.tokenizer import EOT_ID, get_encoding, local_bpe_files
+from gpt2_triton import tokenizer
+from gpt2_triton.tokenizer import EOT_ID, get_encoding, local_bpe_files
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -3,24 +3,31 @@ NaN stops cleanly, Ctrl-C checkpoints, triton without the interpreter fails clea
 run-folder safety (one run per folder, a lock, SIGTERM, resume checks, stale temps) and flag checks."""
 import json
 import os
+import runpy
 import signal
 import subprocess
 import sys
 import time
-from dataclasses import replace
+from dataclasses import fields, replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-import train  # a script at the repo root: pyproject's pytest `pythonpath` puts the root on sys.path
-from gpt2 import GPT, GPTConfig
-from gpt2.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
-from gpt2.data import prepare_documents, write_shard
-from gpt2.train_utils import MetricsLog, cosine_lr, device_peak_flops, mfu, read_metrics
+from gpt2_triton import GPT, GPTConfig, training
+from gpt2_triton.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
+from gpt2_triton.data import prepare_documents, write_shard
+from gpt2_triton.training.metrics import MetricsLog, cosine_lr, device_peak_flops, mfu, read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def train_main(argv):
+    """train.py's main(argv), run in this process (the script itself, not an import of it)."""
+    return runpy.run_path(str(REPO / "train.py"))["main"](argv)
+
+
 TRAIN_FIELDS = {"step", "loss", "lr", "grad_norm", "tokens_per_s", "step_ms", "mfu", "peak_mem_mb"}
 
 
@@ -44,13 +51,13 @@ def tiny_config(data_dir, run_dir, **overrides):
                     max_steps=30, warmup_steps=3, max_lr=1e-2, val_every=10, val_steps=2, hellaswag_every=0,
                     sample_every=0, checkpoint_every=10, data="synthetic", data_dir=str(data_dir), run_dir=str(run_dir),
                     device="cpu", plot=False)
-    return train.make_config("demo", **{**settings, **overrides})
+    return training.make_config("demo", **{**settings, **overrides})
 
 
 @pytest.fixture(scope="module")
 def trained(data_dir, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("run")
-    history = train.train(tiny_config(data_dir, run_dir, plot=True, sample_every=15, sample_count=1,
+    history = training.train(tiny_config(data_dir, run_dir, plot=True, sample_every=15, sample_count=1,
                                       sample_tokens=4))
     return run_dir, history
 
@@ -78,7 +85,7 @@ def test_metrics_plot_config_and_checkpoints(trained):
     assert val_rows[-1]["val_loss"] < val_rows[0]["val_loss"] - 2.0
     samples = [r for r in rows if r["kind"] == "sample"]
     assert [r["step"] for r in samples] == [15, 30]
-    assert samples[0]["text"][0].startswith(train.SAMPLE_PROMPT)
+    assert samples[0]["text"][0].startswith(training.SAMPLE_PROMPT)
     png = run_dir / "loss.png"
     assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     saved = json.loads((run_dir / "train_config.json").read_text())
@@ -93,9 +100,9 @@ def test_metrics_plot_config_and_checkpoints(trained):
 def test_resume_is_bit_exact(data_dir, tmp_path):
     """Run 8 steps; separately run 4 ("killed"), then resume to 8: the same losses, bit for bit."""
     common = dict(max_steps=8, lr_decay_steps=8, total_batch=2 * 4 * 32, val_every=3, checkpoint_every=100)
-    full = train.train(tiny_config(data_dir, tmp_path / "full", **common))
-    killed = train.train(tiny_config(data_dir, tmp_path / "split", **{**common, "max_steps": 4}))
-    resumed = train.train(tiny_config(data_dir, tmp_path / "split", **common, resume="latest"))
+    full = training.train(tiny_config(data_dir, tmp_path / "full", **common))
+    killed = training.train(tiny_config(data_dir, tmp_path / "split", **{**common, "max_steps": 4}))
+    resumed = training.train(tiny_config(data_dir, tmp_path / "split", **common, resume="latest"))
     assert [r["loss"] for r in killed + resumed] == [r["loss"] for r in full]
     assert [r["grad_norm"] for r in killed + resumed] == [r["grad_norm"] for r in full]
     a = load_checkpoint(latest_checkpoint(tmp_path / "full"))["model"]
@@ -114,7 +121,7 @@ def test_grad_accumulation_equals_one_big_batch():
     def grads_with(k):
         model.zero_grad(set_to_none=True)
         batches = iter(zip(x.chunk(k), y.chunk(k)))
-        loss = train.accumulate_gradients(model, lambda: next(batches), k, torch.device("cpu"))
+        loss = training.accumulate_gradients(model, lambda: next(batches), k, torch.device("cpu"))
         return loss, {n: p.grad.clone() for n, p in model.named_parameters()}
 
     loss_1, grads_1 = grads_with(1)
@@ -131,7 +138,7 @@ def test_ddp_two_processes_match_single_process(data_dir, tmp_path):
     the fp32 rounding differences of summing grads in another order stay ~1e-6 in the weights; with
     eps 1e-8 a parameter whose grad is ~1e-9 can move by up to lr on either side."""
     args = dict(max_steps=2, total_batch=2 * 4 * 32, val_every=2, checkpoint_every=100, adam_eps=1e-4)
-    single = train.train(tiny_config(data_dir, tmp_path / "single", **args, val_steps=4))  # the 2 ranks' 2+2
+    single = training.train(tiny_config(data_dir, tmp_path / "single", **args, val_steps=4))  # the 2 ranks' 2+2
     flags = ["--preset", "demo", "--n-layer", "2", "--n-head", "2", "--n-embd", "32", "--block-size", "32",
              "--seq-len", "32", "--micro-batch", "4", "--total-batch", str(2 * 4 * 32), "--max-steps", "2",
              "--warmup-steps", "3", "--max-lr", "1e-2", "--adam-eps", "1e-4", "--val-every", "2", "--val-steps", "2",
@@ -167,8 +174,8 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(data_dir, tmp_path, monke
 
     monkeypatch.setattr(GPT, "forward", forward)
     cfg = tiny_config(data_dir, tmp_path, max_steps=20, checkpoint_every=2, val_every=0)
-    with pytest.raises(train.NonFiniteError, match=r"step 6: loss is nan") as excinfo:
-        train.train(cfg)
+    with pytest.raises(training.NonFiniteError, match=r"step 6: loss is nan") as excinfo:
+        training.train(cfg)
     assert "ckpt_000004.pt" in str(excinfo.value)  # names the last good checkpoint
     assert [p.name for p in list_checkpoints(tmp_path)] == ["ckpt_000002.pt", "ckpt_000004.pt"]
     state = load_checkpoint(latest_checkpoint(tmp_path))
@@ -176,22 +183,22 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(data_dir, tmp_path, monke
 
 
 def signal_at_step(monkeypatch, step, signum):
-    real_after_step = train.Trainer.after_step
+    real_after_step = training.Trainer.after_step
 
     def after_step(self):
         real_after_step(self)
         if self.step == step:
             os.kill(os.getpid(), signum)  # as if the user pressed Ctrl-C (or a scheduler sent SIGTERM) now
 
-    monkeypatch.setattr(train.Trainer, "after_step", after_step)
+    monkeypatch.setattr(training.Trainer, "after_step", after_step)
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_signal_saves_the_completed_step_and_exits_nonzero(data_dir, tmp_path, monkeypatch, signum):
     signal_at_step(monkeypatch, 3, signum)
     handlers_before = [signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)]
-    with pytest.raises(train.TrainingInterrupted) as excinfo:
-        train.train(tiny_config(data_dir, tmp_path, max_steps=1000, checkpoint_every=0, val_every=0))
+    with pytest.raises(training.TrainingInterrupted) as excinfo:
+        training.train(tiny_config(data_dir, tmp_path, max_steps=1000, checkpoint_every=0, val_every=0))
     assert [r["step"] for r in excinfo.value.history] == [1, 2, 3] and excinfo.value.signum == signum
     assert excinfo.value.exit_code == {signal.SIGINT: 130, signal.SIGTERM: 143}[signum]
     assert [p.name for p in list_checkpoints(tmp_path)] == ["ckpt_000003.pt"]
@@ -215,7 +222,7 @@ def cli_flags(data_dir, run_dir, **overrides):
 def test_ctrl_c_exits_130_after_saving(data_dir, tmp_path, monkeypatch, capsys):
     signal_at_step(monkeypatch, 2, signal.SIGINT)
     with pytest.raises(SystemExit) as excinfo:
-        train.main(cli_flags(data_dir, tmp_path, max_steps=1000, checkpoint_every=0, val_every=0))
+        train_main(cli_flags(data_dir, tmp_path, max_steps=1000, checkpoint_every=0, val_every=0))
     assert excinfo.value.code == 130
     assert "stopped by SIGINT after step 2; saved" in capsys.readouterr().err
     assert load_checkpoint(latest_checkpoint(tmp_path))["step"] == 2
@@ -249,7 +256,7 @@ def test_live_run_locks_its_folder_and_sigterm_saves_and_exits_143(data_dir, tmp
         stale.write_bytes(b"being written")
         for extra in ([], ["--resume"], ["--overwrite"]):
             with pytest.raises(SystemExit, match=rf"in use by another train.py \(pid {proc.pid} on") as excinfo:
-                train.main(cli_flags(data_dir, run_dir, max_steps=5) + extra)
+                train_main(cli_flags(data_dir, run_dir, max_steps=5) + extra)
             assert "\n" not in str(excinfo.value.code)
         assert stale.exists()  # not swept: its writer may be alive
         proc.send_signal(signal.SIGTERM)
@@ -262,7 +269,7 @@ def test_live_run_locks_its_folder_and_sigterm_saves_and_exits_143(data_dir, tmp
     assert f"stopped by SIGTERM after step {last}; saved" in err and "Traceback" not in err
     assert [p.name for p in list_checkpoints(run_dir)] == [f"ckpt_{last:06d}.pt"]
     # The lock died with the process: the run resumes here, and the stale temp file is swept.
-    history = train.train(tiny_config(data_dir, run_dir, max_steps=last + 1, checkpoint_every=0, val_every=0,
+    history = training.train(tiny_config(data_dir, run_dir, max_steps=last + 1, checkpoint_every=0, val_every=0,
                                       resume="latest"))
     assert [r["step"] for r in history] == [last + 1] and not stale.exists()
 
@@ -310,14 +317,15 @@ def test_sigterm_to_one_ddp_rank_stops_every_rank_at_the_same_step(data_dir, tmp
 
 def test_new_run_refuses_a_folder_that_holds_one(data_dir, tmp_path):
     cfg = tiny_config(data_dir, tmp_path, max_steps=2, checkpoint_every=0, val_every=0)
-    first = train.train(cfg)
+    first = training.train(cfg)
     before = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
-    with pytest.raises(train.ConfigError, match=r"already holds a run \(up to ckpt_000002.pt.*--resume.*--overwrite"):
-        train.train(cfg)
+    with pytest.raises(training.ConfigError,
+                       match=r"already holds a run \(up to ckpt_000002.pt.*--resume.*--overwrite"):
+        training.train(cfg)
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()} == before  # nothing touched
-    with pytest.raises(train.ConfigError, match="pick one"):
-        train.train(replace(cfg, overwrite=True, resume="latest"))
-    history = train.train(replace(cfg, overwrite=True, max_steps=1, seed=7))  # starts over
+    with pytest.raises(training.ConfigError, match="pick one"):
+        training.train(replace(cfg, overwrite=True, resume="latest"))
+    history = training.train(replace(cfg, overwrite=True, max_steps=1, seed=7))  # starts over
     assert [p.name for p in list_checkpoints(tmp_path)] == ["ckpt_000001.pt"]
     rows = read_metrics(tmp_path / "metrics.jsonl", superseded=True)
     assert [r["step"] for r in rows] == [1] and rows[0]["loss"] == history[0]["loss"] != first[0]["loss"]
@@ -326,10 +334,10 @@ def test_new_run_refuses_a_folder_that_holds_one(data_dir, tmp_path):
 
 def test_resume_appends_metrics_and_redoes_lost_steps(data_dir, tmp_path):
     cfg = tiny_config(data_dir, tmp_path, max_steps=4, checkpoint_every=2, val_every=0, keep_checkpoints=5)
-    first = train.train(cfg)
+    first = training.train(cfg)
     (tmp_path / "ckpt_000004.pt").unlink()  # as if killed after step 4 was logged, before it was saved
     text_before = (tmp_path / "metrics.jsonl").read_text()
-    again = train.train(replace(cfg, resume="latest"))
+    again = training.train(replace(cfg, resume="latest"))
     assert (tmp_path / "metrics.jsonl").read_text().startswith(text_before)  # appended, never truncated
     assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl", "train", superseded=True)] == [1, 2, 3, 4, 3, 4]
     effective = read_metrics(tmp_path / "metrics.jsonl", "train")
@@ -342,22 +350,22 @@ def test_resume_appends_metrics_and_redoes_lost_steps(data_dir, tmp_path):
 
 def test_resume_refuses_changed_settings_and_names_them(data_dir, tmp_path):
     cfg = tiny_config(data_dir, tmp_path, max_steps=2, checkpoint_every=0, val_every=0)
-    train.train(cfg)
+    training.train(cfg)
     saved_config = (tmp_path / "train_config.json").read_text()
-    with pytest.raises(train.ConfigError, match=r"--seq-len \(32 in the checkpoint, 16 now\), "
+    with pytest.raises(training.ConfigError, match=r"--seq-len \(32 in the checkpoint, 16 now\), "
                                                r"--micro-batch \(4 in the checkpoint, 2 now\), "
                                                r"--total-batch \(128 in the checkpoint, 32 now\)\. "
                                                r"A resumed run may change only --max-steps, --lr-decay-steps"):
-        train.train(replace(cfg, resume="latest", max_steps=4, micro_batch=2, seq_len=16))
-    with pytest.raises(train.ConfigError, match="holds another model: n_layer 2 \\(now 3\\)"):
-        train.train(replace(cfg, resume="latest", max_steps=4, n_layer=3))
-    with pytest.raises(train.ConfigError, match="is at step 2, and --max-steps is 2: nothing left"):
-        train.train(replace(cfg, resume="latest"))
+        training.train(replace(cfg, resume="latest", max_steps=4, micro_batch=2, seq_len=16))
+    with pytest.raises(training.ConfigError, match="holds another model: n_layer 2 \\(now 3\\)"):
+        training.train(replace(cfg, resume="latest", max_steps=4, n_layer=3))
+    with pytest.raises(training.ConfigError, match="is at step 2, and --max-steps is 2: nothing left"):
+        training.train(replace(cfg, resume="latest"))
     save_checkpoint(tmp_path.parent / "other.pt", {"weights": torch.ones(2)})
-    with pytest.raises(train.ConfigError, match="other.pt is not a training checkpoint .it lacks model, optimizer"):
-        train.train(replace(cfg, resume=str(tmp_path.parent / "other.pt"), run_dir=str(tmp_path / "new")))
+    with pytest.raises(training.ConfigError, match="other.pt is not a training checkpoint .it lacks model, optimizer"):
+        training.train(replace(cfg, resume=str(tmp_path.parent / "other.pt"), run_dir=str(tmp_path / "new")))
     assert (tmp_path / "train_config.json").read_text() == saved_config  # nothing rewritten
-    history = train.train(replace(cfg, resume="latest", max_steps=3, val_every=3))  # allowed changes
+    history = training.train(replace(cfg, resume="latest", max_steps=3, val_every=3))  # allowed changes
     assert [r["step"] for r in history] == [3]
     assert read_metrics(tmp_path / "metrics.jsonl", "resume")[0]["changed"] == {
         "max_steps": [2, 3], "lr_decay_steps": [2, 3], "val_every": [0, 3]}
@@ -365,19 +373,19 @@ def test_resume_refuses_changed_settings_and_names_them(data_dir, tmp_path):
 
 def test_resume_refuses_to_mix_two_runs(data_dir, tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
-    train.train(tiny_config(data_dir, a, max_steps=4, checkpoint_every=2, val_every=0))
-    train.train(tiny_config(data_dir, b, max_steps=1, checkpoint_every=0, val_every=0))
-    with pytest.raises(train.ConfigError, match="holds another run's history"):  # b's folder, a's checkpoint
-        train.train(tiny_config(data_dir, b, max_steps=6, resume=str(a / "ckpt_000004.pt")))
-    with pytest.raises(train.ConfigError, match="latest checkpoint: ckpt_000004.pt"):  # an older one of a's own
-        train.train(tiny_config(data_dir, a, max_steps=6, resume=str(a / "ckpt_000002.pt")))
-    history = train.train(tiny_config(data_dir, tmp_path / "fork", max_steps=5, val_every=0,
+    training.train(tiny_config(data_dir, a, max_steps=4, checkpoint_every=2, val_every=0))
+    training.train(tiny_config(data_dir, b, max_steps=1, checkpoint_every=0, val_every=0))
+    with pytest.raises(training.ConfigError, match="holds another run's history"):  # b's folder, a's checkpoint
+        training.train(tiny_config(data_dir, b, max_steps=6, resume=str(a / "ckpt_000004.pt")))
+    with pytest.raises(training.ConfigError, match="latest checkpoint: ckpt_000004.pt"):  # an older one of a's own
+        training.train(tiny_config(data_dir, a, max_steps=6, resume=str(a / "ckpt_000002.pt")))
+    history = training.train(tiny_config(data_dir, tmp_path / "fork", max_steps=5, val_every=0,
                                       resume=str(a / "ckpt_000002.pt")))  # a new folder may branch off
     assert [r["step"] for r in history] == [3, 4, 5]
-    with pytest.raises(train.ConfigError, match="no ckpt_<step>.pt in .* start it over with --overwrite"):
+    with pytest.raises(training.ConfigError, match="no ckpt_<step>.pt in .* start it over with --overwrite"):
         (tmp_path / "c").mkdir()
         (tmp_path / "c" / "metrics.jsonl").write_text("")
-        train.train(tiny_config(data_dir, tmp_path / "c", resume="latest"))
+        training.train(tiny_config(data_dir, tmp_path / "c", resume="latest"))
 
 
 def test_nonfinite_update_is_caught_before_it_is_saved(data_dir, tmp_path, monkeypatch):
@@ -395,9 +403,9 @@ def test_nonfinite_update_is_caught_before_it_is_saved(data_dir, tmp_path, monke
 
     monkeypatch.setattr(torch.optim.AdamW, "step", step)
     cfg = tiny_config(data_dir, tmp_path, max_steps=20, checkpoint_every=2, val_every=0)
-    with pytest.raises(train.NonFiniteError, match=r"step 6: the update made the weights non-finite.*"
+    with pytest.raises(training.NonFiniteError, match=r"step 6: the update made the weights non-finite.*"
                                                    r"last good checkpoint: .*ckpt_000004.pt"):
-        train.train(cfg)
+        training.train(cfg)
     assert [p.name for p in list_checkpoints(tmp_path)] == ["ckpt_000002.pt", "ckpt_000004.pt"]
     state = load_checkpoint(latest_checkpoint(tmp_path))
     assert all(torch.isfinite(v).all() for v in state["model"].values())
@@ -405,8 +413,8 @@ def test_nonfinite_update_is_caught_before_it_is_saved(data_dir, tmp_path, monke
 
 def test_data_folder_of_another_dataset_is_refused_not_overwritten(data_dir, tmp_path):
     manifest = (data_dir / "manifest.json").read_bytes()
-    with pytest.raises(train.ConfigError, match=r"holds 'synthetic' data, not 'pystdlib': pass --data synthetic"):
-        train.train(tiny_config(data_dir, tmp_path, data="pystdlib"))
+    with pytest.raises(training.ConfigError, match=r"holds 'synthetic' data, not 'pystdlib': pass --data synthetic"):
+        training.train(tiny_config(data_dir, tmp_path, data="pystdlib"))
     assert (data_dir / "manifest.json").read_bytes() == manifest
 
 
@@ -417,7 +425,7 @@ def test_trains_on_an_llmc_shard_folder(tmp_path):
     for name, n in (("fineweb_val_000000.bin", 2000), ("fineweb_train_000001.bin", 3000),
                     ("fineweb_train_000002.bin", 3000)):
         write_shard(llmc / name, rng.integers(0, 50256, n))  # llm.c's header and layout
-    history = train.train(tiny_config(llmc, tmp_path / "run", data="fineweb-edu", max_steps=2, val_every=2,
+    history = training.train(tiny_config(llmc, tmp_path / "run", data="fineweb-edu", max_steps=2, val_every=2,
                                       checkpoint_every=0))
     assert len(history) == 2 and sorted(p.name for p in llmc.iterdir()) == [
         "fineweb_train_000001.bin", "fineweb_train_000002.bin", "fineweb_val_000000.bin"]  # used as it is
@@ -454,7 +462,7 @@ BAD_FLAGS = [
 def test_bad_flags_are_one_line_errors_before_anything_is_written(tmp_path, flags, message):
     data_dir, run_dir = tmp_path / "data", tmp_path / "run"
     with pytest.raises(SystemExit) as excinfo:
-        train.main(cli_flags(data_dir, run_dir) + flags)
+        train_main(cli_flags(data_dir, run_dir) + flags)
     text = str(excinfo.value.code)
     assert text.startswith("error: ") and message in text and "\n" not in text
     assert not data_dir.exists() and not run_dir.exists()
@@ -469,10 +477,10 @@ def test_bad_flag_from_the_shell_exits_1_with_one_line(tmp_path):
 
 
 def test_help_shows_what_each_flag_does():
-    text = " ".join(train.build_parser().format_help().split())  # argparse wraps lines
+    text = " ".join(training.build_parser().format_help().split())  # argparse wraps lines
     assert "--micro-batch MICRO_BATCH sequences per forward pass, per process (>= 1; default 64; demo: 8)" in text
     assert "--max-lr MAX_LR peak learning rate (> 0; default 0.0006; demo: 0.003)" in text
-    for f in train.fields(train.TrainConfig):
+    for f in fields(training.TrainConfig):
         assert f.metadata["help"].split(";")[0].split("(")[0].strip() in text, f.name
 
 
@@ -481,29 +489,29 @@ def test_triton_on_cpu_without_interpreter_exits_clearly(tmp_path, monkeypatch, 
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     data_dir = tmp_path / "never-prepared"
     with pytest.raises(SystemExit, match="TRITON_INTERPRET=1") as excinfo:
-        train.main(["--preset", "demo", "--kernels", "attention=triton,layer_norm=torch",
+        train_main(["--preset", "demo", "--kernels", "attention=triton,layer_norm=torch",
                     "--data-dir", str(data_dir), "--run-dir", str(tmp_path / "run")])
     assert "Triton kernels (attention) need a CUDA GPU" in str(excinfo.value)  # names the triton ops only
     assert not data_dir.exists() and not (tmp_path / "run").exists()  # failed before any work
 
 
 def test_cli_overrides_preset_and_defaults():
-    cfg = train.parse_config(["--preset", "gpt2-124m", "--micro-batch", "16", "--max-steps", "100",
+    cfg = training.parse_config(["--preset", "gpt2-124m", "--micro-batch", "16", "--max-steps", "100",
                               "--no-compile", "--resume", "--kernels", "attention=triton"])
     assert cfg.preset == "gpt2-124m" and cfg.micro_batch == 16 and cfg.max_steps == 100
     assert cfg.compile is False and cfg.resume == "latest" and cfg.kernels == "attention=triton"
     assert (cfg.total_batch, cfg.max_lr, cfg.warmup_steps, cfg.data) == (524288, 6e-4, 715, "fineweb-edu")
     assert cfg.pad_vocab_to == 128 and (cfg.beta1, cfg.beta2, cfg.adam_eps) == (0.9, 0.95, 1e-8)
-    assert train.parse_config(["--preset", "demo", "--resume", "runs/x/ckpt_000005.pt"]).resume.endswith("5.pt")
-    default = train.parse_config([])
+    assert training.parse_config(["--preset", "demo", "--resume", "runs/x/ckpt_000005.pt"]).resume.endswith("5.pt")
+    default = training.parse_config([])
     assert default.preset == ("gpt2-124m" if torch.cuda.is_available() else "demo")
     with pytest.raises(SystemExit):
-        train.parse_config(["--micro-batch", "many"])
+        training.parse_config(["--micro-batch", "many"])
 
 
 def test_bad_total_batch_is_a_clear_error(data_dir, tmp_path):
-    with pytest.raises(train.ConfigError, match="total-batch 100 must be a multiple of micro_batch x seq_len"):
-        train.train(tiny_config(data_dir, tmp_path, total_batch=100))
+    with pytest.raises(training.ConfigError, match="total-batch 100 must be a multiple of micro_batch x seq_len"):
+        training.train(tiny_config(data_dir, tmp_path, total_batch=100))
     assert not any(tmp_path.iterdir())
 
 

@@ -1,0 +1,93 @@
+"""End-to-end GPT-2 124M training step: tokens/s, MFU and peak memory for four stacks.
+
+1. PyTorch eager + SDPA   2. torch.compile + SDPA (build-nanogpt's recipe)
+3. our Triton kernels, eager   4. our Triton kernels inside torch.compile
+Each step is `gpt2_triton.training.step.train_step`, the one train.py runs: forward + backward (bf16
+autocast on CUDA), grad clipping, the finiteness checks and fused AdamW, T = 1024. The first step
+(torch.compile, autotuning, allocator warm-up) is timed on its own and reported apart.
+"""
+
+import torch
+
+from gpt2_triton import GPT, GPTConfig
+from gpt2_triton.bench.common import Row, has_cuda, record, timed_call_s, wall_clock_ms
+from gpt2_triton.training.metrics import device_peak_flops, mfu
+from gpt2_triton.training.step import train_step
+
+STACKS = {  # provider -> (kernels, compile)
+    "eager-sdpa": ("torch", False),
+    "compile-sdpa": ("torch", True),
+    "triton": ("triton", False),
+    "triton-compile": ("triton", True),
+}
+COMPILE_NEEDS_CUDA = "skipped: torch.compile stacks run on CUDA only (not on CPU --quick)"
+
+
+def setup(quick):
+    if quick:  # CPU: a tiny model through the interpreter, just to keep the code working
+        return GPTConfig.from_preset("tiny", vocab_size=512, pad_vocab_to=64), [2], 32, 1, 2
+    return GPTConfig.from_preset("gpt2", pad_vocab_to=128), [16, 32, 64], 1024, 3, 10
+
+
+def train_step_fn(model, optimizer, x, y, device):
+    """One step of `gpt2_triton.training.step.train_step`, the step train.py runs: bf16 autocast on CUDA,
+    gradient clipping at 1.0, the loss/grad-norm/weight checks and their host syncs included."""
+    device = torch.device(device)
+    amp_dtype = torch.bfloat16 if device.type == "cuda" else None
+
+    def step():
+        train_step(model, optimizer, lambda: (x, y), 1, device, amp_dtype, lr=6e-4, grad_clip=1.0, step=1)
+    return step
+
+
+def run(dtype=torch.bfloat16, quick=False, batch_sizes=None, stacks=None, warmup=None, reps=None):
+    """Rows for each batch size and stack (default: all). warmup counts the first step (>= 1)."""
+    config, default_batch_sizes, T, default_warmup, default_reps = setup(quick)
+    warmup = max(1, warmup or default_warmup)
+    reps = reps or default_reps
+    device = "cuda" if has_cuda() else "cpu"
+    peak = device_peak_flops(device)
+    rows = []
+    for B in batch_sizes or default_batch_sizes:
+        case = f"gpt2-124m train step B{B}-T{T}" if not quick else f"tiny train step B{B}-T{T}"
+        shape = {"B": B, "T": T, "n_layer": config.n_layer, "n_embd": config.n_embd}
+        for provider in stacks or STACKS:
+            kernels, compile_model = STACKS[provider]
+            if compile_model and not has_cuda():
+                rows.append(record(Row("e2e", case, provider, "step", shape, "bf16-autocast", None,
+                                       error=COMPILE_NEEDS_CUDA)))
+                continue
+            rows.append(record(_measure_stack(config, kernels, compile_model, B, T, device, peak, warmup,
+                                              reps, case, provider, shape)))
+    return rows
+
+
+def _measure_stack(config, kernels, compile_model, B, T, device, peak, warmup, reps, case, provider, shape):
+    model = optimizer = None
+    try:
+        torch.manual_seed(0)
+        model = GPT(config, kernels=kernels).to(device)
+        optimizer = model.configure_optimizer(0.1, 6e-4)
+        runner = torch.compile(model) if compile_model else model
+        x = torch.randint(0, config.vocab_size, (B, T), device=device)
+        y = torch.randint(0, config.vocab_size, (B, T), device=device)
+        step = train_step_fn(runner, optimizer, x, y, device)
+        if has_cuda():
+            torch.cuda.reset_peak_memory_stats()
+        first_step_s = timed_call_s(step)
+        med, p20, p80 = wall_clock_ms(step, warmup - 1, reps)
+        tokens_per_s = B * T / (med * 1e-3)
+        util = mfu(model.flops_per_token(T), tokens_per_s, peak)
+        return Row("e2e", case, provider, "step", shape, "bf16-autocast", med, p20, p80,
+                   tflops=model.flops_per_token(T) * tokens_per_s / 1e12,
+                   peak_mb=torch.cuda.max_memory_allocated() / 2**20 if has_cuda() else None,
+                   extra={"tokens_per_s": round(tokens_per_s), "mfu": None if util is None else round(util, 4),
+                          "kernels": kernels, "compile": compile_model, "first_step_s": round(first_step_s, 2),
+                          "compile_s": round(max(first_step_s - med * 1e-3, 0.0), 2),
+                          "warmup_steps": warmup, "timed_steps": reps})
+    except Exception as e:  # e.g. out of memory at a large micro-batch
+        return Row("e2e", case, provider, "step", shape, "bf16-autocast", None, error=f"{type(e).__name__}: {e}"[:300])
+    finally:
+        del model, optimizer
+        if has_cuda():
+            torch.cuda.empty_cache()

@@ -1,0 +1,73 @@
+"""Fused GELU-MLP vs cuBLAS (F.linear) + F.gelu eager and torch.compile; each epilogue-free product of
+the MLP alone (Triton vs cuBLAS), the evidence for flipping an entry of gpt2_triton.kernels.mlp.MATMUL_BACKENDS."""
+import torch
+import torch.nn.functional as F
+
+from gpt2_triton.bench.common import has_cuda, kernel_providers, matmul_flops, measure, run_modes
+from gpt2_triton.kernels import mlp, reference
+from gpt2_triton.kernels.mlp import fused_matmul, gelu_mlp, linear_gelu
+
+MODES = ("fwd", "bwd", "fwd+bwd")
+
+
+def eager_mlp(x, fc_w, fc_b, proj_w, proj_b):
+    return reference.gelu_mlp(x, fc_w, fc_b, proj_w, proj_b, upcast=False)
+
+
+def eager_linear_gelu(x, w, b):
+    return F.gelu(torch.addmm(b, x, w.t()), approximate="tanh")
+
+
+def shapes(quick):
+    return [(48, 32, 128), (37, 40, 200)] if quick else [(16384, 768, 3072), (4096, 768, 3072), (16384, 1024, 4096)]
+
+
+def run(dtype, quick=False, sizes=None):
+    """sizes: (M, C, hidden) list to run instead of shapes(quick)."""
+    rows = []
+    dtype_name = str(dtype).removeprefix("torch.")
+    device = "cuda" if has_cuda() else "cpu"
+    gen = torch.Generator(device=device).manual_seed(0)
+
+    def param(*shape, scale=0.02):
+        return (scale * torch.randn(*shape, device=device, generator=gen)).to(dtype).requires_grad_()
+
+    for M, C, Hd in sizes or shapes(quick):
+        x = torch.randn(M, C, device=device, dtype=dtype, generator=gen).requires_grad_()
+        fc_w, fc_b, proj_w, proj_b = param(Hd, C), param(Hd), param(C, Hd), param(C)
+        shape = {"M": M, "C": C, "hidden": Hd}
+        mlp_flops = 2 * matmul_flops(M, Hd, C)
+        flops = {"fwd": mlp_flops, "bwd": 2 * mlp_flops, "fwd+bwd": 3 * mlp_flops}
+        params = [x, fc_w, fc_b, proj_w, proj_b]
+        for name, fn in kernel_providers(gelu_mlp, eager_mlp).items():
+            for mode, call in run_modes(lambda fn=fn: fn(*params), params, MODES).items():
+                rows.append(measure("gelu_mlp", f"gelu_mlp M{M}-C{C}-H{Hd}", name, mode, call, shape,
+                                    dtype_name, flops=flops[mode], grad_to_none=params, quick=quick))
+        lg_flops = {"fwd": matmul_flops(M, Hd, C), "bwd": 2 * matmul_flops(M, Hd, C),
+                    "fwd+bwd": 3 * matmul_flops(M, Hd, C)}
+        for name, fn in kernel_providers(linear_gelu, eager_linear_gelu).items():
+            for mode, call in run_modes(lambda fn=fn: fn(x, fc_w, fc_b), [x, fc_w, fc_b], MODES).items():
+                rows.append(measure("gelu_mlp", f"linear_gelu M{M}-C{C}-H{Hd}", name, mode, call, shape,
+                                    dtype_name, flops=lg_flops[mode], grad_to_none=[x, fc_w, fc_b], quick=quick))
+        # The products alone, ours vs cuBLAS: c_fc's matmul (no epilogue), c_proj / dx (M x C, K = H) and the
+        # weight grads (K = M): ours with the split-K the launcher picks on this device, without split-K,
+        # and cuBLAS (bf16 result cast to the fp32 grad, as the "torch" backend does).
+        a, b = x.detach(), fc_w.detach().t()
+        h = torch.randn(M, Hd, device=device, dtype=dtype, generator=gen)
+        dpre = torch.randn(M, Hd, device=device, dtype=dtype, generator=gen)
+        w_grad = torch.empty(Hd, C, device=device, dtype=torch.float32)
+        split = mlp._split_k(Hd, C, M, mlp.sm_count(a.device) or 1)
+        products = [
+            (f"matmul M{M}-K{C}-N{Hd}", (M, Hd, C), {"triton": lambda: fused_matmul(a, b), "cublas": lambda: a @ b}),
+            (f"c_proj M{M}-K{Hd}-N{C}", (M, C, Hd), {
+                "triton": lambda: fused_matmul(h, proj_w.detach().t()), "cublas": lambda: h @ proj_w.detach().t()}),
+            (f"dW_fc M{Hd}-K{M}-N{C} split{split}", (Hd, C, M), {
+                "triton": lambda: mlp._launch_matmul(dpre.t(), a, w_grad, split_k=split),
+                "triton-nosplit": lambda: mlp._launch_matmul(dpre.t(), a, w_grad),
+                "cublas": lambda: w_grad.copy_(dpre.t() @ a)}),
+        ]
+        for case, (pm, pn, pk), providers in products:
+            for name, fn in providers.items():
+                rows.append(measure("gelu_mlp", case, name, "fwd", fn, {"M": pm, "N": pn, "K": pk}, dtype_name,
+                                    flops=matmul_flops(pm, pn, pk), quick=quick))
+    return rows

@@ -1,0 +1,352 @@
+"""What gets profiled: GPT-2 124M training scenarios traced on fake tensors, the launches they make,
+and the compile specs (kernel x autotune candidate) built from those launches.
+
+Shapes: B x T = B x 1024 tokens, C = 768, H = 12 heads of D = 64, V = 50257 (embedding padded to 50304,
+`GPTConfig.from_preset("gpt2", pad_vocab_to=128)`), fp32 parameters under bf16 autocast, as
+`train.py --preset gpt2-124m` runs them. Specialization follows `JITFunction.run`: 16-byte aligned
+pointers and ints % 16 == 0 get tt.divisibility=16, ints == 1 become constexpr 1, do_not_specialize is
+honoured. A tensor is 16-byte aligned when its storage offset is (fresh CUDA allocations are).
+"""
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+
+from gpt2_triton.bench.static.trace import (
+    DescriptorMeta,
+    Launch,
+    TensorMeta,
+    capture,
+    param_info,
+    summarize,
+    tensor_bytes,
+)
+from gpt2_triton.kernels.mlp import linear_gelu
+from gpt2_triton.model import GPT, GPTConfig
+from gpt2_triton.model.ops import build_ops
+from gpt2_triton.training.step import accumulate_gradients
+
+T, C, N_HEAD, VOCAB = 1024, 768, 12, 50257
+TORCH_TO_TRITON = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16",
+                   torch.int64: "i64", torch.int32: "i32", torch.bool: "i1"}
+
+
+# ----------------------------------------------------------------------------------------------
+# Specialization and compile specs
+# ----------------------------------------------------------------------------------------------
+def is_aligned(t) -> bool:
+    return (t.storage_offset() * t.element_size()) % 16 == 0
+
+
+def specialize(launch: Launch, config=None):
+    """signature / constexprs / attrs as JITFunction.run would build them for these arguments."""
+    fn = launch.fn
+    arg_names, constexpr_names, no_spec = param_info(fn)
+    args = dict(launch.args)
+    if config is not None:
+        args.update(config.kwargs)
+    missing = [n for n in arg_names if n not in args]
+    if missing:
+        raise AssertionError(f"{fn.__name__}: launch did not pass {missing}")
+    sig, consts, attrs = {}, {}, {}
+    for i, name in enumerate(arg_names):
+        v = args[name]
+        if name in constexpr_names or v is None:
+            sig[name], consts[name] = "constexpr", v
+        elif isinstance(v, TensorMeta):
+            sig[name] = "*" + TORCH_TO_TRITON[v.dtype]
+            if is_aligned(v):
+                attrs[(i,)] = [["tt.divisibility", 16]]
+        elif isinstance(v, DescriptorMeta):  # host TMA descriptor (triton.tools.tensor_descriptor)
+            sig[name] = f"tensordesc<{TORCH_TO_TRITON[v.base.dtype]}{list(v.block_shape)}>"
+        elif isinstance(v, bool):
+            sig[name] = "u1"
+        elif isinstance(v, int):
+            if v == 1 and name not in no_spec:
+                sig[name], consts[name] = "constexpr", 1
+                continue
+            sig[name] = "i32" if -2**31 <= v < 2**31 else ("u64" if v >= 2**63 else "i64")
+            if v % 16 == 0 and name not in no_spec:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+        elif isinstance(v, float):
+            sig[name] = "fp32"
+        else:
+            raise TypeError(f"{fn.__name__}: cannot type argument {name}={v!r}")
+    return sig, consts, attrs
+
+
+def compile_options(launch: Launch, config=None) -> dict:
+    opts = {k: v for k, v in launch.options.items() if k in ("num_warps", "num_stages", "num_ctas")}
+    if config is not None:
+        opts.update(num_warps=config.num_warps, num_stages=config.num_stages)
+        if getattr(config, "num_ctas", 1) not in (None, 1):
+            opts["num_ctas"] = config.num_ctas
+    return opts
+
+
+@dataclass
+class Case:
+    """One compile: a launch (one specialization of a kernel) with one autotune config."""
+    id: str
+    launch: Launch
+    config: Any = None  # triton.Config for autotuned kernels
+    critical: bool = False  # for tests: must not spill
+    sites: tuple = ()  # custom ops making this launch, and how often per micro-step ("gelu_mlp_bwd x12")
+
+    def spec(self, usage=True, sass=True) -> dict:
+        """JSON-able compile spec for gpt2_triton.bench.static.native (any triton version)."""
+        sig, consts, attrs = specialize(self.launch, self.config)
+        return {"id": self.id, "module": self.launch.module, "kernel": self.launch.fn.__name__,
+                "signature": sig, "constexprs": consts, "attrs": [[list(k), v] for k, v in attrs.items()],
+                "options": compile_options(self.launch, self.config), "usage": usage, "sass": sass}
+
+    @property
+    def num_warps(self) -> int:
+        return compile_options(self.launch, self.config).get("num_warps", 4)
+
+    @property
+    def first_candidate(self) -> bool:
+        """Not autotuned, or the first (hand-picked) autotune config."""
+        return self.config is None or self.config is self.launch.configs[0]
+
+    @property
+    def programs(self) -> int:
+        return self.launch.programs(self.config)
+
+
+def signature_key(launch: Launch):
+    sig, consts, attrs = specialize(launch, launch.configs[0] if launch.configs else None)
+    return (launch.fn.__name__, tuple(sig.items()), tuple((k, repr(v)) for k, v in consts.items()), repr(attrs),
+            tuple(sorted(launch.options.items())))
+
+
+def short_name(name: str) -> str:
+    return name.lstrip("_").removesuffix("_kernel").replace("flash_attention", "attn")
+
+
+def config_id(cfg) -> str:
+    kw = cfg.kwargs
+    blocks = "x".join(str(kw[k]) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K") if k in kw)
+    return f"{blocks}-w{cfg.num_warps}s{cfg.num_stages}"
+
+
+def launch_tag(launch: Launch) -> str:
+    """Readable id part for a launch: the constexprs that tell launches of one kernel apart."""
+    a = launch.args
+    parts = []
+    if "HEAD_DIM" in a:
+        parts.append(f"D{a['HEAD_DIM']}")
+    if "CAUSAL" in a:
+        parts.append("causal" if a["CAUSAL"] else "full")
+    if "EPILOGUE" in a:
+        parts.append(["none", "gelu", "geluGrad"][a["EPILOGUE"]])
+        parts.append("bias" if a["HAS_BIAS"] else "nobias")
+        if a["STORE_AUX"]:
+            parts.append("aux")
+        sa, sb = (a["stride_am"], a["stride_ak"]), (a["stride_bk"], a["stride_bn"])
+        parts.append(("T" if sa[0] == 1 else "N") + ("T" if sb[0] == 1 else "N"))
+    if "HAS_BIAS" in a and "EPILOGUE" not in a and not a["HAS_BIAS"]:
+        parts.append("nobias")
+    if "COMPUTE_GRAD" in a:
+        parts.append("grad" if a["COMPUTE_GRAD"] else "nograd")
+    return "-".join(parts)
+
+
+def first_dtype(launch: Launch) -> str:
+    for v in launch.args.values():
+        if isinstance(v, TensorMeta) and v.is_floating_point():
+            return TORCH_TO_TRITON[v.dtype]
+    return ""
+
+
+def dedup_launches(launches):
+    """[(launch, [launches with its specialization])], one per specialization, in first-seen order."""
+    seen = {}
+    for launch in launches:
+        seen.setdefault(signature_key(launch), (launch, []))[1].append(launch)
+    return list(seen.values())
+
+
+def _sites(same, in_step) -> tuple:
+    """'op xN' per custom op launching it N times per micro-step, or 'op (not in a micro-step)'."""
+    counts = {}
+    for launch in same:
+        counts.setdefault(launch.op or "?", [0])[0] += id(launch) in in_step
+    return tuple(f"{op} x{n}" if n else f"{op} (not in a micro-step)" for op, (n,) in counts.items())
+
+
+def cases_from_launches(launches, in_step=()) -> list:
+    """One Case per distinct launch and autotune candidate, ids `kernel-dtype-tags[-config]`;
+    in_step: ids (id()) of the launches made by one training micro-step, for the sites."""
+    cases, ids = [], set()
+    in_step = set(in_step)
+    for launch, same in dedup_launches(launches):
+        base = "-".join(p for p in (short_name(launch.fn.__name__), first_dtype(launch), launch_tag(launch)) if p)
+        n = 2
+        while base in ids:
+            base = f"{base.rsplit('#', 1)[0]}#{n}"
+            n += 1
+        ids.add(base)
+        sites = _sites(same, in_step)
+        for cfg in launch.configs or [None]:
+            cid = base if cfg is None else f"{base}-{config_id(cfg)}"
+            cases.append(Case(cid, launch, cfg, sites=sites))
+    return cases
+
+
+# ----------------------------------------------------------------------------------------------
+# GPT-2 124M scenarios (run inside gpt2_triton.bench.static.trace.capture())
+# ----------------------------------------------------------------------------------------------
+def gpt2_config():
+    return GPTConfig.from_preset("gpt2", pad_vocab_to=128)
+
+
+def micro_step(batch: int, kernels: str):
+    """Events of one steady-state training micro-step (B x 1024 tokens, bf16 autocast, grads already
+    there from a previous micro-step, as in gradient accumulation) of `train.accumulate_gradients`.
+    Returns (events of the second micro-step, events of the first)."""
+    with capture() as trace:
+        model = GPT(gpt2_config(), kernels=kernels)
+        x = torch.zeros((batch, T), dtype=torch.int64)
+        y = torch.zeros((batch, T), dtype=torch.int64)
+        first = trace.mark()
+        accumulate_gradients(model, lambda: (x, y), 1, torch.device("cpu"), torch.bfloat16)
+        second = trace.mark()
+        accumulate_gradients(model, lambda: (x, y), 1, torch.device("cpu"), torch.bfloat16)
+        return trace.since(second), trace.events[first:second]
+
+
+@dataclass
+class OpCall:
+    """One op as the model calls it, forward + backward, under bf16 autocast."""
+    name: str
+    make: Callable  # (batch) -> (fn(ops) -> output, [input tensors], [tensors whose grads are produced])
+
+
+def _leaf(*shape, dtype=torch.float32):
+    return torch.empty(shape, dtype=dtype).requires_grad_()
+
+
+def _layer_norm(batch):
+    x, w, b = _leaf(batch, T, C), _leaf(C), _leaf(C)  # the fp32 residual stream, fp32 parameters
+    return (lambda ops: ops.layer_norm(x, w, b, 1e-5)), [x, w, b], [x, w, b]
+
+
+def _attention(batch):
+    qkv = _leaf(batch, T, 3 * C, dtype=torch.bfloat16)  # c_attn's output under autocast
+
+    def run(ops):  # CausalSelfAttention.forward between c_attn and c_proj
+        q, k, v = qkv.split(C, dim=2)
+        q, k, v = (t.view(batch, T, N_HEAD, C // N_HEAD).transpose(1, 2) for t in (q, k, v))
+        y = ops.attention(q, k, v, causal=True)
+        return y.transpose(1, 2).contiguous().view(batch, T, C)
+    return run, [qkv], [qkv]
+
+
+def _gelu_mlp(batch):
+    x = _leaf(batch, T, C)  # ln_2's fp32 output
+    fc_w, fc_b, pr_w, pr_b = _leaf(4 * C, C), _leaf(4 * C), _leaf(C, 4 * C), _leaf(C)
+    params = [x, fc_w, fc_b, pr_w, pr_b]
+    return (lambda ops: ops.gelu_mlp(*params)), params, params
+
+
+def _cross_entropy(batch):
+    logits = _leaf(batch * T, VOCAB, dtype=torch.bfloat16)  # lm_head's output under autocast
+    targets = torch.zeros((batch * T,), dtype=torch.int64)
+    return (lambda ops: ops.cross_entropy(logits, targets)), [logits, targets], [logits]
+
+
+def _linear_cross_entropy(batch):
+    x = _leaf(batch * T, C)  # ln_f's fp32 output, flattened
+    wte = _leaf(gpt2_config().padded_vocab_size, C)
+    weight = wte[:VOCAB]  # as GPT.forward passes lm_head.weight
+    targets = torch.zeros((batch * T,), dtype=torch.int64)
+    return (lambda ops: ops.linear_cross_entropy(x, weight, targets)), [x, weight, targets], [x, weight]
+
+
+OP_CALLS = [OpCall("layer_norm", _layer_norm), OpCall("attention", _attention), OpCall("gelu_mlp", _gelu_mlp),
+            OpCall("cross_entropy", _cross_entropy), OpCall("linear_cross_entropy", _linear_cross_entropy)]
+
+
+def minimum_bytes(inputs, output, grads) -> int:
+    """Forward: inputs read once, output written once. Backward: the output's grad and the inputs read
+    once, the inputs' grads written once (in their dtype)."""
+    fwd = sum(tensor_bytes(t) for t in inputs) + tensor_bytes(output)
+    bwd = tensor_bytes(output) + sum(tensor_bytes(t) for t in inputs) + sum(tensor_bytes(t) for t in grads)
+    return fwd + bwd
+
+
+def trace_op(call: OpCall, batch: int, kernels: str):
+    """(events fwd+bwd, minimum bytes) of one op call with the `kernels` implementation."""
+    with capture() as trace:
+        ops = build_ops(kernels)
+        run, inputs, grads = call.make(batch)
+        start = trace.mark()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = run(ops)
+        events = trace.since(start)
+        grad_out = torch.empty_like(out)  # made outside the traced part: not the op's traffic
+        start = trace.mark()
+        out.backward(grad_out)
+        return events + trace.since(start), minimum_bytes(inputs, out, grads)
+
+
+def linear_gelu_launches(batch: int):
+    """gpt2_triton.kernels.mlp.linear_gelu (not used by GPT-2) at the MLP's shapes, for its kernels' compile cases."""
+    with capture() as trace:
+        x = _leaf(batch * T, C, dtype=torch.bfloat16)
+        w, b = _leaf(4 * C, C), _leaf(4 * C)
+        out = linear_gelu(x, w, b)
+        out.backward(torch.empty_like(out))
+        return trace.launches
+
+
+def gpt2_launches(batch: int = 16) -> tuple:
+    """(launches, those of the micro-step): every launch of a GPT-2 training micro-step with
+    kernels="triton" and of each op's fwd+bwd, plus those of linear_gelu (not used by GPT-2) whose
+    kernel none of them launches. These are what the profile compiles."""
+    step = [e.launch for e in micro_step(batch, "triton")[0] if e.kind == "launch"]
+    launches = list(step)
+    for call in OP_CALLS:
+        launches += [e.launch for e in trace_op(call, batch, "triton")[0] if e.kind == "launch"]
+    seen = {launch.fn.__name__ for launch in launches}
+    launches += [launch for launch in linear_gelu_launches(batch) if launch.fn.__name__ not in seen]
+    return launches, step
+
+
+def gpt2_cases(batch: int = 16) -> list:
+    launches, step = gpt2_launches(batch)
+    return cases_from_launches(launches, [id(launch) for launch in step])
+
+
+def op_traffic(batches=(4, 16)) -> list:
+    """Per op and batch: bytes moved (ours, eager) against the minimum, and what each side ran."""
+    rows = []
+    for call in OP_CALLS:
+        for batch in batches:
+            row = {"op": call.name, "B": batch}
+            for kernels in ("triton", "torch"):
+                events, minimum = trace_op(call, batch, kernels)
+                s = summarize(events)
+                row[kernels] = s
+                row["min_bytes"] = minimum
+            rows.append(row)
+    return rows
+
+
+def step_summary(batch: int = 16) -> dict:
+    """Micro-step launches, device ops, host syncs and bytes for kernels="triton" and "torch"."""
+    out = {"B": batch}
+    for kernels in ("triton", "torch"):
+        steady, first = micro_step(batch, kernels)
+        out[kernels] = summarize(steady)
+        out[kernels]["first_micro_step_bytes"] = summarize(first)["bytes"]
+    return out
+
+
+def find_launch(launches, kernel_name: str, pred: Optional[Callable] = None):
+    for launch in launches:
+        if launch.fn.__name__ == kernel_name and (pred is None or pred(launch)):
+            return launch
+    raise LookupError(kernel_name)

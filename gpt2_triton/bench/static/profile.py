@@ -1,0 +1,351 @@
+"""The profile: compile every case with each triton, trace the bytes and launches, write JSON + markdown."""
+import datetime
+import json
+import math
+import os
+import platform
+import select
+import time
+from pathlib import Path
+
+import torch
+
+from gpt2_triton.bench.common import git_commit
+from gpt2_triton.bench.static import cases as cases_mod
+from gpt2_triton.bench.static.native import COMPILE_TIMEOUT_S, Worker
+from gpt2_triton.bench.static.trace import H100_SMS
+
+# H100 SXM (sm_90) per-SM limits used for CTAs per SM.
+H100 = {"sms": H100_SMS, "regs_per_sm": 65536, "reg_alloc_unit": 256, "smem_per_sm": 233472, "smem_per_block": 232448,
+        "smem_reserved_per_block": 1024, "max_warps_per_sm": 64, "max_ctas_per_sm": 32}
+
+
+def ctas_per_sm(regs, num_warps, shared) -> int:
+    """Resident CTAs per H100 SM allowed by registers, shared memory and warps (the occupancy
+    calculator's rules: registers allocated per warp in units of 256, 1 KB of shared memory reserved
+    per CTA)."""
+    if regs is None or shared is None:
+        return None
+    if shared > H100["smem_per_block"]:
+        return 0
+    regs_per_warp = math.ceil(max(regs, 1) * 32 / H100["reg_alloc_unit"]) * H100["reg_alloc_unit"]
+    by_regs = (H100["regs_per_sm"] // regs_per_warp) // num_warps
+    by_smem = H100["smem_per_sm"] // (shared + H100["smem_reserved_per_block"])
+    by_warps = H100["max_warps_per_sm"] // num_warps
+    return min(by_regs, by_smem, by_warps, H100["max_ctas_per_sm"])
+
+
+def compile_all(cases, pythons, jobs=1, log=print) -> dict:
+    """{triton version: {case id: result}} for every case, with `jobs` workers per python."""
+    specs = [c.spec() for c in cases]
+    out = {}
+    for python in pythons:
+        workers = [Worker(python) for _ in range(max(1, jobs))]
+        version = workers[0].info["triton"]
+        results = out.setdefault(version, {})
+        t0 = time.time()
+        try:
+            pending = list(specs)
+            busy = {}  # worker -> spec id
+            while pending or busy:
+                for w in workers:
+                    if w not in busy and pending:
+                        spec = pending.pop(0)
+                        w.submit(spec)
+                        busy[w] = spec["id"]
+                ready, _, _ = select.select([w.proc.stdout for w in busy], [], [], COMPILE_TIMEOUT_S)
+                if not ready:
+                    raise TimeoutError(f"no compile result in {COMPILE_TIMEOUT_S} s for {sorted(busy.values())}")
+                for w in list(busy):
+                    if w.proc.stdout in ready:
+                        res = w.receive(busy.pop(w))
+                        results[res["id"]] = res
+                        if not res["ok"]:
+                            log(f"  FAIL {res['id']} (triton {version}): {res['error'][:300]}")
+        finally:
+            for w in workers:
+                w.close()
+        log(f"  triton {version}: {len(specs)} compiles in {time.time() - t0:.0f} s ({python or 'this python'})")
+    return out
+
+
+def run(out_dir, pythons=(None,), quick=False, jobs=1, batch=16, only=(), log=print) -> dict:
+    """The whole profile; `quick`: first autotune candidate only; `only`: cases whose id contains one
+    of these strings."""
+    t_start = time.time()
+    timing = {}
+    t = time.time()
+    all_cases = cases_mod.gpt2_cases(batch)
+    if quick:  # the hand-picked (first) candidate of each launch only
+        all_cases = [c for c in all_cases if c.first_candidate]
+    if only:
+        all_cases = [c for c in all_cases if any(s in c.id for s in only)]
+    timing["trace_launches_s"] = time.time() - t
+    log(f"{len(all_cases)} compile cases (kernel x autotune candidate) at GPT-2 124M shapes")
+    t = time.time()
+    compiled = compile_all(all_cases, pythons, jobs, log)
+    timing["compile_s"] = time.time() - t
+    t = time.time()
+    ops = cases_mod.op_traffic((4, batch))
+    step = cases_mod.step_summary(batch)
+    timing["traffic_s"] = time.time() - t
+
+    kernels = []
+    for c in all_cases:
+        row = {"id": c.id, "kernel": c.launch.fn.__name__, "module": c.launch.module,
+               "config": cases_mod.config_id(c.config) if c.config is not None else None,
+               "first_candidate": c.first_candidate,
+               "sites": list(c.sites), "programs": c.programs, "num_warps": c.num_warps, "results": {}}
+        for version, results in compiled.items():
+            r = dict(results.get(c.id, {"ok": False, "error": "not compiled"}))
+            if r.get("ok"):
+                r["ctas_per_sm"] = ctas_per_sm(r.get("regs"), r.get("num_warps", c.num_warps), r.get("shared"))
+                if r["ctas_per_sm"]:
+                    r["waves"] = round(c.programs / (H100["sms"] * r["ctas_per_sm"]), 2)
+            row["results"][version] = r
+        kernels.append(row)
+    timing["total_s"] = time.time() - t_start
+    profile = {
+        "env": {"torch": torch.__version__, "tritons": sorted(compiled), "git_commit": git_commit(),
+                "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                "host": platform.node(), "cpus": os.cpu_count(), "quick": quick},
+        "shapes": {"B": batch, "T": cases_mod.T, "C": cases_mod.C, "H": cases_mod.N_HEAD,
+                   "D": cases_mod.C // cases_mod.N_HEAD,
+                   "V": cases_mod.VOCAB, "dtype": "bf16 autocast, fp32 parameters"},
+        "h100": H100, "kernels": kernels, "ops": ops, "micro_step": step, "timing": timing,
+    }
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "static.json").write_text(json.dumps(profile, indent=1, default=str))
+    (out_dir / "static.md").write_text(markdown(profile))
+    log(f"wrote {out_dir / 'static.json'} and {out_dir / 'static.md'} ({timing['total_s']:.0f} s)")
+    return profile
+
+
+# ----------------------------------------------------------------------------------------------
+# Budgets for tests/test_static.py, from a profile
+# ----------------------------------------------------------------------------------------------
+def spill_budget(measured: int) -> int:
+    return measured + 16
+
+
+def loop_budget(measured: int) -> int:
+    return measured + max(2, math.ceil(0.02 * measured))
+
+
+def ratio_budget(measured: float) -> float:
+    return math.ceil(measured * 1.02 * 100) / 100
+
+
+def count_budget(measured: int) -> int:
+    return measured + math.ceil(0.02 * measured)
+
+
+def _dict_text(d: dict) -> str:
+    def lit(x):
+        return "(" + ", ".join(json.dumps(e) for e in x) + ")" if isinstance(x, tuple) else json.dumps(x)
+    return "{\n" + "".join(f"    {lit(k)}: {lit(v)},\n" for k, v in d.items()) + "}"
+
+
+def budgets(profile: dict) -> str:
+    """tests/test_static.py's budget tables (today's measurements with its margins) as Python text."""
+    out = []
+    for version in profile["env"]["tritons"]:
+        key = ".".join(version.split(".")[:2])
+        res = [(k, k["results"][version]) for k in profile["kernels"]]
+        spills = {k["id"]: spill_budget(r["spill_stores"]) for k, r in res if r.get("ok") and r["spill_stores"]}
+        loops = {k["id"]: [loop_budget(loop["instructions"]) for loop in r["sass"]["loops"]]
+                 for k, r in res if r.get("ok") and k["first_candidate"]}
+        not_wgmma = sorted(k["id"] for k, r in res if r.get("ok") and r["dots"]["wgmma"] != r["dots"]["dots"])
+        out.append(f"# triton {version}")
+        out.append(f'SPILL_BUDGET_BYTES["{key}"] = {_dict_text(spills)}')
+        out.append(f'HOT_LOOP_BUDGET["{key}"] = {_dict_text(loops)}')
+        out.append(f"# not wgmma: {not_wgmma}")
+    ratios = {(r["op"], r["B"]): ratio_budget(r["triton"]["bytes"] / r["min_bytes"]) for r in profile["ops"]}
+    out.append(f"BYTES_RATIO_BUDGET = {_dict_text(ratios)}")
+    step = profile["micro_step"]["triton"]
+    out.append(f'STEP_BUDGET = {{"triton_launches": {count_budget(step["triton_launches"])}, '
+               f'"device_ops": {count_budget(step["device_ops"])}, "host_syncs": {step["host_syncs"]}}}')
+    return "\n".join(out)
+
+
+# ----------------------------------------------------------------------------------------------
+# Markdown
+# ----------------------------------------------------------------------------------------------
+def _gb(b):
+    return f"{b / 1e9:.2f}"
+
+
+def _counts(d) -> str:
+    return ", ".join(f"{k.removeprefix('aten.')} {n}" for k, n in d.items())
+
+
+def _cell(values):
+    """'a / b' over triton versions ('-' for a missing value)."""
+    return " / ".join("-" if v is None else str(v) for v in values)
+
+
+def _loop_counts(loop):
+    c, ops = loop["classes"], loop["opcodes"]
+    ldg = loop.get("ldg_bits", {})
+    ldg_txt = str(c.get("ldg", 0)) + (" (" + ", ".join(f"{n}x{b}b" for b, n in ldg.items()) + ")" if ldg else "")
+    return [loop["instructions"], c.get("hgmma", 0) + c.get("hmma", 0), c.get("mufu", 0), ops.get("FFMA", 0),
+            ops.get("FMUL", 0), ops.get("ISETP", 0), c.get("int", 0), ldg_txt, c.get("lds", 0) + c.get("ldgsts", 0)
+            + c.get("tma", 0)]
+
+
+def launch_base(k) -> str:
+    return k["id"] if k["config"] is None else k["id"][: -len(k["config"]) - 1]
+
+
+def summary_rows(p) -> list:
+    """One markdown row per launch: its first candidate, and how many of its candidates spill."""
+    versions = p["env"]["tritons"]
+    by_launch = {}
+    for k in p["kernels"]:
+        by_launch.setdefault(launch_base(k), []).append(k)
+    rows = []
+    for base, ks in by_launch.items():
+        first = next(k for k in ks if k["first_candidate"])
+        rs = [first["results"][v] for v in versions]
+        spilling = []
+        for v in versions:
+            sp = [k["results"][v].get("spill_stores") or 0 for k in ks if k["results"][v].get("ok")]
+            n = sum(1 for x in sp if x)
+            spilling.append(f"{n} of {len(sp)}" + (f" (max {max(sp)})" if n else ""))
+        loops = _cell([", ".join(str(loop["instructions"]) for loop in r["sass"]["loops"]) or "no loop"
+                       if r.get("ok") else "FAIL" for r in rs])
+        dots = _cell(["{wgmma}/{dots}".format(**r["dots"]) if r.get("ok") else "FAIL" for r in rs])
+        rows.append(f"| {base} | {first['config'] or '-'} | {', '.join(first['sites'])} | "
+                    f"{_cell([r.get('regs') for r in rs])} | {_cell([r.get('spill_stores') for r in rs])} | "
+                    f"{' / '.join(spilling)} | {_cell([r.get('ctas_per_sm') for r in rs])} | {dots} | {loops} |")
+    return rows
+
+
+def markdown(p) -> str:
+    versions = p["env"]["tritons"]
+    vs = " / ".join(versions)
+    s = p["shapes"]
+    lines = [
+        "# Static profile: GPT-2 124M training shapes, sm_90 (H100)",
+        "",
+        f"`python -m gpt2_triton.bench.static` | commit {p['env']['git_commit']} | torch {p['env']['torch']} | "
+        f"triton {vs} | "
+        f"{p['env']['date']} | {p['timing']['total_s']:.0f} s on {p['env']['cpus']} CPUs"
+        + (" | --quick (first candidate only)" if p["env"]["quick"] else ""),
+        "",
+        f"Shapes: B={s['B']}, T={s['T']}, C={s['C']}, H={s['H']}, D={s['D']}, V={s['V']}, {s['dtype']}. "
+        "Nothing ran on a GPU: compiled for sm_90 with each triton's ptxas; bytes and launches traced on "
+        "fake tensors (see bench/static/__init__.py for the method).",
+        "",
+        "## Summary: each launch, its first (hand-picked) autotune candidate",
+        "",
+        f"Cells with two values: triton {vs}. Spilling candidates: of all candidates the autotuner may pick for "
+        "this launch, how many spill and the most spill-store bytes. Loops: SASS instructions per iteration "
+        "of each loop, in address order.",
+        "",
+        "| kernel (launch) | candidate | used by | regs | spill B | spilling candidates | CTAs/SM | dots wgmma/all "
+        "| loops: instructions per iteration |",
+        "|---|---|---|---:|---:|---|---:|---:|---|",
+        *summary_rows(p),
+        "",
+        "## Kernels: every launch and autotune candidate",
+        "",
+        f"Cells with two values: triton {vs}. CTAs: grid size of the launch. CTAs/SM: resident per H100 SM "
+        "(registers, shared memory, warps). dots: wgmma of all tl.dot.",
+        "",
+        "| kernel (launch) | candidate | used by | CTAs | warps | regs | spill st B | smem KB | CTAs/SM "
+        "| dots wgmma/all | TMA |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for k in p["kernels"]:
+        rs = [k["results"][v] for v in versions]
+
+        def get(key, fmt=None, rs=rs):
+            return _cell([(fmt(r[key]) if fmt else r[key]) if r.get("ok") and r.get(key) is not None else
+                          ("FAIL" if not r.get("ok") else None) for r in rs])
+        dots = _cell([f"{r['dots']['wgmma']}/{r['dots']['dots']}" if r.get("ok") else "FAIL" for r in rs])
+        tma = _cell(["yes" if r.get("tma") else "no" for r in rs if r.get("ok")])
+        lines.append(f"| {launch_base(k)} | {k['config'] or '-'} | {', '.join(k['sites'])} | {k['programs']} | "
+                     f"{k['num_warps']} | {get('regs')} | {get('spill_stores')} | "
+                     f"{get('shared', lambda b: round(b / 1024, 1))} | {get('ctas_per_sm')} | {dots} | {tma} |")
+    lines += [
+        "",
+        "## Hot loops (SASS instructions per iteration), first candidate of each launch",
+        "",
+        "One row per loop and triton version; `line`: the kernel source line the loop comes from. "
+        "MMA: HGMMA + HMMA; int: integer/address math (IMAD, IADD3, LEA, SHF, LOP3, ...); "
+        "LDG: global loads (count x width); smem: LDS/LDSM + LDGSTS + TMA.",
+        "",
+        "| kernel (launch) | candidate | triton | loop (line) | instr | MMA | MUFU | FFMA | FMUL | ISETP | int "
+        "| LDG | smem |",
+        "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|---:|",
+    ]
+    for k in p["kernels"]:
+        if not k["first_candidate"]:
+            continue
+        base = launch_base(k)
+        for v in versions:
+            r = k["results"][v]
+            if not r.get("ok"):
+                continue
+            for i, loop in enumerate(r["sass"]["loops"]):
+                cells = " | ".join(str(x) for x in _loop_counts(loop))
+                lines.append(f"| {base} | {k['config'] or '-'} | {v} | {i + 1} ({loop['site']}) | {cells} |")
+    lines += [
+        "",
+        "## HBM bytes per op call (forward + backward), traced",
+        "",
+        "Ours: `gpt2_triton.model.ops.build_ops(\"triton\")`, eager: `build_ops(\"torch\")`, called as GPT-2 "
+        "calls them under bf16 autocast. Minimum: the op's inputs read once and output written once in the "
+        "forward; the output's grad and the inputs read once and the inputs' grads written once in the backward. "
+        "Triton launches count each tensor argument once (tile re-reads assumed to hit L2).",
+        "",
+        "| op | B | minimum GB | ours GB | ours / min | eager GB | eager / min | ours / eager "
+        "| ours: launches + other ops | eager: ops |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---|---:|",
+    ]
+    for r in p["ops"]:
+        m, o, e = r["min_bytes"], r["triton"]["bytes"], r["torch"]["bytes"]
+        lines.append(f"| {r['op']} | {r['B']} | {_gb(m)} | {_gb(o)} | {o / m:.2f} | {_gb(e)} | {e / m:.2f} | "
+                     f"{o / e:.2f} | {r['triton']['triton_launches']} + {r['triton']['device_ops']} | "
+                     f"{r['torch']['device_ops']} |")
+    st = p["micro_step"]
+    tri, eag = st["triton"], st["torch"]
+    lines += [
+        "",
+        f"## One training micro-step, B={st['B']} (steady state of gradient accumulation)",
+        "",
+        "`gpt2_triton.training.step.accumulate_gradients` on GPT-2 124M (gpt2 preset, pad_vocab_to=128), bf16 "
+        "autocast, traced with kernels recorded (nothing runs); the second of two micro-steps (grads accumulate "
+        "into .grad).",
+        "",
+        "| | kernels=\"triton\" | kernels=\"torch\" |",
+        "|---|---:|---:|",
+        f"| Triton launches | {tri['triton_launches']} | {eag['triton_launches']} |",
+        f"| other device ops | {tri['device_ops']} | {eag['device_ops']} |",
+        f"| host syncs | {tri['host_syncs']} | {eag['host_syncs']} |",
+        f"| HBM GB traced | {_gb(tri['bytes'])} | {_gb(eag['bytes'])} |",
+        f"| HBM GB, first micro-step | {_gb(tri['first_micro_step_bytes'])} | {_gb(eag['first_micro_step_bytes'])} |",
+        "",
+        "Triton launches (kernels=\"triton\"): " + _counts(tri["launches"]),
+        "",
+        "Other device ops (kernels=\"triton\"): " + _counts(tri["ops"]),
+        "",
+        "Other device ops (kernels=\"torch\"): " + _counts(eag["ops"]),
+        "",
+        "Host syncs: kernels=\"triton\": " + _counts(tri["syncs"]) + "; kernels=\"torch\": " + _counts(eag["syncs"]),
+        "",
+        "Where the bytes go (GB; inside one of our custom ops: the op, else the aten op):",
+        "",
+        "| kernels=\"triton\" | GB | kernels=\"torch\" | GB |",
+        "|---|---:|---|---:|",
+    ]
+    top_t, top_e = list(tri["bytes_by_source"].items())[:12], list(eag["bytes_by_source"].items())[:12]
+    for i in range(max(len(top_t), len(top_e))):
+        a = top_t[i] if i < len(top_t) else ("", None)
+        b = top_e[i] if i < len(top_e) else ("", None)
+        lines.append(f"| {a[0].removeprefix('aten.')} | {_gb(a[1]) if a[1] is not None else ''} | "
+                     f"{b[0].removeprefix('aten.')} | {_gb(b[1]) if b[1] is not None else ''} |")
+    lines.append("")
+    return "\n".join(lines)

@@ -1,0 +1,640 @@
+"""Token shards on disk: prepare them from a text source, then stream (x, y) batches from them.
+
+    python -m gpt2_triton.data prepare pystdlib                  # offline default: the Python stdlib's .py files
+    python -m gpt2_triton.data prepare fineweb-edu               # FineWeb-Edu sample-10BT (needs `datasets` + network)
+    python -m gpt2_triton.data prepare text:path/to/corpus       # .txt (one doc per file) / .jsonl (one doc per line)
+
+Shard format (the llm.c token-file layout): a header of 256 little-endian int32 -- [0] = MAGIC
+(20240520), [1] = VERSION (1), [2] = token count, the rest zero -- then `count` uint16 tokens.
+A prepared folder holds `train_000000.bin`, ..., `val_000000.bin`, ... and `manifest.json`, written
+last, so a folder with a manifest whose shards all have the right size is complete (`is_prepared`).
+A folder of llm.c shards (`<name>_train_000001.bin`, `<name>_val.bin`, ..., no manifest) loads too.
+
+prepare() writes into a staging folder inside the output folder and moves the shards in only when
+everything succeeded, so a failed prepare leaves a prepared folder as it was; one prepare at a time
+per folder (a FolderLock; a second waits).
+
+Every document is preceded by <|endoftext|> (50256), as in build-nanogpt. Split rule: document i
+(0-based, in source order) goes to val iff i % val_every == 0 and it still fits in val_tokens
+(val stops at the first document that does not fit, so val is always a prefix of those documents).
+pystdlib/text: val_every=50, no cap (every 50th document). fineweb-edu: val_every=1, val_tokens=1e8
+(the first ~100M tokens are val, as build-nanogpt's first shard). A text source that is a single .txt
+file is cut into documents at paragraph breaks (`split_text`), so it has a train and a val split.
+"""
+import argparse
+import hashlib
+import itertools
+import json
+import multiprocessing as mp
+import os
+import re
+import shutil
+import signal
+import sys
+import sysconfig
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from gpt2_triton.atomic import FolderLock, atomic_write, fsync_dir, remove_stale_temps
+from gpt2_triton.tokenizer import EOT_ID, get_encoding
+
+MAGIC = 20240520
+VERSION = 1
+HEADER_INTS = 256
+HEADER_BYTES = HEADER_INTS * 4
+VOCAB_SIZE = 50257
+MANIFEST = "manifest.json"
+SPLITS = ("train", "val")
+PREPARE_LOCK = ".prepare.lock"
+STAGING_PREFIX = ".staging-"
+LLMC_SOURCE = "llm.c"  # the "source" of a folder of llm.c shards without a manifest
+# llm.c shard names: a dataset prefix, the split, an optional index (ours have no prefix, so never match)
+LLMC_NAME = re.compile(r"^.+_(?P<split>train|val)(?:_(?P<index>\d+))?\.bin$")
+TEXT_CHUNK_CHARS = 16384  # a single .txt file becomes documents of at least this many characters
+
+# Per-source defaults for prepare(); every one can be overridden by argument or on the command line.
+SOURCE_DEFAULTS = {
+    "pystdlib": dict(shard_tokens=2**18, val_every=50, val_tokens=None),
+    "text": dict(shard_tokens=10_000_000, val_every=50, val_tokens=None),
+    "fineweb-edu": dict(shard_tokens=100_000_000, val_every=1, val_tokens=100_000_000),
+}
+
+
+# -----------------------------------------------------------------------------
+# shard files
+
+def write_shard(path, tokens) -> None:
+    """Write `tokens` (ints in [0, 65535]) as a shard, atomically: temp file in the same folder,
+    flush + fsync, then os.replace. An interrupted write leaves any previous file at `path` intact."""
+    path = Path(path)
+    tokens = np.asarray(tokens)
+    if tokens.ndim != 1 or tokens.size == 0:
+        raise ValueError(f"write_shard {path}: need a non-empty 1-D token array; got shape {tokens.shape}")
+    if tokens.min() < 0 or tokens.max() >= 2**16:
+        raise ValueError(f"write_shard {path}: token ids must fit in uint16; got range "
+                         f"[{tokens.min()}, {tokens.max()}]")
+    header = np.zeros(HEADER_INTS, dtype="<i4")
+    header[:3] = (MAGIC, VERSION, tokens.size)
+    with atomic_write(path, "wb") as f:
+        f.write(header.tobytes())
+        f.write(tokens.astype("<u2", copy=False).tobytes())
+
+
+def read_shard(path) -> np.ndarray:
+    """The shard's tokens as a read-only uint16 np.memmap; ValueError if the file is not a valid shard."""
+    path = Path(path)
+    size = path.stat().st_size
+    if size < HEADER_BYTES:
+        raise ValueError(f"shard {path}: file is {size} bytes, shorter than the {HEADER_BYTES}-byte header")
+    header = np.fromfile(path, dtype="<i4", count=HEADER_INTS)
+    if header[0] != MAGIC:
+        raise ValueError(f"shard {path}: bad magic number {header[0]} (expected {MAGIC}); not a token shard")
+    if header[1] != VERSION:
+        raise ValueError(f"shard {path}: unsupported format version {header[1]} (expected {VERSION})")
+    count = int(header[2])
+    expected = HEADER_BYTES + 2 * count
+    if count <= 0 or size != expected:
+        problem = "truncated" if size < expected else "oversized" if count > 0 else "empty"
+        raise ValueError(f"shard {path}: {problem} file: {size} bytes, but the header's token count "
+                         f"{count} needs {expected}")
+    return np.memmap(path, dtype="<u2", mode="r", offset=HEADER_BYTES, shape=(count,))
+
+
+def shard_name(split: str, index: int) -> str:
+    return f"{split}_{index:06d}.bin"
+
+
+class ShardWriter:
+    """Streams tokens of one split into fixed-size shards, writing each one as soon as it is full."""
+
+    def __init__(self, out_dir: Path, split: str, shard_tokens: int):
+        self.out_dir, self.split, self.shard_tokens = out_dir, split, shard_tokens
+        self.buffer = None  # allocated on first use: a split may stay empty
+        self.filled = 0
+        self.shards = []  # [{"file": name, "tokens": count}]
+
+    def add(self, tokens: np.ndarray) -> None:
+        if self.buffer is None:
+            self.buffer = np.empty(self.shard_tokens, dtype=np.uint16)
+        while len(tokens):
+            take = min(len(tokens), self.shard_tokens - self.filled)
+            self.buffer[self.filled:self.filled + take] = tokens[:take]
+            self.filled += take
+            tokens = tokens[take:]
+            if self.filled == self.shard_tokens:
+                self._flush()
+
+    def close(self) -> list:
+        if self.filled:
+            self._flush()
+        return self.shards
+
+    def _flush(self) -> None:
+        name = shard_name(self.split, len(self.shards))
+        write_shard(self.out_dir / name, self.buffer[:self.filled])
+        self.shards.append({"file": name, "tokens": self.filled})
+        self.filled = 0
+
+
+# -----------------------------------------------------------------------------
+# sources: each is an iterator of document strings in a fixed order
+
+def pystdlib_files(stdlib_dir=None) -> list:
+    """The standard library's .py files, sorted by relative path, without tests and site-packages."""
+    root = Path(stdlib_dir or sysconfig.get_paths()["stdlib"])
+    if not root.is_dir():
+        raise FileNotFoundError(f"pystdlib: standard library folder {root} not found")
+    excluded = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"}
+    files = []
+    for folder, subdirs, names in os.walk(root):
+        subdirs[:] = [d for d in subdirs if d not in excluded]  # prune: never walk into them
+        files += [Path(folder, n) for n in names if n.endswith(".py")]
+    return sorted(files, key=lambda p: p.relative_to(root).as_posix())
+
+
+def iter_file_texts(files):
+    for path in files:
+        yield Path(path).read_text(encoding="utf-8", errors="replace")
+
+
+def text_files(root) -> list:
+    """A .txt/.jsonl file, or every .txt/.jsonl file under a folder (recursive, sorted)."""
+    root = Path(root)
+    if root.is_file():
+        if root.suffix not in (".txt", ".jsonl"):
+            raise ValueError(f"text source {root}: expected a .txt or .jsonl file (or a folder of them)")
+        return [root]
+    if not root.is_dir():
+        raise FileNotFoundError(f"text source {root}: no such file or folder")
+    files = sorted((p for p in root.rglob("*") if p.is_file() and p.suffix in (".txt", ".jsonl")),
+                   key=lambda p: p.relative_to(root).as_posix())
+    if not files:
+        raise ValueError(f"text source {root}: folder holds no .txt or .jsonl files")
+    return files
+
+
+def split_text(text: str, min_chars: int = TEXT_CHUNK_CHARS) -> list[str]:
+    """Cut one long text into documents at paragraph breaks (blank lines; failing those, line breaks;
+    failing those, spaces), each at least min(min_chars, len(text) // 8) characters long except
+    perhaps the last. Joined, the documents are the text."""
+    min_chars = max(1, min(min_chars, len(text) // 8))
+    for boundary in (r"\n[ \t]*\n\s*", r"\n\s*", r"\s+"):
+        cuts = [m.end() for m in re.finditer(boundary, text) if 0 < m.end() < len(text)]
+        if cuts:
+            break
+    docs, start = [], 0
+    for cut in cuts:
+        if cut - start >= min_chars:
+            docs.append(text[start:cut])
+            start = cut
+    if start < len(text):
+        docs.append(text[start:])
+    return docs
+
+
+def iter_text_documents(files):
+    """One document per .txt file; one per non-empty line of a .jsonl file (its "text" field)."""
+    for path in files:
+        if path.suffix == ".txt":
+            yield path.read_text(encoding="utf-8", errors="replace")
+            continue
+        with open(path, encoding="utf-8", errors="replace") as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                    text = record["text"]
+                except (json.JSONDecodeError, KeyError, TypeError) as e:
+                    raise ValueError(f"{path}:{lineno}: expected a JSON object with a \"text\" field ({e!r})") from None
+                if not isinstance(text, str):
+                    raise ValueError(f"{path}:{lineno}: \"text\" must be a string; got {type(text).__name__}")
+                yield text
+
+
+def iter_fineweb_edu(name="sample-10BT"):
+    """FineWeb-Edu documents streamed from the Hugging Face Hub (`pip install gpt2-triton[fineweb]`)."""
+    try:
+        import datasets
+    except ImportError as e:
+        raise RuntimeError("fineweb-edu needs the `datasets` package: pip install 'gpt2-triton[fineweb]'") from e
+    try:
+        ds = datasets.load_dataset("HuggingFaceFW/fineweb-edu", name=name, split="train", streaming=True)
+        for doc in ds:
+            yield doc["text"]
+    except Exception as e:  # requests/httpx/hub errors share no base class
+        raise RuntimeError(f"fineweb-edu: streaming HuggingFaceFW/fineweb-edu ({name}) from the Hugging Face "
+                           f"Hub failed; is the network reachable? ({type(e).__name__}: {e})") from e
+
+
+def source_documents(source: str):
+    """The document iterator for a source name: 'pystdlib', 'fineweb-edu' or 'text:PATH'."""
+    if source == "pystdlib":
+        return iter_file_texts(pystdlib_files())
+    if source == "fineweb-edu":
+        return iter_fineweb_edu()
+    if source.startswith("text:"):
+        files = text_files(source[len("text:"):])
+        if len(files) == 1 and files[0].suffix == ".txt":  # one document would leave train or val empty
+            return iter(split_text(files[0].read_text(encoding="utf-8", errors="replace")))
+        return iter_text_documents(files)
+    raise ValueError(f"unknown data source {source!r}; use 'pystdlib', 'fineweb-edu' or 'text:PATH'")
+
+
+def source_kind(source: str) -> str:
+    return "text" if source.startswith("text:") else source
+
+
+# -----------------------------------------------------------------------------
+# prepare: tokenise in worker processes, stream into shards
+
+def tokenize_document(text: str) -> np.ndarray:
+    """<|endoftext|> followed by the document's tokens, as uint16 (special tokens in the text stay text)."""
+    tokens = [EOT_ID] + get_encoding().encode_ordinary(text)
+    return np.array(tokens, dtype=np.uint16)
+
+
+def tokenized(docs, workers: int, chunksize: int = 16):
+    """Yield each document's tokens in order, tokenised by `workers` spawned processes (0/1: here).
+    Documents go to the pool in blocks, so a fast source never queues the whole corpus in memory."""
+    if workers <= 1:
+        yield from map(tokenize_document, docs)
+        return
+    docs, block = iter(docs), workers * chunksize * 16
+    with mp.get_context("spawn").Pool(workers, initializer=_ignore_sigint) as pool:
+        while chunk := list(itertools.islice(docs, block)):
+            yield from pool.imap(tokenize_document, chunk, chunksize=chunksize)
+
+
+def _ignore_sigint():
+    """Tokeniser workers leave Ctrl-C to the main process, which stops the pool."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def prepare_documents(docs, out_dir, source: str = "custom", shard_tokens: int = 10_000_000,
+                      val_every: int = 50, val_tokens=None, workers=None, verbose: bool = True) -> Path:
+    """Tokenise an iterable of document strings into train/val shards in `out_dir` (see the module
+    docstring for the split rule); write the manifest last. Returns `out_dir`.
+
+    The shards are written into a staging folder and moved in only when all went well: an error
+    leaves a folder that was prepared before exactly as it was. Waits while another process
+    prepares the same folder."""
+    out_dir = Path(out_dir)
+    _check_prepare_options(shard_tokens, val_every, val_tokens)
+    with prepare_lock(out_dir, verbose):
+        return _prepare_documents_locked(docs, out_dir, source, shard_tokens, val_every, val_tokens, workers,
+                                         verbose)
+
+
+def _check_prepare_options(shard_tokens, val_every, val_tokens) -> None:
+    if shard_tokens < 1 or val_every < 1 or (val_tokens is not None and val_tokens < 0):
+        raise ValueError(f"prepare: need shard_tokens >= 1, val_every >= 1, val_tokens >= 0; got "
+                         f"{shard_tokens}, {val_every}, {val_tokens}")
+
+
+def prepare_lock(out_dir: Path, verbose: bool = True) -> FolderLock:
+    """The folder's prepare lock, acquired (waiting, with a message, while another process holds it)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    lock = FolderLock(out_dir / PREPARE_LOCK)
+    if not lock.acquire():
+        if verbose:
+            print(f"waiting for another process preparing {out_dir} ({lock.owner()}) ...", file=sys.stderr,
+                  flush=True)
+        lock.acquire(blocking=True)
+    return lock
+
+
+def _prepare_documents_locked(docs, out_dir: Path, source, shard_tokens, val_every, val_tokens, workers,
+                              verbose) -> Path:
+    workers = (os.cpu_count() or 1) if workers is None else workers
+    for stale in out_dir.glob(STAGING_PREFIX + "*"):  # left by a killed prepare (we hold the lock)
+        shutil.rmtree(stale, ignore_errors=True)
+    remove_stale_temps(out_dir)
+    staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=out_dir))
+    try:
+        writers = {split: ShardWriter(staging, split, shard_tokens) for split in SPLITS}
+        docs_per_split = dict.fromkeys(SPLITS, 0)
+        val_open, val_count, n_docs = True, 0, 0
+        bar = tqdm(desc=f"prepare {source}", unit="tok", unit_scale=True, disable=None if verbose else True)
+        for i, tokens in enumerate(tokenized(docs, workers)):
+            to_val = val_open and i % val_every == 0
+            if to_val and val_tokens is not None and val_count + len(tokens) > val_tokens:
+                to_val = val_open = False  # val is full: it stays a prefix of the val documents
+            split = "val" if to_val else "train"
+            val_count += len(tokens) if to_val else 0
+            writers[split].add(tokens)
+            docs_per_split[split] += 1
+            n_docs += 1
+            bar.update(len(tokens))
+        bar.close()
+
+        splits = {}
+        for split, writer in writers.items():
+            shards = writer.close()
+            if not shards:
+                raise ValueError(f"prepare {source}: the {split} split got no documents ({n_docs} in all, "
+                                 f"val_every={val_every}, val_tokens={val_tokens}); need at least one in each")
+            splits[split] = {"shards": shards, "tokens": sum(s["tokens"] for s in shards),
+                             "documents": docs_per_split[split]}
+        _publish(staging, out_dir, _manifest(source, splits, shard_tokens=shard_tokens, val_every=val_every,
+                                             val_tokens=val_tokens))
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return out_dir
+
+
+def _manifest(source: str, splits: dict, **options) -> dict:
+    """A manifest.json: the shard format, the tokenizer, `source`, its prepare options and its splits."""
+    return {"format_version": VERSION, "magic": MAGIC, "source": source, "tokenizer": "gpt2", "eot_id": EOT_ID,
+            "vocab_size": VOCAB_SIZE, **options, "splits": splits}
+
+
+def _publish(staging: Path, out_dir: Path, manifest: dict) -> None:
+    """Move the staged shards into out_dir. The old manifest goes first, the new one last: in between
+    (renames only) the folder counts as unprepared, never as a mix of old and new."""
+    (out_dir / MANIFEST).unlink(missing_ok=True)
+    fsync_dir(out_dir)
+    keep = {s["file"] for split in manifest["splits"].values() for s in split["shards"]}
+    for name in keep:
+        os.replace(staging / name, out_dir / name)
+    for split in SPLITS:  # shards of an earlier, larger run in the same folder
+        for stale in out_dir.glob(f"{split}_*.bin"):
+            if stale.name not in keep:
+                stale.unlink()
+    write_json_atomic(out_dir / MANIFEST, manifest)
+
+
+def write_json_atomic(path: Path, obj) -> None:
+    with atomic_write(path, "w") as f:
+        json.dump(obj, f, indent=2)
+        f.write("\n")
+
+
+def default_data_dir(source: str) -> Path:
+    """`$GPT2_DATA_DIR/<name>` (default `./data/<name>`); text:PATH gets `text-<basename>-<path hash>`."""
+    root = Path(os.environ.get("GPT2_DATA_DIR", "data"))
+    if source.startswith("text:"):
+        path = Path(source[len("text:"):]).resolve()
+        digest = hashlib.sha1(str(path).encode()).hexdigest()[:8]
+        return root / f"text-{path.stem or 'root'}-{digest}"
+    return root / source
+
+
+def prepare(source: str, out_dir=None, shard_tokens=None, val_every=None, val_tokens=None,
+            workers=None, verbose: bool = True) -> Path:
+    """Prepare `source` ('pystdlib', 'fineweb-edu', 'text:PATH') into shards; returns the folder.
+    Unset options take the source's SOURCE_DEFAULTS."""
+    docs, opts = _documents_and_options(source, shard_tokens, val_every, val_tokens)
+    out_dir = Path(out_dir) if out_dir is not None else default_data_dir(source)
+    return prepare_documents(docs, out_dir, source=source, workers=workers, verbose=verbose, **opts)
+
+
+def _documents_and_options(source: str, shard_tokens=None, val_every=None, val_tokens=None):
+    """`source`'s documents and its prepare options, the unset ones from SOURCE_DEFAULTS."""
+    defaults = SOURCE_DEFAULTS.get(source_kind(source))
+    docs = source_documents(source)  # raises for an unknown source
+    opts = dict(shard_tokens=shard_tokens, val_every=val_every, val_tokens=val_tokens)
+    return docs, {k: defaults[k] if v is None else v for k, v in opts.items()}
+
+
+def ensure_prepared(source: str, out_dir, verbose: bool = True, shard_tokens=None, val_every=None,
+                    val_tokens=None, workers=None) -> bool:
+    """Prepare `source` into `out_dir` unless it is prepared already (checked again under the prepare
+    lock, so two runs starting together prepare it once). True if it prepared it now."""
+    out_dir = Path(out_dir)
+    if is_prepared(out_dir, source=source):
+        return False
+    docs, opts = _documents_and_options(source, shard_tokens, val_every, val_tokens)
+    _check_prepare_options(**opts)
+    with prepare_lock(out_dir, verbose):
+        if is_prepared(out_dir, source=source):
+            return False
+        if verbose:
+            print(f"preparing {source} into {out_dir} ...", file=sys.stderr, flush=True)
+        _prepare_documents_locked(docs, out_dir, source, workers=workers, verbose=verbose, **opts)
+    if verbose:
+        print(summary(out_dir), file=sys.stderr, flush=True)
+    return True
+
+
+def summary(data_dir) -> str:
+    splits = load_manifest(data_dir)["splits"]
+    return f"{data_dir}: " + ", ".join(
+        f"{s}: {v['tokens']:,} tokens in {len(v['shards'])} shards ({v['documents'] or '?'} docs)"
+        for s, v in splits.items())
+
+
+def llmc_manifest(data_dir) -> dict | None:
+    """A manifest for a folder of llm.c shards (`*_train_*.bin`, `*_val_*.bin`; files sorted by name,
+    each validated by its header), or None if the folder has none."""
+    data_dir = Path(data_dir)
+    if not data_dir.is_dir():
+        return None
+    found = {split: [] for split in SPLITS}
+    for path in sorted(data_dir.iterdir()):
+        m = LLMC_NAME.match(path.name)
+        if m and path.is_file():
+            found[m["split"]].append(path)
+    if not any(found.values()):
+        return None
+    missing = [split for split, paths in found.items() if not paths]
+    if missing:
+        raise ValueError(f"{data_dir}: llm.c-format shards but no {missing[0]} split "
+                         f"(expected files named like <name>_{missing[0]}_000000.bin)")
+    splits = {}
+    for split, paths in found.items():
+        shards = [{"file": p.name, "tokens": len(read_shard(p))} for p in paths]
+        splits[split] = {"shards": shards, "tokens": sum(s["tokens"] for s in shards), "documents": None}
+    return _manifest(LLMC_SOURCE, splits)
+
+
+def load_manifest(data_dir) -> dict:
+    """The folder's manifest.json; for a folder of llm.c shards without one, a manifest made from them."""
+    path = Path(data_dir) / MANIFEST
+    if not path.is_file():
+        llmc = llmc_manifest(data_dir)
+        if llmc is not None:
+            return llmc
+        raise FileNotFoundError(f"{data_dir}: no {MANIFEST}; prepare it first "
+                                "(python -m gpt2_triton.data prepare SOURCE)")
+    manifest = json.loads(path.read_text())
+    if manifest.get("format_version") != VERSION:
+        raise ValueError(f"{path}: format version {manifest.get('format_version')}, expected {VERSION}; "
+                         f"prepare the data again")
+    return manifest
+
+
+def is_prepared(data_dir, source=None) -> bool:
+    """True if `data_dir` has a current manifest (for `source`, if given; llm.c shards count for any
+    source) and every shard it lists has the size its token count implies."""
+    try:
+        manifest = load_manifest(data_dir)
+    except (FileNotFoundError, ValueError):
+        return False
+    if source is not None and manifest["source"] not in (source, LLMC_SOURCE):
+        return False
+    for split in manifest["splits"].values():
+        for shard in split["shards"]:
+            path = Path(data_dir) / shard["file"]
+            if not path.is_file() or path.stat().st_size != HEADER_BYTES + 2 * shard["tokens"]:
+                return False
+    return True
+
+
+# -----------------------------------------------------------------------------
+# loading batches
+
+class DataLoader:
+    """(x, y) batches of consecutive tokens from one split of a prepared folder.
+
+    The split is read as one stream: its shards concatenated in the epoch's order (train: a
+    permutation seeded by (seed, epoch), and within each shard its documents in an order seeded by
+    (seed, epoch, shard); val: as written). Each step consumes world_size*B*T tokens;
+    rank r takes the r-th window of B*T+1 tokens of the step, so ranks are disjoint. When fewer than
+    world_size*B*T+1 tokens are left the epoch ends (the tail is skipped) and the next one begins.
+    With pin_memory (for a CUDA run) the batches come in page-locked memory, so that
+    `.to(device, non_blocking=True)` overlaps the copy with compute.
+    """
+
+    def __init__(self, data_dir, split: str, batch_size: int, seq_len: int, rank: int = 0,
+                 world_size: int = 1, seed: int = 1337, pin_memory: bool = False):
+        if split not in SPLITS:
+            raise ValueError(f"DataLoader: split must be one of {SPLITS}; got {split!r}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"DataLoader: need 0 <= rank < world_size; got rank={rank}, world_size={world_size}")
+        self.data_dir = Path(data_dir)
+        self.split, self.B, self.T = split, batch_size, seq_len
+        self.rank, self.world_size, self.seed = rank, world_size, seed
+        self.pin_memory = pin_memory
+        shards = load_manifest(data_dir)["splits"][split]["shards"]
+        self.files = [self.data_dir / s["file"] for s in shards]
+        self.sizes = np.array([s["tokens"] for s in shards], dtype=np.int64)
+        self.step_tokens = world_size * batch_size * seq_len
+        if self.sizes.sum() < self.step_tokens + 1:
+            raise ValueError(f"DataLoader: {split} split of {data_dir} has {self.sizes.sum()} tokens, fewer than "
+                             f"one step needs (world_size*B*T+1 = {self.step_tokens + 1})")
+        self._shards = {}  # shard index -> validated memmap
+        self._shuffled = {}  # (epoch, shard index) -> that shard's documents in this epoch's order
+        self.reset()
+
+    def shard_order(self, epoch: int) -> np.ndarray:
+        """Indices of the shards in the order epoch `epoch` reads them."""
+        if self.split != "train":
+            return np.arange(len(self.files))
+        return np.random.default_rng([self.seed, epoch]).permutation(len(self.files))
+
+    def reset(self, epoch: int = 0) -> None:
+        """Back to the start of `epoch` (val: every eval reads the same batches)."""
+        self._set_epoch(epoch)
+        self.pos = 0  # offset of the next step in this epoch's stream
+
+    def _set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        self.order = self.shard_order(epoch)
+        self.starts = np.concatenate([[0], np.cumsum(self.sizes[self.order])])  # stream offset of each shard
+
+    def _shard(self, index: int) -> np.ndarray:
+        if index not in self._shards:
+            tokens = read_shard(self.files[index])
+            top = int(tokens.max())
+            if top >= VOCAB_SIZE:
+                raise ValueError(f"shard {self.files[index]}: token id {top} >= vocab size {VOCAB_SIZE}")
+            self._shards[index] = tokens
+        return self._shards[index]
+
+    def shard_tokens(self, index: int, epoch: int) -> np.ndarray:
+        """Shard `index` as epoch `epoch` reads it. Train: its documents (each starts at an
+        <|endoftext|>; a shard may begin mid-document) in an order seeded by (seed, epoch, index), so
+        no two epochs see the same sequence (PITFALLS: unshuffled data gives a periodic loss).
+        Val: as written."""
+        tokens = self._shard(index)
+        if self.split != "train":
+            return tokens
+        key = (epoch, index)
+        if key not in self._shuffled:
+            if len(self._shuffled) >= 4:  # a step spans few shards: keep only the recent ones
+                self._shuffled.pop(next(iter(self._shuffled)))
+            starts = np.flatnonzero(tokens == EOT_ID)
+            if len(starts) == 0 or starts[0] != 0:
+                starts = np.concatenate([[0], starts])
+            ends = np.append(starts[1:], len(tokens))
+            order = np.random.default_rng([self.seed, epoch, index]).permutation(len(starts))
+            self._shuffled[key] = np.concatenate([tokens[starts[i]:ends[i]] for i in order])
+        return self._shuffled[key]
+
+    def _read(self, start: int, stop: int) -> np.ndarray:
+        """Tokens [start, stop) of this epoch's stream, as int64 (crossing shards as needed)."""
+        parts = []
+        k = int(np.searchsorted(self.starts, start, side="right")) - 1
+        while start < stop:
+            lo, hi = start - self.starts[k], min(stop, self.starts[k + 1]) - self.starts[k]
+            parts.append(self.shard_tokens(self.order[k], self.epoch)[lo:hi])
+            start += hi - lo
+            k += 1
+        return np.concatenate(parts).astype(np.int64)
+
+    def next_batch(self):
+        """(x, y), each an int64 tensor (B, T); y[b, t] is the token after x[b, t]."""
+        if self.pos + self.step_tokens + 1 > self.starts[-1]:
+            self._set_epoch(self.epoch + 1)
+            self.pos = 0
+        start = self.pos + self.rank * self.B * self.T
+        buf = torch.from_numpy(self._read(start, start + self.B * self.T + 1))
+        if self.pin_memory:
+            buf = buf.pin_memory()  # a fresh page-locked buffer per batch: none is reused mid-copy
+        x = buf[:-1].view(self.B, self.T)
+        y = buf[1:].view(self.B, self.T)
+        self.pos += self.step_tokens
+        return x, y
+
+    def __iter__(self):
+        while True:
+            yield self.next_batch()
+
+    def state_dict(self) -> dict:
+        """The position of the next step (the same on every rank): epoch, shard (index into the epoch's
+        order), offset (token within that shard), seed."""
+        k = int(np.searchsorted(self.starts, self.pos, side="right")) - 1
+        return {"epoch": int(self.epoch), "shard": k, "offset": int(self.pos - self.starts[k]), "seed": int(self.seed)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.seed = int(state["seed"])
+        self._set_epoch(int(state["epoch"]))
+        k, offset = int(state["shard"]), int(state["offset"])
+        if not (0 <= k < len(self.files) and 0 <= offset < self.starts[k + 1] - self.starts[k]):
+            raise ValueError(f"DataLoader.load_state_dict: shard {k} / offset {offset} is outside the "
+                             f"{self.split} split of {self.data_dir} ({len(self.files)} shards)")
+        self.pos = int(self.starts[k]) + offset
+
+
+# -----------------------------------------------------------------------------
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m gpt2_triton.data", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("prepare", help="tokenise a source into train/val shards")
+    p.add_argument("source", help="pystdlib | fineweb-edu | text:PATH")
+    p.add_argument("--out", default=None, help="output folder (default: $GPT2_DATA_DIR/<name>, i.e. data/<name>)")
+    p.add_argument("--shard-tokens", type=int, default=None, help="tokens per shard (default: per source)")
+    p.add_argument("--val-every", type=int, default=None, help="every k-th document goes to val (default: per source)")
+    p.add_argument("--val-tokens", type=int, default=None, help="cap on val tokens (default: per source)")
+    p.add_argument("--workers", type=int, default=None, help="tokeniser processes (default: all cores)")
+    args = parser.parse_args(argv)
+    t0 = time.perf_counter()
+    try:
+        out = prepare(args.source, args.out, shard_tokens=args.shard_tokens, val_every=args.val_every,
+                      val_tokens=args.val_tokens, workers=args.workers)
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        raise SystemExit(f"error: {e}") from None
+    except KeyboardInterrupt:
+        raise SystemExit(128 + signal.SIGINT) from None
+    print(f"prepared in {time.perf_counter() - t0:.1f}s -- {summary(out)}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,627 @@
+"""Fused GELU-MLP: a tiled Triton matmul with bias / tanh-GELU / GELU-gradient epilogues.
+
+gelu_mlp(x) = c_proj(gelu_tanh(c_fc(x))) with nn.Linear weights: fc (H, C), proj (C, H).
+
+One matmul kernel serves every product (forward and backward); what differs is the epilogue:
+    EPI_NONE       out = a @ b (+ bias)
+    EPI_GELU       pre = a @ b (+ bias); out = gelu(pre); optionally also store pre
+    EPI_GELU_GRAD  out = (a @ b) * gelu'(pre), pre loaded; optionally also store gelu(pre)
+
+The weight-grad products (small outputs, K = B·T) split K over several programs on a GPU (fp32
+partials summed in a fixed order: no atomics); MATMUL_BACKENDS can route each epilogue-free product
+to cuBLAS instead.
+
+Dtypes and autocast: without autocast the parameters share one dtype, x's or fp32 with fp16/bf16 x.
+Under autocast the public ops cast x to the autocast dtype themselves (autocast cannot see custom
+kernels) and read the parameters (any one float dtype) as they are. Matmuls run in the activation
+dtype (weights cast once per call, as autocast does) and accumulate in fp32, biases are added in
+fp32, outputs come in the activation dtype; weight and bias grads are written from the fp32
+accumulator in each parameter's own dtype (fp32 master weights get fp32-accumulated grads).
+"""
+import functools
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from gpt2_triton.kernels.utils import (
+    autocast_disabled,
+    autocast_dtype,
+    cast_floats,
+    check_device,
+    check_float,
+    is_interpreter,
+    sm_count,
+)
+
+# The matmul kernel's epilogues: constexprs the kernel compares against (host code passes `.value`).
+EPI_NONE, EPI_GELU, EPI_GELU_GRAD = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)
+
+# ----------------------------------------------------------------------------------------------
+# GELU (tanh approximation), fp32 in, fp32 out.
+# 0.5·x·(1 + tanh(u)) == x·sigmoid(2u), u = sqrt(2/pi)·(x + 0.044715·x³). The sigmoid is built
+# from e = exp(-|2u|) <= 1, so nothing overflows for any |x|. Beyond |x| = 20 the sigmoid is
+# exactly 0 or 1 in fp32, so u is computed from x clamped to [-20, 20] (keeps x³ finite).
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def _gelu_sigmoid_parts(x):
+    xc = tl.minimum(tl.maximum(x, -20.0), 20.0)
+    z = 1.5957691216057308 * (xc + 0.044715 * xc * xc * xc)  # 2u; 1.59576... = 2·sqrt(2/pi)
+    e = tl.exp(-tl.abs(z))
+    inv = 1.0 / (1.0 + e)
+    s = tl.where(z >= 0, inv, e * inv)  # sigmoid(2u) = 0.5·(1 + tanh(u))
+    return xc, s, e * inv * inv  # s·(1 - s) = e / (1 + e)²
+
+
+@triton.jit
+def _gelu_tanh(x):
+    xc, s, s_1ms = _gelu_sigmoid_parts(x)
+    return x * s
+
+
+@triton.jit
+def _gelu_tanh_grad(x):
+    # d/dx [x·sigmoid(2u)] = s + 2·x·u'·s(1 - s), u' = sqrt(2/pi)·(1 + 3·0.044715·x²)
+    xc, s, s_1ms = _gelu_sigmoid_parts(x)
+    du = 0.7978845608028654 * (1.0 + 0.134145 * xc * xc)
+    return s + 2.0 * xc * du * s_1ms
+
+
+@triton.jit
+def _epilogue(acc, out_ptr, bias_ptr, aux_in_ptr, aux_out_ptr, offs_m, offs_n, M, N, stride_outm, stride_outn,
+              HAS_BIAS: tl.constexpr, EPILOGUE: tl.constexpr, STORE_AUX: tl.constexpr):
+    """Bias, activation and stores for a block of a tile: acc (len(offs_m), len(offs_n)) fp32.
+
+    out_ptr, aux_in_ptr, aux_out_ptr and bias_ptr point at the tile's first element (row and column);
+    offs_m / offs_n are int32 row / column indices inside the tile; M / N are the rows / columns left
+    from the tile's first one (those past them are masked).
+    """
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)
+        acc += bias[None, :]
+    mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
+    offs = offs_m[:, None] * stride_outm + offs_n[None, :] * stride_outn  # in-tile: fits int32 (launcher)
+    if EPILOGUE == EPI_GELU:
+        if STORE_AUX:
+            tl.store(aux_out_ptr + offs, acc.to(aux_out_ptr.dtype.element_ty), mask=mask)
+        acc = _gelu_tanh(acc)
+    elif EPILOGUE == EPI_GELU_GRAD:
+        pre = tl.load(aux_in_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        acc = acc * _gelu_tanh_grad(pre)
+        if STORE_AUX:
+            tl.store(aux_out_ptr + offs, _gelu_tanh(pre).to(aux_out_ptr.dtype.element_ty), mask=mask)
+    tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _split_cols(x, ROWS: tl.constexpr, HALF: tl.constexpr):
+    """x (ROWS, 2 * HALF) -> its left and right halves (ROWS, HALF)."""
+    return tl.split(tl.permute(tl.reshape(x, (ROWS, 2, HALF)), (0, 2, 1)))
+
+
+@triton.jit
+def _epilogue_halves(acc, out_ptr, bias_ptr, aux_in_ptr, aux_out_ptr, offs_m, first_col, M, N, stride_outm,
+                     stride_outn, HAS_BIAS: tl.constexpr, EPILOGUE: tl.constexpr, STORE_AUX: tl.constexpr,
+                     ROWS: tl.constexpr, WIDTH: tl.constexpr):
+    """_epilogue on the left, then the right half of acc (ROWS, WIDTH), the tile's columns from first_col."""
+    HALF: tl.constexpr = WIDTH // 2
+    lo, hi = _split_cols(acc, ROWS, HALF)
+    _epilogue(lo, out_ptr, bias_ptr, aux_in_ptr, aux_out_ptr, offs_m, first_col + tl.arange(0, HALF), M, N,
+              stride_outm, stride_outn, HAS_BIAS, EPILOGUE, STORE_AUX)
+    _epilogue(hi, out_ptr, bias_ptr, aux_in_ptr, aux_out_ptr, offs_m, first_col + HALF + tl.arange(0, HALF), M, N,
+              stride_outm, stride_outn, HAS_BIAS, EPILOGUE, STORE_AUX)
+
+
+@triton.jit
+def _matmul_kernel(
+    a_ptr, b_ptr, out_ptr, bias_ptr, aux_in_ptr, aux_out_ptr,
+    M, N, K, K_SPLIT,
+    M_BUCKET, K_BUCKET,
+    stride_am, stride_ak,
+    stride_bk, stride_bn,
+    stride_outm, stride_outn,
+    HAS_BIAS: tl.constexpr, EPILOGUE: tl.constexpr, STORE_AUX: tl.constexpr, IEEE_FP32: tl.constexpr,
+    UPCAST_OPERANDS: tl.constexpr, EVEN_K: tl.constexpr, SPLIT_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    SUBTILE: tl.constexpr,
+):
+    """out (M, N) = epilogue(a (M, K) @ b (K, N)); a and b any strides.
+
+    bias (N,) any float dtype; aux_in (M, N) with out's strides: the saved pre-activation (EPI_GELU_GRAD);
+    aux_out (M, N) with out's strides: pre (EPI_GELU) or gelu(pre) (EPI_GELU_GRAD) when STORE_AUX.
+    M_BUCKET / K_BUCKET: only the autotune key (M and K rounded up to powers of two).
+    UPCAST_OPERANDS: the a / b tiles go to tl.dot as fp32 (exact for bf16); set only under the interpreter,
+    whose tl.dot on bf16 operands is wrong (triton 3.9).
+    EVEN_K: K_SPLIT is a multiple of BLOCK_K and K of K_SPLIT (the K loop needs no mask).
+    SPLIT_K > 1: program (tile, s) sums k in [s * K_SPLIT, (s + 1) * K_SPLIT) and writes its fp32 partial to
+    out + s * M * N (out is a contiguous (SPLIT_K, M, N) workspace; no bias, no epilogue).
+    SUBTILE (1, 2, 4): the epilogue runs on that many column slices of the tile (fewer live registers).
+    Offsets inside a tile are int32 (the launcher checks BLOCK * stride < 2^31); tile bases are int64.
+    """
+    # Grouped program order: GROUP_M row-blocks sweep the column-blocks together so the b tiles
+    # they share stay in L2.
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    num_pid_in_group = GROUP_M * num_pid_n
+    group_id = pid // num_pid_in_group
+    first_pid_m = group_id * GROUP_M
+    group_size_m = tl.minimum(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + (pid % num_pid_in_group) % group_size_m
+    pid_n = (pid % num_pid_in_group) // group_size_m
+    if SPLIT_K > 1:
+        k_lo = tl.program_id(1) * K_SPLIT
+        k_hi = tl.minimum(k_lo + K_SPLIT, K)
+    else:
+        k_lo = 0
+        k_hi = K
+
+    # The K loop has no M / N masks: rows past M (columns past N) of the last tiles wrap onto the tile's
+    # valid ones, whose extra results the masked stores drop. Each load is a scalar int64 base, advanced
+    # once per step, plus loop-invariant int32 offsets inside the tile.
+    offs_k = tl.arange(0, BLOCK_K)
+    row0 = pid_m * BLOCK_M
+    col0 = pid_n * BLOCK_N
+    rows = tl.arange(0, BLOCK_M) % (M - row0)
+    cols = tl.arange(0, BLOCK_N) % (N - col0)
+    a_base = a_ptr + row0.to(tl.int64) * stride_am + tl.cast(k_lo, tl.int64) * stride_ak
+    b_base = b_ptr + col0.to(tl.int64) * stride_bn + tl.cast(k_lo, tl.int64) * stride_bk
+    a_offs = rows[:, None] * stride_am + offs_k[None, :] * stride_ak  # (BLOCK_M, BLOCK_K)
+    b_offs = offs_k[:, None] * stride_bk + cols[None, :] * stride_bn  # (BLOCK_K, BLOCK_N)
+    a_step = BLOCK_K * tl.cast(stride_ak, tl.int64)
+    b_step = BLOCK_K * tl.cast(stride_bk, tl.int64)
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        if EVEN_K:
+            a = tl.load(a_base + a_offs)
+            b = tl.load(b_base + b_offs)
+        else:
+            a = tl.load(a_base + a_offs, mask=offs_k[None, :] < k_hi - k0, other=0.0)
+            b = tl.load(b_base + b_offs, mask=offs_k[:, None] < k_hi - k0, other=0.0)
+        if UPCAST_OPERANDS:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        if IEEE_FP32 or UPCAST_OPERANDS:
+            acc = tl.dot(a, b, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(a, b, acc)
+        a_base += a_step
+        b_base += b_step
+
+    # Epilogue: int64 tile bases, int32 offsets inside the tile.
+    tile = row0.to(tl.int64) * stride_outm + col0.to(tl.int64) * stride_outn
+    if SPLIT_K > 1:
+        tile += tl.program_id(1).to(tl.int64) * M * N
+    out_ptr += tile
+    if HAS_BIAS:
+        bias_ptr += col0
+    if EPILOGUE == EPI_GELU_GRAD:
+        aux_in_ptr += tile
+    if STORE_AUX:
+        aux_out_ptr += tile
+    rows_left, cols_left = M - row0, N - col0
+    offs_m = tl.arange(0, BLOCK_M)
+    if SUBTILE == 4 and BLOCK_N >= 64:
+        lo, hi = _split_cols(acc, BLOCK_M, BLOCK_N // 2)
+        _epilogue_halves(lo, out_ptr, bias_ptr, aux_in_ptr, aux_out_ptr, offs_m, 0, rows_left, cols_left,
+                         stride_outm, stride_outn, HAS_BIAS, EPILOGUE, STORE_AUX, BLOCK_M, BLOCK_N // 2)
+        _epilogue_halves(hi, out_ptr, bias_ptr, aux_in_ptr, aux_out_ptr, offs_m, BLOCK_N // 2, rows_left, cols_left,
+                         stride_outm, stride_outn, HAS_BIAS, EPILOGUE, STORE_AUX, BLOCK_M, BLOCK_N // 2)
+    elif SUBTILE >= 2 and BLOCK_N >= 32:
+        _epilogue_halves(acc, out_ptr, bias_ptr, aux_in_ptr, aux_out_ptr, offs_m, 0, rows_left, cols_left,
+                         stride_outm, stride_outn, HAS_BIAS, EPILOGUE, STORE_AUX, BLOCK_M, BLOCK_N)
+    else:
+        _epilogue(acc, out_ptr, bias_ptr, aux_in_ptr, aux_out_ptr, offs_m, tl.arange(0, BLOCK_N), rows_left,
+                  cols_left, stride_outm, stride_outn, HAS_BIAS, EPILOGUE, STORE_AUX)
+
+
+def _matmul_configs():
+    """One small config under the interpreter; Hopper tiles on GPU (autotuned), all with 4 or 8 warps so
+    every bf16/fp16 dot lowers to wgmma on sm_90 (2-warp programs fall back to mma.sync).
+
+    Configs whose shared memory does not fit (the large tiles with fp32 inputs) are skipped by the
+    autotuner.
+    """
+    if is_interpreter():
+        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 2})]
+    tiles = [  # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)
+        (128, 256, 64, 8, 3),
+        (128, 128, 64, 8, 4),
+        (128, 128, 64, 8, 3),
+        (64, 256, 32, 4, 4),
+        (128, 128, 32, 4, 4),
+        (128, 64, 32, 4, 4),
+        (64, 128, 32, 4, 4),
+        (128, 32, 32, 4, 4),
+        (64, 64, 32, 4, 5),
+        (64, 32, 32, 4, 5),
+    ]
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8},
+                          num_warps=w, num_stages=s) for bm, bn, bk, w, s in tiles]
+
+
+# Keyed on M and K rounded up to powers of two (M_BUCKET, K_BUCKET): evaluation and generation, whose M
+# changes with every batch, tune once per bucket instead of once per length.
+_matmul = triton.autotune(
+    configs=_matmul_configs(),
+    key=["M_BUCKET", "N", "K_BUCKET", "EPILOGUE", "HAS_BIAS", "STORE_AUX", "EVEN_K", "SPLIT_K"],
+)(_matmul_kernel)
+
+
+@triton.jit
+def _gelu_bwd_kernel(
+    dout_ptr, pre_ptr, dpre_ptr, n_cols,
+    stride_doutm, stride_doutn, stride_prem, stride_pren, stride_dprem,
+    BLOCK_N: tl.constexpr,
+):
+    """dpre (M, N) = dout (M, N) * gelu'(pre (M, N)); one program per (row, column block)."""
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask = cols < n_cols
+    dout = tl.load(dout_ptr + row * stride_doutm + cols * stride_doutn, mask=mask, other=0.0).to(tl.float32)
+    pre = tl.load(pre_ptr + row * stride_prem + cols * stride_pren, mask=mask, other=0.0).to(tl.float32)
+    dpre = dout * _gelu_tanh_grad(pre)
+    tl.store(dpre_ptr + row * stride_dprem + cols, dpre.to(dpre_ptr.dtype.element_ty), mask=mask)
+
+
+# ----------------------------------------------------------------------------------------------
+# Plain launchers (no autograd). Internal helpers write into outputs they are handed; the
+# registered launchers below always allocate fresh outputs and never mutate their inputs.
+# ----------------------------------------------------------------------------------------------
+@functools.cache
+def _max_blocks(interpreter: bool) -> dict:
+    """Largest BLOCK_M / BLOCK_N / BLOCK_K among the configs the autotuner may pick."""
+    configs = _matmul_configs()
+    return {name: max(cfg.kwargs[name] for cfg in configs) for name in ("BLOCK_M", "BLOCK_N", "BLOCK_K")}
+
+
+def _max_block(name):
+    return _max_blocks(is_interpreter())[name]
+
+
+# Epilogue column slices, by epilogue: fewer live registers where the GELU math spills the tiles with
+# 128 accumulator registers per thread (ptxas -v, sm_90, bf16, triton 3.9: the GELU gradient spills
+# 1.9-2.2 KB with one slice, 1.1-1.6 KB with two, nothing with four; the GELU 40-80 B with one slice).
+_EPILOGUE_SUBTILES = {EPI_NONE.value: 1, EPI_GELU.value: 2, EPI_GELU_GRAD.value: 4}
+
+
+def _launch_matmul(a, b, out, bias=None, epilogue=EPI_NONE, aux_in=None, aux_out=None, split_k=1):
+    """out (M, N) <- epilogue(a (M, K) @ b (K, N)); a and b share a dtype, any strides.
+
+    aux_in / aux_out share out's strides. split_k > 1 (no bias, no epilogue): K is cut into split_k
+    ranges whose fp32 partials go to a (split_k, M, N) workspace, summed in a fixed order into out.
+    """
+    M, K = a.shape
+    N = b.shape[1]
+    if M == 0 or N == 0:
+        return out
+    for t in (aux_in, aux_out):
+        assert t is None or t.stride() == out.stride(), "aux tensors must share out's strides"
+    assert split_k == 1 or (bias is None and epilogue == EPI_NONE)
+    target = out
+    if split_k > 1:
+        target = torch.empty((split_k, M, N), dtype=torch.float32, device=out.device)
+    bm, bn, bk = _max_block("BLOCK_M"), _max_block("BLOCK_N"), _max_block("BLOCK_K")
+    for name, t, (b0, b1) in (("a", a, (bm, bk)), ("b", b, (bk, bn)), ("out", target, (bm, bn))):
+        if b0 * t.stride(-2) + b1 * t.stride(-1) >= 2**31:
+            raise ValueError(f"matmul: {name} strides {t.stride()} are too large for the kernel's int32 "
+                             f"offsets inside a tile (need {b0}·stride(0) + {b1}·stride(1) < 2^31)")
+    k_split = max(triton.cdiv(triton.cdiv(K, split_k), bk), 1) * bk
+    # No K mask when every config's BLOCK_K divides every split's range.
+    even_k = K % k_split == 0
+    bias = bias.contiguous() if bias is not None else None
+    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]), split_k)  # noqa: E731
+    _matmul[grid](
+        a, b, target, bias, aux_in, aux_out,
+        M, N, K, k_split,
+        triton.next_power_of_2(M), triton.next_power_of_2(max(K, 1)),
+        a.stride(0), a.stride(1), b.stride(0), b.stride(1),
+        target.stride(-2), target.stride(-1),
+        HAS_BIAS=bias is not None, EPILOGUE=epilogue.value, STORE_AUX=aux_out is not None,
+        IEEE_FP32=a.dtype == torch.float32, UPCAST_OPERANDS=is_interpreter() and a.dtype == torch.bfloat16,
+        EVEN_K=even_k, SPLIT_K=split_k, SUBTILE=_EPILOGUE_SUBTILES[epilogue.value],
+    )
+    if split_k > 1:  # a fixed-order sum: the same bits on every run
+        if out.dtype == torch.float32:
+            torch.sum(target, dim=0, out=out)
+        else:
+            out.copy_(target.sum(0))
+    return out
+
+
+# Which implementation runs each epilogue-free product of the MLP; the products with a GELU or
+# GELU-gradient epilogue always run the Triton kernel. "torch" is cuBLAS through torch.matmul in the
+# activation dtype (the result rounded to that dtype before any cast to the parameters' dtype, as
+# nn.Linear under autocast does). Chosen without a GPU, from the launch shapes at GPT-2 124M size
+# (M = B·T = 16384, C = 768, H = 3072) against an H100's 132 SMs:
+#   "c_proj" y = h @ W_proj.T (M x C, K = H) and "dx" dx = d(pre) @ W_fc (M x C, K = H): 768 tiles of
+#       128x128, 5.8 waves: Triton.
+#   "dweight" dW_fc = d(pre).T @ x (H x C, K = M), dW_proj = dy.T @ h (C x H, K = M): 144 tiles, 1.09
+#       waves without split-K; Triton with split-K (_split_k: 4 splits, 576 programs, 4.4 waves).
+# Flip an entry after timing both on a GPU (`python -m gpt2_triton.bench gelu_mlp`).
+MATMUL_BACKENDS = {"c_proj": "triton", "dx": "triton", "dweight": "triton"}
+
+
+def _split_k(M: int, N: int, K: int, num_sms: int) -> int:
+    """K splits (1, 2, 4 or 8) for an (M, N) output with a long K, from a simple time model: waves of
+    128x128 tiles (num_sms at a time), each 2·128·128·K/S FLOPs, plus the fp32 partials written and read
+    (8·S·M·N bytes) at 300 FLOP per byte (an H100's bf16 peak over its memory bandwidth)."""
+    tiles = triton.cdiv(M, 128) * triton.cdiv(N, 128)
+
+    def cost(s):
+        compute = triton.cdiv(tiles * s, num_sms) * num_sms * 2 * 128 * 128 * K / s
+        return compute + (8 * s * M * N * 300 if s > 1 else 0)
+
+    return min((1, 2, 4, 8), key=cost)
+
+
+def _product(name, a, b, out, bias=None):
+    """out <- a @ b (+ bias) for the epilogue-free product `name` of MATMUL_BACKENDS."""
+    backend = MATMUL_BACKENDS[name]
+    if backend == "torch":
+        res = a @ b if bias is None else torch.addmm(bias.to(a.dtype), a, b)
+        return out.copy_(res)
+    if backend != "triton":
+        raise ValueError(f"MATMUL_BACKENDS[{name!r}] must be 'triton' or 'torch'; got {backend!r}")
+    num_sms = sm_count(a.device) if name == "dweight" else None
+    split_k = _split_k(a.shape[0], b.shape[1], a.shape[1], num_sms) if num_sms else 1
+    return _launch_matmul(a, b, out, bias=bias, split_k=split_k)
+
+
+def _gelu_bwd(dout, pre):
+    """dpre = dout * gelu'(pre); dout, pre (M, N) -> (M, N) in pre's dtype."""
+    M, N = pre.shape
+    dpre = torch.empty((M, N), dtype=pre.dtype, device=pre.device)
+    if M == 0 or N == 0:
+        return dpre
+    block_n = min(1024, triton.next_power_of_2(N))
+    _gelu_bwd_kernel[(M, triton.cdiv(N, block_n))](
+        dout, pre, dpre, N,
+        dout.stride(0), dout.stride(1), pre.stride(0), pre.stride(1), dpre.stride(0),
+        BLOCK_N=block_n,
+    )
+    return dpre
+
+
+def _bias_grad(grad, like):
+    """Column sums of grad (M, N) in fp32, returned in like's dtype."""
+    return grad.sum(0, dtype=torch.float32).to(like.dtype)
+
+
+@torch.library.custom_op("gpt2_triton::fused_matmul", mutates_args=())
+def fused_matmul(a: torch.Tensor, b: torch.Tensor, bias: Optional[torch.Tensor] = None,
+                 apply_gelu: bool = False) -> torch.Tensor:
+    """a (M, K) @ b (K, N) (+ bias (N,)), then tanh-GELU if apply_gelu -> (M, N) in a's dtype.
+
+    a and b share one float dtype and may have any strides (transposed views need no copy).
+    """
+    if a.dim() != 2 or b.dim() != 2 or a.shape[1] != b.shape[0]:
+        raise ValueError(f"fused_matmul: need a (M, K) and b (K, N); got {tuple(a.shape)} and {tuple(b.shape)}")
+    if bias is not None and tuple(bias.shape) != (b.shape[1],):
+        raise ValueError(f"fused_matmul: bias must have shape ({b.shape[1]},); got {tuple(bias.shape)}")
+    if a.dtype != b.dtype:
+        raise TypeError(f"fused_matmul: a and b must share one dtype; got {a.dtype} and {b.dtype}")
+    out = torch.empty((a.shape[0], b.shape[1]), dtype=a.dtype, device=a.device)
+    return _launch_matmul(a, b, out, bias=bias, epilogue=EPI_GELU if apply_gelu else EPI_NONE)
+
+
+@fused_matmul.register_fake
+def _(a, b, bias=None, apply_gelu=False):
+    return a.new_empty((a.shape[0], b.shape[1]))
+
+
+@torch.library.custom_op("gpt2_triton::gelu_mlp_fwd", mutates_args=())
+def gelu_mlp_fwd(x2d: torch.Tensor, fc_weight: torch.Tensor, fc_bias: Optional[torch.Tensor],
+                 proj_weight: torch.Tensor, proj_bias: Optional[torch.Tensor],
+                 save_pre: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """x2d (M, C) -> (y (M, C), pre (M, H)), both in x2d's dtype.
+
+    fc_weight (H, C), fc_bias (H,) or None, proj_weight (C, H), proj_bias (C,) or None; weights of any
+    float dtype are cast to x2d's once per call, biases are added in fp32. pre = x2d @ fc_weight.T + fc_bias
+    is written only when save_pre (otherwise pre is an empty (0,) tensor). We save pre alone for
+    backward and recompute gelu(pre) there: one (M, 4C) tensor kept per layer instead of two (pre and h).
+    """
+    M, H, C = x2d.shape[0], fc_weight.shape[0], fc_weight.shape[1]
+    dtype = x2d.dtype
+    with autocast_disabled(x2d.device.type):
+        h = torch.empty((M, H), dtype=dtype, device=x2d.device)  # gelu(pre), only lives until c_proj
+        pre = torch.empty((M, H) if save_pre else (0,), dtype=dtype, device=x2d.device)
+        _launch_matmul(x2d, fc_weight.to(dtype).t(), h, bias=fc_bias, epilogue=EPI_GELU,
+                       aux_out=pre if save_pre else None)
+        y = torch.empty((M, C), dtype=dtype, device=x2d.device)
+        _product("c_proj", h, proj_weight.to(dtype).t(), y, bias=proj_bias)
+    return y, pre
+
+
+@gelu_mlp_fwd.register_fake
+def _(x2d, fc_weight, fc_bias, proj_weight, proj_bias, save_pre):
+    M, H = x2d.shape[0], fc_weight.shape[0]
+    return x2d.new_empty((M, fc_weight.shape[1])), x2d.new_empty((M, H) if save_pre else (0,))
+
+
+@torch.library.custom_op("gpt2_triton::gelu_mlp_bwd", mutates_args=())
+def gelu_mlp_bwd(dy: torch.Tensor, x2d: torch.Tensor, pre: torch.Tensor, fc_weight: torch.Tensor,
+                 proj_weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                                     torch.Tensor, torch.Tensor]:
+    """Grads of gelu_mlp: dy (M, C), x2d (M, C), pre (M, H) from gelu_mlp_fwd, weights as in the fwd.
+
+    Returns dx (M, C) in x2d's dtype; dfc_w (H, C), dfc_b (H,) in fc_weight's dtype;
+    dproj_w (C, H), dproj_b (C,) in proj_weight's dtype (fp32-accumulated).
+    """
+    dtype = x2d.dtype
+    M, C, H = x2d.shape[0], x2d.shape[1], pre.shape[1]
+    with autocast_disabled(x2d.device.type):
+        dy, pre = dy.to(dtype), pre.contiguous()
+        # d(pre) = (dy @ W_proj) * gelu'(pre), and h = gelu(pre) recomputed in the same epilogue.
+        dpre = torch.empty((M, H), dtype=dtype, device=x2d.device)
+        h = torch.empty((M, H), dtype=dtype, device=x2d.device)
+        _launch_matmul(dy, proj_weight.to(dtype), dpre, epilogue=EPI_GELU_GRAD, aux_in=pre, aux_out=h)
+        dproj_w = torch.empty((C, H), dtype=proj_weight.dtype, device=x2d.device)
+        _product("dweight", dy.t(), h, dproj_w)  # (C, M) @ (M, H)
+        dfc_w = torch.empty((H, C), dtype=fc_weight.dtype, device=x2d.device)
+        _product("dweight", dpre.t(), x2d, dfc_w)  # (H, M) @ (M, C)
+        dx = torch.empty((M, C), dtype=dtype, device=x2d.device)
+        _product("dx", dpre, fc_weight.to(dtype), dx)  # (M, H) @ (H, C)
+        return dx, dfc_w, _bias_grad(dpre, fc_weight), dproj_w, _bias_grad(dy, proj_weight)
+
+
+@gelu_mlp_bwd.register_fake
+def _(dy, x2d, pre, fc_weight, proj_weight):
+    H, C = fc_weight.shape
+    return (x2d.new_empty(x2d.shape), fc_weight.new_empty((H, C)), fc_weight.new_empty((H,)),
+            proj_weight.new_empty((C, H)), proj_weight.new_empty((C,)))
+
+
+@torch.library.custom_op("gpt2_triton::linear_gelu_fwd", mutates_args=())
+def linear_gelu_fwd(x2d: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                    save_pre: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """x2d (M, K), weight (N, K), bias (N,) or None -> (gelu(pre) (M, N), pre (M, N) or empty (0,)).
+
+    Outputs in x2d's dtype; the weight (any float dtype) is cast to it once per call, the bias is added in fp32.
+    """
+    M, N = x2d.shape[0], weight.shape[0]
+    dtype = x2d.dtype
+    with autocast_disabled(x2d.device.type):
+        out = torch.empty((M, N), dtype=dtype, device=x2d.device)
+        pre = torch.empty((M, N) if save_pre else (0,), dtype=dtype, device=x2d.device)
+        _launch_matmul(x2d, weight.to(dtype).t(), out, bias=bias, epilogue=EPI_GELU,
+                       aux_out=pre if save_pre else None)
+    return out, pre
+
+
+@linear_gelu_fwd.register_fake
+def _(x2d, weight, bias, save_pre):
+    M, N = x2d.shape[0], weight.shape[0]
+    return x2d.new_empty((M, N)), x2d.new_empty((M, N) if save_pre else (0,))
+
+
+@torch.library.custom_op("gpt2_triton::linear_gelu_bwd", mutates_args=())
+def linear_gelu_bwd(dout: torch.Tensor, x2d: torch.Tensor, pre: torch.Tensor,
+                    weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """dout (M, N), x2d (M, K), pre (M, N), weight (N, K) -> dx (M, K) in x2d's dtype,
+    dw (N, K) and db (N,) in weight's dtype (fp32-accumulated)."""
+    dtype = x2d.dtype
+    with autocast_disabled(x2d.device.type):
+        dpre = _gelu_bwd(dout.to(dtype), pre)  # (M, N)
+        dw = torch.empty(weight.shape, dtype=weight.dtype, device=x2d.device)
+        _product("dweight", dpre.t(), x2d, dw)  # (N, M) @ (M, K)
+        dx = torch.empty(x2d.shape, dtype=dtype, device=x2d.device)
+        _product("dx", dpre, weight.to(dtype), dx)  # (M, N) @ (N, K)
+        return dx, dw, _bias_grad(dpre, weight)
+
+
+@linear_gelu_bwd.register_fake
+def _(dout, x2d, pre, weight):
+    return x2d.new_empty(x2d.shape), weight.new_empty(weight.shape), weight.new_empty((weight.shape[0],))
+
+
+# ----------------------------------------------------------------------------------------------
+# Autograd and public ops
+# ----------------------------------------------------------------------------------------------
+class GeluMLPFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, fc_weight, fc_bias, proj_weight, proj_bias, save_pre):
+        x2d = x.reshape(-1, x.shape[-1])  # (M, C)
+        y, pre = gelu_mlp_fwd(x2d, fc_weight, fc_bias, proj_weight, proj_bias, save_pre)
+        ctx.save_for_backward(x2d, pre, fc_weight, proj_weight)
+        ctx.has_bias = (fc_bias is not None, proj_bias is not None)
+        return y.view(x.shape)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x2d, pre, fc_weight, proj_weight = ctx.saved_tensors
+        dx, dfc_w, dfc_b, dproj_w, dproj_b = gelu_mlp_bwd(
+            dy.reshape(-1, dy.shape[-1]), x2d, pre, fc_weight, proj_weight)
+        return (dx.view(dy.shape), dfc_w, dfc_b if ctx.has_bias[0] else None,
+                dproj_w, dproj_b if ctx.has_bias[1] else None, None)
+
+
+class LinearGeluFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, save_pre):
+        x2d = x.reshape(-1, x.shape[-1])  # (M, K)
+        out, pre = linear_gelu_fwd(x2d, weight, bias, save_pre)
+        ctx.save_for_backward(x2d, pre, weight)
+        ctx.has_bias = bias is not None
+        return out.view(*x.shape[:-1], weight.shape[0])
+
+    @staticmethod
+    def backward(ctx, dout):
+        x2d, pre, weight = ctx.saved_tensors
+        dx, dw, db = linear_gelu_bwd(dout.reshape(-1, dout.shape[-1]), x2d, pre, weight)
+        return dx.view(*dout.shape[:-1], x2d.shape[1]), dw, db if ctx.has_bias else None, None
+
+
+def _check_params(op, x, params, cast_to):
+    """params: (name, tensor or None, expected shape). Raises on bad dtype/shape/device.
+
+    cast_to: the autocast dtype x is about to be cast to, or None (no autocast).
+    """
+    check_float(op, "x", x)
+    if x.dim() < 1:
+        raise ValueError(f"{op}: x must have shape (..., C); got a 0-d tensor")
+    param_dtypes = set()
+    for name, t, shape in params:
+        if t is None:
+            continue
+        check_float(op, name, t)
+        if tuple(t.shape) != shape:
+            raise ValueError(f"{op}: {name} must have shape {shape}; got {tuple(t.shape)}")
+        param_dtypes.add(t.dtype)
+    if len(param_dtypes) > 1:
+        found = ", ".join(f"{n} {t.dtype}" for n, t, _ in params if t is not None)
+        raise TypeError(f"{op}: weights and biases must share one dtype; got {found}")
+    (param_dtype,) = param_dtypes
+    if cast_to is None and param_dtype != x.dtype and param_dtype != torch.float32:
+        raise TypeError(f"{op}: parameters must be in x's dtype ({x.dtype}) or float32 (or run under "
+                        f"autocast); got {param_dtype}")
+    check_device(op, x=x, **{name: t for name, t, _ in params})
+
+
+def _needs_grad(*tensors):
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def gelu_mlp(x, fc_weight, fc_bias, proj_weight, proj_bias):
+    """c_proj(gelu_tanh(c_fc(x))): x (..., C), fc_weight (H, C), fc_bias (H,) or None,
+    proj_weight (C, H), proj_bias (C,) or None -> (..., C).
+
+    Without autocast the parameters share one dtype, x's or fp32 (with fp16/bf16 x), and the result has
+    x's dtype. Under autocast x is cast to the autocast dtype, the parameters (any one float dtype) are
+    read as they are, and the result has the autocast dtype. Parameter grads come in the parameters' dtype.
+    """
+    op = "gelu_mlp"
+    check_float(op, "fc_weight", fc_weight)
+    if fc_weight.dim() != 2:
+        raise ValueError(f"{op}: fc_weight must be 2-D (H, C); got shape {tuple(fc_weight.shape)}")
+    H, C = fc_weight.shape
+    cast_to = autocast_dtype(x.device.type)
+    _check_params(op, x, [("fc_weight", fc_weight, (H, C)), ("fc_bias", fc_bias, (H,)),
+                          ("proj_weight", proj_weight, (C, H)), ("proj_bias", proj_bias, (C,))], cast_to)
+    if x.shape[-1] != C:
+        raise ValueError(f"{op}: x must have shape (..., C) with C = fc_weight.shape[1] = {C}; "
+                         f"got {tuple(x.shape)}")
+    (x,) = cast_floats(cast_to, x)
+    save_pre = _needs_grad(x, fc_weight, fc_bias, proj_weight, proj_bias)
+    return GeluMLPFunction.apply(x, fc_weight, fc_bias, proj_weight, proj_bias, save_pre)
+
+
+def linear_gelu(x, weight, bias):
+    """gelu_tanh(x @ weight.T + bias): x (..., K), weight (N, K), bias (N,) or None -> (..., N).
+
+    Dtypes and autocast as gelu_mlp: x's dtype, or the autocast dtype under autocast.
+    """
+    op = "linear_gelu"
+    check_float(op, "weight", weight)
+    if weight.dim() != 2:
+        raise ValueError(f"{op}: weight must be 2-D (N, K); got shape {tuple(weight.shape)}")
+    N, K = weight.shape
+    cast_to = autocast_dtype(x.device.type)
+    _check_params(op, x, [("weight", weight, (N, K)), ("bias", bias, (N,))], cast_to)
+    if x.shape[-1] != K:
+        raise ValueError(f"{op}: x must have shape (..., K) with K = weight.shape[1] = {K}; got {tuple(x.shape)}")
+    (x,) = cast_floats(cast_to, x)
+    save_pre = _needs_grad(x, weight, bias)
+    return LinearGeluFunction.apply(x, weight, bias, save_pre)

@@ -1,0 +1,120 @@
+"""The one switch for the hot ops: picks each op's implementation ("torch" or "triton") once.
+
+`resolve_kernels("triton")`, `resolve_kernels({"attention": "triton"})`, `resolve_kernels("attention=triton")`
+-> {op: impl} for every op;
+`build_ops(...)` -> an `Ops` bundle of functions the model's modules keep. Nothing else in the
+library decides which implementation runs.
+"""
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch.nn.functional as F
+
+from gpt2_triton import kernels as triton_kernels
+from gpt2_triton.kernels import reference
+from gpt2_triton.kernels.utils import merge_heads, split_heads
+
+OP_NAMES = ("layer_norm", "attention", "gelu_mlp", "cross_entropy")
+IMPLS = ("torch", "triton")
+# op -> the public functions that serve it (each implemented in torch below and in gpt2_triton.kernels)
+OP_FUNCTIONS = {
+    "layer_norm": ("layer_norm",),
+    "attention": ("flash_attention", "flash_attention_qkv"),
+    "gelu_mlp": ("gelu_mlp",),
+    "cross_entropy": ("cross_entropy", "linear_cross_entropy"),
+}
+
+
+# --- the "torch" implementations: plain PyTorch, the fast eager baseline -------------------------
+def torch_layer_norm(x, weight, bias, eps=1e-5, out_dtype=None):
+    y = F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
+    return y if out_dtype is None else y.to(out_dtype)
+
+
+def torch_attention(q, k, v, causal=True, scale=None):
+    return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale)
+
+
+def torch_attention_qkv(qkv, n_head, causal=True, scale=None):
+    """The (B, T, 3C) QKV projection -> (B, T, C), heads side by side, through SDPA."""
+    q, k, v = split_heads(qkv, n_head)  # (B, nh, T, hs) each
+    return merge_heads(torch_attention(q, k, v, causal, scale))
+
+
+def torch_gelu_mlp(x, fc_weight, fc_bias, proj_weight, proj_bias):
+    return reference.gelu_mlp(x, fc_weight, fc_bias, proj_weight, proj_bias, upcast=False)
+
+
+TORCH_OPS = {
+    "layer_norm": torch_layer_norm,
+    "flash_attention": torch_attention,
+    "flash_attention_qkv": torch_attention_qkv,
+    "gelu_mlp": torch_gelu_mlp,
+    "cross_entropy": reference.cross_entropy,
+    "linear_cross_entropy": reference.linear_cross_entropy,
+}
+
+
+def resolve_kernels(kernels="torch") -> dict:
+    """{op: impl} for every op, from "torch" | "triton" | {op: impl} | the CLI form "op=impl,op=impl"
+    (ops left out run torch)."""
+    if isinstance(kernels, str) and "=" in kernels:
+        pairs = [item.split("=", 1) for item in kernels.split(",") if item]
+        if any(len(p) != 2 for p in pairs):
+            raise ValueError(f"kernels: expected op=impl pairs separated by commas; got {kernels!r}")
+        kernels = {op.strip(): impl.strip() for op, impl in pairs}
+    if isinstance(kernels, str):
+        if kernels not in IMPLS:
+            raise ValueError(f"kernels must be one of {IMPLS}, op=impl pairs or a dict {{op: impl}}; got {kernels!r}")
+        return {op: kernels for op in OP_NAMES}
+    if not isinstance(kernels, dict):
+        raise TypeError(f"kernels must be a str or a dict; got {type(kernels).__name__}")
+    choice = {op: "torch" for op in OP_NAMES}
+    for op, impl in kernels.items():
+        if op == "linear_cross_entropy":
+            op = "cross_entropy"  # one choice covers both cross-entropy ops
+        if op not in OP_NAMES:
+            raise ValueError(f"kernels: unknown op {op!r}; ops are {OP_NAMES}")
+        if impl not in IMPLS:
+            raise ValueError(f"kernels: op {op!r} must be 'torch' or 'triton'; got {impl!r}")
+        choice[op] = impl
+    return choice
+
+
+def _load_triton(op: str) -> dict:
+    """The op's Triton functions; importing them imports triton, so only when a Triton op is chosen."""
+    return {name: getattr(triton_kernels, name) for name in OP_FUNCTIONS[op]}
+
+
+@dataclass(frozen=True)
+class Ops:
+    layer_norm: Callable
+    attention: Callable  # (q, k, v) (B, nh, T, hs) each -> (B, nh, T, hs)
+    attention_qkv: Callable  # (qkv (B, T, 3C), n_head) -> (B, T, C)
+    gelu_mlp: Callable
+    cross_entropy: Callable
+    linear_cross_entropy: Callable
+    choice: dict  # {op: "torch" | "triton"}
+
+    @property
+    def fused_lm_head_loss(self) -> bool:
+        """True when the loss is computed without ever materialising the (B, T, V) logits."""
+        return self.choice["cross_entropy"] == "triton"
+
+
+def build_ops(kernels="torch") -> Ops:
+    choice = resolve_kernels(kernels)
+    fns = {}
+    for op, impl in choice.items():
+        if impl == "torch":
+            fns.update({name: TORCH_OPS[name] for name in OP_FUNCTIONS[op]})
+        else:
+            for name, fn in _load_triton(op).items():
+                if op == "cross_entropy":  # the model checks target ids itself, without a second sync
+                    fn = functools.partial(fn, check_targets=False)
+                fns[name] = fn  # each public op applies the autocast policy itself (kernels/utils.py)
+    return Ops(layer_norm=fns["layer_norm"], attention=fns["flash_attention"],
+               attention_qkv=fns["flash_attention_qkv"], gelu_mlp=fns["gelu_mlp"],
+               cross_entropy=fns["cross_entropy"], linear_cross_entropy=fns["linear_cross_entropy"],
+               choice=choice)

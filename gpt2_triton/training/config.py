@@ -1,0 +1,284 @@
+"""The training configuration: `TrainConfig` (every field is a `train.py` flag, its metadata the flag's
+help and valid range), the presets, parsing and every check that needs neither data nor devices."""
+import argparse
+import math
+import operator
+import re
+import typing
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+
+import torch
+
+from gpt2_triton import data as gpt2_data
+from gpt2_triton.kernels.utils import is_interpreter
+from gpt2_triton.model.config import PRESETS as MODEL_PRESETS
+from gpt2_triton.model.config import GPTConfig
+from gpt2_triton.model.ops import resolve_kernels
+from gpt2_triton.training.distributed import wants_cuda
+from gpt2_triton.training.errors import ConfigError
+
+USAGE = """Train GPT-2 on CPU, one GPU, or several with DDP (build-nanogpt's recipe).
+
+    python train.py                               # demo on CPU, gpt2-124m on a GPU
+    python train.py --preset demo --max-steps 50
+    torchrun --nproc_per_node=8 train.py --preset gpt2-124m --micro-batch 32
+    python train.py --preset demo --resume        # continue from the latest checkpoint in the run folder
+
+Every TrainConfig field is a flag (`--micro-batch 8`, `--no-compile`, ...); a preset is a partial
+override of the defaults, and flags override the preset.
+
+A run folder belongs to one run: a new run refuses a folder that holds one (continue it with
+--resume, or start over with --overwrite), and a second train.py refuses a folder in use.
+Ctrl-C or SIGTERM: finish the step, save a checkpoint, exit 130 / 143.
+"""
+
+
+def opt(default, help: str, **check):
+    """A TrainConfig field: its default, its --help text and its valid range
+    (ge / gt / le / lt bounds, `choices`, `inf_ok` for floats that may be inf)."""
+    return field(default=default, metadata={"help": help, **check})
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    preset: str | None = opt(None, "demo | gpt2-124m; none given: demo on a CPU, gpt2-124m on a GPU")
+    # model: a GPTConfig preset, with optional overrides (None keeps the preset's value)
+    model: str = opt("gpt2", "GPTConfig preset the model starts from", choices=tuple(MODEL_PRESETS))
+    block_size: int | None = opt(None, "context length (learned position embeddings); none: the model preset's", ge=1)
+    vocab_size: int | None = opt(None, "vocabulary size; none: the model preset's (50257)", ge=1)
+    n_layer: int | None = opt(None, "transformer blocks; none: the model preset's", ge=1)
+    n_head: int | None = opt(None, "attention heads; none: the model preset's", ge=1)
+    n_embd: int | None = opt(None, "model width; none: the model preset's", ge=1)
+    pad_vocab_to: int = opt(128, "round the embedding table up to a multiple of this (50257 -> 50304)", ge=1)
+    kernels: str = opt("torch", "torch | triton | op=impl,... (ops: attention, layer_norm, gelu_mlp, cross_entropy)")
+    # data
+    data: str = opt("fineweb-edu", "pystdlib | fineweb-edu | text:PATH (a .txt/.jsonl file or a folder of them); "
+                                   "with --data-dir, the source named in its manifest")
+    data_dir: str | None = opt(None, "token shards (prepared here if missing), or an llm.c shard folder; "
+                                     "none: $GPT2_DATA_DIR/<data>, i.e. data/<data>")
+    seq_len: int = opt(1024, "tokens per sequence", ge=1)
+    micro_batch: int = opt(64, "sequences per forward pass, per process", ge=1)
+    total_batch: int | None = opt(524288, "tokens per optimizer step, by gradient accumulation; "
+                                          "none: one micro-batch per process", ge=1)
+    # optimisation
+    max_steps: int = opt(19073, "optimizer steps to train for", ge=1)
+    lr_decay_steps: int | None = opt(None, "the cosine decay ends at this step (more than max_steps: stop early "
+                                           "on a longer schedule); none: max_steps", ge=1)
+    warmup_steps: int = opt(715, "linear learning-rate warmup steps", ge=0)
+    max_lr: float = opt(6e-4, "peak learning rate", gt=0)
+    min_lr_ratio: float = opt(0.1, "final learning rate as a fraction of max_lr", ge=0, le=1)
+    weight_decay: float = opt(0.1, "AdamW weight decay (matrices only)", ge=0)
+    beta1: float = opt(0.9, "AdamW beta1", ge=0, lt=1)
+    beta2: float = opt(0.95, "AdamW beta2", ge=0, lt=1)
+    adam_eps: float = opt(1e-8, "AdamW epsilon", gt=0)
+    grad_clip: float = opt(1.0, "clip the global gradient norm to this (inf: no clipping)", gt=0, inf_ok=True)
+    fused_adamw: bool | None = opt(None, "fused AdamW; none: on CUDA")
+    # runtime
+    device: str = opt("auto", "auto | cpu | cuda | cuda:N")
+    dtype: str = opt("auto", "auto (bfloat16 autocast on CUDA, float32 on CPU) | bfloat16 | float32",
+                     choices=("auto", "bfloat16", "float32"))
+    compile: bool | None = opt(None, "torch.compile the model; none: on CUDA, off on CPU")
+    seed: int = opt(1337, "seed of the initial weights, the data order and the samples", ge=0)
+    # evaluation, logging, checkpoints (an interval of 0 turns it off; the last step always counts)
+    val_every: int = opt(250, "validate every N steps (0: never)", ge=0)
+    val_steps: int = opt(20, "micro-batches per validation", ge=1)
+    hellaswag_every: int = opt(250, "HellaSwag every N steps (0: never)", ge=0)
+    hellaswag: str | None = opt(None, "hellaswag_val.jsonl; none: the cached file if present")
+    hellaswag_limit: int | None = opt(None, "score only the first N HellaSwag examples; none: all", ge=1)
+    sample_every: int = opt(250, "print samples every N steps (0: never)", ge=0)
+    sample_count: int = opt(4, "samples each time", ge=0)
+    sample_tokens: int = opt(32, "new tokens per sample", ge=1)
+    checkpoint_every: int = opt(5000, "save a checkpoint every N steps (0: only at the end)", ge=0)
+    keep_checkpoints: int = opt(2, "keep the newest N checkpoints", ge=1)
+    run_dir: str | None = opt(None, "run folder (config, metrics, plot, checkpoints); none: runs/<preset>")
+    resume: str | None = opt(None, "continue a run: the latest checkpoint in the run folder (no value) "
+                                   "or a checkpoint path")
+    overwrite: bool = opt(False, "start a new run in a run folder that holds one, deleting its checkpoints, "
+                                 "metrics and config")
+    peak_flops: float | None = opt(None, "bf16 peak FLOP/s of one device, for MFU; none: from the table of "
+                                         "known GPUs", gt=0)
+    plot: bool = opt(True, "write loss.png at the end")
+
+
+PRESETS = {
+    "gpt2-124m": dict(  # build-nanogpt: 10B tokens of FineWeb-Edu in 19,073 steps of 0.5M tokens
+        model="gpt2", pad_vocab_to=128, data="fineweb-edu", seq_len=1024, micro_batch=64, total_batch=524288,
+        max_steps=19073, warmup_steps=715, max_lr=6e-4, min_lr_ratio=0.1, weight_decay=0.1,
+        val_every=250, val_steps=20, hellaswag_every=250, sample_every=250, checkpoint_every=5000,
+    ),
+    "demo": dict(  # ~3 minutes on 2 CPU cores, data prep included
+        model="gpt2", block_size=128, n_layer=4, n_head=4, n_embd=128, data="pystdlib", seq_len=128,
+        micro_batch=8, total_batch=None, max_steps=200, warmup_steps=20, max_lr=3e-3,
+        val_every=50, val_steps=5, hellaswag_every=0, sample_every=100, sample_count=2, sample_tokens=32,
+        checkpoint_every=100,
+    ),
+}
+MODEL_FIELDS = ("model", "block_size", "vocab_size", "n_layer", "n_head", "n_embd", "pad_vocab_to")
+# What a resumed run may change; every other field must equal the checkpoint's (the model's via its GPTConfig).
+RESUME_MAY_CHANGE = (
+    "max_steps", "lr_decay_steps", "kernels", "data_dir", "fused_adamw", "device", "dtype", "compile",
+    "val_every", "val_steps", "hellaswag_every", "hellaswag", "hellaswag_limit", "sample_every", "sample_count",
+    "sample_tokens", "checkpoint_every", "keep_checkpoints", "peak_flops", "plot",
+)
+RESUME_IGNORED = ("preset", "run_dir", "resume", "overwrite")  # how the run is named and started
+
+
+
+# --- configuration --------------------------------------------------------------------------------
+def _field_type(annotation):
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    return args[0] if args else annotation
+
+
+# A field's range in its metadata: key -> (test, how --help and errors write it).
+BOUNDS = (("ge", operator.ge, ">="), ("gt", operator.gt, ">"), ("le", operator.le, "<="), ("lt", operator.lt, "<"))
+
+
+def _is_optional(annotation) -> bool:
+    return type(None) in typing.get_args(annotation)
+
+
+def flag_name(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _help(f) -> str:
+    """The field's help, its range and its default (and each preset's value where it sets one)."""
+    meta = f.metadata
+    bounds = [f"{word} {meta[key]}" for key, _, word in BOUNDS if key in meta]
+    default = [] if f.default is None else [f"default {f.default}"]  # the help says what None means
+    default += [f"{name}: {preset[f.name]}" for name, preset in PRESETS.items()
+                if f.name in preset and preset[f.name] != f.default]
+    notes = "; ".join(filter(None, [", ".join(bounds)] + default))
+    return f"{meta['help']} ({notes})" if notes else meta["help"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="train.py", description=USAGE,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    hints = typing.get_type_hints(TrainConfig)
+    for f in fields(TrainConfig):
+        flag, kind = flag_name(f.name), _field_type(hints[f.name])
+        if f.name == "preset":
+            parser.add_argument(flag, choices=sorted(PRESETS), default=argparse.SUPPRESS, help=f.metadata["help"])
+        elif f.name == "resume":
+            parser.add_argument(flag, nargs="?", const="latest", default=argparse.SUPPRESS, metavar="CHECKPOINT",
+                                help=f.metadata["help"])
+        elif kind is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
+                                help=_help(f))
+        else:
+            parser.add_argument(flag, type=kind, default=argparse.SUPPRESS, choices=f.metadata.get("choices"),
+                                help=_help(f))
+    return parser
+
+
+def make_config(preset: str | None = None, **overrides) -> TrainConfig:
+    """TrainConfig defaults <- preset <- overrides. preset None: demo on CPU, gpt2-124m on CUDA."""
+    if preset is None:
+        preset = "gpt2-124m" if wants_cuda(overrides.get("device", "auto")) else "demo"
+    if preset not in PRESETS:
+        raise ConfigError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
+    return replace(TrainConfig(), **{**PRESETS[preset], **overrides, "preset": preset})
+
+
+def parse_config(argv=None) -> TrainConfig:
+    given = vars(build_parser().parse_args(argv))
+    preset = given.pop("preset", None)
+    if preset is None:
+        chosen = "gpt2-124m" if wants_cuda(given.get("device", "auto")) else "demo"
+        print(f"no --preset given: using {chosen!r} ({'CUDA found' if chosen == 'gpt2-124m' else 'no CUDA'})")
+    return make_config(preset, **given)
+
+
+def _range_problem(f, value, annotation) -> str | None:
+    """Why `value` is not valid for field `f`, or None."""
+    meta, flag = f.metadata, flag_name(f.name)
+    if value is None:
+        return None if _is_optional(annotation) else f"{flag} needs a value"
+    kind = _field_type(annotation)
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        return f"{flag} must be {kind.__name__}; got {value!r}"
+    if kind is float and not math.isfinite(value) and not (meta.get("inf_ok") and value == math.inf):
+        return f"{flag} must be a finite number; got {value}"
+    for key, op, word in BOUNDS:
+        if key in meta and not op(value, meta[key]):
+            return f"{flag} must be {word} {meta[key]}; got {value}"
+    if "choices" in meta and value not in meta["choices"]:
+        return f"{flag} must be one of {', '.join(meta['choices'])}; got {value!r}"
+    return None
+
+
+def model_config_of(cfg: TrainConfig) -> GPTConfig:
+    return GPTConfig.from_preset(cfg.model, **{k: getattr(cfg, k) for k in MODEL_FIELDS[1:]
+                                               if getattr(cfg, k) is not None})
+
+
+def check_config(cfg: TrainConfig) -> None:
+    """Every field in its range, and every combination that can be checked without data or devices.
+    Raises ConfigError naming the flag; nothing has been written yet."""
+    hints = typing.get_type_hints(TrainConfig)
+    for f in fields(TrainConfig):
+        problem = _range_problem(f, getattr(cfg, f.name), hints[f.name])
+        if problem:
+            raise ConfigError(problem)
+    if cfg.preset not in PRESETS:
+        raise ConfigError(f"--preset must be one of {', '.join(sorted(PRESETS))}; got {cfg.preset!r}")
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", cfg.device):
+        raise ConfigError(f"--device must be auto, cpu, cuda or cuda:N; got {cfg.device!r}")
+    preparable = cfg.data in ("pystdlib", "fineweb-edu") or (cfg.data.startswith("text:") and len(cfg.data) > 5)
+    if not preparable and not (cfg.data_dir and cfg.data):  # with --data-dir: the name in its manifest
+        raise ConfigError(f"--data must be pystdlib, fineweb-edu or text:PATH; got {cfg.data!r}")
+    try:
+        resolve_kernels(cfg.kernels)
+        model_config = model_config_of(cfg)
+    except (ValueError, TypeError) as e:
+        raise ConfigError(str(e)) from None
+    if cfg.seq_len > model_config.block_size:
+        raise ConfigError(f"--seq-len {cfg.seq_len} exceeds the model's block size {model_config.block_size}")
+    if cfg.resume and cfg.overwrite:
+        raise ConfigError("--resume continues the run in the run folder and --overwrite deletes it: pick one")
+    if cfg.resume not in (None, "latest") and not Path(cfg.resume).is_file():
+        raise ConfigError(f"--resume {cfg.resume}: no such checkpoint file")
+    if cfg.hellaswag and not Path(cfg.hellaswag).is_file():
+        raise ConfigError(f"--hellaswag {cfg.hellaswag}: no such file")
+    for name in ("run_dir", "data_dir"):
+        folder = getattr(cfg, name)
+        if folder and Path(folder).exists() and not Path(folder).is_dir():
+            raise ConfigError(f"{flag_name(name)} {folder}: not a folder")
+
+
+def check_triton_usable(kernels: str, device_type: str) -> None:
+    """Triton kernels on a CPU need the interpreter: fail early and clearly instead of deep inside."""
+    choice = resolve_kernels(kernels)
+    triton_ops = [op for op, impl in choice.items() if impl == "triton"]
+    if triton_ops and device_type != "cuda" and not is_interpreter():
+        raise ConfigError(
+            f"--kernels {kernels}: Triton kernels ({', '.join(triton_ops)}) need a CUDA GPU, and there is none. "
+            f"To run them on the CPU through Triton's interpreter (slow), set TRITON_INTERPRET=1; "
+            f"or use --kernels torch.")
+
+
+def resolve_config(cfg: TrainConfig, device: torch.device, world_size: int) -> TrainConfig:
+    """Every "auto"/None that depends on the machine made concrete: this is what gets printed and saved."""
+    on_cuda = device.type == "cuda"
+    tokens_per_micro_step = cfg.micro_batch * cfg.seq_len * world_size
+    total = cfg.total_batch or tokens_per_micro_step
+    if total % tokens_per_micro_step:
+        raise ConfigError(f"--total-batch {total} must be a multiple of micro_batch x seq_len x processes "
+                          f"= {cfg.micro_batch} x {cfg.seq_len} x {world_size} = {tokens_per_micro_step}")
+    return replace(
+        cfg,
+        device=str(device),
+        dtype=cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if on_cuda else "float32"),
+        compile=on_cuda if cfg.compile is None else cfg.compile,
+        fused_adamw=on_cuda if cfg.fused_adamw is None else cfg.fused_adamw,
+        total_batch=total,
+        lr_decay_steps=cfg.lr_decay_steps or cfg.max_steps,
+        run_dir=cfg.run_dir or str(Path("runs") / cfg.preset),
+        data_dir=cfg.data_dir or str(gpt2_data.default_data_dir(cfg.data)),
+    )
+

@@ -1,0 +1,456 @@
+"""The trainer: build the model, optimizer and loaders of a run, then loop to max_steps with evaluation,
+samples and checkpoints; Ctrl-C and SIGTERM save before stopping. `training_session(cfg)` sets up
+processes, the run folder and the data around it; `train(cfg)` is a whole run in this process."""
+import contextlib
+import gc
+import json
+import signal
+import sys
+import threading
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+
+from gpt2_triton import data as gpt2_data
+from gpt2_triton import hellaswag
+from gpt2_triton.checkpoint import (
+    checkpoint_path,
+    latest_checkpoint,
+    load_checkpoint,
+    prune_checkpoints,
+    rng_state,
+    run_artifacts,
+    save_checkpoint,
+    set_rng_state,
+)
+from gpt2_triton.model import GPT
+from gpt2_triton.tokenizer import get_encoding
+from gpt2_triton.training.config import (
+    MODEL_FIELDS,
+    RESUME_IGNORED,
+    RESUME_MAY_CHANGE,
+    TrainConfig,
+    check_config,
+    check_triton_usable,
+    flag_name,
+    model_config_of,
+    resolve_config,
+)
+from gpt2_triton.training.distributed import (
+    DistContext,
+    all_reduce_mean,
+    gather,
+    on_rank0,
+    setup_distributed,
+    wants_cuda,
+)
+from gpt2_triton.training.errors import ConfigError, NonFiniteError
+from gpt2_triton.training.metrics import (
+    MetricsLog,
+    cosine_lr,
+    device_peak_flops,
+    format_step,
+    mfu,
+    peak_memory_mb,
+    plot_metrics,
+)
+from gpt2_triton.training.run_dir import claim_run_dir, resume_checkpoint
+from gpt2_triton.training.step import autocast_context, train_step, weights_finite
+
+SAMPLE_PROMPT = "Hello, I'm a language model,"
+
+
+class TrainingInterrupted(Exception):
+    """A SIGINT/SIGTERM stopped the run after a completed step, which was saved."""
+
+    def __init__(self, signum: int, step: int, checkpoint, history: list):
+        self.signum, self.step, self.checkpoint, self.history = signum, step, checkpoint, history
+        super().__init__(f"stopped by {signal.Signals(signum).name} after step {step}; saved {checkpoint}; "
+                         f"continue with --resume")
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum  # 130 for SIGINT, 143 for SIGTERM, as a shell reports a death by signal
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, ctx: DistContext):
+        self.cfg, self.ctx, self.device = cfg, ctx, ctx.device
+        self.amp_dtype = {"bfloat16": torch.bfloat16, "float32": None}[cfg.dtype]
+        self.run_dir = Path(cfg.run_dir)
+        self.grad_accum = cfg.total_batch // (cfg.micro_batch * cfg.seq_len * ctx.world_size)
+        self.stop_signal = 0  # set by StopOnSignals: SIGINT / SIGTERM
+        self.step = 0
+        self.best_val_loss = self.last_val_loss = None
+        self.resumed_from, self.resume_changes = None, {}
+        self.last_saved = None
+        self.metrics = None
+
+        torch.manual_seed(cfg.seed)
+        self.model_config = model_config_of(cfg)
+        self.raw_model = GPT(self.model_config, kernels=cfg.kernels).to(self.device)
+        self.optimizer = self.raw_model.configure_optimizer(
+            cfg.weight_decay, cfg.max_lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps, fused=cfg.fused_adamw)
+        data_dir, pin = Path(cfg.data_dir), self.device.type == "cuda"
+        try:
+            self.train_loader = gpt2_data.DataLoader(data_dir, "train", cfg.micro_batch, cfg.seq_len, rank=ctx.rank,
+                                                     world_size=ctx.world_size, seed=cfg.seed, pin_memory=pin)
+            self.val_loader = gpt2_data.DataLoader(data_dir, "val", cfg.micro_batch, cfg.seq_len, rank=ctx.rank,
+                                                   world_size=ctx.world_size, seed=cfg.seed, pin_memory=pin)
+        except (ValueError, FileNotFoundError) as e:
+            raise ConfigError(str(e)) from None
+        if cfg.resume:
+            self.restore(resume_checkpoint(cfg))
+        self.model = self.raw_model
+        if cfg.compile:
+            self.model = torch.compile(self.model)
+        if ctx.is_ddp:
+            self.model = DDP(self.model, device_ids=[ctx.local_rank] if self.device.type == "cuda" else None)
+        self.hellaswag_examples = self.load_hellaswag()
+        self.flops_per_token = self.raw_model.flops_per_token(cfg.seq_len)
+        self.peak_flops = device_peak_flops(self.device, cfg.peak_flops)
+
+    def begin(self):
+        """Rank 0, once everything has been checked: start over (--overwrite), write train_config.json and
+        open metrics.jsonl for appending (a resume adds a "resume" record)."""
+        if not self.ctx.is_main:
+            return
+        if self.cfg.overwrite:
+            old = run_artifacts(self.run_dir)
+            for path in old:
+                path.unlink()
+            if old:
+                self.print(f"--overwrite: deleted the previous run in {self.run_dir} ({len(old)} files)")
+        gpt2_data.write_json_atomic(self.run_dir / "train_config.json", asdict(self.cfg))
+        self.metrics = MetricsLog(self.run_dir / "metrics.jsonl")
+        if self.resumed_from is not None:
+            self.log("resume", step=self.step, checkpoint=str(self.resumed_from), changed=self.resume_changes)
+
+    def log(self, kind, **fields):
+        if self.metrics is not None:
+            self.metrics.log(kind, **fields)
+
+    def print(self, *args):
+        if self.ctx.is_main:
+            print(*args, flush=True)
+
+    # --- checkpoints ---
+    def checkpoint_state(self) -> dict | None:
+        """The full training state (all ranks call: loader positions and RNGs are gathered); None off rank 0."""
+        loaders, rngs = gather(self.train_loader.state_dict(), self.ctx), gather(rng_state(), self.ctx)
+        if not self.ctx.is_main:
+            return None
+        return {
+            "model": self.raw_model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "step": self.step,
+            "loader": loaders,  # one per rank
+            "rng": rngs,  # one per rank
+            "world_size": self.ctx.world_size,
+            "model_config": self.model_config.to_dict(),
+            "train_config": asdict(self.cfg),
+            "kernels": self.raw_model.kernels,
+            "best_val_loss": self.best_val_loss,
+            "last_val_loss": self.last_val_loss,
+        }
+
+    def save(self) -> Path | None:
+        if not weights_finite(self.raw_model.parameters()):  # the step checks catch this first; never save bad weights
+            raise NonFiniteError(f"step {self.step}: the weights are not finite; not saving them")
+        state = self.checkpoint_state()
+        if state is None:
+            return None
+        path = save_checkpoint(checkpoint_path(self.run_dir, self.step), state)
+        prune_checkpoints(self.run_dir, self.cfg.keep_checkpoints)
+        self.last_saved = path
+        self.print(f"saved checkpoint {path}")
+        return path
+
+    def restore(self, path: Path):
+        try:
+            state = load_checkpoint(path, map_location=self.device)
+        except (FileNotFoundError, RuntimeError) as e:
+            raise ConfigError(f"--resume: {e}") from None
+        self.check_resumable(path, state)
+        self.raw_model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.train_loader.load_state_dict(state["loader"][self.ctx.rank])
+        set_rng_state(state["rng"][self.ctx.rank])
+        self.step = state["step"]
+        self.best_val_loss, self.last_val_loss = state["best_val_loss"], state["last_val_loss"]
+        self.resumed_from = path
+        changed = ", ".join(f"{k} {a} -> {b}" for k, (a, b) in self.resume_changes.items())
+        self.print(f"resumed from {path} at step {self.step}" + (f" (changed: {changed})" if changed else ""))
+
+    def check_resumable(self, path: Path, state: dict):
+        """The checkpoint was written by this same run: same model, data, batch and optimizer settings,
+        as many processes, and it has steps left to take. Records which changeable fields changed."""
+        missing = [k for k in ("model", "optimizer", "step", "loader", "rng", "world_size", "model_config")
+                   if k not in state]
+        if missing:
+            raise ConfigError(f"--resume: {path} is not a training checkpoint (it lacks {', '.join(missing)})")
+        model_now = self.model_config.to_dict()
+        if state["model_config"] != model_now:
+            diff = {k: (v, model_now.get(k)) for k, v in state["model_config"].items() if v != model_now.get(k)}
+            raise ConfigError(f"--resume: {path} holds another model: " +
+                              ", ".join(f"{k} {a} (now {b})" for k, (a, b) in diff.items()))
+        if state["world_size"] != self.ctx.world_size:
+            raise ConfigError(f"--resume: {path} was written by {state['world_size']} processes; "
+                              f"resume with the same number (now {self.ctx.world_size})")
+        saved, now = state.get("train_config", {}), asdict(self.cfg)
+        fixed = [k for k in now if k in saved and k not in RESUME_MAY_CHANGE + RESUME_IGNORED + MODEL_FIELDS]
+        differ = [k for k in fixed if saved[k] != now[k]]
+        if differ:
+            raise ConfigError(
+                f"--resume: this run differs from {path.name} in " +
+                ", ".join(f"{flag_name(k)} ({saved[k]} in the checkpoint, {now[k]} now)" for k in differ) +
+                f". A resumed run may change only {', '.join(flag_name(k) for k in RESUME_MAY_CHANGE)}; "
+                f"to train with other settings, start a new run in another --run-dir")
+        if state["step"] >= self.cfg.max_steps:
+            raise ConfigError(f"--resume: {path.name} is at step {state['step']}, and --max-steps is "
+                              f"{self.cfg.max_steps}: nothing left to train (raise --max-steps to go on)")
+        self.resume_changes = {k: (saved[k], now[k]) for k in RESUME_MAY_CHANGE if k in saved and saved[k] != now[k]}
+
+    # --- evaluation ---
+    @torch.no_grad()
+    def validate(self) -> float:
+        self.model.eval()
+        self.val_loader.reset()
+        total = torch.zeros((), device=self.device)
+        for _ in tqdm(range(self.cfg.val_steps), desc="val", leave=False, disable=None if self.ctx.is_main else True):
+            x, y = self.val_loader.next_batch()
+            with autocast_context(self.device, self.amp_dtype):
+                _, loss = self.model(x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True))
+            total += loss.detach() / self.cfg.val_steps
+        self.model.train()
+        val_loss = all_reduce_mean(total, self.ctx).item()
+        self.last_val_loss = val_loss
+        self.best_val_loss = val_loss if self.best_val_loss is None else min(self.best_val_loss, val_loss)
+        self.print(f"step {self.step:>6} | val loss {val_loss:.4f}")
+        self.log("val", step=self.step, val_loss=val_loss)
+        return val_loss
+
+    def load_hellaswag(self):
+        if not self.cfg.hellaswag_every:
+            return None
+        path = Path(self.cfg.hellaswag) if self.cfg.hellaswag else hellaswag.default_path()
+        if not path.is_file():
+            if self.cfg.hellaswag:
+                raise ConfigError(f"--hellaswag: {path} does not exist")
+            self.print(f"HellaSwag: no data at {path}; skipping it (python -m gpt2_triton.hellaswag caches it)")
+            return None
+        try:
+            return hellaswag.load_examples(path, self.cfg.hellaswag_limit)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+
+    def eval_hellaswag(self):
+        result = hellaswag.evaluate_hellaswag(self.raw_model, self.hellaswag_examples, self.device,
+                                              self.ctx.rank, self.ctx.world_size, self.amp_dtype)
+        self.print(f"step {self.step:>6} | HellaSwag acc {result['acc']:.4f} acc_norm {result['acc_norm']:.4f} "
+                   f"({result['n']} examples)")
+        self.log("hellaswag", step=self.step, **result)
+
+    def sample(self) -> list[str]:
+        """Rank 0, uncompiled module, fixed seed: the same prompt each time."""
+        enc = get_encoding()
+        prompt = torch.tensor([enc.encode(SAMPLE_PROMPT)] * self.cfg.sample_count, device=self.device)
+        generator = torch.Generator(device=self.device).manual_seed(42)
+        self.raw_model.eval()
+        with autocast_context(self.device, self.amp_dtype):
+            out = self.raw_model.generate(prompt, self.cfg.sample_tokens, temperature=1.0, top_k=50,
+                                          generator=generator)
+        self.raw_model.train()
+        texts = [enc.decode(row.tolist()) for row in out]
+        for text in texts:
+            self.print(f"sample: {text!r}")
+        self.log("sample", step=self.step, text=texts)
+        return texts
+
+    def due(self, every: int) -> bool:
+        return bool(every) and (self.step % every == 0 or self.step == self.cfg.max_steps)
+
+    # --- training ---
+    def train_step(self) -> dict:
+        """One optimizer step (`step.train_step`, the same on every rank) and its record."""
+        cfg = self.cfg
+        t0 = time.time()
+        lr = cosine_lr(self.step, cfg.max_lr, cfg.max_lr * cfg.min_lr_ratio, cfg.warmup_steps,
+                       cfg.lr_decay_steps)
+        loss, grad_norm = train_step(self.model, self.optimizer, self.train_loader.next_batch, self.grad_accum,
+                                     self.device, self.amp_dtype, lr, cfg.grad_clip, self.step + 1, self.ctx)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        self.step += 1
+        dt = time.time() - t0
+        tokens_per_s = self.grad_accum * cfg.micro_batch * cfg.seq_len * self.ctx.world_size / dt
+        mfu_value = mfu(self.flops_per_token, tokens_per_s, self.peak_flops, self.ctx.world_size)
+        return dict(step=self.step, loss=loss, lr=lr, grad_norm=grad_norm, tokens_per_s=tokens_per_s,
+                    step_ms=1000 * dt, mfu=mfu_value, peak_mem_mb=peak_memory_mb(self.device))
+
+    def after_step(self):
+        cfg = self.cfg
+        if self.due(cfg.val_every):
+            self.validate()
+        if self.hellaswag_examples and self.due(cfg.hellaswag_every):
+            self.eval_hellaswag()
+        if self.ctx.is_main and cfg.sample_count and self.due(cfg.sample_every):
+            self.sample()
+        if self.due(cfg.checkpoint_every):
+            self.save()
+
+    def stop_signal_all_ranks(self) -> int:
+        """The stop signal any rank got (0: none); every rank gets the same answer, so all stop at the
+        same step (SIGTERM wins over SIGINT)."""
+        if not self.ctx.is_ddp:
+            return self.stop_signal
+        flag = torch.tensor([self.stop_signal], device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return int(flag.item())
+
+    def run(self) -> list[dict]:
+        """Train to max_steps and return this run's per-step records. Raises TrainingInterrupted after
+        saving when a SIGINT/SIGTERM stopped it early."""
+        cfg = self.cfg
+        self.print(f"model: {self.raw_model.num_params():,} parameters, kernels {self.raw_model.kernels}")
+        self.print(f"{self.grad_accum} micro-steps of {cfg.micro_batch}x{cfg.seq_len} x {self.ctx.world_size} "
+                   f"process(es) = {cfg.total_batch:,} tokens per step")
+        if self.step == 0 and cfg.val_every:
+            self.validate()
+        history = []
+        saved_at, stop = (self.step if self.resumed_from else None), 0
+        while self.step < cfg.max_steps:
+            try:
+                record = self.train_step()
+            except NonFiniteError as e:
+                raise NonFiniteError(f"{e}; last good checkpoint: {latest_checkpoint(self.run_dir)}") from None
+            history.append(record)
+            self.print(format_step(self.step, cfg.max_steps, record["loss"], record["lr"], record["grad_norm"],
+                                   record["step_ms"], record["tokens_per_s"], record["mfu"], record["peak_mem_mb"]))
+            self.log("train", **record)
+            self.after_step()
+            if self.due(cfg.checkpoint_every):
+                saved_at = self.step
+            if self.step < cfg.max_steps and (stop := self.stop_signal_all_ranks()):
+                self.print(f"{signal.Signals(stop).name}: saving step {self.step} and stopping")
+                break
+        if saved_at != self.step:
+            self.save()
+        if self.ctx.is_main and cfg.plot:
+            plot_metrics(self.run_dir / "metrics.jsonl", self.run_dir / "loss.png")
+        if stop:
+            raise TrainingInterrupted(stop, self.step, latest_checkpoint(self.run_dir), history)
+        return history
+
+
+def prepare_data(cfg: TrainConfig) -> None:
+    """(Rank 0.) Use the data folder as it is when it holds cfg.data's shards or llm.c-format shards;
+    prepare cfg.data into it when it holds no complete dataset; never overwrite another dataset."""
+    data_dir = Path(cfg.data_dir)
+    try:
+        found = gpt2_data.load_manifest(data_dir)["source"]
+    except FileNotFoundError:
+        found = None
+    except ValueError as e:
+        raise ConfigError(f"data folder {data_dir}: {e}") from None
+    if found == gpt2_data.LLMC_SOURCE:
+        print(f"data: llm.c-format shards in {data_dir} (no manifest.json)", flush=True)
+        return
+    if found is not None and found != cfg.data:
+        raise ConfigError(f"data folder {data_dir} holds {found!r} data, not {cfg.data!r}: pass --data {found}, "
+                          f"or another --data-dir for {cfg.data!r}")
+    try:
+        gpt2_data.ensure_prepared(cfg.data, data_dir)
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        raise ConfigError(f"data {cfg.data}: {e}") from None
+
+
+class StopOnSignals:
+    """SIGINT (Ctrl-C) or SIGTERM (schedulers, `kill`, torchrun): finish the current step, save it,
+    stop; the run then exits 130 / 143. A second Ctrl-C quits at once (KeyboardInterrupt) and a
+    second SIGTERM exits 143 at once, without saving. Under torchrun a repeat is ignored: the
+    launcher forwards the signal it gets, so workers see Ctrl-C twice, and it kills them itself
+    after its own timeout."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self, trainer: Trainer, repeat_quits: bool = True):
+        self.trainer, self.repeat_quits = trainer, repeat_quits
+        self.previous = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self.previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
+        return self
+
+    def _handle(self, signum, frame):
+        if self.trainer.stop_signal:
+            if not self.repeat_quits:
+                return
+            print(f"\n{signal.Signals(signum).name} again: quitting without saving", file=sys.stderr, flush=True)
+            if signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            raise SystemExit(128 + signum)
+        self.trainer.stop_signal = signum
+        again = "Ctrl-C" if signum == signal.SIGINT else "SIGTERM"
+        print(f"\n{signal.Signals(signum).name}: finishing this step, then saving a checkpoint"
+              + (f" ({again} again to quit now)" if self.repeat_quits else ""), file=sys.stderr, flush=True)
+
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+        return False
+
+
+def train(cfg: TrainConfig) -> list[dict]:
+    """A whole run in this process (or as one torchrun rank): check, set up processes, claim the run
+    folder, prepare the data, build the Trainer and loop to max_steps; returns this run's per-step
+    records. Raises ConfigError for bad settings, data or run folder (before anything is written),
+    NonFiniteError on NaN/inf, TrainingInterrupted after saving when a signal stopped the run."""
+    check_config(cfg)
+    check_triton_usable(cfg.kernels, "cuda" if wants_cuda(cfg.device) else "cpu")
+    ctx = setup_distributed(cfg.device)
+    lock = trainer = None
+    try:
+        cfg = resolve_config(cfg, ctx.device, ctx.world_size)
+        lock = on_rank0(ctx, lambda: claim_run_dir(cfg))
+        if ctx.is_main:
+            print("config:\n" + json.dumps(asdict(cfg), indent=2), flush=True)
+        if ctx.device.type == "cuda":
+            torch.set_float32_matmul_precision("high")
+        on_rank0(ctx, lambda: prepare_data(cfg))
+        trainer = Trainer(cfg, ctx)
+        trainer.begin()
+        with StopOnSignals(trainer, repeat_quits=not ctx.is_ddp):
+            history = trainer.run()
+        if ctx.is_ddp:
+            dist.barrier()  # every rank is done before any tears down
+        return history
+    finally:
+        trainer = None  # free DDP's reducer before its process group: gloo aborts at exit otherwise
+        gc.collect()
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        if lock is not None:
+            lock.release()
+
+
+@contextlib.contextmanager
+def exit_on_errors():
+    """The command line's endings: errors in the settings, data or run folder and NaN/inf stops are one
+    line (exit 1); a signal exits 128 + its number after saving (130 Ctrl-C, 143 SIGTERM)."""
+    try:
+        yield
+    except TrainingInterrupted as e:
+        print(str(e), file=sys.stderr, flush=True)
+        raise SystemExit(e.exit_code) from None
+    except (ConfigError, NonFiniteError) as e:
+        raise SystemExit(f"error: {e}") from None
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr, flush=True)
+        raise SystemExit(128 + signal.SIGINT) from None
