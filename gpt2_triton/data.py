@@ -550,7 +550,7 @@ class DataLoader:
     def shard_tokens(self, index: int, epoch: int) -> np.ndarray:
         """Shard `index` as epoch `epoch` reads it. Train: its documents (each starts at an
         <|endoftext|>; a shard may begin mid-document) in an order seeded by (seed, epoch, index), so
-        no two epochs see the same sequence (PITFALLS: unshuffled data gives a periodic loss).
+        no two epochs see the same sequence (unshuffled data gives a periodic loss).
         Val: as written."""
         tokens = self._shard(index)
         if self.split != "train":

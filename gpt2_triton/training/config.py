@@ -233,10 +233,16 @@ def check_config(cfg: TrainConfig) -> None:
     if not preparable and not (cfg.data_dir and cfg.data):  # with --data-dir: the name in its manifest
         raise ConfigError(f"--data must be pystdlib, fineweb-edu or text:PATH; got {cfg.data!r}")
     try:
-        resolve_kernels(cfg.kernels)
+        kernels = resolve_kernels(cfg.kernels)
         model_config = model_config_of(cfg)
     except (ValueError, TypeError) as e:
         raise ConfigError(str(e)) from None
+    triton_ops = [op for op, impl in kernels.items() if impl == "triton"]
+    if triton_ops and not wants_cuda(cfg.device) and not is_interpreter():  # fail here, not deep inside
+        raise ConfigError(
+            f"--kernels {cfg.kernels}: Triton kernels ({', '.join(triton_ops)}) need a CUDA GPU, and there is "
+            f"none. To run them on the CPU through Triton's interpreter (slow), set TRITON_INTERPRET=1; "
+            f"or use --kernels torch.")
     if cfg.seq_len > model_config.block_size:
         raise ConfigError(f"--seq-len {cfg.seq_len} exceeds the model's block size {model_config.block_size}")
     if cfg.resume and cfg.overwrite:
@@ -249,17 +255,6 @@ def check_config(cfg: TrainConfig) -> None:
         folder = getattr(cfg, name)
         if folder and Path(folder).exists() and not Path(folder).is_dir():
             raise ConfigError(f"{flag_name(name)} {folder}: not a folder")
-
-
-def check_triton_usable(kernels: str, device_type: str) -> None:
-    """Triton kernels on a CPU need the interpreter: fail early and clearly instead of deep inside."""
-    choice = resolve_kernels(kernels)
-    triton_ops = [op for op, impl in choice.items() if impl == "triton"]
-    if triton_ops and device_type != "cuda" and not is_interpreter():
-        raise ConfigError(
-            f"--kernels {kernels}: Triton kernels ({', '.join(triton_ops)}) need a CUDA GPU, and there is none. "
-            f"To run them on the CPU through Triton's interpreter (slow), set TRITON_INTERPRET=1; "
-            f"or use --kernels torch.")
 
 
 def resolve_config(cfg: TrainConfig, device: torch.device, world_size: int) -> TrainConfig:

@@ -36,7 +36,6 @@ from gpt2_triton.training.config import (
     RESUME_MAY_CHANGE,
     TrainConfig,
     check_config,
-    check_triton_usable,
     flag_name,
     model_config_of,
     resolve_config,
@@ -47,7 +46,6 @@ from gpt2_triton.training.distributed import (
     gather,
     on_rank0,
     setup_distributed,
-    wants_cuda,
 )
 from gpt2_triton.training.errors import ConfigError, NonFiniteError
 from gpt2_triton.training.metrics import (
@@ -413,7 +411,6 @@ def train(cfg: TrainConfig) -> list[dict]:
     records. Raises ConfigError for bad settings, data or run folder (before anything is written),
     NonFiniteError on NaN/inf, TrainingInterrupted after saving when a signal stopped the run."""
     check_config(cfg)
-    check_triton_usable(cfg.kernels, "cuda" if wants_cuda(cfg.device) else "cpu")
     ctx = setup_distributed(cfg.device)
     lock = trainer = None
     try:
