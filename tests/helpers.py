@@ -92,3 +92,26 @@ def disk_full(monkeypatch, room: int = 0):
         return _FullDisk(real_fdopen(fd, mode, *args, **kwargs), room)
 
     monkeypatch.setattr(atomic.os, "fdopen", fdopen)
+
+
+def run_where_unwritable(folder, code: str, cwd, timeout: float = 300):
+    """Run `python -c code` in a process that cannot write `folder` (which exists): for a normal user the
+    folder loses its write bits; root, whom permission bits do not stop, runs it in a private mount
+    namespace where `folder` is bind-mounted read-only (unshare). Skips where neither is possible."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+    if os.geteuid() != 0:
+        os.chmod(folder, 0o555)
+        try:
+            return subprocess.run([sys.executable, "-c", code], cwd=cwd, capture_output=True, text=True,
+                                  timeout=timeout)
+        finally:
+            os.chmod(folder, 0o755)
+    mount = ["unshare", "-rm", "sh", "-c", 'mount --bind -o ro "$1" "$1" && shift && exec "$@"', "sh", str(folder)]
+    probe = subprocess.run([*mount, "true"], capture_output=True, text=True) if shutil.which("unshare") else None
+    if probe is None or probe.returncode != 0:
+        pytest.skip("running as root, and no read-only bind mount is possible here (unshare -rm)")
+    return subprocess.run([*mount, sys.executable, "-c", code], cwd=cwd, capture_output=True, text=True,
+                          timeout=timeout)

@@ -83,12 +83,12 @@ def read_metrics(path, kind=None, superseded: bool = False) -> list[dict]:
 
     A "resume" record at step s means the steps after s that came before it were lost with their
     process and done again: those earlier records are left out unless `superseded`. Lines that are
-    not JSON (a kill mid-write) are skipped."""
+    not JSON (a kill mid-write, bytes that are not UTF-8) are skipped."""
     path = Path(path)
     if not path.is_file():
         return []
     rows = []
-    with open(path) as f:
+    with open(path, encoding="utf-8", errors="replace") as f:
         for line in f:
             try:
                 record = json.loads(line)
