@@ -1,8 +1,6 @@
 """Checkpoints: round trip, an interrupted save keeps the old file, checksums (a changed file is refused, pruning
 keeps the newest good one), a full disk, RNG states, load_model(init) and its one-line errors."""
 import random
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -228,7 +226,8 @@ def test_load_model_of_a_run_folder_skips_a_corrupt_newest_checkpoint(tmp_path, 
 
 @pytest.mark.parametrize("change, message", [
     (lambda s: s["model_config"].update(flash=True), "has a model_config that is not a GPTConfig .*unexpected keyword"),
-    (lambda s: s["model_config"].update(n_layer=3), r"do not fit its model_config \(3 layers\): 12 missing \(e.g. transformer.h.2.ln_1.weight\)$"),
+    (lambda s: s["model_config"].update(n_layer=3),
+     r"do not fit its model_config \(3 layers\): 12 missing \(e.g. transformer.h.2.ln_1.weight\)$"),
     (lambda s: s["model_config"].update(n_embd=48, n_head=2), "do not fit its model_config .*size mismatch"),
     (lambda s: s.update(model_config=[1, 2]), "has a model_config that is not a GPTConfig"),
 ], ids=["unknown-key", "wrong-layer-count", "wrong-width", "not-a-dict"])

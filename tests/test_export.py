@@ -3,7 +3,6 @@ logits and loss; it never deletes what is not an earlier export, sweeps what kil
 failure is one line."""
 import io
 import json
-import os
 import signal
 import subprocess
 import sys

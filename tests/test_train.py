@@ -903,3 +903,21 @@ def test_two_nodes_train_checkpoint_are_killed_and_resume_exactly(data_dir, tmp_
     assert [r["step"] for r in rows] == list(range(1, 7))
     assert rows[4]["step"] == 5 and rows[4]["loss"] == lost["loss"] and rows[4]["grad_norm"] == lost["grad_norm"]
     assert load_checkpoint(latest_checkpoint(run_dir))["step"] == 6
+
+
+def test_an_error_in_evaluation_saves_the_step_it_came_after(data_dir, tmp_path, monkeypatch, capsys):
+    real_validate = training.Trainer.validate
+
+    def validate(self):
+        if self.step == 3:
+            raise RuntimeError("evaluation broke")
+        return real_validate(self)
+
+    monkeypatch.setattr(training.Trainer, "validate", validate)
+    with pytest.raises(RuntimeError, match="evaluation broke"):  # not ours to explain: the traceback stays
+        training.train(tiny_config(data_dir, tmp_path, max_steps=10, val_every=3, checkpoint_every=0))
+    assert f"error after step 3 (saved step 3 to {checkpoint_path(tmp_path, 3)}" in capsys.readouterr().err
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["ckpt_000003.pt"]
+    monkeypatch.undo()
+    assert [r["step"] for r in training.train(tiny_config(data_dir, tmp_path, max_steps=4, val_every=3,
+                                                          checkpoint_every=0, resume="latest"))] == [4]
