@@ -350,10 +350,13 @@ def _check_prepare_options(shard_tokens, val_every, val_tokens) -> None:
 
 
 def check_out_dir(out_dir: Path) -> None:
-    """Before any work: `out_dir` can be written (ValueError naming the folder otherwise)."""
+    """Before any work: `out_dir` can be written and holds nothing prepare may not replace (ValueError
+    naming the folder otherwise)."""
     problem = folder_write_problem(out_dir)
     if problem:
         raise ValueError(f"prepare: output folder {out_dir}: {problem}")
+    if out_dir.is_dir():
+        _previous_shards(out_dir)
 
 
 def prepare_lock(out_dir: Path, verbose: bool = True) -> FolderLock:
