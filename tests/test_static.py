@@ -64,6 +64,8 @@ HOT_LOOP_BUDGET = {
         "matmul-bf16-geluGrad-nobias-aux-NN-128x256x64-w8s3": [106],  # 160 -> 103
         "matmul-bf16-none-nobias-TN-128x256x64-w8s3": [100],  # 172 -> 98 (split-K weight grads)
         "matmul-bf16-none-nobias-NN-128x256x64-w8s3": [106],  # 155 -> 103
+        "matmul-bf16-gelu-bias-NT-128x256x64-w8s3": [97],  # c_fc in a validation forward (no pre-activation kept)
+        "linear_cross_entropy_lse-bf16-128x64-w8s3": [1268],  # validation loss: one V block (logsumexp of 128x128)
         "cross_entropy_fwd-bf16-grad": [220, 272, 272, 323],  # lse 274 -> 215, grad 359 -> 266 (+ tail blocks)
         "cross_entropy_fwd-bf16-grad#2": [234, 331, 381, 423],  # the op on fp32 logits (not in a micro-step)
         "cross_entropy_fwd-bf16-nograd": [235, 344],
@@ -83,6 +85,8 @@ HOT_LOOP_BUDGET = {
         "matmul-bf16-geluGrad-nobias-aux-NN-128x256x64-w8s3": [100],  # 153 -> 98
         "matmul-bf16-none-nobias-TN-128x256x64-w8s3": [96],  # 166 -> 94 (split-K weight grads)
         "matmul-bf16-none-nobias-NN-128x256x64-w8s3": [100],  # 153 -> 98
+        "matmul-bf16-gelu-bias-NT-128x256x64-w8s3": [92],
+        "linear_cross_entropy_lse-bf16-128x64-w8s3": [1262],
         "cross_entropy_fwd-bf16-grad": [227, 282, 267, 328],  # lse 287 -> 222, grad 351 -> 261 (+ tail blocks)
         "cross_entropy_fwd-bf16-grad#2": [252, 349, 389, 432],
         "cross_entropy_fwd-bf16-nograd": [233, 324],
