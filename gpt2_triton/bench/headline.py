@@ -724,8 +724,9 @@ def _pytest_text(records):
 def _preflight_text(records):
     lines = []
     for r in (r for r in records if r["kind"] == "precompile"):
+        processes = f"{r['workers']} process" + ("es" if r["workers"] > 1 else "")
         line = (f"Precompile (triton {r['triton']}, target {r['target']}): {r['compiled']} of {r['specs']} kernel "
-                f"specs compiled by {r['workers']} processes in {r['wall_s']:.0f} s ({r['compile_s']:.0f} s of "
+                f"specs compiled by {processes} in {r['wall_s']:.0f} s ({r['compile_s']:.0f} s of "
                 f"compiling, {r.get('launcher_s', 0):.0f} s of launcher builds, {r['trace_s']:.0f} s of tracing)")
         if r["not_reached"]:
             line += f"; {r['not_reached']} not reached before the deadline"
