@@ -16,13 +16,14 @@ class GPU:
     bf16_flops: float  # dense (no sparsity) bf16 tensor-core peak, FLOP/s; V100: fp16
     hbm_bytes_per_s: float
     sms: int
+    smem_per_block: Optional[int] = None  # shared memory one program may use (opt-in), bytes; where known
 
 
 GPUS = (
-    GPU("H200", 989.5e12, 4.8e12, 132),
-    GPU("H100 PCIe", 756e12, 2.0e12, 114),
-    GPU("H100", 989.5e12, 3.35e12, 132),  # SXM5, HBM3
-    GPU("GH200", 989.5e12, 4.0e12, 132),
+    GPU("H200", 989.5e12, 4.8e12, 132, 232448),
+    GPU("H100 PCIe", 756e12, 2.0e12, 114, 232448),
+    GPU("H100", 989.5e12, 3.35e12, 132, 232448),  # SXM5, HBM3
+    GPU("GH200", 989.5e12, 4.0e12, 132, 232448),
     GPU("A100", 312e12, 2.0e12, 108),
     GPU("A10G", 125e12, 0.6e12, 80),
     GPU("A10", 125e12, 0.6e12, 72),

@@ -15,6 +15,7 @@ from gpt2_triton.kernels.attention import (
     flash_attention_qkv_bwd,
     flash_attention_qkv_fwd,
 )
+from gpt2_triton.kernels.utils import feature_failed, isolated_features, override_target
 
 SHAPES = [  # (B, H, T, D); T not a multiple of any block on purpose
     pytest.param((1, 1, 1, 16), id="B1-H1-T1-D16"),
@@ -128,6 +129,16 @@ def _check_low_precision(shape, causal, dtype, device, seed=3):
 @pytest.mark.parametrize("shape", SHAPES_FP16)
 def test_autograd_fp16(shape, causal, device):
     _check_low_precision(shape, causal, torch.float16, device)
+
+
+def test_tma_failure_falls_back_to_pointer_loads(device):
+    """A TMA launch that fails is recorded once, with a warning, and the op runs on pointer loads."""
+    with isolated_features(), override_target(fail_features=("tma",)):
+        with pytest.warns(RuntimeWarning, match="TMA descriptors"):
+            _check_low_precision((1, 2, 40, 32), True, torch.float16, device)
+        assert "forced to fail" in feature_failed("tma")
+        _check_low_precision((1, 2, 40, 32), False, torch.float16, device)  # no retry, no second warning
+    assert feature_failed("tma") is None
 
 
 def test_launchers_fp16(device):

@@ -1,17 +1,17 @@
 """`python -m gpt2_triton.bench headline`: every stage writes rows or a stated skip reason, on CPU through the
-interpreter, so the GPU path cannot rot unseen; the budget, the job time cap, bounded autotuning
-and the goal verdicts (which only a GPU run reaches) are checked here too."""
+interpreter, so the GPU path cannot rot unseen; the budget, the job time cap, the marker-chosen pytest
+stage, the preflight, and the summary a GPU run gets (goal verdicts, fallbacks, compile and tuning cost)
+are checked here too."""
 import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
-import torch
-import triton
-import triton.language as tl
 
 from gpt2_triton.bench import common, headline
+from gpt2_triton.bench import preflight as headline_preflight
 from gpt2_triton.bench.__main__ import main as bench_main
 from gpt2_triton.bench.common import Row
 
@@ -53,15 +53,23 @@ def test_quick_headline_every_stage_writes_rows_or_a_skip_reason(tmp_path):
     for stack in ("eager-sdpa", "triton"):
         (row,) = [r for r in rows if r["job"] == stack]
         assert row["extra"]["tokens_per_s"] > 0 and row["extra"]["first_step_s"] > 0
-    tests = [r for r in records if r["kind"] == "test"]
+    assert not any(r["case"].startswith("attention-qkv") for r in rows if r["job"] == "attention-T2048")
+    tests = [r for r in records if r["kind"] == "test" and r["when"] != "collect"]
     (collected,) = [r["tests"] for r in records if r["kind"] == "collected"]
     assert collected and {t["test"] for t in tests} == set(collected)
     assert all(t["outcome"] == "skipped" and "CUDA" in t["message"] for t in tests)  # no GPU here
+    preflight = [r for r in records if r["kind"] == "preflight"]
+    assert {r["item"] for r in preflight} == {item.name for item in headline_preflight.ITEMS}
+    assert all(r["ok"] for r in preflight), preflight
+    (precompiled,) = [r for r in records if r["kind"] == "precompile"]
+    assert precompiled["compiled"] == 1 and precompiled["specs"] > 20 and not precompiled["failed"]
     summary = (tmp_path / headline.SUMMARY).read_text()
-    assert "CPU run" in summary and "## Goals" in summary
+    assert "CPU run" in summary and "## Goals" in summary and "## Preflight" in summary
     for goal in headline.GOALS:
         assert goal.text in summary
-    assert f"{len(collected)} collected: 0 passed, 0 failed, {len(collected)} skipped, 0 not run" in summary
+    assert f"{len(collected)} `gpu` tests collected: 0 passed, 0 failed, {len(collected)} skipped, 0 not run" \
+        in summary
+    assert not headline.strict_problems(records)
     for png in (headline.KERNELS_PNG, headline.E2E_PNG):
         assert (tmp_path / png).stat().st_size > 1000
 
@@ -79,7 +87,8 @@ def test_tiny_budget_skips_every_job_with_the_reason(tmp_path):
 def test_stages_option_runs_only_what_is_asked(tmp_path):
     headline.main(["--quick", "--out", str(tmp_path), "--budget-s", "1", "--stages", "e2e"])
     records = _records(tmp_path)
-    assert {r["stage"] for r in records if r["kind"] == "stage" and r["event"] == "skip"} == {"pytest", "kernels"}
+    assert {r["stage"] for r in records if r["kind"] == "stage" and r["event"] == "skip"} == \
+        {"preflight", "pytest", "kernels"}
     assert {r["stage"] for r in records if r["kind"] == "job"} == {"e2e"}
 
 
@@ -93,11 +102,12 @@ def test_a_job_past_its_time_cap_is_killed(tmp_path):
 def test_pytest_job_runs_gpt2_sized_tests_first_and_stops_at_its_deadline(tmp_path):
     subprocess.run([sys.executable, "-m", "gpt2_triton.bench.headline", "--job", "pytest", "--out", str(tmp_path),
                     "--deadline", "0", "--quick"], cwd=headline.ROOT, check=True, capture_output=True)
-    records = _records(tmp_path)
-    assert [r["kind"] for r in records] == ["collected", "test", "pytest-exit"]
-    collected, test, exit_ = records
+    records = [r for r in _records(tmp_path) if not (r["kind"] == "test" and r["when"] == "collect")]
+    assert [r["kind"] for r in records] == ["collected", "test", "pytest-stop", "pytest-exit"]
+    collected, test, _, exit_ = records
     assert len(collected["tests"]) > 1 and "gpt2_size" in test["test"]  # one test, then the cap
     assert exit_["rc"] == pytest.ExitCode.INTERRUPTED
+    assert "(the time cap was reached)" in headline._pytest_text(records)
 
 
 def test_cpu_without_interpreter_and_quick_refuses(monkeypatch):
@@ -106,63 +116,78 @@ def test_cpu_without_interpreter_and_quick_refuses(monkeypatch):
         headline.main(["--out", "unused"])
 
 
-# --- bounded autotuning --------------------------------------------------------------------------
-def _fake_bench(kernel_call, quantiles):
-    kernel_call()
-    return [1.0, 1.0, 1.0]
+# --- the pytest job ------------------------------------------------------------------------------
+_BROKEN = """import pytest
+import gpt2_triton.no_such_module  # a test module that cannot import
+
+@pytest.mark.gpu
+def test_never_collected():
+    pass
+"""
+_NEEDS_MISSING = """import pytest
+import no_such_dist_xyz  # a declared dependency this machine lacks
+
+@pytest.mark.gpu
+def test_skipped_whole():
+    pass
+"""
+_GOOD = """import pytest
+
+@pytest.mark.gpu
+def test_gpu_one():
+    pass
+
+def test_not_gpu():
+    pass
+"""
 
 
-def _toy_autotuner(prune=None):
-    @triton.autotune(configs=[triton.Config({"BLOCK": b}) for b in (16, 32, 64)], key=["N"],
-                     prune_configs_by={"early_config_prune": prune} if prune else None, do_bench=_fake_bench)
-    @triton.jit
-    def add_one(x_ptr, N, BLOCK: tl.constexpr):
-        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-        tl.store(x_ptr + offs, tl.load(x_ptr + offs, mask=offs < N) + 1, mask=offs < N)
-    return add_one
+def _test_folder(tmp_path):
+    """A checkout with tests/ (the real conftest) whose pyproject declares one dependency that is missing."""
+    repo = tmp_path / "repo"
+    (repo / "tests").mkdir(parents=True)
+    (repo / "pyproject.toml").write_text('[project]\nname = "x"\ndependencies = ["torch", "no-such-dist-xyz>=1"]\n'
+                                         '[tool.pytest.ini_options]\nmarkers = ["gpu: needs a GPU"]\n')
+    (repo / "tests" / "conftest.py").write_text((headline.ROOT / "tests" / "conftest.py").read_text())
+    for name, text in (("test_broken.py", _BROKEN), ("test_needs_missing.py", _NEEDS_MISSING), ("test_good.py", _GOOD)):
+        (repo / "tests" / name).write_text(text)
+    return repo / "tests"
 
 
-def _launch_toy(tuner, n):
-    x = torch.zeros(n)
-    tuner[lambda meta: (triton.cdiv(n, meta["BLOCK"]),)](x, n)
-    return x
-
-
-def test_bounded_autotune_benchmarks_the_first_configs_and_logs_each_tuning():
-    tuner, tunings = _toy_autotuner(), []
-    with headline.bounded_autotune({"toy.add_one": tuner}, 2, lambda **t: tunings.append(t)):
-        assert (_launch_toy(tuner, 100) == 3).all()  # in place: 2 configs benchmarked, then the launch
-        assert [c.kwargs["BLOCK"] for c in tuner.configs_timings] == [16, 32]
-        _launch_toy(tuner, 100)  # cached key: no new tuning
-        _launch_toy(tuner, 50)
-        # someone else asking the autotuner's pruning (tests/test_native_compile.py) gets every candidate
-        assert len(tuner.early_config_prune(list(tuner.configs), {"N": 8})) == 3
-    assert tunings == [{"kernel": "toy.add_one", "key": {"N": "100"}, "tried": 2, "candidates": 3},
-                       {"kernel": "toy.add_one", "key": {"N": "50"}, "tried": 2, "candidates": 3}]
-    assert tuner.early_config_prune is None  # restored
-
-
-def test_bounded_autotune_bounds_what_the_kernels_own_pruning_keeps():
-    def drop_first(configs, named_args, **kwargs):
-        return configs[1:]
-    tuner, tunings = _toy_autotuner(drop_first), []
-    with headline.bounded_autotune({"toy": tuner}, 4, lambda **t: tunings.append(t)):
-        _launch_toy(tuner, 10)
-    assert [(t["tried"], t["candidates"]) for t in tunings] == [(2, 2)]
-    assert tuner.early_config_prune is drop_first
+def test_pytest_job_chooses_gpu_tests_by_marker_and_reports_a_broken_module(tmp_path):
+    """Every test file is collected and the `gpu` marker picks the tests; a module that does not import is
+    a failure with its error (collection goes on past it, no time-out), one that needs a missing declared
+    dependency is skipped with that reason."""
+    tests = _test_folder(tmp_path)
+    out = tmp_path / "out"
+    out.mkdir()
+    subprocess.run([sys.executable, "-m", "gpt2_triton.bench.headline", "--job", "pytest", "--out", str(out),
+                    "--deadline", str(time.time() + 600), "--quick", "--tests", str(tests)],
+                   cwd=headline.ROOT, check=True, capture_output=True)
+    records = _records(out)
+    (collected,) = [r["tests"] for r in records if r["kind"] == "collected"]
+    assert [t.split("::")[-1] for t in collected] == ["test_gpu_one"]
+    by_test = {r["test"].split("/")[-1]: r for r in records if r["kind"] == "test"}
+    broken = by_test["test_broken.py"]
+    assert (broken["outcome"], broken["when"]) == ("failed", "collect")
+    assert "No module named 'gpt2_triton.no_such_module'" in broken["message"]
+    missing = by_test["test_needs_missing.py"]
+    assert missing["outcome"] == "skipped" and "needs no_such_dist_xyz" in missing["message"]
+    text = headline._pytest_text(records)
+    assert "1 `gpu` tests collected" in text and "1 test module did not import" in text
+    assert "FAILED `tests/test_broken.py` (collect): " in text and "no_such_module" in text
+    assert "Test modules skipped whole: `tests/test_needs_missing.py` (" in text
+    assert "time cap" not in text
+    problems = headline.strict_problems(records + [{"kind": "job", "job": "pytest", "event": "done", "reason": ""}])
+    assert len(problems) == 1 and "test_broken.py" in problems[0]
 
 
 def test_find_autotuners_scans_the_kernels_package():
-    from triton.runtime.autotuner import Autotuner
+    from gpt2_triton.kernels.autotune import Tuner
     tuners = headline.find_autotuners()
     assert {"attention._flash_attention_fwd", "attention._flash_attention_bwd_dkdv",
-            "attention._flash_attention_bwd_dq", "mlp._matmul"} <= set(tuners)
-    assert all(isinstance(t, Autotuner) for t in tuners.values())
-
-
-def test_gpu_test_files_are_the_ones_with_gpu_marks():
-    files = [os.path.basename(f) for f in headline.gpu_test_files()]
-    assert "test_attention.py" in files and "test_headline.py" not in files
+            "attention._flash_attention_bwd_dq", "mlp._matmul", "loss._linear_cross_entropy_lse"} <= set(tuners)
+    assert all(isinstance(t, Tuner) for t in tuners.values())
 
 
 # --- the summary a GPU run gets ------------------------------------------------------------------
@@ -224,6 +249,49 @@ def test_summary_judges_each_goal_from_gpu_rows(tmp_path):
     assert "| compile-sdpa | gpt2-124m train step B16-T1024 | 40.0 (40.0-40.0) | 400,000 | 45.0% |" in text
 
 
+def _first_contact_records():
+    """What a GPU run's preflight, jobs and e2e write about compiling, tuning and fallbacks."""
+    tma_error = "CompilationError: make_tensor_descriptor unsupported"
+    return [
+        {"kind": "precompile", "stage": "preflight", "job": "precompile", "triton": "3.6.0", "specs": 111,
+         "compiled": 109, "failed": {"attn_fwd-bf16-D64-causal-128x64-w4s3": tma_error}, "not_reached": 2,
+         "workers": 16, "compile_s": 180.0, "launcher_s": 20.0, "trace_s": 4.0, "wall_s": 21.0,
+         "target": ["cuda", 90, 32]},
+        {"kind": "toolchain", "stage": "preflight", "job": "preflight", "cc": "/usr/bin/gcc",
+         "python_h": "/usr/include/python3.12/Python.h", "ok": True, "error": ""},
+        {"kind": "preflight", "stage": "preflight", "job": "preflight", "item": "attention fwd+bwd", "path": "TMA",
+         "feature": "tma", "dtype": "bfloat16", "ok": False, "skipped": "", "rel_err": None, "error": tma_error,
+         "seconds": 1.2},
+        {"kind": "preflight", "stage": "preflight", "job": "preflight", "item": "attention fwd+bwd",
+         "path": "pointer loads", "feature": None, "dtype": "bfloat16", "ok": True, "skipped": "", "rel_err": 3e-3,
+         "error": "", "seconds": 0.8},
+        {"kind": "fallback", "stage": "kernels", "job": "gelu_mlp", "feature": "split_k",
+         "reason": "RuntimeError: CUDA error: misaligned address"},
+        {"kind": "autotune", "stage": "kernels", "job": "gelu_mlp", "kernel": "_matmul_kernel", "key": "(16384,)",
+         "candidates": 10, "tried": 4, "cached": False, "compile_s": 0.4, "bench_s": 0.9,
+         "best": "BLOCK_M: 128, BLOCK_N: 256", "timings_ms": {}},
+        {"kind": "autotune", "stage": "e2e", "job": "triton", "kernel": "_matmul_kernel", "key": "(16384,)",
+         "candidates": 10, "tried": 0, "cached": True, "compile_s": 0.0, "bench_s": 0.0,
+         "best": "BLOCK_M: 128, BLOCK_N: 256", "timings_ms": {}},
+        {"kind": "compile-cost", "stage": "kernels", "job": "gelu_mlp", "kernels": {"_matmul_kernel": {
+            "compiles": 6, "compile_s": 0.5, "tunings": 1, "cached_tunings": 0, "configs_tried": 4, "tune_s": 0.9}}},
+    ]
+
+
+def test_summary_says_what_first_contact_cost_and_which_fallbacks_ran(tmp_path):
+    records = _first_contact_records()
+    headline.write_summary(tmp_path, records, GPU_ENV)
+    text = (tmp_path / headline.SUMMARY).read_text()
+    assert "109 of 111 kernel specs compiled by 16 processes in 21 s" in text and "2 not reached" in text
+    assert "| attention fwd+bwd | TMA | bfloat16 | **fails**: CompilationError" in text
+    assert "| attention fwd+bwd | pointer loads | bfloat16 | works (rel. error 3.0e-03) |" in text
+    assert "fallback taken: **tma**" in text and "fallback taken: **split_k**" in text
+    assert "| gelu_mlp | _matmul_kernel | 6 | 0.5 | 1 (0) | 4 | 0.9 |" in text
+    assert "| triton | _matmul_kernel | `(16384,)` | persisted result |" in text
+    assert headline.preflight_failures(records) == {"tma": "CompilationError: make_tensor_descriptor unsupported"}
+    assert [p.split(":")[0] for p in headline.strict_problems(records)] == ["preflight attention fwd+bwd (TMA)"]
+
+
 def test_plots_from_gpu_rows(tmp_path):
     headline.write_plots(tmp_path, _gpu_records(), GPU_ENV)
     for png in (headline.KERNELS_PNG, headline.E2E_PNG):
@@ -241,7 +309,7 @@ def test_pytest_summary_counts_failures_and_tests_cut_by_the_cap():
          "allowance_s": 60.0, "elapsed_s": 60.0},
     ]
     text = headline._pytest_text(records)
-    assert text.startswith("3 collected: 1 passed, 1 failed, 0 skipped, 1 not run (killed: time cap")
+    assert text.startswith("3 `gpu` tests collected: 1 passed, 1 failed, 0 skipped, 1 not run (killed: time cap")
     assert "FAILED `t::b`" in text and "max abs err 0.5" in text
 
 

@@ -14,7 +14,13 @@ from gpt2_triton.kernels.loss import (
     linear_cross_entropy,
     linear_cross_entropy_fwd,
 )
-from gpt2_triton.kernels.utils import fp32_out_matmul_kind, is_interpreter
+from gpt2_triton.kernels.utils import (
+    feature_failed,
+    fp32_out_matmul_kind,
+    is_interpreter,
+    isolated_features,
+    override_target,
+)
 
 IGNORE = -100
 AUTOCAST_DTYPES = [pytest.param(torch.bfloat16, id="bf16"), pytest.param(torch.float16, id="fp16")]
@@ -424,6 +430,22 @@ def test_linear_cross_entropy_fp16(weight_dtype, device):
     assert_close_to_ref(loss, loss16, loss32, atol=1e-5, name="loss")
     assert_close_to_ref(grad_x, grad_x16, grad_x32, atol=1e-5, name="grad_x")
     assert_close_to_ref(grad_w, grad_w16, grad_w32, atol=1e-5, name="grad_weight")
+
+
+def test_fp32_out_matmul_failures_fall_back_in_order(device):
+    """addmm(out_dtype=float32), then mm(out_dtype=float32), then fp32 copies: each kind that fails is
+    recorded once (CPU torch has neither kernel, so both fail for real there; on CUDA they are forced)
+    and the grads are those of the fp32-copy path."""
+    x, weight, targets, grad_loss = _lce_inputs(37, 32, 300, "some", torch.float16, device, seed=4)
+    weight = weight.float()  # fp32 master weight: the chunks' products are summed into an fp32 grad
+    want = _loss_and_grads(linear_cross_entropy, [x, weight], grad_loss, targets, chunk_size=16)
+    forced = ("fp32_out_addmm", "fp32_out_mm") if device == "cuda" else ()
+    with isolated_features(), override_target(fp32_out_matmul_kind="addmm", fail_features=forced):
+        with pytest.warns(RuntimeWarning, match="out_dtype=float32"):
+            got = _loss_and_grads(linear_cross_entropy, [x, weight], grad_loss, targets, chunk_size=16)
+        assert feature_failed("fp32_out_addmm") and feature_failed("fp32_out_mm")
+    for name, a, b in zip(("loss", "grad_x", "grad_weight"), got, want):
+        assert_close(a, b, atol=1e-6, rtol=1e-5, name=name)
 
 
 def test_default_chunk_size_rule():

@@ -6,7 +6,7 @@ from helpers import assert_close, assert_close_to_ref, error_stats
 
 from gpt2_triton.kernels import mlp
 from gpt2_triton.kernels import reference as ref
-from gpt2_triton.kernels.autotune import gpu_configs
+from gpt2_triton.kernels.autotune import candidates_of, gpu_configs
 from gpt2_triton.kernels.mlp import (
     gelu_mlp,
     gelu_mlp_bwd,
@@ -15,7 +15,7 @@ from gpt2_triton.kernels.mlp import (
     linear_gelu_bwd,
     linear_gelu_fwd,
 )
-from gpt2_triton.kernels.utils import is_interpreter, override_target
+from gpt2_triton.kernels.utils import feature_failed, is_interpreter, isolated_features, override_target
 
 # (x shape, hidden): the last dim of x is C.
 SHAPES = [
@@ -310,6 +310,31 @@ def test_split_k_through_the_public_ops(device, monkeypatch):
         assert_close(g, w, **fp32_tol(w), name=f"d{name}")
     _, lwant_grads = forward_and_grads(ref.linear_gelu, (lx, lw, lb), ldout)
     assert_close(lgrads[1], lwant_grads[1], **fp32_tol(lwant_grads[1]), name="linear_gelu dweight")
+
+
+def test_split_k_failure_falls_back_to_one_split(device, monkeypatch):
+    """A split-K launch that fails is recorded once, with a warning, and the weight grads run unsplit."""
+    monkeypatch.setattr(mlp, "_split_k", lambda M, N, K, num_sms: 3)
+    x, params, dy = make_mlp_inputs((5, 9, 40), 200, torch.float32, device)
+    with isolated_features(), override_target(sm_count=4, fail_features=("split_k",)):
+        with pytest.warns(RuntimeWarning, match="split over K"):
+            out, grads = forward_and_grads(gelu_mlp, (x, *params), dy)
+        assert "forced to fail" in feature_failed("split_k")
+    (want, want_grads), _ = reference_mlp(x, params, dy)
+    for name, g, w in zip(PARAM_NAMES, grads, want_grads):
+        assert_close(g, w, **fp32_tol(w), name=f"d{name}")
+
+
+def test_matmul_candidates_fit_and_lead_with_the_hand_picked_tile():
+    """Per dtype family, the first candidate is the hand-picked tile; every candidate's shared memory
+    (the static rule's estimate) fits an H100's 227 KB, so the static rule drops none at GPT-2 shapes."""
+    assert mlp._matmul_tiles(torch.bfloat16)[0] == (128, 256, 64, 8, 3)
+    assert mlp._matmul_tiles(torch.float32)[0] == (128, 128, 64, 8, 3)  # 128x256x64 spilled 0.4-45 KB in fp32
+    spec = candidates_of(mlp._matmul)
+    for dtype in (torch.bfloat16, torch.float32):
+        args = {"a_ptr": torch.empty(1, dtype=dtype)}
+        for tile in mlp._matmul_tiles(dtype):
+            assert mlp._matmul_smem(spec.config(tile), args) <= 232448, (dtype, tile)
 
 
 def test_split_k_choice():

@@ -6,6 +6,11 @@ triton (bench/static: fake tensors, recorded launches, the compile worker). Gate
 - no register spills (ptxas spill stores), except the candidates in SPILL_BUDGET_BYTES;
 - every tl.dot lowers to wgmma (HGMMA), except the 2-warp candidates in NOT_WGMMA (wgmma needs a
   4-warp warpgroup; they lower to mma.sync);
+- every candidate with dots and more than one stage is software-pipelined (asynchronous copies, cp.async
+  or TMA, in its TTGIR), and the static rule's shared-memory estimate of an autotuned candidate is what
+  ptxas allocates (within 1 KB);
+- a cold training micro-step compiles at most COLD_STEP_COMPILES kernels (what the autotuners try on
+  first contact);
 - SASS instructions per iteration of each loop of each launch's first (hand-picked) candidate,
   against HOT_LOOP_BUDGET;
 - HBM bytes per op call (fwd + bwd) over the op's minimum, against BYTES_RATIO_BUDGET, and the
@@ -21,6 +26,7 @@ not timed anywhere here.
     python -m gpt2_triton.bench.static --budgets DIR/static.json   # new tables
 """
 import functools
+import importlib
 import json
 
 import pytest
@@ -32,6 +38,7 @@ import triton.language as tl  # noqa: E402
 from gpt2_triton.bench.static import cases as static_cases  # noqa: E402
 from gpt2_triton.bench.static.native import Worker  # noqa: E402
 from gpt2_triton.bench.static.profile import loop_budget  # noqa: E402
+from gpt2_triton.kernels.autotune import Tuner, candidates_of  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore:TRITON_DEFAULT_FP_FUSION")
 
@@ -57,6 +64,8 @@ HOT_LOOP_BUDGET = {
         "matmul-bf16-geluGrad-nobias-aux-NN-128x256x64-w8s3": [106],  # 160 -> 103
         "matmul-bf16-none-nobias-TN-128x256x64-w8s3": [100],  # 172 -> 98 (split-K weight grads)
         "matmul-bf16-none-nobias-NN-128x256x64-w8s3": [106],  # 155 -> 103
+        "matmul-bf16-gelu-bias-NT-128x256x64-w8s3": [97],  # c_fc in a validation forward (no pre-activation kept)
+        "linear_cross_entropy_lse-bf16-128x64-w8s3": [1268],  # validation loss: one V block (logsumexp of 128x128)
         "cross_entropy_fwd-bf16-grad": [220, 272, 272, 323],  # lse 274 -> 215, grad 359 -> 266 (+ tail blocks)
         "cross_entropy_fwd-bf16-grad#2": [234, 331, 381, 423],  # the op on fp32 logits (not in a micro-step)
         "cross_entropy_fwd-bf16-nograd": [235, 344],
@@ -76,6 +85,8 @@ HOT_LOOP_BUDGET = {
         "matmul-bf16-geluGrad-nobias-aux-NN-128x256x64-w8s3": [100],  # 153 -> 98
         "matmul-bf16-none-nobias-TN-128x256x64-w8s3": [96],  # 166 -> 94 (split-K weight grads)
         "matmul-bf16-none-nobias-NN-128x256x64-w8s3": [100],  # 153 -> 98
+        "matmul-bf16-gelu-bias-NT-128x256x64-w8s3": [92],
+        "linear_cross_entropy_lse-bf16-128x64-w8s3": [1262],
         "cross_entropy_fwd-bf16-grad": [227, 282, 267, 328],  # lse 287 -> 222, grad 351 -> 261 (+ tail blocks)
         "cross_entropy_fwd-bf16-grad#2": [252, 349, 389, 432],
         "cross_entropy_fwd-bf16-nograd": [233, 324],
@@ -99,6 +110,10 @@ BYTES_RATIO_BUDGET = {
 
 # One steady-state micro-step at B=16 with kernels="triton" (before: 234, 1012, 5; now 162, 604, 0).
 STEP_BUDGET = {"triton_launches": 166, "device_ops": 617, "host_syncs": 0}
+
+# A cold GPT-2 124M training micro-step (B=16): every launch with the candidates its autotuner tries on first
+# contact (66 before the static rule and the first-contact bound; 19 now).
+COLD_STEP_COMPILES = 20
 
 CASES = static_cases.gpt2_cases(16)
 _step_summary = functools.lru_cache(maxsize=None)(static_cases.step_summary)
@@ -125,6 +140,14 @@ def test_gpt2_kernel(case, worker):
     dots = res["dots"]
     if dots["wgmma"] != dots["dots"] and case.id not in NOT_WGMMA:
         problems.append(f"{dots['dots'] - dots['wgmma']} of {dots['dots']} dots are not wgmma ({dots['other_kind']})")
+    stages = static_cases.compile_options(case.launch, case.config).get("num_stages", 3)
+    if dots["dots"] and stages > 1 and not res["pipeline"]["pipelined"]:
+        problems.append(f"not software-pipelined ({stages} stages, no asynchronous copy in the TTGIR)")
+    spec = _candidates(case)
+    if spec is not None and spec.smem is not None:
+        estimate = spec.smem(case.config, case.launch.args)
+        if abs(estimate - res["shared"]) > 1024:
+            problems.append(f"shared memory {res['shared']} B; the static rule estimates {estimate} B")
     if case.first_candidate:
         loops = [loop["instructions"] for loop in res["sass"]["loops"]]
         budget = HOT_LOOP_BUDGET[TRITON].get(case.id)
@@ -134,6 +157,17 @@ def test_gpt2_kernel(case, worker):
         elif len(loops) != len(budget) or any(n > b for n, b in zip(loops, budget)):
             problems.append(f"instructions per iteration {loops}; budget {budget} (one entry per loop)")
     assert not problems, f"{case.id} (triton {triton.__version__}):\n  " + "\n  ".join(problems)
+
+
+def _candidates(case):
+    """The autotune Candidates of the case's kernel (None: not autotuned)."""
+    tuner = getattr(importlib.import_module(case.launch.module), case.launch.name)
+    return candidates_of(tuner) if isinstance(tuner, Tuner) else None
+
+
+def test_cold_training_step_compiles_few_kernels():
+    step = [c.id for c in CASES if any(" x" in site for site in c.sites) and c.first_contact]
+    assert len(step) <= COLD_STEP_COMPILES, step
 
 
 def test_budgets_name_existing_cases():

@@ -70,8 +70,9 @@ def shapes(quick):
     return [(16, 12, 1024, 64)] + [(16384 // T, 12, T, 64) for T in (512, 2048, 4096, 8192)]
 
 
-def run(dtype, quick=False, sizes=None):
-    """sizes: (B, H, T, D) list to run instead of shapes(quick)."""
+def run(dtype, quick=False, sizes=None, qkv_sizes=None):
+    """sizes: (B, H, T, D) list to run instead of shapes(quick); qkv_sizes: (B, T, n_head, D) list of the
+    QKV-projection family instead of qkv_shapes(quick) ([]: none)."""
     rows = []
     dtype_name = str(dtype).removeprefix("torch.")
     device = "cuda" if has_cuda() else "cpu"
@@ -94,7 +95,7 @@ def run(dtype, quick=False, sizes=None):
                                     quick=quick))
             if has_cuda():
                 torch.cuda.empty_cache()
-    for B, T, H, D in qkv_shapes(quick):
+    for B, T, H, D in qkv_shapes(quick) if qkv_sizes is None else qkv_sizes:
         shape = {"B": B, "H": H, "T": T, "D": D, "causal": True}
         case = f"attention-qkv B{B}-T{T}-C{H * D}-H{H} causal"
         gen = torch.Generator(device=device).manual_seed(0)

@@ -93,6 +93,30 @@ def time_ms(fn, grad_to_none=None, quick=False, warm=False):
     return wall_clock_ms(fn, warmup=0 if warm else 1, reps=3 if quick else 10, grad_to_none=grad_to_none)
 
 
+SHORT_OP_MS = 0.1  # a per-call timing under this may be mostly launch overhead
+
+
+def back_to_back_ms(fn, grad_to_none=None, reps=5, target_ms=20.0):
+    """(median, p20, p80) ms per call of fn() run many times back to back between two CUDA events (no L2
+    flush or host wait between calls): what a short op costs inside a stream of work, launch overhead
+    hidden where the host queues faster than the GPU runs. For ops that time under SHORT_OP_MS per call."""
+    per_call = max(timed_call_s(fn) * 1e3, 1e-3)
+    n = int(min(max(target_ms / per_call, 10), 1000))
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(reps):
+        torch.cuda.synchronize()
+        start.record()
+        for _ in range(n):
+            for t in grad_to_none or ():
+                t.grad = None
+            fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / n)
+    return summarize(times)
+
+
 def timed_call_s(fn):
     """Seconds of one call of fn(), CUDA synchronised around it (e.g. the warm-up call where
     compilation and autotuning happen)."""
@@ -248,7 +272,8 @@ def record(row):
 def measure(bench, case, provider, mode, fn, shape, dtype, flops=None, nbytes=None, grad_to_none=None,
             quick=False, memory=True, extra=None):
     """Time fn and return a Row (a failing provider gives a Row with `error` instead of raising).
-    extra["first_call_s"]: the first, untimed call (torch.compile and autotuning happen there)."""
+    extra["first_call_s"]: the first, untimed call (torch.compile and autotuning happen there);
+    extra["back_to_back_ms"]: on CUDA, for ops under SHORT_OP_MS per call, the back-to-back timing too."""
     if _session.select is not None and not _session.select(case, provider):
         return Row(bench, case, provider, mode, shape, dtype, None, error=NOT_SELECTED)
     if _session.deadline is not None and time.monotonic() > _session.deadline:
@@ -258,6 +283,8 @@ def measure(bench, case, provider, mode, fn, shape, dtype, flops=None, nbytes=No
     try:
         extra["first_call_s"] = round(timed_call_s(fn), 3)
         med, p20, p80 = time_ms(fn, grad_to_none=grad_to_none, quick=quick, warm=True)
+        if has_cuda() and med < SHORT_OP_MS:
+            extra["back_to_back_ms"] = [round(x, 5) for x in back_to_back_ms(fn, grad_to_none)]
         peak = peak_memory_mb(fn) if memory else None
     except Exception as e:  # a baseline missing on this device must not stop the suite
         return record(Row(bench, case, provider, mode, shape, dtype, None, extra=extra,

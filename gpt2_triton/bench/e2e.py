@@ -4,13 +4,16 @@
 3. our Triton kernels, eager   4. our Triton kernels inside torch.compile
 Each step is `gpt2_triton.training.step.train_step`, the one train.py runs: forward + backward (bf16
 autocast on CUDA), grad clipping, the finiteness checks and fused AdamW, T = 1024. The first step
-(torch.compile, autotuning, allocator warm-up) is timed on its own and reported apart.
+(torch.compile, autotuning, allocator warm-up) is timed on its own and reported apart, with what it
+compiled and tuned (Triton kernels) and the cold start: model built, optimizer made, first step done.
 """
+import time
 
 import torch
 
 from gpt2_triton import GPT, GPTConfig
 from gpt2_triton.bench.common import Row, has_cuda, record, timed_call_s, wall_clock_ms
+from gpt2_triton.kernels.autotune import accounting
 from gpt2_triton.training.metrics import device_peak_flops, mfu
 from gpt2_triton.training.step import train_step
 
@@ -66,6 +69,7 @@ def _measure_stack(config, kernels, compile_model, B, T, device, peak, warmup, r
     model = optimizer = None
     try:
         torch.manual_seed(0)
+        cold_start = time.perf_counter()
         model = GPT(config, kernels=kernels).to(device)
         optimizer = model.configure_optimizer(0.1, 6e-4)
         runner = torch.compile(model) if compile_model else model
@@ -74,7 +78,10 @@ def _measure_stack(config, kernels, compile_model, B, T, device, peak, warmup, r
         step = train_step_fn(runner, optimizer, x, y, device)
         if has_cuda():
             torch.cuda.reset_peak_memory_stats()
-        first_step_s = timed_call_s(step)
+        with accounting() as first:
+            first_step_s = timed_call_s(step)
+        cold_start_s = time.perf_counter() - cold_start
+        cost = first.per_kernel().values()
         med, p20, p80 = wall_clock_ms(step, warmup - 1, reps)
         tokens_per_s = B * T / (med * 1e-3)
         util = mfu(model.flops_per_token(T), tokens_per_s, peak)
@@ -84,6 +91,11 @@ def _measure_stack(config, kernels, compile_model, B, T, device, peak, warmup, r
                    extra={"tokens_per_s": round(tokens_per_s), "mfu": None if util is None else round(util, 4),
                           "kernels": kernels, "compile": compile_model, "first_step_s": round(first_step_s, 2),
                           "compile_s": round(max(first_step_s - med * 1e-3, 0.0), 2),
+                          "cold_start_s": round(cold_start_s, 2),
+                          "first_step_compiles": sum(c["compiles"] for c in cost),
+                          "first_step_compile_s": round(sum(c["compile_s"] for c in cost), 2),
+                          "first_step_tunings": sum(c["tunings"] for c in cost),
+                          "first_step_tune_s": round(sum(c["tune_s"] for c in cost), 2),
                           "warmup_steps": warmup, "timed_steps": reps})
     except Exception as e:  # e.g. out of memory at a large micro-batch
         return Row("e2e", case, provider, "step", shape, "bf16-autocast", None, error=f"{type(e).__name__}: {e}"[:300])

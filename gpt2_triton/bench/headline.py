@@ -4,22 +4,30 @@
     TRITON_INTERPRET=1 python -m gpt2_triton.bench headline --quick --out DIR --budget-s 120   # CPU: tiny sizes
 
 Stages, in order; everything is written the moment it exists, so a kill keeps what was finished:
-  1. env      GPU, SMs, clocks, driver, torch/triton/CUDA versions, commit, autotuners  -> env.json
-  2. pytest   `pytest -m gpu` under a time cap, GPT-2-sized tests first                   -> pytest.log
-  3. kernels  each kernel at its GPT-2 124M training shape against every baseline, fwd/bwd/fwd+bwd
-  4. e2e      one GPT-2 124M training step at B=16, T=1024 for the four stacks
-  5. summary  the goals beside the measurements, and plots          -> summary.md, kernels.png, e2e.png
-Every row, test outcome, autotuning and stage event goes to results.jsonl (one JSON object a line,
-`kind` says which); the jobs' output goes to run.log.
+  1. env        GPU, SMs, clocks, driver, torch/triton/CUDA versions, commit, autotuners  -> env.json
+  2. preflight  precompile: every kernel the later stages launch, compiled into Triton's cache by one
+                process per CPU core (bench/precompile.py); preflight: the C toolchain Triton builds
+                launchers with, and one tiny launch of every kernel through every path, each checked
+                against the reference (bench/preflight.py). A path that fails is recorded and the
+                later jobs take its fallback from their start: one broken feature costs one row.
+  3. pytest     `pytest -m gpu` over tests/ under a time cap, GPT-2-sized tests first     -> pytest.log
+  4. kernels    each kernel at its GPT-2 124M training shape against every baseline, fwd/bwd/fwd+bwd
+  5. e2e        one GPT-2 124M training step at B=16, T=1024 for the four stacks (with what the first
+                step compiled and tuned)
+  6. summary    the goals beside the measurements, compile and tuning cost, and plots
+                                                                     -> summary.md, kernels.png, e2e.png
+Every row, test outcome, preflight row, compile/tuning record and stage event goes to results.jsonl
+(one JSON object a line, `kind` says which); the jobs' output goes to run.log.
 
-Budget: after env, stages pytest / kernels / e2e get 15% / 45% / 40% of what is left (time a stage
-does not use rolls over to the next), and each job of a stage a weighted part of its stage's time.
-A job whose part is below what it needs at minimum skips itself with the reason. Each job runs in
-its own process (a hang or a CUDA error in one cannot take the next down): after 80% of its part it
-starts no new measurement, at 100% it is killed. Autotuning happens inside the jobs, so it is part of
-the budget; it is bounded to the first --max-configs candidates of each autotuned kernel (the first
-is the hand-picked default; pytest runs each kernel at its first config), and every tuning is logged
-with how many configs it tried.
+Budget: after env, stages preflight / pytest / kernels / e2e get 12% / 13% / 40% / 35% of what is left
+(time a stage does not use rolls over to the next), and each job of a stage a weighted part of its
+stage's time. A job whose part is below what it needs at minimum skips itself with the reason. Each job
+runs in its own process (a hang or a CUDA error in one cannot take the next down): after 80% of its part
+it starts no new measurement, at 100% it is killed. Compiling and autotuning happen inside the jobs, so
+they are part of the budget: each autotuned launch tries at most the first --max-configs candidates the
+static rule admits (gpt2_triton.kernels.autotune; pytest and the preflight: the hand-picked one), a
+result tuned in an earlier job or run on this machine is reused (persisted under Triton's cache dir),
+and the summary gives each kernel's compiles, compile seconds and tuning seconds.
 """
 import argparse
 import contextlib
@@ -30,6 +38,7 @@ import platform
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -39,17 +48,24 @@ from typing import Optional
 import torch
 
 from gpt2_triton.bench import e2e
-from gpt2_triton.bench.common import environment, has_cuda, nvidia_smi, out_dir_for, session
+from gpt2_triton.bench.common import SHORT_OP_MS, environment, has_cuda, nvidia_smi, out_dir_for, session
 from gpt2_triton.bench.layer_norm import device_bandwidth
 from gpt2_triton.kernels import KERNEL_MODULES
-from gpt2_triton.kernels.utils import is_interpreter
+from gpt2_triton.kernels.autotune import accounting, tuning_record
+from gpt2_triton.kernels.utils import (
+    FEATURES,
+    failed_features,
+    is_interpreter,
+    mark_feature_failed,
+    override_target,
+)
 from gpt2_triton.training.metrics import device_peak_flops
 
 ROOT = Path(__file__).resolve().parents[2]  # the checkout: tests/ lives beside the package
 RESULTS, SUMMARY, ENV, PYTEST_LOG, RUN_LOG = "results.jsonl", "summary.md", "env.json", "pytest.log", "run.log"
 KERNELS_PNG, E2E_PNG = "kernels.png", "e2e.png"
 OUTPUTS = (RESULTS, SUMMARY, ENV, PYTEST_LOG, RUN_LOG, KERNELS_PNG, E2E_PNG)
-STAGE_SHARES = {"pytest": 0.15, "kernels": 0.45, "e2e": 0.40}
+STAGE_SHARES = {"preflight": 0.12, "pytest": 0.13, "kernels": 0.40, "e2e": 0.35}
 SUMMARY_RESERVE_S = 10.0  # kept back from the stages for the summary and plots
 SOFT_DEADLINE = 0.8  # fraction of a job's time after which it starts no new measurement
 OURS = "triton"  # providers whose name starts with this are ours; every other provider is a baseline
@@ -57,16 +73,21 @@ OURS = "triton"  # providers whose name starts with this are ours; every other p
 
 # --- what runs: shapes and jobs ------------------------------------------------------------------
 def sizes(quick: bool) -> dict:
-    """GPT-2 124M training shapes (B=16, T=1024: 16384 tokens); tiny ones for the CPU interpreter."""
+    """Keyword arguments of each bench module's run(): GPT-2 124M training shapes (B=16, T=1024: 16384
+    tokens); tiny ones for the CPU interpreter."""
     if quick:
-        return {"attention": [(1, 2, 32, 16)], "attention-T2048": [(1, 2, 64, 16)], "layer_norm": [(33, 96)],
-                "cross_entropy": {"ce": [(16, 128, 97), (16, 97, 97)], "linear_ce": []},
-                "linear_cross_entropy": {"ce": [], "linear_ce": [(24, 32, 128, 97)]},
-                "gelu_mlp": [(37, 40, 160)], "e2e_batch": 2}
-    return {"attention": [(16, 12, 1024, 64)], "attention-T2048": [(8, 12, 2048, 64)], "layer_norm": [(16384, 768)],
-            "cross_entropy": {"ce": [(16384, 50304, 50257), (16384, 50257, 50257)], "linear_ce": []},
-            "linear_cross_entropy": {"ce": [], "linear_ce": [(16384, 768, 50304, 50257)]},
-            "gelu_mlp": [(16384, 768, 3072)], "e2e_batch": 16}
+        return {"attention": {"sizes": [(1, 2, 32, 16)]},
+                "attention-T2048": {"sizes": [(1, 2, 64, 16)], "qkv_sizes": []},
+                "layer_norm": {"sizes": [(33, 96)]},
+                "cross_entropy": {"sizes": {"ce": [(16, 128, 97), (16, 97, 97)], "linear_ce": []}},
+                "linear_cross_entropy": {"sizes": {"ce": [], "linear_ce": [(24, 32, 128, 97)]}},
+                "gelu_mlp": {"sizes": [(37, 40, 160)]}, "e2e_batch": 2}
+    return {"attention": {"sizes": [(16, 12, 1024, 64)]},
+            "attention-T2048": {"sizes": [(8, 12, 2048, 64)], "qkv_sizes": []},  # the QKV case ran at T=1024
+            "layer_norm": {"sizes": [(16384, 768)]},
+            "cross_entropy": {"sizes": {"ce": [(16384, 50304, 50257), (16384, 50257, 50257)], "linear_ce": []}},
+            "linear_cross_entropy": {"sizes": {"ce": [], "linear_ce": [(16384, 768, 50304, 50257)]}},
+            "gelu_mlp": {"sizes": [(16384, 768, 3072)]}, "e2e_batch": 16}
 
 
 @dataclass
@@ -77,6 +98,8 @@ class JobContext:
     quick: bool
     deadline: float  # time.monotonic() after which no new measurement starts
     results: "Results"
+    max_configs: int = 0  # autotune candidates a launch tries on first contact
+    tests: Path = ROOT / "tests"  # what the pytest job collects
 
     def write(self, kind, **record):
         self.results.write(kind, stage=self.stage, job=self.job, **record)
@@ -102,7 +125,7 @@ def _kernel_job(*runs):
     def run(ctx):
         for module_name, size_key in runs:
             module = importlib.import_module(f"gpt2_triton.bench.{module_name}")
-            module.run(_dtype(), quick=ctx.quick, sizes=sizes(ctx.quick)[size_key])
+            module.run(_dtype(), quick=ctx.quick, **sizes(ctx.quick)[size_key])
     return run
 
 
@@ -113,16 +136,33 @@ def _e2e_job(stack):
     return run
 
 
-def gpu_test_files() -> list:
-    """The test files that mark any test `gpu` (collecting only these skips the other files' imports)."""
-    return [str(f) for f in sorted((ROOT / "tests").glob("test_*.py")) if "mark.gpu" in f.read_text()]
-
-
 def _pytest_job(ctx):
+    """`pytest -m gpu` over the whole tests folder: the marker chooses the tests. A module that fails to
+    import is a failure with its message (collection goes on past it); one that needs a declared
+    dependency this machine lacks is skipped with that reason (tests/conftest.py)."""
     import pytest
-    rc = pytest.main(["-m", "gpu", "-q", "-rfE", "-p", "no:cacheprovider", *gpu_test_files()],
-                     plugins=[_PytestRecorder(ctx)])
+    rc = pytest.main(["-m", "gpu", "-q", "-rfEs", "-p", "no:cacheprovider", "--continue-on-collection-errors",
+                      str(ctx.tests)], plugins=[_PytestRecorder(ctx)])
     ctx.write("pytest-exit", rc=int(rc))
+
+
+def _precompile_job(ctx):
+    """On a GPU: every spec, one worker per CPU core, until the deadline. On CPU (the interpreter compiles
+    nothing) a rehearsal: the whole trace, and one sm_90 compile into a throwaway cache."""
+    from gpt2_triton.bench import precompile
+    if has_cuda():
+        done = precompile.run(ctx.max_configs, deadline=ctx.deadline)
+    else:
+        with tempfile.TemporaryDirectory() as cache:
+            done = precompile.run(ctx.max_configs, jobs=1, limit=1, cache_dir=cache)
+        done["rehearsal"] = "CPU: the interpreter compiles nothing; one spec compiled to check the way"
+    ctx.write("precompile", **done)
+
+
+def _preflight_job(ctx):
+    from gpt2_triton.bench import preflight
+    ctx.write("toolchain", **preflight.toolchain())
+    preflight.run(torch.device("cuda" if has_cuda() else "cpu"), lambda row: ctx.write("preflight", **row))
 
 
 def _without_compile(*ops):
@@ -133,6 +173,8 @@ def _without_compile(*ops):
 # Kernels are measured first without their torch.compile baseline (two graph compiles each), which
 # then run together in one job, those that goals need first; attention at T=2048 comes last.
 JOBS = (
+    Job("preflight", "precompile", 1.5, 15, _precompile_job),
+    Job("preflight", "preflight", 1.0, 10, _preflight_job),
     Job("pytest", "pytest", 1.0, 30, _pytest_job),
     Job("kernels", "attention", 2.0, 20, _kernel_job(("attention", "attention")), _without_compile()),
     Job("kernels", "layer_norm", 0.7, 10, _kernel_job(("layer_norm", "layer_norm")), _without_compile()),
@@ -183,7 +225,7 @@ def row_record(row) -> dict:
     return record
 
 
-# --- bounded autotuning --------------------------------------------------------------------------
+# --- autotuners ---------------------------------------------------------------------------------
 def find_autotuners() -> dict:
     """{"attention._flash_attention_fwd": Autotuner, ...}: every triton.autotune'd kernel that a
     kernels.* module holds (also under triton.heuristics), found by scanning, not by name."""
@@ -200,35 +242,6 @@ def find_autotuners() -> dict:
                     found[f"{module_name.rsplit('.', 1)[1]}.{attr}"] = obj
                 obj = getattr(obj, "fn", None)
     return found
-
-
-@contextlib.contextmanager
-def bounded_autotune(tuners: dict, max_configs: int, on_tune: Callable[..., None]):
-    """While inside: each autotuner benchmarks at most the first `max_configs` of the candidates its
-    own pruning keeps (0: all), and on_tune(kernel=, key=, tried=, candidates=) is called each time
-    one tunes a new key. Only the autotuner's own pruning call (on its `configs`) is bounded; the
-    autotuners are restored on exit."""
-    saved = {name: tuner.early_config_prune for name, tuner in tuners.items()}
-    for name, tuner in tuners.items():
-        tuner.early_config_prune = _bounded_prune(name, tuner, saved[name], max_configs, on_tune)
-    try:
-        yield
-    finally:
-        for name, tuner in tuners.items():
-            tuner.early_config_prune = saved[name]
-
-
-def _bounded_prune(name, tuner, prune, max_configs, on_tune):
-    def bounded(configs, named_args, **kwargs):
-        candidates = list(prune(configs, named_args, **kwargs) if prune else configs)
-        if configs is not tuner.configs:  # called by someone else (e.g. a test listing the candidates)
-            return candidates
-        kept = candidates[:max_configs] if max_configs > 0 else candidates
-        args = {**named_args, **kwargs}
-        on_tune(kernel=name, key={k: str(args.get(k)) for k in tuner.keys}, tried=len(kept),
-                candidates=len(candidates))
-        return kept
-    return bounded
 
 
 # --- pytest --------------------------------------------------------------------------------------
@@ -248,14 +261,22 @@ class _PytestRecorder:
     def pytest_collection_finish(self, session):
         self.ctx.write("collected", tests=[item.nodeid for item in session.items])
 
+    def pytest_collectreport(self, report):
+        """A module that failed to import is a failed row with its error; one skipped whole (a missing
+        declared dependency) a skipped row with the reason."""
+        if report.failed or report.skipped:
+            self.ctx.write("test", test=report.nodeid, outcome="failed" if report.failed else "skipped",
+                           when="collect", duration_s=0.0, message=_pytest_message(report))
+
     def pytest_runtest_logreport(self, report):
         if report.when == "call" or report.outcome != "passed":
             self.ctx.write("test", test=report.nodeid, outcome=report.outcome, when=report.when,
                            duration_s=round(report.duration, 2), message=_pytest_message(report))
 
     def pytest_runtest_logfinish(self, nodeid, location):
-        if time.monotonic() > self.ctx.deadline and self.session is not None:
+        if time.monotonic() > self.ctx.deadline and self.session is not None and not self.session.shouldstop:
             self.session.shouldstop = "bench headline: the pytest time cap was reached"
+            self.ctx.write("pytest-stop", reason="the time cap was reached")
 
 
 def _pytest_message(report) -> str:
@@ -265,26 +286,43 @@ def _pytest_message(report) -> str:
         return str(report.longrepr[2])
     lines = str(report.longreprtext).splitlines()
     errors = [line for line in lines if line.startswith("E ")]
-    return "\n".join(errors[:6] or lines[-3:])[:600]
+    return "\n".join(errors[:6] or [line for line in lines if line.strip()][-3:])[:600]
 
 
 # --- the job process -----------------------------------------------------------------------------
-def run_job(name, out, deadline_epoch, quick, max_configs, pytest_max_configs):
-    """Run one job in this process, every record straight to results.jsonl."""
+def run_job(name, out, deadline_epoch, quick, max_configs, pytest_max_configs, tests=None):
+    """Run one job in this process, every record straight to results.jsonl: its rows, each tuning as it
+    ends, and at the end what it compiled and tuned per kernel and any feature that fell back."""
     job = JOBS_BY_NAME[name]
     results = Results(Path(out) / RESULTS)
-    ctx = JobContext(job.stage, job.name, quick, time.monotonic() + max(0.0, deadline_epoch - time.time()), results)
+    limit = pytest_max_configs if job.stage in ("pytest", "preflight") and job.name != "precompile" else max_configs
+    ctx = JobContext(job.stage, job.name, quick, time.monotonic() + max(0.0, deadline_epoch - time.time()), results,
+                     limit, Path(tests) if tests else ROOT / "tests")
+    for feature, reason in preflight_failures(results.read()).items():  # broken here: straight to its fallback
+        mark_feature_failed(feature, f"preflight: {reason}")
 
     def sink(row):
         ctx.write("row", **row_record(row))
 
-    def on_tune(**tuning):
-        ctx.write("autotune", **tuning)
+    def on_tuning(tuning):
+        ctx.write("autotune", **tuning_record(tuning))
 
-    limit = pytest_max_configs if job.stage == "pytest" else max_configs
-    with bounded_autotune(find_autotuners(), limit, on_tune), \
+    with override_target(max_configs=limit), accounting(on_tuning) as acct, \
             session(sink=sink, deadline=ctx.deadline, select=job.select):
-        job.run(ctx)
+        try:
+            job.run(ctx)
+        finally:
+            if acct.per_kernel():
+                ctx.write("compile-cost", kernels=acct.per_kernel())
+            for feature, reason in failed_features().items():
+                if not reason.startswith("preflight: "):
+                    ctx.write("fallback", feature=feature, reason=reason)
+
+
+def preflight_failures(records) -> dict:
+    """{feature: why} for each feature whose preflight row failed."""
+    return {r["feature"]: r["error"] for r in records
+            if r["kind"] == "preflight" and r.get("feature") and not r["ok"]}
 
 
 class Budget:
@@ -308,6 +346,8 @@ def _launch(job, allowance, args, out):
            "--max-configs", str(args.max_configs), "--pytest-max-configs", str(args.pytest_max_configs)]
     if args.quick:
         cmd.append("--quick")
+    if args.tests:
+        cmd += ["--tests", str(args.tests)]
     env = dict(os.environ, PYTHONUNBUFFERED="1",
                PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p))
     log_path = out / (PYTEST_LOG if job.stage == "pytest" else RUN_LOG)
@@ -568,12 +608,13 @@ def write_summary(out, records, env, budget=None):
     used += f"a {env.get('budget_s'):g} s budget"
     quick = " --quick" if env.get("quick") else ""
     md.append(f"`python -m gpt2_triton.bench headline --budget-s {env.get('budget_s'):g}{quick}`: "
-              f"{used}; autotuning bounded to the first {env.get('max_configs') or 'all'} configs per kernel "
-              f"(pytest: {env.get('pytest_max_configs') or 'all'}); dtype {env.get('dtype')}.")
+              f"{used}; each autotuned launch tries at most {env.get('max_configs') or 'all'} candidates "
+              f"(pytest and preflight: {env.get('pytest_max_configs') or 'all'}); dtype {env.get('dtype')}.")
     if not on_gpu:
         md += ["", "**CPU run: tiny sizes through Triton's interpreter. This checks that every stage runs; "
                    "the numbers are not kernel performance and no goal is judged.**"]
 
+    md += ["", "## Preflight", "", _preflight_text(records)]
     md += ["", "## Goals", "", "| goal | case | measured | verdict |", "|---|---|---|---|"]
     for goal in GOALS:
         for case, text, value, reason in evaluate(goal, rows, env):
@@ -581,6 +622,8 @@ def write_summary(out, records, env, budget=None):
             md.append(f"| {goal.text} | {case} | {text or reason} | {verdict} |")
 
     md += ["", "## Kernels (ours vs the fastest baseline)", "",
+           f"Per call: median of `do_bench` (L2 flushed before each call); ops under {SHORT_OP_MS} ms also "
+           "timed back to back (many calls between two events: launch overhead hidden).", "",
            "| case | mode | ours ms | TFLOP/s | GB/s | ours peak MB | fastest baseline | its ms | ours × | "
            "its peak / ours | first call s |", "|---|---|---:|---:|---:|---:|---|---:|---:|---:|---:|"]
     for r in [r for r in rows.rows if r["stage"] == "kernels" and r["provider"] == OURS]:
@@ -590,7 +633,9 @@ def write_summary(out, records, env, budget=None):
             continue
         speed = f"{base['median_ms'] / r['median_ms']:.2f}" if base else "–"
         mem = (f"{base['peak_mb'] / r['peak_mb']:.1f}" if base and base["peak_mb"] and r["peak_mb"] else "–")
-        md.append(f"| {r['case']} | {r['mode']} | {r['median_ms']:.3f} | {_fmt(r['tflops'])} | {_fmt(r['gbps'], 0)} | "
+        b2b = r["extra"].get("back_to_back_ms")
+        ours_ms = f"{r['median_ms']:.3f}" + (f" (back to back {b2b[0]:.3f})" if b2b else "")
+        md.append(f"| {r['case']} | {r['mode']} | {ours_ms} | {_fmt(r['tflops'])} | {_fmt(r['gbps'], 0)} | "
                   f"{_fmt(r['peak_mb'])} | {base['provider'] if base else '–'} | "
                   f"{_fmt(base['median_ms'] if base else None, 3)} | {speed} | {mem} | "
                   f"{_fmt(r['extra'].get('first_call_s'), 2)} |")
@@ -603,21 +648,26 @@ def write_summary(out, records, env, budget=None):
                + ", ".join(f"{case} {s:.0f} s" for case, s in compiled.items()) + "."]
 
     md += ["", "## End to end: one training step (fwd + bwd + AdamW, bf16 autocast on CUDA)", "",
-           "| stack | case | ms/step (p20-p80) | tokens/s | MFU | peak MB | first step s | compile s |",
-           "|---|---|---:|---:|---:|---:|---:|---:|"]
+           "| stack | case | ms/step (p20-p80) | tokens/s | MFU | peak MB | first step s | compile s | "
+           "cold start s | first step: Triton compiles, s / tunings, s |",
+           "|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
     for job in [j.name for j in JOBS if j.stage == "e2e"]:
         r = rows.e2e(job)
         if r is None or not r["median_ms"]:
-            md.append(f"| {job} | | {r['error'] if r else _job_reason(records, job)} | | | | | |")
+            md.append(f"| {job} | | {r['error'] if r else _job_reason(records, job)} | | | | | | | |")
             continue
         x = r["extra"]
         mfu = f"{100 * x['mfu']:.1f}%" if x.get("mfu") is not None else "–"
+        first = (f"{x['first_step_compiles']}, {x['first_step_compile_s']:.1f} / {x['first_step_tunings']}, "
+                 f"{x['first_step_tune_s']:.1f}" if "first_step_compiles" in x else "–")
         md.append(f"| {job} | {r['case']} | {r['median_ms']:.1f} ({r['p20_ms']:.1f}-{r['p80_ms']:.1f}) | "
                   f"{x['tokens_per_s']:,} | {mfu} | {_fmt(r['peak_mb'], 0)} | {_fmt(x.get('first_step_s'), 1)} | "
-                  f"{_fmt(x.get('compile_s'), 1)} |")
+                  f"{_fmt(x.get('compile_s'), 1)} | {_fmt(x.get('cold_start_s'), 1)} | {first} |")
+    md += ["", "Cold start: model built, optimizer made and the first training step done (in a job process "
+               "after the preflight's precompile and the kernel jobs' tunings on this machine)."]
 
     md += ["", "## Correctness: `pytest -m gpu`", "", _pytest_text(records)]
-    md += ["", "## Autotuning", "", _autotune_text(records, env)]
+    md += ["", "## Compiling and autotuning", "", _cost_text(records, env)]
     md += ["", "## Stages", "", "| stage / job | time allowed s | took s | status |", "|---|---:|---:|---|"]
     for r in records:
         if r["kind"] == "stage" and r["event"] == "start":
@@ -636,7 +686,8 @@ def write_summary(out, records, env, budget=None):
 def _pytest_text(records):
     pytest_records = [r for r in records if r.get("stage") == "pytest"]
     collected = next((r["tests"] for r in pytest_records if r["kind"] == "collected"), None)
-    tests = [r for r in pytest_records if r["kind"] == "test"]
+    tests = [r for r in pytest_records if r["kind"] == "test" and r["when"] != "collect"]
+    modules = [r for r in pytest_records if r["kind"] == "test" and r["when"] == "collect"]
     job = [r for r in records if r["kind"] == "job" and r.get("job") == "pytest"]
     if collected is None:
         return f"Not run: {_job_reason(records, 'pytest')}." if job else "Not run yet."
@@ -646,33 +697,90 @@ def _pytest_text(records):
             outcome[t["test"]] = t["outcome"]
     counts = {k: sum(v == k for v in outcome.values()) for k in ("passed", "failed", "skipped")}
     not_run = len([t for t in collected if t not in outcome])
-    text = (f"{len(collected)} collected: {counts['passed']} passed, {counts['failed']} failed, "
+    text = (f"{len(collected)} `gpu` tests collected: {counts['passed']} passed, {counts['failed']} failed, "
             f"{counts['skipped']} skipped, {not_run} not run")
     exit_rc = next((r["rc"] for r in pytest_records if r["kind"] == "pytest-exit"), None)
     if not_run:
-        text += f" ({_job_reason(records, 'pytest') if exit_rc is None else 'the time cap was reached'})"
+        capped = any(r["kind"] == "pytest-stop" for r in pytest_records)
+        why = ("the time cap was reached" if capped else _job_reason(records, "pytest") if exit_rc is None
+               else f"pytest exited with code {exit_rc}")
+        text += f" ({why})"
+    broken = [m for m in modules if m["outcome"] == "failed"]
+    if broken:
+        text += f"; {len(broken)} test module{'s' if len(broken) > 1 else ''} did not import"
     lines = [text + "."]
     skipped = {t["message"] for t in tests if t["outcome"] == "skipped"}
     if skipped:
         lines.append("Skip reasons: " + "; ".join(sorted(skipped)) + ".")
-    for t in tests:
-        if t["outcome"] == "failed":
-            lines.append(f"- FAILED `{t['test']}` ({t['when']}): " + t["message"].replace("\n", " ")[:300])
+    skipped_modules = [m for m in modules if m["outcome"] == "skipped"]
+    if skipped_modules:
+        lines.append("Test modules skipped whole: " + "; ".join(f"`{m['test']}` ({m['message']})"
+                                                               for m in skipped_modules) + ".")
+    for t in broken + [t for t in tests if t["outcome"] == "failed"]:
+        lines.append(f"- FAILED `{t['test']}` ({t['when']}): " + t["message"].replace("\n", " ")[:300])
     return "\n".join(lines)
 
 
-def _autotune_text(records, env):
+def _preflight_text(records):
+    lines = []
+    for r in (r for r in records if r["kind"] == "precompile"):
+        processes = f"{r['workers']} process" + ("es" if r["workers"] > 1 else "")
+        line = (f"Precompile (triton {r['triton']}, target {r['target']}): {r['compiled']} of {r['specs']} kernel "
+                f"specs compiled by {processes} in {r['wall_s']:.0f} s ({r['compile_s']:.0f} s of "
+                f"compiling, {r.get('launcher_s', 0):.0f} s of launcher builds, {r['trace_s']:.0f} s of tracing)")
+        if r["not_reached"]:
+            line += f"; {r['not_reached']} not reached before the deadline"
+        if r["failed"]:
+            line += "; failed: " + "; ".join(f"{k}: {v}" for k, v in list(r["failed"].items())[:5])
+        lines.append(line + (f". {r['rehearsal']}." if r.get("rehearsal") else "."))
+    for r in (r for r in records if r["kind"] == "toolchain"):
+        lines.append(f"Toolchain for Triton's launchers: C compiler {r['cc'] or 'none found'}, Python.h "
+                     f"{r['python_h'] or 'not found'}: " + ("builds." if r["ok"] else f"**fails**: {r['error']}"))
+    rows = [r for r in records if r["kind"] == "preflight"]
+    if rows:
+        lines += ["", "| kernel | path | dtype | result | s |", "|---|---|---|---|---:|"]
+        for r in rows:
+            result = (f"skipped: {r['skipped']}" if r.get("skipped") else
+                      f"works (rel. error {r['rel_err']:.1e})" if r["ok"] else f"**fails**: {r['error']}")
+            lines.append(f"| {r['item']} | {r['path']} | {r['dtype']} | {result} | {_fmt(r['seconds'], 2)} |")
+    fallbacks = preflight_failures(records)
+    fallbacks.update({r["feature"]: r["reason"] for r in records if r["kind"] == "fallback"})
+    if fallbacks:
+        lines += [""] + [f"- fallback taken: **{feature}** ({FEATURES[feature]}): {why}"
+                         for feature, why in fallbacks.items()]
+    if not lines:
+        job = [r for r in records if r["kind"] == "job" and r.get("stage") == "preflight"]
+        return f"Not run: {_job_reason(records, 'preflight')}." if job else "Not run yet."
+    return "\n".join(lines)
+
+
+def _cost_text(records, env):
+    """Per job and kernel: Triton compiles and their seconds, tunings (persisted ones reused) and their
+    benchmark seconds; then every tuning."""
+    costs = [r for r in records if r["kind"] == "compile-cost" and r["kernels"]]
+    lines = []
+    if costs:
+        lines += ["| job | kernel | compiles | compile s | tunings (reused) | configs tried | tuning s |",
+                  "|---|---|---:|---:|---:|---:|---:|"]
+        total = [0, 0.0, 0, 0.0]
+        for r in costs:
+            for kernel, c in sorted(r["kernels"].items()):
+                lines.append(f"| {r['job']} | {kernel} | {c['compiles']} | {c['compile_s']:.1f} | {c['tunings']} "
+                             f"({c['cached_tunings']}) | {c['configs_tried']} | {c['tune_s']:.1f} |")
+                total = [total[0] + c["compiles"], total[1] + c["compile_s"], total[2] + c["tunings"],
+                         total[3] + c["tune_s"]]
+        lines.append(f"| **all** | | {total[0]} | {total[1]:.1f} | {total[2]} | | {total[3]:.1f} |")
     tunings = [r for r in records if r["kind"] == "autotune"]
-    candidates = env.get("autotuners", {})
-    if not tunings:
-        counts = ", ".join(f"{k}: {v}" for k, v in candidates.items()) or "none found"
-        return f"No kernel tuned in this run (configs per autotuner: {counts})."
-    lines = ["| job | kernel | keys tuned | configs tried per key (of candidates) |", "|---|---|---:|---|"]
-    grouped = {}
-    for t in tunings:
-        grouped.setdefault((t["job"], t["kernel"]), []).append(f"{t['tried']}/{t['candidates']}")
-    for (job, kernel), tried in grouped.items():
-        lines.append(f"| {job} | {kernel} | {len(tried)} | {', '.join(tried)} |")
+    if tunings:
+        lines += ["", "| job | kernel | key | tried of admitted | compile s | benchmark s | chosen |",
+                  "|---|---|---|---|---:|---:|---|"]
+        for t in tunings:
+            tried = "persisted result" if t["cached"] else f"{t['tried']} of {t['candidates']}"
+            lines.append(f"| {t['job']} | {t['kernel']} | `{t['key']}` | {tried} | {t['compile_s']:.1f} | "
+                         f"{t['bench_s']:.1f} | `{t['best']}` |")
+    if not lines:
+        counts = ", ".join(f"{k}: {v}" for k, v in env.get("autotuners", {}).items()) or "none found"
+        return f"Nothing compiled or tuned in this run's jobs (configs per autotuner: {counts})."
     return "\n".join(lines)
 
 
@@ -742,12 +850,17 @@ def parse_args(argv):
     p.add_argument("--stages", default=",".join(STAGES),
                    help=f"comma-separated subset of {','.join(STAGES)} (env and summary always run)")
     p.add_argument("--max-configs", type=int, default=4,
-                   help="autotuned kernels benchmark at most this many candidates, in their listed order (0: all)")
+                   help="autotuned launches try at most this many of the candidates the static rule admits, in "
+                        "their listed order (0: all)")
     p.add_argument("--pytest-max-configs", type=int, default=1,
-                   help="the same bound inside pytest (default 1: each kernel's hand-picked config)")
+                   help="the same bound in pytest and the preflight (default 1: each kernel's hand-picked config)")
+    p.add_argument("--strict", action="store_true",
+                   help="exit 1 when a job crashed or was killed, a preflight row or a test failed, a test module "
+                        "did not import, or pytest collected nothing (a rehearsal in CI)")
     p.add_argument("--commit", default=None, help="commit to record when the copy has no .git")
     p.add_argument("--job", default=None, help=argparse.SUPPRESS)  # internal: run one job in this process
     p.add_argument("--deadline", type=float, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--tests", default=None, help=argparse.SUPPRESS)  # the folder pytest collects (tests)
     args = p.parse_args(argv)
     args.stages = [s.strip() for s in args.stages.split(",") if s.strip()]
     unknown = [s for s in args.stages if s not in STAGES and s not in ("env", "summary")]
@@ -760,7 +873,8 @@ def parse_args(argv):
 def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
     if args.job:
-        run_job(args.job, args.out, args.deadline, args.quick, args.max_configs, args.pytest_max_configs)
+        run_job(args.job, args.out, args.deadline, args.quick, args.max_configs, args.pytest_max_configs,
+                args.tests)
         return None
     if not has_cuda():
         if not (is_interpreter() and args.quick):
@@ -793,7 +907,28 @@ def main(argv=None):
     write_summary(out, results.read(), env, budget)
     log(f"done: {out / SUMMARY}")
     print((out / SUMMARY).read_text(), flush=True)
+    if args.strict:
+        problems = strict_problems(results.read())
+        if problems:
+            sys.exit("python -m gpt2_triton.bench headline --strict:\n  " + "\n  ".join(problems))
     return out
+
+
+def strict_problems(records) -> list:
+    """What makes a rehearsal fail: a job that crashed or was killed, a failed preflight row, a failed
+    test or a test module that did not import, pytest collecting nothing."""
+    problems = [f"job {r['job']}: {r['event']}: {r['reason']}" for r in records
+                if r["kind"] == "job" and r["event"] in ("crashed", "killed")]
+    problems += [f"preflight {r['item']} ({r['path']}): {r['error']}" for r in records
+                 if r["kind"] == "preflight" and not r["ok"]]
+    problems += [f"toolchain: {r['error']}" for r in records if r["kind"] == "toolchain" and not r["ok"]]
+    problems += [f"test {r['test']} ({r['when']}): {r['message']}" for r in records
+                 if r["kind"] == "test" and r["outcome"] == "failed"]
+    collected = [r for r in records if r["kind"] == "collected"]
+    ran = any(r["kind"] == "job" and r["job"] == "pytest" and r["event"] == "done" for r in records)
+    if ran and not any(r["tests"] for r in collected):
+        problems.append("pytest collected no `gpu` test")
+    return problems
 
 
 def _plots(out, results, env, log):

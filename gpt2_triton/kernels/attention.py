@@ -30,7 +30,9 @@ from gpt2_triton.kernels.utils import (
     check_device,
     check_float,
     check_same_dtype,
+    device_guard,
     split_heads,
+    with_fallbacks,
 )
 
 LOG2E = tl.constexpr(1.4426950408889634)  # log2(e); host code uses LOG2E.value
@@ -482,13 +484,15 @@ def _tma_readable(t: torch.Tensor) -> torch.Tensor:
 
 
 def _torch_scratch(size: int, alignment: int, stream: Optional[int]) -> torch.Tensor:
-    return torch.empty(size, dtype=torch.int8, device="cuda")
+    # Triton launches on CUDA's current device, which the launchers set to the tensors' (device_guard).
+    return torch.empty(size, dtype=torch.int8, device=torch.device("cuda", torch.cuda.current_device()))
 
 
 def _ensure_scratch_allocator(device: torch.device) -> None:
     """TMA descriptors made inside a kernel live in per-program global scratch, which Triton asks the
-    allocator of `triton.set_allocator` for at launch (per context, so also on autograd's threads).
-    Install a torch one where none is set; a caller's own allocator is left alone."""
+    allocator of `triton.set_allocator` for at launch (per context, so also on autograd's threads), on
+    the current device: the launch's own (device_guard). Install a torch one where none is set; a
+    caller's own allocator is left alone."""
     if device.type != "cuda":
         return
     from triton.runtime import _allocation
@@ -500,7 +504,7 @@ def _ensure_scratch_allocator(device: torch.device) -> None:
 # the same arguments: each one overwrites all of its outputs (plain stores, no accumulation into
 # global memory, no atomics; the dQ kernel rewrites its row statistics with the same values), so nothing
 # needs reset_to_zero / restore_value.
-_AUTOTUNE_KEY = ["T_BUCKET", "HEAD_DIM", "CAUSAL", "EVEN_T"]  # USE_TMA follows the dtype
+_AUTOTUNE_KEY = ["T_BUCKET", "HEAD_DIM", "CAUSAL", "EVEN_T", "USE_TMA"]
 _VARIANTS = [(d, dt) for d in SUPPORTED_HEAD_DIMS for dt in (torch.float16, torch.float32)]  # bf16 tiles = fp16's
 
 
@@ -589,6 +593,15 @@ def _heads_view(y: torch.Tensor, n_head: int) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------
 # Launch helpers (write into given (B, H, T, D) views; autocast off around them)
 # ----------------------------------------------------------------------------------------------
+def _with_tma_fallback(dtype: torch.dtype, launch) -> None:
+    """launch(use_tma) on the CUDA device of the call: through TMA for fp16/bf16 (falling back to pointer
+    loads where TMA fails in this process: feature "tma"), pointer loads for fp32."""
+    if _use_tma(dtype):
+        with_fallbacks([("tma", lambda: launch(True))], lambda: launch(False))
+    else:
+        launch(False)
+
+
 def _fwd_into(q, k, v, o, lse, causal: bool, scale: float) -> None:
     """o (B, H, T, D) and lse (B, H, T) fp32 contiguous <- attention forward of q, k, v."""
     B, H, T, D = q.shape
@@ -597,16 +610,21 @@ def _fwd_into(q, k, v, o, lse, causal: bool, scale: float) -> None:
         # |scale| * (-q).k, and 0 * q.k equals 1 * 0.k.
         q = q.neg() if scale < 0 else torch.zeros_like(q)
         scale = -scale if scale < 0 else 1.0
-    use_tma = _use_tma(q.dtype)
-    if use_tma:
-        k, v = _tma_readable(k), _tma_readable(v)
-        _ensure_scratch_allocator(q.device)
     grid = lambda meta: (triton.cdiv(T, meta["BLOCK_M"]), B * H)  # noqa: E731
-    _flash_attention_fwd[grid](
-        q, k, v, o, lse,
-        *q.stride(), *k.stride(), *v.stride(), *o.stride(),
-        H, T, bucket(T), scale * LOG2E.value,
-        HEAD_DIM=D, CAUSAL=causal, EVEN_T=_even_t(T), USE_TMA=use_tma, INPUT_PRECISION=_input_precision(q.dtype))
+
+    def launch(use_tma):
+        k_, v_ = (_tma_readable(k), _tma_readable(v)) if use_tma else (k, v)
+        if use_tma:
+            _ensure_scratch_allocator(q.device)
+        _flash_attention_fwd[grid](
+            q, k_, v_, o, lse,
+            *q.stride(), *k_.stride(), *v_.stride(), *o.stride(),
+            H, T, bucket(T), scale * LOG2E.value,
+            HEAD_DIM=D, CAUSAL=causal, EVEN_T=_even_t(T), USE_TMA=use_tma,
+            INPUT_PRECISION=_input_precision(q.dtype))
+
+    with device_guard(q.device):
+        _with_tma_fallback(q.dtype, launch)
 
 
 def _bwd_into(do, q, k, v, o, lse, dq, dk, dv, causal: bool, scale: float) -> None:
@@ -617,22 +635,27 @@ def _bwd_into(do, q, k, v, o, lse, dq, dk, dv, causal: bool, scale: float) -> No
     stats = torch.empty((B * H, 2, stride_s), dtype=torch.float32, device=q.device)  # lse2 | delta
     precision = _input_precision(q.dtype)
     even_t = _even_t(T)
-    use_tma = _use_tma(q.dtype)
-    if use_tma:  # the dQ loop reads k, v tiles; the dK/dV loop q, do tiles
-        q, k, v, do = (_tma_readable(t) for t in (q, k, v, do))
-        _ensure_scratch_allocator(q.device)
     grid_dq = lambda meta: (triton.cdiv(T, meta["BLOCK_M"]), B * H)  # noqa: E731  one program per query tile
-    _flash_attention_bwd_dq[grid_dq](
-        q, k, v, o, do, lse, stats, dq,
-        *q.stride(), *k.stride(), *v.stride(), *o.stride(), *do.stride(), *dq.stride(),
-        stride_s, H, T, bucket(T), scale, scale * LOG2E.value,
-        HEAD_DIM=D, CAUSAL=causal, EVEN_T=even_t, USE_TMA=use_tma, INPUT_PRECISION=precision)
     grid_dkdv = lambda meta: (triton.cdiv(T, meta["BLOCK_N"]), B * H)  # noqa: E731  one program per key tile
-    _flash_attention_bwd_dkdv[grid_dkdv](
-        q, k, v, do, stats, dk, dv,
-        *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
-        stride_s, H, T, bucket(T), scale, scale * LOG2E.value,
-        HEAD_DIM=D, CAUSAL=causal, EVEN_T=even_t, USE_TMA=use_tma, INPUT_PRECISION=precision)
+
+    def launch(use_tma):
+        # TMA: the dQ loop reads k, v tiles; the dK/dV loop q, do tiles
+        q_, k_, v_, do_ = (_tma_readable(t) for t in (q, k, v, do)) if use_tma else (q, k, v, do)
+        if use_tma:
+            _ensure_scratch_allocator(q.device)
+        _flash_attention_bwd_dq[grid_dq](
+            q_, k_, v_, o, do_, lse, stats, dq,
+            *q_.stride(), *k_.stride(), *v_.stride(), *o.stride(), *do_.stride(), *dq.stride(),
+            stride_s, H, T, bucket(T), scale, scale * LOG2E.value,
+            HEAD_DIM=D, CAUSAL=causal, EVEN_T=even_t, USE_TMA=use_tma, INPUT_PRECISION=precision)
+        _flash_attention_bwd_dkdv[grid_dkdv](
+            q_, k_, v_, do_, stats, dk, dv,
+            *q_.stride(), *k_.stride(), *v_.stride(), *do_.stride(), *dk.stride(), *dv.stride(),
+            stride_s, H, T, bucket(T), scale, scale * LOG2E.value,
+            HEAD_DIM=D, CAUSAL=causal, EVEN_T=even_t, USE_TMA=use_tma, INPUT_PRECISION=precision)
+
+    with device_guard(q.device):
+        _with_tma_fallback(q.dtype, launch)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,5 +1,6 @@
 """Autotune plumbing shared by the kernels: candidate tiles -> triton.Configs, one small config under the
-interpreter, pruning to the launch's own candidates, and power-of-two buckets of sizes that vary at run time.
+interpreter, the static rule and the first-contact bound on what a launch tries, persisted tuning, and
+the compile / tuning accounting.
 
 A kernel module lists its candidate tiles per variant (e.g. head dim and dtype) with the hand-picked tile
 first, and wraps its kernel once:
@@ -11,14 +12,48 @@ first, and wraps its kernel once:
 
 A tile is (*values of `names`, num_warps, num_stages). `gpu_configs(tuner)` rebuilds the configs a GPU
 would try (the static profile asks for them on a CPU, where the autotuner itself holds the interpreter's).
+
+What a launch tries the first time it meets a tuning key (`Tuner.candidates`), in the listed order:
+1. its variant's tiles (`variant_of`);
+2. the static rule, from what the static profile measures for sm_90 and needs no compile: a candidate
+   whose shared memory (the kernel's `smem` estimate) exceeds the device's per-program limit would fail
+   to launch; one whose grid leaves SMs idle (fewer programs than SMs) loses to any candidate that
+   fills them;
+3. the first `max_configs()` of those (FIRST_CONTACT_CONFIGS, or `override_target(max_configs=...)`).
+A result tuned before on this device, torch and triton, for this kernel source and key, is used
+without tuning (TuningStore, under Triton's cache dir), if the static rule still admits it.
+The candidates tried are compiled before any is timed, so that the compile and benchmark seconds are
+told apart (`accounting()`).
 """
+import builtins
+import contextlib
+import hashlib
+import inspect
+import json
+import math
+import os
+import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Optional
 
+import torch
 import triton
+from triton.runtime.autotuner import Autotuner
 
-from gpt2_triton.kernels.utils import is_interpreter
+from gpt2_triton.kernels.utils import is_interpreter, sm_count, smem_per_block, target
+
+# Candidates a launch tries on first contact with a tuning key: the hand-picked one and the next one the
+# static rule admits. A cold GPT-2 training step then compiles 19 kernels (8 autotuned launches);
+# the headline's kernel benchmarks ask for more (override_target(max_configs=4)).
+FIRST_CONTACT_CONFIGS = 2
+
+
+def max_configs() -> int:
+    """Candidates a launch tries on first contact (0: every candidate the static rule admits)."""
+    n = target().max_configs
+    return FIRST_CONTACT_CONFIGS if n is None else n
 
 
 @dataclass(frozen=True)
@@ -29,6 +64,7 @@ class Candidates:
     variant_of: Optional[Callable[[dict], tuple]]  # a launch's arguments -> its variant; None: one variant
     interpreter_tile: tuple
     extra: dict  # meta-parameters every config carries (e.g. GROUP_M)
+    smem: Optional[Callable[[triton.Config, dict], int]] = None  # shared memory (bytes) of a config at a launch
 
     def config(self, tile) -> triton.Config:
         *values, num_warps, num_stages = tile
@@ -51,7 +87,7 @@ class Candidates:
         return self.gpu_configs()
 
     def prune(self, configs, named_args, **kwargs) -> list:
-        """early_config_prune: the launch's own candidates, in their order (all configs for one variant)."""
+        """The launch's own candidates, in their order (all configs for one variant)."""
         if self.variant_of is None:
             return configs
         by_tile = {self.tile(c): c for c in configs}
@@ -59,16 +95,279 @@ class Candidates:
         return [by_tile[t] for t in wanted if t in by_tile] or configs
 
 
-_CANDIDATES = {}  # Autotuner -> its Candidates
+def _device_of(args: dict) -> Optional[torch.device]:
+    return next((v.device for v in args.values() if isinstance(v, torch.Tensor)), None)
+
+
+def programs(grid, args: dict, config: triton.Config) -> int:
+    """Programs (CTAs) of a launch with `config`'s meta-parameters."""
+    if callable(grid):
+        grid = grid({**args, **config.kwargs})
+    return math.prod(int(g) for g in (grid if isinstance(grid, (tuple, list)) else (grid,)))
+
+
+def static_rule(spec: Candidates, configs: list, args: dict, grid) -> list:
+    """`configs` without those the static rule drops (see the module docstring), in order; never empty."""
+    device = _device_of(args)
+    limit = smem_per_block(device) if device is not None else None
+    kept = configs
+    if limit is not None and spec.smem is not None:
+        kept = [c for c in kept if spec.smem(c, args) <= limit] or kept[:1]
+    sms = sm_count(device) if device is not None else None
+    if sms and grid is not None:
+        full = [c for c in kept if programs(grid, args, c) >= sms]
+        kept = full or kept
+    return kept
+
+
+# ----------------------------------------------------------------------------------------------
+# Accounting: compiles (every kernel, through Triton's JIT hooks) and tunings (Tuner)
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class Tuning:
+    kernel: str
+    key: str
+    candidates: int  # what the variant and the static rule admit
+    tried: int  # what was compiled and timed (0: a persisted result was used)
+    cached: bool  # a persisted result was used
+    compile_s: float
+    bench_s: float
+    best: str
+    timings_ms: dict = field(default_factory=dict)
+
+
+@dataclass
+class Accounting:
+    """What compiled and what tuned while `accounting()` was active, per kernel."""
+    compiles: list = field(default_factory=list)  # (kernel, seconds)
+    tunings: list = field(default_factory=list)  # Tuning
+    on_tuning: Optional[Callable[[Tuning], None]] = None
+
+    def per_kernel(self) -> dict:
+        out = {}
+
+        def row(name):
+            return out.setdefault(name, {"compiles": 0, "compile_s": 0.0, "tunings": 0, "cached_tunings": 0,
+                                         "configs_tried": 0, "tune_s": 0.0})
+        for name, seconds in self.compiles:
+            r = row(name)
+            r["compiles"] += 1
+            r["compile_s"] += seconds
+        for t in self.tunings:
+            r = row(t.kernel)
+            r["tunings"] += 1
+            r["cached_tunings"] += t.cached
+            r["configs_tried"] += t.tried
+            r["tune_s"] += t.bench_s
+        return {k: {n: round(v, 3) if isinstance(v, float) else v for n, v in r.items()} for k, r in out.items()}
+
+
+_accounting: list = []  # the active Accountings, outermost first (nested blocks each get every record)
+
+
+@contextlib.contextmanager
+def accounting(on_tuning: Optional[Callable[[Tuning], None]] = None):
+    """`with accounting() as acct:` every kernel compile (Triton's JIT, this process) and every tuning
+    inside the block is recorded in acct; on_tuning(tuning) is called as each tuning ends. Blocks nest."""
+    from triton import knobs
+    acct = Accounting(on_tuning=on_tuning)
+    started = {}
+    previous = (knobs.runtime.jit_cache_hook, knobs.runtime.jit_post_compile_hook)
+
+    def before(*args, **kwargs):
+        started[str(kwargs.get("key"))] = time.perf_counter()
+        return previous[0](*args, **kwargs) if previous[0] else None
+
+    def after(*args, **kwargs):
+        begun = started.pop(str(kwargs.get("key")), None)
+        if begun is not None:
+            acct.compiles.append((kwargs["fn"].name, time.perf_counter() - begun))
+        return previous[1](*args, **kwargs) if previous[1] else None
+
+    knobs.runtime.jit_cache_hook, knobs.runtime.jit_post_compile_hook = before, after
+    _accounting.append(acct)
+    try:
+        yield acct
+    finally:
+        knobs.runtime.jit_cache_hook, knobs.runtime.jit_post_compile_hook = previous
+        _accounting.remove(acct)
+
+
+def _record(tuning: Tuning) -> None:
+    for acct in _accounting:
+        acct.tunings.append(tuning)
+        if acct.on_tuning is not None:
+            acct.on_tuning(tuning)
+
+
+# ----------------------------------------------------------------------------------------------
+# Persisted tuning
+# ----------------------------------------------------------------------------------------------
+def _source_key(fn) -> str:
+    """The kernel source's identity: JITFunction.cache_key (its source and what it calls), else a hash
+    of its Python source (the interpreter's function)."""
+    while isinstance(fn, Autotuner) or type(fn).__name__ == "Heuristics":
+        fn = fn.fn
+    key = fn.cache_key if isinstance(fn, triton.runtime.JITFunction) else None
+    return key or hashlib.sha256(inspect.getsource(fn.fn).encode()).hexdigest()
+
+
+def _device_name(device: Optional[torch.device]) -> str:
+    if device is not None and device.type == "cuda" and not is_interpreter():
+        return torch.cuda.get_device_name(device)
+    return "cpu (interpreter)" if is_interpreter() else str(device)
+
+
+class TuningStore:
+    """One JSON file per (kernel source, tuning key, device, torch, triton): the config chosen and what
+    each candidate measured. Written whole and renamed into place, so readers never see half a file."""
+
+    def __init__(self, directory: Path):
+        self.directory = Path(directory)
+
+    @staticmethod
+    def default() -> Optional["TuningStore"]:
+        """The store `override_target(tuning_dir=...)` names, else one under Triton's cache dir
+        (TRITON_CACHE_DIR); None when tuning_dir is ""."""
+        directory = target().tuning_dir
+        if directory == "":
+            return None
+        if directory is None:
+            from triton import knobs
+            directory = os.path.join(knobs.cache.dir, "gpt2_triton_tuning")
+        return TuningStore(Path(directory))
+
+    def path(self, kernel: str, identity: list) -> Path:
+        digest = hashlib.sha256(json.dumps(identity, default=str).encode()).hexdigest()[:24]
+        return self.directory / f"{kernel}-{digest}.json"
+
+    def get(self, kernel: str, identity: list) -> Optional[dict]:
+        try:
+            return json.loads(self.path(kernel, identity).read_text())
+        except (OSError, ValueError):
+            return None
+
+    def put(self, kernel: str, identity: list, record: dict) -> None:
+        path = self.path(kernel, identity)
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps({"identity": identity, **record}, default=str, indent=1))
+            os.replace(tmp, path)
+        except OSError:  # a read-only cache dir costs a retune next time, nothing else
+            pass
+
+
+def _config_record(config: triton.Config) -> dict:
+    return {"kwargs": dict(config.kwargs), "num_warps": config.num_warps, "num_stages": config.num_stages,
+            "num_ctas": config.num_ctas, "maxnreg": config.maxnreg}
+
+
+def _same_config(config: triton.Config, record: dict) -> bool:
+    return _config_record(config) == record
+
+
+# ----------------------------------------------------------------------------------------------
+# The autotuner
+# ----------------------------------------------------------------------------------------------
+class Tuner(Autotuner):
+    """triton.autotune's Autotuner that tries what `candidates` admits, reuses persisted results, compiles
+    the candidates before timing them and reports each tuning (see the module docstring)."""
+
+    def __init__(self, fn, configs, key, spec: Optional[Candidates] = None, do_bench=None):
+        prune = {"early_config_prune": spec.prune} if spec is not None and spec.variant_of is not None else None
+        super().__init__(fn, fn.arg_names, configs, key, reset_to_zero=None, restore_value=None,
+                         prune_configs_by=prune, do_bench=do_bench)
+        self.spec = spec
+        self.name = getattr(fn, "__name__", None) or fn.fn.__name__
+
+    def tuning_key(self, args: dict) -> tuple:
+        """Triton's autotune key: the `key` arguments' values, then every tensor argument's dtype."""
+        named = {k: v for k, v in args.items() if k in self.arg_names}
+        return (*(named[k] for k in self.keys if k in named),
+                *(str(v.dtype) for v in named.values() if hasattr(v, "dtype")))
+
+    def candidates(self, args: dict, grid=None, configs: Optional[list] = None) -> list:
+        """What the static rule admits, of `configs` (default: the configs it holds), for a launch with
+        these arguments and grid, in the listed order; the first `max_configs()` are tried."""
+        configs = list(self.configs if configs is None else configs)
+        if self.early_config_prune is not None:
+            configs = self.early_config_prune(configs, args)
+        if self.spec is None:
+            return configs
+        return static_rule(self.spec, configs, args, grid)
+
+    def run(self, *args, **kwargs):
+        if len(self.configs) <= 1:
+            return super().run(*args, **kwargs)
+        self.nargs = dict(zip(self.arg_names, args))
+        named = {**self.nargs, **kwargs}
+        key = self.tuning_key(named)
+        if key not in self.cache:
+            self.cache[key] = self._tune(key, args, kwargs, named)
+        config = self.best_config = self.cache[key]
+        try:
+            return self.fn.run(*args, **kwargs, **config.all_kwargs())
+        finally:
+            self.nargs = None
+
+    def _tune(self, key, args, kwargs, named) -> triton.Config:
+        admitted = self.candidates(named, kwargs.get("grid"))
+        device = _device_of(named)
+        store = TuningStore.default()
+        identity = [self.name, _source_key(self.fn), repr(key), _device_name(device), torch.__version__,
+                    triton.__version__]
+        persisted = store.get(self.name, identity) if store is not None else None
+        if persisted is not None:
+            chosen = next((c for c in admitted if _same_config(c, persisted.get("config"))), None)
+            if chosen is not None:
+                _record(Tuning(self.name, repr(key), len(admitted), 0, True, 0.0, 0.0, str(chosen)))
+                return chosen
+        limit = max_configs()
+        tried = admitted[:limit] if limit > 0 else admitted
+        if len(tried) == 1:
+            _record(Tuning(self.name, repr(key), len(admitted), 1, False, 0.0, 0.0, str(tried[0])))
+            return tried[0]
+        start = time.perf_counter()
+        if not is_interpreter():  # compile every candidate first: compile and benchmark seconds apart
+            launch_kwargs = {k: v for k, v in kwargs.items() if k != "warmup"}
+            for config in tried:
+                with contextlib.suppress(Exception):  # a candidate that cannot compile times as inf below
+                    self.fn.warmup(*args, **launch_kwargs, **config.all_kwargs())
+        compile_s = time.perf_counter() - start
+        start = time.perf_counter()
+        timings = {config: self._bench(*args, config=config, **kwargs) for config in tried}
+        bench_s = time.perf_counter() - start
+        self.configs_timings = timings
+        finite = {c: t for c, t in timings.items() if math.isfinite(_median(t))}
+        if not finite:
+            raise RuntimeError(f"{self.name}: none of the {len(tried)} candidate configs ran for key {key}: "
+                               f"{[str(c) for c in tried]}")
+        best = builtins.min(finite, key=lambda c: _median(finite[c]))
+        timings_ms = {str(c): _median(t) for c, t in timings.items()}
+        if store is not None:
+            store.put(self.name, identity, {"config": _config_record(best), "timings_ms": timings_ms,
+                                            "date": time.strftime("%Y-%m-%dT%H:%M:%S")})
+        _record(Tuning(self.name, repr(key), len(admitted), len(tried), False, round(compile_s, 3),
+                       round(bench_s, 3), str(best), timings_ms))
+        return best
+
+
+def _median(timing) -> float:
+    return float(timing[0] if isinstance(timing, (list, tuple)) else timing)
+
+
+_CANDIDATES = {}  # Tuner -> its Candidates
 
 
 def autotuned(kernel, *, names: Sequence[str], candidates: Callable[..., list], key: list,
               variants: Sequence[tuple] = ((),), variant_of: Optional[Callable[[dict], tuple]] = None,
-              interpreter_tile: tuple, extra: Optional[dict] = None):
-    """`triton.autotune` over the candidate tiles, pruned to the launch's variant."""
-    spec = Candidates(tuple(names), candidates, tuple(variants), variant_of, tuple(interpreter_tile), extra or {})
-    tuner = triton.autotune(configs=spec.configs(), key=key,
-                            prune_configs_by={"early_config_prune": spec.prune})(kernel)
+              interpreter_tile: tuple, extra: Optional[dict] = None,
+              smem: Optional[Callable[[triton.Config, dict], int]] = None) -> Tuner:
+    """A Tuner over the candidate tiles, narrowed to the launch's variant and the static rule."""
+    spec = Candidates(tuple(names), candidates, tuple(variants), variant_of, tuple(interpreter_tile), extra or {},
+                      smem)
+    tuner = Tuner(kernel, spec.configs(), key, spec)
     _CANDIDATES[tuner] = spec
     return tuner
 
@@ -86,3 +385,7 @@ def bucket(n: int) -> int:
     """The autotuner's view of a size that varies at run time (sequence length, rows): the next power of
     two, so evaluation and generation retune once per bucket, not once per length."""
     return triton.next_power_of_2(max(int(n), 1))
+
+
+def tuning_record(tuning: Tuning) -> dict:
+    return asdict(tuning)

@@ -45,8 +45,10 @@ from gpt2_triton.kernels.utils import (
     cast_floats,
     check_device,
     check_float,
+    device_guard,
     fp32_out_matmul_kind,
     is_interpreter,
+    with_fallbacks,
 )
 
 
@@ -238,12 +240,13 @@ def _launch_fwd(logits, targets, loss_rows, stats, grad, grad_scale, ignore_inde
         return
     block_v, num_warps = _config(num_cols)
     compute_grad = grad is not None
-    _cross_entropy_fwd_kernel[(num_rows,)](
-        logits, targets, loss_rows, stats,
-        grad if compute_grad else logits, grad_scale if compute_grad else stats,
-        logits.stride(0), grad.stride(0) if compute_grad else 0,
-        num_cols, num_classes, ignore_index,
-        COMPUTE_GRAD=compute_grad, BLOCK_V=block_v, num_warps=num_warps)
+    with device_guard(logits.device):
+        _cross_entropy_fwd_kernel[(num_rows,)](
+            logits, targets, loss_rows, stats,
+            grad if compute_grad else logits, grad_scale if compute_grad else stats,
+            logits.stride(0), grad.stride(0) if compute_grad else 0,
+            num_cols, num_classes, ignore_index,
+            COMPUTE_GRAD=compute_grad, BLOCK_V=block_v, num_warps=num_warps)
 
 
 @torch.library.custom_op("gpt2_triton::cross_entropy_fwd", mutates_args=())
@@ -285,11 +288,12 @@ def cross_entropy_bwd(
             return grad_logits
         grad_scale = grad_loss.to(torch.float32).reshape(1) / _num_valid(targets, ignore_index)
         block_v, num_warps = _config(num_cols)
-        _cross_entropy_bwd_kernel[(num_rows,)](
-            logits, targets, stats, grad_logits, grad_scale,
-            logits.stride(0), grad_logits.stride(0),
-            num_cols, num_cols if num_classes is None else num_classes, ignore_index,
-            BLOCK_V=block_v, num_warps=num_warps)
+        with device_guard(logits.device):
+            _cross_entropy_bwd_kernel[(num_rows,)](
+                logits, targets, stats, grad_logits, grad_scale,
+                logits.stride(0), grad_logits.stride(0),
+                num_cols, num_cols if num_classes is None else num_classes, ignore_index,
+                BLOCK_V=block_v, num_warps=num_warps)
     return grad_logits
 
 
@@ -328,11 +332,19 @@ def _lse_tiles(dtype: torch.dtype) -> list:
             (64, 128, 64, 4, 4)]
 
 
+def _lse_smem(config, args) -> int:
+    """Shared memory of a candidate on sm_90: num_stages x (BLOCK_M + BLOCK_V) x BLOCK_K operand elements
+    (ptxas, triton 3.6 and 3.9, bf16)."""
+    kw = config.kwargs
+    return config.num_stages * (kw["BLOCK_M"] + kw["BLOCK_V"]) * kw["BLOCK_K"] * args["x_ptr"].element_size()
+
+
 # Every launch overwrites all of its outputs (no accumulation), so benchmarking needs no reset.
 _linear_cross_entropy_lse = autotuned(
     _linear_cross_entropy_lse_kernel, names=("BLOCK_M", "BLOCK_V", "BLOCK_K"), candidates=_lse_tiles,
     key=["M_BUCKET", "C", "num_classes"], variants=[(torch.float16,), (torch.float32,)],
-    variant_of=lambda args: (args["x_ptr"].dtype,), interpreter_tile=(16, 32, 16, 1, 1))  # tl.dot needs 16
+    variant_of=lambda args: (torch.float32 if args["x_ptr"].dtype == torch.float32 else torch.float16,),
+    interpreter_tile=(16, 32, 16, 1, 1), smem=_lse_smem)  # tl.dot needs 16
 
 
 def _lse_splits(num_rows: int, num_classes: int) -> int:
@@ -348,14 +360,18 @@ def _linear_cross_entropy_rows(x, weight, targets, ignore_index, num_classes):
     part = torch.empty((splits, num_rows, 3), dtype=torch.float32, device=x.device)
     if num_rows > 0:
         grid = lambda meta: (triton.cdiv(num_rows, meta["BLOCK_M"]), splits)  # noqa: E731
-        _linear_cross_entropy_lse[grid](
-            x, weight, targets, part, num_rows, hidden, num_classes, bucket(num_rows),
-            x.stride(0), weight.stride(0),
-            INPUT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32")
+        with device_guard(x.device):
+            _linear_cross_entropy_lse[grid](
+                x, weight, targets, part, num_rows, hidden, num_classes, bucket(num_rows),
+                x.stride(0), weight.stride(0),
+                INPUT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32")
     row_max = part[..., 0].amax(dim=0)  # (M,)
     log_norm = torch.log((part[..., 1] * torch.exp(part[..., 0] - row_max)).sum(dim=0))
     loss_rows = log_norm - (part[..., 2].sum(dim=0) - row_max)
     return torch.where(targets != ignore_index, loss_rows, 0.0)
+
+
+FP32_OUT_KINDS = ("addmm", "mm", "upcast")  # fastest first; each falls back to the next (features fp32_out_*)
 
 
 def _matmul_into_fp32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, accumulate: bool) -> None:
@@ -364,14 +380,20 @@ def _matmul_into_fp32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, accum
     if a.dtype == torch.float32:
         acc.addmm_(a, b, beta=beta)
         return
-    kind = fp32_out_matmul_kind(a.device)
-    if kind == "addmm":
+
+    def addmm():
         torch.addmm(acc, a, b, beta=beta, out_dtype=torch.float32, out=acc)
-    elif kind == "mm":
+
+    def mm():
         product = torch.mm(a, b, out_dtype=torch.float32)
         acc.add_(product) if accumulate else acc.copy_(product)
-    else:
+
+    def upcast():
         acc.addmm_(a.float(), b.float(), beta=beta)
+
+    kinds = FP32_OUT_KINDS[FP32_OUT_KINDS.index(fp32_out_matmul_kind(a.device)):]
+    attempts = [(f"fp32_out_{kind}", fn) for kind, fn in (("addmm", addmm), ("mm", mm)) if kind in kinds]
+    with_fallbacks(attempts, upcast)
 
 
 @torch.library.custom_op("gpt2_triton::linear_cross_entropy_fwd", mutates_args=())

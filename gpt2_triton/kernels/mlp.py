@@ -35,8 +35,10 @@ from gpt2_triton.kernels.utils import (
     cast_floats,
     check_device,
     check_float,
+    device_guard,
     is_interpreter,
     sm_count,
+    with_fallbacks,
 )
 
 # The matmul kernel's epilogues: constexprs the kernel compares against (host code passes `.value`).
@@ -221,13 +223,27 @@ def _matmul_kernel(
                   cols_left, stride_outm, stride_outn, HAS_BIAS, EPILOGUE, STORE_AUX)
 
 
-def _matmul_tiles() -> list:
-    """Hopper tiles (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages), all with 4 or 8 warps so every
-    bf16/fp16 dot lowers to wgmma on sm_90 (2-warp programs fall back to mma.sync). Configs whose shared
-    memory does not fit (the large tiles with fp32 inputs) are skipped by the autotuner."""
+def _matmul_tiles(dtype: torch.dtype) -> list:
+    """Hopper tiles (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages), the hand-picked one first. fp16/bf16:
+    all with 4 or 8 warps, so every dot lowers to wgmma on sm_90 (2-warp programs fall back to mma.sync).
+    fp32 (IEEE products on FMA units): the tiles that spill on neither triton 3.6 nor 3.9 (ptxas -v, sm_90;
+    128x256x64 spilled 0.4-2.4 KB on 3.6 and 5.7-45 KB on 3.9, 64x256x32 and 128x128x32 0.1-0.3 KB)."""
+    if dtype == torch.float32:
+        return [(128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 64, 32, 4, 4), (64, 128, 32, 4, 4),
+                (64, 64, 32, 4, 5), (64, 32, 32, 4, 5)]
     return [(128, 256, 64, 8, 3), (128, 128, 64, 8, 4), (128, 128, 64, 8, 3), (64, 256, 32, 4, 4),
             (128, 128, 32, 4, 4), (128, 64, 32, 4, 4), (64, 128, 32, 4, 4), (128, 32, 32, 4, 4),
             (64, 64, 32, 4, 5), (64, 32, 32, 4, 5)]
+
+
+def _matmul_smem(config, args) -> int:
+    """Shared memory of a matmul config on sm_90: buffers x (BLOCK_M x BLOCK_K + BLOCK_K x BLOCK_N) operand
+    elements, buffers = num_stages for fp16/bf16 (wgmma) and num_stages - 1 for fp32 (what ptxas reports for
+    every candidate, triton 3.6 and 3.9)."""
+    kw = config.kwargs
+    size = args["a_ptr"].element_size()
+    buffers = config.num_stages - 1 if size == 4 else config.num_stages
+    return buffers * (kw["BLOCK_M"] + kw["BLOCK_N"]) * kw["BLOCK_K"] * size
 
 
 # Keyed on M and K rounded up to powers of two (M_BUCKET, K_BUCKET): evaluation and generation, whose M
@@ -235,7 +251,9 @@ def _matmul_tiles() -> list:
 _matmul = autotuned(
     _matmul_kernel, names=("BLOCK_M", "BLOCK_N", "BLOCK_K"), candidates=_matmul_tiles,
     key=["M_BUCKET", "N", "K_BUCKET", "EPILOGUE", "HAS_BIAS", "STORE_AUX", "EVEN_K", "SPLIT_K"],
-    interpreter_tile=(32, 64, 32, 4, 3), extra={"GROUP_M": 8})
+    variants=[(torch.float16,), (torch.float32,)],
+    variant_of=lambda args: (torch.float32 if args["a_ptr"].dtype == torch.float32 else torch.float16,),
+    interpreter_tile=(32, 64, 32, 4, 3), extra={"GROUP_M": 8}, smem=_matmul_smem)
 _MATMUL_CANDIDATES = candidates_of(_matmul)
 
 
@@ -302,16 +320,17 @@ def _launch_matmul(a, b, out, bias=None, epilogue=EPI_NONE, aux_in=None, aux_out
     even_k = K % k_split == 0
     bias = bias.contiguous() if bias is not None else None
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]), split_k)  # noqa: E731
-    _matmul[grid](
-        a, b, target, bias, aux_in, aux_out,
-        M, N, K, k_split,
-        bucket(M), bucket(K),
-        a.stride(0), a.stride(1), b.stride(0), b.stride(1),
-        target.stride(-2), target.stride(-1),
-        HAS_BIAS=bias is not None, EPILOGUE=epilogue.value, STORE_AUX=aux_out is not None,
-        IEEE_FP32=a.dtype == torch.float32, UPCAST_OPERANDS=is_interpreter() and a.dtype == torch.bfloat16,
-        EVEN_K=even_k, SPLIT_K=split_k, SUBTILE=_EPILOGUE_SUBTILES[epilogue.value],
-    )
+    with device_guard(a.device):
+        _matmul[grid](
+            a, b, target, bias, aux_in, aux_out,
+            M, N, K, k_split,
+            bucket(M), bucket(K),
+            a.stride(0), a.stride(1), b.stride(0), b.stride(1),
+            target.stride(-2), target.stride(-1),
+            HAS_BIAS=bias is not None, EPILOGUE=epilogue.value, STORE_AUX=aux_out is not None,
+            IEEE_FP32=a.dtype == torch.float32, UPCAST_OPERANDS=is_interpreter() and a.dtype == torch.bfloat16,
+            EVEN_K=even_k, SPLIT_K=split_k, SUBTILE=_EPILOGUE_SUBTILES[epilogue.value],
+        )
     if split_k > 1:  # a fixed-order sum: the same bits on every run
         if out.dtype == torch.float32:
             torch.sum(target, dim=0, out=out)
@@ -337,10 +356,14 @@ def _split_k(M: int, N: int, K: int, num_sms: int) -> int:
 
 
 def _weight_grad(a, b, out):
-    """out <- a @ b for a weight gradient (K = the M rows of the batch), split over K on a GPU."""
+    """out <- a @ b for a weight gradient (K = the M rows of the batch), split over K on a GPU (without
+    the split where split-K has failed in this process: feature "split_k")."""
     num_sms = sm_count(a.device)
     split_k = _split_k(a.shape[0], b.shape[1], a.shape[1], num_sms) if num_sms else 1
-    return _launch_matmul(a, b, out, split_k=split_k)
+    if split_k == 1:
+        return _launch_matmul(a, b, out)
+    return with_fallbacks([("split_k", lambda: _launch_matmul(a, b, out, split_k=split_k))],
+                          lambda: _launch_matmul(a, b, out))
 
 
 def _gelu_bwd(dout, pre):
@@ -350,11 +373,12 @@ def _gelu_bwd(dout, pre):
     if M == 0 or N == 0:
         return dpre
     block_n = min(1024, triton.next_power_of_2(N))
-    _gelu_bwd_kernel[(M, triton.cdiv(N, block_n))](
-        dout, pre, dpre, N,
-        dout.stride(0), dout.stride(1), pre.stride(0), pre.stride(1), dpre.stride(0),
-        BLOCK_N=block_n,
-    )
+    with device_guard(pre.device):
+        _gelu_bwd_kernel[(M, triton.cdiv(N, block_n))](
+            dout, pre, dpre, N,
+            dout.stride(0), dout.stride(1), pre.stride(0), pre.stride(1), dpre.stride(0),
+            BLOCK_N=block_n,
+        )
     return dpre
 
 

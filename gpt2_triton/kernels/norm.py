@@ -19,6 +19,7 @@ from gpt2_triton.kernels.utils import (
     autocast_dtype,
     check_device,
     check_float,
+    device_guard,
     is_interpreter,
     sm_count,
 )
@@ -139,10 +140,11 @@ def layer_norm_fwd(
     if num_rows == 0:
         return y, mean, rstd
     block_n, num_warps = _fwd_config(feat_dim)
-    _layer_norm_fwd_kernel[(num_rows,)](
-        x, weight, bias if bias is not None else weight, y, mean, rstd,
-        x.stride(0), y.stride(0), feat_dim, eps,
-        HAS_BIAS=bias is not None, BLOCK_N=block_n, num_warps=num_warps)
+    with device_guard(x.device):
+        _layer_norm_fwd_kernel[(num_rows,)](
+            x, weight, bias if bias is not None else weight, y, mean, rstd,
+            x.stride(0), y.stride(0), feat_dim, eps,
+            HAS_BIAS=bias is not None, BLOCK_N=block_n, num_warps=num_warps)
     return y, mean, rstd
 
 
@@ -173,11 +175,12 @@ def layer_norm_bwd(
         if num_rows > 0:
             rows_per_program = triton.cdiv(num_rows, num_programs)
             block_n, num_warps = _fwd_config(feat_dim)
-            _layer_norm_bwd_kernel[(num_programs,)](
-                dy, x, weight, mean, rstd, dx, dweight_partial, dbias_partial,
-                dy.stride(0), x.stride(0), dx.stride(0),
-                num_rows, feat_dim, rows_per_program,
-                BLOCK_N=block_n, num_warps=num_warps)
+            with device_guard(x.device):
+                _layer_norm_bwd_kernel[(num_programs,)](
+                    dy, x, weight, mean, rstd, dx, dweight_partial, dbias_partial,
+                    dy.stride(0), x.stride(0), dx.stride(0),
+                    num_rows, feat_dim, rows_per_program,
+                    BLOCK_N=block_n, num_warps=num_warps)
         else:
             dweight_partial.zero_()
             dbias_partial.zero_()

@@ -16,6 +16,8 @@ The launchers then run with autocast off (`autocast_disabled`), so the few torch
 import contextlib
 import functools
 import os
+import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Optional
 
@@ -33,7 +35,11 @@ class Target:
     interpreter: bool  # kernels run on the CPU through Triton's interpreter (TRITON_INTERPRET=1)
     device_type: Optional[str] = None  # "cuda": every tensor stands for a CUDA tensor
     sm_count: Optional[int] = None
+    smem_per_block: Optional[int] = None  # bytes of shared memory one program may use
     fp32_out_matmul_kind: Optional[str] = None  # "addmm" | "mm" | "upcast"
+    max_configs: Optional[int] = None  # autotune candidates tried on first contact (None: autotune's default)
+    tuning_dir: Optional[str] = None  # persisted autotuning ("": none; None: under Triton's cache dir)
+    fail_features: tuple = ()  # FEATURES forced to fail when tried (tests of the fallbacks)
 
 
 _override: Optional[Target] = None
@@ -159,6 +165,29 @@ def sm_count(device: torch.device) -> Optional[int]:
 
 
 @functools.cache
+def _cuda_smem_per_block(device_index: int) -> int:
+    from triton.runtime import driver  # what Triton itself checks a kernel's shared memory against
+    return driver.active.utils.get_device_properties(device_index)["max_shared_mem"]
+
+
+def smem_per_block(device: torch.device) -> Optional[int]:
+    """Shared memory one program may use on a CUDA device (with opt-in), None for other devices."""
+    if target().smem_per_block is not None:
+        return target().smem_per_block
+    if device.type != "cuda" or is_interpreter():
+        return None
+    return _cuda_smem_per_block(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def device_guard(device: torch.device):
+    """Context manager: `device` is CUDA's current device inside (Triton launches on the current
+    device and allocates a kernel's global scratch there), so tensors on cuda:1 run on cuda:1."""
+    if device.type != "cuda" or is_interpreter():
+        return contextlib.nullcontext()
+    return torch.cuda.device(device)
+
+
+@functools.cache
 def _cuda_fp32_out_matmul_kind(device_index: int) -> str:
     device = torch.device("cuda", device_index)
     a = torch.zeros((2, 2), dtype=torch.bfloat16, device=device)
@@ -184,3 +213,69 @@ def fp32_out_matmul_kind(device: torch.device) -> str:
     if device.type != "cuda":
         return "upcast"
     return _cuda_fp32_out_matmul_kind(device.index if device.index is not None else torch.cuda.current_device())
+
+
+# ----------------------------------------------------------------------------------------------
+# Features with a fallback: one place decides, per process, whether a faster path is used.
+# ----------------------------------------------------------------------------------------------
+FEATURES = {
+    "tma": "attention: fp16/bf16 tiles read through TMA descriptors (fallback: pointer loads)",
+    "split_k": "matmul: weight gradients split over K (fallback: one program per output tile)",
+    "fp32_out_addmm": "linear_cross_entropy: torch.addmm(out_dtype=float32) into the fp32 weight gradient "
+                      "(fallback: torch.mm(out_dtype=float32))",
+    "fp32_out_mm": "linear_cross_entropy: torch.mm(out_dtype=float32) (fallback: fp32 copies of the operands)",
+}
+_failed_features: dict = {}  # feature -> why it failed, in this process
+
+
+def feature_failed(name: str) -> Optional[str]:
+    """Why `name` failed in this process (it then always takes its fallback), or None."""
+    return _failed_features.get(name)
+
+
+def failed_features() -> dict:
+    return dict(_failed_features)
+
+
+def mark_feature_failed(name: str, reason: str) -> None:
+    """From now on `name` takes its fallback (e.g. the headline's preflight found it broken)."""
+    if name not in FEATURES:
+        raise KeyError(f"unknown feature {name!r}; known: {sorted(FEATURES)}")
+    _failed_features.setdefault(name, reason)
+
+
+def reset_features() -> None:
+    _failed_features.clear()
+
+
+@contextlib.contextmanager
+def isolated_features():
+    """The record of failed features as it was before the block, again after it (a probe or a test that
+    makes a feature fail leaves no trace)."""
+    saved = dict(_failed_features)
+    try:
+        yield
+    finally:
+        _failed_features.clear()
+        _failed_features.update(saved)
+
+
+def with_fallbacks(attempts: Sequence[tuple], last: Callable):
+    """The result of the first of `attempts` ((feature, fn) pairs) that runs, else of last(). A feature
+    that raises is recorded (with a warning, once) and skipped from then on; running out of memory is
+    no feature's fault and is raised."""
+    for name, fn in attempts:
+        if name in _failed_features:
+            continue
+        try:
+            if name in target().fail_features:
+                raise RuntimeError(f"{name} forced to fail (override_target(fail_features=...))")
+            return fn()
+        except torch.cuda.OutOfMemoryError:
+            raise
+        except Exception as e:  # noqa: BLE001 - any failure of the faster path: take the fallback
+            reason = f"{type(e).__name__}: {e}"[:500]
+            mark_feature_failed(name, reason)
+            warnings.warn(f"gpt2_triton: {FEATURES[name]} failed, using the fallback from now on: {reason}",
+                          RuntimeWarning, stacklevel=2)
+    return last()

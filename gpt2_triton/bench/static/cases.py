@@ -7,6 +7,7 @@ Shapes: B x T = B x 1024 tokens, C = 768, H = 12 heads of D = 64, V = 50257 (emb
 pointers and ints % 16 == 0 get tt.divisibility=16, ints == 1 become constexpr 1, do_not_specialize is
 honoured. A tensor is 16-byte aligned when its storage offset is (fresh CUDA allocations are).
 """
+import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -22,10 +23,11 @@ from gpt2_triton.bench.static.trace import (
     summarize,
     tensor_bytes,
 )
+from gpt2_triton.kernels.autotune import Tuner, max_configs
 from gpt2_triton.kernels.mlp import linear_gelu
 from gpt2_triton.model import GPT, GPTConfig
 from gpt2_triton.model.ops import build_ops
-from gpt2_triton.training.step import accumulate_gradients
+from gpt2_triton.training.step import accumulate_gradients, autocast_context
 
 T, C, N_HEAD, VOCAB = 1024, 768, 12, 50257
 TORCH_TO_TRITON = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16",
@@ -93,6 +95,7 @@ class Case:
     config: Any = None  # triton.Config for autotuned kernels
     critical: bool = False  # for tests: must not spill
     sites: tuple = ()  # custom ops making this launch, and how often per micro-step ("gelu_mlp_bwd x12")
+    tuning_keys: int = 0  # autotune keys its launches in one micro-step tune (each tries the first-contact configs)
 
     def spec(self, usage=True, sass=True) -> dict:
         """JSON-able compile spec for gpt2_triton.bench.static.native (any triton version)."""
@@ -100,6 +103,23 @@ class Case:
         return {"id": self.id, "module": self.launch.module, "kernel": self.launch.fn.__name__,
                 "signature": sig, "constexprs": consts, "attrs": [[list(k), v] for k, v in attrs.items()],
                 "options": compile_options(self.launch, self.config), "usage": usage, "sass": sass}
+
+    def launch_spec(self) -> dict:
+        """The launch itself for gpt2_triton.bench.static.native's warmup_spec: every argument in order
+        (tensors by dtype and 16-byte alignment), the config's values filled in, and the launch options."""
+        arg_names, _, _ = param_info(self.launch.fn)
+        values = {**self.launch.args, **(self.config.kwargs if self.config is not None else {})}
+        args = []
+        for name in arg_names:
+            v = values[name]
+            if isinstance(v, TensorMeta):
+                args.append(["tensor", str(v.dtype).removeprefix("torch."), is_aligned(v)])
+            elif isinstance(v, DescriptorMeta):
+                raise TypeError(f"{self.id}: host TMA descriptor arguments are not described")
+            else:
+                args.append(["none"] if v is None else ["value", v])
+        return {"id": self.id, "module": self.launch.module, "kernel": self.launch.fn.__name__, "args": args,
+                "options": compile_options(self.launch, self.config)}
 
     @property
     def num_warps(self) -> int:
@@ -109,6 +129,15 @@ class Case:
     def first_candidate(self) -> bool:
         """Not autotuned, or the first (hand-picked) autotune config."""
         return self.config is None or self.config is self.launch.configs[0]
+
+    @property
+    def first_contact(self) -> bool:
+        """Not autotuned, or among the candidates its autotuner tries the first time it meets a tuning key
+        (the first `max_configs()` it admits)."""
+        if self.config is None:
+            return True
+        n = max_configs()
+        return n <= 0 or next(i for i, c in enumerate(self.launch.configs) if c is self.config) < n
 
     @property
     def programs(self) -> int:
@@ -189,9 +218,12 @@ def cases_from_launches(launches, in_step=()) -> list:
             n += 1
         ids.add(base)
         sites = _sites(same, in_step)
+        tuner = getattr(importlib.import_module(launch.module), launch.name, None)
+        keys = {tuner.tuning_key(other.args) for other in same if id(other) in in_step} \
+            if isinstance(tuner, Tuner) else set()
         for cfg in launch.configs or [None]:
             cid = base if cfg is None else f"{base}-{config_id(cfg)}"
-            cases.append(Case(cid, launch, cfg, sites=sites))
+            cases.append(Case(cid, launch, cfg, sites=sites, tuning_keys=len(keys)))
     return cases
 
 
@@ -202,11 +234,11 @@ def gpt2_config():
     return GPTConfig.from_preset("gpt2", pad_vocab_to=128)
 
 
-def micro_step(batch: int, kernels: str):
+def micro_step(batch: int, kernels: str, target_fields=None):
     """Events of one steady-state training micro-step (B x 1024 tokens, bf16 autocast, grads already
     there from a previous micro-step, as in gradient accumulation) of `train.accumulate_gradients`.
     Returns (events of the second micro-step, events of the first)."""
-    with capture() as trace:
+    with capture(target_fields) as trace:
         model = GPT(gpt2_config(), kernels=kernels)
         x = torch.zeros((batch, T), dtype=torch.int64)
         y = torch.zeros((batch, T), dtype=torch.int64)
@@ -215,6 +247,18 @@ def micro_step(batch: int, kernels: str):
         second = trace.mark()
         accumulate_gradients(model, lambda: (x, y), 1, torch.device("cpu"), torch.bfloat16)
         return trace.since(second), trace.events[first:second]
+
+
+def eval_step(batch: int, target_fields=None) -> list:
+    """Events of one validation forward (`Trainer.validate`: no grad, bf16 autocast, targets given):
+    the loss is the fused no-grad linear + cross-entropy kernel."""
+    with capture(target_fields) as trace:
+        model = GPT(gpt2_config(), kernels="triton")
+        x = torch.zeros((batch, T), dtype=torch.int64)
+        start = trace.mark()
+        with torch.no_grad(), autocast_context(torch.device("cpu"), torch.bfloat16):
+            model(x, x)
+        return trace.since(start)
 
 
 @dataclass
@@ -277,9 +321,9 @@ def minimum_bytes(inputs, output, grads) -> int:
     return fwd + bwd
 
 
-def trace_op(call: OpCall, batch: int, kernels: str):
+def trace_op(call: OpCall, batch: int, kernels: str, target_fields=None):
     """(events fwd+bwd, minimum bytes) of one op call with the `kernels` implementation."""
-    with capture() as trace:
+    with capture(target_fields) as trace:
         ops = build_ops(kernels)
         run, inputs, grads = call.make(batch)
         start = trace.mark()
@@ -292,9 +336,9 @@ def trace_op(call: OpCall, batch: int, kernels: str):
         return events + trace.since(start), minimum_bytes(inputs, out, grads)
 
 
-def linear_gelu_launches(batch: int):
+def linear_gelu_launches(batch: int, target_fields=None):
     """gpt2_triton.kernels.mlp.linear_gelu (not used by GPT-2) at the MLP's shapes, for its kernels' compile cases."""
-    with capture() as trace:
+    with capture(target_fields) as trace:
         x = _leaf(batch * T, C, dtype=torch.bfloat16)
         w, b = _leaf(4 * C, C), _leaf(4 * C)
         out = linear_gelu(x, w, b)
@@ -302,16 +346,17 @@ def linear_gelu_launches(batch: int):
         return trace.launches
 
 
-def gpt2_launches(batch: int = 16) -> tuple:
+def gpt2_launches(batch: int = 16, target_fields=None) -> tuple:
     """(launches, those of the micro-step): every launch of a GPT-2 training micro-step with
-    kernels="triton" and of each op's fwd+bwd, plus those of linear_gelu (not used by GPT-2) whose
-    kernel none of them launches. These are what the profile compiles."""
-    step = [e.launch for e in micro_step(batch, "triton")[0] if e.kind == "launch"]
+    kernels="triton", of a validation forward and of each op's fwd+bwd, plus those of linear_gelu (not
+    used by GPT-2) whose kernel none of them launches. These are what the profile compiles."""
+    step = [e.launch for e in micro_step(batch, "triton", target_fields)[0] if e.kind == "launch"]
     launches = list(step)
+    launches += [e.launch for e in eval_step(batch, target_fields) if e.kind == "launch"]
     for call in OP_CALLS:
-        launches += [e.launch for e in trace_op(call, batch, "triton")[0] if e.kind == "launch"]
+        launches += [e.launch for e in trace_op(call, batch, "triton", target_fields)[0] if e.kind == "launch"]
     seen = {launch.fn.__name__ for launch in launches}
-    launches += [launch for launch in linear_gelu_launches(batch) if launch.fn.__name__ not in seen]
+    launches += [launch for launch in linear_gelu_launches(batch, target_fields) if launch.fn.__name__ not in seen]
     return launches, step
 
 

@@ -38,6 +38,7 @@ import select
 import subprocess
 import sys
 import tempfile
+import time
 import traceback
 from pathlib import Path
 
@@ -233,6 +234,14 @@ def dot_lowering(ttgir: str) -> dict:
     return {"dots": wgmma + other, "wgmma": wgmma, "other": other, "other_kind": kind if other else None}
 
 
+def pipelining(ttgir: str) -> dict:
+    """Software pipelining in the TTGIR: asynchronous copies into shared memory (cp.async, TMA) issued
+    ahead of their use, which Triton's pipeliner makes of a loop's loads when num_stages > 1."""
+    cp_async = len(re.findall(r"ttg\.async_copy_global_to_local", ttgir))
+    tma = len(re.findall(r"ttng\.async_tma_copy_global_to_local", ttgir))
+    return {"async_copies": cp_async, "tma_copies": tma, "pipelined": cp_async + tma > 0}
+
+
 # ----------------------------------------------------------------------------------------------
 # Compile one spec
 # ----------------------------------------------------------------------------------------------
@@ -256,23 +265,87 @@ def _kernel(module: str, name: str):
     return obj
 
 
+SM90 = ("cuda", 90, 32)  # GPUTarget(backend, arch, warp size) the profile compiles for
+
+
 def compile_spec(spec: dict):
+    """triton.compile of a spec for its "target" (default sm_90): the JIT's own compile of that
+    specialization, so it fills the same entry of Triton's cache as the first launch would."""
     import triton
     from triton.backends.compiler import GPUTarget
     fn = _kernel(spec["module"], spec["kernel"])
     attrs = {tuple(k): v for k, v in spec["attrs"]}
     src = triton.compiler.ASTSource(fn, dict(spec["signature"]), dict(spec["constexprs"]), attrs)
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(spec["options"]))
+    return triton.compile(src, target=GPUTarget(*spec.get("target", SM90)), options=dict(spec["options"]))
+
+
+@contextlib.contextmanager
+def _compiling_for(target):
+    """Triton's JIT sees a device of `target` ((backend, arch, warp size)) and compiles for it; nothing
+    is launched (the warmup path), so no GPU is needed."""
+    import torch
+    from triton.backends.compiler import GPUTarget
+    from triton.runtime import driver
+
+    class TargetOnly:
+        def get_current_target(self):
+            return GPUTarget(*target)
+
+        def get_current_device(self):
+            return 0
+
+        def get_current_stream(self, device):
+            return 0
+
+        def get_active_torch_device(self):
+            return torch.device("cpu")
+
+    previous = driver._active  # None until a driver is first asked for (none exists on a CPU machine)
+    driver.set_active(TargetOnly())
+    try:
+        yield
+    finally:
+        driver.set_active(previous)
+
+
+def _launch_arg(described):
+    """A stand-in for one launch argument: a tensor of its dtype, 16-byte aligned or not (what Triton
+    specializes a pointer on), or the value itself."""
+    import torch
+    kind, *rest = described
+    if kind == "tensor":
+        dtype, aligned = getattr(torch, rest[0]), rest[1]
+        return torch.empty(4, dtype=dtype) if aligned else torch.empty(5, dtype=dtype)[1:]
+    return rest[0] if kind == "value" else None
+
+
+def warmup_spec(spec: dict):
+    """The JIT's own compile of a launch (JITFunction.warmup on stand-in arguments) for spec["target"]: the
+    entry of Triton's cache the launch itself would make, whatever this triton's specialization rules."""
+    fn = _kernel(spec["module"], spec["kernel"])
+    with _compiling_for(spec.get("target", SM90)):
+        return fn.warmup(*(_launch_arg(a) for a in spec["args"]), grid=(1,), **spec["options"])
 
 
 def analyze_spec(spec: dict, usage=True, sass=True) -> dict:
-    """Compile and measure one spec: {ok, shared, num_warps, regs, spill_*, dots, tma, sass: {...}}."""
+    """Compile and measure one spec: {ok, compile_s, shared, num_warps, regs, spill_*, dots, pipeline, tma,
+    sass: {...}}; with spec["analyze"] False only {ok, compile_s}."""
     import triton
     printed = io.StringIO()
+    start = time.perf_counter()
     with contextlib.redirect_stdout(printed):  # TRITON_DUMP_PTXAS_LOG=1: Triton prints its ptxas -v log
-        k = compile_spec(spec)
+        k = warmup_spec(spec) if "args" in spec else compile_spec(spec)
+    compile_s = round(time.perf_counter() - start, 3)
+    if not spec.get("analyze", True):
+        out = {"ok": True, "compile_s": compile_s}
+        if spec.get("launcher"):  # the C launcher Triton builds at a kernel's first launch (triton 3.6)
+            from triton.runtime import driver
+            driver.active.launcher_cls(k.src, k.metadata)  # this machine's own driver: it has the GPU
+            out["launcher_s"] = round(time.perf_counter() - start - compile_s, 3)
+        return out
     cubin = k.asm.get("cubin")
-    res = {"ok": True, "triton": triton.__version__, "cubin_bytes": len(cubin) if isinstance(cubin, bytes) else 0,
+    res = {"ok": True, "triton": triton.__version__, "compile_s": compile_s,
+           "cubin_bytes": len(cubin) if isinstance(cubin, bytes) else 0,
            "shared": k.metadata.shared, "num_warps": k.metadata.num_warps}
     if usage:
         usage = parse_ptxas_log(printed.getvalue())
@@ -280,6 +353,7 @@ def analyze_spec(spec: dict, usage=True, sass=True) -> dict:
             usage = ptxas_usage(k.asm["ptx"])
         res.update(usage)
     res["dots"] = dot_lowering(k.asm.get("ttgir", ""))
+    res["pipeline"] = pipelining(k.asm.get("ttgir", ""))
     if sass:
         instrs = parse_sass(disassemble(cubin))
         total = breakdown(instrs)
@@ -311,11 +385,16 @@ class Worker:
     """A compile worker subprocess: `python -m gpt2_triton.bench.static.native` under `python` (default: this
     one), with the repository on PYTHONPATH and TRITON_INTERPRET removed."""
 
-    def __init__(self, python=None, repo=None):
+    def __init__(self, python=None, repo=None, cache_dir=None, ptxas_log=True):
+        """cache_dir: Triton's cache for its compiles (default: this process's, TRITON_CACHE_DIR); an empty
+        folder makes every compile cold. ptxas_log: registers and spills from the compile's own ptxas run."""
         repo = repo or str(Path(__file__).resolve().parents[3])  # the folder that holds gpt2_triton
         env = dict(os.environ)
         env.pop("TRITON_INTERPRET", None)
-        env["TRITON_DUMP_PTXAS_LOG"] = "1"  # registers and spills from the compile's own ptxas run
+        if ptxas_log:
+            env["TRITON_DUMP_PTXAS_LOG"] = "1"
+        if cache_dir is not None:
+            env["TRITON_CACHE_DIR"] = str(cache_dir)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (repo, env.get("PYTHONPATH")) if p)
         self.python = python or sys.executable
         self.log = tempfile.TemporaryFile(mode="w+")
@@ -363,6 +442,36 @@ class Worker:
                 self.proc.kill()
                 self.proc.wait()
         self.log.close()
+
+
+def compile_many(specs, python=None, jobs=1, cache_dir=None, ptxas_log=True, deadline=None) -> tuple:
+    """(triton version, {spec id: result}) of every spec, compiled by `jobs` workers under `python`;
+    deadline (time.monotonic()): no spec is started after it (those left get no result)."""
+    workers = [Worker(python, cache_dir=cache_dir, ptxas_log=ptxas_log) for _ in range(max(1, jobs))]
+    version = workers[0].info["triton"]
+    results = {}
+    try:
+        pending = list(specs)
+        busy = {}  # worker -> spec id
+        while busy or (pending and (deadline is None or time.monotonic() < deadline)):
+            for w in workers:
+                if w not in busy and pending and (deadline is None or time.monotonic() < deadline):
+                    spec = pending.pop(0)
+                    w.submit(spec)
+                    busy[w] = spec["id"]
+            if not busy:
+                break
+            ready, _, _ = select.select([w.proc.stdout for w in busy], [], [], COMPILE_TIMEOUT_S)
+            if not ready:
+                raise TimeoutError(f"no compile result in {COMPILE_TIMEOUT_S} s for {sorted(busy.values())}")
+            for w in list(busy):
+                if w.proc.stdout in ready:
+                    res = w.receive(busy.pop(w))
+                    results[res["id"]] = res
+    finally:
+        for w in workers:
+            w.close()
+    return version, results
 
 
 if __name__ == "__main__":

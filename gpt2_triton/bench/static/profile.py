@@ -4,7 +4,7 @@ import json
 import math
 import os
 import platform
-import select
+import tempfile
 import time
 from pathlib import Path
 
@@ -12,11 +12,13 @@ import torch
 
 from gpt2_triton.bench.common import git_commit
 from gpt2_triton.bench.static import cases as cases_mod
-from gpt2_triton.bench.static.native import COMPILE_TIMEOUT_S, Worker
-from gpt2_triton.bench.static.trace import H100_SMS
+from gpt2_triton.bench.static.native import compile_many
+from gpt2_triton.bench.static.trace import H100_SMS, H100_TARGET
+from gpt2_triton.kernels.autotune import max_configs
 
 # H100 SXM (sm_90) per-SM limits used for CTAs per SM.
-H100 = {"sms": H100_SMS, "regs_per_sm": 65536, "reg_alloc_unit": 256, "smem_per_sm": 233472, "smem_per_block": 232448,
+H100 = {"sms": H100_SMS, "regs_per_sm": 65536, "reg_alloc_unit": 256, "smem_per_sm": 233472,
+        "smem_per_block": H100_TARGET["smem_per_block"],
         "smem_reserved_per_block": 1024, "max_warps_per_sm": 64, "max_ctas_per_sm": 32}
 
 
@@ -36,35 +38,18 @@ def ctas_per_sm(regs, num_warps, shared) -> int:
 
 
 def compile_all(cases, pythons, jobs=1, log=print) -> dict:
-    """{triton version: {case id: result}} for every case, with `jobs` workers per python."""
+    """{triton version: {case id: result}} for every case, with `jobs` workers per python, each compile
+    cold (an empty Triton cache), so that `compile_s` is what a first launch pays."""
     specs = [c.spec() for c in cases]
     out = {}
     for python in pythons:
-        workers = [Worker(python) for _ in range(max(1, jobs))]
-        version = workers[0].info["triton"]
-        results = out.setdefault(version, {})
         t0 = time.time()
-        try:
-            pending = list(specs)
-            busy = {}  # worker -> spec id
-            while pending or busy:
-                for w in workers:
-                    if w not in busy and pending:
-                        spec = pending.pop(0)
-                        w.submit(spec)
-                        busy[w] = spec["id"]
-                ready, _, _ = select.select([w.proc.stdout for w in busy], [], [], COMPILE_TIMEOUT_S)
-                if not ready:
-                    raise TimeoutError(f"no compile result in {COMPILE_TIMEOUT_S} s for {sorted(busy.values())}")
-                for w in list(busy):
-                    if w.proc.stdout in ready:
-                        res = w.receive(busy.pop(w))
-                        results[res["id"]] = res
-                        if not res["ok"]:
-                            log(f"  FAIL {res['id']} (triton {version}): {res['error'][:300]}")
-        finally:
-            for w in workers:
-                w.close()
+        with tempfile.TemporaryDirectory(prefix="gpt2_triton_static_cache") as cache_dir:
+            version, results = compile_many(specs, python, jobs, cache_dir=cache_dir)
+        out[version] = results
+        for res in results.values():
+            if not res["ok"]:
+                log(f"  FAIL {res['id']} (triton {version}): {res['error'][:300]}")
         log(f"  triton {version}: {len(specs)} compiles in {time.time() - t0:.0f} s ({python or 'this python'})")
     return out
 
@@ -94,7 +79,8 @@ def run(out_dir, pythons=(None,), quick=False, jobs=1, batch=16, only=(), log=pr
     for c in all_cases:
         row = {"id": c.id, "kernel": c.launch.fn.__name__, "module": c.launch.module,
                "config": cases_mod.config_id(c.config) if c.config is not None else None,
-               "first_candidate": c.first_candidate,
+               "first_candidate": c.first_candidate, "first_contact": c.first_contact,
+               "in_step": any(" x" in site for site in c.sites), "tuning_keys": c.tuning_keys,
                "sites": list(c.sites), "programs": c.programs, "num_warps": c.num_warps, "results": {}}
         for version, results in compiled.items():
             r = dict(results.get(c.id, {"ok": False, "error": "not compiled"}))
@@ -113,6 +99,7 @@ def run(out_dir, pythons=(None,), quick=False, jobs=1, batch=16, only=(), log=pr
                    "D": cases_mod.C // cases_mod.N_HEAD,
                    "V": cases_mod.VOCAB, "dtype": "bf16 autocast, fp32 parameters"},
         "h100": H100, "kernels": kernels, "ops": ops, "micro_step": step, "timing": timing,
+        "cold_start": cold_start(kernels, sorted(compiled)),
     }
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -120,6 +107,51 @@ def run(out_dir, pythons=(None,), quick=False, jobs=1, batch=16, only=(), log=pr
     (out_dir / "static.md").write_text(markdown(profile))
     log(f"wrote {out_dir / 'static.json'} and {out_dir / 'static.md'} ({timing['total_s']:.0f} s)")
     return profile
+
+
+# Cold start: what the first training micro-step on a machine with empty caches compiles and tunes.
+DEVICE_HOST_CORES = 16  # CPU cores of the lent H100 / H200 machines
+BENCH_S_PER_CONFIG = 0.2  # an estimate of timing one candidate at one key (do_bench: 25 ms warm-up, 100 ms of
+#                           reps, its first calls); tuning is not measured without a GPU
+
+
+def makespan(seconds, workers: int) -> float:
+    """Wall seconds of independent jobs on `workers` processes, longest first to the least loaded."""
+    loads = [0.0] * max(1, workers)
+    for s in sorted(seconds, reverse=True):
+        loads[loads.index(min(loads))] += s
+    return max(loads)
+
+
+def cold_start(kernels, versions) -> dict:
+    """Per kernel and in all, for a cold GPT-2 training micro-step (B as profiled, kernels="triton"): the
+    compiles it triggers (each launch's first-contact candidates; the cases are compiled cold, so their
+    compile_s is what a first launch pays on this CPU), their seconds one after the other (the JIT) and
+    on DEVICE_HOST_CORES processes (a parallel precompile), and the tunings (key x candidate) with an
+    estimate of their seconds."""
+    step = [k for k in kernels if k["in_step"] and k["first_contact"]]
+    per_kernel = {}
+    by_launch = {}
+    for k in step:
+        by_launch.setdefault(launch_base(k), []).append(k)
+    for ks in by_launch.values():
+        row = per_kernel.setdefault(ks[0]["kernel"], {"launches": 0, "compiles": 0, "tunings": 0,
+                                                      "compile_s": {v: 0.0 for v in versions}})
+        row["launches"] += 1
+        row["compiles"] += len(ks)
+        row["tunings"] += ks[0]["tuning_keys"] * len(ks) if len(ks) > 1 else 0
+        for v in versions:
+            row["compile_s"][v] += sum(k["results"][v].get("compile_s") or 0.0 for k in ks)
+    total = {"compiles": len(step), "tunings": sum(r["tunings"] for r in per_kernel.values()),
+             "compile_s": {v: round(sum(k["results"][v].get("compile_s") or 0.0 for k in step), 1)
+                           for v in versions},
+             "compile_s_parallel": {v: round(makespan([k["results"][v].get("compile_s") or 0.0 for k in step],
+                                                      DEVICE_HOST_CORES), 1) for v in versions}}
+    total["tune_s_estimate"] = round(total["tunings"] * BENCH_S_PER_CONFIG, 1)
+    for row in per_kernel.values():
+        row["compile_s"] = {v: round(x, 2) for v, x in row["compile_s"].items()}
+    return {"first_contact_configs": max_configs(), "cores": DEVICE_HOST_CORES,
+            "bench_s_per_config": BENCH_S_PER_CONFIG, "kernels": per_kernel, "total": total}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -222,6 +254,38 @@ def summary_rows(p) -> list:
     return rows
 
 
+def cold_start_lines(p) -> list:
+    cs = p.get("cold_start")
+    if not cs:
+        return []
+    versions = p["env"]["tritons"]
+    vs = " / ".join(versions)
+    total = cs["total"]
+    lines = [
+        f"## Cold start: the first training micro-step (B={p['shapes']['B']}) with empty caches",
+        "",
+        f"Each autotuned launch tries its first {cs['first_contact_configs']} candidates the static rule admits "
+        "(`gpt2_triton.kernels.autotune`); each case is compiled cold for sm_90 on this CPU "
+        f"({p['env']['cpus']} cores). Compile s: triton {vs}, one after the other as the JIT compiles them. "
+        f"Tunings: (tuning key, candidate) pairs timed, about {cs['bench_s_per_config']} s each on a GPU "
+        "(an estimate: nothing is timed here).",
+        "",
+        "| kernel | launches | compiles | compile s | tunings |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for name, r in sorted(cs["kernels"].items()):
+        lines.append(f"| {name} | {r['launches']} | {r['compiles']} | {_cell([r['compile_s'][v] for v in versions])} "
+                     f"| {r['tunings']} |")
+    lines += [f"| **all** | {sum(r['launches'] for r in cs['kernels'].values())} | **{total['compiles']}** | "
+              f"**{_cell([total['compile_s'][v] for v in versions])}** | {total['tunings']} |",
+              "",
+              f"On {cs['cores']} cores (a parallel precompile, longest first): "
+              f"{_cell([total['compile_s_parallel'][v] for v in versions])} s of compiling; tuning about "
+              f"{total['tune_s_estimate']} s.",
+              ""]
+    return lines
+
+
 def markdown(p) -> str:
     versions = p["env"]["tritons"]
     vs = " / ".join(versions)
@@ -249,14 +313,17 @@ def markdown(p) -> str:
         "|---|---|---|---:|---:|---|---:|---:|---|",
         *summary_rows(p),
         "",
+        *cold_start_lines(p),
         "## Kernels: every launch and autotune candidate",
         "",
-        f"Cells with two values: triton {vs}. CTAs: grid size of the launch. CTAs/SM: resident per H100 SM "
-        "(registers, shared memory, warps). dots: wgmma of all tl.dot.",
+        f"Cells with two values: triton {vs}. First contact: among the candidates its autotuner tries the first "
+        "time it meets a tuning key. CTAs: grid size of the launch. CTAs/SM: resident per H100 SM "
+        "(registers, shared memory, warps). dots: wgmma of all tl.dot. Pipelined: asynchronous copies "
+        "(cp.async / TMA) issued ahead of use in the TTGIR. Compile s: cold, on this CPU.",
         "",
-        "| kernel (launch) | candidate | used by | CTAs | warps | regs | spill st B | smem KB | CTAs/SM "
-        "| dots wgmma/all | TMA |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| kernel (launch) | candidate | first contact | used by | CTAs | warps | regs | spill st B | smem KB "
+        "| CTAs/SM | dots wgmma/all | TMA | pipelined | compile s |",
+        "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|---|---:|",
     ]
     for k in p["kernels"]:
         rs = [k["results"][v] for v in versions]
@@ -266,9 +333,12 @@ def markdown(p) -> str:
                           ("FAIL" if not r.get("ok") else None) for r in rs])
         dots = _cell([f"{r['dots']['wgmma']}/{r['dots']['dots']}" if r.get("ok") else "FAIL" for r in rs])
         tma = _cell(["yes" if r.get("tma") else "no" for r in rs if r.get("ok")])
-        lines.append(f"| {launch_base(k)} | {k['config'] or '-'} | {', '.join(k['sites'])} | {k['programs']} | "
+        piped = _cell(["yes" if r.get("pipeline", {}).get("pipelined") else "no" for r in rs if r.get("ok")])
+        lines.append(f"| {launch_base(k)} | {k['config'] or '-'} | {'yes' if k.get('first_contact', True) else 'no'} | "
+                     f"{', '.join(k['sites'])} | {k['programs']} | "
                      f"{k['num_warps']} | {get('regs')} | {get('spill_stores')} | "
-                     f"{get('shared', lambda b: round(b / 1024, 1))} | {get('ctas_per_sm')} | {dots} | {tma} |")
+                     f"{get('shared', lambda b: round(b / 1024, 1))} | {get('ctas_per_sm')} | {dots} | {tma} | "
+                     f"{piped} | {get('compile_s', lambda x: round(x, 2))} |")
     lines += [
         "",
         "## Hot loops (SASS instructions per iteration), first candidate of each launch",

@@ -7,7 +7,7 @@ autocast would on the ops that matter here, and
   interpreter (the GPU configs are chosen), tensors standing for CUDA ones, 132 SMs, bf16 products summed
   into fp32 by cuBLAS; each kernel of a module in KERNEL_MODULES (JITFunction, InterpretedFunction or
   Autotuner) is a recorder that keeps the launch (kernel, arguments, num_warps/num_stages, grid, the
-  autotuner's GPU configs (`gpt2_triton.kernels.autotune.gpu_configs`) narrowed by its early_config_prune)
+  candidates its autotuner admits there (`gpt2_triton.kernels.autotune.Tuner.candidates` of the GPU configs))
   and runs nothing;
 - the project's custom ops (torch.library ops defined in kernels/) run their Python launcher instead
   of their fake implementation, so the launches inside them are seen;
@@ -46,7 +46,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from gpt2_triton.devices import H100
 from gpt2_triton.kernels import KERNEL_MODULES
-from gpt2_triton.kernels.autotune import gpu_configs
+from gpt2_triton.kernels.autotune import Tuner, gpu_configs
 from gpt2_triton.kernels.utils import override_target
 
 # ----------------------------------------------------------------------------------------------
@@ -56,7 +56,8 @@ H100_SMS = H100.sms
 # The machine capture() profiles (gpt2_triton.kernels.utils.Target): no interpreter, fake CPU tensors
 # standing for CUDA ones (device-side value checks, no host sync), an H100's SMs, and bf16 products
 # summed into fp32 by cuBLAS as on CUDA.
-H100_TARGET = dict(interpreter=False, device_type="cuda", sm_count=H100_SMS, fp32_out_matmul_kind="addmm")
+H100_TARGET = dict(interpreter=False, device_type="cuda", sm_count=H100_SMS, smem_per_block=H100.smem_per_block,
+                   fp32_out_matmul_kind="addmm")
 
 
 def is_kernel(obj) -> bool:
@@ -508,7 +509,6 @@ class _Recorder:
         self.module, self.name, self.kernel, self.trace = module, name, kernel, trace
 
     def __getitem__(self, grid):
-        import triton
 
         def launch(*args, **kwargs):
             fn = raw_kernel(self.kernel)
@@ -518,11 +518,9 @@ class _Recorder:
             for k, v in kwargs.items():
                 (bound if k in names else opts)[k] = v
             configs = None
-            if isinstance(self.kernel, triton.runtime.Autotuner):
-                configs = gpu_configs(self.kernel)
-                prune = self.kernel.early_config_prune
-                if prune is not None:  # what the autotuner would benchmark for this launch
-                    configs = prune(configs, dict(zip(names, args)), **kwargs)
+            if isinstance(self.kernel, Tuner):  # what the autotuner may try for this launch, in order
+                configs = self.kernel.candidates({**dict(zip(names, args)), **kwargs}, grid,
+                                                 gpu_configs(self.kernel))
             bound = {k: _arg_meta(v) for k, v in bound.items()}
             rec = Launch(self.module, self.name, fn, bound, opts, grid, configs,
                          self.trace.op_stack[-1] if self.trace.op_stack else None, frozenset(constexprs))
@@ -612,9 +610,10 @@ def _all_kept(func, args, kwargs):
 
 
 @contextlib.contextmanager
-def capture():
+def capture(target_fields: Optional[dict] = None):
     """Fake tensors + launch recorders + the event trace; yields the Trace. All undone on exit
-    (gpt2_triton.kernels.utils is not touched)."""
+    (gpt2_triton.kernels.utils is not touched). target_fields: the machine the launchers size their
+    launches for (default H100_TARGET)."""
     trace = Trace()
     saved = []
     try:
@@ -624,7 +623,8 @@ def capture():
                 if is_kernel(v):
                     saved.append((mod, name, v))
                     setattr(mod, name, _Recorder(mod_name, name, v, trace))
-        with override_target(**H100_TARGET), FakeTensorMode(), trace, warnings.catch_warnings():
+        with override_target(**(H100_TARGET if target_fields is None else target_fields)), FakeTensorMode(), \
+                trace, warnings.catch_warnings():
             # Launchers check real tensors' alignment (e.g. TMA's 16 bytes); a fake one's data_ptr() is 0
             # (aligned), which is what a GPU allocation gives, but torch warns about reading it.
             warnings.filterwarnings("ignore", message="Accessing the data pointer of FakeTensor")
