@@ -8,7 +8,7 @@ from gpt2_triton.tokenizer import get_encoding
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__)
+    p = argparse.ArgumentParser(prog="python -m gpt2_triton.sample", description=__doc__)
     p.add_argument("--init", required=True, help="HF name (gpt2, gpt2-medium, ...), save_pretrained dir, "
                                                  "our checkpoint file, or a run folder")
     p.add_argument("--prompt", default="Hello, I'm a language model,")
