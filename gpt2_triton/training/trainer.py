@@ -436,6 +436,8 @@ def train(cfg: TrainConfig) -> list[dict]:
             dist.barrier()  # every rank is done before any tears down
         return history
     finally:
+        if trainer is not None:
+            trainer.report.close()  # an error ends the progress bar's line before it is printed
         trainer = None  # free DDP's reducer before its process group: gloo aborts at exit otherwise
         gc.collect()
         if dist.is_initialized():
