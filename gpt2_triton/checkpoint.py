@@ -1,15 +1,19 @@
-"""Checkpoints: atomic save, clear-error load, the latest in a run folder, and `load_model(init)`.
+"""Checkpoints: atomic save with a checksum, verified load, the latest in a run folder, and `load_model(init)`.
 
-A training checkpoint is a plain dict (see train.py): model and optimizer state, step, data-loader
-position, RNG states, the model/train configs, the kernels choice and val losses. Everything in it
-loads with `torch.load(weights_only=True)`.
+A training checkpoint is a plain dict (see training/trainer.py): model and optimizer state, step, data-loader
+position, RNG states, the model/train configs, the kernels choice, the data fingerprint, val losses and
+`checksum`, a SHA-256 of everything else in it (each tensor's dtype, shape and bytes; every other
+value). Every load checks it, so a file changed after it was saved is refused, not trained on.
+Everything in it loads with `torch.load(weights_only=True)`.
 
 A run folder belongs to one run: its checkpoints, `train_config.json`, `metrics.jsonl` and
 `loss.png` (`run_artifacts`), guarded while the run lives by a FolderLock on `RUN_LOCK`.
 """
+import hashlib
 import os
 import random
 import re
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -22,33 +26,116 @@ from gpt2_triton.model import GPT, GPTConfig
 CKPT_PATTERN = re.compile(r"^ckpt_(\d+)\.pt$")
 RUN_LOCK = ".lock"  # a FolderLock: held by the (rank-0) process of the live run
 RUN_FILES = ("train_config.json", "metrics.jsonl", "loss.png")
+CHECKSUM_KEY = "checksum"  # "sha256:<hex>" of every other entry of the checkpoint
+
+
+class CheckpointError(ValueError):
+    """Not a usable checkpoint: unreadable, changed since it was saved (checksum), or not one of ours."""
+
+
+def one_line(error: BaseException, limit: int = 300) -> str:
+    """An exception's text on one line (torch's messages span several), cut to `limit` characters."""
+    text = " ".join(str(error).split())
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def checkpoint_path(run_dir, step: int) -> Path:
     return Path(run_dir) / f"ckpt_{step:06d}.pt"
 
 
+def _digest(state: dict) -> tuple[str, int]:
+    """(checksum of every entry but CHECKSUM_KEY, bytes of tensor data in it)."""
+    h, nbytes = hashlib.sha256(), 0
+
+    def feed(obj):
+        nonlocal nbytes
+        if isinstance(obj, torch.Tensor):
+            data = obj.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
+            h.update(f"T{obj.dtype}{tuple(obj.shape)}:".encode())
+            h.update(data.numpy())
+            nbytes += data.numel()
+        elif isinstance(obj, dict):  # keys in a fixed order: optimizer state keys are ints, others strings
+            h.update(f"d{len(obj)}:".encode())
+            for key in sorted(obj, key=repr):
+                feed(key)
+                feed(obj[key])
+        elif isinstance(obj, (list, tuple)):
+            h.update(f"{'l' if isinstance(obj, list) else 't'}{len(obj)}:".encode())
+            for value in obj:
+                feed(value)
+        elif obj is None or isinstance(obj, (bool, int, float, str, torch.dtype, torch.device)):
+            text = repr(obj)
+            h.update(f"{type(obj).__name__}{len(text)}:{text}".encode())
+        else:
+            raise TypeError(f"checkpoint: cannot checksum a {type(obj).__name__}; a checkpoint holds tensors, "
+                            f"dicts, lists, tuples, numbers, strings and None")
+
+    feed({k: v for k, v in state.items() if k != CHECKSUM_KEY})
+    return "sha256:" + h.hexdigest(), nbytes
+
+
 def save_checkpoint(path, state: dict) -> Path:
-    """torch.save to a temp file in the same folder, fsync, then os.replace: a kill at any point
-    leaves either the old file or the new one, never a half-written `path`."""
+    """torch.save `state` plus its checksum to a temp file in the same folder, fsync, then os.replace: a
+    kill at any point leaves either the old file or the new one, never a half-written `path`. A full
+    disk is an OutOfSpaceError naming the folder and the size needed."""
     path = Path(path)
-    with atomic_write(path, "wb") as f:
-        torch.save(state, f)
+    checksum, nbytes = _digest(state)
+    with atomic_write(path, "wb", size_hint=nbytes) as f:
+        torch.save({**state, CHECKSUM_KEY: checksum}, f)
     return path
 
 
-def load_checkpoint(path, map_location="cpu") -> dict:
-    path = Path(path)
+def _checksum_problem(state: dict) -> str | None:
+    """Why `state` fails its checksum, or None (also None for a checkpoint saved before checksums)."""
+    saved = state.get(CHECKSUM_KEY)
+    if saved is None:
+        return None
+    try:
+        actual, _ = _digest(state)
+    except TypeError as e:
+        return str(e)
+    if actual != saved:
+        return "its contents do not match the checksum saved with it (the file changed after it was saved)"
+    return None
+
+
+def _read(path: Path, map_location="cpu", mmap: bool = False) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"load_checkpoint: no checkpoint file at {path}")
     try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
+        state = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except Exception as e:
-        raise RuntimeError(f"load_checkpoint: {path} is corrupt or not a checkpoint "
-                           f"({type(e).__name__}: {e})") from e
+        text = str(e)  # weights_only's refusal: keep its finding, not its advice to turn weights_only off
+        if "WeightsUnpickler error:" in text:
+            text = text.split("WeightsUnpickler error:", 1)[1].split("Check the documentation")[0]
+        raise CheckpointError(f"checkpoint {path} is corrupt or not a checkpoint ({type(e).__name__}: "
+                              f"{one_line(text)})") from None
     if not isinstance(state, dict):
-        raise RuntimeError(f"load_checkpoint: {path} holds a {type(state).__name__}, not a checkpoint dict")
+        raise CheckpointError(f"checkpoint {path} holds a {type(state).__name__}, not a checkpoint dict")
     return state
+
+
+def load_checkpoint(path, map_location="cpu") -> dict:
+    """The checkpoint dict at `path`, its checksum verified. CheckpointError (one line, naming the file) for
+    a file that is unreadable or fails its checksum; one saved before checksums loads with a note."""
+    path = Path(path)
+    state = _read(path, map_location)
+    problem = _checksum_problem(state)
+    if problem:
+        raise CheckpointError(f"checkpoint {path} is corrupt: {problem}")
+    if CHECKSUM_KEY not in state:
+        print(f"note: {path} has no checksum (saved by an earlier version); loading it unverified",
+              file=sys.stderr, flush=True)
+    return state
+
+
+def checkpoint_problem(path) -> str | None:
+    """Why the checkpoint at `path` cannot be used (unreadable, or fails its checksum), or None. Reads
+    the file through mmap and keeps nothing."""
+    try:
+        return _checksum_problem(_read(Path(path), mmap=True))
+    except (CheckpointError, OSError) as e:
+        return str(e)
 
 
 def list_checkpoints(run_dir) -> list[Path]:
@@ -66,6 +153,18 @@ def latest_checkpoint(run_dir) -> Path | None:
     return ckpts[-1] if ckpts else None
 
 
+def newest_verified_checkpoint(run_dir, skipped=None) -> Path | None:
+    """The newest checkpoint in run_dir that reads and matches its checksum (None if none does). Each
+    newer one that fails is appended to `skipped` as (path, why)."""
+    for path in reversed(list_checkpoints(run_dir)):
+        problem = checkpoint_problem(path)
+        if problem is None:
+            return path
+        if skipped is not None:
+            skipped.append((path, problem))
+    return None
+
+
 def run_artifacts(run_dir) -> list[Path]:
     """The files that show `run_dir` holds a run: checkpoints, train_config.json, metrics.jsonl, loss.png."""
     run_dir = Path(run_dir)
@@ -73,10 +172,16 @@ def run_artifacts(run_dir) -> list[Path]:
 
 
 def prune_checkpoints(run_dir, keep: int) -> list[Path]:
-    """Delete all but the newest `keep` checkpoints; returns the deleted paths."""
-    if keep < 1:
+    """Delete all but the newest `keep` checkpoints, except the newest one that verifies when none of
+    those `keep` does (so a corrupt newest file never costs the last good one); returns the deleted paths."""
+    ckpts = list_checkpoints(run_dir)
+    if keep < 1 or len(ckpts) <= keep:
         return []
-    old = list_checkpoints(run_dir)[:-keep]
+    old, kept = ckpts[:-keep], ckpts[-keep:]
+    if not any(checkpoint_problem(p) is None for p in reversed(kept)):
+        good = next((p for p in reversed(old) if checkpoint_problem(p) is None), None)
+        if good is not None:
+            old.remove(good)
     for p in old:
         p.unlink(missing_ok=True)
     return old
@@ -123,30 +228,74 @@ def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
             return model
 
 
-def model_from_checkpoint(state: dict, kernels=None, device="cpu"):
-    """A GPT built from a training checkpoint dict (its kernels choice unless `kernels` is given)."""
+def model_from_checkpoint(state: dict, kernels=None, device="cpu", where="checkpoint"):
+    """A GPT built from a training checkpoint dict (its kernels choice unless `kernels` is given).
+    CheckpointError, naming `where`, when its model_config or weights do not make a GPT."""
     missing = [k for k in ("model", "model_config") if k not in state]
     if missing:
-        raise ValueError(f"load_model: checkpoint lacks {missing}; not a gpt2-triton training checkpoint")
-    model = GPT(GPTConfig(**state["model_config"]), kernels=kernels or state.get("kernels", "torch"))
-    model.load_state_dict(state["model"])
+        raise CheckpointError(f"load_model: {where} lacks {missing}; not a gpt2-triton training checkpoint")
+    try:
+        config = GPTConfig(**state["model_config"])
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"load_model: {where} has a model_config that is not a GPTConfig "
+                              f"({one_line(e)})") from None
+    model = GPT(config, kernels=kernels or state.get("kernels", "torch"))
+    try:
+        result = model.load_state_dict(state["model"], strict=False)
+    except (RuntimeError, TypeError, AttributeError) as e:
+        raise CheckpointError(f"load_model: {where}: its weights do not fit its model_config ({one_line(e)})") from None
+    wrong = [f"{len(keys)} {kind} (e.g. {keys[0]})" for kind, keys in
+             (("missing", result.missing_keys), ("unexpected", result.unexpected_keys)) if keys]
+    if wrong:
+        raise CheckpointError(f"load_model: {where}: its weights do not fit its model_config ({config.n_layer} "
+                              f"layers): {', '.join(wrong)}")
     return model.to(device)
+
+
+def _pretrained(name, kernels, device):
+    """An HF model name or save_pretrained folder through transformers, any failure as one ValueError."""
+    try:
+        return from_pretrained(str(name), kernels=kernels).to(device)
+    except (OSError, ValueError, ImportError) as e:
+        what = (f"Hugging Face could not load the folder {name}" if Path(name).is_dir() else
+                f"{str(name)!r} is not a checkpoint, run folder or HF folder here, and Hugging Face could not "
+                f"load it as a model name")
+        raise ValueError(f"load_model: {what} ({one_line(e)})") from None
 
 
 def load_model(init, kernels="torch", device="cpu"):
     """A GPT from `init`: a HF name (`gpt2`, `gpt2-medium`, ...), a HF `save_pretrained` folder
-    (has config.json), one of our checkpoint files, or a run folder (its latest checkpoint)."""
+    (has config.json), one of our checkpoint files, or a run folder (its newest checkpoint that
+    verifies, with a note for each newer one skipped). A bare name that is a local folder holding
+    neither (say the `gpt2/` of a source tree) is taken as the HF name, with a note. Raises
+    FileNotFoundError or ValueError (CheckpointError for a bad checkpoint), in one line."""
     path = Path(init)
     if path.is_file():
-        model = model_from_checkpoint(load_checkpoint(path), kernels, device)
-    elif path.is_dir() and latest_checkpoint(path) is not None:
-        model = model_from_checkpoint(load_checkpoint(latest_checkpoint(path)), kernels, device)
+        model = model_from_checkpoint(load_checkpoint(path), kernels, device, where=path)
+    elif path.is_dir() and list_checkpoints(path):
+        skipped = []
+        ckpt = newest_verified_checkpoint(path, skipped)
+        for bad, why in skipped:
+            print(f"note: skipping {bad}: {why}", file=sys.stderr, flush=True)
+        if ckpt is None:
+            raise CheckpointError(f"load_model: no checkpoint in {path} verifies: {skipped[0][1]}")
+        model = model_from_checkpoint(load_checkpoint(ckpt), kernels, device, where=ckpt)
     elif path.is_dir() and (path / "config.json").is_file():
-        model = from_pretrained(str(path), kernels=kernels).to(device)
+        model = _pretrained(path, kernels, device)
+    elif path.is_dir() and not _is_path_like(init):
+        print(f"note: ./{init} is a folder without ckpt_<step>.pt files or config.json, so {str(init)!r} is "
+              f"taken as a Hugging Face model name", file=sys.stderr, flush=True)
+        model = _pretrained(init, kernels, device)
     elif path.is_dir():
         raise FileNotFoundError(f"load_model: {path} has neither ckpt_<step>.pt files nor config.json (HF)")
-    elif os.sep in str(init) or str(init).endswith(".pt"):
+    elif _is_path_like(init):
         raise FileNotFoundError(f"load_model: {init} does not exist")
     else:
-        model = from_pretrained(str(init), kernels=kernels).to(device)
+        model = _pretrained(init, kernels, device)
     return model.eval()
+
+
+def _is_path_like(init) -> bool:
+    """Written as a path (a separator, a leading '.', a .pt file), not as an HF model name."""
+    text = str(init)
+    return os.sep in text or text.startswith(".") or text.endswith(".pt")

@@ -12,7 +12,10 @@ A folder of llm.c shards (`<name>_train_000001.bin`, `<name>_val.bin`, ..., no m
 
 prepare() writes into a staging folder inside the output folder and moves the shards in only when
 everything succeeded, so a failed prepare leaves a prepared folder as it was; one prepare at a time
-per folder (a FolderLock; a second waits).
+per folder (a FolderLock; a second waits). It deletes only shards that the folder's previous manifest
+lists, refuses a non-empty folder without a manifest (not ours) and a folder a live run is reading
+(runs hold a shared DirLock on it). Each shard's SHA-256 goes into the manifest: with the names and
+sizes it makes the data fingerprint that a checkpoint records (`data_fingerprint`).
 
 Every document is preceded by <|endoftext|> (50256), as in build-nanogpt. Split rule: document i
 (0-based, in source order) goes to val iff i % val_every == 0 and it still fits in val_tokens
@@ -40,7 +43,16 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from gpt2_triton.atomic import FolderLock, atomic_write, fsync_dir, remove_stale_temps
+from gpt2_triton.atomic import (
+    TEMP_PATTERN,
+    DirLock,
+    FolderLock,
+    atomic_write,
+    folder_write_problem,
+    fsync_dir,
+    remove_stale_temps,
+    sigterm_raises,
+)
 from gpt2_triton.tokenizer import EOT_ID, get_encoding
 
 MAGIC = 20240520
@@ -56,6 +68,16 @@ LLMC_SOURCE = "llm.c"  # the "source" of a folder of llm.c shards without a mani
 # llm.c shard names: a dataset prefix, the split, an optional index (ours have no prefix, so never match)
 LLMC_NAME = re.compile(r"^.+_(?P<split>train|val)(?:_(?P<index>\d+))?\.bin$")
 TEXT_CHUNK_CHARS = 16384  # a single .txt file becomes documents of at least this many characters
+MAX_SHARD_TOKENS = 2**31 - 1  # the header stores the count as an int32
+SHARD_NAME = re.compile(r"^(train|val)_\d{6}\.bin$")
+# Characters that are not text: control characters other than \t \n \v \f \r, and U+FFFD (what an
+# undecodable byte becomes). A text file with more than MAX_NOT_TEXT of them is refused, with any a warning.
+NOT_TEXT = re.compile("[\x00-\x08\x0e-\x1f\x7f\ufffd]")
+MAX_NOT_TEXT = 0.1
+
+
+class DataError(ValueError):
+    """The data on disk is not usable: a bad shard or manifest, or a source that is not text."""
 
 # Per-source defaults for prepare(); every one can be overridden by argument or on the command line.
 SOURCE_DEFAULTS = {
@@ -68,9 +90,10 @@ SOURCE_DEFAULTS = {
 # -----------------------------------------------------------------------------
 # shard files
 
-def write_shard(path, tokens) -> None:
+def write_shard(path, tokens) -> str:
     """Write `tokens` (ints in [0, 65535]) as a shard, atomically: temp file in the same folder,
-    flush + fsync, then os.replace. An interrupted write leaves any previous file at `path` intact."""
+    flush + fsync, then os.replace. An interrupted write leaves any previous file at `path` intact.
+    Returns the SHA-256 of the file's bytes."""
     path = Path(path)
     tokens = np.asarray(tokens)
     if tokens.ndim != 1 or tokens.size == 0:
@@ -80,27 +103,30 @@ def write_shard(path, tokens) -> None:
                          f"[{tokens.min()}, {tokens.max()}]")
     header = np.zeros(HEADER_INTS, dtype="<i4")
     header[:3] = (MAGIC, VERSION, tokens.size)
-    with atomic_write(path, "wb") as f:
-        f.write(header.tobytes())
-        f.write(tokens.astype("<u2", copy=False).tobytes())
+    digest = hashlib.sha256()
+    with atomic_write(path, "wb", size_hint=HEADER_BYTES + 2 * tokens.size) as f:
+        for part in (header.tobytes(), tokens.astype("<u2", copy=False).tobytes()):
+            f.write(part)
+            digest.update(part)
+    return digest.hexdigest()
 
 
 def read_shard(path) -> np.ndarray:
-    """The shard's tokens as a read-only uint16 np.memmap; ValueError if the file is not a valid shard."""
+    """The shard's tokens as a read-only uint16 np.memmap; DataError if the file is not a valid shard."""
     path = Path(path)
     size = path.stat().st_size
     if size < HEADER_BYTES:
-        raise ValueError(f"shard {path}: file is {size} bytes, shorter than the {HEADER_BYTES}-byte header")
+        raise DataError(f"shard {path}: file is {size} bytes, shorter than the {HEADER_BYTES}-byte header")
     header = np.fromfile(path, dtype="<i4", count=HEADER_INTS)
     if header[0] != MAGIC:
-        raise ValueError(f"shard {path}: bad magic number {header[0]} (expected {MAGIC}); not a token shard")
+        raise DataError(f"shard {path}: bad magic number {header[0]} (expected {MAGIC}); not a token shard")
     if header[1] != VERSION:
-        raise ValueError(f"shard {path}: unsupported format version {header[1]} (expected {VERSION})")
+        raise DataError(f"shard {path}: unsupported format version {header[1]} (expected {VERSION})")
     count = int(header[2])
     expected = HEADER_BYTES + 2 * count
     if count <= 0 or size != expected:
         problem = "truncated" if size < expected else "oversized" if count > 0 else "empty"
-        raise ValueError(f"shard {path}: {problem} file: {size} bytes, but the header's token count "
+        raise DataError(f"shard {path}: {problem} file: {size} bytes, but the header's token count "
                          f"{count} needs {expected}")
     return np.memmap(path, dtype="<u2", mode="r", offset=HEADER_BYTES, shape=(count,))
 
@@ -136,8 +162,8 @@ class ShardWriter:
 
     def _flush(self) -> None:
         name = shard_name(self.split, len(self.shards))
-        write_shard(self.out_dir / name, self.buffer[:self.filled])
-        self.shards.append({"file": name, "tokens": self.filled})
+        sha256 = write_shard(self.out_dir / name, self.buffer[:self.filled])
+        self.shards.append({"file": name, "tokens": self.filled, "sha256": sha256})
         self.filled = 0
 
 
@@ -197,14 +223,38 @@ def split_text(text: str, min_chars: int = TEXT_CHUNK_CHARS) -> list[str]:
     return docs
 
 
+def check_text(path, text: str, chars: int | None = None, not_text: int | None = None) -> None:
+    """Refuse (DataError naming the file) a text source that is more than MAX_NOT_TEXT control characters
+    or undecodable bytes (binary data named .txt); warn on stderr when it has any. `chars`/`not_text`:
+    counts already made (a .jsonl file is counted line by line)."""
+    chars = len(text) if chars is None else chars
+    bad = len(NOT_TEXT.findall(text)) if not_text is None else not_text
+    if chars and bad > MAX_NOT_TEXT * chars:
+        raise DataError(f"text source {path}: {bad:,} of its {chars:,} characters ({bad / chars:.0%}) are not "
+                        f"UTF-8 text or are control characters: it looks like binary data; convert it to UTF-8 "
+                        f"text or leave it out")
+    if bad:
+        print(f"warning: text source {path}: {bad:,} characters are not UTF-8 text or are control characters "
+              f"(undecodable bytes are read as U+FFFD)", file=sys.stderr, flush=True)
+
+
+def read_text_file(path) -> str:
+    """A .txt source file as UTF-8 text, checked by `check_text`."""
+    text = Path(path).read_text(encoding="utf-8", errors="replace")
+    check_text(path, text)
+    return text
+
+
 def iter_text_documents(files):
     """One document per .txt file; one per non-empty line of a .jsonl file (its "text" field)."""
     for path in files:
         if path.suffix == ".txt":
-            yield path.read_text(encoding="utf-8", errors="replace")
+            yield read_text_file(path)
             continue
+        chars = not_text = 0
         with open(path, encoding="utf-8", errors="replace") as f:
             for lineno, line in enumerate(f, 1):
+                chars, not_text = chars + len(line), not_text + len(NOT_TEXT.findall(line))
                 if not line.strip():
                     continue
                 try:
@@ -215,6 +265,7 @@ def iter_text_documents(files):
                 if not isinstance(text, str):
                     raise ValueError(f"{path}:{lineno}: \"text\" must be a string; got {type(text).__name__}")
                 yield text
+        check_text(path, "", chars, not_text)
 
 
 def iter_fineweb_edu(name="sample-10BT"):
@@ -241,7 +292,7 @@ def source_documents(source: str):
     if source.startswith("text:"):
         files = text_files(source[len("text:"):])
         if len(files) == 1 and files[0].suffix == ".txt":  # one document would leave train or val empty
-            return iter(split_text(files[0].read_text(encoding="utf-8", errors="replace")))
+            return iter(split_text(read_text_file(files[0])))
         return iter_text_documents(files)
     raise ValueError(f"unknown data source {source!r}; use 'pystdlib', 'fineweb-edu' or 'text:PATH'")
 
@@ -283,18 +334,29 @@ def prepare_documents(docs, out_dir, source: str = "custom", shard_tokens: int =
 
     The shards are written into a staging folder and moved in only when all went well: an error
     leaves a folder that was prepared before exactly as it was. Waits while another process
-    prepares the same folder."""
+    prepares the same folder; refuses a folder that is not ours or that a live run reads."""
     out_dir = Path(out_dir)
     _check_prepare_options(shard_tokens, val_every, val_tokens)
+    check_out_dir(out_dir)
     with prepare_lock(out_dir, verbose):
         return _prepare_documents_locked(docs, out_dir, source, shard_tokens, val_every, val_tokens, workers,
                                          verbose)
 
 
 def _check_prepare_options(shard_tokens, val_every, val_tokens) -> None:
-    if shard_tokens < 1 or val_every < 1 or (val_tokens is not None and val_tokens < 0):
-        raise ValueError(f"prepare: need shard_tokens >= 1, val_every >= 1, val_tokens >= 0; got "
-                         f"{shard_tokens}, {val_every}, {val_tokens}")
+    if not 1 <= shard_tokens <= MAX_SHARD_TOKENS or val_every < 1 or (val_tokens is not None and val_tokens < 0):
+        raise ValueError(f"prepare: need 1 <= shard_tokens <= {MAX_SHARD_TOKENS:,} (the shard header's int32 "
+                         f"count), val_every >= 1, val_tokens >= 0; got {shard_tokens:,}, {val_every}, {val_tokens}")
+
+
+def check_out_dir(out_dir: Path) -> None:
+    """Before any work: `out_dir` can be written and holds nothing prepare may not replace (ValueError
+    naming the folder otherwise)."""
+    problem = folder_write_problem(out_dir)
+    if problem:
+        raise ValueError(f"prepare: output folder {out_dir}: {problem}")
+    if out_dir.is_dir():
+        _previous_shards(out_dir)
 
 
 def prepare_lock(out_dir: Path, verbose: bool = True) -> FolderLock:
@@ -309,43 +371,104 @@ def prepare_lock(out_dir: Path, verbose: bool = True) -> FolderLock:
     return lock
 
 
+def _is_ours(path: Path) -> bool:
+    """A file prepare makes beside the shards: its lock, staging folders, atomic_write temps."""
+    return path.name == PREPARE_LOCK or path.name.startswith(STAGING_PREFIX) or bool(TEMP_PATTERN.match(path.name))
+
+
+def _previous_shards(out_dir: Path) -> set:
+    """The shard files out_dir's manifest lists: the only files prepare may replace or delete there.
+    ValueError for a folder that holds anything else without a manifest of ours, a manifest that is
+    not one, or shard-named files the manifest does not list."""
+    if (out_dir / MANIFEST).is_file():
+        previous = _read_manifest_file(out_dir)
+        listed = {s["file"] for split in previous["splits"].values() for s in split["shards"]}
+    else:
+        listed = set()
+        foreign = sorted(p.name for p in out_dir.iterdir() if not _is_ours(p))
+        if foreign:
+            raise ValueError(f"prepare: {out_dir} holds files and no {MANIFEST}, so it is not a data folder of ours "
+                             f"({', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''}); prepare into an "
+                             f"empty or new folder")
+    unlisted = sorted(p.name for p in out_dir.iterdir() if SHARD_NAME.match(p.name) and p.name not in listed)
+    if unlisted:
+        raise ValueError(f"prepare: {out_dir} holds {unlisted[0]}, which its {MANIFEST} does not list: a new shard "
+                         f"could replace it; move it away or prepare into another folder")
+    return listed
+
+
 def _prepare_documents_locked(docs, out_dir: Path, source, shard_tokens, val_every, val_tokens, workers,
                               verbose) -> Path:
     workers = (os.cpu_count() or 1) if workers is None else workers
-    for stale in out_dir.glob(STAGING_PREFIX + "*"):  # left by a killed prepare (we hold the lock)
-        shutil.rmtree(stale, ignore_errors=True)
-    remove_stale_temps(out_dir)
-    staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=out_dir))
+    readers = DirLock(out_dir)
+    if not readers.acquire():
+        raise ValueError(f"prepare: {out_dir} is being read by a live train.py; wait for it to end, or prepare "
+                         f"into another folder")
     try:
-        writers = {split: ShardWriter(staging, split, shard_tokens) for split in SPLITS}
-        docs_per_split = dict.fromkeys(SPLITS, 0)
-        val_open, val_count, n_docs = True, 0, 0
-        bar = tqdm(desc=f"prepare {source}", unit="tok", unit_scale=True, disable=None if verbose else True)
-        for i, tokens in enumerate(tokenized(docs, workers)):
-            to_val = val_open and i % val_every == 0
-            if to_val and val_tokens is not None and val_count + len(tokens) > val_tokens:
-                to_val = val_open = False  # val is full: it stays a prefix of the val documents
-            split = "val" if to_val else "train"
-            val_count += len(tokens) if to_val else 0
-            writers[split].add(tokens)
-            docs_per_split[split] += 1
-            n_docs += 1
-            bar.update(len(tokens))
-        bar.close()
-
-        splits = {}
-        for split, writer in writers.items():
-            shards = writer.close()
-            if not shards:
-                raise ValueError(f"prepare {source}: the {split} split got no documents ({n_docs} in all, "
-                                 f"val_every={val_every}, val_tokens={val_tokens}); need at least one in each")
-            splits[split] = {"shards": shards, "tokens": sum(s["tokens"] for s in shards),
-                             "documents": docs_per_split[split]}
-        _publish(staging, out_dir, _manifest(source, splits, shard_tokens=shard_tokens, val_every=val_every,
-                                             val_tokens=val_tokens))
+        _sweep_staging(out_dir)
+        previous = _previous_shards(out_dir)
+        with tempfile.TemporaryDirectory(prefix=STAGING_PREFIX, dir=out_dir, ignore_cleanup_errors=True) as staging:
+            manifest = _tokenize_into(docs, Path(staging), source, shard_tokens, val_every, val_tokens, workers,
+                                      verbose)
+            _publish(Path(staging), out_dir, manifest, previous)
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        readers.release()
     return out_dir
+
+
+def _sweep_staging(out_dir: Path) -> list:
+    """Remove staging folders and temp files a killed prepare left (the caller holds the prepare lock)."""
+    stale = [p for p in out_dir.glob(STAGING_PREFIX + "*") if p.is_dir()]
+    for folder in stale:
+        shutil.rmtree(folder, ignore_errors=True)
+    return stale + remove_stale_temps(out_dir)
+
+
+def sweep_data_dir(data_dir) -> list:
+    """What killed prepares left in data_dir (staging folders, temp files), removed when no prepare is
+    running there; nothing happens in a folder prepare never used or cannot write. Returns the removed paths."""
+    data_dir = Path(data_dir)
+    if not (data_dir / PREPARE_LOCK).is_file():
+        return []
+    lock = FolderLock(data_dir / PREPARE_LOCK)
+    try:
+        if not lock.acquire():
+            return []  # a prepare is running: its staging folder is alive
+    except OSError:
+        return []  # a read-only folder
+    try:
+        return _sweep_staging(data_dir)
+    finally:
+        lock.release()
+
+
+def _tokenize_into(docs, staging: Path, source, shard_tokens, val_every, val_tokens, workers, verbose) -> dict:
+    """Tokenise `docs` into shards in `staging`; returns their manifest."""
+    writers = {split: ShardWriter(staging, split, shard_tokens) for split in SPLITS}
+    docs_per_split = dict.fromkeys(SPLITS, 0)
+    val_open, val_count, n_docs = True, 0, 0
+    bar = tqdm(desc=f"prepare {source}", unit="tok", unit_scale=True, disable=None if verbose else True)
+    for i, tokens in enumerate(tokenized(docs, workers)):
+        to_val = val_open and i % val_every == 0
+        if to_val and val_tokens is not None and val_count + len(tokens) > val_tokens:
+            to_val = val_open = False  # val is full: it stays a prefix of the val documents
+        split = "val" if to_val else "train"
+        val_count += len(tokens) if to_val else 0
+        writers[split].add(tokens)
+        docs_per_split[split] += 1
+        n_docs += 1
+        bar.update(len(tokens))
+    bar.close()
+
+    splits = {}
+    for split, writer in writers.items():
+        shards = writer.close()
+        if not shards:
+            raise ValueError(f"prepare {source}: the {split} split got no documents ({n_docs} in all, "
+                             f"val_every={val_every}, val_tokens={val_tokens}); need at least one in each")
+        splits[split] = {"shards": shards, "tokens": sum(s["tokens"] for s in shards),
+                         "documents": docs_per_split[split]}
+    return _manifest(source, splits, shard_tokens=shard_tokens, val_every=val_every, val_tokens=val_tokens)
 
 
 def _manifest(source: str, splits: dict, **options) -> dict:
@@ -354,18 +477,17 @@ def _manifest(source: str, splits: dict, **options) -> dict:
             "vocab_size": VOCAB_SIZE, **options, "splits": splits}
 
 
-def _publish(staging: Path, out_dir: Path, manifest: dict) -> None:
-    """Move the staged shards into out_dir. The old manifest goes first, the new one last: in between
-    (renames only) the folder counts as unprepared, never as a mix of old and new."""
+def _publish(staging: Path, out_dir: Path, manifest: dict, previous: set) -> None:
+    """Move the staged shards into out_dir and delete the `previous` manifest's shards that the new one
+    does not list (nothing else). The old manifest goes first, the new one last: in between (renames
+    only) the folder counts as unprepared, never as a mix of old and new."""
     (out_dir / MANIFEST).unlink(missing_ok=True)
     fsync_dir(out_dir)
     keep = {s["file"] for split in manifest["splits"].values() for s in split["shards"]}
     for name in keep:
         os.replace(staging / name, out_dir / name)
-    for split in SPLITS:  # shards of an earlier, larger run in the same folder
-        for stale in out_dir.glob(f"{split}_*.bin"):
-            if stale.name not in keep:
-                stale.unlink()
+    for name in previous - keep:  # shards of an earlier, larger prepare in the same folder
+        (out_dir / name).unlink(missing_ok=True)
     write_json_atomic(out_dir / MANIFEST, manifest)
 
 
@@ -389,8 +511,9 @@ def prepare(source: str, out_dir=None, shard_tokens=None, val_every=None, val_to
             workers=None, verbose: bool = True) -> Path:
     """Prepare `source` ('pystdlib', 'fineweb-edu', 'text:PATH') into shards; returns the folder.
     Unset options take the source's SOURCE_DEFAULTS."""
-    docs, opts = _documents_and_options(source, shard_tokens, val_every, val_tokens)
     out_dir = Path(out_dir) if out_dir is not None else default_data_dir(source)
+    check_out_dir(out_dir)
+    docs, opts = _documents_and_options(source, shard_tokens, val_every, val_tokens)
     return prepare_documents(docs, out_dir, source=source, workers=workers, verbose=verbose, **opts)
 
 
@@ -409,6 +532,7 @@ def ensure_prepared(source: str, out_dir, verbose: bool = True, shard_tokens=Non
     out_dir = Path(out_dir)
     if is_prepared(out_dir, source=source):
         return False
+    check_out_dir(out_dir)
     docs, opts = _documents_and_options(source, shard_tokens, val_every, val_tokens)
     _check_prepare_options(**opts)
     with prepare_lock(out_dir, verbose):
@@ -444,7 +568,7 @@ def llmc_manifest(data_dir) -> dict | None:
         return None
     missing = [split for split, paths in found.items() if not paths]
     if missing:
-        raise ValueError(f"{data_dir}: llm.c-format shards but no {missing[0]} split "
+        raise DataError(f"{data_dir}: llm.c-format shards but no {missing[0]} split "
                          f"(expected files named like <name>_{missing[0]}_000000.bin)")
     splits = {}
     for split, paths in found.items():
@@ -462,11 +586,57 @@ def load_manifest(data_dir) -> dict:
             return llmc
         raise FileNotFoundError(f"{data_dir}: no {MANIFEST}; prepare it first "
                                 "(python -m gpt2_triton.data prepare SOURCE)")
-    manifest = json.loads(path.read_text())
+    return _read_manifest_file(data_dir)
+
+
+def _read_manifest_file(data_dir) -> dict:
+    """data_dir's manifest.json, checked: DataError naming it for anything that is not a manifest of
+    ours, or a shard entry that is not a plain file name (a manifest lists only files of its own folder)."""
+    path = Path(data_dir) / MANIFEST
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as e:  # not UTF-8, not JSON
+        raise DataError(f"{path}: not a valid manifest ({e}); prepare the data again") from None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("splits"), dict):
+        raise DataError(f"{path}: not a manifest (a JSON object with \"splits\"); prepare the data again")
     if manifest.get("format_version") != VERSION:
-        raise ValueError(f"{path}: format version {manifest.get('format_version')}, expected {VERSION}; "
-                         f"prepare the data again")
+        raise DataError(f"{path}: format version {manifest.get('format_version')}, expected {VERSION}; "
+                        f"prepare the data again")
+    for split in SPLITS:
+        entry = manifest["splits"].get(split)
+        shards = entry.get("shards") if isinstance(entry, dict) else None
+        if not isinstance(shards, list) or not shards:
+            raise DataError(f"{path}: splits.{split}.shards must be a non-empty list; prepare the data again")
+        for shard in shards:
+            name, tokens = (shard.get("file"), shard.get("tokens")) if isinstance(shard, dict) else (None, None)
+            if not isinstance(name, str) or not isinstance(tokens, int) or isinstance(tokens, bool) or tokens < 1:
+                raise DataError(f"{path}: {split} shard entry {shard!r} is not {{\"file\": NAME, \"tokens\": N >= 1}}")
+            if name in ("", ".", "..") or Path(name).name != name or "\\" in name:
+                raise DataError(f"{path}: {split} shard {name!r} is not a file name in {data_dir}; refusing a "
+                                f"manifest that points outside its folder")
+    if not isinstance(manifest.get("source"), str):
+        raise DataError(f"{path}: no \"source\" string; prepare the data again")
     return manifest
+
+
+def data_fingerprint(data_dir) -> dict:
+    """What the data folder holds, wherever it is: {"fingerprint": a hash of every shard's split, name,
+    token count and (where the manifest records it) SHA-256, "train"/"val": "<n> shards, <tokens> tokens"}.
+    A checkpoint records it; a resume on data with another fingerprint is refused."""
+    splits = load_manifest(data_dir)["splits"]
+    entries = [[split, s["file"], s["tokens"], s.get("sha256")] for split in SPLITS for s in splits[split]["shards"]]
+    return {"fingerprint": hashlib.sha256(json.dumps(entries).encode()).hexdigest()[:16],
+            **{split: f"{len(splits[split]['shards'])} shards, {sum(s['tokens'] for s in splits[split]['shards']):,} "
+                      f"tokens" for split in SPLITS}}
+
+
+def read_lock(data_dir) -> DirLock:
+    """A shared DirLock on data_dir, held while a run reads it: prepare refuses the folder meanwhile.
+    ValueError when a prepare is rewriting it now."""
+    lock = DirLock(data_dir)
+    if not lock.acquire(shared=True):
+        raise ValueError(f"data folder {data_dir} is being prepared by another process; wait for it to finish")
+    return lock
 
 
 def is_prepared(data_dir, source=None) -> bool:
@@ -474,7 +644,7 @@ def is_prepared(data_dir, source=None) -> bool:
     source) and every shard it lists has the size its token count implies."""
     try:
         manifest = load_manifest(data_dir)
-    except (FileNotFoundError, ValueError):
+    except (OSError, ValueError):
         return False
     if source is not None and manifest["source"] not in (source, LLMC_SOURCE):
         return False
@@ -518,7 +688,12 @@ class DataLoader:
         if self.sizes.sum() < self.step_tokens + 1:
             raise ValueError(f"DataLoader: {split} split of {data_dir} has {self.sizes.sum()} tokens, fewer than "
                              f"one step needs (world_size*B*T+1 = {self.step_tokens + 1})")
-        self._shards = {}  # shard index -> validated memmap
+        self._memmaps = [read_shard(f) for f in self.files]  # every header and size checked before step 1
+        for path, tokens, size in zip(self.files, self._memmaps, self.sizes):
+            if len(tokens) != size:
+                raise DataError(f"shard {path}: holds {len(tokens):,} tokens, but the manifest lists {size:,}; "
+                                f"prepare the data again")
+        self._shards = {}  # shard index -> memmap whose token ids were checked
         self._shuffled = {}  # (epoch, shard index) -> that shard's documents in this epoch's order
         self.reset()
 
@@ -540,17 +715,18 @@ class DataLoader:
 
     def _shard(self, index: int) -> np.ndarray:
         if index not in self._shards:
-            tokens = read_shard(self.files[index])
+            tokens = self._memmaps[index]
             top = int(tokens.max())
             if top >= VOCAB_SIZE:
-                raise ValueError(f"shard {self.files[index]}: token id {top} >= vocab size {VOCAB_SIZE}")
+                raise DataError(f"shard {self.files[index]}: token id {top} >= vocab size {VOCAB_SIZE}; "
+                                f"not GPT-2 tokens (prepare the data again)")
             self._shards[index] = tokens
         return self._shards[index]
 
     def shard_tokens(self, index: int, epoch: int) -> np.ndarray:
         """Shard `index` as epoch `epoch` reads it. Train: its documents (each starts at an
         <|endoftext|>; a shard may begin mid-document) in an order seeded by (seed, epoch, index), so
-        no two epochs see the same sequence (PITFALLS: unshuffled data gives a periodic loss).
+        no two epochs see the same sequence (unshuffled data gives a periodic loss).
         Val: as written."""
         tokens = self._shard(index)
         if self.split != "train":
@@ -625,11 +801,18 @@ def main(argv=None) -> None:
     p.add_argument("--val-tokens", type=int, default=None, help="cap on val tokens (default: per source)")
     p.add_argument("--workers", type=int, default=None, help="tokeniser processes (default: all cores)")
     args = parser.parse_args(argv)
+    for flag, value, low, high in (("--shard-tokens", args.shard_tokens, 1, MAX_SHARD_TOKENS),
+                                   ("--val-every", args.val_every, 1, None), ("--val-tokens", args.val_tokens, 0, None),
+                                   ("--workers", args.workers, 0, None)):
+        if value is not None and not (low <= value and (high is None or value <= high)):
+            p.error(f"{flag} must be >= {low}" + (f" and <= {high:,} (a shard header stores the count as an "
+                                                  f"int32)" if high else "") + f"; got {value:,}")
     t0 = time.perf_counter()
     try:
-        out = prepare(args.source, args.out, shard_tokens=args.shard_tokens, val_every=args.val_every,
-                      val_tokens=args.val_tokens, workers=args.workers)
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        with sigterm_raises():  # a kill by SIGTERM removes the staging folder, as Ctrl-C does
+            out = prepare(args.source, args.out, shard_tokens=args.shard_tokens, val_every=args.val_every,
+                          val_tokens=args.val_tokens, workers=args.workers)
+    except (ValueError, OSError, RuntimeError) as e:
         raise SystemExit(f"error: {e}") from None
     except KeyboardInterrupt:
         raise SystemExit(128 + signal.SIGINT) from None

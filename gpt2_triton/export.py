@@ -6,24 +6,38 @@ The folder holds `config.json` (GPT2Config's fields) and `model.safetensors` (Co
 rows dropped, the tied lm_head stored once as `transformer.wte.weight`, as transformers saves it). Both
 files are written here, so exporting needs neither transformers nor the safetensors package. The folder
 is built under a temp name beside `out` and renamed into place: `out` is never half-written.
+
+An export deletes nothing but an earlier export: `out` must be empty, new, or (with overwrite) hold only
+the files an export writes; a run folder, a folder with anything else, or one that holds the `--init`
+source is refused. Temp folders that killed exports left beside `out` are removed by the next export.
 """
 import argparse
 import json
 import os
+import re
+import secrets
 import shutil
 import struct
-import tempfile
-import uuid
+import sys
 from pathlib import Path
 
 import torch
 
-from gpt2_triton.atomic import atomic_write
+from gpt2_triton.atomic import (
+    TEMP_PATTERN,
+    atomic_write,
+    folder_write_problem,
+    remove_stale_temp_folders,
+    sigterm_raises,
+    temp_folder,
+)
 from gpt2_triton.checkpoint import load_model, unwrap_model
 from gpt2_triton.hf import CONV1D_SUFFIXES
 from gpt2_triton.tokenizer import EOT_ID
 
 SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
+EXPORT_FILES = ("config.json", "model.safetensors")
+OLD_PATTERN = re.compile(r"^\.(?P<name>.+)\.[0-9a-f]{8}\.old$")  # an export being replaced by a newer one
 
 
 def hf_state_dict(model, dtype=None) -> dict:
@@ -97,38 +111,86 @@ def write_safetensors(f, tensors: dict) -> None:
         f.write(t.contiguous().reshape(-1).view(torch.uint8).numpy().data)
 
 
-def save_pretrained(model, out_dir, overwrite=False, dtype=None) -> Path:
+def is_export_folder(folder) -> bool:
+    """True for a folder that holds only what an export writes (and its write temps): what --overwrite
+    may replace."""
+    return all(p.name in EXPORT_FILES or (TEMP_PATTERN.match(p.name) and TEMP_PATTERN.match(p.name)["name"]
+                                          in EXPORT_FILES) for p in Path(folder).iterdir())
+
+
+def check_out(out, overwrite=False, source=None) -> None:
+    """Refuse (ValueError, before any work) an `out` that cannot be written, is not empty (unless
+    `overwrite` and it holds only an earlier export), or is or contains `source` (the --init path)."""
+    out = Path(out)
+    problem = folder_write_problem(out)
+    if problem:
+        raise ValueError(f"save_pretrained: --out {out}: {problem}")
+    if source is not None and Path(source).exists():
+        src, dst = Path(source).resolve(), out.resolve()
+        if src == dst or dst in src.parents:
+            raise ValueError(f"save_pretrained: --out {out} is or contains the --init source {source}; "
+                             f"export into another folder")
+    if not out.is_dir() or not any(out.iterdir()):
+        return
+    if not overwrite:
+        raise FileExistsError(f"save_pretrained: {out} is not empty; pass overwrite=True (--overwrite) to "
+                              f"replace an earlier export there")
+    if not is_export_folder(out):
+        others = sorted(p.name for p in out.iterdir() if p.name not in EXPORT_FILES)
+        run = " (a run folder)" if {".lock", "train_config.json"} & set(others) else ""
+        raise ValueError(f"save_pretrained: --overwrite replaces only an earlier export "
+                         f"({' and '.join(EXPORT_FILES)}), but {out} also holds {', '.join(others[:4])}"
+                         f"{', ...' if len(others) > 4 else ''}{run}; export into another folder")
+
+
+def sweep_export_temps(parent) -> list[Path]:
+    """Remove what killed exports left in `parent`: temp folders whose writer is gone (holding only
+    export files), and replaced exports (`.<name>.<hex>.old`), each put back as `<name>` when the kill
+    came before the new export took its place. Returns the removed paths."""
+    parent = Path(parent)
+    removed = remove_stale_temp_folders(parent, owns=is_export_folder)
+    for old in (parent.iterdir() if parent.is_dir() else ()):
+        m = OLD_PATTERN.match(old.name)
+        if not (m and old.is_dir() and is_export_folder(old)):
+            continue
+        target = parent / m["name"]
+        if target.exists():
+            shutil.rmtree(old, ignore_errors=True)
+            removed.append(old)
+        else:
+            os.rename(old, target)
+            print(f"export: put back {target}, an earlier export that a killed export had set aside",
+                  file=sys.stderr, flush=True)
+    return removed
+
+
+def save_pretrained(model, out_dir, overwrite=False, dtype=None, source=None) -> Path:
     """Write `model` (a GPT) as a Hugging Face GPT-2 folder at out_dir; returns its path.
 
-    Refuses a non-empty out_dir unless overwrite. dtype: the stored dtype (default: the model's).
+    Refuses an out_dir that is not empty, unless overwrite and it holds only an earlier export (see
+    `check_out`; `source` is the path the model came from). dtype: the stored dtype (default: the model's).
     """
     model = unwrap_model(model)
     out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise FileExistsError(f"save_pretrained: {out} exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise FileExistsError(f"save_pretrained: {out} is not empty; pass overwrite=True (--overwrite) to replace it")
+    check_out(out, overwrite, source)
+    sweep_export_temps(out.parent)
     tensors = hf_state_dict(model, dtype)
     stored_dtype = tensors["transformer.wte.weight"].dtype
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
-    try:
+    with temp_folder(out.parent, out.name) as tmp:
         os.chmod(tmp, 0o755)
         with atomic_write(tmp / "config.json", "w") as f:
             json.dump(hf_config(model.config, stored_dtype), f, indent=2)
             f.write("\n")
-        with atomic_write(tmp / "model.safetensors", "wb") as f:
+        nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
+        with atomic_write(tmp / "model.safetensors", "wb", size_hint=nbytes) as f:
             write_safetensors(f, tensors)
-        if out.is_dir() and any(out.iterdir()):
-            old = out.with_name(f".{out.name}.old-{uuid.uuid4().hex[:8]}")
+        if out.is_dir() and any(out.iterdir()):  # an earlier export (check_out): set aside, then replaced
+            old = out.with_name(f".{out.name}.{secrets.token_hex(4)}.old")
             os.rename(out, old)
             os.replace(tmp, out)
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, out)  # an empty out_dir is replaced
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 
@@ -139,12 +201,18 @@ def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m gpt2_triton.export", description=__doc__.split("\n\n")[0])
     p.add_argument("--init", required=True, help="run folder, checkpoint file, save_pretrained folder or HF name")
     p.add_argument("--out", required=True, help="folder to write (must be empty or absent)")
-    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier export in --out (nothing else)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="stored dtype (default: the model's)")
     args = p.parse_args(argv)
 
-    model = load_model(args.init, kernels="torch", device="cpu")
-    out = save_pretrained(model, args.out, overwrite=args.overwrite, dtype=DTYPES.get(args.dtype))
+    try:
+        with sigterm_raises():  # a kill by SIGTERM removes the temp folder, as Ctrl-C does
+            check_out(args.out, args.overwrite, args.init)  # before the model loads
+            model = load_model(args.init, kernels="torch", device="cpu")
+            out = save_pretrained(model, args.out, overwrite=args.overwrite, dtype=DTYPES.get(args.dtype),
+                                  source=args.init)
+    except (ValueError, OSError) as e:
+        raise SystemExit(f"error: {e}") from None
     print(f"wrote {out}: {model.num_params():,} parameters, vocab {model.config.vocab_size}, "
           f"context {model.config.block_size}")
     return out

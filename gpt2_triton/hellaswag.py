@@ -21,6 +21,7 @@ from tqdm import tqdm
 from gpt2_triton.atomic import atomic_write
 from gpt2_triton.checkpoint import load_model
 from gpt2_triton.data import default_data_dir
+from gpt2_triton.model.ops import device_problem
 from gpt2_triton.tokenizer import get_encoding
 
 HELLASWAG_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
@@ -180,13 +181,16 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.limit is not None and args.limit < 1:
         parser.error(f"--limit must be >= 1; got {args.limit}")
+    problem = device_problem(args.device, args.kernels)
+    if problem:
+        parser.error(problem)
 
     try:
         path = find_data(args.data)
         examples = load_examples(path, args.limit)
-    except (RuntimeError, FileNotFoundError, ValueError) as e:
+        model = load_model(args.init, kernels=args.kernels, device=args.device)
+    except (RuntimeError, OSError, ValueError) as e:
         raise SystemExit(f"error: {e}") from None
-    model = load_model(args.init, kernels=args.kernels, device=args.device)
     autocast_dtype = torch.bfloat16 if args.device.startswith("cuda") else None
     t0 = time.time()
     result = evaluate_hellaswag(model, examples, args.device, autocast_dtype=autocast_dtype)

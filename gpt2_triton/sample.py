@@ -4,7 +4,10 @@ import argparse
 import torch
 
 from gpt2_triton.checkpoint import load_model
+from gpt2_triton.model.ops import device_problem
 from gpt2_triton.tokenizer import get_encoding
+
+MIN_TEMPERATURE = 1e-6  # logits / temperature must stay finite in float32; below this sampling is greedy anyway
 
 
 def main(argv=None):
@@ -15,7 +18,8 @@ def main(argv=None):
     p.add_argument("--num-samples", type=int, default=3, help="samples to draw (>= 1)")
     p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate per sample (>= 1)")
     p.add_argument("--top-k", type=int, default=50, help="sample from the k most likely tokens (>= 1)")
-    p.add_argument("--temperature", type=float, default=1.0, help="softmax temperature (> 0)")
+    p.add_argument("--temperature", type=float, default=1.0, help=f"softmax temperature (>= {MIN_TEMPERATURE:g}: "
+                                                                          f"smaller ones overflow float32 logits)")
     p.add_argument("--seed", type=int, default=1337, help="seed of the sampling generator (>= 0)")
     p.add_argument("--kernels", default="torch", help="torch | triton | op=impl,...")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -23,14 +27,18 @@ def main(argv=None):
     for flag, value, ok, rule in (("--num-samples", args.num_samples, args.num_samples >= 1, ">= 1"),
                                   ("--max-new-tokens", args.max_new_tokens, args.max_new_tokens >= 1, ">= 1"),
                                   ("--top-k", args.top_k, args.top_k >= 1, ">= 1"),
-                                  ("--temperature", args.temperature, args.temperature > 0, "> 0"),
+                                  ("--temperature", args.temperature, args.temperature >= MIN_TEMPERATURE,
+                                   f">= {MIN_TEMPERATURE:g}"),
                                   ("--seed", args.seed, args.seed >= 0, ">= 0")):
         if not ok:
             p.error(f"{flag} must be {rule}; got {value}")  # one line, exit 2, before the model loads
+    problem = device_problem(args.device, args.kernels)
+    if problem:
+        p.error(problem)
 
     try:
         model = load_model(args.init, kernels=args.kernels, device=args.device).eval()
-    except (FileNotFoundError, ValueError) as e:
+    except (OSError, ValueError) as e:
         raise SystemExit(f"error: {e}") from None
     enc = get_encoding()
     prompt_ids = enc.encode(args.prompt, allowed_special={"<|endoftext|>"}) or [enc.eot_token]

@@ -43,3 +43,75 @@ def require_sm90_compiler():
         pytest.skip("ptxas (bundled with triton's NVIDIA backend) not found: cannot compile for sm_90",
                     allow_module_level=True)
     return triton
+
+
+def overwrite_tensor_bytes(path, tensor, data: bytes) -> None:
+    """Overwrite the start of `tensor`'s bytes inside the saved file `path` with `data`, as a disk or a
+    careless tool would (torch's zip reader does not notice: tensors are stored uncompressed)."""
+    from pathlib import Path
+    raw = bytearray(Path(path).read_bytes())
+    needle = tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+    at = raw.find(needle)
+    assert at >= 0 and raw.find(needle, at + 1) < 0, "the tensor's bytes must occur once in the file"
+    raw[at:at + len(data)] = data
+    Path(path).write_bytes(bytes(raw))
+
+
+class _FullDisk:
+    """A file whose writes fail with ENOSPC once `room` bytes were written, as on a full disk."""
+
+    def __init__(self, f, room: int):
+        self._f, self._room = f, room
+
+    def write(self, data):
+        import errno
+        if len(data) > self._room:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        self._room -= len(data)
+        return self._f.write(data)
+
+    def __getattr__(self, name):
+        return getattr(self._f, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self._f.close()
+        return False
+
+
+def disk_full(monkeypatch, room: int = 0):
+    """From now on every file gpt2_triton.atomic.atomic_write writes fails with ENOSPC after `room` bytes."""
+    import os
+
+    from gpt2_triton import atomic
+    real_fdopen = os.fdopen
+
+    def fdopen(fd, mode="r", *args, **kwargs):
+        return _FullDisk(real_fdopen(fd, mode, *args, **kwargs), room)
+
+    monkeypatch.setattr(atomic.os, "fdopen", fdopen)
+
+
+def run_where_unwritable(folder, code: str, cwd, timeout: float = 300):
+    """Run `python -c code` in a process that cannot write `folder` (which exists): for a normal user the
+    folder loses its write bits; root, whom permission bits do not stop, runs it in a private mount
+    namespace where `folder` is bind-mounted read-only (unshare). Skips where neither is possible."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+    if os.geteuid() != 0:
+        os.chmod(folder, 0o555)
+        try:
+            return subprocess.run([sys.executable, "-c", code], cwd=cwd, capture_output=True, text=True,
+                                  timeout=timeout)
+        finally:
+            os.chmod(folder, 0o755)
+    mount = ["unshare", "-rm", "sh", "-c", 'mount --bind -o ro "$1" "$1" && shift && exec "$@"', "sh", str(folder)]
+    probe = subprocess.run([*mount, "true"], capture_output=True, text=True) if shutil.which("unshare") else None
+    if probe is None or probe.returncode != 0:
+        pytest.skip("running as root, and no read-only bind mount is possible here (unshare -rm)")
+    return subprocess.run([*mount, sys.executable, "-c", code], cwd=cwd, capture_output=True, text=True,
+                          timeout=timeout)

@@ -1,4 +1,5 @@
-"""Checkpoints: round trip, an interrupted save keeps the old file, RNG states, load_model(init)."""
+"""Checkpoints: round trip, an interrupted save keeps the old file, checksums (a changed file is refused, pruning
+keeps the newest good one), a full disk, RNG states, load_model(init) and its one-line errors."""
 import random
 
 import numpy as np
@@ -7,18 +8,24 @@ import torch
 
 from gpt2_triton import GPT, GPTConfig
 from gpt2_triton import checkpoint as ckpt
+from gpt2_triton.atomic import OutOfSpaceError
 from gpt2_triton.checkpoint import (
+    CHECKSUM_KEY,
+    CheckpointError,
     checkpoint_path,
+    checkpoint_problem,
     latest_checkpoint,
     list_checkpoints,
     load_checkpoint,
     load_model,
+    newest_verified_checkpoint,
     prune_checkpoints,
     rng_state,
     save_checkpoint,
     set_rng_state,
     unwrap_model,
 )
+from tests.helpers import disk_full, overwrite_tensor_bytes
 
 
 def tiny_model(seed=0):
@@ -85,7 +92,7 @@ def test_missing_and_corrupt_files_give_clear_errors(tmp_path):
         load_checkpoint(tmp_path / "nope.pt")
     bad = tmp_path / "ckpt_000001.pt"
     bad.write_bytes(b"definitely not a zip archive")
-    with pytest.raises(RuntimeError, match="corrupt or not a checkpoint"):
+    with pytest.raises(CheckpointError, match=r"corrupt or not a checkpoint \(UnpicklingError: Unsupported operand"):
         load_checkpoint(bad)
     empty = tmp_path / "empty_run"
     empty.mkdir()
@@ -159,3 +166,100 @@ def test_load_model_uses_the_requested_kernels(tmp_path):
     state = load_checkpoint(tmp_path / "m.pt")
     state["kernels"] = {**state["kernels"], "attention": "triton"}  # as a run with Triton attention saved it
     assert ckpt.model_from_checkpoint(state, kernels=None).kernels["attention"] == "triton"
+
+
+def test_a_changed_checkpoint_fails_its_checksum(tmp_path):
+    """1024 weights changed to other finite values: torch loads the file without a word; we refuse it."""
+    state = training_state(tiny_model(), step=3)
+    path = save_checkpoint(checkpoint_path(tmp_path, 3), state)
+    assert load_checkpoint(path)[CHECKSUM_KEY].startswith("sha256:") and checkpoint_problem(path) is None
+    weight = state["model"]["transformer.h.0.mlp.c_fc.weight"]
+    overwrite_tensor_bytes(path, weight, (weight.reshape(-1)[:1024] + 0.5).numpy().tobytes())
+    changed = torch.load(path, weights_only=True)["model"]["transformer.h.0.mlp.c_fc.weight"]
+    assert torch.isfinite(changed).all() and not torch.equal(changed, weight)  # loads fine, silently wrong
+    with pytest.raises(CheckpointError, match=r"ckpt_000003.pt is corrupt: its contents do not match the checksum"):
+        load_checkpoint(path)
+    assert "do not match the checksum" in checkpoint_problem(path)
+
+
+def test_checkpoint_without_checksum_loads_with_a_note(tmp_path, capsys):
+    state = training_state(tiny_model(), step=1)
+    torch.save(state, tmp_path / "old.pt")  # as an earlier version saved it
+    loaded = load_checkpoint(tmp_path / "old.pt")
+    assert loaded["step"] == 1 and CHECKSUM_KEY not in loaded
+    assert "old.pt has no checksum (saved by an earlier version); loading it unverified" in capsys.readouterr().err
+    assert checkpoint_problem(tmp_path / "old.pt") is None
+
+
+def test_prune_never_removes_the_newest_checkpoint_that_verifies(tmp_path):
+    for step in (5, 10, 15):
+        save_checkpoint(checkpoint_path(tmp_path, step), {"step": step, "w": torch.full((64,), float(step))})
+    (checkpoint_path(tmp_path, 20)).write_bytes(b"random bytes, not a checkpoint")  # the newest is corrupt
+    assert prune_checkpoints(tmp_path, keep=1) == [checkpoint_path(tmp_path, 5), checkpoint_path(tmp_path, 10)]
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["ckpt_000015.pt", "ckpt_000020.pt"]
+    skipped = []
+    assert newest_verified_checkpoint(tmp_path, skipped) == checkpoint_path(tmp_path, 15)
+    assert [p.name for p, _ in skipped] == ["ckpt_000020.pt"] and "corrupt or not a checkpoint" in skipped[0][1]
+
+
+def test_full_disk_during_save_names_the_folder_and_keeps_the_previous_file(tmp_path, monkeypatch):
+    good = save_checkpoint(checkpoint_path(tmp_path, 1), {"step": 1, "w": torch.arange(1000.0)})
+    disk_full(monkeypatch, room=1000)
+    with pytest.raises(OutOfSpaceError, match=rf"^{tmp_path} is out of space: writing ckpt_000001.pt needs about "
+                                              rf"4.0 kB \([\d,.]+ .B free\); free some space and try again$"):
+        save_checkpoint(good, {"step": 2, "w": torch.zeros(1000)})
+    monkeypatch.undo()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt_000001.pt"]  # temp file removed
+    assert load_checkpoint(good)["step"] == 1
+
+
+def test_load_model_of_a_run_folder_skips_a_corrupt_newest_checkpoint(tmp_path, capsys):
+    model = tiny_model(seed=1)
+    save_checkpoint(checkpoint_path(tmp_path, 1), training_state(model, step=1))
+    checkpoint_path(tmp_path, 2).write_bytes(b"\x00" * 100)
+    assert load_model(tmp_path).config == model.config
+    assert "note: skipping " + str(checkpoint_path(tmp_path, 2)) in capsys.readouterr().err
+    checkpoint_path(tmp_path, 1).unlink()
+    with pytest.raises(CheckpointError, match="no checkpoint in .* verifies"):
+        load_model(tmp_path)
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda s: s["model_config"].update(flash=True), "has a model_config that is not a GPTConfig .*unexpected keyword"),
+    (lambda s: s["model_config"].update(n_layer=3),
+     r"do not fit its model_config \(3 layers\): 12 missing \(e.g. transformer.h.2.ln_1.weight\)$"),
+    (lambda s: s["model_config"].update(n_embd=48, n_head=2), "do not fit its model_config .*size mismatch"),
+    (lambda s: s.update(model_config=[1, 2]), "has a model_config that is not a GPTConfig"),
+], ids=["unknown-key", "wrong-layer-count", "wrong-width", "not-a-dict"])
+def test_crafted_checkpoint_configs_are_one_line_errors(tmp_path, change, message):
+    state = training_state(tiny_model(), step=1)
+    change(state)
+    save_checkpoint(tmp_path / "crafted.pt", state)  # a valid checksum: crafted, not damaged
+    with pytest.raises(CheckpointError, match=message) as excinfo:
+        load_model(tmp_path / "crafted.pt")
+    assert "\n" not in str(excinfo.value)
+
+
+def test_a_bare_name_that_is_a_source_folder_is_taken_as_the_hf_name(tmp_path, monkeypatch, capsys):
+    """`--init gpt2` in a source tree that has a gpt2/ package folder: the HF model, not the folder."""
+    (tmp_path / "gpt2").mkdir()
+    (tmp_path / "gpt2" / "__init__.py").write_text("")
+    monkeypatch.chdir(tmp_path)
+    loaded = []
+    monkeypatch.setattr(ckpt, "from_pretrained", lambda name, kernels: loaded.append(name) or tiny_model())
+    load_model("gpt2")
+    assert loaded == ["gpt2"]
+    assert "./gpt2 is a folder without ckpt_<step>.pt files or config.json, so 'gpt2' is taken as a Hugging Face " \
+           "model name" in capsys.readouterr().err
+    with pytest.raises(FileNotFoundError, match="neither ckpt_<step>.pt files nor config.json"):
+        load_model("./gpt2")  # written as a path, it means the folder
+
+
+def test_a_name_hugging_face_cannot_load_is_a_one_line_error(monkeypatch):
+    pytest.importorskip("transformers")
+    import huggingface_hub.constants
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # fail fast, without the network
+    with pytest.raises(ValueError, match=r"^load_model: 'no-such-model-xyz' is not a checkpoint, run folder or HF "
+                                         r"folder here, and Hugging Face could not load it as a model name \(") as e:
+        load_model("no-such-model-xyz")
+    assert "\n" not in str(e.value)

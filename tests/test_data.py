@@ -1,7 +1,11 @@
-"""The token-shard pipeline: shard files, prepare (sources, split, determinism), and the DataLoader."""
+"""The token-shard pipeline: shard files, prepare (sources, split, determinism; it never deletes what is not
+its own, refuses what is not text and a folder a live run reads), the data fingerprint, and the DataLoader."""
+import hashlib
 import io
 import json
 import os
+import signal
+import subprocess
 import sys
 import sysconfig
 import types
@@ -12,8 +16,11 @@ import pytest
 import torch
 
 from gpt2_triton import data
+from gpt2_triton.atomic import FolderLock
 from gpt2_triton.data import (
+    DataError,
     DataLoader,
+    data_fingerprint,
     default_data_dir,
     ensure_prepared,
     is_prepared,
@@ -26,6 +33,9 @@ from gpt2_triton.data import (
     write_shard,
 )
 from gpt2_triton.tokenizer import EOT_ID, get_encoding
+from tests.helpers import disk_full
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def doc_tokens(docs):
@@ -586,3 +596,193 @@ def test_loader_errors(tmp_path, loader_dir):
                             "seed": loader.seed})
     with pytest.raises(ValueError, match=r"train_000000.bin: token id 50257 >= vocab size 50257"):
         loader.next_batch()
+
+
+
+# -----------------------------------------------------------------------------
+# what prepare may delete, what it refuses
+
+def test_prepare_never_deletes_files_it_did_not_write(tmp_path, text_corpus, capsys):
+    """A folder of the user's own shards without a manifest of ours: refused, untouched (by the CLI too)."""
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    write_shard(mine / "train_mydata.bin", np.arange(100))
+    write_shard(mine / "val_important.bin", np.arange(50))
+    before = folder_bytes(mine)
+    with pytest.raises(ValueError, match=r"holds files and no manifest.json, so it is not a data folder of ours "
+                                         r"\(train_mydata.bin, val_important.bin\); prepare into an empty"):
+        prepare(f"text:{text_corpus}", mine, workers=1, verbose=False)
+    with pytest.raises(SystemExit, match="^error: prepare: .* is not a data folder of ours"):
+        data.main(["prepare", f"text:{text_corpus}", "--out", str(mine), "--workers", "1"])
+    assert folder_bytes(mine) == before
+
+
+def test_auto_prepare_never_prepares_over_another_datasets_shards(tmp_path, text_corpus):
+    """Shards named like ours, a backup beside them, the manifest gone: ensure_prepared refuses the folder."""
+    other = tmp_path / "other"
+    other.mkdir()
+    for name in ("train_000000.bin", "val_000000.bin", "train_backup.bin"):
+        write_shard(other / name, np.arange(20))
+    before = folder_bytes(other)
+    with pytest.raises(ValueError, match="is not a data folder of ours"):
+        ensure_prepared(f"text:{text_corpus}", other, verbose=False, workers=1)
+    assert folder_bytes(other) == before
+
+
+def test_prepare_deletes_only_what_its_manifest_listed(tmp_path, text_corpus):
+    out = prepare(f"text:{text_corpus}", tmp_path / "out", shard_tokens=5, val_every=3, workers=1, verbose=False)
+    (out / "notes.txt").write_text("mine")
+    write_shard(out / "train_backup.bin", np.arange(7))
+    prepare(f"text:{text_corpus}", out, shard_tokens=1000, val_every=3, workers=1, verbose=False)
+    assert [p.name for p in visible(out)] == ["manifest.json", "notes.txt", "train_000000.bin", "train_backup.bin",
+                                              "val_000000.bin"]
+    write_shard(out / "train_000007.bin", np.arange(7))  # named like a shard of ours, but not listed
+    with pytest.raises(ValueError, match="holds train_000007.bin, which its manifest.json does not list"):
+        prepare(f"text:{text_corpus}", out, shard_tokens=2, val_every=3, workers=1, verbose=False)
+    assert (out / "train_000007.bin").is_file() and is_prepared(out)
+
+
+def test_prepare_refuses_a_folder_a_live_run_reads(tmp_path, text_corpus):
+    out = prepare(f"text:{text_corpus}", tmp_path / "out", shard_tokens=7, val_every=3, workers=1, verbose=False)
+    before = folder_bytes(out)
+    reader = data.read_lock(out)  # what each process of a run holds while it trains
+    try:
+        with pytest.raises(ValueError, match="is being read by a live train.py; wait for it to end"):
+            prepare(f"text:{text_corpus}", out, shard_tokens=3, val_every=3, workers=1, verbose=False)
+        assert folder_bytes(out) == before
+    finally:
+        reader.release()
+    prepare(f"text:{text_corpus}", out, shard_tokens=3, val_every=3, workers=1, verbose=False)
+    assert folder_bytes(out) != before
+
+
+def test_manifest_records_shard_hashes_and_the_fingerprint_follows_the_data(tmp_path, text_corpus):
+    source = f"text:{text_corpus}"
+    a = prepare(source, tmp_path / "a", shard_tokens=7, val_every=3, workers=1, verbose=False)
+    for shard in load_manifest(a)["splits"]["train"]["shards"]:
+        assert shard["sha256"] == hashlib.sha256((a / shard["file"]).read_bytes()).hexdigest()
+    b = prepare(source, tmp_path / "b", shard_tokens=7, val_every=3, workers=1, verbose=False)
+    fingerprint = data_fingerprint(a)
+    assert fingerprint == data_fingerprint(b)  # the same data elsewhere
+    assert set(fingerprint) == {"fingerprint", "train", "val"} and fingerprint["train"].endswith(" tokens")
+    prepare(source, b, shard_tokens=11, val_every=3, workers=1, verbose=False)
+    assert data_fingerprint(b)["fingerprint"] != fingerprint["fingerprint"]  # re-cut into other shards
+    prepare(source, b, shard_tokens=7, val_every=4, workers=1, verbose=False)
+    assert data_fingerprint(b)["fingerprint"] != fingerprint["fingerprint"]  # other documents in val
+
+
+def test_binary_data_named_txt_is_refused(tmp_path, capsys):
+    junk = tmp_path / "random.txt"
+    junk.write_bytes(np.random.default_rng(0).integers(0, 256, 200_000, dtype=np.uint8).tobytes())
+    with pytest.raises(DataError, match=r"text source .*random.txt: [\d,]+ of its [\d,]+ characters \(\d+%\) are "
+                                        r"not UTF-8 text or are control characters: it looks like binary data"):
+        prepare(f"text:{junk}", tmp_path / "out", workers=1, verbose=False)
+    assert not (tmp_path / "out").exists() or not list(visible(tmp_path / "out"))
+    folder = tmp_path / "docs"
+    folder.mkdir()
+    (folder / "a.txt").write_text("plain text " * 100)
+    (folder / "b.txt").write_bytes("caf\xe9 in latin-1 ".encode("latin-1") * 20)  # a few undecodable bytes
+    out = prepare(f"text:{folder}", tmp_path / "ok", val_every=2, workers=1, verbose=False)
+    assert is_prepared(out)
+    assert "warning: text source " + str(folder / "b.txt") + ": 20 characters are not UTF-8 text" in \
+        capsys.readouterr().err
+
+
+@pytest.mark.parametrize("manifest, message", [
+    ([], "not a manifest"),
+    ({"format_version": 1, "source": "x"}, "not a manifest"),
+    ({"format_version": 1, "source": "x", "splits": {"train": {"shards": []}}}, "splits.train.shards must be"),
+    ({"format_version": 1, "source": "x", "splits": {"train": {"shards": [{"file": "../secret.bin", "tokens": 9}]},
+                                                     "val": {"shards": [{"file": "v.bin", "tokens": 9}]}}},
+     "train shard '../secret.bin' is not a file name in .*; refusing a manifest that points outside its folder"),
+    ({"format_version": 1, "source": "x", "splits": {"train": {"shards": [{"file": "/etc/passwd", "tokens": 9}]},
+                                                     "val": {"shards": [{"file": "v.bin", "tokens": 9}]}}},
+     "points outside its folder"),
+    ({"format_version": 1, "source": "x", "splits": {"train": {"shards": [{"file": "t.bin", "tokens": "9"}]},
+                                                     "val": {"shards": [{"file": "v.bin", "tokens": 9}]}}},
+     "is not {\"file\": NAME, \"tokens\": N >= 1}"),
+    ("not json", "not a valid manifest"),
+], ids=["list", "no-splits", "empty-shards", "dotdot", "absolute", "tokens-str", "not-json"])
+def test_malformed_manifests_are_errors_naming_the_file(tmp_path, manifest, message):
+    text = manifest if isinstance(manifest, str) else json.dumps(manifest)
+    (tmp_path / "manifest.json").write_text(text)
+    with pytest.raises(DataError, match=message) as excinfo:
+        load_manifest(tmp_path)
+    assert str(tmp_path / "manifest.json") in str(excinfo.value)
+    assert not is_prepared(tmp_path)
+
+
+def test_every_shard_is_checked_when_the_data_is_opened(tmp_path):
+    out = prepare_documents(LOADER_DOCS, tmp_path / "d", shard_tokens=64, val_every=5, workers=1, verbose=False)
+    shards = load_manifest(out)["splits"]["train"]["shards"]
+    last = out / shards[-1]["file"]
+    raw = bytearray(last.read_bytes())
+    raw[0:4] = np.int32(7).tobytes()  # a bad header in the shard a run would reach last
+    last.write_bytes(bytes(raw))
+    with pytest.raises(DataError, match=rf"shard {last}: bad magic number 7"):
+        DataLoader(out, "train", 2, 8)
+    write_shard(last, np.arange(shards[-1]["tokens"] + 3))  # a valid shard, but not the size the manifest lists
+    with pytest.raises(DataError, match=rf"shard {last}: holds [\d,]+ tokens, but the manifest lists"):
+        DataLoader(out, "train", 2, 8)
+
+
+def test_shard_tokens_out_of_range_is_a_one_line_error(tmp_path, capsys):
+    with pytest.raises(SystemExit) as excinfo:
+        data.main(["prepare", "pystdlib", "--out", str(tmp_path / "o"), "--shard-tokens", str(10**12)])
+    assert excinfo.value.code == 2 and "--shard-tokens must be >= 1 and <= 2,147,483,647 (a shard header stores " \
+        "the count as an int32); got 1,000,000,000,000" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="shard_tokens <= 2,147,483,647"):
+        prepare_documents(["a", "b"], tmp_path / "o", shard_tokens=2**31, verbose=False)
+    assert not (tmp_path / "o").exists()
+
+
+def test_full_disk_and_unwritable_out_are_one_line_errors(tmp_path, text_corpus, monkeypatch):
+    out = prepare(f"text:{text_corpus}", tmp_path / "out", shard_tokens=7, val_every=3, workers=1, verbose=False)
+    before = folder_bytes(out)
+    disk_full(monkeypatch, room=1000)
+    with pytest.raises(SystemExit, match=r"^error: .*out/.staging-\w+ is out of space: writing (train|val)_000000.bin "
+                                         r"needs about 1.0 kB \(.* free\); free some space and try again$"):
+        data.main(["prepare", f"text:{text_corpus}", "--out", str(out), "--shard-tokens", "7", "--val-every", "3",
+                   "--workers", "1"])
+    monkeypatch.undo()
+    assert folder_bytes(out) == before and [p.name for p in out.iterdir() if p.name.startswith(".")] == [
+        ".prepare.lock"]
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(SystemExit, match=rf"^error: prepare: output folder {tmp_path}/file/data: {tmp_path}/file is "
+                                         rf"a file, not a folder$"):
+        data.main(["prepare", f"text:{text_corpus}", "--out", str(tmp_path / "file" / "data")])
+
+
+def test_sweep_takes_only_what_a_dead_prepare_left(tmp_path):
+    out = prepare_documents(["one doc", "two docs", "three"], tmp_path / "d", val_every=2, workers=1, verbose=False)
+    (out / ".staging-abc123").mkdir()
+    (out / ".manifest.json.0123abcd.tmp").write_text("{")
+    lock = FolderLock(out / data.PREPARE_LOCK)  # a prepare is running there
+    assert lock.acquire()
+    try:
+        assert data.sweep_data_dir(out) == []
+    finally:
+        lock.release()
+    assert sorted(p.name for p in data.sweep_data_dir(out)) == [".manifest.json.0123abcd.tmp", ".staging-abc123"]
+    assert data.sweep_data_dir(tmp_path) == []  # never prepared here: nothing of ours
+
+
+def test_sigterm_during_prepare_removes_its_staging_folder(tmp_path, text_corpus):
+    code = ("import sys, time\n"
+            "from gpt2_triton import data\n"
+            "real = data.tokenize_document\n"
+            "def slow(text):\n"
+            "    print('tokenizing', flush=True); time.sleep(60); return real(text)\n"
+            "data.tokenize_document = slow\n"
+            f"data.main(['prepare', 'text:{text_corpus}', '--out', {str(tmp_path / 'out')!r}, '--workers', '1'])\n")
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        assert proc.stdout.readline() == "tokenizing\n"
+        assert any(p.name.startswith(".staging-") for p in (tmp_path / "out").iterdir())
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 143
+    assert [p.name for p in (tmp_path / "out").iterdir()] == [".prepare.lock"]

@@ -1,7 +1,9 @@
 """gpt2_triton.export.save_pretrained / python -m gpt2_triton.export: a folder transformers loads with equal
-logits and loss."""
+logits and loss; it never deletes what is not an earlier export, sweeps what killed exports left, and every
+failure is one line."""
 import io
 import json
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -10,9 +12,11 @@ import pytest
 import torch
 
 from gpt2_triton import GPT, GPTConfig, export
+from gpt2_triton.atomic import DirLock, FolderLock
 from gpt2_triton.checkpoint import save_checkpoint
 from gpt2_triton.export import save_pretrained
 from gpt2_triton.hf import from_pretrained
+from tests.helpers import disk_full
 
 transformers = pytest.importorskip("transformers")
 ROOT = Path(__file__).resolve().parent.parent
@@ -105,5 +109,126 @@ def test_cli_exports_a_run_folder_without_transformers(tmp_path):
     idx = torch.randint(0, 97, (2, 9))
     with torch.no_grad():
         torch.testing.assert_close(hf(idx).logits, model(idx), atol=1e-5, rtol=1e-5)
-    with pytest.raises(FileExistsError, match="not empty"):
+    with pytest.raises(SystemExit, match=r"^error: save_pretrained: .* is not empty; pass overwrite"):
         export.main(["--init", str(run), "--out", str(out)])
+
+
+def folder_bytes(folder):
+    return {p.name: p.read_bytes() for p in Path(folder).iterdir() if p.is_file()}
+
+
+def make_run(run):
+    """A run folder as train.py leaves it: a checkpoint, its config and metrics, the lock file."""
+    save_checkpoint(run / "ckpt_000010.pt", {"model": make_model(2).state_dict(), "model_config": CONFIG.to_dict(),
+                                             "kernels": "torch"})
+    (run / "train_config.json").write_text("{}")
+    (run / "metrics.jsonl").write_text('{"kind": "train", "step": 1, "loss": 5.0}\n')
+    (run / ".lock").write_text("pid 1 on host\n")
+    return run
+
+
+def test_export_never_replaces_a_run_folder_or_its_source(tmp_path):
+    run = make_run(tmp_path / "run")
+    before = folder_bytes(run)
+    for out, message in ((run, "is or contains the --init source"),
+                         (tmp_path, "is or contains the --init source")):
+        with pytest.raises(SystemExit, match=f"^error: save_pretrained: --out {out} {message}"):
+            export.main(["--init", str(run), "--out", str(out), "--overwrite"])
+    other = make_run(tmp_path / "other")  # another run's folder, not the source
+    with pytest.raises(SystemExit, match=r"--overwrite replaces only an earlier export \(config.json and "
+                                         r"model.safetensors\), but .*other also holds .lock, ckpt_000010.pt, "
+                                         r"metrics.jsonl, train_config.json \(a run folder\); export into another"):
+        export.main(["--init", str(run / "ckpt_000010.pt"), "--out", str(other), "--overwrite"])
+    assert folder_bytes(run) == before and folder_bytes(other) == before
+
+
+def test_export_never_replaces_a_live_run_folder(tmp_path):
+    live = tmp_path / "live"
+    lock = FolderLock(live / ".lock")  # what a running train.py holds
+    assert lock.acquire()
+    try:
+        with pytest.raises(ValueError, match=r"also holds .lock \(a run folder\)"):
+            save_pretrained(make_model(), live, overwrite=True)
+        assert [p.name for p in live.iterdir()] == [".lock"]
+    finally:
+        lock.release()
+
+
+def test_overwrite_refuses_a_folder_with_anything_but_an_export(tmp_path):
+    out = save_pretrained(make_model(0), tmp_path / "hf")
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="also holds notes.txt; export into another folder"):
+        save_pretrained(make_model(1), out, overwrite=True)
+    assert (out / "notes.txt").read_text() == "mine" and len(list(out.iterdir())) == 3
+
+
+def test_export_sweeps_temp_folders_that_killed_exports_left(tmp_path):
+    set_aside = save_pretrained(make_model(3), tmp_path / "gone")  # a replaced export whose kill came too early
+    set_aside.rename(tmp_path / ".gone.44444444.old")
+    stale = tmp_path / ".hf.0123abcd.tmp"  # a killed export's half-written folder
+    stale.mkdir()
+    (stale / "config.json").write_text("{}")
+    (stale / ".model.safetensors.89abcdef.tmp").write_bytes(b"half")
+    live = tmp_path / ".hf.11111111.tmp"  # another export, still writing
+    live.mkdir()
+    mine = tmp_path / ".hf.22222222.tmp"  # not an export's: a user's file inside
+    mine.mkdir()
+    (mine / "diary.txt").write_text("keep")
+    other_export = tmp_path / ".other.33333333.tmp"  # another name's stale export in the same place
+    other_export.mkdir()
+    holder = DirLock(live)
+    assert holder.acquire()
+    try:
+        save_pretrained(make_model(), tmp_path / "hf")
+    finally:
+        holder.release()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".hf.11111111.tmp", ".hf.22222222.tmp", "gone", "hf"]
+    assert (mine / "diary.txt").read_text() == "keep"
+    torch.testing.assert_close(from_pretrained(str(tmp_path / "gone")).transformer.wpe.weight,
+                               make_model(3).transformer.wpe.weight)  # put back where it was
+
+
+def test_sigterm_during_export_removes_its_temp_folder(tmp_path):
+    run = make_run(tmp_path / "run")
+    code = ("import os, sys, time\n"
+            "from gpt2_triton import export\n"
+            "def slow(f, tensors):\n"
+            "    f.write(b'partial'); f.flush(); print('writing', flush=True); time.sleep(60)\n"
+            "export.write_safetensors = slow\n"
+            f"export.main(['--init', {str(run)!r}, '--out', {str(tmp_path / 'hf')!r}])\n")
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        assert proc.stdout.readline() == "writing\n"
+        assert any(p.name.startswith(".hf.") for p in tmp_path.iterdir())
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 143
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
+def test_full_disk_during_export_is_one_line_and_keeps_the_previous_export(tmp_path, monkeypatch):
+    run = make_run(tmp_path / "run")
+    out = save_pretrained(make_model(0), tmp_path / "hf")
+    before = folder_bytes(out)
+    disk_full(monkeypatch, room=4096)
+    with pytest.raises(SystemExit, match=r"^error: .*/.hf.[0-9a-f]{8}.tmp is out of space: writing "
+                                         r"model.safetensors needs about [\d.]+ kB \(.* free\); free some space"):
+        export.main(["--init", str(run), "--out", str(out), "--overwrite"])
+    monkeypatch.undo()
+    assert folder_bytes(out) == before and sorted(p.name for p in tmp_path.iterdir()) == ["hf", "run"]
+
+
+def test_out_under_a_file_and_corrupt_init_are_one_line_errors(tmp_path):
+    run = make_run(tmp_path / "run")
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(SystemExit, match=rf"^error: save_pretrained: --out {tmp_path}/file/hf: {tmp_path}/file is a "
+                                         rf"file, not a folder$"):
+        export.main(["--init", str(run), "--out", str(tmp_path / "file" / "hf")])
+    (run / "ckpt_000010.pt").write_bytes(b"PK\x03\x04 not really a zip")
+    with pytest.raises(SystemExit, match=r"^error: load_model: no checkpoint in .*run verifies: checkpoint "
+                                         r".*ckpt_000010.pt is corrupt or not a checkpoint") as excinfo:
+        export.main(["--init", str(run), "--out", str(tmp_path / "hf")])
+    assert "\n" not in str(excinfo.value.code) and not (tmp_path / "hf").exists()

@@ -8,7 +8,9 @@ import pytest
 import torch
 
 from gpt2_triton import GPT, GPTConfig, hellaswag
+from gpt2_triton.checkpoint import save_checkpoint
 from gpt2_triton.tokenizer import get_encoding
+from tests.helpers import overwrite_tensor_bytes
 
 V = 50257
 CONFIDENCE = [0.0, 4.0, 2.0, 1.0]  # the stub's logit on the true next token, per ending row
@@ -152,3 +154,17 @@ def test_label_as_digit_string_and_limit_checks(tmp_path, jsonl, capsys):
         with pytest.raises(SystemExit) as excinfo:
             hellaswag.main(["--init", "no-such-model", "--data", str(jsonl), "--limit", str(limit)])
         assert excinfo.value.code == 2 and f"--limit must be >= 1; got {limit}" in capsys.readouterr().err
+
+
+def test_a_changed_checkpoint_is_refused_in_one_line(tmp_path, jsonl):
+    torch.manual_seed(0)
+    model = GPT(GPTConfig.from_preset("tiny", block_size=8))
+    path = save_checkpoint(tmp_path / "ckpt_000001.pt", {"model": model.state_dict(),
+                                                         "model_config": model.config.to_dict()})
+    args = ["--init", str(path), "--data", str(jsonl), "--device", "cpu"]
+    assert hellaswag.main(args)["n"] == len(EXAMPLES)
+    weight = model.transformer.h[0].mlp.c_fc.weight
+    overwrite_tensor_bytes(path, weight, (weight.detach().reshape(-1)[:1024] * 2).numpy().tobytes())
+    with pytest.raises(SystemExit, match=rf"^error: checkpoint {path} is corrupt: its contents do not match the "
+                                         r"checksum saved with it \(the file changed after it was saved\)$"):
+        hellaswag.main(args)

@@ -127,7 +127,7 @@ def test_cross_entropy_fp16(num_rows, vocab, ignored, device):
 
 def test_cross_entropy_strided_logits_and_reuse(device):
     # A row-strided view (row stride != V), used elsewhere in the graph too: the gradient must be a
-    # new tensor, never written into the logits (PITFALLS: in-place CE gradients corrupt autograd).
+    # new tensor, never written into the logits (in place, it would corrupt autograd where they are used).
     gen = torch.Generator().manual_seed(3)
     base = torch.randn(8, 130, generator=gen).to(device)
     targets = _targets(8, 120, "some", gen, device)

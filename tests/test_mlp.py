@@ -6,8 +6,8 @@ from helpers import assert_close, assert_close_to_ref, error_stats
 
 from gpt2_triton.kernels import mlp
 from gpt2_triton.kernels import reference as ref
+from gpt2_triton.kernels.autotune import gpu_configs
 from gpt2_triton.kernels.mlp import (
-    fused_matmul,
     gelu_mlp,
     gelu_mlp_bwd,
     gelu_mlp_fwd,
@@ -15,7 +15,7 @@ from gpt2_triton.kernels.mlp import (
     linear_gelu_bwd,
     linear_gelu_fwd,
 )
-from gpt2_triton.kernels.utils import is_interpreter
+from gpt2_triton.kernels.utils import is_interpreter, override_target
 
 # (x shape, hidden): the last dim of x is C.
 SHAPES = [
@@ -242,12 +242,12 @@ def test_gelu_derivative_matches_autograd(device):
 
 
 # ---------------------------------------------------------------------------------------------
-# The matmul alone: awkward shapes, transposed (strided) operands, every epilogue used by fused_matmul
+# The matmul launcher alone: awkward shapes, transposed (strided) operands, bias and GELU epilogues
 # ---------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("apply_gelu, with_bias", [(False, False), (False, True), (True, True)],
                          ids=["plain", "bias", "bias-gelu"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
-def test_fused_matmul_strided_operands(apply_gelu, with_bias, dtype, device):
+def test_matmul_strided_operands(apply_gelu, with_bias, dtype, device):
     M, K, N = 70, 45, 33
     gen = torch.Generator().manual_seed(2)
     a = torch.randn(K, M, generator=gen).to(device, dtype).t()            # (M, K), column-major
@@ -261,38 +261,14 @@ def test_fused_matmul_strided_operands(apply_gelu, with_bias, dtype, device):
         out = a @ b if bias is None else a @ b + bias
         return ref.gelu_tanh(out) if apply_gelu else out
 
-    out = fused_matmul(a, b, bias, apply_gelu)
+    out = mlp._launch_matmul(a, b, torch.empty((M, N), dtype=dtype, device=device), bias=bias,
+                             epilogue=mlp.EPI_GELU if apply_gelu else mlp.EPI_NONE)
     want = torch_version(a, b, bias, upcast=True)
     assert out.shape == (M, N) and out.dtype == dtype and out.is_contiguous()
     if dtype == torch.float32:
         assert_close(out, want, **fp32_tol(want), name="out")
     else:
         assert_close_to_ref(out, torch_version(a, b, bias, upcast=False), want, atol=LOWP_ATOL, name="out")
-
-
-@pytest.mark.parametrize("product", sorted(mlp.MATMUL_BACKENDS))
-def test_per_product_torch_backend(product, device, monkeypatch):
-    """Routing one epilogue-free product through torch.matmul gives the same results as the Triton path."""
-    monkeypatch.setitem(mlp.MATMUL_BACKENDS, product, "torch")
-    x, params, dy = make_mlp_inputs((37, 40), 200, torch.float32, device)
-    out, grads = forward_and_grads(gelu_mlp, (x, *params), dy)
-    (want, want_grads), _ = reference_mlp(x, params, dy)
-    assert_close(out, want, **fp32_tol(want), name="y")
-    for name, g, w in zip(PARAM_NAMES, grads, want_grads):
-        assert_close(g, w, **fp32_tol(w), name=f"d{name}")
-    lx, lw, lb, ldout = make_linear_inputs((37, 40), 200, torch.float32, device)
-    lout, lgrads = forward_and_grads(linear_gelu, (lx, lw, lb), ldout)
-    lwant, lwant_grads = forward_and_grads(ref.linear_gelu, (lx, lw, lb), ldout)
-    assert_close(lout, lwant, **fp32_tol(lwant), name="linear_gelu out")
-    for name, g, w in zip(("x", "weight", "bias"), lgrads, lwant_grads):
-        assert_close(g, w, **fp32_tol(w), name=f"linear_gelu d{name}")
-
-
-def test_unknown_backend_raises(device, monkeypatch):
-    monkeypatch.setitem(mlp.MATMUL_BACKENDS, "c_proj", "cublas")
-    x, params, _ = make_mlp_inputs((4, 16), 64, torch.float32, device)
-    with pytest.raises(ValueError, match="MATMUL_BACKENDS\\['c_proj'\\] must be 'triton' or 'torch'"):
-        gelu_mlp(x, *params)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -323,15 +299,15 @@ def test_split_k_matches_reference(K, split_k, out_dtype, device):
 
 def test_split_k_through_the_public_ops(device, monkeypatch):
     """gelu_mlp / linear_gelu weight grads with split-K forced on (off a GPU it is never chosen)."""
-    monkeypatch.setattr(mlp, "sm_count", lambda device: 4)
     monkeypatch.setattr(mlp, "_split_k", lambda M, N, K, num_sms: 3)
     x, params, dy = make_mlp_inputs((5, 9, 40), 200, torch.float32, device)
-    out, grads = forward_and_grads(gelu_mlp, (x, *params), dy)
+    lx, lw, lb, ldout = make_linear_inputs((37, 40), 200, torch.float32, device)
+    with override_target(sm_count=4):
+        out, grads = forward_and_grads(gelu_mlp, (x, *params), dy)
+        _, lgrads = forward_and_grads(linear_gelu, (lx, lw, lb), ldout)
     (want, want_grads), _ = reference_mlp(x, params, dy)
     for name, g, w in zip(PARAM_NAMES, grads, want_grads):
         assert_close(g, w, **fp32_tol(w), name=f"d{name}")
-    lx, lw, lb, ldout = make_linear_inputs((37, 40), 200, torch.float32, device)
-    _, lgrads = forward_and_grads(linear_gelu, (lx, lw, lb), ldout)
     _, lwant_grads = forward_and_grads(ref.linear_gelu, (lx, lw, lb), ldout)
     assert_close(lgrads[1], lwant_grads[1], **fp32_tol(lwant_grads[1]), name="linear_gelu dweight")
 
@@ -345,10 +321,9 @@ def test_split_k_choice():
     assert mlp._split_k(B_T, C, H, 132) == 1  # c_proj-shaped: 768 tiles already fill the GPU
 
 
-def test_gpu_configs_lower_to_wgmma(monkeypatch):
+def test_gpu_configs_lower_to_wgmma():
     """Hopper's wgmma needs whole warpgroups (4 warps) and 64-row tiles; the autotune key is bucketed."""
-    monkeypatch.setattr(mlp, "is_interpreter", lambda: False)
-    for cfg in mlp._matmul_configs():
+    for cfg in gpu_configs(mlp._matmul):
         assert cfg.num_warps % 4 == 0 and cfg.kwargs["BLOCK_M"] >= 64, cfg
     assert "M" not in mlp._matmul.keys and "K" not in mlp._matmul.keys
     assert "M_BUCKET" in mlp._matmul.keys and "K_BUCKET" in mlp._matmul.keys
@@ -459,7 +434,6 @@ def _bad_calls(device):
         (lambda: linear_gelu(x, fc_w.t(), None), ValueError, "x must have shape"),
         (lambda: linear_gelu(x, fc_w, proj_b), ValueError, "bias must have shape"),
         (lambda: linear_gelu(x.double(), fc_w, fc_b), TypeError, "float32, float16 or bfloat16"),
-        (lambda: fused_matmul(x, fc_w), ValueError, "need a \\(M, K\\) and b \\(K, N\\)"),
     ]
 
 
@@ -483,8 +457,6 @@ def test_custom_ops_opcheck(device):
     lx, lw, lb, ldout = make_linear_inputs((5, 16), 32, torch.float32, device)
     _, lpre = linear_gelu_fwd(lx, lw, lb, True)
     cases = [
-        (fused_matmul, (x, fc_w.t(), fc_b, True)),
-        (fused_matmul, (x, fc_w.t(), None, False)),
         (gelu_mlp_fwd, (x, fc_w, fc_b, proj_w, proj_b, True)),
         (gelu_mlp_fwd, (x, fc_w, None, proj_w, None, False)),
         (gelu_mlp_bwd, (dy, x, pre, fc_w, proj_w)),

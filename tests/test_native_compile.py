@@ -7,7 +7,7 @@ by gpt2_triton.bench.static's compile worker (`bench/static/native.py`: triton.c
 target=GPUTarget("cuda", 90, 32)) in a process without TRITON_INTERPRET, registers and spills from
 ptxas -v). What gets compiled is taken from the launchers themselves: the scenarios below call the real
 launchers on fake tensors of the given shapes inside `gpt2_triton.bench.static.trace.capture()`, which records each
-launch (GPU configs chosen, autotune candidates rebuilt from the module's `<kernel>_configs()` and
+launch (GPU configs chosen, autotune candidates from `gpt2_triton.kernels.autotune.gpu_configs` and
 narrowed by early_config_prune) and specializes it as JITFunction.run would (`gpt2_triton.bench.static.cases`).
 Config and launcher changes are followed without editing this file.
 

@@ -8,7 +8,9 @@ import json
 import os
 import re
 import runpy
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -20,8 +22,17 @@ import pytest
 import torch
 
 from gpt2_triton import GPT, GPTConfig, sample, training
-from gpt2_triton.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
-from gpt2_triton.data import prepare_documents, write_shard
+from gpt2_triton import data as gpt2_data
+from gpt2_triton.checkpoint import (
+    checkpoint_path,
+    checkpoint_problem,
+    latest_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+    newest_verified_checkpoint,
+    save_checkpoint,
+)
+from gpt2_triton.data import prepare_documents, read_shard, write_shard
 from gpt2_triton.training.metrics import (
     MetricsLog,
     cosine_lr,
@@ -33,6 +44,7 @@ from gpt2_triton.training.metrics import (
     read_metrics,
 )
 from gpt2_triton.training.report import Report, format_duration
+from tests.helpers import disk_full, overwrite_tensor_bytes, run_where_unwritable
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -410,6 +422,11 @@ def test_live_run_locks_its_folder_and_sigterm_saves_and_exits_143(data_dir, tmp
                             stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     try:
         wait_for(lambda: len(train_steps(run_dir)) >= 2, proc, what="2 training steps")
+        shards = {p.name: p.read_bytes() for p in data_dir.glob("*.bin")}
+        with pytest.raises(ValueError, match=f"prepare: {data_dir} is being read by a live train.py"):
+            prepare_documents(synthetic_documents(), data_dir, source="synthetic", shard_tokens=500, workers=0,
+                              verbose=False)  # the live run's data folder: never re-prepared under it
+        assert {p.name: p.read_bytes() for p in data_dir.glob("*.bin")} == shards
         stale = run_dir / ".ckpt_000007.pt.0123abcd.tmp"  # a live save's temp file looks just like this
         stale.write_bytes(b"being written")
         for extra in ([], ["--resume"], ["--overwrite"]):
@@ -613,6 +630,9 @@ BAD_FLAGS = [
     (["--resume", "nowhere.pt"], "--resume nowhere.pt: no such checkpoint file"),
     (["--total-batch", "100"], "--total-batch 100 must be a multiple of micro_batch x seq_len"),
     (["--run-dir", str(REPO / "train.py")], "train.py: not a folder"),
+    (["--run-dir", str(REPO / "train.py" / "run")], f"train.py/run: {REPO / 'train.py'} is a file, not a folder"),
+    (["--data-dir", str(REPO / "train.py" / "d")], f"train.py/d: {REPO / 'train.py'} is a file, not a folder"),
+    (["--dist-timeout", "0"], "--dist-timeout must be > 0; got 0.0"),
 ]
 
 
@@ -694,3 +714,366 @@ def test_metrics_log_survives_a_line_cut_by_a_kill(tmp_path):
     MetricsLog(path).log("train", step=2, loss=4.0)
     assert [(r["kind"], r["step"]) for r in read_metrics(path)] == [("train", 1), ("resume", 1), ("train", 2)]
     assert path.read_text().count("\n") == 4  # the cut line was ended, not glued to the next record
+
+
+
+def process_state(pid: int) -> str:
+    """The state letter of /proc/<pid>/stat ("Z" once it has exited, "" once it is reaped)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return ""
+
+
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds the workers through /proc")
+def test_a_frozen_ddp_rank_ends_the_run_within_dist_timeout(data_dir, tmp_path):
+    """SIGSTOP on rank 1 of 2 (gloo): rank 0 gives up after --dist-timeout, says so in one line, and the last
+    checkpoint stays good; rank 1, let go again, finds rank 0 gone and says so too."""
+    run_dir = tmp_path / "ddp"
+    flags = cli_flags(data_dir, run_dir, max_steps=100000, checkpoint_every=2, val_every=0, total_batch=2 * 4 * 32,
+                      dist_timeout=3)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py"]
+    proc = subprocess.Popen([*torchrun, *flags], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        wait_for(lambda: len(train_steps(run_dir)) >= 3 and list_checkpoints(run_dir), proc, what="3 DDP steps")
+        rank0, rank1 = find_worker(proc.pid, rank=0), find_worker(proc.pid, rank=1)
+        os.kill(rank1, signal.SIGSTOP)
+        frozen_at = time.monotonic()
+        try:
+            wait_for(lambda: process_state(rank0) in ("Z", ""), proc, timeout=60, what="rank 0 to give up")
+            waited = time.monotonic() - frozen_at
+        finally:
+            os.kill(rank1, signal.SIGCONT)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode != 0 and 3 <= waited < 20, (waited, err[-3000:])
+    lines = [line for line in (out + err).splitlines() if line.startswith("error: rank")]
+    for rank, cause in ((0, "Timed out waiting 3000ms"), (1, "Connection closed by peer")):
+        assert any(line.startswith(f"error: rank {rank}: a collective with the other processes failed ({cause}")
+                   and "no answer within --dist-timeout 3 s) or died. Last good checkpoint: " in line
+                   for line in lines), (rank, lines, err[-3000:])
+    assert newest_verified_checkpoint(run_dir) == latest_checkpoint(run_dir)
+
+
+
+def fresh_data(folder, **options):
+    """The module's synthetic data, prepared into a folder of this test's own (to change or damage)."""
+    return prepare_documents(synthetic_documents(), folder, source="synthetic", workers=0, verbose=False,
+                             **{"shard_tokens": 1500, "val_every": 6, **options})
+
+
+def test_resume_skips_a_changed_checkpoint_and_goes_on_from_the_newest_good_one(data_dir, tmp_path, capsys):
+    """1024 weights of the newest checkpoint changed (finite values): a bare --resume says so, continues from
+    the older good checkpoint and redoes the steps bit for bit; nothing good is pruned."""
+    cfg = tiny_config(data_dir, tmp_path, max_steps=8, checkpoint_every=4, val_every=0)
+    first = training.train(cfg)
+    newest = checkpoint_path(tmp_path, 8)
+    weight = load_checkpoint(newest)["model"]["transformer.h.0.mlp.c_fc.weight"]
+    overwrite_tensor_bytes(newest, weight, (weight.reshape(-1)[:1024] * 1.5 + 0.01).numpy().tobytes())
+    capsys.readouterr()
+    again = training.train(replace(cfg, resume="latest"))
+    out = capsys.readouterr().out
+    assert "--resume: skipping ckpt_000008.pt: its contents do not match the checksum saved with it" in out
+    assert "--resume: continuing from ckpt_000004.pt, the newest checkpoint that verifies" in out
+    assert [r["loss"] for r in again] == [r["loss"] for r in first[4:]]
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["ckpt_000004.pt", "ckpt_000008.pt"]
+    assert checkpoint_problem(newest) is None  # step 8 saved again, whole
+
+
+def test_a_corrupt_optimizer_state_is_never_the_last_good_checkpoint(data_dir, tmp_path, monkeypatch, capsys):
+    """Random bytes in the newest checkpoint's optimizer state: the older checkpoint of the same run may be resumed
+    by name, and a NaN stop then names only a file that verifies."""
+    cfg = tiny_config(data_dir, tmp_path, max_steps=4, checkpoint_every=2, val_every=0)
+    training.train(cfg)
+    newest, older = checkpoint_path(tmp_path, 4), checkpoint_path(tmp_path, 2)
+    exp_avg_sq = load_checkpoint(newest)["optimizer"]["state"][1]["exp_avg_sq"]
+    overwrite_tensor_bytes(newest, exp_avg_sq, np.random.default_rng(0).bytes(4096))
+    real_forward = GPT.forward
+
+    def nan_forward(self, idx, targets=None):
+        logits, loss = real_forward(self, idx, targets)
+        return logits, (loss * float("nan") if self.training else loss)
+
+    monkeypatch.setattr(GPT, "forward", nan_forward)
+    with pytest.raises(training.NonFiniteError, match=r"step 3: loss is nan; stopped before the update; last good "
+                                                      r"checkpoint: .*ckpt_000002.pt$"):
+        training.train(replace(cfg, resume=str(older), max_steps=6))
+    assert "--resume: skipping ckpt_000004.pt: its contents do not match the checksum" in capsys.readouterr().out
+    monkeypatch.undo()
+    assert [r["step"] for r in training.train(replace(cfg, resume="latest", max_steps=5))] == [3, 4, 5]
+
+
+def test_resume_on_re_prepared_data_is_refused_and_names_it(tmp_path):
+    data = fresh_data(tmp_path / "data")
+    cfg = tiny_config(data, tmp_path / "run", max_steps=4, checkpoint_every=2, val_every=0)
+    training.train(cfg)
+    fresh_data(data, shard_tokens=700)  # the same source, other --shard-tokens: other tokens at each position
+    with pytest.raises(training.ConfigError, match=rf"--resume: ckpt_000004.pt was trained on other data than {data} "
+                                                   r"holds now \(then: train 7 shards, 9,650 tokens, val 2 shards, "
+                                                   r"1,930 tokens; now: train 14 shards, .*; fingerprint \w+ vs \w+\)"):
+        training.train(replace(cfg, resume="latest", max_steps=6))
+    fresh_data(data)  # prepared again as before: the same fingerprint, the resume goes on
+    assert [r["step"] for r in training.train(replace(cfg, resume="latest", max_steps=5))] == [5]
+
+
+def damage_header(data):
+    shard = data / gpt2_data.load_manifest(data)["splits"]["train"]["shards"][-1]["file"]
+    raw = bytearray(shard.read_bytes())
+    raw[0:4] = np.int32(7).tobytes()
+    shard.write_bytes(bytes(raw))
+
+
+def write_manifest(content):
+    def damage(data):
+        (data / "manifest.json").write_text(content)
+    return damage
+
+
+def point_outside(data):
+    manifest = json.loads((data / "manifest.json").read_text())
+    manifest["splits"]["train"]["shards"][0]["file"] = "../../secret.bin"
+    (data / "manifest.json").write_text(json.dumps(manifest))
+
+
+def another_datasets_shards(data):
+    """Shards named like ours and a backup beside them, the manifest gone: not ours to prepare over."""
+    (data / "manifest.json").unlink()
+    write_shard(data / "train_backup.bin", np.arange(100))
+
+
+@pytest.mark.parametrize("damage, message", [
+    (damage_header, r"shard .*/train_\d{6}.bin: bad magic number 7 \(expected 20240520\)"),
+    (write_manifest("[]"), r"manifest.json: not a manifest \(a JSON object with \"splits\"\)"),
+    (write_manifest('{"format_version": 1}'), r"manifest.json: not a manifest"),
+    (point_outside, r"train shard '../../secret.bin' is not a file name in .*; refusing a manifest that points "
+                    r"outside"),
+    (another_datasets_shards, r"holds files and no manifest.json, so it is not a data folder of ours "
+                              r"\(train_000000.bin, train_000001.bin, train_000002.bin, ...\)"),
+], ids=["bad-header", "manifest-list", "manifest-no-splits", "manifest-outside", "no-manifest"])
+def test_bad_data_is_a_one_line_error_before_step_1(tmp_path, damage, message):
+    data = fresh_data(tmp_path / "data")
+    damage(data)
+    before = {p.name: p.read_bytes() for p in data.iterdir() if p.is_file()}
+    with pytest.raises(SystemExit) as excinfo:
+        train_main(cli_flags(data, tmp_path / "run", max_steps=3))
+    text = str(excinfo.value.code)
+    assert text.startswith("error: ") and re.search(message, text) and "\n" not in text, text
+    assert not list_checkpoints(tmp_path / "run") and not (tmp_path / "run" / "metrics.jsonl").exists()
+    assert {p.name: p.read_bytes() for p in data.iterdir() if p.is_file()} == before  # nothing prepared over it
+
+
+def test_an_error_mid_run_saves_the_last_completed_step_first(tmp_path, capsys):
+    """A token id >= the vocabulary in the second shard the run reads: found when the run reaches it; the step
+    before is saved, the error is one line, and a resume redoes nothing twice."""
+    data = fresh_data(tmp_path / "data")
+    loader = gpt2_data.DataLoader(data, "train", 4, 32, seed=1337)
+    second = loader.files[loader.shard_order(0)[1]]
+    tokens = np.array(read_shard(second))
+    tokens[-1] = 60000
+    write_shard(second, tokens)
+    with pytest.raises(SystemExit) as excinfo:
+        train_main(cli_flags(data, tmp_path / "run", max_steps=30, checkpoint_every=0, val_every=0))
+    text = str(excinfo.value.code)
+    done = train_steps(tmp_path / "run")[-1]
+    assert re.fullmatch(rf"error: shard {second}: token id 60000 >= vocab size 50257; not GPT-2 tokens \(prepare "
+                        rf"the data again\) \(saved step {done} to .*ckpt_{done:06d}.pt; fix it and continue with "
+                        rf"--resume\)", text), text
+    assert 5 < done < 30 and [p.name for p in list_checkpoints(tmp_path / "run")] == [f"ckpt_{done:06d}.pt"]
+    assert load_checkpoint(latest_checkpoint(tmp_path / "run"))["step"] == done
+
+
+def test_full_disk_at_a_checkpoint_is_one_line_and_keeps_the_previous_one(data_dir, tmp_path, monkeypatch):
+    real_save = training.Trainer.save
+
+    def save(self):
+        if self.step == 4:
+            disk_full(monkeypatch, room=10_000)
+        return real_save(self)
+
+    monkeypatch.setattr(training.Trainer, "save", save)
+    with pytest.raises(SystemExit) as excinfo:
+        train_main(cli_flags(data_dir, tmp_path, max_steps=6, checkpoint_every=2, val_every=0))
+    assert re.fullmatch(rf"error: step 4: {tmp_path} is out of space: writing ckpt_000004.pt needs about [\d.]+ MB "
+                        rf"\([\d.,]+ .B free\); free some space and try again; the previous checkpoints are intact "
+                        rf"\(last good checkpoint: .*ckpt_000002.pt\)", str(excinfo.value.code)), excinfo.value.code
+    monkeypatch.undo()
+    assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".pt") or p.name.endswith(".tmp")] == [
+        "ckpt_000002.pt"] and checkpoint_problem(tmp_path / "ckpt_000002.pt") is None
+
+
+def test_a_val_split_smaller_than_a_batch_is_needed_only_to_validate(tmp_path):
+    data = fresh_data(tmp_path / "data", val_every=1, val_tokens=250)  # val: the first document, < 8x32+1 tokens
+    history = training.train(tiny_config(data, tmp_path / "run", micro_batch=8, max_steps=2, val_every=0,
+                                         checkpoint_every=0))
+    assert [r["step"] for r in history] == [1, 2]
+    with pytest.raises(training.ConfigError, match="val split of .* fewer than one step needs"):
+        training.train(tiny_config(data, tmp_path / "run2", micro_batch=8, max_steps=2, val_every=1))
+
+
+def test_a_finished_run_survives_bytes_that_are_not_utf8_in_its_metrics(data_dir, tmp_path):
+    cfg = tiny_config(data_dir, tmp_path, max_steps=2, checkpoint_every=0, val_every=0)
+    training.train(cfg)
+    with open(tmp_path / "metrics.jsonl", "ab") as f:
+        f.write(b'{"kind": "note", "text": "\xff\xfe"}\n\xff\n')  # an editor or a disk left these
+    assert [r["step"] for r in training.train(replace(cfg, resume="latest", max_steps=3, plot=True))] == [3]
+    assert (tmp_path / "loss.png").is_file()
+    assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl", "train")] == [1, 2, 3]
+
+
+def test_train_sweeps_what_a_killed_prepare_left(tmp_path, capsys):
+    data = fresh_data(tmp_path / "data")
+    (data / ".staging-abc123").mkdir()
+    (data / ".staging-abc123" / "train_000000.bin").write_bytes(b"half a shard")
+    training.train(tiny_config(data, tmp_path / "run", max_steps=1, val_every=0))
+    assert [p.name for p in data.iterdir() if p.name.startswith(".")] == [".prepare.lock"]
+    assert f"removed 1 staging folder(s)/temp file(s) left in {data} by killed prepares" in capsys.readouterr().out
+
+
+def test_sigterm_during_auto_prepare_removes_its_staging_folder(tmp_path):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(3):
+        (corpus / f"{i}.txt").write_text(f"document {i} " * 50)
+    data = tmp_path / "data"
+    code = ("import runpy, time\n"
+            "from gpt2_triton import data\n"
+            "real = data.tokenize_document\n"
+            "def slow(text):\n"
+            "    print('tokenizing', flush=True); time.sleep(60); return real(text)\n"
+            "data.tokenize_document = slow\n"
+            f"runpy.run_path('train.py')['main']({cli_flags(data, tmp_path / 'run', data=f'text:{corpus}')!r})\n")
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        wait_for(lambda: any(p.name.startswith(".staging-") for p in data.iterdir()) if data.is_dir() else False,
+                 proc, what="the staging folder")
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 143, err[-2000:]
+    assert [p.name for p in data.iterdir()] == [".prepare.lock"]
+
+
+def test_unwritable_folders_are_one_line_errors_and_prepared_read_only_data_trains(data_dir, tmp_path):
+    """--run-dir, --data-dir, prepare --out and export --out in a folder this process cannot write: each a one-line
+    error before any work. A prepared data folder that is read-only is fine to train on."""
+    ro = tmp_path / "ro"
+    (ro / "empty").mkdir(parents=True)
+    shutil.copytree(data_dir, ro / "prepared")
+    save_checkpoint(tmp_path / "model.pt", {"model": GPT(GPTConfig.from_preset("tiny")).state_dict(),
+                                            "model_config": GPTConfig.from_preset("tiny").to_dict()})
+    w = tmp_path / "writable"
+    cases = [
+        ("run-dir", "train", cli_flags(data_dir, ro / "run", max_steps=1)),
+        ("data-dir", "train", cli_flags(ro / "empty", w / "run1", max_steps=1)),
+        ("prepare", "prepare", ["prepare", "pystdlib", "--out", str(ro / "prep")]),
+        ("export", "export", ["--init", str(tmp_path / "model.pt"), "--out", str(ro / "hf")]),
+        ("read-only data", "train", cli_flags(ro / "prepared", w / "run2", max_steps=1, val_every=0)),
+    ]
+    code = ("import json, runpy\n"
+            "from gpt2_triton import data, export\n"
+            "mains = {'train': runpy.run_path('train.py')['main'], 'prepare': data.main, 'export': export.main}\n"
+            f"for name, tool, args in {cases!r}:\n"
+            "    try:\n"
+            "        mains[tool](args); code = 0\n"
+            "    except SystemExit as e:\n"
+            "        code = e.code\n"
+            "    print('RESULT', json.dumps([name, code]), flush=True)\n")
+    proc = run_where_unwritable(ro, code, cwd=REPO)
+    results = dict(json.loads(line[7:]) for line in proc.stdout.splitlines() if line.startswith("RESULT "))
+    denied = ": permission denied or a read-only file system"
+    assert results == {
+        "run-dir": f"error: --run-dir {ro / 'run'}: cannot be created in {ro}{denied}",
+        "data-dir": f"error: data synthetic: prepare: output folder {ro / 'empty'}: not writable{denied}",
+        "prepare": f"error: prepare: output folder {ro / 'prep'}: cannot be created in {ro}{denied}",
+        "export": f"error: save_pretrained: --out {ro / 'hf'}: cannot be created in {ro}{denied}",
+        "read-only data": 0,
+    }, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert sorted(p.name for p in ro.iterdir()) == ["empty", "prepared"] and not list((ro / "empty").iterdir())
+
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def children(parent_pid: int) -> list[int]:
+    """The pids whose parent is parent_pid, from /proc."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            if entry.name.isdigit() and int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == parent_pid:
+                found.append(int(entry.name))
+    return found
+
+
+def two_nodes(script, flags, rdzv_id):
+    """`torchrun --nnodes 2` twice on this machine, one process per "node", meeting through c10d rendezvous."""
+    port = free_port()
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
+                "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{port}", f"--rdzv_id={rdzv_id}"]
+    return [subprocess.Popen([*torchrun, str(script), *flags], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}) for _ in range(2)]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds torchrun's workers through /proc")
+def test_two_nodes_train_checkpoint_are_killed_and_resume_exactly(data_dir, tmp_path):
+    """Two "nodes" on localhost (c10d rendezvous, gloo): they train and checkpoint, both are killed -9 one step
+    after a checkpoint, and the resumed run redoes that step bit for bit, then goes on."""
+    run_dir = tmp_path / "run"
+    flags = cli_flags(data_dir, run_dir, max_steps=100000, checkpoint_every=4, val_every=0, total_batch=2 * 4 * 32)
+    hold = tmp_path / "hold_after_step_5.py"  # train.py, but every rank stops moving after step 5
+    hold.write_text("import runpy, sys, time\n"
+                    "from gpt2_triton import training\n"
+                    "real_after_step = training.Trainer.after_step\n"
+                    "def after_step(self):\n"
+                    "    real_after_step(self)\n"
+                    "    if self.step == 5:\n"
+                    "        time.sleep(600)\n"
+                    "training.Trainer.after_step = after_step\n"
+                    f"sys.argv[0] = {str(REPO / 'train.py')!r}\n"
+                    "runpy.run_path(sys.argv[0], run_name='__main__')\n")
+    nodes = two_nodes(hold, flags, "killed")
+    try:
+        wait_for(lambda: train_steps(run_dir)[-1:] == [5], nodes[0], what="step 5 on two nodes")
+    finally:
+        for pid in [pid for node in nodes for pid in (node.pid, *children(node.pid))]:  # torchrun's worker and
+            with contextlib.suppress(ProcessLookupError):                               # itself: power loss
+                os.kill(pid, signal.SIGKILL)
+        for node in nodes:
+            node.communicate(timeout=60)
+    state = load_checkpoint(latest_checkpoint(run_dir))
+    assert state["step"] == 4 and state["world_size"] == 2 and len(state["loader"]) == 2
+    lost = read_metrics(run_dir / "metrics.jsonl", "train")[-1]
+    resumed = two_nodes(REPO / "train.py", cli_flags(data_dir, run_dir, max_steps=6, checkpoint_every=4, val_every=0,
+                                                     total_batch=2 * 4 * 32, resume=True), "resumed")
+    outputs = [node.communicate(timeout=300) for node in resumed]
+    assert [node.returncode for node in resumed] == [0, 0], outputs[0][1][-3000:] + outputs[1][1][-3000:]
+    rows = read_metrics(run_dir / "metrics.jsonl", "train")
+    assert [r["step"] for r in rows] == list(range(1, 7))
+    assert rows[4]["step"] == 5 and rows[4]["loss"] == lost["loss"] and rows[4]["grad_norm"] == lost["grad_norm"]
+    assert load_checkpoint(latest_checkpoint(run_dir))["step"] == 6
+
+
+def test_an_error_in_evaluation_saves_the_step_it_came_after(data_dir, tmp_path, monkeypatch, capsys):
+    real_validate = training.Trainer.validate
+
+    def validate(self):
+        if self.step == 3:
+            raise RuntimeError("evaluation broke")
+        return real_validate(self)
+
+    monkeypatch.setattr(training.Trainer, "validate", validate)
+    with pytest.raises(RuntimeError, match="evaluation broke"):  # not ours to explain: the traceback stays
+        training.train(tiny_config(data_dir, tmp_path, max_steps=10, val_every=3, checkpoint_every=0))
+    assert f"error after step 3 (saved step 3 to {checkpoint_path(tmp_path, 3)}" in capsys.readouterr().err
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["ckpt_000003.pt"]
+    monkeypatch.undo()
+    assert [r["step"] for r in training.train(tiny_config(data_dir, tmp_path, max_steps=4, val_every=3,
+                                                          checkpoint_every=0, resume="latest"))] == [4]

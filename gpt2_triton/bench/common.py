@@ -25,6 +25,8 @@ from typing import Optional
 
 import torch
 
+from gpt2_triton.devices import cuda_gpu
+
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 RESULTS_ROOT = Path("bench") / "results"  # under the current folder: bench/results/<device>/
 WARMUP_MS = 25  # every case runs this long before it is timed (do_bench's default warm-up, also on CPU)
@@ -316,9 +318,8 @@ def check_rows(rows, peak_flops=None) -> list[str]:
     provider's fwd or bwd alone (its p80 below their p20); TFLOP/s stay under the device's peak (`peak_flops`,
     default: the table's entry for this GPU). Each row's failures go to its `sanity`; returns them all as
     "case | mode | provider: what is wrong"."""
-    from gpt2_triton.training.metrics import device_peak_flops
-
-    peak = peak_flops or (device_peak_flops("cuda") if has_cuda() else None)
+    gpu = cuda_gpu()
+    peak = peak_flops or (gpu.bf16_flops if gpu else None)
     measured = {(r.case, r.provider, r.mode): r for r in rows if r.median_ms is not None}
     problems = []
     for r in measured.values():

@@ -7,19 +7,16 @@ import torch
 import torch.nn.functional as F
 
 from gpt2_triton.bench.common import has_cuda, kernel_providers, measure, run_modes
+from gpt2_triton.devices import cuda_gpu
 from gpt2_triton.kernels.norm import layer_norm
 
 MODES = ("fwd", "bwd", "fwd+bwd")
-# HBM bandwidth, bytes/s, matched on the device name (override: none needed, the ratio is a guide)
-BANDWIDTH = {"H200": 4.8e12, "H100 PCIe": 2.0e12, "H100": 3.35e12, "A100": 2.0e12, "L4": 0.3e12,
-             "A10G": 0.6e12, "4090": 1.0e12}
 
 
 def device_bandwidth():
-    if not has_cuda():
-        return None
-    name = torch.cuda.get_device_name()
-    return next((bw for key, bw in BANDWIDTH.items() if key in name), None)
+    """HBM bytes/s of the current GPU (gpt2_triton.devices), None on CPU or an unknown GPU."""
+    gpu = cuda_gpu()
+    return gpu.hbm_bytes_per_s if gpu else None
 
 
 def eager(x, w, b):

@@ -22,6 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
+from gpt2_triton.kernels.autotune import autotuned, bucket
 from gpt2_triton.kernels.utils import (
     autocast_disabled,
     autocast_dtype,
@@ -29,7 +30,6 @@ from gpt2_triton.kernels.utils import (
     check_device,
     check_float,
     check_same_dtype,
-    is_interpreter,
     split_heads,
 )
 
@@ -456,52 +456,6 @@ def _bwd_dq_tiles(head_dim: int, dtype: torch.dtype) -> list:
     return [(64, 32, 8, 2), (128, 32, 8, 2), (64, 64, 8, 2), (64, 16, 4, 2)]
 
 
-def _config(tile) -> triton.Config:
-    block_m, block_n, num_warps, num_stages = tile
-    return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=num_warps, num_stages=num_stages)
-
-
-def _tile(config: triton.Config) -> tuple:
-    return config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.num_warps, config.num_stages
-
-
-def _autotune_configs(tiles, interpreter_tile) -> list:
-    """Under the interpreter: one small config (CPU tests stay fast; the autotuner then runs it
-    without benchmarking). On GPU: every candidate of every head dim and dtype; early_config_prune
-    (_keep_candidates) narrows them to the launch's."""
-    if is_interpreter():
-        return [_config(interpreter_tile)]
-    candidates = dict.fromkeys(t for d in SUPPORTED_HEAD_DIMS for dt in (torch.float16, torch.float32)
-                               for t in tiles(d, dt))
-    return [_config(t) for t in candidates]
-
-
-def _flash_attention_fwd_configs() -> list:
-    return _autotune_configs(_fwd_tiles, (32, 16, 4, 1))
-
-
-def _flash_attention_bwd_dkdv_configs() -> list:
-    return _autotune_configs(_bwd_dkdv_tiles, (16, 32, 4, 1))
-
-
-def _flash_attention_bwd_dq_configs() -> list:
-    return _autotune_configs(_bwd_dq_tiles, (32, 16, 4, 1))
-
-
-def _keep_candidates(tiles):
-    """early_config_prune: keep the configs that `tiles` lists for the launch's HEAD_DIM and dtype."""
-    def prune(configs, named_args, **kwargs):
-        args = {**named_args, **kwargs}
-        by_tile = {_tile(c): c for c in configs}
-        return [by_tile[t] for t in tiles(args["HEAD_DIM"], args["q_ptr"].dtype)]
-    return prune
-
-
-def _t_bucket(T: int) -> int:
-    """The autotuner's view of T: generation with a growing T retunes once per power of two."""
-    return triton.next_power_of_2(T)
-
-
 def _even_t(T: int) -> bool:
     """T is a multiple of every tile (TILE_MULTIPLE): the kernels then mask no load or store."""
     return T % TILE_MULTIPLE.value == 0
@@ -544,21 +498,21 @@ def _ensure_scratch_allocator(device: torch.device) -> None:
 
 # Triton's autotuner adds every tensor argument's dtype to the key. Benchmarking re-runs a kernel on
 # the same arguments: each one overwrites all of its outputs (plain stores, no accumulation into
-# global memory, no atomics; the dQ kernel rewrites its row statistics with the same values), so nothing needs
-# reset_to_zero / restore_value.
+# global memory, no atomics; the dQ kernel rewrites its row statistics with the same values), so nothing
+# needs reset_to_zero / restore_value.
 _AUTOTUNE_KEY = ["T_BUCKET", "HEAD_DIM", "CAUSAL", "EVEN_T"]  # USE_TMA follows the dtype
-_flash_attention_fwd = triton.autotune(
-    configs=_flash_attention_fwd_configs(), key=_AUTOTUNE_KEY,
-    prune_configs_by={"early_config_prune": _keep_candidates(_fwd_tiles)},
-)(_flash_attention_fwd_kernel)
-_flash_attention_bwd_dq = triton.autotune(
-    configs=_flash_attention_bwd_dq_configs(), key=_AUTOTUNE_KEY,
-    prune_configs_by={"early_config_prune": _keep_candidates(_bwd_dq_tiles)},
-)(_flash_attention_bwd_dq_kernel)
-_flash_attention_bwd_dkdv = triton.autotune(
-    configs=_flash_attention_bwd_dkdv_configs(), key=_AUTOTUNE_KEY,
-    prune_configs_by={"early_config_prune": _keep_candidates(_bwd_dkdv_tiles)},
-)(_flash_attention_bwd_dkdv_kernel)
+_VARIANTS = [(d, dt) for d in SUPPORTED_HEAD_DIMS for dt in (torch.float16, torch.float32)]  # bf16 tiles = fp16's
+
+
+def _autotuned(kernel, tiles, interpreter_tile):
+    return autotuned(kernel, names=("BLOCK_M", "BLOCK_N"), candidates=tiles, key=_AUTOTUNE_KEY,
+                     variants=_VARIANTS, variant_of=lambda args: (args["HEAD_DIM"], args["q_ptr"].dtype),
+                     interpreter_tile=interpreter_tile)
+
+
+_flash_attention_fwd = _autotuned(_flash_attention_fwd_kernel, _fwd_tiles, (32, 16, 4, 1))
+_flash_attention_bwd_dq = _autotuned(_flash_attention_bwd_dq_kernel, _bwd_dq_tiles, (32, 16, 4, 1))
+_flash_attention_bwd_dkdv = _autotuned(_flash_attention_bwd_dkdv_kernel, _bwd_dkdv_tiles, (16, 32, 4, 1))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -605,9 +559,13 @@ def _check_causal(op: str, causal) -> None:
         raise TypeError(f"{op}: causal must be a bool; got {type(causal).__name__}")
 
 
+def _default_scale(scale: Optional[float], head_dim: int) -> float:
+    return 1.0 / math.sqrt(head_dim) if scale is None else scale
+
+
 def _resolve_scale(op: str, scale, head_dim: int) -> float:
     if scale is None:
-        return 1.0 / math.sqrt(head_dim)
+        return _default_scale(scale, head_dim)
     if isinstance(scale, bool) or not isinstance(scale, (int, float)):
         raise TypeError(f"{op}: scale must be a float or None; got {type(scale).__name__}")
     if not math.isfinite(scale):
@@ -647,7 +605,7 @@ def _fwd_into(q, k, v, o, lse, causal: bool, scale: float) -> None:
     _flash_attention_fwd[grid](
         q, k, v, o, lse,
         *q.stride(), *k.stride(), *v.stride(), *o.stride(),
-        H, T, _t_bucket(T), scale * LOG2E.value,
+        H, T, bucket(T), scale * LOG2E.value,
         HEAD_DIM=D, CAUSAL=causal, EVEN_T=_even_t(T), USE_TMA=use_tma, INPUT_PRECISION=_input_precision(q.dtype))
 
 
@@ -667,18 +625,19 @@ def _bwd_into(do, q, k, v, o, lse, dq, dk, dv, causal: bool, scale: float) -> No
     _flash_attention_bwd_dq[grid_dq](
         q, k, v, o, do, lse, stats, dq,
         *q.stride(), *k.stride(), *v.stride(), *o.stride(), *do.stride(), *dq.stride(),
-        stride_s, H, T, _t_bucket(T), scale, scale * LOG2E.value,
+        stride_s, H, T, bucket(T), scale, scale * LOG2E.value,
         HEAD_DIM=D, CAUSAL=causal, EVEN_T=even_t, USE_TMA=use_tma, INPUT_PRECISION=precision)
     grid_dkdv = lambda meta: (triton.cdiv(T, meta["BLOCK_N"]), B * H)  # noqa: E731  one program per key tile
     _flash_attention_bwd_dkdv[grid_dkdv](
         q, k, v, do, stats, dk, dv,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
-        stride_s, H, T, _t_bucket(T), scale, scale * LOG2E.value,
+        stride_s, H, T, bucket(T), scale, scale * LOG2E.value,
         HEAD_DIM=D, CAUSAL=causal, EVEN_T=even_t, USE_TMA=use_tma, INPUT_PRECISION=precision)
 
 
 # ----------------------------------------------------------------------------------------------
-# Launchers (registered custom ops: torch.compile calls them without graph breaks)
+# Launchers (registered custom ops: torch.compile calls them without graph breaks). Private: they
+# assume input the public ops below have checked.
 # ----------------------------------------------------------------------------------------------
 @torch.library.custom_op("gpt2_triton::flash_attention_fwd", mutates_args=())
 def flash_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True,
@@ -689,10 +648,8 @@ def flash_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causa
     Returns o (B, H, T, D) in q's dtype (a transposed view of a fresh (B, T, H, D) buffer) and
     lse (B, H, T) fp32, the natural-log logsumexp of each row of scale * q @ k^T (masked if causal).
     """
-    op = "flash_attention_fwd"
-    _check_inputs(op, q, k, v)
     B, H, T, D = q.shape
-    scale = _resolve_scale(op, scale, D)
+    scale = _default_scale(scale, D)
     o = _empty_bhtd(B, H, T, D, q)
     lse = torch.empty((B, H, T), dtype=torch.float32, device=q.device)
     _fwd_into(q, k, v, o, lse, causal, scale)
@@ -705,17 +662,6 @@ def _flash_attention_fwd_fake(q, k, v, causal=True, scale=None):
     return _empty_bhtd(B, H, T, D, q), q.new_empty((B, H, T), dtype=torch.float32)
 
 
-def _check_bwd(op: str, do, o, lse, like: torch.Tensor, B: int, H: int, T: int) -> None:
-    check_float(op, "do", do)
-    check_float(op, "o", o)
-    check_device(op, like=like, do=do, o=o, lse=lse)
-    if do.shape != like.shape or o.shape != like.shape:
-        raise ValueError(f"{op}: do and the forward output must have shape {tuple(like.shape)}; "
-                         f"got do {tuple(do.shape)}, output {tuple(o.shape)}")
-    if lse.shape != (B, H, T) or lse.dtype != torch.float32:
-        raise ValueError(f"{op}: lse must be fp32 of shape {(B, H, T)}; got {lse.dtype} {tuple(lse.shape)}")
-
-
 @torch.library.custom_op("gpt2_triton::flash_attention_bwd", mutates_args=())
 def flash_attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                         o: torch.Tensor, lse: torch.Tensor, causal: bool = True,
@@ -726,11 +672,8 @@ def flash_attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: t
     do, q, k, v, o: (B, H, T, D), any strides (do and o are cast to q's dtype if they differ);
     lse: (B, H, T) fp32 from flash_attention_fwd. Returns dq, dk, dv (B, H, T, D) in q's dtype.
     """
-    op = "flash_attention_bwd"
-    _check_inputs(op, q, k, v)
     B, H, T, D = q.shape
-    _check_bwd(op, do, o, lse, q, B, H, T)
-    scale = _resolve_scale(op, scale, D)
+    scale = _default_scale(scale, D)
     dq, dk, dv = (_empty_bhtd(B, H, T, D, q) for _ in range(3))
     _bwd_into(do.to(q.dtype), q, k, v, o.to(q.dtype), lse.contiguous(), dq, dk, dv, causal, scale)
     return dq, dk, dv
@@ -751,11 +694,9 @@ def flash_attention_qkv_fwd(qkv: torch.Tensor, n_head: int, causal: bool = True,
     strides. Returns y (B, T, C) contiguous in qkv's dtype (heads side by side, as c_proj takes it)
     and lse (B, n_head, T) fp32 (natural log).
     """
-    op = "flash_attention_qkv_fwd"
-    _check_qkv(op, qkv, n_head)
     B, T, C3 = qkv.shape
     q, k, v = split_heads(qkv, n_head)
-    scale = _resolve_scale(op, scale, q.shape[-1])
+    scale = _default_scale(scale, q.shape[-1])
     y = qkv.new_empty((B, T, C3 // 3))
     lse = torch.empty((B, n_head, T), dtype=torch.float32, device=qkv.device)
     _fwd_into(q, k, v, _heads_view(y, n_head), lse, causal, scale)
@@ -777,12 +718,9 @@ def flash_attention_qkv_bwd(dy: torch.Tensor, qkv: torch.Tensor, y: torch.Tensor
     (B, T, 3C) contiguous in qkv's dtype, written by the kernels in place: dq | dk | dv along the
     last dim, heads side by side, exactly qkv's layout (no concatenation follows).
     """
-    op = "flash_attention_qkv_bwd"
-    _check_qkv(op, qkv, n_head)
     B, T, C3 = qkv.shape
-    _check_bwd(op, dy, y, lse, qkv[..., :C3 // 3], B, n_head, T)
     q, k, v = split_heads(qkv, n_head)
-    scale = _resolve_scale(op, scale, q.shape[-1])
+    scale = _default_scale(scale, q.shape[-1])
     dqkv = qkv.new_empty((B, T, C3))
     dq, dk, dv = split_heads(dqkv, n_head)
     do = _heads_view(dy.to(qkv.dtype), n_head)
@@ -840,7 +778,7 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: b
     """
     op = "flash_attention"
     for name, t in (("q", q), ("k", k), ("v", v)):
-        check_float(op, name, t)
+        check_float(op, name, t)  # before the autocast cast reads .device and .dtype
     device_type = q.device.type
     q, k, v = cast_floats(autocast_dtype(device_type), q, k, v)
     _check_inputs(op, q, k, v)

@@ -38,6 +38,7 @@ import torch
 import triton
 import triton.language as tl
 
+from gpt2_triton.kernels.autotune import autotuned, bucket
 from gpt2_triton.kernels.utils import (
     autocast_disabled,
     autocast_dtype,
@@ -327,33 +328,11 @@ def _lse_tiles(dtype: torch.dtype) -> list:
             (64, 128, 64, 4, 4)]
 
 
-def _lse_config(tile) -> triton.Config:
-    block_m, block_v, block_k, num_warps, num_stages = tile
-    return triton.Config({"BLOCK_M": block_m, "BLOCK_V": block_v, "BLOCK_K": block_k},
-                         num_warps=num_warps, num_stages=num_stages)
-
-
-def _linear_cross_entropy_lse_configs() -> list:
-    """Under the interpreter one small config (tl.dot needs 16); on GPU every candidate, narrowed to
-    the launch's dtype by _keep_lse_candidates."""
-    if is_interpreter():
-        return [_lse_config((16, 32, 16, 1, 1))]
-    tiles = dict.fromkeys(t for dt in (torch.float16, torch.float32) for t in _lse_tiles(dt))
-    return [_lse_config(t) for t in tiles]
-
-
-def _keep_lse_candidates(configs, named_args, **kwargs):
-    wanted = _lse_tiles(named_args["x_ptr"].dtype)
-    by_tile = {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_V"], c.kwargs["BLOCK_K"], c.num_warps, c.num_stages): c
-               for c in configs}
-    return [by_tile[t] for t in wanted if t in by_tile] or configs
-
-
 # Every launch overwrites all of its outputs (no accumulation), so benchmarking needs no reset.
-_linear_cross_entropy_lse = triton.autotune(
-    configs=_linear_cross_entropy_lse_configs(), key=["M_BUCKET", "C", "num_classes"],
-    prune_configs_by={"early_config_prune": _keep_lse_candidates},
-)(_linear_cross_entropy_lse_kernel)
+_linear_cross_entropy_lse = autotuned(
+    _linear_cross_entropy_lse_kernel, names=("BLOCK_M", "BLOCK_V", "BLOCK_K"), candidates=_lse_tiles,
+    key=["M_BUCKET", "C", "num_classes"], variants=[(torch.float16,), (torch.float32,)],
+    variant_of=lambda args: (args["x_ptr"].dtype,), interpreter_tile=(16, 32, 16, 1, 1))  # tl.dot needs 16
 
 
 def _lse_splits(num_rows: int, num_classes: int) -> int:
@@ -370,7 +349,7 @@ def _linear_cross_entropy_rows(x, weight, targets, ignore_index, num_classes):
     if num_rows > 0:
         grid = lambda meta: (triton.cdiv(num_rows, meta["BLOCK_M"]), splits)  # noqa: E731
         _linear_cross_entropy_lse[grid](
-            x, weight, targets, part, num_rows, hidden, num_classes, triton.next_power_of_2(num_rows),
+            x, weight, targets, part, num_rows, hidden, num_classes, bucket(num_rows),
             x.stride(0), weight.stride(0),
             INPUT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32")
     row_max = part[..., 0].amax(dim=0)  # (M,)

@@ -8,8 +8,11 @@ One matmul kernel serves every product (forward and backward); what differs is t
     EPI_GELU_GRAD  out = (a @ b) * gelu'(pre), pre loaded; optionally also store gelu(pre)
 
 The weight-grad products (small outputs, K = B·T) split K over several programs on a GPU (fp32
-partials summed in a fixed order: no atomics); MATMUL_BACKENDS can route each epilogue-free product
-to cuBLAS instead.
+partials summed in a fixed order: no atomics).
+
+`linear_gelu(x, weight, bias)` is the first half alone, gelu_tanh(x @ weight.T + bias): a drop-in for
+`F.gelu(F.linear(x, w, b), approximate="tanh")` in models whose MLP goes on differently after the
+activation (BERT's intermediate layer, a ViT MLP with other layers in between).
 
 Dtypes and autocast: without autocast the parameters share one dtype, x's or fp32 with fp16/bf16 x.
 Under autocast the public ops cast x to the autocast dtype themselves (autocast cannot see custom
@@ -25,6 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
+from gpt2_triton.kernels.autotune import autotuned, bucket, candidates_of
 from gpt2_triton.kernels.utils import (
     autocast_disabled,
     autocast_dtype,
@@ -217,37 +221,22 @@ def _matmul_kernel(
                   cols_left, stride_outm, stride_outn, HAS_BIAS, EPILOGUE, STORE_AUX)
 
 
-def _matmul_configs():
-    """One small config under the interpreter; Hopper tiles on GPU (autotuned), all with 4 or 8 warps so
-    every bf16/fp16 dot lowers to wgmma on sm_90 (2-warp programs fall back to mma.sync).
-
-    Configs whose shared memory does not fit (the large tiles with fp32 inputs) are skipped by the
-    autotuner.
-    """
-    if is_interpreter():
-        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 2})]
-    tiles = [  # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)
-        (128, 256, 64, 8, 3),
-        (128, 128, 64, 8, 4),
-        (128, 128, 64, 8, 3),
-        (64, 256, 32, 4, 4),
-        (128, 128, 32, 4, 4),
-        (128, 64, 32, 4, 4),
-        (64, 128, 32, 4, 4),
-        (128, 32, 32, 4, 4),
-        (64, 64, 32, 4, 5),
-        (64, 32, 32, 4, 5),
-    ]
-    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8},
-                          num_warps=w, num_stages=s) for bm, bn, bk, w, s in tiles]
+def _matmul_tiles() -> list:
+    """Hopper tiles (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages), all with 4 or 8 warps so every
+    bf16/fp16 dot lowers to wgmma on sm_90 (2-warp programs fall back to mma.sync). Configs whose shared
+    memory does not fit (the large tiles with fp32 inputs) are skipped by the autotuner."""
+    return [(128, 256, 64, 8, 3), (128, 128, 64, 8, 4), (128, 128, 64, 8, 3), (64, 256, 32, 4, 4),
+            (128, 128, 32, 4, 4), (128, 64, 32, 4, 4), (64, 128, 32, 4, 4), (128, 32, 32, 4, 4),
+            (64, 64, 32, 4, 5), (64, 32, 32, 4, 5)]
 
 
 # Keyed on M and K rounded up to powers of two (M_BUCKET, K_BUCKET): evaluation and generation, whose M
 # changes with every batch, tune once per bucket instead of once per length.
-_matmul = triton.autotune(
-    configs=_matmul_configs(),
+_matmul = autotuned(
+    _matmul_kernel, names=("BLOCK_M", "BLOCK_N", "BLOCK_K"), candidates=_matmul_tiles,
     key=["M_BUCKET", "N", "K_BUCKET", "EPILOGUE", "HAS_BIAS", "STORE_AUX", "EVEN_K", "SPLIT_K"],
-)(_matmul_kernel)
+    interpreter_tile=(32, 64, 32, 4, 3), extra={"GROUP_M": 8})
+_MATMUL_CANDIDATES = candidates_of(_matmul)
 
 
 @triton.jit
@@ -273,7 +262,7 @@ def _gelu_bwd_kernel(
 @functools.cache
 def _max_blocks(interpreter: bool) -> dict:
     """Largest BLOCK_M / BLOCK_N / BLOCK_K among the configs the autotuner may pick."""
-    configs = _matmul_configs()
+    configs = _MATMUL_CANDIDATES.configs()
     return {name: max(cfg.kwargs[name] for cfg in configs) for name in ("BLOCK_M", "BLOCK_N", "BLOCK_K")}
 
 
@@ -316,7 +305,7 @@ def _launch_matmul(a, b, out, bias=None, epilogue=EPI_NONE, aux_in=None, aux_out
     _matmul[grid](
         a, b, target, bias, aux_in, aux_out,
         M, N, K, k_split,
-        triton.next_power_of_2(M), triton.next_power_of_2(max(K, 1)),
+        bucket(M), bucket(K),
         a.stride(0), a.stride(1), b.stride(0), b.stride(1),
         target.stride(-2), target.stride(-1),
         HAS_BIAS=bias is not None, EPILOGUE=epilogue.value, STORE_AUX=aux_out is not None,
@@ -331,19 +320,9 @@ def _launch_matmul(a, b, out, bias=None, epilogue=EPI_NONE, aux_in=None, aux_out
     return out
 
 
-# Which implementation runs each epilogue-free product of the MLP; the products with a GELU or
-# GELU-gradient epilogue always run the Triton kernel. "torch" is cuBLAS through torch.matmul in the
-# activation dtype (the result rounded to that dtype before any cast to the parameters' dtype, as
-# nn.Linear under autocast does). Chosen without a GPU, from the launch shapes at GPT-2 124M size
-# (M = B·T = 16384, C = 768, H = 3072) against an H100's 132 SMs:
-#   "c_proj" y = h @ W_proj.T (M x C, K = H) and "dx" dx = d(pre) @ W_fc (M x C, K = H): 768 tiles of
-#       128x128, 5.8 waves: Triton.
-#   "dweight" dW_fc = d(pre).T @ x (H x C, K = M), dW_proj = dy.T @ h (C x H, K = M): 144 tiles, 1.09
-#       waves without split-K; Triton with split-K (_split_k: 4 splits, 576 programs, 4.4 waves).
-# Flip an entry after timing both on a GPU (`python -m gpt2_triton.bench gelu_mlp`).
-MATMUL_BACKENDS = {"c_proj": "triton", "dx": "triton", "dweight": "triton"}
-
-
+# The weight-grad products dW_fc = d(pre).T @ x (H x C, K = M) and dW_proj = dy.T @ h (C x H, K = M) make
+# 144 tiles of 128x128 at GPT-2 124M size (M = B·T = 16384, C = 768, H = 3072): 1.09 waves on an H100's
+# 132 SMs. They split K (_split_k: 4 splits, 576 programs, 4.4 waves); the other products have enough tiles.
 def _split_k(M: int, N: int, K: int, num_sms: int) -> int:
     """K splits (1, 2, 4 or 8) for an (M, N) output with a long K, from a simple time model: waves of
     128x128 tiles (num_sms at a time), each 2·128·128·K/S FLOPs, plus the fp32 partials written and read
@@ -357,17 +336,11 @@ def _split_k(M: int, N: int, K: int, num_sms: int) -> int:
     return min((1, 2, 4, 8), key=cost)
 
 
-def _product(name, a, b, out, bias=None):
-    """out <- a @ b (+ bias) for the epilogue-free product `name` of MATMUL_BACKENDS."""
-    backend = MATMUL_BACKENDS[name]
-    if backend == "torch":
-        res = a @ b if bias is None else torch.addmm(bias.to(a.dtype), a, b)
-        return out.copy_(res)
-    if backend != "triton":
-        raise ValueError(f"MATMUL_BACKENDS[{name!r}] must be 'triton' or 'torch'; got {backend!r}")
-    num_sms = sm_count(a.device) if name == "dweight" else None
+def _weight_grad(a, b, out):
+    """out <- a @ b for a weight gradient (K = the M rows of the batch), split over K on a GPU."""
+    num_sms = sm_count(a.device)
     split_k = _split_k(a.shape[0], b.shape[1], a.shape[1], num_sms) if num_sms else 1
-    return _launch_matmul(a, b, out, bias=bias, split_k=split_k)
+    return _launch_matmul(a, b, out, split_k=split_k)
 
 
 def _gelu_bwd(dout, pre):
@@ -390,28 +363,6 @@ def _bias_grad(grad, like):
     return grad.sum(0, dtype=torch.float32).to(like.dtype)
 
 
-@torch.library.custom_op("gpt2_triton::fused_matmul", mutates_args=())
-def fused_matmul(a: torch.Tensor, b: torch.Tensor, bias: Optional[torch.Tensor] = None,
-                 apply_gelu: bool = False) -> torch.Tensor:
-    """a (M, K) @ b (K, N) (+ bias (N,)), then tanh-GELU if apply_gelu -> (M, N) in a's dtype.
-
-    a and b share one float dtype and may have any strides (transposed views need no copy).
-    """
-    if a.dim() != 2 or b.dim() != 2 or a.shape[1] != b.shape[0]:
-        raise ValueError(f"fused_matmul: need a (M, K) and b (K, N); got {tuple(a.shape)} and {tuple(b.shape)}")
-    if bias is not None and tuple(bias.shape) != (b.shape[1],):
-        raise ValueError(f"fused_matmul: bias must have shape ({b.shape[1]},); got {tuple(bias.shape)}")
-    if a.dtype != b.dtype:
-        raise TypeError(f"fused_matmul: a and b must share one dtype; got {a.dtype} and {b.dtype}")
-    out = torch.empty((a.shape[0], b.shape[1]), dtype=a.dtype, device=a.device)
-    return _launch_matmul(a, b, out, bias=bias, epilogue=EPI_GELU if apply_gelu else EPI_NONE)
-
-
-@fused_matmul.register_fake
-def _(a, b, bias=None, apply_gelu=False):
-    return a.new_empty((a.shape[0], b.shape[1]))
-
-
 @torch.library.custom_op("gpt2_triton::gelu_mlp_fwd", mutates_args=())
 def gelu_mlp_fwd(x2d: torch.Tensor, fc_weight: torch.Tensor, fc_bias: Optional[torch.Tensor],
                  proj_weight: torch.Tensor, proj_bias: Optional[torch.Tensor],
@@ -431,7 +382,7 @@ def gelu_mlp_fwd(x2d: torch.Tensor, fc_weight: torch.Tensor, fc_bias: Optional[t
         _launch_matmul(x2d, fc_weight.to(dtype).t(), h, bias=fc_bias, epilogue=EPI_GELU,
                        aux_out=pre if save_pre else None)
         y = torch.empty((M, C), dtype=dtype, device=x2d.device)
-        _product("c_proj", h, proj_weight.to(dtype).t(), y, bias=proj_bias)
+        _launch_matmul(h, proj_weight.to(dtype).t(), y, bias=proj_bias)
     return y, pre
 
 
@@ -459,11 +410,11 @@ def gelu_mlp_bwd(dy: torch.Tensor, x2d: torch.Tensor, pre: torch.Tensor, fc_weig
         h = torch.empty((M, H), dtype=dtype, device=x2d.device)
         _launch_matmul(dy, proj_weight.to(dtype), dpre, epilogue=EPI_GELU_GRAD, aux_in=pre, aux_out=h)
         dproj_w = torch.empty((C, H), dtype=proj_weight.dtype, device=x2d.device)
-        _product("dweight", dy.t(), h, dproj_w)  # (C, M) @ (M, H)
+        _weight_grad(dy.t(), h, dproj_w)  # (C, M) @ (M, H)
         dfc_w = torch.empty((H, C), dtype=fc_weight.dtype, device=x2d.device)
-        _product("dweight", dpre.t(), x2d, dfc_w)  # (H, M) @ (M, C)
+        _weight_grad(dpre.t(), x2d, dfc_w)  # (H, M) @ (M, C)
         dx = torch.empty((M, C), dtype=dtype, device=x2d.device)
-        _product("dx", dpre, fc_weight.to(dtype), dx)  # (M, H) @ (H, C)
+        _launch_matmul(dpre, fc_weight.to(dtype), dx)  # (M, H) @ (H, C)
         return dx, dfc_w, _bias_grad(dpre, fc_weight), dproj_w, _bias_grad(dy, proj_weight)
 
 
@@ -506,9 +457,9 @@ def linear_gelu_bwd(dout: torch.Tensor, x2d: torch.Tensor, pre: torch.Tensor,
     with autocast_disabled(x2d.device.type):
         dpre = _gelu_bwd(dout.to(dtype), pre)  # (M, N)
         dw = torch.empty(weight.shape, dtype=weight.dtype, device=x2d.device)
-        _product("dweight", dpre.t(), x2d, dw)  # (N, M) @ (M, K)
+        _weight_grad(dpre.t(), x2d, dw)  # (N, M) @ (M, K)
         dx = torch.empty(x2d.shape, dtype=dtype, device=x2d.device)
-        _product("dx", dpre, weight.to(dtype), dx)  # (M, N) @ (N, K)
+        _launch_matmul(dpre, weight.to(dtype), dx)  # (M, N) @ (N, K)
         return dx, dw, _bias_grad(dpre, weight)
 
 

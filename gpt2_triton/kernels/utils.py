@@ -1,5 +1,5 @@
-"""Shared helpers for the kernels: interpreter detection, input checks and the autocast policy.
-Nothing probes the GPU here.
+"""Shared helpers for the kernels: the target machine, input checks and the autocast policy.
+Nothing probes the GPU at import.
 
 Autocast policy of the public ops (one rule, applied by each op itself, so every caller gets it):
 custom kernels are invisible to autocast, so each public op asks `autocast_dtype(device_type)` and
@@ -16,6 +16,7 @@ The launchers then run with autocast off (`autocast_disabled`), so the few torch
 import contextlib
 import functools
 import os
+from dataclasses import dataclass, replace
 from typing import Optional
 
 import torch
@@ -23,9 +24,54 @@ import torch
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
+@dataclass(frozen=True)
+class Target:
+    """What the launchers assume about the machine they launch on. Every launcher and check reads it
+    through `target()` (or the functions below that do); `override_target(...)` replaces it for a block,
+    e.g. the static profile sizing an H100's grids on fake CPU tensors. None means: ask the tensor's
+    device (its type, its SM count, which fp32-output matmuls its torch has)."""
+    interpreter: bool  # kernels run on the CPU through Triton's interpreter (TRITON_INTERPRET=1)
+    device_type: Optional[str] = None  # "cuda": every tensor stands for a CUDA tensor
+    sm_count: Optional[int] = None
+    fp32_out_matmul_kind: Optional[str] = None  # "addmm" | "mm" | "upcast"
+
+
+_override: Optional[Target] = None
+
+
+def target() -> Target:
+    """The override in force, else this process's machine (the interpreter from TRITON_INTERPRET)."""
+    if _override is not None:
+        return _override
+    return Target(interpreter=os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"))
+
+
+@contextlib.contextmanager
+def override_target(**fields):
+    """`with override_target(interpreter=False, device_type="cuda", sm_count=132, ...):` the launchers
+    and checks see that machine inside the block (process-wide, autograd's threads included)."""
+    global _override
+    previous = _override
+    _override = replace(target(), **fields)
+    try:
+        yield _override
+    finally:
+        _override = previous
+
+
 def is_interpreter() -> bool:
-    """True when Triton runs kernels on the CPU through its interpreter (TRITON_INTERPRET=1)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    """True when Triton runs kernels on the CPU through its interpreter."""
+    return target().interpreter
+
+
+def device_type(device: torch.device) -> str:
+    """The device type the launchers treat `device` as (the target's, where it names one)."""
+    return target().device_type or device.type
+
+
+def asserts_on_device(device: torch.device) -> bool:
+    """Checks of tensor values run as device-side asserts (no host sync) everywhere but on the CPU."""
+    return device_type(device) != "cpu"
 
 
 def check_float(op: str, name: str, t: torch.Tensor) -> None:
@@ -42,7 +88,7 @@ def check_device(op: str, **tensors: torch.Tensor) -> None:
         found = ", ".join(f"{n} on {d}" for n, d in devices.items())
         raise ValueError(f"{op}: all tensors must be on the same device; got {found}")
     device = next(iter(devices.values()))
-    if device.type == "cpu" and not is_interpreter():
+    if device_type(device) == "cpu" and not is_interpreter():
         raise RuntimeError(
             f"{op}: Triton kernels need a CUDA tensor; on CPU set TRITON_INTERPRET=1 "
             "(before triton is imported) to run them through Triton's interpreter")
@@ -105,7 +151,9 @@ def _cuda_sm_count(device_index: int) -> int:
 def sm_count(device: torch.device) -> Optional[int]:
     """Streaming multiprocessors of a CUDA device (asked when a launcher sizes a grid, never at import);
     None for other devices (the interpreter on CPU)."""
-    if device.type != "cuda":
+    if target().sm_count is not None:
+        return target().sm_count
+    if device.type != "cuda" or is_interpreter():
         return None
     return _cuda_sm_count(device.index if device.index is not None else torch.cuda.current_device())
 
@@ -131,6 +179,8 @@ def fp32_out_matmul_kind(device: torch.device) -> str:
     'addmm' (torch.addmm(acc, a, b, out_dtype=float32, out=acc), recent torch on CUDA), 'mm'
     (torch.mm(a, b, out_dtype=float32) only) or 'upcast' (fp32 copies: CPU, whose torch has no
     aten::mm.dtype kernel). Found with a tiny call on the GPU the first time it is asked, never at import."""
+    if target().fp32_out_matmul_kind is not None:
+        return target().fp32_out_matmul_kind
     if device.type != "cuda":
         return "upcast"
     return _cuda_fp32_out_matmul_kind(device.index if device.index is not None else torch.cuda.current_device())

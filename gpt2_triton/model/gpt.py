@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
-from gpt2_triton.kernels.utils import autocast_dtype, merge_heads, split_heads
+from gpt2_triton.kernels.utils import asserts_on_device, autocast_dtype, merge_heads, split_heads
 from gpt2_triton.model.config import GPTConfig
 from gpt2_triton.model.ops import Ops, build_ops
 
@@ -256,11 +256,6 @@ class GPT(nn.Module):
     def new_kv_caches(self) -> list:
         """One empty KVCache per layer, holding up to block_size positions."""
         return [KVCache(self.config.block_size) for _ in self.transformer.h]
-
-
-def asserts_on_device(device: torch.device) -> bool:
-    """Checks of tensor values run as device-side asserts (no host sync) everywhere but on the CPU."""
-    return device.type != "cpu"
 
 
 def check_token_ids(ids, vocab_size: int, name: str, ignore_index=None) -> None:

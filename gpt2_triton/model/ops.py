@@ -9,11 +9,12 @@ import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import torch
 import torch.nn.functional as F
 
 from gpt2_triton import kernels as triton_kernels
 from gpt2_triton.kernels import reference
-from gpt2_triton.kernels.utils import merge_heads, split_heads
+from gpt2_triton.kernels.utils import is_interpreter, merge_heads, split_heads
 
 OP_NAMES = ("layer_norm", "attention", "gelu_mlp", "cross_entropy")
 IMPLS = ("torch", "triton")
@@ -80,6 +81,34 @@ def resolve_kernels(kernels="torch") -> dict:
             raise ValueError(f"kernels: op {op!r} must be 'torch' or 'triton'; got {impl!r}")
         choice[op] = impl
     return choice
+
+
+def triton_unusable(kernels, device_type: str) -> str | None:
+    """Why `kernels` cannot run on `device_type` ("cuda" or "cpu"), or None: Triton kernels on a CPU need
+    the interpreter, which must be chosen (TRITON_INTERPRET=1) before triton is first imported."""
+    triton_ops = [op for op, impl in resolve_kernels(kernels).items() if impl == "triton"]
+    if not triton_ops or device_type == "cuda" or is_interpreter():
+        return None
+    return (f"Triton kernels ({', '.join(triton_ops)}) need a CUDA GPU, and there is none. To run them on the CPU "
+            f"through Triton's interpreter (slow), set TRITON_INTERPRET=1; or use --kernels torch.")
+
+
+def device_problem(device: str, kernels="torch") -> str | None:
+    """Why a model with `kernels` cannot run on `device` (no such device, no CUDA, Triton on a CPU
+    without the interpreter), or None: for tools to say before they load anything."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        return f"--device {device}: not a device (cpu, cuda or cuda:N)"
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        return f"--device {device}: CUDA is not available on this machine; use --device cpu"
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        return f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)"
+    try:
+        problem = triton_unusable(kernels, dev.type)
+    except (ValueError, TypeError) as e:
+        return f"--kernels {kernels}: {e}"
+    return f"--kernels {kernels}: {problem}" if problem else None
 
 
 def _load_triton(op: str) -> dict:

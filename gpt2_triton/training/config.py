@@ -11,10 +11,10 @@ from pathlib import Path
 import torch
 
 from gpt2_triton import data as gpt2_data
-from gpt2_triton.kernels.utils import is_interpreter
+from gpt2_triton.atomic import folder_write_problem
 from gpt2_triton.model.config import PRESETS as MODEL_PRESETS
 from gpt2_triton.model.config import GPTConfig
-from gpt2_triton.model.ops import resolve_kernels
+from gpt2_triton.model.ops import resolve_kernels, triton_unusable
 from gpt2_triton.training.distributed import wants_cuda
 from gpt2_triton.training.errors import ConfigError
 
@@ -80,6 +80,8 @@ class TrainConfig:
                      choices=("auto", "bfloat16", "float32"))
     compile: bool | None = opt(None, "torch.compile the model; none: on CUDA, off on CPU")
     seed: int = opt(1337, "seed of the initial weights, the data order and the samples", ge=0)
+    dist_timeout: float = opt(300.0, "seconds a DDP process waits at a collective for the others before the run "
+                                     "stops (a frozen or dead rank)", gt=0, le=86400)
     # evaluation, logging, checkpoints (an interval of 0 turns it off; the last step always counts)
     val_every: int = opt(250, "validate every N steps (0: never)", ge=0)
     val_steps: int = opt(20, "micro-batches per validation", ge=1)
@@ -121,7 +123,7 @@ PRESETS = {
 MODEL_FIELDS = ("model", "block_size", "vocab_size", "n_layer", "n_head", "n_embd", "pad_vocab_to")
 # What a resumed run may change; every other field must equal the checkpoint's (the model's via its GPTConfig).
 RESUME_MAY_CHANGE = (
-    "max_steps", "lr_decay_steps", "kernels", "data_dir", "fused_adamw", "device", "dtype", "compile",
+    "max_steps", "lr_decay_steps", "kernels", "data_dir", "fused_adamw", "device", "dtype", "compile", "dist_timeout",
     "val_every", "val_steps", "hellaswag_every", "hellaswag", "hellaswag_limit", "sample_every", "sample_count",
     "sample_tokens", "checkpoint_every", "keep_checkpoints", "peak_flops", "plot", "log_every", "quiet",
 )
@@ -237,10 +239,13 @@ def check_config(cfg: TrainConfig) -> None:
     if not preparable and not (cfg.data_dir and cfg.data):  # with --data-dir: the name in its manifest
         raise ConfigError(f"--data must be pystdlib, fineweb-edu or text:PATH; got {cfg.data!r}")
     try:
-        resolve_kernels(cfg.kernels)
+        kernels = resolve_kernels(cfg.kernels)
         model_config = model_config_of(cfg)
     except (ValueError, TypeError) as e:
         raise ConfigError(str(e)) from None
+    problem = triton_unusable(kernels, "cuda" if wants_cuda(cfg.device) else "cpu")
+    if problem:  # fail here, not deep inside
+        raise ConfigError(f"--kernels {cfg.kernels}: {problem}")
     if cfg.seq_len > model_config.block_size:
         raise ConfigError(f"--seq-len {cfg.seq_len} exceeds the model's block size {model_config.block_size}")
     if cfg.resume and cfg.overwrite:
@@ -249,21 +254,12 @@ def check_config(cfg: TrainConfig) -> None:
         raise ConfigError(f"--resume {cfg.resume}: no such checkpoint file")
     if cfg.hellaswag and not Path(cfg.hellaswag).is_file():
         raise ConfigError(f"--hellaswag {cfg.hellaswag}: no such file")
-    for name in ("run_dir", "data_dir"):
-        folder = getattr(cfg, name)
-        if folder and Path(folder).exists() and not Path(folder).is_dir():
-            raise ConfigError(f"{flag_name(name)} {folder}: not a folder")
-
-
-def check_triton_usable(kernels: str, device_type: str) -> None:
-    """Triton kernels on a CPU need the interpreter: fail early and clearly instead of deep inside."""
-    choice = resolve_kernels(kernels)
-    triton_ops = [op for op, impl in choice.items() if impl == "triton"]
-    if triton_ops and device_type != "cuda" and not is_interpreter():
-        raise ConfigError(
-            f"--kernels {kernels}: Triton kernels ({', '.join(triton_ops)}) need a CUDA GPU, and there is none. "
-            f"To run them on the CPU through Triton's interpreter (slow), set TRITON_INTERPRET=1; "
-            f"or use --kernels torch.")
+    if cfg.run_dir and (problem := folder_write_problem(cfg.run_dir)):
+        raise ConfigError(f"--run-dir {cfg.run_dir}: {problem}")
+    if cfg.data_dir and Path(cfg.data_dir).exists() and not Path(cfg.data_dir).is_dir():
+        raise ConfigError(f"--data-dir {cfg.data_dir}: not a folder")
+    if cfg.data_dir and not Path(cfg.data_dir).exists() and (problem := folder_write_problem(cfg.data_dir)):
+        raise ConfigError(f"--data-dir {cfg.data_dir}: {problem}")  # an existing one may be read-only if prepared
 
 
 def resolve_config(cfg: TrainConfig, device: torch.device, world_size: int) -> TrainConfig:

@@ -1,6 +1,12 @@
-"""Processes: one, or one per torchrun rank (DDP), and the few collectives training needs."""
+"""Processes: one, or one per torchrun rank (DDP), and the few collectives training needs.
+
+Every collective of the training loop waits at most `timeout` seconds (`--dist-timeout`) for the other
+processes, so a rank that froze or died ends the run instead of hanging it: gloo raises on the waiting
+ranks, NCCL's watchdog ends them. Rank 0's setup (claiming the run folder, preparing data, which can
+take hours) is awaited through a gloo group without that bound."""
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -18,6 +24,7 @@ class DistContext:
     local_rank: int
     world_size: int
     device: torch.device
+    setup_group: object = field(default=None, compare=False)  # gloo, no short timeout: waits for rank 0's setup
 
     @property
     def is_main(self) -> bool:
@@ -28,8 +35,12 @@ class DistContext:
         return self.world_size > 1
 
 
-def setup_distributed(device: str) -> DistContext:
-    """Under torchrun (RANK set): init the process group (NCCL on GPU, gloo on CPU); else one process."""
+SETUP_TIMEOUT = timedelta(days=7)  # rank 0 may prepare a whole dataset while the others wait
+
+
+def setup_distributed(device: str, timeout: float = 300.0) -> DistContext:
+    """Under torchrun (RANK set): init the process group (NCCL on GPU, gloo on CPU) whose collectives give
+    up after `timeout` seconds, and a gloo group for waiting on rank 0's setup; else one process."""
     use_cuda = wants_cuda(device)
     if use_cuda and not torch.cuda.is_available():
         raise ConfigError(f"--device {device}: CUDA is not available on this machine")
@@ -38,8 +49,25 @@ def setup_distributed(device: str) -> DistContext:
     rank, local_rank, world_size = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
     if use_cuda:
         torch.cuda.set_device(local_rank)
-    dist.init_process_group(backend="nccl" if use_cuda else "gloo")
-    return DistContext(rank, local_rank, world_size, torch.device(f"cuda:{local_rank}" if use_cuda else "cpu"))
+    dist.init_process_group(backend="nccl" if use_cuda else "gloo", timeout=timedelta(seconds=timeout))
+    setup_group = dist.new_group(backend="gloo", timeout=SETUP_TIMEOUT)
+    return DistContext(rank, local_rank, world_size, torch.device(f"cuda:{local_rank}" if use_cuda else "cpu"),
+                       setup_group)
+
+
+def is_collective_failure(error: BaseException) -> bool:
+    """A collective that timed out or lost a peer: torch's DistError, or gloo's RuntimeError from its
+    transport ("Timed out waiting ...", "Connection closed by peer")."""
+    return isinstance(error, dist.DistError) or (isinstance(error, RuntimeError) and "gloo" in str(error))
+
+
+def broadcast(obj, ctx: DistContext):
+    """Rank 0's `obj` on every rank (through the setup group)."""
+    if not ctx.is_ddp:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0, group=ctx.setup_group)
+    return box[0]
 
 
 def all_reduce_mean(t: torch.Tensor, ctx: DistContext) -> torch.Tensor:
@@ -70,7 +98,7 @@ def on_rank0(ctx: DistContext, fn):
             error = e
     if ctx.is_ddp:
         box = [None if error is None else (isinstance(error, ConfigError), f"{type(error).__name__}: {error}")]
-        dist.broadcast_object_list(box, src=0)
+        dist.broadcast_object_list(box, src=0, group=ctx.setup_group)
         if not ctx.is_main and box[0] is not None:
             is_config, text = box[0]
             if is_config:

@@ -8,21 +8,7 @@ from pathlib import Path
 
 import torch
 
-# bf16 dense peak FLOP/s (no sparsity), matched in order on torch.cuda.get_device_name().
-PEAK_BF16_FLOPS = (
-    ("H200", 989.5e12),
-    ("H100 PCIe", 756e12),
-    ("H100", 989.5e12),  # SXM / HBM3
-    ("GH200", 989.5e12),
-    ("A100", 312e12),
-    ("A10G", 125e12),
-    ("A10", 125e12),
-    ("L40S", 362e12),
-    ("L4", 121e12),
-    ("RTX 4090", 165e12),
-    ("RTX 3090", 71e12),
-    ("V100", 125e12),  # fp16 tensor cores (no bf16)
-)
+from gpt2_triton.devices import cuda_gpu
 
 
 def cosine_lr(step: int, max_lr: float, min_lr: float, warmup_steps: int, decay_steps: int) -> float:
@@ -36,17 +22,15 @@ def cosine_lr(step: int, max_lr: float, min_lr: float, warmup_steps: int, decay_
 
 
 def device_peak_flops(device, override=None) -> float | None:
-    """Peak bf16 FLOP/s of one device: `override`, else the table entry; None on CPU/unknown GPUs."""
+    """Peak bf16 FLOP/s of one device: `override`, else the table entry (gpt2_triton.devices); None on
+    CPU/unknown GPUs."""
     if override:
         return float(override)
     device = torch.device(device)
     if device.type != "cuda":
         return None
-    name = torch.cuda.get_device_name(device)
-    for key, flops in PEAK_BF16_FLOPS:
-        if key in name:
-            return flops
-    return None
+    gpu = cuda_gpu(device)
+    return gpu.bf16_flops if gpu else None
 
 
 def mfu(flops_per_token: float, tokens_per_s: float, peak_flops: float | None, n_devices: int = 1):
@@ -94,12 +78,12 @@ def read_metrics(path, kind=None, superseded: bool = False) -> list[dict]:
 
     A "resume" record at step s means the steps after s that came before it were lost with their
     process and done again: those earlier records are left out unless `superseded`. Lines that are
-    not JSON (a kill mid-write) are skipped."""
+    not JSON (a kill mid-write, bytes that are not UTF-8) are skipped."""
     path = Path(path)
     if not path.is_file():
         return []
     rows = []
-    with open(path) as f:
+    with open(path, encoding="utf-8", errors="replace") as f:
         for line in f:
             try:
                 record = json.loads(line)

@@ -3,6 +3,7 @@ samples and checkpoints; Ctrl-C and SIGTERM save before stopping. `training_sess
 processes, the run folder and the data around it; `train(cfg)` is a whole run in this process."""
 import contextlib
 import gc
+import re
 import signal
 import sys
 import threading
@@ -17,10 +18,14 @@ from tqdm import tqdm
 
 from gpt2_triton import data as gpt2_data
 from gpt2_triton import hellaswag
+from gpt2_triton.atomic import OutOfSpaceError, sigterm_raises
 from gpt2_triton.checkpoint import (
+    CheckpointError,
     checkpoint_path,
     latest_checkpoint,
     load_checkpoint,
+    newest_verified_checkpoint,
+    one_line,
     prune_checkpoints,
     rng_state,
     run_artifacts,
@@ -35,7 +40,6 @@ from gpt2_triton.training.config import (
     RESUME_MAY_CHANGE,
     TrainConfig,
     check_config,
-    check_triton_usable,
     flag_name,
     model_config_of,
     resolve_config,
@@ -43,12 +47,13 @@ from gpt2_triton.training.config import (
 from gpt2_triton.training.distributed import (
     DistContext,
     all_reduce_mean,
+    broadcast,
     gather,
+    is_collective_failure,
     on_rank0,
     setup_distributed,
-    wants_cuda,
 )
-from gpt2_triton.training.errors import ConfigError, NonFiniteError
+from gpt2_triton.training.errors import ConfigError, NonFiniteError, RunError
 from gpt2_triton.training.metrics import (
     MetricsLog,
     cosine_lr,
@@ -58,7 +63,7 @@ from gpt2_triton.training.metrics import (
     plot_metrics,
 )
 from gpt2_triton.training.report import Report, header_lines, summary_lines
-from gpt2_triton.training.run_dir import claim_run_dir, resume_checkpoint
+from gpt2_triton.training.run_dir import claim_run_dir
 from gpt2_triton.training.step import autocast_context, train_step, weights_finite
 
 SAMPLE_PROMPT = "Hello, I'm a language model,"
@@ -78,7 +83,7 @@ class TrainingInterrupted(Exception):
 
 
 class Trainer:
-    def __init__(self, cfg: TrainConfig, ctx: DistContext):
+    def __init__(self, cfg: TrainConfig, ctx: DistContext, resume_from: Path | None = None):
         self.cfg, self.ctx, self.device = cfg, ctx, ctx.device
         self.report = Report(ctx.is_main, cfg.quiet, cfg.log_every)
         self.amp_dtype = {"bfloat16": torch.bfloat16, "float32": None}[cfg.dtype]
@@ -88,24 +93,30 @@ class Trainer:
         self.step = 0
         self.best_val_loss = self.last_val_loss = None
         self.resumed_from, self.resume_changes = None, {}
-        self.last_saved = None
+        self.last_saved = self.saved_step = None
         self.metrics = None
+        self.updating = self.saving = False  # in an optimizer update / in save(): an error then saves nothing
+        self.completed = None  # (step, loader state, RNG states) right after the last completed update
 
         torch.manual_seed(cfg.seed)
         self.model_config = model_config_of(cfg)
         self.raw_model = GPT(self.model_config, kernels=cfg.kernels).to(self.device)
         self.optimizer = self.raw_model.configure_optimizer(
             cfg.weight_decay, cfg.max_lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps, fused=cfg.fused_adamw)
+        self.optimizer.register_step_pre_hook(lambda *_: setattr(self, "updating", True))
+        self.optimizer.register_step_post_hook(self.update_done)
         data_dir, pin = Path(cfg.data_dir), self.device.type == "cuda"
         try:
+            self.data = gpt2_data.data_fingerprint(data_dir)
             self.train_loader = gpt2_data.DataLoader(data_dir, "train", cfg.micro_batch, cfg.seq_len, rank=ctx.rank,
                                                      world_size=ctx.world_size, seed=cfg.seed, pin_memory=pin)
-            self.val_loader = gpt2_data.DataLoader(data_dir, "val", cfg.micro_batch, cfg.seq_len, rank=ctx.rank,
-                                                   world_size=ctx.world_size, seed=cfg.seed, pin_memory=pin)
-        except (ValueError, FileNotFoundError) as e:
+            self.val_loader = None if not cfg.val_every else gpt2_data.DataLoader(  # no val split needed without
+                data_dir, "val", cfg.micro_batch, cfg.seq_len, rank=ctx.rank, world_size=ctx.world_size,
+                seed=cfg.seed, pin_memory=pin)
+        except (ValueError, OSError) as e:
             raise ConfigError(str(e)) from None
-        if cfg.resume:
-            self.restore(resume_checkpoint(cfg))
+        if resume_from is not None:
+            self.restore(resume_from)
         self.model = self.raw_model
         if cfg.compile:
             self.model = torch.compile(self.model)
@@ -154,6 +165,7 @@ class Trainer:
             "model_config": self.model_config.to_dict(),
             "train_config": asdict(self.cfg),
             "kernels": self.raw_model.kernels,
+            "data": self.data,  # the data fingerprint: a resume on other data is refused
             "best_val_loss": self.best_val_loss,
             "last_val_loss": self.last_val_loss,
         }
@@ -161,19 +173,64 @@ class Trainer:
     def save(self) -> Path | None:
         if not weights_finite(self.raw_model.parameters()):  # the step checks catch this first; never save bad weights
             raise NonFiniteError(f"step {self.step}: the weights are not finite; not saving them")
+        self.saving = True  # stays set if this save fails: it is not tried again after the error
         state = self.checkpoint_state()
         if state is None:
+            self.saving = False
             return None
-        path = save_checkpoint(checkpoint_path(self.run_dir, self.step), state)
-        prune_checkpoints(self.run_dir, self.cfg.keep_checkpoints)
-        self.last_saved = path
+        try:
+            path = save_checkpoint(checkpoint_path(self.run_dir, self.step), state)
+        except OutOfSpaceError as e:
+            raise RunError(f"step {self.step}: {e}; the previous checkpoints are intact") from None
+        prune_checkpoints(self.run_dir, self.cfg.keep_checkpoints)  # never the newest one that verifies
+        self.saving = False
+        self.last_saved, self.saved_step = path, self.step
         self.report.event(self.step, f"saved checkpoint {path}")
         return path
+
+    def update_done(self, *_):
+        """Optimizer post-step hook: what a save after a later error restores (see `saving_on_error`)."""
+        self.updating = False
+        if not self.ctx.is_ddp:  # under DDP an error ends every rank without a save
+            self.completed = (self.step + 1, self.train_loader.state_dict(), rng_state())
+
+    def save_last_completed(self) -> Path | None:
+        """After an error mid-step: save the last completed step (the loader and RNGs as they were right
+        after its update), unless it is saved already; None when that cannot be done safely (under DDP
+        the other ranks wait in a collective; during an update the weights are half-written; a failed
+        save is not retried)."""
+        if self.ctx.is_ddp or self.updating or self.saving or self.completed is None:
+            return None
+        step, loader, rng = self.completed
+        if step == self.saved_step:
+            return self.last_saved
+        self.step = step
+        self.train_loader.load_state_dict(loader)
+        set_rng_state(rng)
+        return self.save()
+
+    @contextlib.contextmanager
+    def saving_on_error(self):
+        """An error that ends the run mid-way saves the last completed step first, as SIGTERM does. Data
+        and disk errors then end the run in one line (RunError); anything else keeps its traceback."""
+        try:
+            yield
+        except (NonFiniteError, TrainingInterrupted):
+            raise
+        except Exception as e:
+            self.report.close()  # end the progress bar's line before the save and the error are printed
+            saved = self.save_last_completed()
+            note = (f"saved step {self.step} to {saved}; fix it and continue with --resume" if saved else
+                    f"last good checkpoint: {newest_verified_checkpoint(self.run_dir)}")
+            if isinstance(e, (RunError, gpt2_data.DataError, OSError)):
+                raise RunError(f"{e} ({note})") from None
+            print(f"error after step {self.step} ({note}):", file=sys.stderr, flush=True)
+            raise
 
     def restore(self, path: Path):
         try:
             state = load_checkpoint(path, map_location=self.device)
-        except (FileNotFoundError, RuntimeError) as e:
+        except (OSError, CheckpointError) as e:
             raise ConfigError(f"--resume: {e}") from None
         self.check_resumable(path, state)
         self.raw_model.load_state_dict(state["model"])
@@ -198,6 +255,13 @@ class Trainer:
             diff = {k: (v, model_now.get(k)) for k, v in state["model_config"].items() if v != model_now.get(k)}
             raise ConfigError(f"--resume: {path} holds another model: " +
                               ", ".join(f"{k} {a} (now {b})" for k, (a, b) in diff.items()))
+        if state.get("data", self.data)["fingerprint"] != self.data["fingerprint"]:
+            then, now = state["data"], self.data
+            raise ConfigError(
+                f"--resume: {path.name} was trained on other data than {self.cfg.data_dir} holds now (then: train "
+                f"{then['train']}, val {then['val']}; now: train {now['train']}, val {now['val']}; fingerprint "
+                f"{then['fingerprint']} vs {now['fingerprint']}). Resume on the data it was trained on (prepared "
+                f"with the same options), or start a new run")
         if state["world_size"] != self.ctx.world_size:
             raise ConfigError(f"--resume: {path} was written by {state['world_size']} processes; "
                               f"resume with the same number (now {self.ctx.world_size})")
@@ -329,7 +393,7 @@ class Trainer:
             try:
                 record = self.train_step()
             except NonFiniteError as e:
-                raise NonFiniteError(f"{e}; last good checkpoint: {latest_checkpoint(self.run_dir)}") from None
+                raise NonFiniteError(f"{e}; last good checkpoint: {newest_verified_checkpoint(self.run_dir)}") from None
             history.append(record)
             self.report.step(record)
             self.log("train", **record)
@@ -358,11 +422,14 @@ def prepare_data(cfg: TrainConfig) -> None:
     """(Rank 0.) Use the data folder as it is when it holds cfg.data's shards or llm.c-format shards;
     prepare cfg.data into it when it holds no complete dataset; never overwrite another dataset."""
     data_dir = Path(cfg.data_dir)
+    swept = gpt2_data.sweep_data_dir(data_dir)
+    if swept:
+        print(f"removed {len(swept)} staging folder(s)/temp file(s) left in {data_dir} by killed prepares", flush=True)
     try:
         found = gpt2_data.load_manifest(data_dir)["source"]
     except FileNotFoundError:
         found = None
-    except ValueError as e:
+    except (ValueError, OSError) as e:
         raise ConfigError(f"data folder {data_dir}: {e}") from None
     if found == gpt2_data.LLMC_SOURCE:
         print(f"data: llm.c-format shards in {data_dir} (no manifest.json)", flush=True)
@@ -372,7 +439,7 @@ def prepare_data(cfg: TrainConfig) -> None:
                           f"or another --data-dir for {cfg.data!r}")
     try:
         gpt2_data.ensure_prepared(cfg.data, data_dir)
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
+    except (ValueError, OSError, RuntimeError) as e:
         raise ConfigError(f"data {cfg.data}: {e}") from None
 
 
@@ -417,24 +484,38 @@ def train(cfg: TrainConfig) -> list[dict]:
     """A whole run in this process (or as one torchrun rank): check, set up processes, claim the run
     folder, prepare the data, build the Trainer and loop to max_steps; returns this run's per-step
     records. Raises ConfigError for bad settings, data or run folder (before anything is written),
-    NonFiniteError on NaN/inf, TrainingInterrupted after saving when a signal stopped the run."""
+    NonFiniteError on NaN/inf, RunError when bad data, a full disk or a stuck process ends the run
+    mid-way, TrainingInterrupted after saving when a signal stopped the run."""
     check_config(cfg)
-    check_triton_usable(cfg.kernels, "cuda" if wants_cuda(cfg.device) else "cpu")
-    ctx = setup_distributed(cfg.device)
-    lock = trainer = None
+    ctx = setup_distributed(cfg.device, cfg.dist_timeout)
+    lock = data_lock = trainer = None
     try:
         cfg = resolve_config(cfg, ctx.device, ctx.world_size)
-        lock = on_rank0(ctx, lambda: claim_run_dir(cfg))
-        if ctx.device.type == "cuda":
-            torch.set_float32_matmul_precision("high")
-        on_rank0(ctx, lambda: prepare_data(cfg))
-        trainer = Trainer(cfg, ctx)
-        trainer.begin()
-        with StopOnSignals(trainer, repeat_quits=not ctx.is_ddp):
+        with sigterm_raises():  # until the loop's own handlers: SIGTERM cleans up as Ctrl-C does
+            lock, resume_from = on_rank0(ctx, lambda: claim_run_dir(cfg)) or (None, None)
+            resume_from = broadcast(resume_from, ctx)
+            if ctx.device.type == "cuda":
+                torch.set_float32_matmul_precision("high")
+            on_rank0(ctx, lambda: prepare_data(cfg))
+            try:
+                data_lock = gpt2_data.read_lock(cfg.data_dir)  # prepare refuses the folder while this run reads it
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
+            trainer = Trainer(cfg, ctx, resume_from)
+            trainer.begin()
+        with StopOnSignals(trainer, repeat_quits=not ctx.is_ddp), trainer.saving_on_error():
             history = trainer.run()
         if ctx.is_ddp:
             dist.barrier()  # every rank is done before any tears down
         return history
+    except Exception as e:
+        if ctx.is_ddp and is_collective_failure(e):
+            cause = re.sub(r"^\[[^\]]*\] ", "", one_line(e, 200))  # gloo prefixes its source file and line
+            raise RunError(
+                f"rank {ctx.rank}: a collective with the other processes failed ({cause}): one of them froze (no "
+                f"answer within --dist-timeout {cfg.dist_timeout:g} s) or died. Last good checkpoint: "
+                f"{newest_verified_checkpoint(cfg.run_dir) if cfg.run_dir else None}; continue with --resume") from None
+        raise
     finally:
         if trainer is not None:
             trainer.report.close()  # an error ends the progress bar's line before it is printed
@@ -442,8 +523,9 @@ def train(cfg: TrainConfig) -> list[dict]:
         gc.collect()
         if dist.is_initialized():
             dist.destroy_process_group()
-        if lock is not None:
-            lock.release()
+        for held in (lock, data_lock):
+            if held is not None:
+                held.release()
 
 
 @contextlib.contextmanager
@@ -455,7 +537,7 @@ def exit_on_errors():
     except TrainingInterrupted as e:
         print(str(e), file=sys.stderr, flush=True)
         raise SystemExit(e.exit_code) from None
-    except (ConfigError, NonFiniteError) as e:
+    except RunError as e:
         raise SystemExit(f"error: {e}") from None
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr, flush=True)

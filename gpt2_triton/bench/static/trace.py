@@ -3,12 +3,12 @@
 `capture()` gives a `Trace`: inside it, tensors are FakeTensors on "cpu" (shapes, dtypes and strides,
 no data, nothing computed: GPT-2 124M shapes cost nothing), CPU autocast works on them as CUDA
 autocast would on the ops that matter here, and
-- each kernels module sees `is_interpreter() -> False` (the GPU configs are chosen), a no-op
-  `check_device` and, where it imports them from gpt2_triton.kernels.utils, `sm_count()` answering an H100's
-  132 SMs and `fp32_out_matmul_kind()` answering "addmm" (bf16 products summed into fp32 by cuBLAS,
-  as on CUDA); each of its kernels (JITFunction, InterpretedFunction or Autotuner) is a recorder
-  that keeps the launch (kernel, arguments, num_warps/num_stages, grid, autotune configs rebuilt with
-  the module's `<kernel>_configs()` and narrowed by the autotuner's early_config_prune) and runs nothing;
+- the kernels' target (`gpt2_triton.kernels.utils.override_target`, H100_TARGET) is an H100: no
+  interpreter (the GPU configs are chosen), tensors standing for CUDA ones, 132 SMs, bf16 products summed
+  into fp32 by cuBLAS; each kernel of a module in KERNEL_MODULES (JITFunction, InterpretedFunction or
+  Autotuner) is a recorder that keeps the launch (kernel, arguments, num_warps/num_stages, grid, the
+  autotuner's GPU configs (`gpt2_triton.kernels.autotune.gpu_configs`) narrowed by its early_config_prune)
+  and runs nothing;
 - the project's custom ops (torch.library ops defined in kernels/) run their Python launcher instead
   of their fake implementation, so the launches inside them are seen;
 - every aten op and every launch is an event with the HBM bytes it moves (see `aten_bytes` and
@@ -44,13 +44,19 @@ import torch
 from torch._subclasses.fake_tensor import DynamicOutputShapeException, FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from gpt2_triton.devices import H100
 from gpt2_triton.kernels import KERNEL_MODULES
-from gpt2_triton.kernels.utils import is_interpreter
+from gpt2_triton.kernels.autotune import gpu_configs
+from gpt2_triton.kernels.utils import override_target
 
 # ----------------------------------------------------------------------------------------------
 # Kernel objects: JITFunction (native), InterpretedFunction (TRITON_INTERPRET=1), Autotuner
 # ----------------------------------------------------------------------------------------------
-H100_SMS = 132  # what `sm_count` of a kernels module answers during capture()
+H100_SMS = H100.sms
+# The machine capture() profiles (gpt2_triton.kernels.utils.Target): no interpreter, fake CPU tensors
+# standing for CUDA ones (device-side value checks, no host sync), an H100's SMs, and bf16 products
+# summed into fp32 by cuBLAS as on CUDA.
+H100_TARGET = dict(interpreter=False, device_type="cuda", sm_count=H100_SMS, fp32_out_matmul_kind="addmm")
 
 
 def is_kernel(obj) -> bool:
@@ -497,22 +503,6 @@ class Launch:
         return n
 
 
-def autotune_configs(module_name, name, tuner):
-    """The autotuner's configs as on GPU. They are built at import time (under the interpreter: the
-    one small interpreter config), so they are rebuilt with the module's `<kernel>_configs()` (called
-    while is_interpreter() is patched to False)."""
-    mod = importlib.import_module(module_name)
-    fn = raw_kernel(tuner)
-    getter_name = fn.__name__.removesuffix("_kernel") + "_configs"
-    getter = getattr(mod, getter_name, None)
-    if getter is not None:
-        return list(getter())
-    if is_interpreter():
-        raise RuntimeError(f"{module_name}.{name}: autotuned kernel {fn.__name__} has no {getter_name}() function; "
-                           "gpt2_triton.bench.static needs it to rebuild the GPU candidates under the interpreter")
-    return list(tuner.configs)
-
-
 class _Recorder:
     def __init__(self, module, name, kernel, trace):
         self.module, self.name, self.kernel, self.trace = module, name, kernel, trace
@@ -529,7 +519,7 @@ class _Recorder:
                 (bound if k in names else opts)[k] = v
             configs = None
             if isinstance(self.kernel, triton.runtime.Autotuner):
-                configs = autotune_configs(self.module, self.name, self.kernel)
+                configs = gpu_configs(self.kernel)
                 prune = self.kernel.early_config_prune
                 if prune is not None:  # what the autotuner would benchmark for this launch
                     configs = prune(configs, dict(zip(names, args)), **kwargs)
@@ -631,24 +621,10 @@ def capture():
         for mod_name in KERNEL_MODULES:
             mod = importlib.import_module(mod_name)
             for name, v in list(vars(mod).items()):
-                if name == "is_interpreter":
-                    new = lambda: False  # noqa: E731
-                elif name == "sm_count":  # launchers sizing grids by the device's SMs
-                    new = lambda *args, **kwargs: H100_SMS  # noqa: E731
-                elif name == "fp32_out_matmul_kind":  # bf16 products into an fp32 output, as on CUDA
-                    new = lambda *args, **kwargs: "addmm"  # noqa: E731
-                elif name == "check_device":
-                    new = lambda *args, **kwargs: None  # noqa: E731
-                elif is_kernel(v):
-                    new = _Recorder(mod_name, name, v, trace)
-                else:
-                    continue
-                saved.append((mod, name, v))
-                setattr(mod, name, new)
-        import gpt2_triton.model.gpt  # value checks take the GPU's path (device-side asserts, no host sync)
-        saved.append((gpt2_triton.model.gpt, "asserts_on_device", gpt2_triton.model.gpt.asserts_on_device))
-        gpt2_triton.model.gpt.asserts_on_device = lambda device: True
-        with FakeTensorMode(), trace, warnings.catch_warnings():
+                if is_kernel(v):
+                    saved.append((mod, name, v))
+                    setattr(mod, name, _Recorder(mod_name, name, v, trace))
+        with override_target(**H100_TARGET), FakeTensorMode(), trace, warnings.catch_warnings():
             # Launchers check real tensors' alignment (e.g. TMA's 16 bytes); a fake one's data_ptr() is 0
             # (aligned), which is what a GPU allocation gives, but torch warns about reading it.
             warnings.filterwarnings("ignore", message="Accessing the data pointer of FakeTensor")
