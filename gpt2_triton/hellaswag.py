@@ -170,7 +170,8 @@ def evaluate_hellaswag(model, examples, device, rank=0, world_size=1, autocast_d
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="HellaSwag val accuracy of a GPT-2 model")
+    parser = argparse.ArgumentParser(prog="python -m gpt2_triton.hellaswag",
+                                     description="HellaSwag val accuracy of a GPT-2 model")
     parser.add_argument("--init", required=True,
                         help="HF name (gpt2, ...), HF save_pretrained dir, checkpoint or run dir")
     parser.add_argument("--data", default=None, help="hellaswag_val.jsonl (default: cache, downloaded if needed)")

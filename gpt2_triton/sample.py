@@ -11,7 +11,7 @@ MIN_TEMPERATURE = 1e-6  # logits / temperature must stay finite in float32; belo
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__)
+    p = argparse.ArgumentParser(prog="python -m gpt2_triton.sample", description=__doc__)
     p.add_argument("--init", required=True, help="HF name (gpt2, gpt2-medium, ...), save_pretrained dir, "
                                                  "our checkpoint file, or a run folder")
     p.add_argument("--prompt", default="Hello, I'm a language model,")

@@ -1,19 +1,39 @@
-"""`python -m gpt2_triton.bench --quick` runs every benchmark on CPU (interpreter) and writes complete outputs;
-measure() and run_modes() behave as bench/headline.py relies on."""
+"""`python -m gpt2_triton.bench --quick` runs every benchmark on CPU (interpreter) and writes complete outputs,
+labelled by what ran, with blank rates and every row sanity-checked; the checks, the plots' log axis and
+"not measured" marks, titles from the measured sizes, the warm-up; measure() and run_modes() behave as
+bench/headline.py relies on."""
 import json
 import time
 
 import pytest
 import torch
 
+from gpt2_triton.bench import attention
 from gpt2_triton.bench.__main__ import BENCHES, main
-from gpt2_triton.bench.common import NOT_SELECTED, measure, run_modes, session
+from gpt2_triton.bench.common import (
+    NOT_SELECTED,
+    WARMUP_MS,
+    Row,
+    check_rows,
+    format_table,
+    has_cuda,
+    matmul_provider,
+    measure,
+    ratio_text,
+    run_modes,
+    scaling_figure,
+    session,
+    sizes_text,
+    speedup_figure,
+    wall_clock_ms,
+)
 
 
 @pytest.mark.slow
-def test_quick_bench_writes_complete_results(tmp_path):
+def test_quick_bench_writes_complete_results(tmp_path, capsys):
     out = main(["--quick", "--out", str(tmp_path)])
     assert out == tmp_path
+    printed = capsys.readouterr().out
     for name in BENCHES:
         rows = [json.loads(line) for line in (tmp_path / f"{name}.jsonl").read_text().splitlines()]
         assert rows, name
@@ -23,12 +43,81 @@ def test_quick_bench_writes_complete_results(tmp_path):
             assert r["env"]["torch"] and r["env"]["triton"] and r["env"]["device"].startswith("cpu")
             assert r["median_ms"] is not None or r["error"], r
             assert {"bench", "case", "provider", "mode", "shape", "dtype", "p20_ms", "p80_ms"} <= set(r)
+            assert r["tflops"] is None and r["gbps"] is None and r["peak_mb"] is None  # meaningless on a CPU
+            assert r["provider"] not in ("cublas", "hipblas")  # labelled by what ran
+            if r["median_ms"] is not None:
+                assert r["sanity"] is not None and r["extra"]["threads"] == 1, r  # checked; timed on one thread
+                assert r["sanity"] == [] or f"{r['case']} | {r['mode']} | {r['provider']}: " in printed
         baselines = {r["provider"] for r in rows} - {"triton"}
         assert baselines, f"{name}: no baseline measured"
         md = (tmp_path / f"{name}.md").read_text()
-        assert "not kernel performance" in md and "| triton |" in md
+        assert "not kernel performance" in md and "| triton |" in md and "are left blank" in md
         assert (tmp_path / f"{name}.png").stat().st_size > 1000
+        if name == "gelu_mlp":
+            assert matmul_provider() in {r["provider"] for r in rows}
+        if name == "e2e":
+            assert {r["dtype"] for r in rows} == {"float32"}  # CPU steps run in fp32, not bf16 autocast
     assert (tmp_path / "attention_scaling.png").exists()
+    assert "are left blank" in printed and ("every row passed its sanity checks" in printed
+                                            or "sanity check failed" in printed)
+
+
+def row(case="c", provider="eager", mode="fwd", ms=1.0, spread=0.1, **kw):
+    return Row("b", case, provider, mode, {}, "float32", ms, ms - spread, ms + spread, **kw)
+
+
+def test_sanity_checks_flag_a_fwd_bwd_faster_than_its_parts_and_a_rate_above_peak():
+    rows = [row(mode="fwd", ms=28.0), row(mode="bwd", ms=0.3, spread=0.01), row(mode="fwd+bwd", ms=0.2, spread=0.01),
+            row(provider="triton", mode="fwd", ms=1.0), row(provider="triton", mode="fwd+bwd", ms=0.95),  # noise
+            row(provider="triton", mode="bwd", ms=0.5, tflops=2000.0),
+            Row("b", "c", "sdpa-flash", "fwd", {}, "float32", None, error="not supported")]
+    problems = check_rows(rows, peak_flops=989.5e12)
+    assert problems == [
+        "c | fwd+bwd | eager: fwd+bwd (0.200 ms) is faster than fwd alone (28.000 ms)",
+        "c | fwd+bwd | eager: fwd+bwd (0.200 ms) is faster than bwd alone (0.300 ms)",
+        "c | bwd | triton: 2000 TFLOP/s is above the device's peak (990 TFLOP/s)"]
+    assert [r.sanity for r in rows[3:5]] == [[], []] and rows[6].sanity is None  # within noise; not measured
+    table = format_table(rows)  # a failure is printed, not hidden
+    assert "FAILED" in table and "sanity check failed (3):" in table and problems[0] in table
+    assert check_rows([row(mode="fwd"), row(mode="fwd+bwd", ms=2.5)]) == []
+
+
+def test_speedup_plot_uses_a_log_axis_and_marks_what_was_not_measured():
+    rows = [row(provider="triton", ms=300.0), row(provider="eager", ms=0.08),
+            Row("b", "c", "sdpa-math", "fwd", {}, "float32", None, error="RuntimeError: no"),
+            row(case="d", provider="triton", ms=1.0), row(case="d", provider="eager", ms=2.0)]
+    ax = speedup_figure(rows, "b").axes[0]
+    assert ax.get_yscale() == "log"
+    bars = {round(p.get_y() + p.get_height(), 6) for p in ax.patches}  # bars start at 1x and end at the ratio
+    assert bars == {round(0.08 / 300, 6), 2.0} and all(p.get_y() == 1 for p in ax.patches)
+    texts = [t.get_text() for t in ax.texts]
+    assert "not measured" in texts and "0.00027x" in texts and "2.00x" in texts
+    assert ax.get_ylim()[0] < 0.08 / 300 and ax.get_ylim()[1] > 2.0
+    assert ratio_text(0.08 / 300) == "0.00027" and ratio_text(1.234) == "1.23"
+
+
+def test_plot_titles_name_the_sizes_measured():
+    def rows_of(shapes):
+        return [Row("attention", f"attention B{B}-H{H}-T{T}-D{D} causal", p, m, dict(B=B, H=H, T=T, D=D), "float32",
+                    1.0 + T, 1.0, 2.0) for B, H, T, D in shapes for p in ("triton", "eager") for m in ("fwd", "bwd")]
+    quick, full = rows_of(attention.shapes(quick=True)), rows_of(attention.shapes(quick=False))
+    assert sizes_text(quick, ("B", "T")) == "B x T = 1 x 32, 1 x 64" and sizes_text(quick, ("H", "D")) == "H2 D16"
+    assert sizes_text(full, ("B", "T")) == "B·T = 16,384" and sizes_text(full, ("H", "D")) == "H12 D64"
+    fig = scaling_figure(quick, "T", "attention vs T", fallback=("median_ms", "median ms"))
+    if not has_cuda():  # no TFLOP/s on a CPU: times, on a log axis
+        assert [ax.get_ylabel() for ax in fig.axes] == ["median ms"] * 2 and fig.axes[0].get_yscale() == "log"
+    assert [ax.get_title() for ax in fig.axes] == ["fwd", "bwd"]
+
+
+def test_every_case_is_warmed_up_before_it_is_timed():
+    calls = []
+    wall_clock_ms(lambda: calls.append(time.perf_counter()), warmup=0, reps=3, warmup_ms=WARMUP_MS)
+    assert len(calls) > 4 and calls[-3] - calls[0] >= 0.99 * WARMUP_MS / 1e3  # WARMUP_MS of untimed calls first
+    threads = torch.get_num_threads()
+    r = measure("b", "c", "p", "fwd", lambda: torch.ones(8).sum(), {}, "float32", flops=1e9, nbytes=1e9, quick=True)
+    assert torch.get_num_threads() == threads  # restored after timing on one thread (CPU)
+    if not has_cuda():
+        assert r.extra["threads"] == 1 and r.tflops is None and r.gbps is None and matmul_provider() != "cublas"
 
 
 def test_cpu_without_quick_refuses():

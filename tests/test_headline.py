@@ -292,6 +292,16 @@ def test_summary_says_what_first_contact_cost_and_which_fallbacks_ran(tmp_path):
     assert [p.split(":")[0] for p in headline.strict_problems(records)] == ["preflight attention fwd+bwd (TMA)"]
 
 
+def test_summary_lists_failed_sanity_checks(tmp_path):
+    headline.write_summary(tmp_path, _gpu_records(), GPU_ENV)
+    assert "## Sanity checks\n\nEvery measured row passed" in (tmp_path / headline.SUMMARY).read_text()
+    attn = "attention B16-H12-T1024-D64 causal"
+    records = _gpu_records() + [_row("attention", attn, "sdpa-flash", "fwd+bwd", 0.2)]  # faster than its fwd alone
+    headline.write_summary(tmp_path, records, GPU_ENV)
+    assert (f"- FAILED {attn} | fwd+bwd | sdpa-flash: fwd+bwd (0.200 ms) is faster than fwd alone (1.000 ms)"
+            in (tmp_path / headline.SUMMARY).read_text())
+
+
 def test_plots_from_gpu_rows(tmp_path):
     headline.write_plots(tmp_path, _gpu_records(), GPU_ENV)
     for png in (headline.KERNELS_PNG, headline.E2E_PNG):

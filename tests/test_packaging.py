@@ -113,3 +113,31 @@ def test_installed_package_runs_from_any_folder(tmp_path, where):
                             timeout=600)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     assert result.stdout.rstrip().endswith("ok")
+
+
+ENTRY_POINTS = [  # (module whose main() parses the arguments, arguments before --help, how it is run)
+    ("gpt2_triton.data", [], "python -m gpt2_triton.data"),
+    ("gpt2_triton.export", [], "python -m gpt2_triton.export"),
+    ("gpt2_triton.hellaswag", [], "python -m gpt2_triton.hellaswag"),
+    ("gpt2_triton.sample", [], "python -m gpt2_triton.sample"),
+    ("gpt2_triton.bench.__main__", [], "python -m gpt2_triton.bench"),
+    ("gpt2_triton.bench.__main__", ["headline"], "python -m gpt2_triton.bench headline"),
+    ("gpt2_triton.bench.headline", [], "python -m gpt2_triton.bench headline"),  # also its jobs' entry
+    ("gpt2_triton.bench.generate", [], "python -m gpt2_triton.bench.generate"),
+    ("gpt2_triton.bench.static.__main__", [], "python -m gpt2_triton.bench.static"),
+]
+
+
+@pytest.mark.parametrize("module, args, command", ENTRY_POINTS, ids=[c for _, _, c in ENTRY_POINTS])
+def test_every_command_line_names_itself_as_it_is_run(module, args, command, capsys):
+    with pytest.raises(SystemExit) as excinfo:
+        importlib.import_module(module).main([*args, "--help"])
+    assert excinfo.value.code == 0
+    assert capsys.readouterr().out.startswith(f"usage: {command} ")
+
+
+def test_every_entry_point_is_listed():
+    """Each module with a command line (`def main` and a __main__ guard, or a package __main__) is above."""
+    found = {module_name(p) for p in PACKAGE.rglob("*.py")
+             if "def main(" in p.read_text() and ('__name__ == "__main__"' in p.read_text() or p.stem == "__main__")}
+    assert found == {m for m, _, _ in ENTRY_POINTS}

@@ -1,7 +1,9 @@
 """train.py: the loss falls, resume is bit-exact, grad accumulation and DDP match one big batch,
 NaN stops cleanly, Ctrl-C checkpoints, triton without the interpreter fails clearly, metrics and plot;
-run-folder safety (one run per folder, a lock, SIGTERM, resume checks, stale temps) and flag checks."""
+what a run prints (header, step lines, summary, --quiet, the progress bar); run-folder safety (one run
+per folder, a lock, SIGTERM, resume checks, stale temps) and flag checks."""
 import contextlib
+import io
 import json
 import os
 import re
@@ -19,7 +21,7 @@ import numpy as np
 import pytest
 import torch
 
-from gpt2_triton import GPT, GPTConfig, training
+from gpt2_triton import GPT, GPTConfig, sample, training
 from gpt2_triton import data as gpt2_data
 from gpt2_triton.checkpoint import (
     checkpoint_path,
@@ -31,7 +33,17 @@ from gpt2_triton.checkpoint import (
     save_checkpoint,
 )
 from gpt2_triton.data import prepare_documents, read_shard, write_shard
-from gpt2_triton.training.metrics import MetricsLog, cosine_lr, device_peak_flops, mfu, read_metrics
+from gpt2_triton.training.metrics import (
+    MetricsLog,
+    cosine_lr,
+    device_peak_flops,
+    ema,
+    ema_beta,
+    loss_figure,
+    mfu,
+    read_metrics,
+)
+from gpt2_triton.training.report import Report, format_duration
 from tests.helpers import disk_full, overwrite_tensor_bytes, run_where_unwritable
 
 REPO = Path(__file__).resolve().parents[1]
@@ -70,14 +82,18 @@ def tiny_config(data_dir, run_dir, **overrides):
 
 @pytest.fixture(scope="module")
 def trained(data_dir, tmp_path_factory):
+    """30 steps (the demo preset's --log-every 10), val every 10, samples at 15 and 30; (run folder,
+    history, what it printed)."""
     run_dir = tmp_path_factory.mktemp("run")
-    history = training.train(tiny_config(data_dir, run_dir, plot=True, sample_every=15, sample_count=1,
-                                      sample_tokens=4))
-    return run_dir, history
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        history = training.train(tiny_config(data_dir, run_dir, plot=True, sample_every=15, sample_count=1,
+                                             sample_tokens=4))
+    return run_dir, history, out.getvalue()
 
 
 def test_loss_falls(trained):
-    _, history = trained
+    _, history, _ = trained
     losses = [r["loss"] for r in history]
     assert len(losses) == 30
     first, last = losses[0], sum(losses[-5:]) / 5
@@ -86,7 +102,7 @@ def test_loss_falls(trained):
 
 
 def test_metrics_plot_config_and_checkpoints(trained):
-    run_dir, history = trained
+    run_dir, history, _ = trained
     rows = read_metrics(run_dir / "metrics.jsonl")
     train_rows = [r for r in rows if r["kind"] == "train"]
     assert [r["step"] for r in train_rows] == list(range(1, 31))
@@ -109,6 +125,146 @@ def test_metrics_plot_config_and_checkpoints(trained):
     state = load_checkpoint(latest_checkpoint(run_dir))
     assert state["step"] == 30 and state["best_val_loss"] == min(r["val_loss"] for r in val_rows)
     assert {"model", "optimizer", "loader", "rng", "model_config", "train_config", "kernels"} <= set(state)
+
+
+STEP_LINE = re.compile(r"step +(\d+)/30 \| loss (\S+) \| lr (\S+) \| norm (\S+) \| ([\d,]+) tok/s \| ([\d,]+) ms \| "
+                       r"elapsed (\d+:\d\d) \| ETA (\d+:\d\d)")
+
+
+def test_output_header_step_lines_and_summary(trained):
+    run_dir, history, printed = trained
+    lines = printed.splitlines()
+    assert "{" not in printed and "config" not in lines[0]  # no config dump: it is in train_config.json
+    n_params = GPT(GPTConfig.from_preset("gpt2", n_layer=2, n_head=2, n_embd=32, block_size=32,
+                                         pad_vocab_to=128)).num_params()
+    assert lines[0] == (f"GPT-2 training | preset demo | {n_params / 1e6:.3g}M parameters "
+                        f"(2 layers, 2 heads, 32 wide, context 32)")
+    assert lines[1].split() == "batch 128 tokens per step = 4 x 32 tokens x 1 micro-step".split()
+    assert lines[2].split()[:6] == ["length", "steps", "1-30:", "3,840", "tokens", "="]
+    assert lines[4].split() == "device cpu | fp32 | torch.compile off | kernels torch".split()
+    assert lines[5].split() == ["run", str(run_dir), "(full", "config", "in", "train_config.json)"]
+    # one line per --log-every 10 steps (and the first), each with the step's numbers as metrics.jsonl has them
+    records = {r["step"]: r for r in read_metrics(run_dir / "metrics.jsonl", "train")}
+    step_lines = [m for m in map(STEP_LINE.fullmatch, lines) if m]
+    assert [int(m[1]) for m in step_lines] == [1, 10, 20, 30]
+    assert not any(line.startswith("step") and "loss" in line and not STEP_LINE.fullmatch(line)
+                   and "val loss" not in line for line in lines)
+    for m in step_lines:
+        r = records[int(m[1])]
+        assert (m[2], m[3], m[4]) == (f"{r['loss']:.4f}", f"{r['lr']:.2e}", f"{r['grad_norm']:.3f}")
+        assert (m[5], m[6]) == (f"{r['tokens_per_s']:,.0f}", f"{r['step_ms']:,.0f}")
+    assert step_lines[-1][8] == "0:00" and "MFU" not in printed  # no MFU where the peak is unknown (CPU)
+    vals = read_metrics(run_dir / "metrics.jsonl", "val")
+    for r in vals:
+        assert f"step {r['step']:>2}/30 | val loss {r['val_loss']:.4f} (best " in printed
+    assert "step 15/30 | sample 0: \"Hello, I'm a language model," in printed
+    assert f"step 30/30 | saved checkpoint {run_dir / 'ckpt_000030.pt'}" in printed
+    # the closing summary: what ran, the losses, where everything is, and a sampling command that works
+    summary = lines[lines.index(next(x for x in lines if x.startswith("done: "))):]
+    assert re.fullmatch(r"done: steps 1-30 of 30 in \d+:\d\d \| 3,840 tokens \| [\d,]+ tok/s after the first step",
+                        summary[0])
+    losses = [r["loss"] for r in history]
+    best = min(vals, key=lambda r: r["val_loss"])
+    assert summary[1].split("  loss ")[1].strip() == (
+        f"train {losses[-1]:.4f} (EMA {ema(losses, ema_beta(30))[-1]:.4f}) | val {vals[-1]['val_loss']:.4f} at step "
+        f"30, best {best['val_loss']:.4f} at step {best['step']}")
+    where = {line.split()[0]: line.split(None, 1)[1] for line in summary[3:]}
+    checkpoint = run_dir / "ckpt_000030.pt"
+    assert where == {"checkpoint": str(checkpoint), "metrics": str(run_dir / "metrics.jsonl"),
+                     "plot": str(run_dir / "loss.png"), "sample": f"python -m gpt2_triton.sample --init {checkpoint}"}
+    texts = sample.main(where["sample"].split()[3:] + ["--num-samples", "1", "--max-new-tokens", "2",
+                                                          "--device", "cpu"])
+    assert texts[0].startswith("Hello, I'm a language model,")
+
+
+def test_loss_plot_draws_what_metrics_jsonl_holds(trained):
+    run_dir, _, _ = trained
+    png = (run_dir / "loss.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and int.from_bytes(png[16:20], "big") >= 600  # width
+    train, val = read_metrics(run_dir / "metrics.jsonl", "train"), read_metrics(run_dir / "metrics.jsonl", "val")
+    fig = loss_figure(run_dir / "metrics.jsonl")
+    lines = {line.get_label(): line for ax in fig.axes for line in ax.get_lines()}
+    beta = ema_beta(len(train))
+    assert set(lines) == {"train, per step", f"train, EMA (β = {beta:.2f})", "val", "lr"}
+    steps = [r["step"] for r in train]
+    assert list(lines["train, per step"].get_xdata()) == steps
+    assert list(lines["train, per step"].get_ydata()) == [r["loss"] for r in train]
+    assert lines["train, per step"].get_alpha() < 0.5  # raw: faint
+    assert list(lines[f"train, EMA (β = {beta:.2f})"].get_ydata()) == ema([r["loss"] for r in train], beta)
+    assert list(lines["val"].get_xdata()) == [r["step"] for r in val] == [0, 10, 20, 30]
+    assert list(lines["val"].get_ydata()) == [r["val_loss"] for r in val]
+    assert list(lines["lr"].get_xdata()) == steps and list(lines["lr"].get_ydata()) == [r["lr"] for r in train]
+
+
+def test_loss_plot_adds_hellaswag_when_the_run_has_it(tmp_path):
+    log = MetricsLog(tmp_path / "metrics.jsonl")
+    for step in range(1, 41):
+        log.log("train", step=step, loss=10.0 / step, lr=1e-3)
+    log.log("hellaswag", step=20, acc=0.25, acc_norm=0.26, n=10)
+    log.log("hellaswag", step=40, acc=0.27, acc_norm=0.29, n=10)
+    fig = loss_figure(tmp_path / "metrics.jsonl")
+    lines = {line.get_label(): line for ax in fig.axes for line in ax.get_lines()}
+    assert list(lines["HellaSwag acc_norm"].get_xdata()) == [20, 40]
+    assert list(lines["HellaSwag acc_norm"].get_ydata()) == [0.26, 0.29]
+    assert "val" not in lines and [ax.get_title() for ax in fig.axes][-1] == "HellaSwag"
+
+
+def test_ema_is_bias_corrected():
+    assert ema([4.0, 4.0, 4.0], 0.9) == pytest.approx([4.0, 4.0, 4.0])  # starts at the first value, not at 0
+    assert ema([0.0, 10.0], 0.5) == pytest.approx([0.0, 10 * 0.5 / 0.75])
+    assert ema_beta(200) == pytest.approx(0.9) and ema_beta(10) == pytest.approx(0.8)
+    assert ema_beta(10**6) == pytest.approx(0.99)
+
+
+def test_quiet_prints_header_evaluations_checkpoints_and_summary_only(data_dir, tmp_path, capsys):
+    training.train(tiny_config(data_dir, tmp_path, max_steps=4, val_every=2, checkpoint_every=0, sample_every=2,
+                               sample_count=1, sample_tokens=2, quiet=True))
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    assert lines[0].startswith("GPT-2 training | preset demo") and lines[-1].startswith("  sample      python -m")
+    assert [line for line in lines if line.startswith("step")] == [
+        line for line in lines if re.fullmatch(r"step \d/4 \| (val loss .*|saved checkpoint .*)", line)]
+    assert sum("val loss" in line for line in lines) == 3 and "sample 0" not in out
+    assert any(line.startswith("done: steps 1-4 of 4") for line in lines)
+
+
+def test_log_every_and_quiet_are_flags_and_may_change_on_resume(data_dir, tmp_path, capsys):
+    cfg = training.parse_config(cli_flags(data_dir, tmp_path, max_steps=4, val_every=0, checkpoint_every=0,
+                                          sample_every=0) + ["--log-every", "3"])
+    assert (cfg.log_every, cfg.quiet) == (3, False)
+    training.train(cfg)
+    steps = [line.split("|")[0].split()[1] for line in capsys.readouterr().out.splitlines() if "| loss " in line]
+    assert steps == ["1/4", "3/4", "4/4"]  # the first, every 3rd, the last
+    resumed = replace(cfg, resume="latest", max_steps=6, log_every=1, quiet=True)
+    assert [r["step"] for r in training.train(resumed)] == [5, 6]
+    assert "| loss " not in capsys.readouterr().out
+    assert read_metrics(tmp_path / "metrics.jsonl", "resume")[0]["changed"] == {
+        "max_steps": [4, 6], "lr_decay_steps": [4, 6], "log_every": [3, 1], "quiet": [False, True]}
+
+
+def test_refused_run_prints_only_the_one_line_error(data_dir, tmp_path, capsys):
+    flags = cli_flags(data_dir, tmp_path, max_steps=1, val_every=0, checkpoint_every=0)
+    train_main(flags)
+    capsys.readouterr()
+    with pytest.raises(SystemExit, match="already holds a run") as excinfo:
+        train_main(flags)
+    assert capsys.readouterr().out == "" and "\n" not in str(excinfo.value.code)
+
+
+def test_progress_bar_on_a_terminal_shows_the_step_fields(capsys):
+    report = Report(enabled=True, log_every=100, bar=True)
+    report.start(0, 4)
+    for step in range(1, 5):
+        report.step(dict(step=step, loss=5.0 - step, lr=1e-3, grad_norm=0.5, tokens_per_s=1234.0, step_ms=10.0,
+                         mfu=0.4, peak_mem_mb=1.0))
+        report.event(step, f"val loss {4.5 - step:.4f}")
+    report.close()
+    out, err = capsys.readouterr()
+    assert "step 4/4 |" in err and "loss 1.0000 | lr 1.00e-03 | norm 0.500 | 1,234 tok/s | MFU 40.0%" in err
+    assert [line.split(" | ")[:2] for line in out.splitlines()] == [  # lines: the first step, the last, events
+        ["step 1/4", "loss 4.0000"], ["step 1/4", "val loss 3.5000"], ["step 2/4", "val loss 2.5000"],
+        ["step 3/4", "val loss 1.5000"], ["step 4/4", "loss 1.0000"], ["step 4/4", "val loss 0.5000"]]
+    assert format_duration(7) == "0:07" and format_duration(125) == "2:05" and format_duration(3723) == "1:02:03"
 
 
 def test_resume_is_bit_exact(data_dir, tmp_path):

@@ -8,7 +8,18 @@ import sys
 
 import torch
 
-from gpt2_triton.bench.common import DTYPES, environment, format_table, has_cuda, out_dir_for, write_results
+from gpt2_triton.bench.common import (
+    CPU_THREADS,
+    DTYPES,
+    WARMUP_MS,
+    check_rows,
+    cpu_columns_note,
+    environment,
+    format_table,
+    has_cuda,
+    out_dir_for,
+    write_results,
+)
 from gpt2_triton.bench.headline import main as headline
 from gpt2_triton.kernels.utils import is_interpreter
 
@@ -24,7 +35,7 @@ def main(argv=None):
                    help=f"any of {', '.join(BENCHES)} (default: all)")
     p.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
     p.add_argument("--quick", action="store_true", help="tiny sizes; on CPU runs through the interpreter")
-    p.add_argument("--out", default=None, help="results folder (default bench/results/<device>)")
+    p.add_argument("--out", default=None, help="results folder (default: bench/results/<device> in the current folder)")
     args = p.parse_args(argv)
     benches = args.benches or list(BENCHES)
     unknown = [b for b in benches if b not in BENCHES]
@@ -40,16 +51,21 @@ def main(argv=None):
     env = environment()
     out_dir = out_dir_for(args.out)
     print(f"# {env['device']} | torch {env['torch']} | triton {env['triton']} | CUDA {env['cuda']} | "
-          f"commit {env['git_commit']} | dtype {str(dtype).removeprefix('torch.')}"
-          + ("" if has_cuda() else "\n# CPU --quick: interpreter, tiny sizes; NOT performance"))
+          f"commit {env['git_commit']} | dtype {str(dtype).removeprefix('torch.')}")
+    if not has_cuda():
+        print(f"# CPU --quick: interpreter, tiny sizes; NOT performance. Timed on {CPU_THREADS} thread after a "
+              f"{WARMUP_MS} ms warm-up.\n# {cpu_columns_note()}")
+    failed = 0
     for name in benches:
         module = importlib.import_module(f"gpt2_triton.bench.{name}")
         rows = module.run(dtype, quick=args.quick)
-        print(f"\n## {name}\n{format_table(rows)}")
+        failed += len(check_rows(rows))
+        print(f"\n## {name}\n{format_table(rows)}", flush=True)
         write_results(rows, out_dir, name, env)
         if hasattr(module, "plots"):
             module.plots(rows, out_dir, f"on {env['device']}")
-    print(f"\nresults in {out_dir}")
+    print(f"\nresults in {out_dir}" + (f"; {failed} sanity check(s) failed, listed under their tables" if failed else
+                                         "; every row passed its sanity checks"))
     return out_dir
 
 

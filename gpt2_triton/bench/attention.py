@@ -7,7 +7,15 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from gpt2_triton.bench.common import attention_flops, has_cuda, kernel_providers, measure, plot_scaling, run_modes
+from gpt2_triton.bench.common import (
+    attention_flops,
+    has_cuda,
+    kernel_providers,
+    measure,
+    plot_scaling,
+    run_modes,
+    sizes_text,
+)
 from gpt2_triton.kernels import reference
 from gpt2_triton.kernels.attention import flash_attention, flash_attention_qkv
 
@@ -122,6 +130,8 @@ def _raise(e):
 
 def plots(rows, out_dir, title):
     rows = [r for r in rows if not r.case.startswith("attention-qkv")]  # the (B, H, T, D) family
-    plot_scaling(rows, out_dir / "attention_scaling.png", "T", f"attention scaling (B*T = 16384) {title}")
-    plot_scaling(rows, out_dir / "attention_memory.png", "T", f"attention peak memory {title}",
+    sizes = f"{sizes_text(rows, ('H', 'D'))}, {sizes_text(rows, ('B', 'T'))}, causal"
+    plot_scaling(rows, out_dir / "attention_scaling.png", "T", f"attention vs T ({sizes}) {title}",
+                 fallback=("median_ms", "median ms"))
+    plot_scaling(rows, out_dir / "attention_memory.png", "T", f"attention peak memory ({sizes}) {title}",
                  y="peak_mb", ylabel="peak MB")

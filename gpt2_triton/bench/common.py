@@ -2,7 +2,9 @@
 
 On CUDA, timings come from `triton.testing.do_bench` (warm-up, L2 flushed between reps, median with
 p20/p80). Without CUDA (`--quick` on CPU) the same code runs at tiny sizes so CI keeps it working;
-those rows are labelled `cpu` and are not kernel performance.
+those rows are labelled `cpu` and are not kernel performance: they are timed by the wall clock on one
+thread after the same warm-up, their TFLOP/s and GB/s are left blank, and `check_rows` flags any row
+that contradicts another (a fwd+bwd faster than its fwd alone).
 
 `session(...)` lets a caller (bench/headline.py) receive each row as soon as it is measured, stop
 measuring after a deadline, and measure only some cases, without changing the per-kernel modules.
@@ -10,7 +12,9 @@ measuring after a deadline, and measure only some cases, without changing the pe
 import contextlib
 import datetime
 import json
+import math
 import platform
+import re
 import statistics
 import subprocess
 import time
@@ -21,7 +25,14 @@ from typing import Optional
 
 import torch
 
+from gpt2_triton.devices import cuda_gpu
+
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+RESULTS_ROOT = Path("bench") / "results"  # under the current folder: bench/results/<device>/
+WARMUP_MS = 25  # every case runs this long before it is timed (do_bench's default warm-up, also on CPU)
+# CPU rows are timed on one thread: on a busy 2-core machine a second OpenMP thread waits for the
+# scheduler (a 0.1 ms attention took 32 ms per call, for seconds); the interpreter runs on one anyway.
+CPU_THREADS = 1
 
 
 def has_cuda() -> bool:
@@ -37,6 +48,14 @@ def device_slug() -> str:
     if not has_cuda():
         return "cpu"
     return "".join(c if c.isalnum() else "-" for c in device_name().lower()).strip("-")
+
+
+def matmul_provider() -> str:
+    """The library torch's matmul runs on here: "cublas", "hipblas", or the CPU BLAS torch was built with."""
+    if has_cuda():
+        return "hipblas" if torch.version.hip else "cublas"
+    blas = re.search(r"BLAS_INFO=(\w+)", torch.__config__.show())
+    return {"mkl": "mkl", "open": "openblas"}.get(blas[1] if blas else "", "cpu-blas")
 
 
 def git_commit() -> str:
@@ -82,15 +101,31 @@ def nvidia_smi(fields) -> dict:
 
 
 # --- timing --------------------------------------------------------------------------------------
-def time_ms(fn, grad_to_none=None, quick=False, warm=False):
-    """(median, p20, p80) milliseconds of fn(). warm: fn has already run once (compiled, tuned)."""
+def time_ms(fn, grad_to_none=None, quick=False, warmed_ms=0.0):
+    """(median, p20, p80) milliseconds of fn(), after WARMUP_MS of untimed calls (`warmed_ms` of them
+    already made by the caller: the first call, where compilation and autotuning happen)."""
     if has_cuda():
         import triton.testing
-        warmup, rep = (5, 20) if quick else (25, 100)
-        med, p20, p80 = triton.testing.do_bench(fn, warmup=warmup, rep=rep, grad_to_none=grad_to_none,
+        rep = 20 if quick else 100
+        med, p20, p80 = triton.testing.do_bench(fn, warmup=WARMUP_MS, rep=rep, grad_to_none=grad_to_none,
                                                 quantiles=[0.5, 0.2, 0.8])
         return med, p20, p80
-    return wall_clock_ms(fn, warmup=0 if warm else 1, reps=3 if quick else 10, grad_to_none=grad_to_none)
+    return wall_clock_ms(fn, warmup=0, reps=3 if quick else 10, grad_to_none=grad_to_none,
+                         warmup_ms=WARMUP_MS - warmed_ms)
+
+
+@contextlib.contextmanager
+def cpu_threads(n: int):
+    """torch's intra-op threads set to n while timing on a CPU (nothing changes with CUDA), then restored."""
+    if has_cuda():
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 SHORT_OP_MS = 0.1  # a per-call timing under this may be mostly launch overhead
@@ -129,10 +164,14 @@ def timed_call_s(fn):
     return time.perf_counter() - start
 
 
-def wall_clock_ms(fn, warmup, reps, grad_to_none=None):
+def wall_clock_ms(fn, warmup, reps, grad_to_none=None, warmup_ms=0.0):
     """(median, p20, p80) ms of fn() by the wall clock (CUDA synchronised around each call), after
-    `warmup` untimed calls (where compilation happens). For work do_bench cannot repeat freely."""
+    `warmup` untimed calls (where compilation happens) and then more until `warmup_ms` have passed.
+    For work do_bench cannot repeat freely, and on CPU."""
     for _ in range(warmup):
+        fn()
+    deadline = time.perf_counter() + warmup_ms / 1e3
+    while time.perf_counter() < deadline:
         fn()
     times = []
     for _ in range(reps):
@@ -226,12 +265,13 @@ class Row:
     median_ms: float | None
     p20_ms: float | None = None
     p80_ms: float | None = None
-    tflops: float | None = None
-    gbps: float | None = None
-    peak_mb: float | None = None
+    tflops: float | None = None  # CUDA only: on a CPU (tiny sizes, the interpreter) a rate means nothing
+    gbps: float | None = None  # CUDA only
+    peak_mb: float | None = None  # CUDA only
     extra: dict = field(default_factory=dict)
     error: str | None = None  # a provider that could not run says why
     env: dict = field(default_factory=dict)
+    sanity: list | None = None  # check_rows: the checks this row failed, in words ([] passed; None not checked)
 
     @property
     def key(self):
@@ -280,58 +320,113 @@ def measure(bench, case, provider, mode, fn, shape, dtype, flops=None, nbytes=No
         return record(Row(bench, case, provider, mode, shape, dtype, None,
                           error="skipped: this job's time budget was spent before it started"))
     extra = dict(extra or {})
+    if not has_cuda():
+        extra["threads"] = CPU_THREADS
     try:
-        extra["first_call_s"] = round(timed_call_s(fn), 3)
-        med, p20, p80 = time_ms(fn, grad_to_none=grad_to_none, quick=quick, warm=True)
+        with cpu_threads(CPU_THREADS):
+            first_s = timed_call_s(fn)
+            extra["first_call_s"] = round(first_s, 3)
+            med, p20, p80 = time_ms(fn, grad_to_none=grad_to_none, quick=quick, warmed_ms=1e3 * first_s)
         if has_cuda() and med < SHORT_OP_MS:
             extra["back_to_back_ms"] = [round(x, 5) for x in back_to_back_ms(fn, grad_to_none)]
         peak = peak_memory_mb(fn) if memory else None
     except Exception as e:  # a baseline missing on this device must not stop the suite
         return record(Row(bench, case, provider, mode, shape, dtype, None, extra=extra,
                           error=f"{type(e).__name__}: {e}"[:300]))
+    rates = has_cuda()
     return record(Row(bench, case, provider, mode, shape, dtype, med, p20, p80,
-                      tflops=flops / (med * 1e-3) / 1e12 if flops else None,
-                      gbps=nbytes / (med * 1e-3) / 1e9 if nbytes else None,
+                      tflops=flops / (med * 1e-3) / 1e12 if flops and rates else None,
+                      gbps=nbytes / (med * 1e-3) / 1e9 if nbytes and rates else None,
                       peak_mb=peak, extra=extra))
 
 
+def check_rows(rows, peak_flops=None) -> list[str]:
+    """Sanity checks of measured rows: a time is positive; a fwd+bwd is not clearly faster than the same
+    provider's fwd or bwd alone (its p80 below their p20); TFLOP/s stay under the device's peak (`peak_flops`,
+    default: the table's entry for this GPU). Each row's failures go to its `sanity`; returns them all as
+    "case | mode | provider: what is wrong"."""
+    gpu = cuda_gpu()
+    peak = peak_flops or (gpu.bf16_flops if gpu else None)
+    measured = {(r.case, r.provider, r.mode): r for r in rows if r.median_ms is not None}
+    problems = []
+    for r in measured.values():
+        r.sanity = []
+        if not (math.isfinite(r.median_ms) and r.median_ms > 0):
+            r.sanity.append(f"time {r.median_ms} ms is not a positive number")
+        if r.mode == "fwd+bwd":
+            for part in ("fwd", "bwd"):
+                alone = measured.get((r.case, r.provider, part))
+                if alone is not None and r.p80_ms < alone.p20_ms:
+                    r.sanity.append(f"fwd+bwd ({r.median_ms:.3f} ms) is faster than {part} alone "
+                                    f"({alone.median_ms:.3f} ms)")
+        if peak and r.tflops and r.tflops * 1e12 > peak:
+            r.sanity.append(f"{r.tflops:.0f} TFLOP/s is above the device's peak ({peak / 1e12:.0f} TFLOP/s)")
+        problems += [f"{r.case} | {r.mode} | {r.provider}: {text}" for text in r.sanity]
+    return problems
+
+
 def speedups(rows, ours="triton"):
-    """[(row_of_ours, baseline_row, speedup = baseline_ms / ours_ms)] per case and mode."""
+    """[(row_of_ours, baseline_row, speedup = baseline_ms / ours_ms, or None where either side was not
+    measured)] per case, mode and baseline."""
     by_key = {}
     for r in rows:
         by_key.setdefault(r.key, []).append(r)
     out = []
     for group in by_key.values():
-        mine = [r for r in group if r.provider == ours and r.median_ms]
+        mine = [r for r in group if r.provider == ours]
         if not mine:
             continue
         for base in group:
-            if base.provider != ours and base.median_ms:
-                out.append((mine[0], base, base.median_ms / mine[0].median_ms))
+            if base.provider != ours:
+                value = base.median_ms / mine[0].median_ms if base.median_ms and mine[0].median_ms else None
+                out.append((mine[0], base, value))
     return out
+
+
+def ratio_text(x) -> str:
+    """A speed-up as text: 2 decimals, or 2 significant digits below 0.1 (0.0026, never 0.00)."""
+    return "" if x is None else f"{x:.2f}" if x >= 0.1 else f"{x:.2g}"
 
 
 def speedup_text(rows, ours="triton"):
     """Row -> "baseline ms / ours ms" as text for each baseline row that has an ours to compare."""
     ours_ms = {r.key: r.median_ms for r in rows if r.provider == ours and r.median_ms}
-    return lambda r: (f"{r.median_ms / ours_ms[r.key]:.2f}"
+    return lambda r: (ratio_text(r.median_ms / ours_ms[r.key])
                       if r.key in ours_ms and r.provider != ours and r.median_ms else "")
+
+
+def cpu_columns_note() -> str:
+    """Why TFLOP/s, GB/s and peak MB are blank on a CPU ("" with CUDA)."""
+    if has_cuda():
+        return ""
+    return ("CPU: TFLOP/s, GB/s and peak MB are left blank (tiny sizes, triton rows run in Triton's interpreter: "
+            "a rate means nothing here; peak memory is measured on CUDA only).")
+
+
+def sanity_notes(rows) -> list[str]:
+    """Every failed sanity check of `rows` (check_rows), under a heading line; [] when none failed."""
+    failed = [f"{r.case} | {r.mode} | {r.provider}: {text}" for r in rows for text in r.sanity or ()]
+    return [f"sanity check failed ({len(failed)}):"] + [f"  {text}" for text in failed] if failed else []
+
+
+def _check_mark(r) -> str:
+    return "" if r.sanity is None else "FAILED" if r.sanity else "ok"
 
 
 def format_table(rows, ours="triton"):
     lines = [f"{'case':<46} {'mode':<8} {'provider':<16} {'median ms':>10} {'p20-p80':>17} "
-             f"{'TFLOP/s':>8} {'GB/s':>8} {'peak MB':>9} {'ours x':>7}"]
+             f"{'TFLOP/s':>8} {'GB/s':>8} {'peak MB':>9} {'ours x':>7} {'check':>6}"]
     ratio_of = speedup_text(rows, ours)
     for r in rows:
         if r.error:
-            lines.append(f"{r.case:<46} {r.mode:<8} {r.provider:<16} unavailable: {r.error[:60]}")
+            lines.append(f"{r.case:<46} {r.mode:<8} {r.provider:<16} not measured: {r.error[:60]}")
             continue
         ratio = ratio_of(r)
         lines.append(
             f"{r.case:<46} {r.mode:<8} {r.provider:<16} {r.median_ms:>10.3f} "
             f"{f'{r.p20_ms:.3f}-{r.p80_ms:.3f}':>17} {_fmt(r.tflops, 1):>8} {_fmt(r.gbps, 0):>8} "
-            f"{_fmt(r.peak_mb, 1):>9} {ratio:>7}")
-    return "\n".join(lines)
+            f"{_fmt(r.peak_mb, 1):>9} {ratio:>7} {_check_mark(r):>6}")
+    return "\n".join(lines + sanity_notes(rows))
 
 
 def _fmt(x, digits):
@@ -339,7 +434,7 @@ def _fmt(x, digits):
 
 
 def write_results(rows, out_dir, name, env):
-    """Append JSON lines, and write the markdown summary and PNG plots for one benchmark."""
+    """Write the JSON lines, the markdown table and the PNG plot of one benchmark."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     with open(out_dir / f"{name}.jsonl", "w") as f:
@@ -351,62 +446,106 @@ def write_results(rows, out_dir, name, env):
     if not has_cuda():
         md += ["**CPU run (`--quick`): tiny sizes through Triton's interpreter. These numbers check "
                "that the code runs; they are not kernel performance.**", ""]
-    md += ["| case | mode | provider | median ms | p20-p80 ms | TFLOP/s | GB/s | peak MB | speedup of ours |",
-           "|---|---|---|---:|---:|---:|---:|---:|---:|"]
+    md += ["| case | mode | provider | median ms | p20-p80 ms | TFLOP/s | GB/s | peak MB | speedup of ours | check |",
+           "|---|---|---|---:|---:|---:|---:|---:|---:|---|"]
     ratio_of = speedup_text(rows)
     for r in rows:
         if r.error:
-            md.append(f"| {r.case} | {r.mode} | {r.provider} | unavailable: {r.error[:80]} | | | | | |")
+            md.append(f"| {r.case} | {r.mode} | {r.provider} | not measured: {r.error[:80]} | | | | | | |")
             continue
         ratio = ratio_of(r)
         ratio = f"{ratio}x" if ratio else ""
         md.append(f"| {r.case} | {r.mode} | {r.provider} | {r.median_ms:.3f} | {r.p20_ms:.3f}-{r.p80_ms:.3f} | "
-                  f"{_fmt(r.tflops, 1)} | {_fmt(r.gbps, 0)} | {_fmt(r.peak_mb, 1)} | {ratio} |")
+                  f"{_fmt(r.tflops, 1)} | {_fmt(r.gbps, 0)} | {_fmt(r.peak_mb, 1)} | {ratio} | {_check_mark(r)} |")
+    md += ["", cpu_columns_note()] + [f"- {note.strip()}" if note.startswith("  ") else note
+                                      for note in sanity_notes(rows)]
     (out_dir / f"{name}.md").write_text("\n".join(md) + "\n")
-    plot_speedups(rows, out_dir / f"{name}.png", title=f"{name} on {env['device']}")
+    speedup_figure(rows, title=f"{name} on {env['device']}").savefig(out_dir / f"{name}.png", dpi=120)
     return out_dir
 
 
-def plot_speedups(rows, path, title):
-    """Bars: speedup of ours over each baseline, one group per (case, mode)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+def cpu_note(on_cuda: bool | None = None) -> str:
+    """A plot title's warning for CPU results (on_cuda: where the rows were measured; default: here)."""
+    return "" if (has_cuda() if on_cuda is None else on_cuda) else " - CPU interpreter, not performance"
+
+
+def ratio_bars(ax, items, ylabel):
+    """Bars of ratios on a log axis, drawn from 1x (above: ours ahead; below: behind), each labelled with
+    its value; an item whose value is None is marked "not measured" instead of a bar of height 0."""
+    values = [v for _, v in items if v]
+    low, high = min(values + [1.0]) / 3, max(values + [1.0]) * 3
+    for i, (_, v) in enumerate(items):
+        if v:
+            ax.bar(i, v - 1, bottom=1, color="tab:green" if v >= 1 else "tab:red")
+            ax.annotate(f"{ratio_text(v)}x", (i, v), ha="center", va="bottom" if v >= 1 else "top", fontsize=6)
+        else:
+            ax.annotate("not measured", (i, math.sqrt(low * high)), ha="center", va="center", rotation=90,
+                        fontsize=7, color="gray")
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    ax.set_yscale("log")
+    ax.set_ylim(low, high)
+    ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}x"))
+    ax.yaxis.set_minor_formatter(NullFormatter())
+    ax.axhline(1.0, color="black", linewidth=0.8)
+    ax.set_xticks(range(len(items)))
+    ax.set_xticklabels([label for label, _ in items], rotation=75, ha="right", fontsize=6)
+    ax.set_xlim(-0.6, len(items) - 0.4)
+    ax.set_ylabel(ylabel, fontsize=8)
+
+
+def speedup_figure(rows, title):
+    """Bars: speedup of ours over each baseline, one per (case, mode, baseline), on a log axis."""
+    from matplotlib.figure import Figure
 
     pairs = speedups(rows)
-    fig, ax = plt.subplots(figsize=(max(6, 0.45 * len(pairs) + 2), 4.5))
+    fig = Figure(figsize=(max(6, 0.3 * len(pairs) + 2), 5), layout="constrained")
+    ax = fig.add_subplot()
     if pairs:
-        labels = [f"{base.case}\n{base.mode} vs {base.provider}" for _, base, _ in pairs]
-        values = [s for _, _, s in pairs]
-        colors = ["tab:green" if s >= 1 else "tab:red" for s in values]
-        ax.bar(range(len(values)), values, color=colors)
-        ax.set_xticks(range(len(values)))
-        ax.set_xticklabels(labels, rotation=75, ha="right", fontsize=6)
-        ax.axhline(1.0, color="black", linewidth=0.8)
+        ratio_bars(ax, [(f"{base.case}\n{base.mode} vs {base.provider}", s) for _, base, s in pairs],
+                   "speedup of ours (baseline ms / ours ms)")
     else:
-        ax.text(0.5, 0.5, "no comparable results", ha="center")
-    ax.set_ylabel("speedup of ours (baseline ms / ours ms)")
-    ax.set_title(title + ("" if has_cuda() else " - CPU interpreter, not performance"), fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+        ax.text(0.5, 0.5, "no comparable results", ha="center", transform=ax.transAxes)
+    ax.set_title(title + cpu_note(), fontsize=9)
+    return fig
 
 
-def plot_scaling(rows, path, x_key, title, y="tflops", ylabel="TFLOP/s"):
-    """Lines: one per provider, y against shape[x_key], for one mode at a time."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+def sizes_text(rows, keys) -> str:
+    """The sizes of `keys` that `rows` measured, for a title: "H12 D64" when each key has one value, else
+    "B·T = 16,384" when their product has one, else every combination: "B x T = 1 x 32, 1 x 64"."""
+    combos = sorted({tuple(r.shape[k] for k in keys) for r in rows})
+    if len(combos) == 1:
+        return " ".join(f"{k}{v}" for k, v in zip(keys, combos[0]))
+    products = {math.prod(c) for c in combos}
+    if len(products) == 1:
+        return f"{'·'.join(keys)} = {products.pop():,}"
+    return f"{' x '.join(keys)} = " + ", ".join(" x ".join(map(str, c)) for c in combos)
 
-    modes = sorted({r.mode for r in rows})
-    fig, axes = plt.subplots(1, len(modes), figsize=(5 * len(modes), 4), squeeze=False)
+
+def scaling_figure(rows, x_key, title, y="tflops", ylabel="TFLOP/s", fallback=None):
+    """Lines: one per provider, y against shape[x_key], one panel per mode. Where no row has y (TFLOP/s
+    on a CPU) and `fallback` = (field, label) names another (("median_ms", "median ms")), that is drawn
+    instead; a provider's sizes without a measurement are named in its legend entry."""
+    from matplotlib.figure import Figure
+
+    log_y = False
+    if fallback and not any(getattr(r, y) is not None for r in rows):
+        (y, ylabel), log_y = fallback, True  # times of ours (interpreter) and eager lie decades apart
+    modes = list(dict.fromkeys(r.mode for r in rows))
+    fig = Figure(figsize=(5 * len(modes), 4), layout="constrained")
+    axes = fig.subplots(1, len(modes), squeeze=False)
     for ax, mode in zip(axes[0], modes):
         for provider in sorted({r.provider for r in rows}):
-            pts = sorted((r.shape[x_key], getattr(r, y)) for r in rows
-                         if r.mode == mode and r.provider == provider and getattr(r, y) is not None)
+            mine = [r for r in rows if r.mode == mode and r.provider == provider]
+            pts = sorted((r.shape[x_key], getattr(r, y)) for r in mine if getattr(r, y) is not None)
+            missing = sorted({r.shape[x_key] for r in mine if getattr(r, y) is None})
+            label = provider + (f" (not measured: {x_key}={', '.join(map(str, missing))})" if missing else "")
             if pts:
-                ax.plot(*zip(*pts), marker="o", label=provider)
+                ax.plot(*zip(*pts), marker="o", label=label)
         ax.set_xscale("log", base=2)
+        if log_y:
+            ax.set_yscale("log")
         ax.set_xlabel(x_key)
         ax.set_ylabel(ylabel)
         ax.set_title(f"{mode}", fontsize=9)
@@ -414,11 +553,15 @@ def plot_scaling(rows, path, x_key, title, y="tflops", ylabel="TFLOP/s"):
             ax.legend(fontsize=7)
         else:
             ax.text(0.5, 0.5, f"no {ylabel} measured on this device", ha="center", transform=ax.transAxes)
-    fig.suptitle(title + ("" if has_cuda() else " - CPU interpreter, not performance"), fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    fig.suptitle(title + cpu_note(), fontsize=9)
+    return fig
 
 
-def out_dir_for(base):
-    return Path(base) if base else Path("bench") / "results" / device_slug()
+def plot_scaling(rows, path, x_key, title, **kwargs):
+    scaling_figure(rows, x_key, title, **kwargs).savefig(path, dpi=120)
+
+
+def out_dir_for(base, device=None):
+    """Where results go: `base` when given, else bench/results/<device> under the current folder (the
+    device's name, e.g. nvidia-h100-80gb-hbm3 or cpu; or a fixed name such as "static")."""
+    return Path(base) if base else RESULTS_ROOT / (device or device_slug())

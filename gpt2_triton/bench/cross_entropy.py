@@ -9,7 +9,15 @@ import contextlib
 import torch
 import torch.nn.functional as F
 
-from gpt2_triton.bench.common import has_cuda, kernel_providers, matmul_flops, measure, plot_scaling, run_modes
+from gpt2_triton.bench.common import (
+    has_cuda,
+    kernel_providers,
+    matmul_flops,
+    measure,
+    plot_scaling,
+    run_modes,
+    sizes_text,
+)
 from gpt2_triton.kernels.loss import cross_entropy, linear_cross_entropy
 
 MODES = ("fwd", "bwd", "fwd+bwd")
@@ -86,5 +94,5 @@ def run(dtype, quick=False, sizes=None):
 def plots(rows, out_dir, title):
     ce = [r for r in rows if r.case.startswith("cross_entropy") and r.shape.get("M") == rows[0].shape.get("M")
           and r.shape.get("V") == r.shape.get("classes")]
-    plot_scaling(ce, out_dir / "cross_entropy_scaling.png", "V", f"cross-entropy vs vocab {title}",
-                 y="gbps", ylabel="GB/s")
+    plot_scaling(ce, out_dir / "cross_entropy_scaling.png", "V", f"cross-entropy vs vocab ({sizes_text(ce, ('M',))}) "
+                 f"{title}", y="gbps", ylabel="GB/s", fallback=("median_ms", "median ms"))

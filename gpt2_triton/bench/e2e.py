@@ -12,7 +12,16 @@ import time
 import torch
 
 from gpt2_triton import GPT, GPTConfig
-from gpt2_triton.bench.common import Row, has_cuda, record, timed_call_s, wall_clock_ms
+from gpt2_triton.bench.common import (
+    CPU_THREADS,
+    WARMUP_MS,
+    Row,
+    cpu_threads,
+    has_cuda,
+    record,
+    timed_call_s,
+    wall_clock_ms,
+)
 from gpt2_triton.kernels.autotune import accounting
 from gpt2_triton.training.metrics import device_peak_flops, mfu
 from gpt2_triton.training.step import train_step
@@ -30,6 +39,11 @@ def setup(quick):
     if quick:  # CPU: a tiny model through the interpreter, just to keep the code working
         return GPTConfig.from_preset("tiny", vocab_size=512, pad_vocab_to=64), [2], 32, 1, 2
     return GPTConfig.from_preset("gpt2", pad_vocab_to=128), [16, 32, 64], 1024, 3, 10
+
+
+def step_dtype() -> str:
+    """What a step computes in: bf16 autocast on CUDA, fp32 on CPU (train_step_fn)."""
+    return "bf16-autocast" if has_cuda() else "float32"
 
 
 def train_step_fn(model, optimizer, x, y, device):
@@ -57,7 +71,7 @@ def run(dtype=torch.bfloat16, quick=False, batch_sizes=None, stacks=None, warmup
         for provider in stacks or STACKS:
             kernels, compile_model = STACKS[provider]
             if compile_model and not has_cuda():
-                rows.append(record(Row("e2e", case, provider, "step", shape, "bf16-autocast", None,
+                rows.append(record(Row("e2e", case, provider, "step", shape, step_dtype(), None,
                                        error=COMPILE_NEEDS_CUDA)))
                 continue
             rows.append(record(_measure_stack(config, kernels, compile_model, B, T, device, peak, warmup,
@@ -78,15 +92,16 @@ def _measure_stack(config, kernels, compile_model, B, T, device, peak, warmup, r
         step = train_step_fn(runner, optimizer, x, y, device)
         if has_cuda():
             torch.cuda.reset_peak_memory_stats()
-        with accounting() as first:
-            first_step_s = timed_call_s(step)
-        cold_start_s = time.perf_counter() - cold_start
-        cost = first.per_kernel().values()
-        med, p20, p80 = wall_clock_ms(step, warmup - 1, reps)
+        with cpu_threads(CPU_THREADS):
+            with accounting() as first:
+                first_step_s = timed_call_s(step)
+            cold_start_s = time.perf_counter() - cold_start
+            cost = first.per_kernel().values()
+            med, p20, p80 = wall_clock_ms(step, warmup - 1, reps, warmup_ms=WARMUP_MS - 1e3 * first_step_s)
         tokens_per_s = B * T / (med * 1e-3)
         util = mfu(model.flops_per_token(T), tokens_per_s, peak)
-        return Row("e2e", case, provider, "step", shape, "bf16-autocast", med, p20, p80,
-                   tflops=model.flops_per_token(T) * tokens_per_s / 1e12,
+        return Row("e2e", case, provider, "step", shape, step_dtype(), med, p20, p80,
+                   tflops=model.flops_per_token(T) * tokens_per_s / 1e12 if has_cuda() else None,
                    peak_mb=torch.cuda.max_memory_allocated() / 2**20 if has_cuda() else None,
                    extra={"tokens_per_s": round(tokens_per_s), "mfu": None if util is None else round(util, 4),
                           "kernels": kernels, "compile": compile_model, "first_step_s": round(first_step_s, 2),
@@ -96,9 +111,10 @@ def _measure_stack(config, kernels, compile_model, B, T, device, peak, warmup, r
                           "first_step_compile_s": round(sum(c["compile_s"] for c in cost), 2),
                           "first_step_tunings": sum(c["tunings"] for c in cost),
                           "first_step_tune_s": round(sum(c["tune_s"] for c in cost), 2),
-                          "warmup_steps": warmup, "timed_steps": reps})
+                          "warmup_steps": warmup, "timed_steps": reps,
+                          **({} if has_cuda() else {"threads": CPU_THREADS})})
     except Exception as e:  # e.g. out of memory at a large micro-batch
-        return Row("e2e", case, provider, "step", shape, "bf16-autocast", None, error=f"{type(e).__name__}: {e}"[:300])
+        return Row("e2e", case, provider, "step", shape, step_dtype(), None, error=f"{type(e).__name__}: {e}"[:300])
     finally:
         del model, optimizer
         if has_cuda():

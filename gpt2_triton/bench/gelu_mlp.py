@@ -1,9 +1,10 @@
 """Fused GELU-MLP vs cuBLAS (F.linear) + F.gelu eager and torch.compile; linear_gelu alone; and each
-epilogue-free product of the MLP alone (our matmul launcher vs cuBLAS)."""
+epilogue-free product of the MLP alone (our matmul launcher vs the vendor's: `matmul_provider`, cublas on
+CUDA, the CPU's BLAS on a CPU)."""
 import torch
 import torch.nn.functional as F
 
-from gpt2_triton.bench.common import has_cuda, kernel_providers, matmul_flops, measure, run_modes
+from gpt2_triton.bench.common import has_cuda, kernel_providers, matmul_flops, matmul_provider, measure, run_modes
 from gpt2_triton.kernels import mlp, reference
 from gpt2_triton.kernels.mlp import gelu_mlp, linear_gelu
 
@@ -49,25 +50,26 @@ def run(dtype, quick=False, sizes=None):
             for mode, call in run_modes(lambda fn=fn: fn(x, fc_w, fc_b), [x, fc_w, fc_b], MODES).items():
                 rows.append(measure("gelu_mlp", f"linear_gelu M{M}-C{C}-H{Hd}", name, mode, call, shape,
                                     dtype_name, flops=lg_flops[mode], grad_to_none=[x, fc_w, fc_b], quick=quick))
-        # The products alone, ours vs cuBLAS: c_fc's matmul (no epilogue), c_proj / dx (M x C, K = H) and the
-        # weight grads (K = M): ours with the split-K the launcher picks on this device, without split-K,
-        # and cuBLAS (its bf16 result cast to the fp32 grad).
+        # The products alone, ours vs the vendor's (cuBLAS): c_fc's matmul (no epilogue), c_proj / dx (M x C,
+        # K = H) and the weight grads (K = M): ours with the split-K the launcher picks on this device, without
+        # split-K, and the vendor's (its bf16 result cast to the fp32 grad).
         a, b = x.detach(), fc_w.detach().t()
         h = torch.randn(M, Hd, device=device, dtype=dtype, generator=gen)
         dpre = torch.randn(M, Hd, device=device, dtype=dtype, generator=gen)
         w_grad = torch.empty(Hd, C, device=device, dtype=torch.float32)
         split = mlp._split_k(Hd, C, M, mlp.sm_count(a.device) or 1)
         fc_out, proj_out = torch.empty_like(h), torch.empty_like(a)
+        vendor = matmul_provider()
         products = [
             (f"matmul M{M}-K{C}-N{Hd}", (M, Hd, C), {
-                "triton": lambda: mlp._launch_matmul(a, b, fc_out), "cublas": lambda: a @ b}),
+                "triton": lambda: mlp._launch_matmul(a, b, fc_out), vendor: lambda: a @ b}),
             (f"c_proj M{M}-K{Hd}-N{C}", (M, C, Hd), {
                 "triton": lambda: mlp._launch_matmul(h, proj_w.detach().t(), proj_out),
-                "cublas": lambda: h @ proj_w.detach().t()}),
+                vendor: lambda: h @ proj_w.detach().t()}),
             (f"dW_fc M{Hd}-K{M}-N{C} split{split}", (Hd, C, M), {
                 "triton": lambda: mlp._launch_matmul(dpre.t(), a, w_grad, split_k=split),
                 "triton-nosplit": lambda: mlp._launch_matmul(dpre.t(), a, w_grad),
-                "cublas": lambda: w_grad.copy_(dpre.t() @ a)}),
+                vendor: lambda: w_grad.copy_(dpre.t() @ a)}),
         ]
         for case, (pm, pn, pk), providers in products:
             for name, fn in providers.items():

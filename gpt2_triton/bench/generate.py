@@ -13,7 +13,18 @@ import contextlib
 import torch
 
 from gpt2_triton import GPT, GPTConfig
-from gpt2_triton.bench.common import DTYPES, Row, environment, format_table, has_cuda, wall_clock_ms, write_results
+from gpt2_triton.bench.common import (
+    DTYPES,
+    Row,
+    check_rows,
+    cpu_columns_note,
+    environment,
+    format_table,
+    has_cuda,
+    out_dir_for,
+    wall_clock_ms,
+    write_results,
+)
 
 MODELS = {
     "gpt2": GPTConfig.from_preset("gpt2", pad_vocab_to=128),  # 124M
@@ -78,15 +89,19 @@ def main(argv=None):
                    help="default: gpt2 on a GPU, small on CPU")
     p.add_argument("--dtype", default="bf16", choices=sorted(DTYPES), help="autocast dtype on a GPU (CPU: fp32)")
     p.add_argument("--quick", action="store_true", help="tiny model, few tokens; triton through the interpreter on CPU")
-    p.add_argument("--out", default=None, help="also write generate.jsonl/.md/.png to this folder")
+    p.add_argument("--out", default=None, help="results folder for generate.jsonl/.md/.png "
+                                               "(default: bench/results/<device> in the current folder)")
     args = p.parse_args(argv)
     env = environment()
     print(f"# {env['device']} | torch {env['torch']} | threads {torch.get_num_threads()} | commit {env['git_commit']}")
     rows = run(DTYPES[args.dtype], quick=args.quick, model=args.model)
+    check_rows(rows)
     print(format_table(rows, ours="kv-cache"))
+    if not has_cuda():
+        print(cpu_columns_note())
     print(summary(rows))
-    if args.out:
-        write_results(rows, args.out, "generate", env)
+    out_dir = write_results(rows, out_dir_for(args.out), "generate", env)
+    print(f"results in {out_dir}")
     return rows
 
 

@@ -41,14 +41,25 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Optional
 
 import torch
 
 from gpt2_triton.bench import e2e
-from gpt2_triton.bench.common import SHORT_OP_MS, environment, has_cuda, nvidia_smi, out_dir_for, session
+from gpt2_triton.bench.common import (
+    SHORT_OP_MS,
+    Row,
+    check_rows,
+    cpu_note,
+    environment,
+    has_cuda,
+    nvidia_smi,
+    out_dir_for,
+    ratio_bars,
+    session,
+)
 from gpt2_triton.bench.layer_norm import device_bandwidth
 from gpt2_triton.kernels import KERNEL_MODULES
 from gpt2_triton.kernels.autotune import accounting, tuning_record
@@ -548,12 +559,16 @@ def evaluate(goal, rows, env):
             out.append((case, "", None, f"ours: {ours['error'] if ours else 'no row'}"))
             continue
         if goal.metric == "tflops":
-            out.append((case, f"{ours['tflops']:.0f} TFLOP/s", ours["tflops"], ""))
+            if ours["tflops"] is None:
+                out.append((case, "", None, "no TFLOP/s: measured on CUDA only"))
+            else:
+                out.append((case, f"{ours['tflops']:.0f} TFLOP/s", ours["tflops"], ""))
             continue
         if goal.metric == "bandwidth":
             bandwidth = env.get("hbm_bandwidth_gbps")
             if not bandwidth or not ours["gbps"]:
-                out.append((case, "", None, "HBM bandwidth of this device unknown"))
+                out.append((case, "", None, "HBM bandwidth of this device unknown" if ours["gbps"] else
+                            "no GB/s: measured on CUDA only"))
                 continue
             frac = ours["gbps"] / bandwidth
             out.append((case, f"{100 * frac:.0f}% ({ours['gbps']:.0f} of {bandwidth:.0f} GB/s)", frac, ""))
@@ -666,6 +681,7 @@ def write_summary(out, records, env, budget=None):
     md += ["", "Cold start: model built, optimizer made and the first training step done (in a job process "
                "after the preflight's precompile and the kernel jobs' tunings on this machine)."]
 
+    md += ["", "## Sanity checks", "", _sanity_text(rows)]
     md += ["", "## Correctness: `pytest -m gpu`", "", _pytest_text(records)]
     md += ["", "## Compiling and autotuning", "", _cost_text(records, env)]
     md += ["", "## Stages", "", "| stage / job | time allowed s | took s | status |", "|---|---:|---:|---|"]
@@ -681,6 +697,16 @@ def write_summary(out, records, env, budget=None):
            f"Every row (all providers, p20/p80, peak memory, first-call times) is in `{RESULTS}`; "
            f"the environment in `{ENV}`; job output in `{RUN_LOG}` and `{PYTEST_LOG}`."]
     (Path(out) / SUMMARY).write_text("\n".join(md) + "\n")
+
+
+def _sanity_text(rows):
+    """check_rows over every measured row: each failure, or that all passed."""
+    names = {f.name for f in fields(Row)}
+    problems = check_rows([Row(**{k: v for k, v in r.items() if k in names}) for r in rows.rows])
+    if not problems:
+        return ("Every measured row passed (a fwd+bwd is not faster than its fwd or bwd alone; TFLOP/s stay "
+                "under the device's peak).")
+    return "\n".join(f"- FAILED {text}" for text in problems)
 
 
 def _pytest_text(records):
@@ -786,39 +812,33 @@ def _cost_text(records, env):
 
 # --- plots ---------------------------------------------------------------------------------------
 def write_plots(out, records, env):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
     rows = Rows(records)
-    note = "" if has_cuda() else " - CPU interpreter, not performance"
-    pairs = []
-    for r in [r for r in rows.rows if r["stage"] == "kernels" and r["provider"] == OURS and r["median_ms"]]:
+    note = cpu_note(_on_gpu(env))
+    pairs = []  # (label, speed-up, memory ratio); None where ours or every baseline was not measured
+    for r in [r for r in rows.rows if r["stage"] == "kernels" and r["provider"] == OURS]:
         base = rows.best_baseline(r["case"], r["mode"])
-        if base:
+        if base and r["median_ms"]:
             mem = base["peak_mb"] / r["peak_mb"] if base["peak_mb"] and r["peak_mb"] else None
             pairs.append((f"{r['case']}\n{r['mode']} vs {base['provider']}", base["median_ms"] / r["median_ms"], mem))
-    fig, axes = plt.subplots(1, 2, figsize=(max(8, 0.5 * len(pairs) + 4), 5))
+        else:
+            pairs.append((f"{r['case']}\n{r['mode']}", None, None))
+    fig = Figure(figsize=(max(8, 0.5 * len(pairs) + 4), 5), layout="constrained")
+    axes = fig.subplots(1, 2)
     for ax, idx, ylabel in ((axes[0], 1, "speedup (fastest baseline ms / ours ms)"),
                             (axes[1], 2, "peak memory ratio (baseline / ours)")):
-        values = [(p[0], p[idx]) for p in pairs if p[idx] is not None]
-        if values:
-            ax.bar(range(len(values)), [v for _, v in values],
-                   color=["tab:green" if v >= 1 else "tab:red" for _, v in values])
-            ax.set_xticks(range(len(values)))
-            ax.set_xticklabels([label for label, _ in values], rotation=75, ha="right", fontsize=6)
-            ax.axhline(1.0, color="black", linewidth=0.8)
+        if pairs:
+            ratio_bars(ax, [(p[0], p[idx]) for p in pairs], ylabel)
         else:
             ax.text(0.5, 0.5, "nothing measured", ha="center", transform=ax.transAxes)
-        ax.set_ylabel(ylabel, fontsize=8)
     fig.suptitle(f"kernels at GPT-2 124M shapes on {env.get('device')}{note}", fontsize=9)
-    fig.tight_layout()
     fig.savefig(Path(out) / KERNELS_PNG, dpi=110)
-    plt.close(fig)
 
     stacks = [(job.name, rows.e2e(job.name)) for job in JOBS if job.stage == "e2e"]
     stacks = [(name, r) for name, r in stacks if r and r["median_ms"]]
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig = Figure(figsize=(6, 4), layout="constrained")
+    ax = fig.add_subplot()
     if stacks:
         ax.bar(range(len(stacks)), [r["extra"]["tokens_per_s"] for _, r in stacks], color="tab:blue")
         for i, (_, r) in enumerate(stacks):
@@ -831,9 +851,7 @@ def write_plots(out, records, env):
         ax.text(0.5, 0.5, "nothing measured", ha="center", transform=ax.transAxes)
     ax.set_ylabel("tokens/s")
     ax.set_title(f"one training step on {env.get('device')}{note}", fontsize=9)
-    fig.tight_layout()
     fig.savefig(Path(out) / E2E_PNG, dpi=110)
-    plt.close(fig)
 
 
 # --- entry ---------------------------------------------------------------------------------------

@@ -101,6 +101,10 @@ class TrainConfig:
     peak_flops: float | None = opt(None, "bf16 peak FLOP/s of one device, for MFU; none: from the table of "
                                          "known GPUs", gt=0)
     plot: bool = opt(True, "write loss.png at the end")
+    log_every: int = opt(1, "print a step line every N steps, and this process's first and the last step "
+                            "(on a terminal a progress bar shows every step)", ge=1)
+    quiet: bool = opt(False, "no step lines, progress bar or samples: only the header, evaluations, checkpoints "
+                             "and the closing summary")
 
 
 PRESETS = {
@@ -113,7 +117,7 @@ PRESETS = {
         model="gpt2", block_size=128, n_layer=4, n_head=4, n_embd=128, data="pystdlib", seq_len=128,
         micro_batch=8, total_batch=None, max_steps=200, warmup_steps=20, max_lr=3e-3,
         val_every=50, val_steps=5, hellaswag_every=0, sample_every=100, sample_count=2, sample_tokens=32,
-        checkpoint_every=100,
+        checkpoint_every=100, log_every=10,
     ),
 }
 MODEL_FIELDS = ("model", "block_size", "vocab_size", "n_layer", "n_head", "n_embd", "pad_vocab_to")
@@ -121,7 +125,7 @@ MODEL_FIELDS = ("model", "block_size", "vocab_size", "n_layer", "n_head", "n_emb
 RESUME_MAY_CHANGE = (
     "max_steps", "lr_decay_steps", "kernels", "data_dir", "fused_adamw", "device", "dtype", "compile", "dist_timeout",
     "val_every", "val_steps", "hellaswag_every", "hellaswag", "hellaswag_limit", "sample_every", "sample_count",
-    "sample_tokens", "checkpoint_every", "keep_checkpoints", "peak_flops", "plot",
+    "sample_tokens", "checkpoint_every", "keep_checkpoints", "peak_flops", "plot", "log_every", "quiet",
 )
 RESUME_IGNORED = ("preset", "run_dir", "resume", "overwrite")  # how the run is named and started
 

@@ -1,4 +1,5 @@
-"""Helpers for train.py: the LR schedule, MFU, peak memory, the metrics log and the loss plot."""
+"""Helpers for train.py: the LR schedule, MFU, peak memory, the metrics log, the loss smoothing and the
+loss plot."""
 import json
 import math
 import resource
@@ -46,12 +47,6 @@ def peak_memory_mb(device) -> float:
         return torch.cuda.max_memory_allocated(device) / 2**20
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss / 2**20 if sys.platform == "darwin" else rss / 2**10  # bytes on macOS, KiB on Linux
-
-
-def format_step(step, max_steps, loss, lr, grad_norm, step_ms, tokens_per_s, mfu_value, mem_mb) -> str:
-    mfu_text = "n/a" if mfu_value is None else f"{100 * mfu_value:.1f}%"
-    return (f"step {step:>6}/{max_steps} | loss {loss:.4f} | lr {lr:.2e} | norm {grad_norm:.3f} | "
-            f"{step_ms:.0f} ms | {tokens_per_s:,.0f} tok/s | MFU {mfu_text} | mem {mem_mb:,.0f} MB")
 
 
 class MetricsLog:
@@ -102,34 +97,66 @@ def read_metrics(path, kind=None, superseded: bool = False) -> list[dict]:
     return [r for r in rows if kind is None or r.get("kind") == kind]
 
 
-def plot_metrics(metrics_path, out_path) -> Path:
-    """loss.png: train and val loss against step, and HellaSwag acc_norm when there is any."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+def ema_beta(n_steps: int) -> float:
+    """The smoothing of the train loss curve: an EMA over about n_steps / 20 steps (5 to 100)."""
+    return 1 - 1 / min(100, max(5, n_steps // 20))
+
+
+def ema(values, beta: float) -> list[float]:
+    """Exponential moving average, bias-corrected (Adam's way), so it starts at the first value."""
+    out, avg = [], 0.0
+    for i, value in enumerate(values, 1):
+        avg = beta * avg + (1 - beta) * value
+        out.append(avg / (1 - beta**i))
+    return out
+
+
+HELLASWAG_GPT2 = 0.2955  # GPT-2 124M's HellaSwag acc_norm, the line a run aims to cross
+
+
+def loss_figure(metrics_path):
+    """The figure of loss.png: the train loss per step (faint) and EMA-smoothed, the val loss, the learning
+    rate in a panel below; HellaSwag acc_norm beside them when the run has any. Line labels name each
+    series (a test reads them back)."""
+    from matplotlib.figure import Figure
 
     train, val, hella = (read_metrics(metrics_path, kind) for kind in ("train", "val", "hellaswag"))
-    ncols = 2 if hella else 1
-    fig, axes = plt.subplots(1, ncols, figsize=(7 * ncols, 4.5), squeeze=False)
-    ax = axes[0, 0]
-    ax.plot([r["step"] for r in train], [r["loss"] for r in train], label="train", lw=1)
+    fig = Figure(figsize=(12 if hella else 7.5, 5.5), layout="constrained")
+    grid = fig.add_gridspec(2, 2 if hella else 1, height_ratios=(3, 1))
+    ax = fig.add_subplot(grid[0, 0])
+    ax_lr = fig.add_subplot(grid[1, 0], sharex=ax)
+    steps, losses = [r["step"] for r in train], [r["loss"] for r in train]
+    beta = ema_beta(len(losses))
+    ax.plot(steps, losses, color="tab:blue", alpha=0.35, lw=0.8, label="train, per step")
+    ax.plot(steps, ema(losses, beta), color="tab:blue", lw=1.8, label=f"train, EMA (β = {beta:.2f})")
     if val:
-        ax.plot([r["step"] for r in val], [r["val_loss"] for r in val], "o-", label="val")
-    ax.set_xlabel("step")
+        ax.plot([r["step"] for r in val], [r["val_loss"] for r in val], "o-", color="tab:orange", ms=4, lw=1.2,
+                label="val")
     ax.set_ylabel("loss")
-    ax.set_title("loss")
     ax.grid(alpha=0.3)
     ax.legend()
+    ax.tick_params(labelbottom=False)
+    ax_lr.plot(steps, [r["lr"] for r in train], color="tab:green", lw=1.2, label="lr")
+    ax_lr.set_ylabel("learning rate")
+    ax_lr.set_xlabel("step")
+    ax_lr.ticklabel_format(axis="y", style="sci", scilimits=(0, 0))
+    ax_lr.grid(alpha=0.3)
     if hella:
-        ax = axes[0, 1]
-        ax.plot([r["step"] for r in hella], [r["acc_norm"] for r in hella], "o-", label="acc_norm")
-        ax.axhline(0.2955, ls="--", color="gray", label="GPT-2 124M (0.2955)")
-        ax.set_xlabel("step")
-        ax.set_title("HellaSwag")
-        ax.grid(alpha=0.3)
-        ax.legend()
-    fig.tight_layout()
+        ax_h = fig.add_subplot(grid[:, 1])
+        ax_h.plot([r["step"] for r in hella], [r["acc_norm"] for r in hella], "o-", color="tab:purple", ms=4,
+                  label="HellaSwag acc_norm")
+        ax_h.axhline(HELLASWAG_GPT2, ls="--", color="gray", label=f"GPT-2 124M ({HELLASWAG_GPT2})")
+        ax_h.set_xlabel("step")
+        ax_h.set_title("HellaSwag")
+        ax_h.grid(alpha=0.3)
+        ax_h.legend()
+    last = f", val {val[-1]['val_loss']:.3f} at step {val[-1]['step']}" if val else ""
+    fig.suptitle(f"{Path(metrics_path).parent.name}: {len(train)} steps{last}")
+    return fig
+
+
+def plot_metrics(metrics_path, out_path) -> Path:
+    """Write loss.png (`loss_figure`)."""
     out_path = Path(out_path)
-    fig.savefig(out_path, dpi=100)
-    plt.close(fig)
+    loss_figure(metrics_path).savefig(out_path, dpi=100)
     return out_path

@@ -3,7 +3,6 @@ samples and checkpoints; Ctrl-C and SIGTERM save before stopping. `training_sess
 processes, the run folder and the data around it; `train(cfg)` is a whole run in this process."""
 import contextlib
 import gc
-import json
 import re
 import signal
 import sys
@@ -59,11 +58,11 @@ from gpt2_triton.training.metrics import (
     MetricsLog,
     cosine_lr,
     device_peak_flops,
-    format_step,
     mfu,
     peak_memory_mb,
     plot_metrics,
 )
+from gpt2_triton.training.report import Report, header_lines, summary_lines
 from gpt2_triton.training.run_dir import claim_run_dir
 from gpt2_triton.training.step import autocast_context, train_step, weights_finite
 
@@ -86,6 +85,7 @@ class TrainingInterrupted(Exception):
 class Trainer:
     def __init__(self, cfg: TrainConfig, ctx: DistContext, resume_from: Path | None = None):
         self.cfg, self.ctx, self.device = cfg, ctx, ctx.device
+        self.report = Report(ctx.is_main, cfg.quiet, cfg.log_every)
         self.amp_dtype = {"bfloat16": torch.bfloat16, "float32": None}[cfg.dtype]
         self.run_dir = Path(cfg.run_dir)
         self.grad_accum = cfg.total_batch // (cfg.micro_batch * cfg.seq_len * ctx.world_size)
@@ -146,9 +146,8 @@ class Trainer:
         if self.metrics is not None:
             self.metrics.log(kind, **fields)
 
-    def print(self, *args):
-        if self.ctx.is_main:
-            print(*args, flush=True)
+    def print(self, text: str):
+        self.report.print(text)
 
     # --- checkpoints ---
     def checkpoint_state(self) -> dict | None:
@@ -186,7 +185,7 @@ class Trainer:
         prune_checkpoints(self.run_dir, self.cfg.keep_checkpoints)  # never the newest one that verifies
         self.saving = False
         self.last_saved, self.saved_step = path, self.step
-        self.print(f"saved checkpoint {path}")
+        self.report.event(self.step, f"saved checkpoint {path}")
         return path
 
     def update_done(self, *_):
@@ -219,6 +218,7 @@ class Trainer:
         except (NonFiniteError, TrainingInterrupted):
             raise
         except Exception as e:
+            self.report.close()  # end the progress bar's line before the save and the error are printed
             saved = self.save_last_completed()
             note = (f"saved step {self.step} to {saved}; fix it and continue with --resume" if saved else
                     f"last good checkpoint: {newest_verified_checkpoint(self.run_dir)}")
@@ -285,7 +285,8 @@ class Trainer:
         self.model.eval()
         self.val_loader.reset()
         total = torch.zeros((), device=self.device)
-        for _ in tqdm(range(self.cfg.val_steps), desc="val", leave=False, disable=None if self.ctx.is_main else True):
+        for _ in tqdm(range(self.cfg.val_steps), desc="val", leave=False,
+                      disable=None if self.ctx.is_main and not self.cfg.quiet else True):
             x, y = self.val_loader.next_batch()
             with autocast_context(self.device, self.amp_dtype):
                 _, loss = self.model(x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True))
@@ -294,7 +295,7 @@ class Trainer:
         val_loss = all_reduce_mean(total, self.ctx).item()
         self.last_val_loss = val_loss
         self.best_val_loss = val_loss if self.best_val_loss is None else min(self.best_val_loss, val_loss)
-        self.print(f"step {self.step:>6} | val loss {val_loss:.4f}")
+        self.report.event(self.step, f"val loss {val_loss:.4f} (best {self.best_val_loss:.4f})")
         self.log("val", step=self.step, val_loss=val_loss)
         return val_loss
 
@@ -315,8 +316,8 @@ class Trainer:
     def eval_hellaswag(self):
         result = hellaswag.evaluate_hellaswag(self.raw_model, self.hellaswag_examples, self.device,
                                               self.ctx.rank, self.ctx.world_size, self.amp_dtype)
-        self.print(f"step {self.step:>6} | HellaSwag acc {result['acc']:.4f} acc_norm {result['acc_norm']:.4f} "
-                   f"({result['n']} examples)")
+        self.report.event(self.step, f"HellaSwag acc_norm {result['acc_norm']:.4f}, acc {result['acc']:.4f} "
+                                     f"({result['n']} examples)")
         self.log("hellaswag", step=self.step, **result)
 
     def sample(self) -> list[str]:
@@ -330,8 +331,8 @@ class Trainer:
                                           generator=generator)
         self.raw_model.train()
         texts = [enc.decode(row.tolist()) for row in out]
-        for text in texts:
-            self.print(f"sample: {text!r}")
+        for i, text in enumerate(texts):
+            self.report.event(self.step, f"sample {i}: {text!r}", detail=True)
         self.log("sample", step=self.step, text=texts)
         return texts
 
@@ -380,9 +381,10 @@ class Trainer:
         """Train to max_steps and return this run's per-step records. Raises TrainingInterrupted after
         saving when a SIGINT/SIGTERM stopped it early."""
         cfg = self.cfg
-        self.print(f"model: {self.raw_model.num_params():,} parameters, kernels {self.raw_model.kernels}")
-        self.print(f"{self.grad_accum} micro-steps of {cfg.micro_batch}x{cfg.seq_len} x {self.ctx.world_size} "
-                   f"process(es) = {cfg.total_batch:,} tokens per step")
+        for line in header_lines(cfg, self.raw_model.num_params(), self.raw_model.kernels, self.grad_accum,
+                                 self.ctx.world_size, int(self.train_loader.sizes.sum()), self.step):
+            self.print(line)
+        self.report.start(self.step, cfg.max_steps)
         if self.step == 0 and cfg.val_every:
             self.validate()
         history = []
@@ -393,8 +395,7 @@ class Trainer:
             except NonFiniteError as e:
                 raise NonFiniteError(f"{e}; last good checkpoint: {newest_verified_checkpoint(self.run_dir)}") from None
             history.append(record)
-            self.print(format_step(self.step, cfg.max_steps, record["loss"], record["lr"], record["grad_norm"],
-                                   record["step_ms"], record["tokens_per_s"], record["mfu"], record["peak_mem_mb"]))
+            self.report.step(record)
             self.log("train", **record)
             self.after_step()
             if self.due(cfg.checkpoint_every):
@@ -402,10 +403,16 @@ class Trainer:
             if self.step < cfg.max_steps and (stop := self.stop_signal_all_ranks()):
                 self.print(f"{signal.Signals(stop).name}: saving step {self.step} and stopping")
                 break
+        self.report.close()
         if saved_at != self.step:
             self.save()
-        if self.ctx.is_main and cfg.plot:
-            plot_metrics(self.run_dir / "metrics.jsonl", self.run_dir / "loss.png")
+        plot = self.run_dir / "loss.png" if cfg.plot else None
+        if self.ctx.is_main:
+            if plot:
+                plot_metrics(self.run_dir / "metrics.jsonl", plot)
+            for line in summary_lines(cfg, history, self.report.elapsed(), self.last_saved, plot,
+                                      signal.Signals(stop).name if stop else None):
+                self.print(line)
         if stop:
             raise TrainingInterrupted(stop, self.step, latest_checkpoint(self.run_dir), history)
         return history
@@ -487,8 +494,6 @@ def train(cfg: TrainConfig) -> list[dict]:
         with sigterm_raises():  # until the loop's own handlers: SIGTERM cleans up as Ctrl-C does
             lock, resume_from = on_rank0(ctx, lambda: claim_run_dir(cfg)) or (None, None)
             resume_from = broadcast(resume_from, ctx)
-            if ctx.is_main:
-                print("config:\n" + json.dumps(asdict(cfg), indent=2), flush=True)
             if ctx.device.type == "cuda":
                 torch.set_float32_matmul_precision("high")
             on_rank0(ctx, lambda: prepare_data(cfg))
@@ -512,6 +517,8 @@ def train(cfg: TrainConfig) -> list[dict]:
                 f"{newest_verified_checkpoint(cfg.run_dir) if cfg.run_dir else None}; continue with --resume") from None
         raise
     finally:
+        if trainer is not None:
+            trainer.report.close()  # an error ends the progress bar's line before it is printed
         trainer = None  # free DDP's reducer before its process group: gloo aborts at exit otherwise
         gc.collect()
         if dist.is_initialized():

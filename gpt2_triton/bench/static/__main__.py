@@ -5,6 +5,7 @@ import json
 import os
 import sys
 
+from gpt2_triton.bench.common import out_dir_for
 from gpt2_triton.bench.static import profile
 from gpt2_triton.bench.static.native import ptxas_path
 
@@ -12,7 +13,7 @@ from gpt2_triton.bench.static.native import ptxas_path
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m gpt2_triton.bench.static",
                                 description="Static performance profile at GPT-2 124M training shapes (no GPU).")
-    p.add_argument("--out", default="bench/results/static", help="output folder (default bench/results/static)")
+    p.add_argument("--out", default=None, help="results folder (default: bench/results/static in the current folder)")
     p.add_argument("--python", action="append", default=[], metavar="OTHER_PYTHON",
                    help="also compile with this interpreter's triton (e.g. a venv with triton 3.6); repeatable")
     p.add_argument("--quick", action="store_true", help="only the first (hand-picked) autotune candidate per launch")
@@ -30,8 +31,8 @@ def main(argv=None):
     if ptxas_path() is None:
         sys.exit("python -m gpt2_triton.bench.static: triton's NVIDIA backend or its ptxas is missing: "
                  "cannot compile for sm_90")
-    profile.run(args.out, pythons=[None, *args.python], quick=args.quick, jobs=args.jobs, batch=args.batch,
-                only=args.only)
+    profile.run(out_dir_for(args.out, device="static"), pythons=[None, *args.python], quick=args.quick,
+                jobs=args.jobs, batch=args.batch, only=args.only)
 
 
 if __name__ == "__main__":
