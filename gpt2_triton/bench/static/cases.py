@@ -168,6 +168,10 @@ def launch_tag(launch: Launch) -> str:
         parts.append(f"D{a['HEAD_DIM']}")
     if "CAUSAL" in a:
         parts.append("causal" if a["CAUSAL"] else "full")
+    if a.get("DOCS"):
+        parts.append("docs")
+    if a.get("HAS_USED"):
+        parts.append("seqused")
     if "EPILOGUE" in a:
         parts.append(["none", "gelu", "geluGrad"][a["EPILOGUE"]])
         parts.append("bias" if a["HAS_BIAS"] else "nobias")
