@@ -14,14 +14,14 @@ import torch.nn.functional as F
 
 from gpt2_triton import kernels as triton_kernels
 from gpt2_triton.kernels import reference
-from gpt2_triton.kernels.utils import is_interpreter, merge_heads, split_heads
+from gpt2_triton.kernels.utils import document_bounds, is_interpreter, merge_heads, split_heads
 
 OP_NAMES = ("layer_norm", "attention", "gelu_mlp", "cross_entropy")
 IMPLS = ("torch", "triton")
 # op -> the public functions that serve it (each implemented in torch below and in gpt2_triton.kernels)
 OP_FUNCTIONS = {
     "layer_norm": ("layer_norm",),
-    "attention": ("flash_attention", "flash_attention_qkv"),
+    "attention": ("flash_attention", "flash_attention_qkv", "flash_attention_varlen"),
     "gelu_mlp": ("gelu_mlp",),
     "cross_entropy": ("cross_entropy", "linear_cross_entropy"),
 }
@@ -37,10 +37,67 @@ def torch_attention(q, k, v, causal=True, scale=None):
     return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale)
 
 
-def torch_attention_qkv(qkv, n_head, causal=True, scale=None):
-    """The (B, T, 3C) QKV projection -> (B, T, C), heads side by side, through SDPA."""
+def torch_attention_qkv(qkv, n_head, causal=True, scale=None, documents=None):
+    """The (B, T, 3C) QKV projection -> (B, T, C), heads side by side, through SDPA; with documents (from
+    `torch_document_mask`) through FlexAttention's block mask or SDPA's dense mask."""
     q, k, v = split_heads(qkv, n_head)  # (B, nh, T, hs) each
-    return merge_heads(torch_attention(q, k, v, causal, scale))
+    if documents is None:
+        return merge_heads(torch_attention(q, k, v, causal, scale))
+    if not causal:
+        raise ValueError("attention_qkv: the torch kernels' document masks are causal; got causal=False")
+    if isinstance(documents, torch.Tensor):  # (B, 1, T, T) bool
+        return merge_heads(F.scaled_dot_product_attention(q, k, v, attn_mask=documents, scale=scale))
+    return merge_heads(_compiled_flex_attention()(q, k, v, block_mask=documents, scale=scale))
+
+
+@functools.cache
+def _compiled_flex_attention():
+    """FlexAttention runs its fused kernels only compiled (eager it builds the full score matrix)."""
+    from torch.nn.attention.flex_attention import flex_attention
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def torch_document_mask(starts):
+    """(B, T) bool document starts -> the causal document mask torch_attention_qkv takes, built once per
+    forward: on CUDA a FlexAttention BlockMask (whole tiles across documents are skipped); elsewhere a
+    dense (B, 1, T, T) bool mask for SDPA, since FlexAttention on CPU has no backward (torch 2.13) and
+    its forward is slower than SDPA with the mask."""
+    documents = document_bounds(starts)  # (B, 2, T)
+    if starts.device.type != "cuda":
+        return reference.document_mask(documents, causal=True)
+    from torch.nn.attention.flex_attention import create_block_mask
+    first = documents[:, 0]  # (B, T): where each token's document begins
+
+    def causal_document(b, h, q_idx, kv_idx):
+        return (kv_idx >= first[b, q_idx]) & (kv_idx <= q_idx)
+    B, T = starts.shape
+    return create_block_mask(causal_document, B, None, T, T, device=starts.device)
+
+
+def torch_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal=True, scale=None,
+                           *, seqused_k=None, check_seqlens=True):
+    """flash_attention_varlen through SDPA: each sequence padded to (max_seqlen_q | max_seqlen_k) rows by
+    gathers (no host sync), one (N, 1, max_q, max_k) mask, the valid rows gathered back."""
+    total_q, H, D = q.shape
+    n_seqs = cu_seqlens_q.numel() - 1
+    if total_q == 0:
+        return q.new_empty(q.shape)
+    len_q = cu_seqlens_q.diff().long()  # (N,)
+    len_k = cu_seqlens_k.diff().long() if seqused_k is None else seqused_k.long()
+    iq = torch.arange(max(max_seqlen_q, 1), device=q.device)
+    ik = torch.arange(max(max_seqlen_k, 1), device=q.device)
+    rows_q = (cu_seqlens_q[:-1, None].long() + iq).clamp(max=total_q - 1)  # (N, max_q)
+    rows_k = (cu_seqlens_k[:-1, None].long() + ik).clamp(min=0, max=max(k.shape[0] - 1, 0))  # (N, max_k)
+    qp, kp, vp = (t[rows].transpose(1, 2) for t, rows in ((q, rows_q), (k, rows_k), (v, rows_k)))
+    mask = (ik < len_k[:, None])[:, None, :]  # (N, 1, max_k)
+    if causal:
+        mask = mask & (ik[None, None, :] <= (iq[None, :] + (len_k - len_q)[:, None])[:, :, None])
+    mask = mask.expand(n_seqs, iq.numel(), ik.numel())
+    seen = mask.any(dim=-1, keepdim=True)  # (N, max_q, 1): a query without keys gets 0
+    out = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=(mask | ~seen)[:, None], scale=scale)
+    out = out.transpose(1, 2) * seen[..., None]  # (N, max_q, H, D)
+    seq = torch.searchsorted(cu_seqlens_q[1:].long(), torch.arange(total_q, device=q.device), right=True)
+    return out[seq, torch.arange(total_q, device=q.device) - cu_seqlens_q[seq].long()]
 
 
 def torch_gelu_mlp(x, fc_weight, fc_bias, proj_weight, proj_bias):
@@ -51,6 +108,7 @@ TORCH_OPS = {
     "layer_norm": torch_layer_norm,
     "flash_attention": torch_attention,
     "flash_attention_qkv": torch_attention_qkv,
+    "flash_attention_varlen": torch_attention_varlen,
     "gelu_mlp": torch_gelu_mlp,
     "cross_entropy": reference.cross_entropy,
     "linear_cross_entropy": reference.linear_cross_entropy,
@@ -120,7 +178,9 @@ def _load_triton(op: str) -> dict:
 class Ops:
     layer_norm: Callable
     attention: Callable  # (q, k, v) (B, nh, T, hs) each -> (B, nh, T, hs)
-    attention_qkv: Callable  # (qkv (B, T, 3C), n_head) -> (B, T, C)
+    attention_qkv: Callable  # (qkv (B, T, 3C), n_head, documents=None) -> (B, T, C)
+    attention_varlen: Callable  # packed (total, nh, hs) q, k, v, cu_seqlens, ... -> (total_q, nh, hs)
+    document_mask: Callable  # (B, T) bool document starts -> what attention_qkv's `documents` takes
     gelu_mlp: Callable
     cross_entropy: Callable
     linear_cross_entropy: Callable
@@ -142,8 +202,12 @@ def build_ops(kernels="torch") -> Ops:
             for name, fn in _load_triton(op).items():
                 if op == "cross_entropy":  # the model checks target ids itself, without a second sync
                     fn = functools.partial(fn, check_targets=False)
+                if name == "flash_attention_varlen":  # the model builds its cu_seqlens itself
+                    fn = functools.partial(fn, check_seqlens=False)
                 fns[name] = fn  # each public op applies the autocast policy itself (kernels/utils.py)
+    document_mask = document_bounds if choice["attention"] == "triton" else torch_document_mask
     return Ops(layer_norm=fns["layer_norm"], attention=fns["flash_attention"],
-               attention_qkv=fns["flash_attention_qkv"], gelu_mlp=fns["gelu_mlp"],
+               attention_qkv=fns["flash_attention_qkv"], attention_varlen=fns["flash_attention_varlen"],
+               document_mask=document_mask, gelu_mlp=fns["gelu_mlp"],
                cross_entropy=fns["cross_entropy"], linear_cross_entropy=fns["linear_cross_entropy"],
                choice=choice)
