@@ -151,3 +151,23 @@ def test_id_checks_do_not_sync_on_gpu():
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert torch.isfinite(loss)
+
+
+@pytest.mark.gpu
+def test_document_mask_flex_attention_on_gpu():
+    """On CUDA the torch kernels mask documents with FlexAttention's block mask: same loss and grads as our
+    document-masked kernel."""
+    gen = torch.Generator().manual_seed(6)
+    idx = torch.randint(1, CONFIG.vocab_size, (4, 32), generator=gen)
+    idx[:, [3, 17, 18]] = 0
+    idx, starts = idx.cuda(), (idx == 0).cuda()
+    results = []
+    for kernels in ("torch", {"attention": "triton"}):
+        torch.manual_seed(0)
+        model = GPT(CONFIG, kernels=kernels).cuda()
+        _, loss = model(idx, idx, doc_starts=starts)
+        loss.backward()
+        results.append((loss, {n: p.grad for n, p in model.named_parameters()}))
+    assert_close(results[1][0], results[0][0], atol=1e-4, rtol=1e-4, name="loss")
+    for name, grad in results[1][1].items():
+        assert_close(grad, results[0][1][name], atol=1e-4, rtol=1e-3, name=f"grad {name}")
