@@ -540,10 +540,10 @@ class _Layout:
         self.seq_len, self.max_q, self.max_k = seq_len, max_q, max_k
 
     def args(self) -> tuple:
-        """Pointer arguments (cu_q, cu_k, used_k, bounds); unused ones get a stand-in tensor."""
-        some = self.bounds if self.docs else self.cu_q
-        used = self.used_k if self.used_k is not None else some
-        return (some if self.docs else self.cu_q, some if self.docs else self.cu_k, used, some)
+        """Pointer arguments (cu_q, cu_k, used_k, bounds); the kernel never reads the unused ones, which
+        get a stand-in tensor."""
+        stand_in = self.bounds if self.docs else self.cu_q
+        return tuple(stand_in if t is None else t for t in (self.cu_q, self.cu_k, self.used_k, self.bounds))
 
     def scalars(self) -> tuple:
         return self.n_seqs, _search_steps(self.n_seqs), self.seq_len, bucket(self.max_q), bucket(self.max_k)
