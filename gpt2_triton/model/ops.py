@@ -74,30 +74,55 @@ def torch_document_mask(starts):
     return create_block_mask(causal_document, B, None, T, T, device=starts.device)
 
 
+class _VarlenPlan:
+    """What torch_attention_varlen needs besides q, k, v for one set of cu_seqlens: gather indices that pad
+    each sequence to (max_seqlen_q | max_seqlen_k) rows, the (N, 1, max_q, max_k) SDPA mask, and where each
+    packed query sits in the padded output. Built with device ops only (no host sync)."""
+
+    def __init__(self, cu_q, cu_k, used_k, max_q, max_k, total_q, total_k, causal):
+        self.key = (cu_q, cu_k, used_k, max_q, max_k, total_q, total_k, causal)
+        device, n = cu_q.device, cu_q.numel() - 1
+        max_q, max_k = max(max_q, 1), max(max_k, 1)
+        len_q = cu_q.diff().long()  # (N,)
+        len_k = cu_k.diff().long() if used_k is None else used_k.long()
+        iq, ik = torch.arange(max_q, device=device), torch.arange(max_k, device=device)
+        self.rows_q = (cu_q[:-1, None].long() + iq).clamp(max=total_q - 1).flatten()  # (N * max_q,)
+        self.rows_k = (cu_k[:-1, None].long() + ik).clamp(min=0, max=max(total_k - 1, 0)).flatten()
+        mask = (ik < len_k[:, None])[:, None, :]  # (N, 1, max_k)
+        if causal:
+            mask = mask & (ik[None, None, :] <= (iq[None, :] + (len_k - len_q)[:, None])[:, :, None])
+        mask = mask.expand(n, max_q, max_k)
+        self.seen = mask.any(dim=-1, keepdim=True)  # (N, max_q, 1): a query without keys gets 0
+        self.mask = (mask | ~self.seen)[:, None]  # (N, 1, max_q, max_k)
+        seq = torch.searchsorted(cu_q[1:].long(), torch.arange(total_q, device=device), right=True)
+        self.out_rows = seq * max_q + torch.arange(total_q, device=device) - cu_q[seq].long()  # (total_q,)
+        self.shape = (n, max_q, max_k)
+
+    def matches(self, *key) -> bool:
+        return all(a is b if isinstance(a, torch.Tensor) or a is None else a == b for a, b in zip(key, self.key))
+
+
+_last_varlen_plan = None  # a model's layers call with the same cu_seqlens tensors: build the plan once
+
+
 def torch_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal=True, scale=None,
                            *, seqused_k=None, check_seqlens=True):
-    """flash_attention_varlen through SDPA: each sequence padded to (max_seqlen_q | max_seqlen_k) rows by
-    gathers (no host sync), one (N, 1, max_q, max_k) mask, the valid rows gathered back."""
+    """flash_attention_varlen through SDPA: each sequence gathered into a padded (N, H, max_len, D) batch,
+    one mask, the real queries gathered back."""
+    global _last_varlen_plan
     total_q, H, D = q.shape
-    n_seqs = cu_seqlens_q.numel() - 1
     if total_q == 0:
         return q.new_empty(q.shape)
-    len_q = cu_seqlens_q.diff().long()  # (N,)
-    len_k = cu_seqlens_k.diff().long() if seqused_k is None else seqused_k.long()
-    iq = torch.arange(max(max_seqlen_q, 1), device=q.device)
-    ik = torch.arange(max(max_seqlen_k, 1), device=q.device)
-    rows_q = (cu_seqlens_q[:-1, None].long() + iq).clamp(max=total_q - 1)  # (N, max_q)
-    rows_k = (cu_seqlens_k[:-1, None].long() + ik).clamp(min=0, max=max(k.shape[0] - 1, 0))  # (N, max_k)
-    qp, kp, vp = (t[rows].transpose(1, 2) for t, rows in ((q, rows_q), (k, rows_k), (v, rows_k)))
-    mask = (ik < len_k[:, None])[:, None, :]  # (N, 1, max_k)
-    if causal:
-        mask = mask & (ik[None, None, :] <= (iq[None, :] + (len_k - len_q)[:, None])[:, :, None])
-    mask = mask.expand(n_seqs, iq.numel(), ik.numel())
-    seen = mask.any(dim=-1, keepdim=True)  # (N, max_q, 1): a query without keys gets 0
-    out = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=(mask | ~seen)[:, None], scale=scale)
-    out = out.transpose(1, 2) * seen[..., None]  # (N, max_q, H, D)
-    seq = torch.searchsorted(cu_seqlens_q[1:].long(), torch.arange(total_q, device=q.device), right=True)
-    return out[seq, torch.arange(total_q, device=q.device) - cu_seqlens_q[seq].long()]
+    key = (cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen_q, max_seqlen_k, total_q, k.shape[0], causal)
+    plan = _last_varlen_plan
+    if plan is None or not plan.matches(*key):
+        plan = _last_varlen_plan = _VarlenPlan(*key)
+    n, max_q, max_k = plan.shape
+    qp = q.index_select(0, plan.rows_q).view(n, max_q, H, D).transpose(1, 2)
+    kp, vp = (t.index_select(0, plan.rows_k).view(n, max_k, H, D).transpose(1, 2) for t in (k, v))
+    out = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=plan.mask, scale=scale)  # (N, H, max_q, D)
+    out = out.transpose(1, 2) * plan.seen[..., None]  # (N, max_q, H, D)
+    return out.reshape(n * max_q, H, D).index_select(0, plan.out_rows)
 
 
 def torch_gelu_mlp(x, fc_weight, fc_bias, proj_weight, proj_bias):
