@@ -10,7 +10,7 @@ from helpers import assert_close, assert_close_to_ref
 
 from gpt2_triton.kernels import reference as ref
 from gpt2_triton.kernels.attention import flash_attention_qkv
-from gpt2_triton.kernels.utils import document_bounds, override_target
+from gpt2_triton.kernels.utils import document_bounds, feature_failed, isolated_features, override_target
 from gpt2_triton.kernels.varlen import (
     flash_attention_qkv_documents_bwd,
     flash_attention_qkv_documents_fwd,
@@ -168,6 +168,22 @@ def test_varlen_fp16(lens_q, lens_k, device):
     assert ours[0].dtype == torch.float16
     same_dtype = _varlen_reference(q, k, v, do, cu_q, cu_k, True, None, dtype=torch.float16)
     exact = _varlen_reference(q, k, v, do, cu_q, cu_k, True, None)
+    for name, a, b, c in zip(("o", "dq", "dk", "dv"), ours, same_dtype, exact):
+        assert_close_to_ref(a, b, c, name=name)
+
+
+def test_tma_failure_falls_back_to_pointer_loads(device):
+    """Where TMA fails in a process, the varlen and document kernels run on pointer loads (same results)."""
+    lens = [1, 33, 17]
+    q, k, v, do = _varlen_inputs(lens, lens, 2, 32, torch.float16, device, seed=20)
+    cu = _cu(lens, device)
+    with isolated_features(), override_target(fail_features=("tma",)):
+        with pytest.warns(RuntimeWarning, match="TMA descriptors"):
+            ours = _grads(lambda q, k, v: flash_attention_varlen(q, k, v, cu, cu, 33, 33), (q, k, v), do)
+        assert "forced to fail" in feature_failed("tma")
+    assert feature_failed("tma") is None
+    same_dtype = _varlen_reference(q, k, v, do, cu, cu, True, None, dtype=torch.float16)
+    exact = _varlen_reference(q, k, v, do, cu, cu, True, None)
     for name, a, b, c in zip(("o", "dq", "dk", "dv"), ours, same_dtype, exact):
         assert_close_to_ref(a, b, c, name=name)
 

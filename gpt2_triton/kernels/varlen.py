@@ -46,7 +46,7 @@ from gpt2_triton.kernels.attention import (
     _resolve_scale,
     _row_tiles,
     _tma_readable,
-    _use_tma,
+    _with_tma_fallback,
 )
 from gpt2_triton.kernels.autotune import autotuned, bucket
 from gpt2_triton.kernels.utils import (
@@ -57,6 +57,7 @@ from gpt2_triton.kernels.utils import (
     check_device,
     check_float,
     check_same_dtype,
+    device_guard,
     split_heads,
 )
 
@@ -500,8 +501,9 @@ def _varlen_bwd_dkdv_kernel(
 # Autotuners: attention.py's candidate tiles, keyed on buckets of the longest sequences
 # ----------------------------------------------------------------------------------------------
 # Benchmarking re-runs a kernel on the same arguments: each overwrites all it writes (the dK/dV rows of
-# unused keys are never written and stay the zeros the launcher made).
-_AUTOTUNE_KEY = ["Q_BUCKET", "K_BUCKET", "HEAD_DIM", "CAUSAL", "DOCS", "HAS_USED"]
+# unused keys are never written and stay the zeros the launcher made). USE_TMA is in the key: where TMA
+# fails in a process (feature "tma"), the pointer-load variant is tuned on its own.
+_AUTOTUNE_KEY = ["Q_BUCKET", "K_BUCKET", "HEAD_DIM", "CAUSAL", "DOCS", "HAS_USED", "USE_TMA"]
 _VARIANTS = [(d, dt) for d in SUPPORTED_HEAD_DIMS for dt in (torch.float16, torch.float32)]  # bf16 tiles = fp16's
 
 
@@ -563,39 +565,49 @@ def _fwd_into(q, k, v, o, lse, layout: _Layout, causal: bool, scale: float) -> N
     if scale <= 0:  # the kernel folds scale in after the row max (needs scale > 0), as attention.py does
         q = q.neg() if scale < 0 else torch.zeros_like(q)
         scale = -scale if scale < 0 else 1.0
-    use_tma = _use_tma(q.dtype)
-    if use_tma:
-        k, v = _packed_tma_readable(k), _packed_tma_readable(v)
-        _ensure_scratch_allocator(q.device)
     grid = lambda meta: (layout.programs(total_q, meta["BLOCK_M"]), H)  # noqa: E731
-    _varlen_fwd[grid](
-        q, k, v, o, lse, *layout.args(),
-        *q.stride(), *k.stride(), *v.stride(), *o.stride(), lse.stride(0),
-        *layout.scalars(), scale * LOG2E.value,
-        HEAD_DIM=D, **layout.constexprs(causal), USE_TMA=use_tma, INPUT_PRECISION=_input_precision(q.dtype))
+
+    def launch(use_tma):
+        k_, v_ = (_packed_tma_readable(k), _packed_tma_readable(v)) if use_tma else (k, v)
+        if use_tma:
+            _ensure_scratch_allocator(q.device)
+        _varlen_fwd[grid](
+            q, k_, v_, o, lse, *layout.args(),
+            *q.stride(), *k_.stride(), *v_.stride(), *o.stride(), lse.stride(0),
+            *layout.scalars(), scale * LOG2E.value,
+            HEAD_DIM=D, **layout.constexprs(causal), USE_TMA=use_tma, INPUT_PRECISION=_input_precision(q.dtype))
+
+    with device_guard(q.device):
+        _with_tma_fallback(q.dtype, launch)
 
 
 def _bwd_into(do, q, k, v, o, lse, dq, dk, dv, layout: _Layout, causal: bool, scale: float) -> None:
-    """dq, dk, dv <- attention backward (dk, dv rows of unused keys are left as they are)."""
+    """dq, dk, dv <- attention backward (dk, dv rows of unused keys are left as they are). Two launches:
+    dQ (which also writes the row statistics), then dK/dV (which reads them)."""
     total_q, H, D = q.shape
     total_k = k.shape[0]
     stats = torch.empty((H, 2, total_q), dtype=torch.float32, device=q.device)  # lse2 | delta
-    precision = _input_precision(q.dtype)
-    use_tma = _use_tma(q.dtype)
-    if use_tma:  # the dQ loop reads k, v tiles; the dK/dV loop q, do tiles
-        q, k, v, do = (_packed_tma_readable(t) for t in (q, k, v, do))
-        _ensure_scratch_allocator(q.device)
-    common = dict(HEAD_DIM=D, **layout.constexprs(causal), USE_TMA=use_tma, INPUT_PRECISION=precision)
     grid_dq = lambda meta: (layout.programs(total_q, meta["BLOCK_M"]), H)  # noqa: E731
-    _varlen_bwd_dq[grid_dq](
-        q, k, v, o, do, lse, stats, dq, *layout.args(),
-        *q.stride(), *k.stride(), *v.stride(), *o.stride(), *do.stride(), *dq.stride(),
-        lse.stride(0), stats.stride(0), *layout.scalars(), scale, scale * LOG2E.value, **common)
     grid_dkdv = lambda meta: (layout.programs(total_k, meta["BLOCK_N"]), H)  # noqa: E731
-    _varlen_bwd_dkdv[grid_dkdv](
-        q, k, v, do, stats, dk, dv, *layout.args(),
-        *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
-        stats.stride(0), *layout.scalars(), scale, scale * LOG2E.value, **common)
+
+    def launch(use_tma):
+        # TMA: the dQ loop reads k, v tiles; the dK/dV loop q, do tiles
+        q_, k_, v_, do_ = (_packed_tma_readable(t) for t in (q, k, v, do)) if use_tma else (q, k, v, do)
+        if use_tma:
+            _ensure_scratch_allocator(q.device)
+        common = dict(HEAD_DIM=D, **layout.constexprs(causal), USE_TMA=use_tma,
+                      INPUT_PRECISION=_input_precision(q.dtype))
+        _varlen_bwd_dq[grid_dq](
+            q_, k_, v_, o, do_, lse, stats, dq, *layout.args(),
+            *q_.stride(), *k_.stride(), *v_.stride(), *o.stride(), *do_.stride(), *dq.stride(),
+            lse.stride(0), stats.stride(0), *layout.scalars(), scale, scale * LOG2E.value, **common)
+        _varlen_bwd_dkdv[grid_dkdv](
+            q_, k_, v_, do_, stats, dk, dv, *layout.args(),
+            *q_.stride(), *k_.stride(), *v_.stride(), *do_.stride(), *dk.stride(), *dv.stride(),
+            stats.stride(0), *layout.scalars(), scale, scale * LOG2E.value, **common)
+
+    with device_guard(q.device):
+        _with_tma_fallback(q.dtype, launch)
 
 
 # ----------------------------------------------------------------------------------------------
