@@ -7,11 +7,14 @@ the model's instances only, never transformers' classes:
 - gelu_mlp: every GPT2MLP's forward is our fused MLP on `.t()` views of the Conv1D weights (no copy),
   then the module's own dropout (tanh-GELU activations only, else HF's MLP stays);
 - attention: the model's attention implementation becomes `gpt2_triton`, registered in transformers'
-  attention-function registry with SDPA's mask rules. Our flash attention runs when it computes exactly
-  what HF would: no mask left after HF's mask logic (no padding zeros), as many queries as keys (no
-  KV-cache decode step), dropout 0 (eval mode, or attn_pdrop=0), self-attention, head dim 16/32/64/128.
-  Anything else runs HF's SDPA path. Per-call output_attentions returns no weights, as with HF's sdpa;
-  a model whose config asks for attentions keeps HF's attention;
+  attention-function registry with SDPA's mask rules. Our flash attention runs when it computes what HF
+  would: self-attention with dropout 0 (eval mode, or attn_pdrop=0), head dim 16/32/64/128, and either
+  no mask left after HF's mask logic (the dense kernel) or a mask that is causal attention within
+  sequences: padding zeros in `attention_mask`, packed sequences (position_ids restarting) and KV-cache
+  decode steps run the varlen kernel on the unpadded tokens (padding queries get 0, as with HF's
+  flash-attention path; HF's SDPA gives them values no real token reads). Anything else (another
+  mask, cross-attention, head_mask) runs HF's SDPA path. Per-call output_attentions returns no weights,
+  as with HF's sdpa; a model whose config asks for attentions keeps HF's attention;
 - cross_entropy: with `labels` the loss is ours (HF's causal-LM shift, ignore_index, num_items_in_batch):
   in train mode fused with lm_head, never building the logits (`logits` is then None); in eval mode the
   logits are built as usual and our cross-entropy reads them. Without labels HF's forward runs as is.
@@ -88,19 +91,72 @@ class _Patch:
 
 def triton_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None,
                              is_causal=None, **kwargs):
-    """transformers attention-interface function: q, k, v (B, H, T, D) -> ((B, T, H, D), None).
+    """transformers attention-interface function: q (B, H, q_len, D), k, v (B, H, kv_len, D) ->
+    ((B, q_len, H, D), None).
 
     Our flash attention where it gives HF's result (see the module docstring); HF's SDPA otherwise.
+    Without a mask and q_len == kv_len: the dense kernel. Padding (HF's 4-D mask), packed sequences
+    (position_ids restarting) and decode steps against a KV cache: unpad -> varlen kernel -> repad.
     """
     attention = getattr(module, "_gpt2_triton_attention", None)
-    if (attention is None or attention_mask is not None or dropout > 0 or is_causal is False
-            or not getattr(module, "is_causal", True) or kwargs.get("head_mask") is not None
-            or query.shape != key.shape or key.shape != value.shape):
+    B, H, q_len, D = query.shape
+    kv_len = key.shape[2]
+    usable = not (attention is None or dropout > 0 or is_causal is False or not getattr(module, "is_causal", True)
+                  or kwargs.get("head_mask") is not None or key.shape != value.shape
+                  or key.shape[:2] != query.shape[:2] or key.shape[3] != D or q_len > kv_len)
+    if usable and attention_mask is None and q_len == kv_len:
+        out = attention(query, key, value, causal=True, scale=scaling)  # (B, H, T, D)
+        return out.transpose(1, 2), None
+    plan = _varlen_plan(attention_mask, B, q_len, kv_len, kwargs.get("position_ids"), query.device) if usable else None
+    if plan is None:
         from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
         return ALL_ATTENTION_FUNCTIONS["sdpa"](module, query, key, value, attention_mask, dropout=dropout,
                                                scaling=scaling, is_causal=is_causal, **kwargs)
-    out = attention(query, key, value, causal=True, scale=scaling)  # (B, H, T, D)
-    return out.transpose(1, 2), None
+    rows_q, rows_k, cu_q, cu_k, max_q, max_k = plan
+    packed_k, packed_v = (t.transpose(1, 2).reshape(B * kv_len, H, D)[rows_k] for t in (key, value))
+    packed_q = query.transpose(1, 2).reshape(B * q_len, H, D)[rows_q]
+    out = module._gpt2_triton_attention_varlen(packed_q, packed_k, packed_v, cu_q, cu_k, max_q, max_k, causal=True,
+                                                scale=scaling)  # (total_q, H, D)
+    padded = out.new_zeros((B * q_len, H, D)).index_copy(0, rows_q, out)  # padding queries get 0, as with FA2
+    return padded.view(B, q_len, H, D), None
+
+
+def _varlen_plan(mask, B: int, q_len: int, kv_len: int, position_ids, device):
+    """How HF's attention for these shapes splits into causal sequences, or None where it does not.
+
+    The keys of row b that take part are those some query row of the 4-D bool mask keeps (all without
+    a mask); position_ids that do not grow by 1 start a new sequence (packed rows, no cache);
+    the queries are the last q_len positions. HF's mask must equal what that implies (same sequence,
+    key kept, key position <= query position) on every query row that is not padding; then returns
+    (rows_q, rows_k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k) for the packed tensors.
+    Host syncs: the check and the packing (nonzero), as HF's own flash-attention path has."""
+    if mask is None:
+        if q_len != 1:  # HF's SDPA would run is_causal, aligned top-left
+            return None
+        keep_k = torch.ones((B, kv_len), dtype=torch.bool, device=device)
+    elif (mask.dtype != torch.bool or mask.dim() != 4 or mask.shape[1] != 1 or mask.shape[0] not in (1, B)
+          or tuple(mask.shape[2:]) != (q_len, kv_len)):
+        return None
+    else:
+        keep_k = mask[:, 0].any(dim=1).expand(B, kv_len)  # (B, kv_len): keys some query sees
+    starts = torch.zeros((B, kv_len), dtype=torch.bool, device=device)
+    starts[:, 0] = True
+    if position_ids is not None and q_len == kv_len:
+        starts[:, 1:] |= position_ids.expand(B, q_len).diff(dim=1) != 1
+    seq = starts.flatten().cumsum(0).view(B, kv_len) - 1  # (B, kv_len): global sequence id of each position
+    keep_q, seq_q = keep_k[:, kv_len - q_len:], seq[:, kv_len - q_len:]
+    if mask is not None:
+        pos = torch.arange(kv_len, device=device)
+        implied = (seq_q[:, :, None] == seq[:, None, :]) & keep_k[:, None, :] & \
+            (pos[None, None, :] <= pos[kv_len - q_len:][None, :, None])  # (B, q_len, kv_len)
+        if not bool(((mask[:, 0] == implied) | ~keep_q[:, :, None]).all()):
+            return None
+    n_seqs = seq.numel() and int(seq[-1, -1]) + 1
+    counts = [torch.zeros(n_seqs, dtype=torch.int32, device=device).index_add_(0, s.flatten(), k.flatten().int())
+              for s, k in ((seq_q, keep_q), (seq, keep_k))]
+    cu_q, cu_k = (torch.cat([c.new_zeros(1), c.cumsum(0, dtype=torch.int32)]) for c in counts)
+    rows_q, rows_k = (k.flatten().nonzero()[:, 0] for k in (keep_q, keep_k))
+    return rows_q, rows_k, cu_q, cu_k, int(counts[0].max()), int(counts[1].max())
 
 
 def _register_attention():
@@ -210,6 +266,7 @@ def apply_kernels(model, kernels="triton"):
         for m in model.modules():
             if isinstance(m, GPT2Attention):
                 m._gpt2_triton_attention = ops.attention
+                m._gpt2_triton_attention_varlen = ops.attention_varlen
                 patch.attention_modules.append(m)
         patch.attn_implementation = config._attn_implementation
         model.set_attn_implementation(ATTN_IMPLEMENTATION)
@@ -234,7 +291,7 @@ def remove_kernels(model):
     for m in patch.forwards:
         del m.forward
     for m in patch.attention_modules:
-        del m._gpt2_triton_attention
+        del m._gpt2_triton_attention, m._gpt2_triton_attention_varlen
     if patch.attn_implementation is not None:
         model.set_attn_implementation(patch.attn_implementation)
     return model

@@ -171,3 +171,15 @@ def test_run_modes_runs_nothing_until_called():
     fns["fwd"]()
     assert len(forwards) == 3
 
+
+
+def test_document_tile_counts():
+    """bench/varlen.py's tile counts on a hand-checked case: T=8, 4x4 tiles."""
+    from gpt2_triton.bench.varlen import document_starts, tile_counts
+    starts = torch.zeros(2, 8, dtype=torch.bool)
+    starts[0, 4] = True  # row 0: documents [0, 4) and [4, 8): the second query tile skips key tile 0
+    starts[1, 5] = True  # row 1: [0, 5) and [5, 8): the second query tile's first row still needs key tile 0
+    # varlen: row 0 one tile per document; row 1: [0, 5) needs 1 + 2 tiles, [5, 8) one
+    assert tile_counts(starts, 4, 4) == {"dense_causal": 6, "documents": 5, "varlen": 2 + 4}
+    drawn = document_starts(4, 256, (3.0, 0.5), seed=1)
+    assert drawn.shape == (4, 256) and 25 < int(drawn.sum()) < 75  # mean length exp(3 + 0.5**2 / 2) = 23

@@ -57,14 +57,19 @@ def hf_pair(dropout=0.0, seed=0, **overrides):
     return ref, model
 
 
-def count_kernel_attention(model):
-    """Wrap the flash attention each attention module calls; returns the list of query lengths."""
+def count_kernel_attention(model, varlen=None):
+    """Wrap the flash attention each attention module calls; returns the list of query lengths (B, H, T, D).
+    varlen: a list that gets the total query count of each varlen-kernel call (packed (total, H, D))."""
     calls = []
     for m in model.modules():
         if hasattr(m, "_gpt2_triton_attention"):
             inner = m._gpt2_triton_attention
             m._gpt2_triton_attention = (
                 lambda q, k, v, inner=inner, **kw: calls.append(q.shape[2]) or inner(q, k, v, **kw))
+            if varlen is not None:
+                inner_varlen = m._gpt2_triton_attention_varlen
+                m._gpt2_triton_attention_varlen = (
+                    lambda q, *args, inner=inner_varlen, **kw: varlen.append(q.shape[0]) or inner(q, *args, **kw))
     return calls
 
 
@@ -111,19 +116,20 @@ def test_patched_hf_same_loss_and_grads(kernels):
 def test_patched_hf_generate_padding_and_loss_kwargs():
     ref, model = hf_pair()
     ref.eval(), apply_kernels(model.eval())
-    calls = count_kernel_attention(model)
+    varlen = []
+    calls = count_kernel_attention(model, varlen)
     idx, labels = batch(T=6)
     greedy = dict(max_new_tokens=6, do_sample=False)
     out = model.generate(idx, attention_mask=torch.ones_like(idx), **greedy)
     assert torch.equal(out, ref.generate(idx, attention_mask=torch.ones_like(idx), **greedy))
-    assert calls == [6, 6]  # the prefill ran our kernel; the one-token decode steps ran HF's SDPA
-    calls.clear()
+    assert calls == [6, 6]  # the prefill ran the dense kernel, the 5 one-token decode steps the varlen one
+    assert varlen == [2] * 10
+    calls.clear(), varlen.clear()
     mask = torch.ones_like(idx)
-    mask[0, :2] = 0  # left padding: HF's mask logic keeps a mask, so HF's SDPA path runs
-    with torch.no_grad():
-        assert_close(model(idx, attention_mask=mask).logits, ref(idx, attention_mask=mask).logits,
-                     atol=1e-5, rtol=1e-5, name="padded logits")
-    assert calls == []
+    mask[0, :2] = 0  # left padding: unpadded, 4 + 6 real queries through the varlen kernel
+    padded = model.generate(idx, attention_mask=mask, **greedy)
+    assert torch.equal(padded, ref.generate(idx, attention_mask=mask, **greedy))
+    assert calls == [] and varlen == [10, 10] + [2] * 10
     n = torch.tensor(40)  # Trainer's num_items_in_batch with gradient accumulation
     model.train(), ref.train()
     loss = model(idx, labels=labels, num_items_in_batch=n).loss
@@ -132,6 +138,78 @@ def test_patched_hf_generate_padding_and_loss_kwargs():
     assert isinstance(as_tuple, tuple) and as_tuple[0].shape == ()
     with pytest.raises(ValueError, match=r"labels has ids outside \[0, 97\)"):
         model(idx, labels=torch.full_like(idx, 97))
+
+
+def _real(x, keep):
+    """The rows of x (B, T, ...) at real (non-padding) positions."""
+    return x[keep.bool()]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_patched_hf_padding_runs_varlen_kernel(side):
+    """Padding zeros in attention_mask: unpad -> varlen kernel -> repad. Loss, every grad and the logits
+    at real positions equal the unpatched model's (padding positions are never read by a real token)."""
+    ref, model = hf_pair()
+    apply_kernels(model)
+    varlen = []
+    calls = count_kernel_attention(model, varlen)
+    idx, labels = batch(B=3, T=13)
+    mask = torch.ones_like(idx)
+    pads = {"left": (slice(0, 4), slice(0, 12)), "right": (slice(9, 13), slice(1, 13))}[side]
+    mask[0, pads[0]] = 0
+    mask[2, pads[1]] = 0  # a single real token
+    labels = labels.masked_fill(mask == 0, -100)
+    ref_out = ref.train()(idx, attention_mask=mask, labels=labels)
+    out = model.train()(idx, attention_mask=mask, labels=labels)
+    ref_out.loss.backward()
+    out.loss.backward()
+    assert calls == [] and varlen == [int(mask.sum())] * 2
+    assert_close(out.loss, ref_out.loss, atol=1e-5, rtol=1e-5, name="loss")
+    ref_params = dict(ref.named_parameters())
+    for name, p in model.named_parameters():
+        assert_close(p.grad, ref_params[name].grad, atol=2e-5, rtol=1e-4, name=f"grad {name}")
+    with torch.no_grad():
+        logits, ref_logits = model.eval()(idx, attention_mask=mask).logits, ref.eval()(idx, attention_mask=mask).logits
+    assert_close(_real(logits, mask), _real(ref_logits, mask), atol=1e-5, rtol=1e-5, name="logits")
+
+
+@pytest.mark.slow
+def test_patched_hf_packed_sequences_run_varlen_kernel():
+    """Sequences packed in one row, position_ids restarting at each: the varlen kernel, no attention across
+    sequences; logits and grads equal the unpatched model's (which masks through SDPA). HF detects packing
+    only without a cache (use_cache=False); with one, both models attend across the sequences."""
+    ref, model = hf_pair()
+    apply_kernels(model)
+    varlen = []
+    count_kernel_attention(model, varlen)
+    lengths = [5, 1, 9, 4]
+    idx = torch.randint(0, 97, (1, sum(lengths)), generator=torch.Generator().manual_seed(3))
+    position_ids = torch.cat([torch.arange(n) for n in lengths])[None]
+    ref_out = ref.eval()(idx, position_ids=position_ids, use_cache=False)
+    out = model.eval()(idx, position_ids=position_ids, use_cache=False)
+    assert varlen == [sum(lengths)] * 2
+    assert_close(out.logits, ref_out.logits, atol=1e-5, rtol=1e-5, name="packed logits")
+    first = ref.eval()(idx[:, :5]).logits  # the first sequence alone
+    assert_close(out.logits[:, :5], first, atol=1e-5, rtol=1e-5, name="first sequence alone")
+    grads = [torch.autograd.grad(m(idx, position_ids=position_ids, use_cache=False).logits.square().sum(),
+                                 m.transformer.wte.weight)[0] for m in (ref, model)]
+    assert_close(grads[1], grads[0], atol=1e-4, rtol=1e-4, name="grad wte")
+
+
+@pytest.mark.slow
+def test_patched_hf_other_masks_fall_back():
+    """A 4-D mask that is not causal attention within sequences runs HF's SDPA."""
+    ref, model = hf_pair()
+    apply_kernels(model.eval())
+    varlen = []
+    calls = count_kernel_attention(model, varlen)
+    idx = batch(T=8)[0][:1]
+    custom = torch.ones(1, 1, 8, 8, dtype=torch.bool)  # bidirectional
+    with torch.no_grad():
+        assert_close(model(idx, attention_mask=custom).logits, ref.eval()(idx, attention_mask=custom).logits,
+                     atol=1e-5, rtol=1e-5, name="custom-mask logits")
+    assert calls == [] and varlen == []
 
 
 @pytest.mark.slow

@@ -30,8 +30,13 @@ def test_public_ops_import_from_package():
     from gpt2_triton.kernels import flash_attention_qkv
     from gpt2_triton.kernels.attention import flash_attention_qkv as attention_qkv_op
     assert flash_attention_qkv is attention_qkv_op
-    assert set(kernels.__all__) == {"flash_attention", "flash_attention_qkv", "layer_norm", "gelu_mlp", "linear_gelu",
-                                    "cross_entropy", "linear_cross_entropy"}
+    from gpt2_triton.kernels import document_bounds, flash_attention_varlen
+    from gpt2_triton.kernels.utils import document_bounds as bounds_helper
+    from gpt2_triton.kernels.varlen import flash_attention_varlen as varlen_op
+    assert flash_attention_varlen is varlen_op and document_bounds is bounds_helper
+    assert set(kernels.__all__) == {"flash_attention", "flash_attention_qkv", "flash_attention_varlen", "layer_norm",
+                                    "gelu_mlp", "linear_gelu", "cross_entropy", "linear_cross_entropy",
+                                    "document_bounds"}
     with pytest.raises(ImportError, match="no_such_op"):
         from gpt2_triton.kernels import no_such_op  # noqa: F401
 
@@ -40,6 +45,7 @@ def test_torch_only_imports_do_not_import_triton():
     code = ("import sys, gpt2_triton.data, gpt2_triton.kernels, gpt2_triton.kernels.reference\n"
             "from gpt2_triton import GPT, GPTConfig\n"
             "GPT(GPTConfig.from_preset('tiny'))\n"
+            "from gpt2_triton.kernels import document_bounds\n"
             "assert 'triton' not in sys.modules, 'triton imported'\n"
             "from gpt2_triton.kernels import layer_norm\n"
             "assert 'triton' in sys.modules\n")

@@ -161,14 +161,62 @@ def test_kv_cache_steps_give_full_forward_logits():
     idx = torch.randint(0, 50, (2, 16))
     with torch.no_grad():
         full = model(idx)  # (B, T, V)
-        caches = model.new_kv_caches()
-        steps = [model.logits(model.hidden_states(idx[:, :6], caches))]  # prefill 6
-        steps.append(model.logits(model.hidden_states(idx[:, 6:9], caches)))  # a 3-token chunk
-        steps += [model.logits(model.hidden_states(idx[:, t:t + 1], caches)) for t in range(9, 16)]
-    assert caches[0].length == 16
+        cache = model.new_kv_cache(2)
+
+        def step(chunk):  # (B, t) new tokens of both sequences -> (B, t, V)
+            B, t = chunk.shape
+            return model.logits(model.extend(chunk.flatten(), [t] * B, cache)).view(B, t, -1)
+        steps = [step(idx[:, :6])]  # prefill 6
+        steps.append(step(idx[:, 6:9]))  # a 3-token chunk
+        steps += [step(idx[:, t:t + 1]) for t in range(9, 16)]
+    assert cache.lengths == [16, 16]
     torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match=r"16 cached \+ 1 new positions exceed block_size 16"):
-        model.hidden_states(idx[:, :1], caches)
+        model.extend(idx[0, :1], [1, 0], cache)
+
+
+@pytest.mark.parametrize("use_cache", [True, False], ids=["kv-cache", "recompute"])
+def test_generate_prompts_of_different_lengths_equal_each_alone(use_cache):
+    """A list of prompts of lengths 1 .. 20 (some past block_size 16) gives each prompt the greedy tokens
+    it gets alone; sampling draws one token per prompt per step."""
+    torch.manual_seed(0)
+    model = GPT(tiny(vocab_size=50, block_size=16)).eval()
+    gen = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(0, 50, (n,), generator=gen) for n in (5, 1, 20, 11)]
+    batch = model.generate(prompts, 12, temperature=0, use_cache=use_cache)
+    assert [len(t) for t in batch] == [17, 13, 32, 23]
+    for prompt, out in zip(prompts, batch):
+        alone = model.generate(prompt[None], 12, temperature=0, use_cache=use_cache)[0]
+        assert torch.equal(out, alone)
+        assert torch.equal(out[:len(prompt)], prompt)
+    as_lists = model.generate([p.tolist() for p in prompts], 12, temperature=0, use_cache=use_cache)
+    assert all(torch.equal(a, b) for a, b in zip(as_lists, batch))
+    sampled = model.generate(prompts, 5, generator=torch.Generator().manual_seed(1))
+    assert [len(t) for t in sampled] == [10, 6, 25, 16]
+    with pytest.raises(ValueError, match="prompt 1"):
+        model.generate([[1, 2], []], 1)
+    with pytest.raises(ValueError, match="prompt 0"):
+        model.generate([[1, 50]], 1)
+
+
+def test_document_mask_equals_separate_documents():
+    """With doc_starts, each document of a packed row gets the logits it gets as a row of its own. Position
+    embeddings stay those of the row, so they are zeroed here to make a later document comparable."""
+    torch.manual_seed(0)
+    model = GPT(tiny(vocab_size=50, block_size=16))
+    with torch.no_grad():
+        model.transformer.wpe.weight.zero_()
+    gen = torch.Generator().manual_seed(4)
+    idx = torch.randint(1, 50, (2, 12), generator=gen)
+    idx[0, 5] = idx[1, 0] = idx[1, 9] = idx[1, 10] = 0  # documents begin at the 0s (and at position 0)
+    logits = model(idx, doc_starts=idx == 0)
+    for b, bounds in ((0, [(0, 5), (5, 12)]), (1, [(0, 9), (9, 10), (10, 12)])):
+        for lo, hi in bounds:
+            torch.testing.assert_close(logits[b, lo:hi], model(idx[b:b + 1, lo:hi])[0], atol=1e-5, rtol=1e-5)
+    plain = model(idx)
+    assert torch.allclose(logits[0, :5], plain[0, :5], atol=1e-5) and not torch.allclose(logits[0, 5:], plain[0, 5:])
+    with pytest.raises(ValueError, match="doc_starts"):
+        model(idx, doc_starts=(idx == 0).long())
 
 
 def test_int32_ids_and_targets_same_loss():

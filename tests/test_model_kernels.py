@@ -9,10 +9,10 @@ CONFIG = GPTConfig.from_preset("tiny", vocab_size=97, block_size=32, n_embd=32, 
                                pad_vocab_to=64)
 
 
-def loss_and_grads(kernels, idx, targets):
+def loss_and_grads(kernels, idx, targets, doc_starts=None):
     torch.manual_seed(0)
     model = GPT(CONFIG, kernels=kernels)
-    logits, loss = model(idx, targets)
+    logits, loss = model(idx, targets, doc_starts=doc_starts)
     loss.backward()
     return logits, loss, {n: p.grad for n, p in model.named_parameters()}
 
@@ -39,6 +39,36 @@ def test_same_loss_and_grads_as_torch(kernels):
     for name, grad in grads.items():
         assert_close(grad, ref_grads[name], atol=2e-5, rtol=1e-4, name=f"grad {name}")
     assert grads["transformer.wte.weight"][CONFIG.vocab_size:].abs().sum() == 0  # padded rows untouched
+
+
+def test_document_mask_same_loss_and_grads_as_torch():
+    """doc_starts: our document-masked kernel and the torch set's dense-mask SDPA agree; both differ from
+    attending across documents."""
+    gen = torch.Generator().manual_seed(2)
+    idx = torch.randint(1, CONFIG.vocab_size, (2, 19), generator=gen)
+    idx[0, [4, 5, 17]] = idx[1, 16] = 0
+    starts = idx == 0
+    _, ref_loss, ref_grads = loss_and_grads("torch", idx, idx, starts)
+    _, loss, grads = loss_and_grads({"attention": "triton"}, idx, idx, starts)
+    assert_close(loss, ref_loss, atol=1e-5, rtol=1e-5, name="loss")
+    for name, grad in grads.items():
+        assert_close(grad, ref_grads[name], atol=2e-5, rtol=1e-4, name=f"grad {name}")
+    assert abs(loss.item() - loss_and_grads("torch", idx, idx)[1].item()) > 1e-4
+
+
+@pytest.mark.parametrize("use_cache", [True, False], ids=["kv-cache", "recompute"])
+def test_generate_prompts_with_triton_kernels(use_cache):
+    """Prefill and decode steps run flash_attention_varlen: prompts of different lengths (one past
+    block_size 32) give the greedy tokens of the torch kernels, and each prompt's tokens alone."""
+    torch.manual_seed(0)
+    model = GPT(CONFIG, kernels="triton").eval()
+    torch_model = GPT(CONFIG, kernels="torch").eval()
+    torch_model.load_state_dict(model.state_dict())
+    gen = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(0, CONFIG.vocab_size, (n,), generator=gen) for n in (3, 30, 1)]
+    out = model.generate(prompts, 4, temperature=0, use_cache=use_cache)
+    assert all(torch.equal(a, b) for a, b in zip(out, torch_model.generate(prompts, 4, temperature=0)))
+    assert torch.equal(out[1], model.generate(prompts[1][None], 4, temperature=0, use_cache=use_cache)[0])
 
 
 def test_compiled_model_with_triton_kernels_has_no_graph_breaks():
@@ -78,8 +108,8 @@ def test_compiled_model_on_gpu_equals_eager():
 
 @pytest.mark.slow
 def test_kv_cache_generate_with_triton_kernels_equals_recompute():
-    """Prefill runs our flash attention, decode steps SDPA on the cache; greedy output equals
-    recomputing the whole window each step, past block_size (16) too."""
+    """Prefill and decode steps run our varlen attention on the cache; greedy output equals recomputing
+    the whole window each step, past block_size (16) too."""
     torch.manual_seed(0)
     config = GPTConfig.from_preset("tiny", vocab_size=97, block_size=16, n_embd=32, n_head=2, n_layer=2)
     model = GPT(config, kernels="triton").eval()
@@ -121,3 +151,23 @@ def test_id_checks_do_not_sync_on_gpu():
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert torch.isfinite(loss)
+
+
+@pytest.mark.gpu
+def test_document_mask_flex_attention_on_gpu():
+    """On CUDA the torch kernels mask documents with FlexAttention's block mask: same loss and grads as our
+    document-masked kernel."""
+    gen = torch.Generator().manual_seed(6)
+    idx = torch.randint(1, CONFIG.vocab_size, (4, 32), generator=gen)
+    idx[:, [3, 17, 18]] = 0
+    idx, starts = idx.cuda(), (idx == 0).cuda()
+    results = []
+    for kernels in ("torch", {"attention": "triton"}):
+        torch.manual_seed(0)
+        model = GPT(CONFIG, kernels=kernels).cuda()
+        _, loss = model(idx, idx, doc_starts=starts)
+        loss.backward()
+        results.append((loss, {n: p.grad for n, p in model.named_parameters()}))
+    assert_close(results[1][0], results[0][0], atol=1e-4, rtol=1e-4, name="loss")
+    for name, grad in results[1][1].items():
+        assert_close(grad, results[0][1][name], atol=1e-4, rtol=1e-3, name=f"grad {name}")

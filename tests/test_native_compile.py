@@ -96,6 +96,33 @@ def _run_attention(dtype, D, causal=True):
     attn.flash_attention_bwd(do, q, k, v, o, lse, causal)
 
 
+def _run_varlen(dtype, D, causal=True):
+    """Packed sequences (16 x 1024 tokens in documents of mixed lengths) forward and backward, and a
+    decode step against a KV cache (one query per sequence, seqused_k)."""
+    from gpt2_triton.kernels import varlen
+    H, lens = 12, [700, 1, 1024, 300, 13] * 4
+    cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32)
+    q, k, v = (torch.empty((sum(lens), 3, H, D), dtype=dtype).unbind(1))
+    o, lse = varlen.flash_attention_varlen_fwd(q, k, v, cu, cu, 1024, 1024, causal)
+    varlen.flash_attention_varlen_bwd(torch.empty_like(o), q, k, v, o, lse, cu, cu, 1024, 1024, causal)
+    N = 16
+    cache = torch.empty((N * 1024, 2, H, D), dtype=dtype)
+    varlen.flash_attention_varlen_fwd(torch.empty((N, H, D), dtype=dtype), cache[:, 0], cache[:, 1],
+                                      torch.arange(N + 1, dtype=torch.int32),
+                                      torch.arange(N + 1, dtype=torch.int32) * 1024, 1, 1024, True, None,
+                                      torch.full((N,), 500, dtype=torch.int32))
+
+
+def _run_documents(dtype, D, causal=True):
+    """flash_attention_qkv with document masking at GPT-2's training shape."""
+    from gpt2_triton.kernels import varlen
+    B, H, T = 4, 12, 1024
+    qkv = torch.empty((B, T, 3 * H * D), dtype=dtype)
+    docs = torch.zeros((B, 2, T), dtype=torch.int32)
+    y, lse = varlen.flash_attention_qkv_documents_fwd(qkv, docs, H, causal)
+    varlen.flash_attention_qkv_documents_bwd(torch.empty_like(y), qkv, docs, y, lse, H, causal)
+
+
 def _run_mlp(dtype):
     """GPT-2 MLP training step (fc + gelu, proj, and their backward) plus linear_gelu; fp32 master
     weights with fp16/bf16 activations (autocast), as the model runs them."""
@@ -165,8 +192,8 @@ def _all_cases():
                 if fast or sweep or (slow and i == pick):
                     cases.append((Case(f"{base}-{config_id(cfg)}", launch, cfg, launch_critical), not fast))
 
-    def add_attention(run_id, dt_index, *args, sweep=False, critical=False, slow=False):
-        launches = _capture(_run_attention, *args)
+    def add_attention(run_id, dt_index, *args, sweep=False, critical=False, slow=False, run=_run_attention):
+        launches = _capture(run, *args)
         add(run_id, launches, critical=critical, slow=slow)  # the preprocess kernel
         add_autotuned(run_id, launches, dt_index, sweep=sweep, sweep_is_slow=False, critical=critical, slow=slow)
 
@@ -179,6 +206,8 @@ def _all_cases():
         add_autotuned(f"{dt_name}-V50304-classes50257", ce_launches, d, sweep=bf16, sweep_is_slow=False,
                       critical=bf16)
         add_attention(f"{dt_name}-D64-causal", d, dt, 64, sweep=bf16, critical=bf16)
+        add_attention(f"{dt_name}-D64-causal", d, dt, 64, sweep=bf16, critical=bf16, run=_run_varlen)
+        add_attention(f"{dt_name}-D64-causal", d, dt, 64, sweep=bf16, critical=bf16, run=_run_documents)
         mlp_launches = _capture(_run_mlp, dt)
         add(dt_name, mlp_launches)  # the GELU-gradient kernel
         add_autotuned(dt_name, mlp_launches, d, sweep=bf16, critical=bf16, fast_all_variants=bf16)
@@ -189,6 +218,10 @@ def _all_cases():
         for D in (16, 32, 128):
             add_attention(f"{dt_name}-D{D}-causal", d, dt, D, slow=True)
         add_attention(f"{dt_name}-D64-full", d, dt, 64, False, slow=True)
+        for D in (16, 32, 128):
+            add_attention(f"{dt_name}-D{D}-causal", d, dt, D, slow=True, run=_run_varlen)
+        add_attention(f"{dt_name}-D64-full", d, dt, 64, False, slow=True, run=_run_varlen)
+        add_attention(f"{dt_name}-D64-full", d, dt, 64, False, slow=True, run=_run_documents)
     ids = [c.id for c, _ in cases]
     assert len(ids) == len(set(ids)), "duplicate case ids"
     return cases

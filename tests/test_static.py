@@ -59,6 +59,13 @@ HOT_LOOP_BUDGET = {
         "attn_fwd-bf16-D64-causal-128x64-w4s3": [522, 668],  # off-diagonal 590 -> 511, diagonal 930 -> 654
         "attn_bwd_dq-bf16-D64-causal-128x32-w8s3": [185, 223],  # 186 -> 181, 285 -> 218 (+ delta, lse)
         "attn_bwd_dkdv-bf16-D64-causal-32x128-w8s3": [288, 250],  # diagonal 317 -> 282, rest 233 -> 245
+        "varlen_fwd-bf16-D64-causal-docs-128x64-w4s3": [801, 515, 802],  # masked, unmasked, masked key tiles
+        "varlen_bwd_dq-bf16-D64-causal-docs-128x32-w8s3": [257, 183, 259],
+        "varlen_bwd_dkdv-bf16-D64-causal-docs-32x128-w8s3": [340, 253, 331],
+        "varlen_fwd-bf16-D64-causal-128x64-w4s3": [53, 17, 523, 678],  # sequence search, unmasked, masked
+        "varlen_bwd_dq-bf16-D64-causal-128x32-w8s3": [53, 17, 191, 232],
+        "varlen_bwd_dkdv-bf16-D64-causal-32x128-w8s3": [53, 17, 313, 252, 292],
+        "varlen_fwd-bf16-D64-causal-seqused-128x64-w4s3": [53, 17, 523, 678],  # decode step, KV cache
         "matmul-bf16-gelu-bias-aux-NT-128x256x64-w8s3": [97],  # K loop 175 -> 95
         "matmul-bf16-none-bias-NT-128x256x64-w8s3": [97],  # 175 -> 95
         "matmul-bf16-geluGrad-nobias-aux-NN-128x256x64-w8s3": [106],  # 160 -> 103
@@ -80,6 +87,13 @@ HOT_LOOP_BUDGET = {
         "attn_fwd-bf16-D64-causal-128x64-w4s3": [521, 665],  # off-diagonal 572 -> 510, diagonal 927 -> 651
         "attn_bwd_dq-bf16-D64-causal-128x32-w8s3": [180, 222],  # 157 -> 176, 262 -> 217 (+ delta, lse)
         "attn_bwd_dkdv-bf16-D64-causal-32x128-w8s3": [275, 237],  # diagonal 373 -> 269, rest 231 -> 232
+        "varlen_fwd-bf16-D64-causal-docs-128x64-w4s3": [797, 509, 796],
+        "varlen_bwd_dq-bf16-D64-causal-docs-128x32-w8s3": [252, 181, 258],
+        "varlen_bwd_dkdv-bf16-D64-causal-docs-32x128-w8s3": [451, 301, 439],
+        "varlen_fwd-bf16-D64-causal-128x64-w4s3": [53, 17, 517, 875],
+        "varlen_bwd_dq-bf16-D64-causal-128x32-w8s3": [53, 17, 186, 231],
+        "varlen_bwd_dkdv-bf16-D64-causal-32x128-w8s3": [53, 17, 387, 303, 384],
+        "varlen_fwd-bf16-D64-causal-seqused-128x64-w4s3": [53, 17, 517, 875],
         "matmul-bf16-gelu-bias-aux-NT-128x256x64-w8s3": [92],  # K loop 177 -> 90
         "matmul-bf16-none-bias-NT-128x256x64-w8s3": [100],  # 172 -> 98
         "matmul-bf16-geluGrad-nobias-aux-NN-128x256x64-w8s3": [100],  # 153 -> 98
@@ -103,6 +117,8 @@ HOT_LOOP_BUDGET = {
 BYTES_RATIO_BUDGET = {
     ("layer_norm", 4): 1.13, ("layer_norm", 16): 1.05,  # 1.156, 1.040 with 528 partial rows (no memsets now)
     ("attention", 4): 2.06, ("attention", 16): 2.06,  # 2.108 -> 2.02: one dqkv buffer, no `cat`, 2 bwd launches
+    ("attention_documents", 4): 1.51, ("attention_documents", 16): 1.51,  # 1.478 (eager: dense-mask SDPA 2.81)
+    ("attention_varlen", 4): 1.51, ("attention_varlen", 16): 1.51,  # 1.472 (eager: padded SDPA 7.52)
     ("gelu_mlp", 4): 3.65, ("gelu_mlp", 16): 5.23,  # 3.50, 4.60 -> 3.58, 5.13: split-K fp32 partials of dW
     ("cross_entropy", 4): 1.03, ("cross_entropy", 16): 1.03,  # 1.000
     ("linear_cross_entropy", 4): 7.95, ("linear_cross_entropy", 16): 17.6,  # 85.76, 80.32 -> 7.8, 17.3

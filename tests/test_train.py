@@ -282,6 +282,23 @@ def test_resume_is_bit_exact(data_dir, tmp_path):
     assert steps == list(range(1, 9))
 
 
+def test_doc_mask_trains_resumes_exactly_and_stays_fixed(data_dir, tmp_path):
+    """--doc-mask: the losses differ from attending across documents (the data has EOTs inside rows),
+    resume is bit-exact, and a resume cannot switch it."""
+    common = dict(max_steps=6, lr_decay_steps=6, val_every=3, checkpoint_every=100, doc_mask=True)
+    full = training.train(tiny_config(data_dir, tmp_path / "full", **common))
+    killed = training.train(tiny_config(data_dir, tmp_path / "split", **{**common, "max_steps": 3}))
+    resumed = training.train(tiny_config(data_dir, tmp_path / "split", **common, resume="latest"))
+    assert [r["loss"] for r in killed + resumed] == [r["loss"] for r in full]
+    plain = training.train(tiny_config(data_dir, tmp_path / "plain", **{**common, "doc_mask": False}))
+    assert [r["loss"] for r in plain] != [r["loss"] for r in full]
+    val = [r["val_loss"] for r in read_metrics(tmp_path / "full" / "metrics.jsonl", "val")]
+    assert len(val) == 3 and all(np.isfinite(val))
+    with pytest.raises(training.ConfigError, match=r"--doc-mask \(True in the checkpoint, False now\)"):
+        training.train(tiny_config(data_dir, tmp_path / "split", **{**common, "max_steps": 9, "doc_mask": False},
+                                   resume="latest"))
+
+
 def test_grad_accumulation_equals_one_big_batch():
     torch.manual_seed(0)
     model = GPT(GPTConfig.from_preset("tiny", vocab_size=300, pad_vocab_to=64))

@@ -1,4 +1,5 @@
-"""python -m gpt2_triton.bench [attention layer_norm gelu_mlp cross_entropy e2e] [--dtype bf16] [--quick] [--out DIR]
+"""python -m gpt2_triton.bench [attention varlen layer_norm gelu_mlp cross_entropy e2e] [--dtype bf16] [--quick]
+[--out DIR]
 
 python -m gpt2_triton.bench headline [--out DIR] [--budget-s 420]: the headline table in one budgeted run
 (bench/headline.py; `python -m gpt2_triton.bench headline --help`)."""
@@ -23,7 +24,7 @@ from gpt2_triton.bench.common import (
 from gpt2_triton.bench.headline import main as headline
 from gpt2_triton.kernels.utils import is_interpreter
 
-BENCHES = ("attention", "layer_norm", "gelu_mlp", "cross_entropy", "e2e")
+BENCHES = ("attention", "varlen", "layer_norm", "gelu_mlp", "cross_entropy", "e2e")
 
 
 def main(argv=None):

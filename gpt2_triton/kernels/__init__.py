@@ -1,10 +1,11 @@
 """Triton kernels for GPT-2, one module per op; this package only hands the public ops on.
 
-    from gpt2_triton.kernels import (flash_attention, flash_attention_qkv, layer_norm, gelu_mlp, linear_gelu,
-                                     cross_entropy, linear_cross_entropy)
+    from gpt2_triton.kernels import (flash_attention, flash_attention_qkv, flash_attention_varlen, layer_norm,
+                                     gelu_mlp, linear_gelu, cross_entropy, linear_cross_entropy, document_bounds)
 
 Names resolve on first use, so `import gpt2_triton.kernels.reference` (plain PyTorch) never imports triton.
-Modules: attention, norm (LayerNorm), mlp (GELU-MLP), loss (cross-entropy); reference (PyTorch) and utils.
+Modules: attention, varlen (packed and document-masked attention), norm (LayerNorm), mlp (GELU-MLP), loss
+(cross-entropy); reference (PyTorch) and utils.
 """
 import importlib
 
@@ -12,6 +13,7 @@ import importlib
 OP_MODULES = {
     "flash_attention": "gpt2_triton.kernels.attention",
     "flash_attention_qkv": "gpt2_triton.kernels.attention",
+    "flash_attention_varlen": "gpt2_triton.kernels.varlen",
     "layer_norm": "gpt2_triton.kernels.norm",
     "gelu_mlp": "gpt2_triton.kernels.mlp",
     "linear_gelu": "gpt2_triton.kernels.mlp",
@@ -19,13 +21,14 @@ OP_MODULES = {
     "linear_cross_entropy": "gpt2_triton.kernels.loss",
 }
 KERNEL_MODULES = tuple(dict.fromkeys(OP_MODULES.values()))  # the modules that define Triton kernels
+HELPERS = {"document_bounds": "gpt2_triton.kernels.utils"}  # plain PyTorch: no triton import
 
-__all__ = list(OP_MODULES)
+__all__ = list(OP_MODULES) + list(HELPERS)
 
 
 def __getattr__(name):
-    if name in OP_MODULES:
-        op = getattr(importlib.import_module(OP_MODULES[name]), name)
+    if name in OP_MODULES or name in HELPERS:
+        op = getattr(importlib.import_module({**OP_MODULES, **HELPERS}[name]), name)
         globals()[name] = op
         return op
     raise AttributeError(f"module 'gpt2_triton.kernels' has no attribute {name!r}")

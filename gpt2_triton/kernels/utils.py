@@ -279,3 +279,19 @@ def with_fallbacks(attempts: Sequence[tuple], last: Callable):
             warnings.warn(f"gpt2_triton: {FEATURES[name]} failed, using the fallback from now on: {reason}",
                           RuntimeWarning, stacklevel=2)
     return last()
+
+
+def document_bounds(starts: torch.Tensor) -> torch.Tensor:
+    """Document boundaries of a (B, T) batch of packed rows, for attention that stays inside documents.
+
+    starts: (B, T) bool, True where a document begins (e.g. `idx == EOT_ID`: GPT-2 data puts the
+    end-of-text token before each document); position 0 always begins one. Returns (B, 2, T) int32:
+    [:, 0] the first position of each token's document, [:, 1] one past its last, row-local. Device
+    ops only (cummax / cummin), no host sync."""
+    B, T = starts.shape
+    pos = torch.arange(T, dtype=torch.int32, device=starts.device)  # (T,)
+    begins = starts.bool() | (pos == 0)  # (B, T)
+    start = torch.where(begins, pos, 0).cummax(dim=1).values  # (B, T): the latest start at or before t
+    later = torch.where(begins[:, 1:], pos[1:], T)  # (B, T - 1): starts after position 0
+    end = torch.cat([later, later.new_full((B, 1), T)], dim=1).flip(1).cummin(dim=1).values.flip(1)
+    return torch.stack([start, end], dim=1).to(torch.int32)

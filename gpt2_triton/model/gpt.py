@@ -8,11 +8,14 @@ keeps a KVCache per layer: one prefill, then one-token steps. Loading Hugging Fa
 above this module and import it, never the reverse.
 """
 
+import functools
+import itertools
+
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
-from gpt2_triton.kernels.utils import asserts_on_device, autocast_dtype, merge_heads, split_heads
+from gpt2_triton.kernels.utils import asserts_on_device, autocast_dtype
 from gpt2_triton.model.config import GPTConfig
 from gpt2_triton.model.ops import Ops, build_ops
 
@@ -30,58 +33,74 @@ class LayerNorm(nn.Module):
 
 
 class KVCache:
-    """Keys and values of one layer for the positions seen so far, in buffers of `max_len` positions.
+    """Keys and values of every layer for N sequences, up to `max_len` positions each, for generation.
 
-    `append(k, v)` stores the new positions and returns all of them: (B, nh, length, hs) each.
+    Layer i keeps (N * max_len, nh, hs) buffers: sequence s holds rows s * max_len + [0, lengths[s]),
+    which flash_attention_varlen reads as packed keys (cu_seqlens_k = s * max_len, seqused_k = lengths).
+    `begin(new)` plans a step in which sequence s appends new[s] positions (after `restart(s)`: from 0);
+    each layer then `attend`s its new tokens' queries to everything its sequence holds.
     """
 
-    def __init__(self, max_len: int):
-        self.max_len = max_len
-        self.length = 0
-        self.k = self.v = None  # (B, nh, max_len, hs), allocated by the first append
+    def __init__(self, n_layer: int, n_seq: int, max_len: int, device):
+        self.n_seq, self.max_len, self.device = n_seq, max_len, torch.device(device)
+        self.lengths = [0] * n_seq  # positions each sequence holds (host ints: no sync to plan a step)
+        self.keys, self.values = [None] * n_layer, [None] * n_layer  # (N * max_len, nh, hs), on first use
+        self.step = None
 
-    def append(self, k, v):
-        B, nh, T, hs = k.shape
-        if self.length + T > self.max_len:
-            raise ValueError(f"KVCache: {self.length} cached + {T} new positions exceed max_len {self.max_len}")
-        if self.k is None:
-            self.k = k.new_empty(B, nh, self.max_len, hs)
-            self.v = v.new_empty(B, nh, self.max_len, hs)
-        self.k[:, :, self.length:self.length + T] = k
-        self.v[:, :, self.length:self.length + T] = v
-        self.length += T
-        return self.k[:, :, :self.length], self.v[:, :, :self.length]
+    def restart(self, seq: int) -> None:
+        """Sequence seq holds nothing again (its window slid: every position embedding changed)."""
+        self.lengths[seq] = 0
 
+    def begin(self, new: list) -> torch.Tensor:
+        """Plan a step where sequence s appends new[s] tokens (packed one sequence after another); returns
+        their positions (total_new,) int64."""
+        for s, n in enumerate(new):
+            if self.lengths[s] + n > self.max_len:
+                raise ValueError(f"KVCache: {self.lengths[s]} cached + {n} new positions exceed max_len {self.max_len}")
+        positions = [p for s, n in enumerate(new) for p in range(self.lengths[s], self.lengths[s] + n)]
+        slots = [s * self.max_len + p for s, n in enumerate(new) for p in range(self.lengths[s], self.lengths[s] + n)]
+        self.lengths = [length + n for length, n in zip(self.lengths, new)]
+        as_tensor = functools.partial(torch.tensor, device=self.device)
+        self.step = dict(
+            slots=as_tensor(slots, dtype=torch.long),  # (total_new,) buffer row of each new token
+            cu_seqlens_q=as_tensor([0, *itertools.accumulate(new)], dtype=torch.int32),
+            cu_seqlens_k=as_tensor([s * self.max_len for s in range(self.n_seq + 1)], dtype=torch.int32),
+            max_seqlen_q=max(new), max_seqlen_k=max(self.lengths),
+            seqused_k=as_tensor(self.lengths, dtype=torch.int32))
+        return as_tensor(positions, dtype=torch.long)
 
-def attention_after_cache(q, k, v):
-    """Causal attention of the last T positions (q) over all S cached ones (k, v): q (B, nh, T, hs),
-    k, v (B, nh, S, hs), S > T. Always torch SDPA: the Triton kernel needs equal q and k lengths."""
-    T, S = q.size(2), k.size(2)
-    mask = None if T == 1 else torch.ones(T, S, dtype=torch.bool, device=q.device).tril(diagonal=S - T)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    def attend(self, layer: int, q, k, v, attention_varlen):
+        """Store this step's k, v (total_new, nh, hs) in layer's buffers; causal attention of q (total_new,
+        nh, hs) to the positions of its own sequence -> (total_new, nh, hs)."""
+        if self.keys[layer] is None:
+            self.keys[layer] = k.new_zeros((self.n_seq * self.max_len, *k.shape[1:]))
+            self.values[layer] = v.new_zeros((self.n_seq * self.max_len, *v.shape[1:]))
+        step = dict(self.step)
+        slots = step.pop("slots")
+        self.keys[layer][slots] = k
+        self.values[layer][slots] = v
+        return attention_varlen(q, self.keys[layer], self.values[layer], causal=True, **step)
 
 
 class CausalSelfAttention(nn.Module):
-    def __init__(self, config: GPTConfig, ops: Ops):
+    def __init__(self, config: GPTConfig, ops: Ops, layer: int):
         super().__init__()
-        self.n_head, self.n_embd = config.n_head, config.n_embd
+        self.n_head, self.n_embd, self.layer = config.n_head, config.n_embd, layer
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)  # q, k, v for all heads at once
         self.c_proj = nn.Linear(config.n_embd, config.n_embd)
         self.c_proj.RESIDUAL_PROJECTION = True
-        self.attention, self.attention_qkv = ops.attention, ops.attention_qkv
+        self.attention_qkv, self.attention_varlen = ops.attention_qkv, ops.attention_varlen
 
-    def forward(self, x, kv_cache=None):
-        T = x.size(1)
+    def forward(self, x, documents=None, kv_cache=None):
         qkv = self.c_attn(x)  # (B, T, 3C): q | k | v, heads side by side
         if kv_cache is None:  # training and plain inference: one op, its backward writes one dqkv
-            return self.c_proj(self.attention_qkv(qkv, self.n_head, causal=True))  # (B, T, C)
-        q, k, v = split_heads(qkv, self.n_head)  # (B, nh, T, hs) each
-        k, v = kv_cache.append(k, v)  # (B, nh, S, hs): cached positions, then these T
-        if k.size(2) == T:
-            y = self.attention(q, k, v, causal=True)  # prefill (B, nh, T, hs)
-        else:
-            y = attention_after_cache(q, k, v)  # decode step: T new queries after S - T cached positions
-        return self.c_proj(merge_heads(y))  # (B, T, C): heads side by side again
+            if documents is None:
+                return self.c_proj(self.attention_qkv(qkv, self.n_head, causal=True))  # (B, T, C)
+            return self.c_proj(self.attention_qkv(qkv, self.n_head, causal=True, documents=documents))
+        # generation: x (1, total_new, C), the new tokens of every sequence packed one after another
+        q, k, v = qkv[0].unflatten(-1, (3, self.n_head, self.n_embd // self.n_head)).unbind(1)  # (total_new, nh, hs)
+        y = kv_cache.attend(self.layer, q, k, v, self.attention_varlen)  # (total_new, nh, hs)
+        return self.c_proj(y.flatten(1)[None])  # (1, total_new, C)
 
 
 class MLP(nn.Module):
@@ -97,15 +116,15 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, config: GPTConfig, ops: Ops):
+    def __init__(self, config: GPTConfig, ops: Ops, layer: int):
         super().__init__()
         self.ln_1 = LayerNorm(config.n_embd, config.layer_norm_eps, ops)
-        self.attn = CausalSelfAttention(config, ops)
+        self.attn = CausalSelfAttention(config, ops, layer)
         self.ln_2 = LayerNorm(config.n_embd, config.layer_norm_eps, ops)
         self.mlp = MLP(config, ops)
 
-    def forward(self, x, kv_cache=None):
-        x = x + self.attn(self.ln_1(x), kv_cache)
+    def forward(self, x, documents=None, kv_cache=None):
+        x = x + self.attn(self.ln_1(x), documents, kv_cache)
         x = x + self.mlp(self.ln_2(x))
         return x
 
@@ -118,7 +137,7 @@ class GPT(nn.Module):
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(config.padded_vocab_size, config.n_embd),
             wpe=nn.Embedding(config.block_size, config.n_embd),
-            h=nn.ModuleList([Block(config, self.ops) for _ in range(config.n_layer)]),
+            h=nn.ModuleList([Block(config, self.ops, i) for i in range(config.n_layer)]),
             ln_f=LayerNorm(config.n_embd, config.layer_norm_eps, self.ops),
         ))
         self.lm_head = nn.Linear(config.n_embd, config.padded_vocab_size, bias=False)
@@ -163,31 +182,53 @@ class GPT(nn.Module):
             raise ValueError(f"GPT: {name} is empty: shape {tuple(idx.shape)}")
         check_token_ids(idx, self.config.vocab_size, f"GPT: {name}", ignore_index=-100 if allow_ignore else None)
 
-    def hidden_states(self, idx, kv_caches=None):
-        """Final (post ln_f) hidden states (B, T, C). With kv_caches (one KVCache per layer), idx holds
-        the positions after the cached ones."""
+    def hidden_states(self, idx, doc_starts=None):
+        """Final (post ln_f) hidden states (B, T, C) of idx (B, T). doc_starts: (B, T) bool, True where a
+        document begins (e.g. idx == EOT_ID); attention then stays inside each document (the masks are
+        built once here, for every layer)."""
         B, T = idx.size()
-        start = kv_caches[0].length if kv_caches else 0
-        if start + T > self.config.block_size:
-            raise ValueError(f"GPT: {start} cached + {T} new positions exceed block_size {self.config.block_size}")
-        pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)  # (T,)
+        if T > self.config.block_size:
+            raise ValueError(f"GPT: sequence length {T} exceeds block_size {self.config.block_size}")
+        documents = None if doc_starts is None else self.ops.document_mask(doc_starts)
+        pos = torch.arange(T, dtype=torch.long, device=idx.device)  # (T,)
         x = self.transformer.wte(idx) + self.transformer.wpe(pos)  # (B, T, C)
-        for i, block in enumerate(self.transformer.h):
-            x = block(x, kv_caches[i] if kv_caches else None)
+        for block in self.transformer.h:
+            x = block(x, documents)
         return self.transformer.ln_f(x)
+
+    def extend(self, tokens, new: list, kv_cache: "KVCache"):
+        """Final hidden states (total_new, C) of the next tokens of kv_cache's sequences: tokens (total_new,)
+        packed one sequence after another, new[s] of them for sequence s, placed after the positions
+        sequence s holds (attention through attention_varlen, q length != k length)."""
+        for s, n in enumerate(new):
+            if kv_cache.lengths[s] + n > self.config.block_size:
+                raise ValueError(f"GPT: {kv_cache.lengths[s]} cached + {n} new positions exceed block_size "
+                                 f"{self.config.block_size}")
+        pos = kv_cache.begin(new)  # (total_new,)
+        x = (self.transformer.wte(tokens) + self.transformer.wpe(pos))[None]  # (1, total_new, C)
+        for block in self.transformer.h:
+            x = block(x, kv_cache=kv_cache)
+        return self.transformer.ln_f(x)[0]
 
     def logits(self, x):
         """lm_head on hidden states; the padded vocab rows never reach the logits."""
         return F.linear(x, self.lm_head.weight[: self.config.vocab_size])  # (..., V)
 
-    def forward(self, idx, targets=None):
+    def forward(self, idx, targets=None, doc_starts=None):
         """idx (B, T) -> logits (B, T, V); with targets (B, T) -> (logits or None, mean CE loss).
         Ids are int64 or int32 (targets are cast to int64 once); -100 in targets is ignored.
+        doc_starts: (B, T) bool, True where a document begins (`idx == EOT_ID` for GPT-2 data): each
+        token then attends only to earlier tokens of its own document.
 
         With fused lm_head + cross-entropy (Triton) the logits are never built and None is returned.
         """
         self.check_idx(idx)
-        x = self.hidden_states(idx)
+        if doc_starts is not None and (not isinstance(doc_starts, torch.Tensor) or doc_starts.dtype != torch.bool
+                                       or doc_starts.shape != idx.shape or doc_starts.device != idx.device):
+            raise ValueError(f"GPT: doc_starts must be a bool tensor shaped like idx {tuple(idx.shape)} on "
+                             f"{idx.device}; got {getattr(doc_starts, 'dtype', type(doc_starts).__name__)} "
+                             f"{tuple(getattr(doc_starts, 'shape', ()))}")
+        x = self.hidden_states(idx, doc_starts)
         if targets is None:
             return self.logits(x)
         if targets.shape != idx.shape:
@@ -220,42 +261,79 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, generator=None, use_cache=True):
-        """Sample max_new_tokens after idx (B, T); only the last position's logits are computed.
+        """Sample max_new_tokens after each prompt; only the last position's logits are computed.
 
-        temperature 0 is greedy. Never emits a padded-vocab id. With use_cache, the context is run once
-        (prefill) and then each step runs only the new token against the cached keys/values (those
-        steps use torch SDPA whatever the kernels choice: q and k lengths differ). Once the
-        sequence is longer than block_size the window slides and every position embedding shifts, so
-        each step then recomputes the last block_size tokens, exactly as without the cache.
+        idx: (B, T) ids, or a list of B prompts of different lengths (1-D tensors or lists of ids). Returns
+        (B, T + max_new_tokens) for a tensor, a list of B 1-D tensors for a list. The prompts run packed
+        one after another (no padding); greedy decoding gives each the tokens it gets alone.
+        temperature 0 is greedy. Never emits a padded-vocab id. With use_cache, each prompt is run once
+        (prefill) and then each step runs only its new token against the cached keys/values, through
+        the chosen kernels' attention_varlen (query and key lengths differ). Once a sequence is longer
+        than block_size its window slides and every position embedding shifts, so it recomputes its
+        last block_size tokens at each step, exactly as without the cache.
         """
-        self.check_idx(idx[:, -self.config.block_size:])  # longer prompts are cropped
+        prompts, as_list = self._prompts(idx)
         if temperature < 0:
             raise ValueError(f"GPT.generate: temperature must be >= 0; got {temperature}")
         if top_k is not None and top_k < 1:
             raise ValueError(f"GPT.generate: top_k must be >= 1; got {top_k}")
-        kv_caches = None
+        B, block, device = len(prompts), self.config.block_size, prompts[0].device
+        lengths = [p.numel() for p in prompts]
+        out = prompts[0].new_zeros((B, max(lengths) + max_new_tokens))  # (B, longest prompt + new)
+        for s, prompt in enumerate(prompts):
+            out[s, :lengths[s]] = prompt
+        rows = torch.arange(B, device=device)
+        kv_cache = None
         for _ in range(max_new_tokens):
-            if kv_caches is not None and idx.size(1) <= self.config.block_size:
-                x = self.hidden_states(idx[:, -1:], kv_caches)  # one-token step
-            else:  # prefill; past block_size every step recomputes the window (a full cache is of no use)
-                kv_caches = self.new_kv_caches() if use_cache and idx.size(1) < self.config.block_size else None
-                x = self.hidden_states(idx[:, -self.config.block_size:], kv_caches)
-            logits = self.logits(x[:, -1, :]).float()  # (B, V)
+            if kv_cache is None or not use_cache:
+                kv_cache = self.new_kv_cache(B, device)
+            new, index = [], []  # tokens each sequence runs now, and where they are in `out`
+            for s, length in enumerate(lengths):
+                window = 1
+                if kv_cache.lengths[s] != length - 1 or length > block:  # prefill, or the window slid
+                    kv_cache.restart(s)
+                    window = min(length, block)
+                new.append(window)
+                index.extend(range(s * out.size(1) + length - window, s * out.size(1) + length))
+            x = self.extend(out.view(-1)[torch.tensor(index, device=device)], new, kv_cache)  # (total_new, C)
+            last = torch.tensor(list(itertools.accumulate(new)), device=device) - 1  # each sequence's last token
+            logits = self.logits(x[last]).float()  # (B, V)
             if temperature == 0:
-                next_id = logits.argmax(dim=-1, keepdim=True)
+                next_id = logits.argmax(dim=-1)
             else:
                 logits = logits / temperature
                 if top_k is not None:
                     kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
                     logits = logits.masked_fill(logits < kth, float("-inf"))
                 probs = F.softmax(logits, dim=-1)
-                next_id = torch.multinomial(probs, num_samples=1, generator=generator)  # (B, 1)
-            idx = torch.cat((idx, next_id.to(idx.dtype)), dim=1)
-        return idx
+                next_id = torch.multinomial(probs, num_samples=1, generator=generator)[:, 0]  # (B,)
+            out[rows, torch.tensor(lengths, device=device)] = next_id.to(out.dtype)
+            lengths = [length + 1 for length in lengths]
+        return [out[s, :lengths[s]] for s in range(B)] if as_list else out
 
-    def new_kv_caches(self) -> list:
-        """One empty KVCache per layer, holding up to block_size positions."""
-        return [KVCache(self.config.block_size) for _ in self.transformer.h]
+    def _prompts(self, idx):
+        """generate's prompts as a list of 1-D id tensors (checked; longer ones are cropped to the window
+        later), and whether they came as a list."""
+        block = self.config.block_size
+        if isinstance(idx, torch.Tensor):
+            self.check_idx(idx[:, -block:] if idx.dim() == 2 else idx)
+            return list(idx.unbind(0)), False
+        if not isinstance(idx, (list, tuple)) or not idx:
+            raise ValueError(f"GPT.generate: idx must be a (B, T) tensor or a non-empty list of prompts; got "
+                             f"{type(idx).__name__}")
+        device = self.lm_head.weight.device
+        prompts = [torch.as_tensor(p, device=device) if not isinstance(p, torch.Tensor) else p for p in idx]
+        for i, p in enumerate(prompts):
+            if p.dim() != 1:
+                raise ValueError(f"GPT.generate: prompt {i} must be 1-D ids; got shape {tuple(p.shape)}")
+            self.check_idx(p[None, -block:], name=f"prompt {i}")
+        if len({(p.device, p.dtype) for p in prompts}) > 1:
+            raise ValueError("GPT.generate: the prompts must share one device and dtype")
+        return prompts, True
+
+    def new_kv_cache(self, n_seq: int, device=None) -> KVCache:
+        """An empty KVCache for n_seq sequences of up to block_size positions, on the model's device."""
+        return KVCache(self.config.n_layer, n_seq, self.config.block_size, device or self.lm_head.weight.device)
 
 
 def check_token_ids(ids, vocab_size: int, name: str, ignore_index=None) -> None:

@@ -52,6 +52,8 @@ class TrainConfig:
     n_embd: int | None = opt(None, "model width; none: the model preset's", ge=1)
     pad_vocab_to: int = opt(128, "round the embedding table up to a multiple of this (50257 -> 50304)", ge=1)
     kernels: str = opt("torch", "torch | triton | op=impl,... (ops: attention, layer_norm, gelu_mlp, cross_entropy)")
+    doc_mask: bool = opt(False, "document masking: a token attends only to earlier tokens of its own document "
+                                "(documents begin at the EOT token), in training and validation")
     # data
     data: str = opt("fineweb-edu", "pystdlib | fineweb-edu | text:PATH (a .txt/.jsonl file or a folder of them); "
                                    "with --data-dir, the source named in its manifest")

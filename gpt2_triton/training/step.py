@@ -6,6 +6,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from gpt2_triton.checkpoint import unwrap_model
+from gpt2_triton.tokenizer import EOT_ID
 from gpt2_triton.training.distributed import DistContext, all_reduce_mean
 from gpt2_triton.training.errors import NonFiniteError
 
@@ -16,9 +17,15 @@ def autocast_context(device: torch.device, amp_dtype):
     return torch.autocast(device_type=device.type, dtype=amp_dtype)
 
 
-def accumulate_gradients(model, next_batch, grad_accum: int, device, amp_dtype=None) -> torch.Tensor:
+def doc_starts(x: torch.Tensor, doc_mask: bool):
+    """Where documents begin in the batch x (B, T), for the model's document masking (doc_mask), else None.
+    GPT-2 data puts the EOT token before each document; computed on x's device, no host sync."""
+    return x == EOT_ID if doc_mask else None
+
+
+def accumulate_gradients(model, next_batch, grad_accum: int, device, amp_dtype=None, doc_mask=False) -> torch.Tensor:
     """Forward/backward over grad_accum micro-batches; the grads sum to those of their mean loss.
-    Returns this process's mean loss (detached)."""
+    Returns this process's mean loss (detached). doc_mask: attention stays inside documents."""
     loss_accum = torch.zeros((), device=device)
     for micro_step in range(grad_accum):
         x, y = next_batch()
@@ -26,7 +33,7 @@ def accumulate_gradients(model, next_batch, grad_accum: int, device, amp_dtype=N
         if isinstance(model, DDP):  # all-reduce grads on the last micro-step only; decided before forward
             model.require_backward_grad_sync = micro_step == grad_accum - 1
         with autocast_context(device, amp_dtype):
-            _, loss = model(x, y)
+            _, loss = model(x, y, doc_starts=doc_starts(x, doc_mask))
         loss = loss / grad_accum  # k micro-steps == one k-times bigger batch
         loss_accum += loss.detach()
         loss.backward()
@@ -41,7 +48,8 @@ def weights_finite(params) -> bool:
 
 
 def train_step(model, optimizer, next_batch, grad_accum: int, device: torch.device, amp_dtype, lr: float,
-               grad_clip: float, step: int, ctx: DistContext | None = None) -> tuple[float, float]:
+               grad_clip: float, step: int, ctx: DistContext | None = None, doc_mask: bool = False
+               ) -> tuple[float, float]:
     """Optimizer step number `step`: zero the grads, accumulate them over grad_accum micro-batches, clip
     them, set the learning rate and update. `model` may be wrapped (torch.compile, DDP); the optimizer
     holds its parameters. Returns (loss averaged over processes, gradient norm before clipping).
@@ -49,7 +57,7 @@ def train_step(model, optimizer, next_batch, grad_accum: int, device: torch.devi
     The loss and gradient norm are checked before the update and the weights after it: a NonFiniteError
     leaves the weights as they were or stops before anything non-finite can be saved."""
     optimizer.zero_grad(set_to_none=True)
-    loss = accumulate_gradients(model, next_batch, grad_accum, device, amp_dtype)
+    loss = accumulate_gradients(model, next_batch, grad_accum, device, amp_dtype, doc_mask)
     if ctx is not None:
         loss = all_reduce_mean(loss, ctx)
     loss = loss.item()

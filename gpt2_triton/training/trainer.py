@@ -64,7 +64,7 @@ from gpt2_triton.training.metrics import (
 )
 from gpt2_triton.training.report import Report, header_lines, summary_lines
 from gpt2_triton.training.run_dir import claim_run_dir
-from gpt2_triton.training.step import autocast_context, train_step, weights_finite
+from gpt2_triton.training.step import autocast_context, doc_starts, train_step, weights_finite
 
 SAMPLE_PROMPT = "Hello, I'm a language model,"
 
@@ -287,9 +287,9 @@ class Trainer:
         total = torch.zeros((), device=self.device)
         for _ in tqdm(range(self.cfg.val_steps), desc="val", leave=False,
                       disable=None if self.ctx.is_main and not self.cfg.quiet else True):
-            x, y = self.val_loader.next_batch()
+            x, y = (t.to(self.device, non_blocking=True) for t in self.val_loader.next_batch())
             with autocast_context(self.device, self.amp_dtype):
-                _, loss = self.model(x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True))
+                _, loss = self.model(x, y, doc_starts=doc_starts(x, self.cfg.doc_mask))
             total += loss.detach() / self.cfg.val_steps
         self.model.train()
         val_loss = all_reduce_mean(total, self.ctx).item()
@@ -347,7 +347,8 @@ class Trainer:
         lr = cosine_lr(self.step, cfg.max_lr, cfg.max_lr * cfg.min_lr_ratio, cfg.warmup_steps,
                        cfg.lr_decay_steps)
         loss, grad_norm = train_step(self.model, self.optimizer, self.train_loader.next_batch, self.grad_accum,
-                                     self.device, self.amp_dtype, lr, cfg.grad_clip, self.step + 1, self.ctx)
+                                     self.device, self.amp_dtype, lr, cfg.grad_clip, self.step + 1, self.ctx,
+                                     cfg.doc_mask)
         if self.device.type == "cuda":
             torch.cuda.synchronize()
         self.step += 1

@@ -168,6 +168,10 @@ def launch_tag(launch: Launch) -> str:
         parts.append(f"D{a['HEAD_DIM']}")
     if "CAUSAL" in a:
         parts.append("causal" if a["CAUSAL"] else "full")
+    if a.get("DOCS"):
+        parts.append("docs")
+    if a.get("HAS_USED"):
+        parts.append("seqused")
     if "EPILOGUE" in a:
         parts.append(["none", "gelu", "geluGrad"][a["EPILOGUE"]])
         parts.append("bias" if a["HAS_BIAS"] else "nobias")
@@ -288,6 +292,25 @@ def _attention(batch):
     return run, [qkv], [qkv]
 
 
+def _attention_documents(batch):
+    """The model's attention with document masking (train.py --doc-mask); the trace sees no values, so the
+    document starts only shape the masks."""
+    qkv = _leaf(batch, T, 3 * C, dtype=torch.bfloat16)
+    starts = torch.zeros((batch, T), dtype=torch.bool)
+    return (lambda ops: ops.attention_qkv(qkv, N_HEAD, causal=True, documents=ops.document_mask(starts))), \
+        [qkv], [qkv]
+
+
+DOCUMENTS_PER_ROW = 2  # packed sequences per 1024 tokens in the varlen op call
+
+
+def _attention_varlen(batch):
+    """flash_attention_varlen on batch x 1024 tokens packed as 2 * batch sequences (self-attention)."""
+    q, k, v = (_leaf(batch * T, N_HEAD, C // N_HEAD, dtype=torch.bfloat16) for _ in range(3))
+    cu = torch.zeros((DOCUMENTS_PER_ROW * batch + 1,), dtype=torch.int32)
+    return (lambda ops: ops.attention_varlen(q, k, v, cu, cu, T, T, causal=True)), [q, k, v], [q, k, v]
+
+
 def _gelu_mlp(batch):
     x = _leaf(batch, T, C)  # ln_2's fp32 output
     fc_w, fc_b, pr_w, pr_b = _leaf(4 * C, C), _leaf(4 * C), _leaf(C, 4 * C), _leaf(C)
@@ -309,8 +332,10 @@ def _linear_cross_entropy(batch):
     return (lambda ops: ops.linear_cross_entropy(x, weight, targets)), [x, weight, targets], [x, weight]
 
 
-OP_CALLS = [OpCall("layer_norm", _layer_norm), OpCall("attention", _attention), OpCall("gelu_mlp", _gelu_mlp),
-            OpCall("cross_entropy", _cross_entropy), OpCall("linear_cross_entropy", _linear_cross_entropy)]
+OP_CALLS = [OpCall("layer_norm", _layer_norm), OpCall("attention", _attention),
+            OpCall("attention_documents", _attention_documents), OpCall("attention_varlen", _attention_varlen),
+            OpCall("gelu_mlp", _gelu_mlp), OpCall("cross_entropy", _cross_entropy),
+            OpCall("linear_cross_entropy", _linear_cross_entropy)]
 
 
 def minimum_bytes(inputs, output, grads) -> int:
@@ -346,15 +371,29 @@ def linear_gelu_launches(batch: int, target_fields=None):
         return trace.launches
 
 
+def decode_launches(batch: int, target_fields=None):
+    """GPT.generate's decode step at GPT-2 shapes: one query per sequence against a KV cache of block_size
+    positions per sequence (half filled), through flash_attention_varlen."""
+    with capture(target_fields) as trace:
+        model = GPT(gpt2_config(), kernels="triton")
+        cache = model.new_kv_cache(batch, "cpu")
+        cache.lengths = [T // 2] * batch
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            model.extend(torch.zeros((batch,), dtype=torch.int64), [1] * batch, cache)
+        return [launch for launch in trace.launches if "varlen" in launch.fn.__name__]
+
+
 def gpt2_launches(batch: int = 16, target_fields=None) -> tuple:
     """(launches, those of the micro-step): every launch of a GPT-2 training micro-step with
-    kernels="triton", of a validation forward and of each op's fwd+bwd, plus those of linear_gelu (not
-    used by GPT-2) whose kernel none of them launches. These are what the profile compiles."""
+    kernels="triton", of a validation forward, of each op's fwd+bwd and of a generation decode step's
+    attention, plus those of linear_gelu (not used by GPT-2) whose kernel none of them launches. These are
+    what the profile compiles."""
     step = [e.launch for e in micro_step(batch, "triton", target_fields)[0] if e.kind == "launch"]
     launches = list(step)
     launches += [e.launch for e in eval_step(batch, target_fields) if e.kind == "launch"]
     for call in OP_CALLS:
         launches += [e.launch for e in trace_op(call, batch, "triton", target_fields)[0] if e.kind == "launch"]
+    launches += decode_launches(batch, target_fields)
     seen = {launch.fn.__name__ for launch in launches}
     launches += [launch for launch in linear_gelu_launches(batch, target_fields) if launch.fn.__name__ not in seen]
     return launches, step

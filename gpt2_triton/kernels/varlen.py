@@ -1,0 +1,885 @@
+"""Variable-length and document-masked flash attention (forward and backward) in Triton.
+
+`flash_attention_varlen` takes sequences packed one after another along the token axis, as
+`flash_attn_varlen_func` does: q (total_q, H, D), k and v (total_k, H, D), sequence i holding rows
+cu_seqlens_q[i]:cu_seqlens_q[i + 1] of q and cu_seqlens_k[i]:cu_seqlens_k[i + 1] of k and v (only
+the first seqused_k[i] of those keys where seqused_k is given, as a KV cache's filled part). With
+causal, query j of a sequence sees keys up to j + len_k - len_q (aligned bottom-right: the last
+query sees every key); a query that sees no key returns 0 (its logsumexp is +inf).
+
+`flash_attention_qkv(qkv, n_head, documents=...)` (attention.py's public op) runs the document-
+masked kernels here: each (B, T) row is one sequence, and `documents` (B, 2, T) int32, from
+`document_bounds`, gives each position the [start, end) of its document within the row; a query
+sees only keys of its own document. Key tiles wholly outside a query tile's documents are skipped.
+
+Programs are scheduled over (sequence, tile): sequence s owns programs cu[s] // BLOCK + s + j for
+j < cdiv(len_s, BLOCK), disjoint ranges that grow with s, so a grid of total // BLOCK + n_seqs
+programs covers every tile and a program finds its sequence by binary search of cu_seqlens
+(at most one program per sequence finds no tile and exits). No tile is spent on padding and no row
+outside a sequence is read: pointer loads are masked at the sequence's end, and fp16/bf16 tiles come
+through TMA descriptors made per sequence (rows past its end read as 0). Each program walks its key
+(or query) tiles in three stages: those that need the per-row mask, the fully visible ones without
+any mask, then the masked ones again. As in attention.py: online softmax in fp32 with exp2, fp32
+logsumexp saved, backward in two launches (dQ, which also writes the row statistics, then dK/dV),
+no atomics, so every result is deterministic.
+"""
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from gpt2_triton.kernels.attention import (
+    LN2,
+    LOG2E,
+    SUPPORTED_HEAD_DIMS,
+    _bwd_dkdv_tiles,
+    _bwd_dq_tiles,
+    _check_causal,
+    _default_scale,
+    _ensure_scratch_allocator,
+    _fwd_tiles,
+    _input_precision,
+    _load_row_stat,
+    _load_tile,
+    _next_tile,
+    _resolve_scale,
+    _row_tiles,
+    _tma_readable,
+    _with_tma_fallback,
+)
+from gpt2_triton.kernels.autotune import autotuned, bucket
+from gpt2_triton.kernels.utils import (
+    asserts_on_device,
+    autocast_disabled,
+    autocast_dtype,
+    cast_floats,
+    check_device,
+    check_float,
+    check_same_dtype,
+    device_guard,
+    split_heads,
+)
+
+MAX_HEADS = 65535  # grid axis 1 holds H
+INT32_LIMIT = 2**31  # in-sequence offsets (row * stride) are int32
+
+
+# ----------------------------------------------------------------------------------------------
+# Kernels
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def _seq_of_program(pid, cu_ptr, n_seqs, n_steps, seq_len, BLOCK: tl.constexpr, DOCS: tl.constexpr):
+    """(sequence, first row of the program's tile within it, the sequence's first packed row, its length).
+    DOCS: sequences are the rows of a (B, seq_len) batch, cdiv(seq_len, BLOCK) programs each. Else
+    sequence s owns programs cu[s] // BLOCK + s + j: the last s with cu[s] // BLOCK + s <= pid, in
+    n_steps = ceil(log2(n_seqs)) halvings. The tile start may lie past the length (no tile: exit)."""
+    if DOCS:
+        n_tiles = tl.cdiv(seq_len, BLOCK)
+        seq = pid // n_tiles
+        return seq, (pid - seq * n_tiles) * BLOCK, seq * seq_len, seq_len
+    else:
+        lo = tl.full([], 0, tl.int32)
+        hi = tl.full([], 0, tl.int32) + n_seqs
+        for _ in range(n_steps):
+            mid = (lo + hi) // 2
+            go = tl.load(cu_ptr + mid) // BLOCK + mid <= pid
+            lo = tl.where(go, mid, lo)
+            hi = tl.where(go, hi, mid)
+        row0 = tl.load(cu_ptr + lo)
+        return lo, (pid - row0 // BLOCK - lo) * BLOCK, row0, tl.load(cu_ptr + lo + 1) - row0
+
+
+@triton.jit
+def _seq_rows(cu_ptr, used_ptr, seq, HAS_USED: tl.constexpr):
+    """(first packed row, length) of sequence seq in cu_seqlens (length: used[seq] when HAS_USED)."""
+    row0 = tl.load(cu_ptr + seq)
+    if HAS_USED:
+        return row0, tl.load(used_ptr + seq)
+    else:
+        return row0, tl.load(cu_ptr + seq + 1) - row0
+
+
+@triton.jit
+def _doc_bound(bounds_ptr, offs, length, END: tl.constexpr):
+    """Row-local document start (END: end, exclusive) at positions offs of one row's (2, length) bounds;
+    positions at or past length read as 0."""
+    if END:
+        bounds_ptr += length
+    return tl.load(bounds_ptr + offs, mask=offs < length, other=0)
+
+
+@triton.jit
+def _row_windows(bounds_ptr, offs_m, len_q, len_k, CAUSAL: tl.constexpr, DOCS: tl.constexpr):
+    """The keys query rows offs_m may see, [lo_m, hi_m] per row (inclusive, sequence-local).
+    Causal: up to offs_m + len_k - len_q; DOCS: within the row's document."""
+    if DOCS:
+        lo_m = _doc_bound(bounds_ptr, offs_m, len_q, False)
+        if CAUSAL:
+            hi_m = offs_m
+        else:
+            hi_m = _doc_bound(bounds_ptr, offs_m, len_q, True) - 1
+    else:
+        lo_m = tl.zeros_like(offs_m)
+        if CAUSAL:
+            hi_m = offs_m + (len_k - len_q)
+        else:
+            hi_m = tl.zeros_like(offs_m) + (len_k - 1)
+    return lo_m, hi_m
+
+
+@triton.jit
+def _stages(lo, b, c, hi, BLOCK: tl.constexpr):
+    """Clamp the stage edges lo <= b <= c <= hi, lo rounded down to a tile; b and c are tile edges
+    (b rounded up, c down, by the caller)."""
+    lo = tl.maximum(lo, 0) // BLOCK * BLOCK
+    hi = tl.maximum(hi, lo)
+    b = tl.minimum(tl.maximum(b, lo), hi)
+    c = tl.minimum(tl.maximum(c, b), hi)
+    return lo, b, c, hi
+
+
+@triton.jit
+def _key_stages(bounds_ptr, start_m, len_q, len_k, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                CAUSAL: tl.constexpr, DOCS: tl.constexpr):
+    """Key tiles of the query tile at start_m: [lo, b) masked, [b, c) visible to every row, [c, hi) masked
+    (sequence-local, multiples of BLOCK_N but hi)."""
+    last = tl.minimum(start_m + BLOCK_M, len_q) - 1  # last query row of the tile
+    if DOCS:
+        lo = _doc_bound(bounds_ptr, start_m, len_q, False)
+        b = _doc_bound(bounds_ptr, last, len_q, False)
+        if CAUSAL:
+            hi = last + 1
+            c = start_m + 1
+        else:
+            hi = _doc_bound(bounds_ptr, last, len_q, True)
+            c = _doc_bound(bounds_ptr, start_m, len_q, True)
+    else:
+        lo = tl.full([], 0, tl.int32)
+        b = lo
+        if CAUSAL:
+            hi = last + 1 + len_k - len_q
+            c = start_m + 1 + len_k - len_q
+        else:
+            hi = len_k
+            c = len_k
+    return _stages(lo, tl.cdiv(b, BLOCK_N) * BLOCK_N, tl.maximum(c, 0) // BLOCK_N * BLOCK_N, hi, BLOCK_N)
+
+
+@triton.jit
+def _query_stages(bounds_ptr, start_n, len_q, len_k, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                  CAUSAL: tl.constexpr, DOCS: tl.constexpr):
+    """Query tiles that see the key tile at start_n: [lo, b) masked, [b, c) seeing every key of it, [c, hi)
+    masked (sequence-local)."""
+    last = tl.minimum(start_n + BLOCK_N, len_k) - 1  # last key row of the tile
+    if DOCS:
+        hi = _doc_bound(bounds_ptr, last, len_k, True)
+        c = _doc_bound(bounds_ptr, start_n, len_k, True)
+        if CAUSAL:
+            lo = start_n
+            b = last
+        else:
+            lo = _doc_bound(bounds_ptr, start_n, len_k, False)
+            b = _doc_bound(bounds_ptr, last, len_k, False)
+    else:
+        hi = len_q
+        c = len_q
+        if CAUSAL:
+            lo = start_n - (len_k - len_q)
+            b = last - (len_k - len_q)
+        else:
+            lo = tl.full([], 0, tl.int32)
+            b = lo
+    return _stages(lo, tl.cdiv(tl.maximum(b, 0), BLOCK_M) * BLOCK_M, c // BLOCK_M * BLOCK_M, hi, BLOCK_M)
+
+
+@triton.jit
+def _visible(offs_n, lo_m, hi_m, DOCS: tl.constexpr):
+    """(len(lo_m), len(offs_n)): key offs_n lies in the window [lo_m, hi_m] of the query."""
+    ok = offs_n[None, :] <= hi_m[:, None]
+    if DOCS:
+        ok = ok & (offs_n[None, :] >= lo_m[:, None])
+    return ok
+
+
+@triton.jit
+def _visible_t(offs_n, lo_m, hi_m, DOCS: tl.constexpr):
+    """_visible transposed: (len(offs_n), len(lo_m))."""
+    ok = offs_n[:, None] <= hi_m[None, :]
+    if DOCS:
+        ok = ok & (offs_n[:, None] >= lo_m[None, :])
+    return ok
+
+
+@triton.jit
+def _varlen_fwd_inner(acc, m_i, l_i, q, k_src, v_src, stride_kt, stride_vt, offs_n0, lo_m, hi_m, len_k,
+                      qk_scale, lo, hi, BLOCK_N: tl.constexpr, MASK: tl.constexpr, DOCS: tl.constexpr,
+                      USE_TMA: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    """Online softmax over key tiles [lo, hi). MASK: each row keeps only its window (keys past len_k
+    read as 0 and lie outside every window) and may have none yet: its max stays -inf and exp2 runs
+    against 0 instead."""
+    if not USE_TMA:
+        k_src += lo * stride_kt
+        v_src += lo * stride_vt
+    for start_n in range(lo, hi, BLOCK_N):
+        start_n = tl.multiple_of(start_n, BLOCK_N)
+        offs_n = start_n + offs_n0
+        k = _next_tile(k_src, start_n, offs_n, len_k, MASK, USE_TMA)  # (BLOCK_N, D)
+        qk = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION)  # (BLOCK_M, BLOCK_N)
+        if MASK:
+            qk = tl.where(_visible(offs_n, lo_m, hi_m, DOCS), qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+        if MASK:
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        else:
+            m_use = m_new
+        p = tl.math.exp2(qk * qk_scale - m_use[:, None])
+        alpha = tl.math.exp2(m_i - m_use)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = _next_tile(v_src, start_n, offs_n, len_k, MASK, USE_TMA)  # (BLOCK_N, D)
+        acc = acc * alpha[:, None]
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=INPUT_PRECISION)
+        m_i = m_new
+        if not USE_TMA:
+            k_src += BLOCK_N * stride_kt
+            v_src += BLOCK_N * stride_vt
+    return acc, m_i, l_i
+
+
+@triton.jit(do_not_specialize=["n_seqs", "n_steps", "seq_len", "Q_BUCKET", "K_BUCKET"])
+def _varlen_fwd_kernel(
+        q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, cu_q_ptr, cu_k_ptr, used_k_ptr, bounds_ptr,
+        stride_qt, stride_qh, stride_qd, stride_kt, stride_kh, stride_kd,
+        stride_vt, stride_vh, stride_vd, stride_ot, stride_oh, stride_od, stride_lh,
+        n_seqs, n_steps, seq_len, Q_BUCKET, K_BUCKET, qk_scale,
+        HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
+        DOCS: tl.constexpr, HAS_USED: tl.constexpr, USE_TMA: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    """q, o: (total_q, H, HEAD_DIM), k, v: (total_k, H, HEAD_DIM), any strides (USE_TMA: k, v with
+    stride_d 1 and 16-byte aligned rows); lse: (H, total_q) fp32 with row stride stride_lh, natural log.
+    cu_q, cu_k: (n_seqs + 1,) int32; used_k: (n_seqs,) int32 keys used (HAS_USED). DOCS: the
+    sequences are the rows of a (B, seq_len) batch (cu_* unused) and bounds (B, 2, seq_len) int32
+    holds each position's document [start, end). Grid: (programs, H), see _seq_of_program.
+    qk_scale = scale * log2(e) > 0. Q_BUCKET, K_BUCKET (powers of two of the longest sequences) are the
+    autotuner's key."""
+    seq, start_m, q_row0, len_q = _seq_of_program(tl.program_id(0), cu_q_ptr, n_seqs, n_steps, seq_len,
+                                                  BLOCK_M, DOCS)
+    if start_m >= len_q:
+        return
+    if DOCS:
+        k_row0 = q_row0
+        len_k = len_q
+    else:
+        k_row0, len_k = _seq_rows(cu_k_ptr, used_k_ptr, seq, HAS_USED)
+    off_h = tl.program_id(1).to(tl.int64)
+    q_row0 = q_row0.to(tl.int64)
+    k_row0 = k_row0.to(tl.int64)
+    if DOCS:
+        bounds_ptr += q_row0 * 2
+
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_n0 = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    q = _load_tile(q_ptr + q_row0 * stride_qt + off_h * stride_qh + offs_m[:, None] * stride_qt
+                   + offs_d[None, :] * stride_qd, offs_m, len_q, True)  # (BLOCK_M, D)
+    k_src = _row_tiles(k_ptr + k_row0 * stride_kt + off_h * stride_kh, stride_kt, stride_kd,
+                       tl.maximum(len_k, 1), BLOCK_N, HEAD_DIM, USE_TMA)
+    v_src = _row_tiles(v_ptr + k_row0 * stride_vt + off_h * stride_vh, stride_vt, stride_vd,
+                       tl.maximum(len_k, 1), BLOCK_N, HEAD_DIM, USE_TMA)
+    lo_m, hi_m = _row_windows(bounds_ptr, offs_m, len_q, len_k, CAUSAL, DOCS)
+    lo, b, c, hi = _key_stages(bounds_ptr, start_m, len_q, len_k, BLOCK_M, BLOCK_N, CAUSAL, DOCS)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    if DOCS:  # keys of earlier documents than the last row's (otherwise b == lo)
+        acc, m_i, l_i = _varlen_fwd_inner(acc, m_i, l_i, q, k_src, v_src, stride_kt, stride_vt, offs_n0,
+                                          lo_m, hi_m, len_k, qk_scale, lo, b,
+                                          BLOCK_N, True, DOCS, USE_TMA, INPUT_PRECISION)
+    acc, m_i, l_i = _varlen_fwd_inner(acc, m_i, l_i, q, k_src, v_src, stride_kt, stride_vt, offs_n0,
+                                      lo_m, hi_m, len_k, qk_scale, b, c,
+                                      BLOCK_N, False, DOCS, USE_TMA, INPUT_PRECISION)
+    acc, m_i, l_i = _varlen_fwd_inner(acc, m_i, l_i, q, k_src, v_src, stride_kt, stride_vt, offs_n0,
+                                      lo_m, hi_m, len_k, qk_scale, c, hi,
+                                      BLOCK_N, True, DOCS, USE_TMA, INPUT_PRECISION)
+
+    seen = l_i > 0  # rows that saw no key: output 0, logsumexp +inf (their backward probabilities are 0)
+    o = (acc * (1.0 / tl.where(seen, l_i, 1.0))[:, None]).to(o_ptr.dtype.element_ty)
+    lse = tl.where(seen, (m_i + tl.math.log2(tl.where(seen, l_i, 1.0))) * LN2, float("inf"))
+    tl.store(lse_ptr + off_h * stride_lh + q_row0 + offs_m, lse, mask=offs_m < len_q)
+    tl.store(o_ptr + q_row0 * stride_ot + off_h * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :] * stride_od,
+             o, mask=offs_m[:, None] < len_q)
+
+
+@triton.jit
+def _varlen_bwd_dq_inner(dq, q, do, lse2, delta, k_src, v_src, stride_kt, stride_vt, offs_n0, lo_m, hi_m,
+                         len_k, qk_scale, lo, hi, BLOCK_N: tl.constexpr, MASK: tl.constexpr, DOCS: tl.constexpr,
+                         USE_TMA: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    """Accumulate dq (BLOCK_M, D) over key tiles [lo, hi); lse2 is the logsumexp in log2 units (+inf for
+    rows that see no key). MASK: each row keeps only its window."""
+    if not USE_TMA:
+        k_src += lo * stride_kt
+        v_src += lo * stride_vt
+    for start_n in range(lo, hi, BLOCK_N):
+        start_n = tl.multiple_of(start_n, BLOCK_N)
+        offs_n = start_n + offs_n0
+        k = _next_tile(k_src, start_n, offs_n, len_k, MASK, USE_TMA)  # (BLOCK_N, D)
+        v = _next_tile(v_src, start_n, offs_n, len_k, MASK, USE_TMA)
+        qk = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION)  # (BLOCK_M, BLOCK_N)
+        p = tl.math.exp2(qk * qk_scale - lse2[:, None])
+        if MASK:
+            p = tl.where(_visible(offs_n, lo_m, hi_m, DOCS), p, 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=INPUT_PRECISION)  # (BLOCK_M, BLOCK_N)
+        ds = p * (dp - delta[:, None])
+        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=INPUT_PRECISION)
+        if not USE_TMA:
+            k_src += BLOCK_N * stride_kt
+            v_src += BLOCK_N * stride_vt
+    return dq
+
+
+@triton.jit(do_not_specialize=["n_seqs", "n_steps", "seq_len", "Q_BUCKET", "K_BUCKET"])
+def _varlen_bwd_dq_kernel(
+        q_ptr, k_ptr, v_ptr, o_ptr, do_ptr, lse_ptr, stats_ptr, dq_ptr, cu_q_ptr, cu_k_ptr, used_k_ptr, bounds_ptr,
+        stride_qt, stride_qh, stride_qd, stride_kt, stride_kh, stride_kd, stride_vt, stride_vh, stride_vd,
+        stride_ot, stride_oh, stride_od, stride_dot, stride_doh, stride_dod, stride_dqt, stride_dqh, stride_dqd,
+        stride_lh, stride_sh, n_seqs, n_steps, seq_len, Q_BUCKET, K_BUCKET, scale, qk_scale,
+        HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
+        DOCS: tl.constexpr, HAS_USED: tl.constexpr, USE_TMA: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    """One program per (sequence, query tile): the row statistics the dK/dV kernel reads (lse2 = lse in
+    log2 units, delta = rowsum(o * do)) into stats (H, 2, total_q) fp32 (head stride stride_sh, lse2 |
+    delta rows total_q apart), then dq. Layouts as in _varlen_fwd_kernel; do, dq like q."""
+    seq, start_m, q_row0, len_q = _seq_of_program(tl.program_id(0), cu_q_ptr, n_seqs, n_steps, seq_len,
+                                                  BLOCK_M, DOCS)
+    if start_m >= len_q:
+        return
+    if DOCS:
+        k_row0 = q_row0
+        len_k = len_q
+    else:
+        k_row0, len_k = _seq_rows(cu_k_ptr, used_k_ptr, seq, HAS_USED)
+    off_h = tl.program_id(1).to(tl.int64)
+    q_row0 = q_row0.to(tl.int64)
+    k_row0 = k_row0.to(tl.int64)
+    if DOCS:
+        bounds_ptr += q_row0 * 2
+
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_n0 = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    rows = offs_m[:, None]
+    cols = offs_d[None, :]
+    q = _load_tile(q_ptr + q_row0 * stride_qt + off_h * stride_qh + rows * stride_qt + cols * stride_qd,
+                   offs_m, len_q, True)  # (BLOCK_M, D)
+    do = _load_tile(do_ptr + q_row0 * stride_dot + off_h * stride_doh + rows * stride_dot + cols * stride_dod,
+                    offs_m, len_q, True)
+    o = _load_tile(o_ptr + q_row0 * stride_ot + off_h * stride_oh + rows * stride_ot + cols * stride_od,
+                   offs_m, len_q, True)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)  # (BLOCK_M,)
+    lse2 = _load_row_stat(lse_ptr + off_h * stride_lh + q_row0 + offs_m, offs_m, len_q, True) * LOG2E
+    total_q = stride_sh // 2
+    stats_ptrs = stats_ptr + off_h * stride_sh + q_row0 + offs_m
+    tl.store(stats_ptrs, lse2, mask=offs_m < len_q)
+    tl.store(stats_ptrs + total_q, delta, mask=offs_m < len_q)
+
+    k_src = _row_tiles(k_ptr + k_row0 * stride_kt + off_h * stride_kh, stride_kt, stride_kd,
+                       tl.maximum(len_k, 1), BLOCK_N, HEAD_DIM, USE_TMA)
+    v_src = _row_tiles(v_ptr + k_row0 * stride_vt + off_h * stride_vh, stride_vt, stride_vd,
+                       tl.maximum(len_k, 1), BLOCK_N, HEAD_DIM, USE_TMA)
+    lo_m, hi_m = _row_windows(bounds_ptr, offs_m, len_q, len_k, CAUSAL, DOCS)
+    lo, b, c, hi = _key_stages(bounds_ptr, start_m, len_q, len_k, BLOCK_M, BLOCK_N, CAUSAL, DOCS)
+    dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    if DOCS:
+        dq = _varlen_bwd_dq_inner(dq, q, do, lse2, delta, k_src, v_src, stride_kt, stride_vt, offs_n0, lo_m,
+                                  hi_m, len_k, qk_scale, lo, b, BLOCK_N, True, DOCS, USE_TMA, INPUT_PRECISION)
+    dq = _varlen_bwd_dq_inner(dq, q, do, lse2, delta, k_src, v_src, stride_kt, stride_vt, offs_n0, lo_m,
+                              hi_m, len_k, qk_scale, b, c, BLOCK_N, False, DOCS, USE_TMA, INPUT_PRECISION)
+    dq = _varlen_bwd_dq_inner(dq, q, do, lse2, delta, k_src, v_src, stride_kt, stride_vt, offs_n0, lo_m,
+                              hi_m, len_k, qk_scale, c, hi, BLOCK_N, True, DOCS, USE_TMA, INPUT_PRECISION)
+    dq = (dq * scale).to(dq_ptr.dtype.element_ty)
+    tl.store(dq_ptr + q_row0 * stride_dqt + off_h * stride_dqh + rows * stride_dqt + cols * stride_dqd, dq,
+             mask=rows < len_q)
+
+
+@triton.jit
+def _varlen_bwd_dkdv_inner(dk, dv, k, v, q_src, do_src, stats_ptr, total_q, bounds_ptr, stride_qt, stride_dot,
+                           offs_n, offs_m0, len_q, len_k, qk_scale, lo, hi,
+                           BLOCK_M: tl.constexpr, MASK: tl.constexpr, CAUSAL: tl.constexpr, DOCS: tl.constexpr,
+                           USE_TMA: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    """Accumulate dk, dv (BLOCK_N, D) over query tiles [lo, hi), on transposed scores (BLOCK_N, BLOCK_M).
+    stats_ptr: this sequence's lse2 entries (delta total_q further on). Query rows past len_q read as
+    0 (q, do, lse2, delta) and add nothing. MASK: keep the pairs in each query's window."""
+    if not USE_TMA:
+        q_src += lo * stride_qt
+        do_src += lo * stride_dot
+    for start_m in range(lo, hi, BLOCK_M):
+        start_m = tl.multiple_of(start_m, BLOCK_M)
+        offs_m = start_m + offs_m0
+        q = _next_tile(q_src, start_m, offs_m, len_q, MASK, USE_TMA)  # (BLOCK_M, D)
+        lse2 = _load_row_stat(stats_ptr + offs_m, offs_m, len_q, MASK)
+        delta = _load_row_stat(stats_ptr + total_q + offs_m, offs_m, len_q, MASK)
+        qk_t = tl.dot(k, tl.trans(q), input_precision=INPUT_PRECISION)  # (BLOCK_N, BLOCK_M)
+        p_t = tl.math.exp2(qk_t * qk_scale - lse2[None, :])
+        if MASK:
+            lo_m, hi_m = _row_windows(bounds_ptr, offs_m, len_q, len_k, CAUSAL, DOCS)
+            p_t = tl.where(_visible_t(offs_n, lo_m, hi_m, DOCS), p_t, 0.0)
+        do = _next_tile(do_src, start_m, offs_m, len_q, MASK, USE_TMA)  # (BLOCK_M, D)
+        dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=INPUT_PRECISION)
+        dp_t = tl.dot(v, tl.trans(do), input_precision=INPUT_PRECISION)  # (BLOCK_N, BLOCK_M)
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=INPUT_PRECISION)
+        if not USE_TMA:
+            q_src += BLOCK_M * stride_qt
+            do_src += BLOCK_M * stride_dot
+    return dk, dv
+
+
+@triton.jit(do_not_specialize=["n_seqs", "n_steps", "seq_len", "Q_BUCKET", "K_BUCKET"])
+def _varlen_bwd_dkdv_kernel(
+        q_ptr, k_ptr, v_ptr, do_ptr, stats_ptr, dk_ptr, dv_ptr, cu_q_ptr, cu_k_ptr, used_k_ptr, bounds_ptr,
+        stride_qt, stride_qh, stride_qd, stride_kt, stride_kh, stride_kd, stride_vt, stride_vh, stride_vd,
+        stride_dot, stride_doh, stride_dod, stride_dkt, stride_dkh, stride_dkd, stride_dvt, stride_dvh, stride_dvd,
+        stride_sh, n_seqs, n_steps, seq_len, Q_BUCKET, K_BUCKET, scale, qk_scale,
+        HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
+        DOCS: tl.constexpr, HAS_USED: tl.constexpr, USE_TMA: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    """One program per (sequence, key tile): dk, dv like k, v (USE_TMA: q, do with stride_d 1 and
+    16-byte aligned rows). stats from the dQ kernel. Keys past used_k get no program (their grads
+    stay as the caller made them: zeros). Grid: (programs over cu_k, H)."""
+    seq, start_n, k_row0, len_k = _seq_of_program(tl.program_id(0), cu_k_ptr, n_seqs, n_steps, seq_len,
+                                                  BLOCK_N, DOCS)
+    if HAS_USED:
+        len_k = tl.load(used_k_ptr + seq)
+    if start_n >= len_k:
+        return
+    if DOCS:
+        q_row0 = k_row0
+        len_q = len_k
+    else:
+        q_row0, len_q = _seq_rows(cu_q_ptr, used_k_ptr, seq, False)
+    off_h = tl.program_id(1).to(tl.int64)
+    q_row0 = q_row0.to(tl.int64)
+    k_row0 = k_row0.to(tl.int64)
+    if DOCS:
+        bounds_ptr += q_row0 * 2
+
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_m0 = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    rows = offs_n[:, None]
+    cols = offs_d[None, :]
+    k = _load_tile(k_ptr + k_row0 * stride_kt + off_h * stride_kh + rows * stride_kt + cols * stride_kd,
+                   offs_n, len_k, True)  # (BLOCK_N, D)
+    v = _load_tile(v_ptr + k_row0 * stride_vt + off_h * stride_vh + rows * stride_vt + cols * stride_vd,
+                   offs_n, len_k, True)
+    q_src = _row_tiles(q_ptr + q_row0 * stride_qt + off_h * stride_qh, stride_qt, stride_qd,
+                       tl.maximum(len_q, 1), BLOCK_M, HEAD_DIM, USE_TMA)
+    do_src = _row_tiles(do_ptr + q_row0 * stride_dot + off_h * stride_doh, stride_dot, stride_dod,
+                        tl.maximum(len_q, 1), BLOCK_M, HEAD_DIM, USE_TMA)
+    stats = stats_ptr + off_h * stride_sh + q_row0
+    total_q = stride_sh // 2
+    lo, b, c, hi = _query_stages(bounds_ptr, start_n, len_q, len_k, BLOCK_M, BLOCK_N, CAUSAL, DOCS)
+    dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+    if DOCS or CAUSAL:  # query tiles that see only part of the key tile (otherwise b == lo)
+        dk, dv = _varlen_bwd_dkdv_inner(dk, dv, k, v, q_src, do_src, stats, total_q, bounds_ptr, stride_qt,
+                                        stride_dot, offs_n, offs_m0, len_q, len_k, qk_scale, lo, b,
+                                        BLOCK_M, True, CAUSAL, DOCS, USE_TMA, INPUT_PRECISION)
+    dk, dv = _varlen_bwd_dkdv_inner(dk, dv, k, v, q_src, do_src, stats, total_q, bounds_ptr, stride_qt, stride_dot,
+                                    offs_n, offs_m0, len_q, len_k, qk_scale, b, c,
+                                    BLOCK_M, False, CAUSAL, DOCS, USE_TMA, INPUT_PRECISION)
+    dk, dv = _varlen_bwd_dkdv_inner(dk, dv, k, v, q_src, do_src, stats, total_q, bounds_ptr, stride_qt, stride_dot,
+                                    offs_n, offs_m0, len_q, len_k, qk_scale, c, hi,
+                                    BLOCK_M, True, CAUSAL, DOCS, USE_TMA, INPUT_PRECISION)
+    dk = (dk * scale).to(dk_ptr.dtype.element_ty)
+    dv = dv.to(dv_ptr.dtype.element_ty)
+    tl.store(dk_ptr + k_row0 * stride_dkt + off_h * stride_dkh + rows * stride_dkt + cols * stride_dkd, dk,
+             mask=rows < len_k)
+    tl.store(dv_ptr + k_row0 * stride_dvt + off_h * stride_dvh + rows * stride_dvt + cols * stride_dvd, dv,
+             mask=rows < len_k)
+
+
+# ----------------------------------------------------------------------------------------------
+# Autotuners: attention.py's candidate tiles, keyed on buckets of the longest sequences
+# ----------------------------------------------------------------------------------------------
+# Benchmarking re-runs a kernel on the same arguments: each overwrites all it writes (the dK/dV rows of
+# unused keys are never written and stay the zeros the launcher made). USE_TMA is in the key: where TMA
+# fails in a process (feature "tma"), the pointer-load variant is tuned on its own.
+_AUTOTUNE_KEY = ["Q_BUCKET", "K_BUCKET", "HEAD_DIM", "CAUSAL", "DOCS", "HAS_USED", "USE_TMA"]
+_VARIANTS = [(d, dt) for d in SUPPORTED_HEAD_DIMS for dt in (torch.float16, torch.float32)]  # bf16 tiles = fp16's
+
+
+def _autotuned(kernel, tiles, interpreter_tile):
+    return autotuned(kernel, names=("BLOCK_M", "BLOCK_N"), candidates=tiles, key=_AUTOTUNE_KEY,
+                     variants=_VARIANTS, variant_of=lambda args: (args["HEAD_DIM"], args["q_ptr"].dtype),
+                     interpreter_tile=interpreter_tile)
+
+
+_varlen_fwd = _autotuned(_varlen_fwd_kernel, _fwd_tiles, (32, 16, 4, 1))
+_varlen_bwd_dq = _autotuned(_varlen_bwd_dq_kernel, _bwd_dq_tiles, (32, 16, 4, 1))
+_varlen_bwd_dkdv = _autotuned(_varlen_bwd_dkdv_kernel, _bwd_dkdv_tiles, (16, 32, 4, 1))
+
+
+# ----------------------------------------------------------------------------------------------
+# Launch helpers (autocast off around them)
+# ----------------------------------------------------------------------------------------------
+def _packed_tma_readable(t: torch.Tensor) -> torch.Tensor:
+    """A packed (total, H, D) tensor whose (rows, D) slices TMA can read: t itself or a contiguous copy."""
+    return _tma_readable(t.transpose(0, 1).unsqueeze(0))[0].transpose(0, 1)
+
+
+def _search_steps(n_seqs: int) -> int:
+    """Halvings of the binary search over n_seqs sequences: ceil(log2(n_seqs))."""
+    return max(n_seqs - 1, 0).bit_length()
+
+
+class _Layout:
+    """How the packed rows form sequences, as the kernels take it: varlen (cu_seqlens, optional used
+    keys) or DOCS (B rows of seq_len positions with document bounds)."""
+
+    def __init__(self, cu_q, cu_k, used_k, max_q, max_k, bounds=None, seq_len=0):
+        self.cu_q, self.cu_k, self.used_k, self.bounds = cu_q, cu_k, used_k, bounds
+        self.docs = bounds is not None
+        self.n_seqs = bounds.shape[0] if self.docs else cu_q.numel() - 1
+        self.seq_len, self.max_q, self.max_k = seq_len, max_q, max_k
+
+    def args(self) -> tuple:
+        """Pointer arguments (cu_q, cu_k, used_k, bounds); the kernel never reads the unused ones, which
+        get a stand-in tensor."""
+        stand_in = self.bounds if self.docs else self.cu_q
+        return tuple(stand_in if t is None else t for t in (self.cu_q, self.cu_k, self.used_k, self.bounds))
+
+    def scalars(self) -> tuple:
+        return self.n_seqs, _search_steps(self.n_seqs), self.seq_len, bucket(self.max_q), bucket(self.max_k)
+
+    def programs(self, total: int, block: int) -> int:
+        if self.docs:
+            return self.n_seqs * triton.cdiv(self.seq_len, block)
+        return total // block + self.n_seqs
+
+    def constexprs(self, causal: bool) -> dict:
+        return dict(CAUSAL=causal, DOCS=self.docs, HAS_USED=self.used_k is not None)
+
+
+def _fwd_into(q, k, v, o, lse, layout: _Layout, causal: bool, scale: float) -> None:
+    """o (total_q, H, D) and lse (H, total_q) fp32 <- attention forward of packed q, k, v."""
+    total_q, H, D = q.shape
+    if scale <= 0:  # the kernel folds scale in after the row max (needs scale > 0), as attention.py does
+        q = q.neg() if scale < 0 else torch.zeros_like(q)
+        scale = -scale if scale < 0 else 1.0
+    grid = lambda meta: (layout.programs(total_q, meta["BLOCK_M"]), H)  # noqa: E731
+
+    def launch(use_tma):
+        k_, v_ = (_packed_tma_readable(k), _packed_tma_readable(v)) if use_tma else (k, v)
+        if use_tma:
+            _ensure_scratch_allocator(q.device)
+        _varlen_fwd[grid](
+            q, k_, v_, o, lse, *layout.args(),
+            *q.stride(), *k_.stride(), *v_.stride(), *o.stride(), lse.stride(0),
+            *layout.scalars(), scale * LOG2E.value,
+            HEAD_DIM=D, **layout.constexprs(causal), USE_TMA=use_tma, INPUT_PRECISION=_input_precision(q.dtype))
+
+    with device_guard(q.device):
+        _with_tma_fallback(q.dtype, launch)
+
+
+def _bwd_into(do, q, k, v, o, lse, dq, dk, dv, layout: _Layout, causal: bool, scale: float) -> None:
+    """dq, dk, dv <- attention backward (dk, dv rows of unused keys are left as they are). Two launches:
+    dQ (which also writes the row statistics), then dK/dV (which reads them)."""
+    total_q, H, D = q.shape
+    total_k = k.shape[0]
+    stats = torch.empty((H, 2, total_q), dtype=torch.float32, device=q.device)  # lse2 | delta
+    grid_dq = lambda meta: (layout.programs(total_q, meta["BLOCK_M"]), H)  # noqa: E731
+    grid_dkdv = lambda meta: (layout.programs(total_k, meta["BLOCK_N"]), H)  # noqa: E731
+
+    def launch(use_tma):
+        # TMA: the dQ loop reads k, v tiles; the dK/dV loop q, do tiles
+        q_, k_, v_, do_ = (_packed_tma_readable(t) for t in (q, k, v, do)) if use_tma else (q, k, v, do)
+        if use_tma:
+            _ensure_scratch_allocator(q.device)
+        common = dict(HEAD_DIM=D, **layout.constexprs(causal), USE_TMA=use_tma,
+                      INPUT_PRECISION=_input_precision(q.dtype))
+        _varlen_bwd_dq[grid_dq](
+            q_, k_, v_, o, do_, lse, stats, dq, *layout.args(),
+            *q_.stride(), *k_.stride(), *v_.stride(), *o.stride(), *do_.stride(), *dq.stride(),
+            lse.stride(0), stats.stride(0), *layout.scalars(), scale, scale * LOG2E.value, **common)
+        _varlen_bwd_dkdv[grid_dkdv](
+            q_, k_, v_, do_, stats, dk, dv, *layout.args(),
+            *q_.stride(), *k_.stride(), *v_.stride(), *do_.stride(), *dk.stride(), *dv.stride(),
+            stats.stride(0), *layout.scalars(), scale, scale * LOG2E.value, **common)
+
+    with device_guard(q.device):
+        _with_tma_fallback(q.dtype, launch)
+
+
+# ----------------------------------------------------------------------------------------------
+# Launchers (registered custom ops). Private: they assume input the public ops have checked.
+# ----------------------------------------------------------------------------------------------
+@torch.library.custom_op("gpt2_triton::flash_attention_varlen_fwd", mutates_args=())
+def flash_attention_varlen_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                               cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int,
+                               causal: bool = True, scale: Optional[float] = None,
+                               seqused_k: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Packed attention forward. q (total_q, H, D), k, v (total_k, H, D), any strides; cu_seqlens_*
+    (N + 1,) int32; seqused_k (N,) int32 or None. Returns o (total_q, H, D) contiguous in q's dtype and
+    lse (H, total_q) fp32 (natural log; +inf for a query that sees no key)."""
+    scale = _default_scale(scale, q.shape[-1])
+    o = torch.empty_like(q, memory_format=torch.contiguous_format)
+    lse = torch.empty((q.shape[1], q.shape[0]), dtype=torch.float32, device=q.device)
+    layout = _Layout(cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen_q, max_seqlen_k)
+    _fwd_into(q, k, v, o, lse, layout, causal, scale)
+    return o, lse
+
+
+@flash_attention_varlen_fwd.register_fake
+def _flash_attention_varlen_fwd_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                     causal=True, scale=None, seqused_k=None):
+    return (torch.empty_like(q, memory_format=torch.contiguous_format),
+            q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32))
+
+
+@torch.library.custom_op("gpt2_triton::flash_attention_varlen_bwd", mutates_args=())
+def flash_attention_varlen_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                               o: torch.Tensor, lse: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                               cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int,
+                               causal: bool = True, scale: Optional[float] = None,
+                               seqused_k: Optional[torch.Tensor] = None
+                               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Packed attention backward: dq (like q), dk, dv (like k; zero for keys past seqused_k), contiguous,
+    in q's dtype. do and o are cast to q's dtype if they differ."""
+    scale = _default_scale(scale, q.shape[-1])
+    dq = torch.empty_like(q, memory_format=torch.contiguous_format)
+    new = torch.empty_like if seqused_k is None else torch.zeros_like
+    dk, dv = (new(k, memory_format=torch.contiguous_format) for _ in range(2))
+    layout = _Layout(cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen_q, max_seqlen_k)
+    _bwd_into(do.to(q.dtype), q, k, v, o.to(q.dtype), lse, dq, dk, dv, layout, causal, scale)
+    return dq, dk, dv
+
+
+@flash_attention_varlen_bwd.register_fake
+def _flash_attention_varlen_bwd_fake(do, q, k, v, o, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                     causal=True, scale=None, seqused_k=None):
+    return tuple(torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v))
+
+
+def _qkv_packed(qkv: torch.Tensor, n_head: int):
+    """(B, T, 3C) -> q, k, v as packed (B * T, n_head, D) views: no copy when qkv's rows are contiguous
+    (as c_attn returns them)."""
+    return (t.transpose(1, 2).flatten(0, 1) for t in split_heads(qkv, n_head))
+
+
+@torch.library.custom_op("gpt2_triton::flash_attention_qkv_documents_fwd", mutates_args=())
+def flash_attention_qkv_documents_fwd(qkv: torch.Tensor, documents: torch.Tensor, n_head: int,
+                                      causal: bool = True, scale: Optional[float] = None
+                                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Document-masked attention forward on the QKV projection's output. qkv (B, T, 3C); documents
+    (B, 2, T) int32 from `document_bounds`. Returns y (B, T, C) contiguous in qkv's dtype and lse
+    (n_head, B * T) fp32."""
+    B, T, C3 = qkv.shape
+    q, k, v = _qkv_packed(qkv, n_head)
+    scale = _default_scale(scale, q.shape[-1])
+    y = qkv.new_empty((B, T, C3 // 3))
+    lse = torch.empty((n_head, B * T), dtype=torch.float32, device=qkv.device)
+    layout = _Layout(None, None, None, T, T, bounds=documents, seq_len=T)
+    _fwd_into(q, k, v, y.view(B * T, n_head, -1), lse, layout, causal, scale)
+    return y, lse
+
+
+@flash_attention_qkv_documents_fwd.register_fake
+def _flash_attention_qkv_documents_fwd_fake(qkv, documents, n_head, causal=True, scale=None):
+    B, T, C3 = qkv.shape
+    return qkv.new_empty((B, T, C3 // 3)), qkv.new_empty((n_head, B * T), dtype=torch.float32)
+
+
+@torch.library.custom_op("gpt2_triton::flash_attention_qkv_documents_bwd", mutates_args=())
+def flash_attention_qkv_documents_bwd(dy: torch.Tensor, qkv: torch.Tensor, documents: torch.Tensor,
+                                      y: torch.Tensor, lse: torch.Tensor, n_head: int, causal: bool = True,
+                                      scale: Optional[float] = None) -> torch.Tensor:
+    """Document-masked attention backward: dqkv (B, T, 3C) contiguous in qkv's dtype, written by the
+    kernels in place (dq | dk | dv along the last dim, heads side by side)."""
+    B, T, C3 = qkv.shape
+    q, k, v = _qkv_packed(qkv, n_head)
+    scale = _default_scale(scale, q.shape[-1])
+    dqkv = qkv.new_empty((B, T, C3))
+    dq, dk, dv = _qkv_packed(dqkv, n_head)
+    packed = (B * T, n_head, C3 // (3 * n_head))
+    do, o = (t.to(qkv.dtype).reshape(packed) for t in (dy, y))
+    layout = _Layout(None, None, None, T, T, bounds=documents, seq_len=T)
+    _bwd_into(do, q, k, v, o, lse, dq, dk, dv, layout, causal, scale)
+    return dqkv
+
+
+@flash_attention_qkv_documents_bwd.register_fake
+def _flash_attention_qkv_documents_bwd_fake(dy, qkv, documents, y, lse, n_head, causal=True, scale=None):
+    return qkv.new_empty(qkv.shape)
+
+
+# ----------------------------------------------------------------------------------------------
+# Autograd, input checks and the public ops
+# ----------------------------------------------------------------------------------------------
+class FlashAttentionVarlenFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale, seqused_k):
+        o, lse = flash_attention_varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                            causal, scale, seqused_k)
+        ctx.save_for_backward(q, k, v, o, lse, cu_seqlens_q, cu_seqlens_k, seqused_k)
+        ctx.args = (max_seqlen_q, max_seqlen_k, causal, scale)
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, o, lse, cu_seqlens_q, cu_seqlens_k, seqused_k = ctx.saved_tensors
+        max_seqlen_q, max_seqlen_k, causal, scale = ctx.args
+        dq, dk, dv = flash_attention_varlen_bwd(do, q, k, v, o, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                                                max_seqlen_k, causal, scale, seqused_k)
+        return dq, dk, dv, None, None, None, None, None, None, None
+
+
+class FlashAttentionQKVDocumentsFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, qkv, documents, n_head, causal, scale):
+        y, lse = flash_attention_qkv_documents_fwd(qkv, documents, n_head, causal, scale)
+        ctx.save_for_backward(qkv, documents, y, lse)
+        ctx.n_head, ctx.causal, ctx.scale = n_head, causal, scale
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        qkv, documents, y, lse = ctx.saved_tensors
+        dqkv = flash_attention_qkv_documents_bwd(dy, qkv, documents, y, lse, ctx.n_head, ctx.causal, ctx.scale)
+        return dqkv, None, None, None, None
+
+
+def _check_int32_vector(op: str, name: str, t, n: int) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{op}: {name} must be a torch.Tensor; got {type(t).__name__}")
+    if t.dtype != torch.int32:
+        raise TypeError(f"{op}: {name} must be int32 (as flash_attn_varlen_func takes it); got {t.dtype}")
+    if t.dim() != 1 or t.numel() != n:
+        raise ValueError(f"{op}: {name} must have shape ({n},); got {tuple(t.shape)}")
+
+
+def _check_max_seqlen(op: str, name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise TypeError(f"{op}: {name} must be an int >= 0; got {value!r}")
+    return value
+
+
+def _check_seqlen_values(op: str, cu_q, cu_k, seqused_k, total_q: int, total_k: int, max_q: int,
+                         max_k: int) -> None:
+    """The values of cu_seqlens_q/k (and seqused_k): on the CPU each problem is a ValueError naming it;
+    on a GPU one asynchronous device-side assert (no host sync) covers them all. Skipped while
+    torch.compile traces."""
+    if torch.compiler.is_compiling():
+        return
+    len_q, len_k = cu_q.diff(), cu_k.diff()
+    used = len_k if seqused_k is None else seqused_k
+    checks = [
+        ("cu_seqlens_q must start at 0", cu_q[0] == 0),
+        ("cu_seqlens_k must start at 0", cu_k[0] == 0),
+        ("cu_seqlens_q must be non-decreasing", (len_q >= 0).all()),
+        ("cu_seqlens_k must be non-decreasing", (len_k >= 0).all()),
+        (f"cu_seqlens_q must end at total_q = q.shape[0] = {total_q}", cu_q[-1] == total_q),
+        (f"cu_seqlens_k must end at total_k = k.shape[0] = {total_k}", cu_k[-1] == total_k),
+        (f"max_seqlen_q = {max_q} is smaller than a sequence of q", (len_q <= max_q).all()),
+        (f"max_seqlen_k = {max_k} is smaller than a sequence of k", (used <= max_k).all()),
+    ]
+    if seqused_k is not None:
+        checks.append(("seqused_k must lie in [0, cu_seqlens_k[i + 1] - cu_seqlens_k[i]]",
+                       ((seqused_k >= 0) & (seqused_k <= len_k)).all()))
+    if asserts_on_device(cu_q.device):
+        ok = torch.stack([c for _, c in checks]).all()
+        torch._assert_async(ok, f"{op}: bad cu_seqlens: " + "; ".join(text for text, _ in checks))
+        return
+    for text, ok in checks:
+        if not bool(ok):
+            raise ValueError(f"{op}: {text}; got cu_seqlens_q={cu_q.tolist()}, cu_seqlens_k={cu_k.tolist()}"
+                             + ("" if seqused_k is None else f", seqused_k={seqused_k.tolist()}"))
+
+
+def _check_varlen(op: str, q, k, v, cu_q, cu_k, seqused_k, max_q, max_k) -> None:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        check_float(op, name, t)
+    check_same_dtype(op, q=q, k=k, v=v)
+    for name, t in (("cu_seqlens_q", cu_q), ("cu_seqlens_k", cu_k), ("seqused_k", seqused_k)):
+        if t is not None and not isinstance(t, torch.Tensor):
+            raise TypeError(f"{op}: {name} must be a torch.Tensor; got {type(t).__name__}")
+    check_device(op, q=q, k=k, v=v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, seqused_k=seqused_k)
+    if q.dim() != 3 or k.dim() != 3 or v.dim() != 3:
+        raise ValueError(f"{op}: q, k, v must be 3-D packed (total_tokens, H, D); got q {tuple(q.shape)}, "
+                         f"k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if k.shape != v.shape or q.shape[1:] != k.shape[1:]:
+        raise ValueError(f"{op}: q (total_q, H, D) and k, v (total_k, H, D) must share H and D; got "
+                         f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+    total_q, H, D = q.shape
+    if D not in SUPPORTED_HEAD_DIMS:
+        raise ValueError(f"{op}: head dim D must be one of {SUPPORTED_HEAD_DIMS}; got D={D}")
+    if not 1 <= H <= MAX_HEADS:
+        raise ValueError(f"{op}: need 1 <= H <= {MAX_HEADS} heads; got H={H}")
+    if cu_q.dim() != 1 or cu_q.numel() < 2:
+        raise ValueError(f"{op}: cu_seqlens_q must have shape (N + 1,) for N >= 1 sequences; got "
+                         f"{tuple(cu_q.shape)}")
+    n_seqs = cu_q.numel() - 1
+    _check_int32_vector(op, "cu_seqlens_q", cu_q, n_seqs + 1)
+    _check_int32_vector(op, "cu_seqlens_k", cu_k, n_seqs + 1)  # "q/k counts that disagree"
+    if seqused_k is not None:
+        _check_int32_vector(op, "seqused_k", seqused_k, n_seqs)
+    for name, t, longest in (("q", q, max_q), ("k", k, max_k), ("v", v, max_k)):
+        if max(longest, 1) * max(abs(t.stride(0)), 1) >= INT32_LIMIT:
+            raise ValueError(f"{op}: max_seqlen * {name}.stride(0) must stay below 2**31 (in-sequence "
+                             f"offsets are int32); got {longest} * {t.stride(0)}")
+
+
+def flash_attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                           cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int, causal: bool = True,
+                           scale: Optional[float] = None, *, seqused_k: Optional[torch.Tensor] = None,
+                           check_seqlens: bool = True) -> torch.Tensor:
+    """Attention over sequences packed along the token axis, as flash_attn_varlen_func takes them.
+
+    q: (total_q, H, D); k, v: (total_k, H, D); one float dtype, any strides, D in {16, 32, 64, 128}.
+    cu_seqlens_q, cu_seqlens_k: (N + 1,) int32, starting at 0, non-decreasing, ending at total_q /
+    total_k: sequence i is q[cu_seqlens_q[i]:cu_seqlens_q[i + 1]] against k, v[cu_seqlens_k[i]:
+    cu_seqlens_k[i + 1]] (empty sequences allowed). max_seqlen_q/k: ints >= every length (the autotune
+    key). causal: query j of a sequence sees keys up to j + len_k - len_q (bottom-right aligned); a
+    query that sees no key gets 0. seqused_k (N,) int32: sequence i uses only its first seqused_k[i]
+    keys (a KV cache's filled part; the other rows get zero grads). scale defaults to 1/sqrt(D).
+    Returns (total_q, H, D) in q's dtype; under autocast q, k, v are cast to the autocast dtype, as
+    for F.scaled_dot_product_attention. check_seqlens: check the values of cu_seqlens (and seqused_k):
+    a ValueError on CPU, one device-side assert (no host sync) on a GPU.
+    """
+    op = "flash_attention_varlen"
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        check_float(op, name, t)
+    device_type = q.device.type
+    q, k, v = cast_floats(autocast_dtype(device_type), q, k, v)
+    max_seqlen_q = _check_max_seqlen(op, "max_seqlen_q", max_seqlen_q)
+    max_seqlen_k = _check_max_seqlen(op, "max_seqlen_k", max_seqlen_k)
+    _check_varlen(op, q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen_q, max_seqlen_k)
+    _check_causal(op, causal)
+    scale = _resolve_scale(op, scale, q.shape[-1])
+    if check_seqlens:
+        _check_seqlen_values(op, cu_seqlens_q, cu_seqlens_k, seqused_k, q.shape[0], k.shape[0], max_seqlen_q,
+                             max_seqlen_k)
+    with autocast_disabled(device_type):
+        return FlashAttentionVarlenFunction.apply(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                                  causal, scale, seqused_k)
+
+
+def check_documents(op: str, documents, B: int, T: int, device: torch.device) -> None:
+    """documents as `document_bounds` returns it for a (B, T) batch."""
+    if not isinstance(documents, torch.Tensor):
+        raise TypeError(f"{op}: documents must be a torch.Tensor from document_bounds; got "
+                        f"{type(documents).__name__}")
+    if documents.dtype != torch.int32 or documents.shape != (B, 2, T) or not documents.is_contiguous():
+        raise ValueError(f"{op}: documents must be the contiguous (B, 2, T) = ({B}, 2, {T}) int32 tensor "
+                         f"document_bounds returns; got {documents.dtype} {tuple(documents.shape)}")
+    if documents.device != device:
+        raise ValueError(f"{op}: documents is on {documents.device}, qkv on {device}")
+
+
+def flash_attention_qkv_documents(qkv: torch.Tensor, n_head: int, documents: torch.Tensor, causal: bool,
+                                  scale: float) -> torch.Tensor:
+    """flash_attention_qkv with document masking; called by it once it has checked qkv, n_head, causal,
+    scale (and cast qkv under autocast)."""
+    B, T, _ = qkv.shape
+    check_documents("flash_attention_qkv", documents, B, T, qkv.device)
+    with autocast_disabled(qkv.device.type):
+        return FlashAttentionQKVDocumentsFunction.apply(qkv, documents, n_head, causal, scale)
