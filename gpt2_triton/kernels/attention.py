@@ -508,8 +508,9 @@ _AUTOTUNE_KEY = ["T_BUCKET", "HEAD_DIM", "CAUSAL", "EVEN_T", "USE_TMA"]
 _VARIANTS = [(d, dt) for d in SUPPORTED_HEAD_DIMS for dt in (torch.float16, torch.float32)]  # bf16 tiles = fp16's
 
 
-def _autotuned(kernel, tiles, interpreter_tile):
-    return autotuned(kernel, names=("BLOCK_M", "BLOCK_N"), candidates=tiles, key=_AUTOTUNE_KEY,
+def _autotuned(kernel, tiles, interpreter_tile, key=_AUTOTUNE_KEY):
+    """An attention kernel autotuned over `tiles` for the launch's head dim and dtype (also varlen.py's)."""
+    return autotuned(kernel, names=("BLOCK_M", "BLOCK_N"), candidates=tiles, key=key,
                      variants=_VARIANTS, variant_of=lambda args: (args["HEAD_DIM"], args["q_ptr"].dtype),
                      interpreter_tile=interpreter_tile)
 

@@ -33,6 +33,7 @@ from gpt2_triton.kernels.attention import (
     LN2,
     LOG2E,
     SUPPORTED_HEAD_DIMS,
+    _autotuned,
     _bwd_dkdv_tiles,
     _bwd_dq_tiles,
     _check_causal,
@@ -48,7 +49,7 @@ from gpt2_triton.kernels.attention import (
     _tma_readable,
     _with_tma_fallback,
 )
-from gpt2_triton.kernels.autotune import autotuned, bucket
+from gpt2_triton.kernels.autotune import bucket
 from gpt2_triton.kernels.utils import (
     asserts_on_device,
     autocast_disabled,
@@ -504,18 +505,9 @@ def _varlen_bwd_dkdv_kernel(
 # unused keys are never written and stay the zeros the launcher made). USE_TMA is in the key: where TMA
 # fails in a process (feature "tma"), the pointer-load variant is tuned on its own.
 _AUTOTUNE_KEY = ["Q_BUCKET", "K_BUCKET", "HEAD_DIM", "CAUSAL", "DOCS", "HAS_USED", "USE_TMA"]
-_VARIANTS = [(d, dt) for d in SUPPORTED_HEAD_DIMS for dt in (torch.float16, torch.float32)]  # bf16 tiles = fp16's
-
-
-def _autotuned(kernel, tiles, interpreter_tile):
-    return autotuned(kernel, names=("BLOCK_M", "BLOCK_N"), candidates=tiles, key=_AUTOTUNE_KEY,
-                     variants=_VARIANTS, variant_of=lambda args: (args["HEAD_DIM"], args["q_ptr"].dtype),
-                     interpreter_tile=interpreter_tile)
-
-
-_varlen_fwd = _autotuned(_varlen_fwd_kernel, _fwd_tiles, (32, 16, 4, 1))
-_varlen_bwd_dq = _autotuned(_varlen_bwd_dq_kernel, _bwd_dq_tiles, (32, 16, 4, 1))
-_varlen_bwd_dkdv = _autotuned(_varlen_bwd_dkdv_kernel, _bwd_dkdv_tiles, (16, 32, 4, 1))
+_varlen_fwd = _autotuned(_varlen_fwd_kernel, _fwd_tiles, (32, 16, 4, 1), _AUTOTUNE_KEY)
+_varlen_bwd_dq = _autotuned(_varlen_bwd_dq_kernel, _bwd_dq_tiles, (32, 16, 4, 1), _AUTOTUNE_KEY)
+_varlen_bwd_dkdv = _autotuned(_varlen_bwd_dkdv_kernel, _bwd_dkdv_tiles, (16, 32, 4, 1), _AUTOTUNE_KEY)
 
 
 # ----------------------------------------------------------------------------------------------
