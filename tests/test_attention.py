@@ -11,11 +11,11 @@ from gpt2_triton.kernels.attention import (
     flash_attention,
     flash_attention_bwd,
     flash_attention_fwd,
-    flash_attention_qkv,
     flash_attention_qkv_bwd,
     flash_attention_qkv_fwd,
 )
 from gpt2_triton.kernels.utils import feature_failed, isolated_features, override_target
+from gpt2_triton.kernels.varlen import flash_attention_qkv
 
 SHAPES = [  # (B, H, T, D); T not a multiple of any block on purpose
     pytest.param((1, 1, 1, 16), id="B1-H1-T1-D16"),

@@ -28,7 +28,7 @@ def test_public_ops_import_from_package():
     for fn in (cross_entropy, gelu_mlp, layer_norm):
         assert fn.__module__.startswith("gpt2_triton.kernels.") and callable(fn)
     from gpt2_triton.kernels import flash_attention_qkv
-    from gpt2_triton.kernels.attention import flash_attention_qkv as attention_qkv_op
+    from gpt2_triton.kernels.varlen import flash_attention_qkv as attention_qkv_op
     assert flash_attention_qkv is attention_qkv_op
     from gpt2_triton.kernels import document_bounds, flash_attention_varlen
     from gpt2_triton.kernels.utils import document_bounds as bounds_helper

@@ -351,8 +351,8 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(data_dir, tmp_path, monke
     real_forward = GPT.forward
     calls = {"train": 0}
 
-    def forward(self, idx, targets=None):
-        logits, loss = real_forward(self, idx, targets)
+    def forward(self, idx, targets=None, **kwargs):
+        logits, loss = real_forward(self, idx, targets, **kwargs)
         if self.training:
             calls["train"] += 1
             if calls["train"] == 6:
@@ -809,8 +809,8 @@ def test_a_corrupt_optimizer_state_is_never_the_last_good_checkpoint(data_dir, t
     overwrite_tensor_bytes(newest, exp_avg_sq, np.random.default_rng(0).bytes(4096))
     real_forward = GPT.forward
 
-    def nan_forward(self, idx, targets=None):
-        logits, loss = real_forward(self, idx, targets)
+    def nan_forward(self, idx, targets=None, **kwargs):
+        logits, loss = real_forward(self, idx, targets, **kwargs)
         return logits, (loss * float("nan") if self.training else loss)
 
     monkeypatch.setattr(GPT, "forward", nan_forward)

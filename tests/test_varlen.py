@@ -9,9 +9,9 @@ import torch
 from helpers import assert_close, assert_close_to_ref
 
 from gpt2_triton.kernels import reference as ref
-from gpt2_triton.kernels.attention import flash_attention_qkv
 from gpt2_triton.kernels.utils import document_bounds, feature_failed, isolated_features, override_target
 from gpt2_triton.kernels.varlen import (
+    flash_attention_qkv,
     flash_attention_qkv_documents_bwd,
     flash_attention_qkv_documents_fwd,
     flash_attention_varlen,

@@ -12,7 +12,7 @@ import importlib
 # public op -> the module that defines it
 OP_MODULES = {
     "flash_attention": "gpt2_triton.kernels.attention",
-    "flash_attention_qkv": "gpt2_triton.kernels.attention",
+    "flash_attention_qkv": "gpt2_triton.kernels.varlen",
     "flash_attention_varlen": "gpt2_triton.kernels.varlen",
     "layer_norm": "gpt2_triton.kernels.norm",
     "gelu_mlp": "gpt2_triton.kernels.mlp",

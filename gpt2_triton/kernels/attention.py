@@ -810,29 +810,3 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: b
     scale = _resolve_scale(op, scale, q.shape[-1])
     with autocast_disabled(device_type):
         return FlashAttentionFunction.apply(q, k, v, causal, scale)
-
-
-def flash_attention_qkv(qkv: torch.Tensor, n_head: int, causal: bool = True,
-                        scale: Optional[float] = None, documents: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Multi-head attention straight from the QKV projection's output, back to c_proj's input.
-
-    qkv: (B, T, 3C) as nn.Linear(C, 3C) returns it (q | k | v along the last dim, heads side by side,
-    C = n_head * D, D in {16, 32, 64, 128}), any strides. Returns y (B, T, C), heads side by side.
-    Its gradient dqkv (B, T, 3C) is written by the kernels straight into one buffer in qkv's layout.
-    Same math as flash_attention on the head views of qkv; same autocast rule (qkv is cast).
-    documents: (B, 2, T) int32 from `document_bounds` (rows packed with several documents): each query
-    sees only keys of its own document, and key tiles wholly outside its documents are skipped
-    (kernels in varlen.py).
-    """
-    op = "flash_attention_qkv"
-    check_float(op, "qkv", qkv)
-    device_type = qkv.device.type
-    (qkv,) = cast_floats(autocast_dtype(device_type), qkv)
-    _check_qkv(op, qkv, n_head)
-    _check_causal(op, causal)
-    scale = _resolve_scale(op, scale, qkv.shape[-1] // (3 * n_head))
-    if documents is not None:
-        from gpt2_triton.kernels.varlen import flash_attention_qkv_documents  # varlen imports this module
-        return flash_attention_qkv_documents(qkv, n_head, documents, causal, scale)
-    with autocast_disabled(device_type):
-        return FlashAttentionQKVFunction.apply(qkv, n_head, causal, scale)

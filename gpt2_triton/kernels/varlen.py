@@ -7,8 +7,9 @@ the first seqused_k[i] of those keys where seqused_k is given, as a KV cache's f
 causal, query j of a sequence sees keys up to j + len_k - len_q (aligned bottom-right: the last
 query sees every key); a query that sees no key returns 0 (its logsumexp is +inf).
 
-`flash_attention_qkv(qkv, n_head, documents=...)` (attention.py's public op) runs the document-
-masked kernels here: each (B, T) row is one sequence, and `documents` (B, 2, T) int32, from
+`flash_attention_qkv(qkv, n_head, documents=None)`, the model's attention op, is defined here: without
+documents it runs attention.py's kernels on the head views of qkv; with them the document-masked kernels
+here: each (B, T) row is one sequence, and `documents` (B, 2, T) int32, from
 `document_bounds`, gives each position the [start, end) of its document within the row; a query
 sees only keys of its own document. Key tiles wholly outside a query tile's documents are skipped.
 
@@ -33,10 +34,12 @@ from gpt2_triton.kernels.attention import (
     LN2,
     LOG2E,
     SUPPORTED_HEAD_DIMS,
+    FlashAttentionQKVFunction,
     _autotuned,
     _bwd_dkdv_tiles,
     _bwd_dq_tiles,
     _check_causal,
+    _check_qkv,
     _default_scale,
     _ensure_scratch_allocator,
     _fwd_tiles,
@@ -867,11 +870,28 @@ def check_documents(op: str, documents, B: int, T: int, device: torch.device) ->
         raise ValueError(f"{op}: documents is on {documents.device}, qkv on {device}")
 
 
-def flash_attention_qkv_documents(qkv: torch.Tensor, n_head: int, documents: torch.Tensor, causal: bool,
-                                  scale: float) -> torch.Tensor:
-    """flash_attention_qkv with document masking; called by it once it has checked qkv, n_head, causal,
-    scale (and cast qkv under autocast)."""
-    B, T, _ = qkv.shape
-    check_documents("flash_attention_qkv", documents, B, T, qkv.device)
-    with autocast_disabled(qkv.device.type):
-        return FlashAttentionQKVDocumentsFunction.apply(qkv, documents, n_head, causal, scale)
+def flash_attention_qkv(qkv: torch.Tensor, n_head: int, causal: bool = True,
+                        scale: Optional[float] = None, documents: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Multi-head attention straight from the QKV projection's output, back to c_proj's input.
+
+    qkv: (B, T, 3C) as nn.Linear(C, 3C) returns it (q | k | v along the last dim, heads side by side,
+    C = n_head * D, D in {16, 32, 64, 128}), any strides. Returns y (B, T, C), heads side by side.
+    Its gradient dqkv (B, T, 3C) is written by the kernels straight into one buffer in qkv's layout.
+    Same math as flash_attention on the head views of qkv; same autocast rule (qkv is cast).
+    documents: (B, 2, T) int32 from `document_bounds` (rows packed with several documents): each query
+    sees only keys of its own document, and key tiles wholly outside its documents are skipped
+    (the kernels of this module).
+    """
+    op = "flash_attention_qkv"
+    check_float(op, "qkv", qkv)
+    device_type = qkv.device.type
+    (qkv,) = cast_floats(autocast_dtype(device_type), qkv)
+    _check_qkv(op, qkv, n_head)
+    _check_causal(op, causal)
+    scale = _resolve_scale(op, scale, qkv.shape[-1] // (3 * n_head))
+    if documents is not None:
+        check_documents(op, documents, qkv.shape[0], qkv.shape[1], qkv.device)
+        with autocast_disabled(device_type):
+            return FlashAttentionQKVDocumentsFunction.apply(qkv, documents, n_head, causal, scale)
+    with autocast_disabled(device_type):
+        return FlashAttentionQKVFunction.apply(qkv, n_head, causal, scale)
