@@ -11,8 +11,9 @@ from importlib import resources
 import tiktoken
 from tiktoken.load import data_gym_to_mergeable_bpe_ranks
 
+from gpt2_triton.model.config import EOT_ID
+
 EOT = "<|endoftext|>"
-EOT_ID = 50256
 VOCAB_BPE_SHA256 = "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5"
 ENCODER_JSON_SHA256 = "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783"
 # The GPT-2 split pattern, as tiktoken writes it (equivalent to OpenAI's original, faster).

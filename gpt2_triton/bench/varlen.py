@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from gpt2_triton.bench.common import DTYPES, has_cuda, measure, run_modes
 from gpt2_triton.kernels import reference
 from gpt2_triton.kernels.utils import document_bounds, split_heads
+from gpt2_triton.model.config import EOT_ID
 
 MODES = ("fwd", "bwd", "fwd+bwd")
 PYSTDLIB_LN_LENGTH = (7.887, 1.712)  # mean and std of ln(document length), measured (see the docstring)
@@ -52,8 +53,7 @@ def document_starts(B: int, T: int, ln_length, seed: int = 0, device="cpu") -> t
 
 def measure_document_lengths(data_dir, split: str = "train") -> np.ndarray:
     """Token counts of the documents of a prepared dataset (each begins with EOT), its shards in order."""
-    from gpt2_triton.data import read_shard
-    from gpt2_triton.tokenizer import EOT_ID
+    from gpt2_triton.data import read_shard  # lazy: the GPU image has no tokenizer packages, and --data only needs it
     tokens = np.concatenate([np.asarray(read_shard(p)) for p in sorted(Path(data_dir).glob(f"{split}_*.bin"))])
     starts = np.flatnonzero(tokens == EOT_ID)
     return np.diff(np.append(starts, len(tokens)))
@@ -100,8 +100,7 @@ def tile_fractions(starts: torch.Tensor, tiles=None) -> dict:
 
 def data_tile_fraction(data_dir, micro_batch: int, seq_len: int, batches: int, seed: int = 1337, tiles=None):
     """tile_fractions over the first `batches` training batches of a prepared dataset, as the loader gives them."""
-    from gpt2_triton.data import DataLoader
-    from gpt2_triton.tokenizer import EOT_ID
+    from gpt2_triton.data import DataLoader  # lazy, as above
     loader = DataLoader(Path(data_dir), "train", micro_batch, seq_len, seed=seed)
     starts = torch.cat([loader.next_batch()[0] == EOT_ID for _ in range(batches)])
     B, T = starts.shape

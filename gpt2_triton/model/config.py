@@ -1,6 +1,8 @@
 """Model configuration: a dataclass and the named presets."""
 from dataclasses import dataclass, fields, replace
 
+EOT_ID = 50256  # <|endoftext|>, the last id of GPT-2's vocabulary: it begins every document
+
 
 @dataclass(frozen=True)
 class GPTConfig:
