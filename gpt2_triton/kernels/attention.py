@@ -7,6 +7,8 @@ logsumexp per row; the backward recomputes the probabilities from it in two laun
 dQ (one program per query tile, which also writes delta = rowsum(o * do) and the log2 logsumexp),
 then dK/dV (one program per key tile). Causal loops run in two stages, the tiles left of the
 diagonal block without any mask; with T a multiple of 128 (EVEN_T) no load or store is masked.
+The loops over tiles mask by each query row's key window, so varlen.py runs the same loops for
+packed sequences and document masks.
 fp16/bf16 tiles that a hot loop walks are read through TMA descriptors made in the kernel (per
 (batch, head) slice, rows past T read as 0; an input whose layout TMA cannot read is copied to a
 contiguous one first); fp32 tiles through pointers.
@@ -86,31 +88,84 @@ def _next_tile(src, start, offs_t, T, MASK: tl.constexpr, USE_TMA: tl.constexpr)
         return _load_tile(src, offs_t, T, MASK)
 
 
+# Key windows. Query row i of a sequence sees the keys lo_m[i]..hi_m[i] (inclusive, sequence-local): in
+# dense causal attention keys 0..i. varlen.py runs the same inner loops with q and k of different lengths
+# (causal aligned bottom-right) and with document bounds (DOCS).
 @triton.jit
-def _attn_fwd_inner(acc, m_i, l_i, q, k_src, v_src, stride_kt, stride_vt, offs_m, offs_n0, T, qk_scale,
-                    lo, hi, BLOCK_N: tl.constexpr, CAUSAL_MASK: tl.constexpr, BOUND_MASK: tl.constexpr,
-                    LOAD_MASK: tl.constexpr, USE_TMA: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+def _doc_bound(bounds_ptr, offs, length, END: tl.constexpr):
+    """Row-local document start (END: end, exclusive) at positions offs of one row's (2, length) bounds;
+    positions at or past length read as 0."""
+    if END:
+        bounds_ptr += length
+    return tl.load(bounds_ptr + offs, mask=offs < length, other=0)
+
+
+@triton.jit
+def _row_windows(bounds_ptr, offs_m, len_q, len_k, CAUSAL: tl.constexpr, DOCS: tl.constexpr):
+    """The keys query rows offs_m may see, [lo_m, hi_m] per row (inclusive, sequence-local).
+    Causal: up to offs_m + len_k - len_q; DOCS: within the row's document (bounds_ptr unused otherwise)."""
+    if DOCS:
+        lo_m = _doc_bound(bounds_ptr, offs_m, len_q, False)
+        if CAUSAL:
+            hi_m = offs_m
+        else:
+            hi_m = _doc_bound(bounds_ptr, offs_m, len_q, True) - 1
+    else:
+        lo_m = tl.zeros_like(offs_m)
+        if CAUSAL:
+            hi_m = offs_m + (len_k - len_q)
+        else:
+            hi_m = tl.zeros_like(offs_m) + (len_k - 1)
+    return lo_m, hi_m
+
+
+@triton.jit
+def _visible(offs_n, lo_m, hi_m, DOCS: tl.constexpr):
+    """(len(lo_m), len(offs_n)): key offs_n lies in the window [lo_m, hi_m] of the query (DOCS: the lower
+    bound is checked too; otherwise it is 0)."""
+    ok = offs_n[None, :] <= hi_m[:, None]
+    if DOCS:
+        ok = ok & (offs_n[None, :] >= lo_m[:, None])
+    return ok
+
+
+@triton.jit
+def _visible_t(offs_n, lo_m, hi_m, DOCS: tl.constexpr):
+    """_visible transposed: (len(offs_n), len(lo_m))."""
+    ok = offs_n[:, None] <= hi_m[None, :]
+    if DOCS:
+        ok = ok & (offs_n[:, None] >= lo_m[None, :])
+    return ok
+
+
+@triton.jit
+def _attn_fwd_inner(acc, m_i, l_i, q, k_src, v_src, stride_kt, stride_vt, offs_n0, lo_m, hi_m, len_k, qk_scale,
+                    lo, hi, BLOCK_N: tl.constexpr, MASK: tl.constexpr, DOCS: tl.constexpr,
+                    MAYBE_EMPTY: tl.constexpr, LOAD_MASK: tl.constexpr, USE_TMA: tl.constexpr,
+                    INPUT_PRECISION: tl.constexpr):
     """Online softmax over key tiles [lo, hi). Scores stay unscaled until one FMA folds in qk_scale
-    (> 0, log2 units): max(s * qk) = s * max(qk). CAUSAL_MASK: drop keys after their query;
-    BOUND_MASK: drop keys at or past T; LOAD_MASK: K/V rows at or past T may be read."""
+    (> 0, log2 units): max(s * qk) = s * max(qk). MASK: each row keeps only the keys of its window
+    [lo_m, hi_m] (_visible); LOAD_MASK: K/V rows at or past len_k may be read (they read as 0);
+    MAYBE_EMPTY: a row may have kept no key yet, so its max is still -inf: exp2 then runs against 0."""
     if not USE_TMA:
         k_src += lo * stride_kt
         v_src += lo * stride_vt
     for start_n in range(lo, hi, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
         offs_n = start_n + offs_n0
-        k = _next_tile(k_src, start_n, offs_n, T, LOAD_MASK, USE_TMA)  # (BLOCK_N, D)
+        k = _next_tile(k_src, start_n, offs_n, len_k, LOAD_MASK, USE_TMA)  # (BLOCK_N, D)
         qk = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION)  # (BLOCK_M, BLOCK_N)
-        if CAUSAL_MASK:
-            qk = tl.where(offs_n[None, :] <= offs_m[:, None], qk, float("-inf"))
-        if BOUND_MASK:
-            qk = tl.where(offs_n[None, :] < T, qk, float("-inf"))
-        # Every row keeps at least one key of its first tile, so m_new is finite.
+        if MASK:
+            qk = tl.where(_visible(offs_n, lo_m, hi_m, DOCS), qk, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
-        p = tl.math.exp2(qk * qk_scale - m_new[:, None])
-        alpha = tl.math.exp2(m_i - m_new)
+        if MAYBE_EMPTY:
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        else:
+            m_use = m_new
+        p = tl.math.exp2(qk * qk_scale - m_use[:, None])
+        alpha = tl.math.exp2(m_i - m_use)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = _next_tile(v_src, start_n, offs_n, T, LOAD_MASK, USE_TMA)  # (BLOCK_N, D)
+        v = _next_tile(v_src, start_n, offs_n, len_k, LOAD_MASK, USE_TMA)  # (BLOCK_N, D)
         acc = acc * alpha[:, None]
         acc = tl.dot(p.to(v.dtype), v, acc, input_precision=INPUT_PRECISION)
         m_i = m_new
@@ -150,28 +205,30 @@ def _flash_attention_fwd_kernel(
     v_src = _row_tiles(v_ptr + off_b * stride_vb + off_h * stride_vh, stride_vt, stride_vd, T,
                        BLOCK_N, HEAD_DIM, USE_TMA)
 
+    lo_m, hi_m = _row_windows(lse_ptr, offs_m, T, T, CAUSAL, False)  # causal: hi_m = offs_m (lse_ptr: unused)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    # Every row keeps at least one key of its first tile, so no row's max stays -inf (MAYBE_EMPTY False).
     if CAUSAL:
         # Key tiles left of the diagonal block: no mask at all. Then the diagonal block: the causal
         # mask only (a key past T is visible only to query rows past T, which are never stored).
-        acc, m_i, l_i = _attn_fwd_inner(acc, m_i, l_i, q, k_src, v_src, stride_kt, stride_vt, offs_m, offs_n0,
+        acc, m_i, l_i = _attn_fwd_inner(acc, m_i, l_i, q, k_src, v_src, stride_kt, stride_vt, offs_n0, lo_m, hi_m,
                                         T, qk_scale, 0, start_m,
-                                        BLOCK_N, False, False, False, USE_TMA, INPUT_PRECISION)
+                                        BLOCK_N, False, False, False, False, USE_TMA, INPUT_PRECISION)
         hi = start_m + BLOCK_M if EVEN_T else tl.minimum(start_m + BLOCK_M, T)
-        acc, m_i, l_i = _attn_fwd_inner(acc, m_i, l_i, q, k_src, v_src, stride_kt, stride_vt, offs_m, offs_n0,
+        acc, m_i, l_i = _attn_fwd_inner(acc, m_i, l_i, q, k_src, v_src, stride_kt, stride_vt, offs_n0, lo_m, hi_m,
                                         T, qk_scale, start_m, hi,
-                                        BLOCK_N, True, False, not EVEN_T, USE_TMA, INPUT_PRECISION)
+                                        BLOCK_N, True, False, False, not EVEN_T, USE_TMA, INPUT_PRECISION)
     else:
         t_full = T if EVEN_T else (T // BLOCK_N) * BLOCK_N
-        acc, m_i, l_i = _attn_fwd_inner(acc, m_i, l_i, q, k_src, v_src, stride_kt, stride_vt, offs_m, offs_n0,
+        acc, m_i, l_i = _attn_fwd_inner(acc, m_i, l_i, q, k_src, v_src, stride_kt, stride_vt, offs_n0, lo_m, hi_m,
                                         T, qk_scale, 0, t_full,
-                                        BLOCK_N, False, False, False, USE_TMA, INPUT_PRECISION)
-        if not EVEN_T:  # the last, partial key tile
-            acc, m_i, l_i = _attn_fwd_inner(acc, m_i, l_i, q, k_src, v_src, stride_kt, stride_vt, offs_m,
-                                            offs_n0, T, qk_scale, t_full, T,
-                                            BLOCK_N, False, True, not EVEN_T, USE_TMA, INPUT_PRECISION)
+                                        BLOCK_N, False, False, False, False, USE_TMA, INPUT_PRECISION)
+        if not EVEN_T:  # the last, partial key tile: keys past T masked (hi_m = T - 1)
+            acc, m_i, l_i = _attn_fwd_inner(acc, m_i, l_i, q, k_src, v_src, stride_kt, stride_vt, offs_n0, lo_m,
+                                            hi_m, T, qk_scale, t_full, T,
+                                            BLOCK_N, True, False, False, True, USE_TMA, INPUT_PRECISION)
 
     inv_l = 1.0 / l_i
     lse = (m_i + tl.math.log2(l_i)) * LN2  # back to natural log
@@ -187,23 +244,24 @@ def _flash_attention_fwd_kernel(
 
 
 @triton.jit
-def _attn_bwd_dq_inner(dq, q, do, lse2, delta, k_src, v_src, stride_kt, stride_vt, offs_m, offs_n0, T,
-                       qk_scale, lo, hi, BLOCK_N: tl.constexpr, CAUSAL_MASK: tl.constexpr,
+def _attn_bwd_dq_inner(dq, q, do, lse2, delta, k_src, v_src, stride_kt, stride_vt, offs_n0, lo_m, hi_m, len_k,
+                       qk_scale, lo, hi, BLOCK_N: tl.constexpr, MASK: tl.constexpr, DOCS: tl.constexpr,
                        LOAD_MASK: tl.constexpr, USE_TMA: tl.constexpr, INPUT_PRECISION: tl.constexpr):
-    """Accumulate dq (BLOCK_M, D) over key tiles [lo, hi); lse2 is the logsumexp in log2 units.
-    Keys past T need no score mask: they read as 0, so k = 0 adds nothing to dq."""
+    """Accumulate dq (BLOCK_M, D) over key tiles [lo, hi); lse2 is the logsumexp in log2 units (+inf for
+    a row that sees no key). MASK: each row keeps only its window. Keys past len_k need no score mask:
+    they read as 0 (LOAD_MASK), so k = 0 adds nothing to dq."""
     if not USE_TMA:
         k_src += lo * stride_kt
         v_src += lo * stride_vt
     for start_n in range(lo, hi, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
         offs_n = start_n + offs_n0
-        k = _next_tile(k_src, start_n, offs_n, T, LOAD_MASK, USE_TMA)  # (BLOCK_N, D)
-        v = _next_tile(v_src, start_n, offs_n, T, LOAD_MASK, USE_TMA)
+        k = _next_tile(k_src, start_n, offs_n, len_k, LOAD_MASK, USE_TMA)  # (BLOCK_N, D)
+        v = _next_tile(v_src, start_n, offs_n, len_k, LOAD_MASK, USE_TMA)
         qk = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION)  # (BLOCK_M, BLOCK_N)
         p = tl.math.exp2(qk * qk_scale - lse2[:, None])
-        if CAUSAL_MASK:
-            p = tl.where(offs_n[None, :] <= offs_m[:, None], p, 0.0)
+        if MASK:
+            p = tl.where(_visible(offs_n, lo_m, hi_m, DOCS), p, 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=INPUT_PRECISION)  # (BLOCK_M, BLOCK_N)
         ds = p * (dp - delta[:, None])
         dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=INPUT_PRECISION)
@@ -262,20 +320,22 @@ def _flash_attention_bwd_dq_kernel(
                        BLOCK_N, HEAD_DIM, USE_TMA)
     v_src = _row_tiles(v_ptr + off_b * stride_vb + off_h * stride_vh, stride_vt, stride_vd, T,
                        BLOCK_N, HEAD_DIM, USE_TMA)
+    lo_m, hi_m = _row_windows(lse_ptr, offs_m, T, T, True, False)  # the causal window (lse_ptr: unused)
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     if CAUSAL:
-        dq = _attn_bwd_dq_inner(dq, q, do, lse2, delta, k_src, v_src, stride_kt, stride_vt, offs_m, offs_n0, T,
-                                qk_scale, 0, start_m, BLOCK_N, False, False, USE_TMA, INPUT_PRECISION)
+        dq = _attn_bwd_dq_inner(dq, q, do, lse2, delta, k_src, v_src, stride_kt, stride_vt, offs_n0, lo_m, hi_m, T,
+                                qk_scale, 0, start_m, BLOCK_N, False, False, False, USE_TMA, INPUT_PRECISION)
         hi = start_m + BLOCK_M if EVEN_T else tl.minimum(start_m + BLOCK_M, T)
-        dq = _attn_bwd_dq_inner(dq, q, do, lse2, delta, k_src, v_src, stride_kt, stride_vt, offs_m, offs_n0, T,
-                                qk_scale, start_m, hi, BLOCK_N, True, not EVEN_T, USE_TMA, INPUT_PRECISION)
+        dq = _attn_bwd_dq_inner(dq, q, do, lse2, delta, k_src, v_src, stride_kt, stride_vt, offs_n0, lo_m, hi_m, T,
+                                qk_scale, start_m, hi, BLOCK_N, True, False, not EVEN_T, USE_TMA, INPUT_PRECISION)
     else:
         t_full = T if EVEN_T else (T // BLOCK_N) * BLOCK_N
-        dq = _attn_bwd_dq_inner(dq, q, do, lse2, delta, k_src, v_src, stride_kt, stride_vt, offs_m, offs_n0, T,
-                                qk_scale, 0, t_full, BLOCK_N, False, False, USE_TMA, INPUT_PRECISION)
+        dq = _attn_bwd_dq_inner(dq, q, do, lse2, delta, k_src, v_src, stride_kt, stride_vt, offs_n0, lo_m, hi_m, T,
+                                qk_scale, 0, t_full, BLOCK_N, False, False, False, USE_TMA, INPUT_PRECISION)
         if not EVEN_T:
-            dq = _attn_bwd_dq_inner(dq, q, do, lse2, delta, k_src, v_src, stride_kt, stride_vt, offs_m, offs_n0,
-                                    T, qk_scale, t_full, T, BLOCK_N, False, not EVEN_T, USE_TMA, INPUT_PRECISION)
+            dq = _attn_bwd_dq_inner(dq, q, do, lse2, delta, k_src, v_src, stride_kt, stride_vt, offs_n0, lo_m,
+                                    hi_m, T, qk_scale, t_full, T, BLOCK_N, False, False, True, USE_TMA,
+                                    INPUT_PRECISION)
 
     dq_ptrs = dq_ptr + off_b * stride_dqb + off_h * stride_dqh + rows * stride_dqt + cols * stride_dqd
     dq = (dq * scale).to(dq_ptr.dtype.element_ty)
@@ -289,11 +349,11 @@ def _flash_attention_bwd_dq_kernel(
 def _stats_source(base, T, stride_s, BLOCK: tl.constexpr, USE_TMA: tl.constexpr):
     """Where a hot loop reads the per-row fp32 statistics (lse2 | delta, rows of a (2, T) matrix at base
     with row stride stride_s) of one (batch, head) from: a TMA descriptor (past T reads as 0; base and
-    stride_s 16-byte aligned), or the pointers to entries 0..BLOCK-1 of the first row."""
+    stride_s 16-byte aligned), or base itself."""
     if USE_TMA:
         return tl.make_tensor_descriptor(base, [2, T], [stride_s, 1], [2, BLOCK])
     else:
-        return base + tl.arange(0, BLOCK)
+        return base
 
 
 @triton.jit
@@ -303,30 +363,33 @@ def _next_stats(src, start, offs_t, T, stride_s, MASK: tl.constexpr, USE_TMA: tl
     if USE_TMA:
         return tl.split(tl.permute(src.load([0, start]), (1, 0)))
     else:
-        return (_load_row_stat(src + start, offs_t, T, MASK),
-                _load_row_stat(src + stride_s + start, offs_t, T, MASK))
+        return (_load_row_stat(src + offs_t, offs_t, T, MASK),
+                _load_row_stat(src + stride_s + offs_t, offs_t, T, MASK))
 
 
 @triton.jit
-def _attn_bwd_dkdv_inner(dk, dv, k, v, q_src, do_src, stats_src, stride_qt, stride_dot, stride_s,
-                         offs_n, offs_m0, T, qk_scale, lo, hi,
-                         BLOCK_M: tl.constexpr, CAUSAL_MASK: tl.constexpr, LOAD_MASK: tl.constexpr,
-                         USE_TMA: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+def _attn_bwd_dkdv_inner(dk, dv, k, v, q_src, do_src, stats_src, stride_qt, stride_dot, stride_s, bounds_ptr,
+                         offs_n, offs_m0, len_q, len_k, qk_scale, lo, hi,
+                         BLOCK_M: tl.constexpr, MASK: tl.constexpr, CAUSAL: tl.constexpr, DOCS: tl.constexpr,
+                         LOAD_MASK: tl.constexpr, USE_TMA: tl.constexpr, STATS_TMA: tl.constexpr,
+                         INPUT_PRECISION: tl.constexpr):
     """Accumulate dk, dv (BLOCK_N, D) over query tiles [lo, hi), on transposed scores (BLOCK_N, BLOCK_M).
-    Query rows past T need no score mask: q, do and delta read as 0 there and add nothing."""
+    MASK: keep the pairs in each query's window (_row_windows of CAUSAL, DOCS). Query rows past len_q
+    need no score mask: q, do and delta read as 0 there (LOAD_MASK) and add nothing."""
     if not USE_TMA:
         q_src += lo * stride_qt
         do_src += lo * stride_dot
     for start_m in range(lo, hi, BLOCK_M):
         start_m = tl.multiple_of(start_m, BLOCK_M)
         offs_m = start_m + offs_m0
-        q = _next_tile(q_src, start_m, offs_m, T, LOAD_MASK, USE_TMA)  # (BLOCK_M, D)
-        lse2, delta = _next_stats(stats_src, start_m, offs_m, T, stride_s, LOAD_MASK, USE_TMA)
+        q = _next_tile(q_src, start_m, offs_m, len_q, LOAD_MASK, USE_TMA)  # (BLOCK_M, D)
+        lse2, delta = _next_stats(stats_src, start_m, offs_m, len_q, stride_s, LOAD_MASK, STATS_TMA)
         qk_t = tl.dot(k, tl.trans(q), input_precision=INPUT_PRECISION)  # (BLOCK_N, BLOCK_M)
         p_t = tl.math.exp2(qk_t * qk_scale - lse2[None, :])
-        if CAUSAL_MASK:
-            p_t = tl.where(offs_m[None, :] >= offs_n[:, None], p_t, 0.0)
-        do = _next_tile(do_src, start_m, offs_m, T, LOAD_MASK, USE_TMA)  # (BLOCK_M, D)
+        if MASK:
+            lo_m, hi_m = _row_windows(bounds_ptr, offs_m, len_q, len_k, CAUSAL, DOCS)
+            p_t = tl.where(_visible_t(offs_n, lo_m, hi_m, DOCS), p_t, 0.0)
+        do = _next_tile(do_src, start_m, offs_m, len_q, LOAD_MASK, USE_TMA)  # (BLOCK_M, D)
         dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=INPUT_PRECISION)
         dp_t = tl.dot(v, tl.trans(do), input_precision=INPUT_PRECISION)  # (BLOCK_N, BLOCK_M)
         ds_t = p_t * (dp_t - delta[None, :])
@@ -379,21 +442,22 @@ def _flash_attention_bwd_dkdv_kernel(
 
     # Query tiles: the diagonal block (causal only, masked), the full tiles, then the partial last one.
     t_full = T if EVEN_T else (T // BLOCK_M) * BLOCK_M
+    # stats_ptr stands in for the document bounds, which dense attention has none of (DOCS False).
     if CAUSAL:
         diag_hi = start_n + BLOCK_N if EVEN_T else tl.minimum(start_n + BLOCK_N, T)
         dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, q_src, do_src, stats_src, stride_qt, stride_dot, stride_s,
-                                      offs_n, offs_m0, T, qk_scale, start_n, diag_hi,
-                                      BLOCK_M, True, not EVEN_T, USE_TMA, INPUT_PRECISION)
+                                      stats_ptr, offs_n, offs_m0, T, T, qk_scale, start_n, diag_hi,
+                                      BLOCK_M, True, True, False, not EVEN_T, USE_TMA, USE_TMA, INPUT_PRECISION)
         mid_lo = start_n + BLOCK_N
     else:
         mid_lo = 0
     dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, q_src, do_src, stats_src, stride_qt, stride_dot, stride_s,
-                                  offs_n, offs_m0, T, qk_scale, mid_lo, t_full,
-                                  BLOCK_M, False, False, USE_TMA, INPUT_PRECISION)
+                                  stats_ptr, offs_n, offs_m0, T, T, qk_scale, mid_lo, t_full,
+                                  BLOCK_M, False, CAUSAL, False, False, USE_TMA, USE_TMA, INPUT_PRECISION)
     if not EVEN_T:
         dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, q_src, do_src, stats_src, stride_qt, stride_dot, stride_s,
-                                      offs_n, offs_m0, T, qk_scale, tl.maximum(mid_lo, t_full), T,
-                                      BLOCK_M, False, True, USE_TMA, INPUT_PRECISION)
+                                      stats_ptr, offs_n, offs_m0, T, T, qk_scale, tl.maximum(mid_lo, t_full), T,
+                                      BLOCK_M, False, CAUSAL, False, True, USE_TMA, USE_TMA, INPUT_PRECISION)
 
     dk_ptrs = dk_ptr + off_b * stride_dkb + off_h * stride_dkh + rows * stride_dkt + cols * stride_dkd
     dv_ptrs = dv_ptr + off_b * stride_dvb + off_h * stride_dvh + rows * stride_dvt + cols * stride_dvd

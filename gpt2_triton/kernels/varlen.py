@@ -20,9 +20,9 @@ programs covers every tile and a program finds its sequence by binary search of 
 outside a sequence is read: pointer loads are masked at the sequence's end, and fp16/bf16 tiles come
 through TMA descriptors made per sequence (rows past its end read as 0). Each program walks its key
 (or query) tiles in three stages: those that need the per-row mask, the fully visible ones without
-any mask, then the masked ones again. As in attention.py: online softmax in fp32 with exp2, fp32
-logsumexp saved, backward in two launches (dQ, which also writes the row statistics, then dK/dV),
-no atomics, so every result is deterministic.
+any mask, then the masked ones again. The loops over tiles are attention.py's, given each query row's
+key window: online softmax in fp32 with exp2, fp32 logsumexp saved, backward in two launches (dQ, which
+also writes the row statistics, then dK/dV), no atomics, so every result is deterministic.
 """
 from typing import Optional
 
@@ -35,20 +35,24 @@ from gpt2_triton.kernels.attention import (
     LOG2E,
     SUPPORTED_HEAD_DIMS,
     FlashAttentionQKVFunction,
+    _attn_bwd_dkdv_inner,
+    _attn_bwd_dq_inner,
+    _attn_fwd_inner,
     _autotuned,
     _bwd_dkdv_tiles,
     _bwd_dq_tiles,
     _check_causal,
     _check_qkv,
     _default_scale,
+    _doc_bound,
     _ensure_scratch_allocator,
     _fwd_tiles,
     _input_precision,
     _load_row_stat,
     _load_tile,
-    _next_tile,
     _resolve_scale,
     _row_tiles,
+    _row_windows,
     _tma_readable,
     _with_tma_fallback,
 )
@@ -102,34 +106,6 @@ def _seq_rows(cu_ptr, used_ptr, seq, HAS_USED: tl.constexpr):
         return row0, tl.load(used_ptr + seq)
     else:
         return row0, tl.load(cu_ptr + seq + 1) - row0
-
-
-@triton.jit
-def _doc_bound(bounds_ptr, offs, length, END: tl.constexpr):
-    """Row-local document start (END: end, exclusive) at positions offs of one row's (2, length) bounds;
-    positions at or past length read as 0."""
-    if END:
-        bounds_ptr += length
-    return tl.load(bounds_ptr + offs, mask=offs < length, other=0)
-
-
-@triton.jit
-def _row_windows(bounds_ptr, offs_m, len_q, len_k, CAUSAL: tl.constexpr, DOCS: tl.constexpr):
-    """The keys query rows offs_m may see, [lo_m, hi_m] per row (inclusive, sequence-local).
-    Causal: up to offs_m + len_k - len_q; DOCS: within the row's document."""
-    if DOCS:
-        lo_m = _doc_bound(bounds_ptr, offs_m, len_q, False)
-        if CAUSAL:
-            hi_m = offs_m
-        else:
-            hi_m = _doc_bound(bounds_ptr, offs_m, len_q, True) - 1
-    else:
-        lo_m = tl.zeros_like(offs_m)
-        if CAUSAL:
-            hi_m = offs_m + (len_k - len_q)
-        else:
-            hi_m = tl.zeros_like(offs_m) + (len_k - 1)
-    return lo_m, hi_m
 
 
 @triton.jit
@@ -197,59 +173,6 @@ def _query_stages(bounds_ptr, start_n, len_q, len_k, BLOCK_M: tl.constexpr, BLOC
     return _stages(lo, tl.cdiv(tl.maximum(b, 0), BLOCK_M) * BLOCK_M, c // BLOCK_M * BLOCK_M, hi, BLOCK_M)
 
 
-@triton.jit
-def _visible(offs_n, lo_m, hi_m, DOCS: tl.constexpr):
-    """(len(lo_m), len(offs_n)): key offs_n lies in the window [lo_m, hi_m] of the query."""
-    ok = offs_n[None, :] <= hi_m[:, None]
-    if DOCS:
-        ok = ok & (offs_n[None, :] >= lo_m[:, None])
-    return ok
-
-
-@triton.jit
-def _visible_t(offs_n, lo_m, hi_m, DOCS: tl.constexpr):
-    """_visible transposed: (len(offs_n), len(lo_m))."""
-    ok = offs_n[:, None] <= hi_m[None, :]
-    if DOCS:
-        ok = ok & (offs_n[:, None] >= lo_m[None, :])
-    return ok
-
-
-@triton.jit
-def _varlen_fwd_inner(acc, m_i, l_i, q, k_src, v_src, stride_kt, stride_vt, offs_n0, lo_m, hi_m, len_k,
-                      qk_scale, lo, hi, BLOCK_N: tl.constexpr, MASK: tl.constexpr, DOCS: tl.constexpr,
-                      USE_TMA: tl.constexpr, INPUT_PRECISION: tl.constexpr):
-    """Online softmax over key tiles [lo, hi). MASK: each row keeps only its window (keys past len_k
-    read as 0 and lie outside every window) and may have none yet: its max stays -inf and exp2 runs
-    against 0 instead."""
-    if not USE_TMA:
-        k_src += lo * stride_kt
-        v_src += lo * stride_vt
-    for start_n in range(lo, hi, BLOCK_N):
-        start_n = tl.multiple_of(start_n, BLOCK_N)
-        offs_n = start_n + offs_n0
-        k = _next_tile(k_src, start_n, offs_n, len_k, MASK, USE_TMA)  # (BLOCK_N, D)
-        qk = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION)  # (BLOCK_M, BLOCK_N)
-        if MASK:
-            qk = tl.where(_visible(offs_n, lo_m, hi_m, DOCS), qk, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
-        if MASK:
-            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        else:
-            m_use = m_new
-        p = tl.math.exp2(qk * qk_scale - m_use[:, None])
-        alpha = tl.math.exp2(m_i - m_use)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = _next_tile(v_src, start_n, offs_n, len_k, MASK, USE_TMA)  # (BLOCK_N, D)
-        acc = acc * alpha[:, None]
-        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=INPUT_PRECISION)
-        m_i = m_new
-        if not USE_TMA:
-            k_src += BLOCK_N * stride_kt
-            v_src += BLOCK_N * stride_vt
-    return acc, m_i, l_i
-
-
 @triton.jit(do_not_specialize=["n_seqs", "n_steps", "seq_len", "Q_BUCKET", "K_BUCKET"])
 def _varlen_fwd_kernel(
         q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, cu_q_ptr, cu_k_ptr, used_k_ptr, bounds_ptr,
@@ -296,15 +219,15 @@ def _varlen_fwd_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     if DOCS:  # keys of earlier documents than the last row's (otherwise b == lo)
-        acc, m_i, l_i = _varlen_fwd_inner(acc, m_i, l_i, q, k_src, v_src, stride_kt, stride_vt, offs_n0,
-                                          lo_m, hi_m, len_k, qk_scale, lo, b,
-                                          BLOCK_N, True, DOCS, USE_TMA, INPUT_PRECISION)
-    acc, m_i, l_i = _varlen_fwd_inner(acc, m_i, l_i, q, k_src, v_src, stride_kt, stride_vt, offs_n0,
-                                      lo_m, hi_m, len_k, qk_scale, b, c,
-                                      BLOCK_N, False, DOCS, USE_TMA, INPUT_PRECISION)
-    acc, m_i, l_i = _varlen_fwd_inner(acc, m_i, l_i, q, k_src, v_src, stride_kt, stride_vt, offs_n0,
-                                      lo_m, hi_m, len_k, qk_scale, c, hi,
-                                      BLOCK_N, True, DOCS, USE_TMA, INPUT_PRECISION)
+        acc, m_i, l_i = _attn_fwd_inner(acc, m_i, l_i, q, k_src, v_src, stride_kt, stride_vt, offs_n0,
+                                        lo_m, hi_m, len_k, qk_scale, lo, b,
+                                        BLOCK_N, True, DOCS, True, True, USE_TMA, INPUT_PRECISION)
+    acc, m_i, l_i = _attn_fwd_inner(acc, m_i, l_i, q, k_src, v_src, stride_kt, stride_vt, offs_n0,
+                                    lo_m, hi_m, len_k, qk_scale, b, c,
+                                    BLOCK_N, False, DOCS, False, False, USE_TMA, INPUT_PRECISION)
+    acc, m_i, l_i = _attn_fwd_inner(acc, m_i, l_i, q, k_src, v_src, stride_kt, stride_vt, offs_n0,
+                                    lo_m, hi_m, len_k, qk_scale, c, hi,
+                                    BLOCK_N, True, DOCS, True, True, USE_TMA, INPUT_PRECISION)
 
     seen = l_i > 0  # rows that saw no key: output 0, logsumexp +inf (their backward probabilities are 0)
     o = (acc * (1.0 / tl.where(seen, l_i, 1.0))[:, None]).to(o_ptr.dtype.element_ty)
@@ -312,33 +235,6 @@ def _varlen_fwd_kernel(
     tl.store(lse_ptr + off_h * stride_lh + q_row0 + offs_m, lse, mask=offs_m < len_q)
     tl.store(o_ptr + q_row0 * stride_ot + off_h * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :] * stride_od,
              o, mask=offs_m[:, None] < len_q)
-
-
-@triton.jit
-def _varlen_bwd_dq_inner(dq, q, do, lse2, delta, k_src, v_src, stride_kt, stride_vt, offs_n0, lo_m, hi_m,
-                         len_k, qk_scale, lo, hi, BLOCK_N: tl.constexpr, MASK: tl.constexpr, DOCS: tl.constexpr,
-                         USE_TMA: tl.constexpr, INPUT_PRECISION: tl.constexpr):
-    """Accumulate dq (BLOCK_M, D) over key tiles [lo, hi); lse2 is the logsumexp in log2 units (+inf for
-    rows that see no key). MASK: each row keeps only its window."""
-    if not USE_TMA:
-        k_src += lo * stride_kt
-        v_src += lo * stride_vt
-    for start_n in range(lo, hi, BLOCK_N):
-        start_n = tl.multiple_of(start_n, BLOCK_N)
-        offs_n = start_n + offs_n0
-        k = _next_tile(k_src, start_n, offs_n, len_k, MASK, USE_TMA)  # (BLOCK_N, D)
-        v = _next_tile(v_src, start_n, offs_n, len_k, MASK, USE_TMA)
-        qk = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION)  # (BLOCK_M, BLOCK_N)
-        p = tl.math.exp2(qk * qk_scale - lse2[:, None])
-        if MASK:
-            p = tl.where(_visible(offs_n, lo_m, hi_m, DOCS), p, 0.0)
-        dp = tl.dot(do, tl.trans(v), input_precision=INPUT_PRECISION)  # (BLOCK_M, BLOCK_N)
-        ds = p * (dp - delta[:, None])
-        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=INPUT_PRECISION)
-        if not USE_TMA:
-            k_src += BLOCK_N * stride_kt
-            v_src += BLOCK_N * stride_vt
-    return dq
 
 
 @triton.jit(do_not_specialize=["n_seqs", "n_steps", "seq_len", "Q_BUCKET", "K_BUCKET"])
@@ -393,48 +289,15 @@ def _varlen_bwd_dq_kernel(
     lo, b, c, hi = _key_stages(bounds_ptr, start_m, len_q, len_k, BLOCK_M, BLOCK_N, CAUSAL, DOCS)
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     if DOCS:
-        dq = _varlen_bwd_dq_inner(dq, q, do, lse2, delta, k_src, v_src, stride_kt, stride_vt, offs_n0, lo_m,
-                                  hi_m, len_k, qk_scale, lo, b, BLOCK_N, True, DOCS, USE_TMA, INPUT_PRECISION)
-    dq = _varlen_bwd_dq_inner(dq, q, do, lse2, delta, k_src, v_src, stride_kt, stride_vt, offs_n0, lo_m,
-                              hi_m, len_k, qk_scale, b, c, BLOCK_N, False, DOCS, USE_TMA, INPUT_PRECISION)
-    dq = _varlen_bwd_dq_inner(dq, q, do, lse2, delta, k_src, v_src, stride_kt, stride_vt, offs_n0, lo_m,
-                              hi_m, len_k, qk_scale, c, hi, BLOCK_N, True, DOCS, USE_TMA, INPUT_PRECISION)
+        dq = _attn_bwd_dq_inner(dq, q, do, lse2, delta, k_src, v_src, stride_kt, stride_vt, offs_n0, lo_m, hi_m,
+                                len_k, qk_scale, lo, b, BLOCK_N, True, DOCS, True, USE_TMA, INPUT_PRECISION)
+    dq = _attn_bwd_dq_inner(dq, q, do, lse2, delta, k_src, v_src, stride_kt, stride_vt, offs_n0, lo_m, hi_m,
+                            len_k, qk_scale, b, c, BLOCK_N, False, DOCS, False, USE_TMA, INPUT_PRECISION)
+    dq = _attn_bwd_dq_inner(dq, q, do, lse2, delta, k_src, v_src, stride_kt, stride_vt, offs_n0, lo_m, hi_m,
+                            len_k, qk_scale, c, hi, BLOCK_N, True, DOCS, True, USE_TMA, INPUT_PRECISION)
     dq = (dq * scale).to(dq_ptr.dtype.element_ty)
     tl.store(dq_ptr + q_row0 * stride_dqt + off_h * stride_dqh + rows * stride_dqt + cols * stride_dqd, dq,
              mask=rows < len_q)
-
-
-@triton.jit
-def _varlen_bwd_dkdv_inner(dk, dv, k, v, q_src, do_src, stats_ptr, total_q, bounds_ptr, stride_qt, stride_dot,
-                           offs_n, offs_m0, len_q, len_k, qk_scale, lo, hi,
-                           BLOCK_M: tl.constexpr, MASK: tl.constexpr, CAUSAL: tl.constexpr, DOCS: tl.constexpr,
-                           USE_TMA: tl.constexpr, INPUT_PRECISION: tl.constexpr):
-    """Accumulate dk, dv (BLOCK_N, D) over query tiles [lo, hi), on transposed scores (BLOCK_N, BLOCK_M).
-    stats_ptr: this sequence's lse2 entries (delta total_q further on). Query rows past len_q read as
-    0 (q, do, lse2, delta) and add nothing. MASK: keep the pairs in each query's window."""
-    if not USE_TMA:
-        q_src += lo * stride_qt
-        do_src += lo * stride_dot
-    for start_m in range(lo, hi, BLOCK_M):
-        start_m = tl.multiple_of(start_m, BLOCK_M)
-        offs_m = start_m + offs_m0
-        q = _next_tile(q_src, start_m, offs_m, len_q, MASK, USE_TMA)  # (BLOCK_M, D)
-        lse2 = _load_row_stat(stats_ptr + offs_m, offs_m, len_q, MASK)
-        delta = _load_row_stat(stats_ptr + total_q + offs_m, offs_m, len_q, MASK)
-        qk_t = tl.dot(k, tl.trans(q), input_precision=INPUT_PRECISION)  # (BLOCK_N, BLOCK_M)
-        p_t = tl.math.exp2(qk_t * qk_scale - lse2[None, :])
-        if MASK:
-            lo_m, hi_m = _row_windows(bounds_ptr, offs_m, len_q, len_k, CAUSAL, DOCS)
-            p_t = tl.where(_visible_t(offs_n, lo_m, hi_m, DOCS), p_t, 0.0)
-        do = _next_tile(do_src, start_m, offs_m, len_q, MASK, USE_TMA)  # (BLOCK_M, D)
-        dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=INPUT_PRECISION)
-        dp_t = tl.dot(v, tl.trans(do), input_precision=INPUT_PRECISION)  # (BLOCK_N, BLOCK_M)
-        ds_t = p_t * (dp_t - delta[None, :])
-        dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=INPUT_PRECISION)
-        if not USE_TMA:
-            q_src += BLOCK_M * stride_qt
-            do_src += BLOCK_M * stride_dot
-    return dk, dv
 
 
 @triton.jit(do_not_specialize=["n_seqs", "n_steps", "seq_len", "Q_BUCKET", "K_BUCKET"])
@@ -478,21 +341,21 @@ def _varlen_bwd_dkdv_kernel(
                        tl.maximum(len_q, 1), BLOCK_M, HEAD_DIM, USE_TMA)
     do_src = _row_tiles(do_ptr + q_row0 * stride_dot + off_h * stride_doh, stride_dot, stride_dod,
                         tl.maximum(len_q, 1), BLOCK_M, HEAD_DIM, USE_TMA)
-    stats = stats_ptr + off_h * stride_sh + q_row0
+    stats_src = stats_ptr + off_h * stride_sh + q_row0  # this sequence's lse2; its delta total_q further on
     total_q = stride_sh // 2
     lo, b, c, hi = _query_stages(bounds_ptr, start_n, len_q, len_k, BLOCK_M, BLOCK_N, CAUSAL, DOCS)
     dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     if DOCS or CAUSAL:  # query tiles that see only part of the key tile (otherwise b == lo)
-        dk, dv = _varlen_bwd_dkdv_inner(dk, dv, k, v, q_src, do_src, stats, total_q, bounds_ptr, stride_qt,
-                                        stride_dot, offs_n, offs_m0, len_q, len_k, qk_scale, lo, b,
-                                        BLOCK_M, True, CAUSAL, DOCS, USE_TMA, INPUT_PRECISION)
-    dk, dv = _varlen_bwd_dkdv_inner(dk, dv, k, v, q_src, do_src, stats, total_q, bounds_ptr, stride_qt, stride_dot,
-                                    offs_n, offs_m0, len_q, len_k, qk_scale, b, c,
-                                    BLOCK_M, False, CAUSAL, DOCS, USE_TMA, INPUT_PRECISION)
-    dk, dv = _varlen_bwd_dkdv_inner(dk, dv, k, v, q_src, do_src, stats, total_q, bounds_ptr, stride_qt, stride_dot,
-                                    offs_n, offs_m0, len_q, len_k, qk_scale, c, hi,
-                                    BLOCK_M, True, CAUSAL, DOCS, USE_TMA, INPUT_PRECISION)
+        dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, q_src, do_src, stats_src, stride_qt, stride_dot, total_q,
+                                      bounds_ptr, offs_n, offs_m0, len_q, len_k, qk_scale, lo, b,
+                                      BLOCK_M, True, CAUSAL, DOCS, True, USE_TMA, False, INPUT_PRECISION)
+    dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, q_src, do_src, stats_src, stride_qt, stride_dot, total_q,
+                                  bounds_ptr, offs_n, offs_m0, len_q, len_k, qk_scale, b, c,
+                                  BLOCK_M, False, CAUSAL, DOCS, False, USE_TMA, False, INPUT_PRECISION)
+    dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, q_src, do_src, stats_src, stride_qt, stride_dot, total_q,
+                                  bounds_ptr, offs_n, offs_m0, len_q, len_k, qk_scale, c, hi,
+                                  BLOCK_M, True, CAUSAL, DOCS, True, USE_TMA, False, INPUT_PRECISION)
     dk = (dk * scale).to(dk_ptr.dtype.element_ty)
     dv = dv.to(dv_ptr.dtype.element_ty)
     tl.store(dk_ptr + k_row0 * stride_dkt + off_h * stride_dkh + rows * stride_dkt + cols * stride_dkd, dk,
