@@ -320,7 +320,7 @@ def _flash_attention_bwd_dq_kernel(
                        BLOCK_N, HEAD_DIM, USE_TMA)
     v_src = _row_tiles(v_ptr + off_b * stride_vb + off_h * stride_vh, stride_vt, stride_vd, T,
                        BLOCK_N, HEAD_DIM, USE_TMA)
-    lo_m, hi_m = _row_windows(lse_ptr, offs_m, T, T, True, False)  # the causal window (lse_ptr: unused)
+    lo_m, hi_m = _row_windows(lse_ptr, offs_m, T, T, CAUSAL, False)  # causal: hi_m = offs_m (lse_ptr: unused)
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     if CAUSAL:
         dq = _attn_bwd_dq_inner(dq, q, do, lse2, delta, k_src, v_src, stride_kt, stride_vt, offs_n0, lo_m, hi_m, T,
