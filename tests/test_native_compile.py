@@ -69,8 +69,9 @@ def _run_layer_norm(dtype, N, bias=True, param_dtype=torch.float32):
     x = torch.empty((M, N), dtype=dtype)
     w = torch.empty((N,), dtype=param_dtype)
     b = torch.empty((N,), dtype=param_dtype) if bias else None
-    y, mean, rstd = ln.layer_norm_fwd(x, w, b, 1e-5)
-    ln.layer_norm_bwd(torch.empty_like(x), x, w, mean, rstd)
+    y, mean, rstd, _ = ln.layer_norm_fwd(x, w, b, 1e-5)
+    ln.layer_norm_bwd(torch.empty_like(x), x, w, mean, rstd, torch.empty_like(w), torch.empty_like(b) if bias else None,
+                      (False, False))
 
 
 def _run_cross_entropy(dtype, V, num_classes=None):

@@ -17,6 +17,7 @@ import contextlib
 import functools
 import os
 import warnings
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Optional
@@ -140,6 +141,29 @@ def cast_floats(dtype: Optional[torch.dtype], *tensors):
     if dtype is None:
         return tensors
     return tuple(t.to(dtype) if t is not None and t.is_floating_point() else t for t in tensors)
+
+
+# Casts of model parameters, one per version of their values: parameter -> (version, storage, dtype, cast).
+_weight_casts: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def cast_weight(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """weight in dtype, for a matmul that reads it in the activations' dtype (fp32 master weights under
+    bf16 autocast). An nn.Parameter is cast once per version of its values and the cast reused until they
+    change (an optimizer step, a load, any in-place write bumps the version): one cast per optimizer step
+    however many micro-steps, forwards and backwards read it. Other tensors (views, activations) and
+    traced code (torch.compile) cast on every call. The cast is a copy: writing into it changes nothing."""
+    if weight.dtype == dtype:
+        return weight
+    if not isinstance(weight, torch.nn.Parameter) or torch.compiler.is_compiling():
+        return weight.to(dtype)
+    key = (weight._version, weight.device, weight.untyped_storage().data_ptr(), weight.storage_offset(), dtype)
+    entry = _weight_casts.get(weight)
+    if entry is None or entry[0] != key:
+        with torch.no_grad():
+            entry = (key, weight.detach().to(dtype))
+        _weight_casts[weight] = entry
+    return entry[1]
 
 
 def autocast_disabled(device_type: str):

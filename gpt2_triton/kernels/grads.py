@@ -1,0 +1,143 @@
+"""Parameter gradients written straight into `.grad`, and the deterministic sum of per-program partials.
+
+Autograd adds each new parameter gradient to an existing `.grad` in a pass of its own (`grad += new`: the
+gradient read twice and written once more). The fused backwards instead write into `.grad` themselves:
+`GradSinks` tells a backward, per parameter, where its gradient goes:
+- into the existing `.grad` (accumulating in the kernel that computes it; the backward returns None
+  for that parameter, so autograd adds nothing), when this backward pass accumulates into the
+  parameter's `.grad` (a `.backward()`, not `torch.autograd.grad`), the `.grad` is a dense tensor of the
+  parameter's shape and dtype, and the parameter has no tensor hooks that would expect the gradient;
+- otherwise into a fresh tensor the backward returns, which autograd adopts as `.grad` without a copy
+  when there is none, or hands to `autograd.grad`.
+DDP's reducer reads `.grad` in its post-accumulate hook, which runs whether or not the backward returned
+a gradient: gradient accumulation under `no_sync` and the all-reduce of the last micro-step see the same
+`.grad` as without the fusion. Under torch.compile (traced code) nothing is written in place.
+
+`sum_partials` adds per-program fp32 partials (LayerNorm weight/bias grads, bias grads from a matmul
+epilogue, split-K weight-grad pieces) into their gradients in one launch, rows summed in a fixed order:
+the same bits on every run.
+"""
+from collections.abc import Sequence
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from gpt2_triton.kernels.utils import device_guard, is_interpreter
+
+
+@triton.jit
+def _sum_rows_into(partial_ptr, out_ptr, scale_ptr, num_rows, row_len, stride_p, accumulate, col0,
+                   HAS_SCALE: tl.constexpr, BLOCK: tl.constexpr):
+    """out[j] (+)= scale * sum_r partial[r, j] for the BLOCK columns j from col0 (fp32, rows in order)."""
+    cols = col0 + tl.arange(0, BLOCK)
+    mask = cols < row_len
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    row_ptr = partial_ptr + cols
+    for _ in range(num_rows):
+        acc += tl.load(row_ptr, mask=mask, other=0.0).to(tl.float32)
+        row_ptr += stride_p
+    if HAS_SCALE:
+        acc *= tl.load(scale_ptr).to(tl.float32)
+    if accumulate:
+        acc += tl.load(out_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + cols, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _sum_partials_kernel(
+    partial0_ptr, out0_ptr, rows0, len0, stride0, accumulate0,  # (rows0, len0) fp32 partials -> (len0,) out
+    partial1_ptr, out1_ptr, rows1, len1, stride1, accumulate1,  # second pair, when NUM_PAIRS >= 2
+    partial2_ptr, out2_ptr, rows2, len2, stride2, accumulate2,  # third pair, when NUM_PAIRS == 3
+    scale_ptr,  # () fp32 factor on every sum when HAS_SCALE
+    NUM_PAIRS: tl.constexpr, HAS_SCALE: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """Grid (cdiv(longest len, BLOCK), NUM_PAIRS): program (i, p) sums the partial rows of pair p over
+    columns [i * BLOCK, (i + 1) * BLOCK) into out_p, added to what out_p holds when accumulate_p."""
+    col0 = tl.program_id(0).to(tl.int64) * BLOCK
+    pair = tl.program_id(1)
+    if pair == 0:
+        _sum_rows_into(partial0_ptr, out0_ptr, scale_ptr, rows0, len0, stride0, accumulate0, col0, HAS_SCALE, BLOCK)
+    if NUM_PAIRS >= 2:
+        if pair == 1:
+            _sum_rows_into(partial1_ptr, out1_ptr, scale_ptr, rows1, len1, stride1, accumulate1, col0,
+                           HAS_SCALE, BLOCK)
+    if NUM_PAIRS == 3:
+        if pair == 2:
+            _sum_rows_into(partial2_ptr, out2_ptr, scale_ptr, rows2, len2, stride2, accumulate2, col0,
+                           HAS_SCALE, BLOCK)
+
+
+def sum_partials(pairs: Sequence[tuple], scale: Optional[torch.Tensor] = None) -> None:
+    """For each (partials, out, accumulate) of 1 to 3 pairs: out (+)= scale * partials.sum(0), in one launch.
+
+    partials: (S, L) fp32 with unit column stride (S may be 0: a sum of nothing is 0); out: L contiguous
+    elements (any float dtype, any shape), overwritten, or added to when accumulate. scale: () fp32 on the
+    device, or None. Rows are summed in order in fp32: bit-reproducible.
+    """
+    if not 1 <= len(pairs) <= 3:
+        raise ValueError(f"sum_partials: 1 to 3 pairs; got {len(pairs)}")
+    args = []
+    for partials, out, accumulate in pairs:
+        assert partials.dim() == 2 and partials.stride(1) == 1 and out.is_contiguous() \
+            and out.numel() == partials.shape[1], "sum_partials: (S, L) partials and L contiguous outputs"
+        args += [partials, out, partials.shape[0], partials.shape[1], partials.stride(0), bool(accumulate)]
+    args += [None, None, 0, 0, 0, False] * (3 - len(pairs))
+    longest = max(p[0].shape[1] for p in pairs)
+    if longest == 0:
+        return
+    block = 1024 if not is_interpreter() else min(triton.next_power_of_2(longest), 256)
+    with device_guard(pairs[0][1].device):
+        _sum_partials_kernel[(triton.cdiv(longest, block), len(pairs))](
+            *args, scale, NUM_PAIRS=len(pairs), HAS_SCALE=scale is not None, BLOCK=block, num_warps=4)
+
+
+class GradSinks:
+    """Made in a fused op's forward for its parameters (None entries allowed); its backward asks
+    `buffers(...)` where each gradient goes and returns `returned(buffer, accumulated)` for each."""
+
+    def __init__(self, *params: Optional[torch.Tensor]):
+        self.params = params
+        self.nodes = [self._node(p) for p in params]
+
+    @staticmethod
+    def _node(param):
+        """The parameter's AccumulateGrad node where its gradient may go straight into .grad, else None."""
+        if param is None or not param.requires_grad or not param.is_leaf or torch.compiler.is_compiling() \
+                or param._backward_hooks:
+            return None
+        return torch.autograd.graph.get_gradient_edge(param).node
+
+    def buffers(self, needed: Sequence[bool]) -> list:
+        """Per parameter: (its existing `.grad`, True) to accumulate into, (a fresh empty tensor of its shape
+        and dtype, False) to write, or (None, False) where it is None or its gradient is not needed."""
+        out = []
+        for param, node, need in zip(self.params, self.nodes, needed):
+            if param is None or not need:
+                out.append((None, False))
+                continue
+            grad = param.grad if node is not None else None
+            if grad is not None and _accumulates(node) and grad.layout == torch.strided \
+                    and grad.shape == param.shape and grad.dtype == param.dtype and grad.device == param.device \
+                    and grad.is_contiguous():
+                out.append((grad, True))
+            else:
+                out.append((torch.empty(param.shape, dtype=param.dtype, device=param.device), False))
+        return out
+
+
+def returned(buffer: Optional[torch.Tensor], accumulated: bool) -> Optional[torch.Tensor]:
+    """What a backward returns for a parameter whose gradient it wrote into `buffer`: None where that was
+    the parameter's `.grad` (accumulated already), else the buffer."""
+    return None if accumulated else buffer
+
+
+def _accumulates(node) -> bool:
+    """Whether the running backward pass runs this AccumulateGrad node (adds into `.grad`): True for
+    `.backward()` (unless `inputs=` leaves the parameter out), False under `torch.autograd.grad`, which
+    torch does not let one ask about a leaf (it raises: the gradient is then returned, never written)."""
+    try:
+        return torch._C._will_engine_execute_node(node)
+    except RuntimeError:
+        return False
