@@ -35,6 +35,23 @@ GELU_EDGE_VALUES = [-1e4, -100.0, -10.0, -5.0, -3.0, -1.0, -0.5, -1e-3, 0.0, 1e-
                     10.0, 100.0, 1e4]
 
 
+
+def mlp_bwd(dy, x, pre, fc_w, proj_w, accumulate=(False, False, False, False)):
+    """gelu_mlp_bwd into fresh grad buffers (or .grad-like ones given as accumulate targets):
+    (dx, dfc_w, dfc_b, dproj_w, dproj_b)."""
+    H, C = fc_w.shape
+    bufs = [torch.zeros((H, C), dtype=fc_w.dtype, device=x.device), torch.zeros((H,), dtype=fc_w.dtype, device=x.device),
+            torch.zeros((C, H), dtype=proj_w.dtype, device=x.device),
+            torch.zeros((C,), dtype=proj_w.dtype, device=x.device)]
+    dx = gelu_mlp_bwd(dy, x, pre, fc_w, proj_w, *bufs, accumulate)
+    return (dx, *bufs)
+
+
+def lin_bwd(dout, x, pre, w):
+    """linear_gelu_bwd into fresh buffers: (dx, dw, db)."""
+    dw, db = torch.empty_like(w), torch.empty((w.shape[0],), dtype=w.dtype, device=w.device)
+    return linear_gelu_bwd(dout, x, pre, w, dw, db, (False, False)), dw, db
+
 def fp32_tol(expected):
     """Tight fp32 tolerance, scaled by the magnitude of the tensor (grads sum over many rows)."""
     return dict(atol=1e-5 * max(1.0, expected.abs().max().item()), rtol=1e-5)
@@ -115,7 +132,7 @@ def test_gelu_mlp_launchers(x_shape, hidden, device):
     assert pre_nosave.numel() == 0
     torch.testing.assert_close(y_nosave, y, atol=0, rtol=0)
 
-    grads = gelu_mlp_bwd(dy2d, x2d, pre, fc_w, proj_w)
+    grads = mlp_bwd(dy2d, x2d, pre, fc_w, proj_w)
     for name, g, w in zip(PARAM_NAMES, grads, want_grads):
         assert_close(g, w, **fp32_tol(w), name=f"d{name}")
 
@@ -192,7 +209,7 @@ def test_linear_gelu_launchers(device):
     assert_close(out, want, **fp32_tol(want), name="out")
     assert_close(pre, x @ w.T + b, **fp32_tol(want), name="pre")
     assert linear_gelu_fwd(x, w, b, False)[1].numel() == 0
-    for name, g, wg in zip(("x", "weight", "bias"), linear_gelu_bwd(dout, x, pre, w), want_grads):
+    for name, g, wg in zip(("x", "weight", "bias"), lin_bwd(dout, x, pre, w), want_grads):
         assert_close(g, wg, **fp32_tol(wg), name=f"d{name}")
 
 
@@ -234,8 +251,8 @@ def test_gelu_derivative_matches_autograd(device):
     # so dx = d(pre) @ W_fc = d(pre) for W_fc = I, and dfc_b = column sums of d(pre) = gelu'(pre).
     pre = z[None, :]  # (1, n): each pre value in its own hidden column
     eye_n = torch.eye(n, device=device)
-    dx2, _, dfc_b, _, _ = gelu_mlp_bwd(torch.ones(1, n, device=device), torch.zeros(1, n, device=device),
-                                       pre, eye_n, eye_n)
+    dx2, _, dfc_b, _, _ = mlp_bwd(torch.ones(1, n, device=device), torch.zeros(1, n, device=device), pre, eye_n,
+                                  eye_n)
     assert torch.isfinite(dx2).all()
     assert_close(dx2.squeeze(0), want, atol=1e-6, rtol=1e-5, name="gelu' (matmul epilogue) via dx")
     assert_close(dfc_b, want, atol=1e-6, rtol=1e-5, name="gelu' (matmul epilogue) via dfc_b")
@@ -285,7 +302,7 @@ def test_split_k_matches_reference(K, split_k, out_dtype, device):
     b = torch.randn(K, N, generator=gen).to(device, torch.float16)
     want = a.double() @ b.double()
     out = torch.empty(M, N, dtype=out_dtype, device=device)
-    mlp._launch_matmul(a, b, out, split_k=split_k)
+    mlp._split_matmul(a, b, out, split_k)
     single = torch.empty(M, N, dtype=out_dtype, device=device)
     mlp._launch_matmul(a, b, single)
     # fp16 products are exact in fp32: only the summation order and the final rounding differ
@@ -293,13 +310,13 @@ def test_split_k_matches_reference(K, split_k, out_dtype, device):
     assert_close(out, want, **tol, name="split-K")
     assert_close(out, single, **tol, name="split-K vs one split")
     again = torch.empty_like(out)
-    mlp._launch_matmul(a, b, again, split_k=split_k)
+    mlp._split_matmul(a, b, again, split_k)
     assert torch.equal(out, again), "split-K must give the same bits on every run"
 
 
 def test_split_k_through_the_public_ops(device, monkeypatch):
     """gelu_mlp / linear_gelu weight grads with split-K forced on (off a GPU it is never chosen)."""
-    monkeypatch.setattr(mlp, "_split_k", lambda M, N, K, num_sms: 3)
+    monkeypatch.setattr(mlp, "_split_k", lambda M, N, K, num_sms, tile: 3)
     x, params, dy = make_mlp_inputs((5, 9, 40), 200, torch.float32, device)
     lx, lw, lb, ldout = make_linear_inputs((37, 40), 200, torch.float32, device)
     with override_target(sm_count=4):
@@ -314,7 +331,7 @@ def test_split_k_through_the_public_ops(device, monkeypatch):
 
 def test_split_k_failure_falls_back_to_one_split(device, monkeypatch):
     """A split-K launch that fails is recorded once, with a warning, and the weight grads run unsplit."""
-    monkeypatch.setattr(mlp, "_split_k", lambda M, N, K, num_sms: 3)
+    monkeypatch.setattr(mlp, "_split_k", lambda M, N, K, num_sms, tile: 3)
     x, params, dy = make_mlp_inputs((5, 9, 40), 200, torch.float32, device)
     with isolated_features(), override_target(sm_count=4, fail_features=("split_k",)):
         with pytest.warns(RuntimeWarning, match="split over K"):
@@ -338,12 +355,15 @@ def test_matmul_candidates_fit_and_lead_with_the_hand_picked_tile():
 
 
 def test_split_k_choice():
-    """The split-K time model at GPT-2 124M training shapes on 132 SMs (an H100)."""
+    """The split-K time model at GPT-2 124M training shapes on 132 SMs (an H100), for the tile that runs
+    (the hand-picked bf16 tile, 128x256)."""
     B_T, C, H = 16 * 1024, 768, 3072
-    assert mlp._split_k(H, C, B_T, 132) == 4  # dW_fc: 144 output tiles of 128x128 -> 576 programs
-    assert mlp._split_k(C, H, B_T, 132) == 4  # dW_proj
-    assert mlp._split_k(H, C, 1024, 132) == 1  # short K: the partials would cost more than they win
-    assert mlp._split_k(B_T, C, H, 132) == 1  # c_proj-shaped: 768 tiles already fill the GPU
+    tile = mlp._matmul_tiles(torch.bfloat16)[0][:2]
+    assert mlp._split_k(H, C, B_T, 132, tile) == 3  # dW_fc: 72 output tiles -> 216 programs (1.64 waves)
+    assert mlp._split_k(C, H, B_T, 132, tile) == 3  # dW_proj
+    assert mlp._split_k(H, C, 1024, 132, tile) == 1  # short K: the partials would cost more than they win
+    assert mlp._split_k(B_T, C, H, 132, tile) == 1  # c_proj-shaped: 384 tiles already fill the GPU
+    assert mlp._k_split(B_T, 3) % mlp._max_block("BLOCK_K") == 0  # uneven splits stay whole BLOCK_Ks: no K mask
 
 
 def test_gpu_configs_lower_to_wgmma():
@@ -484,9 +504,12 @@ def test_custom_ops_opcheck(device):
     cases = [
         (gelu_mlp_fwd, (x, fc_w, fc_b, proj_w, proj_b, True)),
         (gelu_mlp_fwd, (x, fc_w, None, proj_w, None, False)),
-        (gelu_mlp_bwd, (dy, x, pre, fc_w, proj_w)),
+        (gelu_mlp_bwd, (dy, x, pre, fc_w, proj_w, torch.zeros_like(fc_w), torch.zeros_like(fc_b),
+                        torch.zeros_like(proj_w), torch.zeros_like(proj_b), (False, True, True, False))),
+        (gelu_mlp_bwd, (dy, x, pre, fc_w, proj_w, None, torch.zeros_like(fc_b), None, None,
+                        (False, False, False, False))),
         (linear_gelu_fwd, (lx, lw, lb, True)),
-        (linear_gelu_bwd, (ldout, lx, lpre, lw)),
+        (linear_gelu_bwd, (ldout, lx, lpre, lw, torch.zeros_like(lw), torch.zeros_like(lb), (True, False))),
     ]
     for op, args in cases:
         torch.library.opcheck(op, args)  # schema, fake impl, autograd registration, aot dispatch
@@ -541,3 +564,42 @@ def test_gelu_mlp_gpt2_size_fp32(device):
     assert_close(out, want, atol=1e-4, rtol=1e-4, name="y")
     for name, g, w in zip(PARAM_NAMES, grads, want_grads):
         assert_close(g, w, atol=1e-4 * max(1.0, w.abs().max().item()), rtol=1e-4, name=f"d{name}")
+
+
+@pytest.mark.parametrize("split", [1, 3], ids=["unsplit", "split-K"])
+def test_grads_accumulate_into_existing_grad(split, device, monkeypatch):
+    """Two .backward() passes over nn.Parameters: the second adds into the first's .grad inside the kernels
+    (the .grad tensors stay the same objects; split-K sums its pieces, the fc bias its column-sum partials,
+    into them), giving twice one pass; autograd.grad returns the grads and leaves .grad alone."""
+    monkeypatch.setattr(mlp, "_split_k", lambda M, N, K, num_sms, tile: split)
+    x, params, dy = make_mlp_inputs((3, 7, 40), 200, torch.float32, device, seed=9)
+    params = [torch.nn.Parameter(p.clone()) for p in params]
+    with override_target(sm_count=4):
+        gelu_mlp(x, *params).backward(dy)
+        once = [p.grad.clone() for p in params]
+        grads = [p.grad for p in params]
+        gelu_mlp(x, *params).backward(dy)
+        fresh = torch.autograd.grad(gelu_mlp(x, *params), params, dy)
+    (_, want_grads), _ = reference_mlp(x, [p.detach() for p in params], dy)
+    for name, p, g, first, f, w in zip(PARAM_NAMES[1:], params, grads, once, fresh, want_grads[1:]):
+        assert p.grad is g, name
+        assert_close(first, w, **fp32_tol(w), name=f"d{name}")
+        assert_close(p.grad, 2 * first, **fp32_tol(w), name=f"d{name} accumulated")
+        assert_close(f, first, **fp32_tol(w), name=f"d{name} autograd.grad")
+
+
+def test_weights_cast_once_per_version(device):
+    """Under autocast the fp32 master weights are cast to the activations' dtype once per version of
+    their values: two forwards and backwards share the cast; an in-place update makes a new one."""
+    from gpt2_triton.kernels.utils import cast_weight
+    x, params, dy = make_mlp_inputs((2, 3, 16), 32, torch.float16, device, param_dtype=torch.float32, seed=10)
+    fc_w = torch.nn.Parameter(params[0].clone())
+    first = cast_weight(fc_w, torch.float16)
+    assert cast_weight(fc_w, torch.float16) is first and first.dtype == torch.float16
+    with torch.no_grad():
+        fc_w.mul_(2)
+    second = cast_weight(fc_w, torch.float16)
+    assert second is not first
+    assert torch.equal(second, (2 * params[0]).to(torch.float16))
+    view = fc_w.t()  # not a parameter: cast on every call
+    assert cast_weight(view, torch.float16) is not cast_weight(view, torch.float16)

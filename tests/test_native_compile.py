@@ -133,10 +133,12 @@ def _run_mlp(dtype):
     fc_w, fc_b = torch.zeros((H, C)), torch.zeros((H,))
     pr_w, pr_b = torch.zeros((C, H)), torch.zeros((C,))
     y, pre = mlp.gelu_mlp_fwd(x, fc_w, fc_b, pr_w, pr_b, True)
-    mlp.gelu_mlp_bwd(torch.zeros_like(y), x, pre, fc_w, pr_w)
+    mlp.gelu_mlp_bwd(torch.zeros_like(y), x, pre, fc_w, pr_w, torch.empty_like(fc_w), torch.empty_like(fc_b),
+                     torch.empty_like(pr_w), None, (False, False, True, False))
     mlp.gelu_mlp_fwd(x, fc_w, None, pr_w, None, False)  # no biases, inference (no pre stored)
     out, pre = mlp.linear_gelu_fwd(x, fc_w, fc_b, True)
-    mlp.linear_gelu_bwd(torch.zeros_like(out), x, pre, fc_w)
+    mlp.linear_gelu_bwd(torch.zeros_like(out), x, pre, fc_w, torch.empty_like(fc_w), torch.empty_like(fc_b),
+                        (False, False))
 
 
 def _capture(run, *args, **kwargs):

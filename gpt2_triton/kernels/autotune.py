@@ -274,9 +274,10 @@ class Tuner(Autotuner):
     """triton.autotune's Autotuner that tries what `candidates` admits, reuses persisted results, compiles
     the candidates before timing them and reports each tuning (see the module docstring)."""
 
-    def __init__(self, fn, configs, key, spec: Optional[Candidates] = None, do_bench=None):
+    def __init__(self, fn, configs, key, spec: Optional[Candidates] = None, do_bench=None,
+                 restore: Sequence[str] = ()):
         prune = {"early_config_prune": spec.prune} if spec is not None and spec.variant_of is not None else None
-        super().__init__(fn, fn.arg_names, configs, key, reset_to_zero=None, restore_value=None,
+        super().__init__(fn, fn.arg_names, configs, key, reset_to_zero=None, restore_value=list(restore) or None,
                          prune_configs_by=prune, do_bench=do_bench)
         self.spec = spec
         self.name = getattr(fn, "__name__", None) or fn.fn.__name__
@@ -363,11 +364,12 @@ _CANDIDATES = {}  # Tuner -> its Candidates
 def autotuned(kernel, *, names: Sequence[str], candidates: Callable[..., list], key: list,
               variants: Sequence[tuple] = ((),), variant_of: Optional[Callable[[dict], tuple]] = None,
               interpreter_tile: tuple, extra: Optional[dict] = None,
-              smem: Optional[Callable[[triton.Config, dict], int]] = None) -> Tuner:
-    """A Tuner over the candidate tiles, narrowed to the launch's variant and the static rule."""
+              smem: Optional[Callable[[triton.Config, dict], int]] = None, restore: Sequence[str] = ()) -> Tuner:
+    """A Tuner over the candidate tiles, narrowed to the launch's variant and the static rule. restore: the
+    tensor arguments a launch adds into (read and written), put back after each candidate is timed."""
     spec = Candidates(tuple(names), candidates, tuple(variants), variant_of, tuple(interpreter_tile), extra or {},
                       smem)
-    tuner = Tuner(kernel, spec.configs(), key, spec)
+    tuner = Tuner(kernel, spec.configs(), key, spec, restore=restore)
     _CANDIDATES[tuner] = spec
     return tuner
 

@@ -29,50 +29,63 @@ from gpt2_triton.kernels.utils import device_guard, is_interpreter
 
 @triton.jit
 def _sum_rows_into(partial_ptr, out_ptr, scale_ptr, num_rows, row_len, stride_p, accumulate, col0,
-                   HAS_SCALE: tl.constexpr, BLOCK: tl.constexpr):
-    """out[j] (+)= scale * sum_r partial[r, j] for the BLOCK columns j from col0 (fp32, rows in order)."""
-    cols = col0 + tl.arange(0, BLOCK)
-    mask = cols < row_len
-    acc = tl.zeros((BLOCK,), dtype=tl.float32)
-    row_ptr = partial_ptr + cols
-    for _ in range(num_rows):
-        acc += tl.load(row_ptr, mask=mask, other=0.0).to(tl.float32)
-        row_ptr += stride_p
+                   HAS_SCALE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """out[j] (+)= scale * sum_r partial[r, j] for the BLOCK_C columns j from col0: (BLOCK_R, BLOCK_C) tiles
+    of rows added up in order, then summed over their rows (fp32, a fixed order)."""
+    cols = col0 + tl.arange(0, BLOCK_C)
+    col_ok = cols < row_len
+    rows = tl.arange(0, BLOCK_R)
+    acc = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
+    for r0 in range(0, num_rows, BLOCK_R):
+        ptrs = partial_ptr + (r0 + rows).to(tl.int64)[:, None] * stride_p + cols[None, :]
+        ok = ((r0 + rows) < num_rows)[:, None] & col_ok[None, :]
+        acc += tl.load(ptrs, mask=ok, other=0.0).to(tl.float32)
+    total = tl.sum(acc, axis=0)
     if HAS_SCALE:
-        acc *= tl.load(scale_ptr).to(tl.float32)
+        total *= tl.load(scale_ptr).to(tl.float32)
     if accumulate:
-        acc += tl.load(out_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-    tl.store(out_ptr + cols, acc.to(out_ptr.dtype.element_ty), mask=mask)
+        total += tl.load(out_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+    tl.store(out_ptr + cols, total.to(out_ptr.dtype.element_ty), mask=col_ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["rows0", "rows1", "rows2", "accumulate0", "accumulate1", "accumulate2"])
 def _sum_partials_kernel(
-    partial0_ptr, out0_ptr, rows0, len0, stride0, accumulate0,  # (rows0, len0) fp32 partials -> (len0,) out
+    partial0_ptr, out0_ptr, rows0, len0, stride0, accumulate0,  # (rows0, len0) partials -> (len0,) out
     partial1_ptr, out1_ptr, rows1, len1, stride1, accumulate1,  # second pair, when NUM_PAIRS >= 2
     partial2_ptr, out2_ptr, rows2, len2, stride2, accumulate2,  # third pair, when NUM_PAIRS == 3
     scale_ptr,  # () fp32 factor on every sum when HAS_SCALE
-    NUM_PAIRS: tl.constexpr, HAS_SCALE: tl.constexpr, BLOCK: tl.constexpr,
+    NUM_PAIRS: tl.constexpr, HAS_SCALE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    """Grid (cdiv(longest len, BLOCK), NUM_PAIRS): program (i, p) sums the partial rows of pair p over
-    columns [i * BLOCK, (i + 1) * BLOCK) into out_p, added to what out_p holds when accumulate_p."""
-    col0 = tl.program_id(0).to(tl.int64) * BLOCK
+    """Grid (cdiv(longest len, BLOCK_C), NUM_PAIRS): program (i, p) sums the partial rows of pair p over
+    columns [i * BLOCK_C, (i + 1) * BLOCK_C) into out_p, added to what out_p holds when accumulate_p."""
+    col0 = tl.program_id(0).to(tl.int64) * BLOCK_C
     pair = tl.program_id(1)
     if pair == 0:
-        _sum_rows_into(partial0_ptr, out0_ptr, scale_ptr, rows0, len0, stride0, accumulate0, col0, HAS_SCALE, BLOCK)
+        _sum_rows_into(partial0_ptr, out0_ptr, scale_ptr, rows0, len0, stride0, accumulate0, col0, HAS_SCALE,
+                       BLOCK_R, BLOCK_C)
     if NUM_PAIRS >= 2:
         if pair == 1:
             _sum_rows_into(partial1_ptr, out1_ptr, scale_ptr, rows1, len1, stride1, accumulate1, col0,
-                           HAS_SCALE, BLOCK)
+                           HAS_SCALE, BLOCK_R, BLOCK_C)
     if NUM_PAIRS == 3:
         if pair == 2:
             _sum_rows_into(partial2_ptr, out2_ptr, scale_ptr, rows2, len2, stride2, accumulate2, col0,
-                           HAS_SCALE, BLOCK)
+                           HAS_SCALE, BLOCK_R, BLOCK_C)
+
+
+def _sum_tile(max_rows: int) -> tuple:
+    """(BLOCK_R, BLOCK_C): 4096 elements a program step, as many rows as there are (up to 32) for the
+    hundreds of per-program rows of LayerNorm's partials, wide rows for the few of split-K."""
+    if is_interpreter():
+        return 4, 64
+    block_r = min(32, triton.next_power_of_2(max(max_rows, 1)))
+    return block_r, 4096 // block_r
 
 
 def sum_partials(pairs: Sequence[tuple], scale: Optional[torch.Tensor] = None) -> None:
     """For each (partials, out, accumulate) of 1 to 3 pairs: out (+)= scale * partials.sum(0), in one launch.
 
-    partials: (S, L) fp32 with unit column stride (S may be 0: a sum of nothing is 0); out: L contiguous
+    partials: (S, L), any float dtype, unit column stride (S may be 0: a sum of nothing is 0); out: L contiguous
     elements (any float dtype, any shape), overwritten, or added to when accumulate. scale: () fp32 on the
     device, or None. Rows are summed in order in fp32: bit-reproducible.
     """
@@ -87,10 +100,11 @@ def sum_partials(pairs: Sequence[tuple], scale: Optional[torch.Tensor] = None) -
     longest = max(p[0].shape[1] for p in pairs)
     if longest == 0:
         return
-    block = 1024 if not is_interpreter() else min(triton.next_power_of_2(longest), 256)
+    block_r, block_c = _sum_tile(max(p[0].shape[0] for p in pairs))
     with device_guard(pairs[0][1].device):
-        _sum_partials_kernel[(triton.cdiv(longest, block), len(pairs))](
-            *args, scale, NUM_PAIRS=len(pairs), HAS_SCALE=scale is not None, BLOCK=block, num_warps=4)
+        _sum_partials_kernel[(triton.cdiv(longest, block_c), len(pairs))](
+            *args, scale, NUM_PAIRS=len(pairs), HAS_SCALE=scale is not None, BLOCK_R=block_r, BLOCK_C=block_c,
+            num_warps=4)
 
 
 class GradSinks:

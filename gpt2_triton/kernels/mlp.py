@@ -22,6 +22,7 @@ fp32, outputs come in the activation dtype; weight and bias grads are written fr
 accumulator in each parameter's own dtype (fp32 master weights get fp32-accumulated grads).
 """
 import functools
+from collections.abc import Sequence
 from typing import Optional
 
 import torch
@@ -29,10 +30,12 @@ import triton
 import triton.language as tl
 
 from gpt2_triton.kernels.autotune import autotuned, bucket, candidates_of
+from gpt2_triton.kernels.grads import GradSinks, returned, sum_partials
 from gpt2_triton.kernels.utils import (
     autocast_disabled,
     autocast_dtype,
     cast_floats,
+    cast_weight,
     check_device,
     check_float,
     device_guard,
@@ -75,13 +78,16 @@ def _gelu_tanh_grad(x):
 
 
 @triton.jit
-def _epilogue(acc, out_ptr, bias_ptr, aux_in_ptr, aux_out_ptr, offs_m, offs_n, M, N, stride_outm, stride_outn,
-              HAS_BIAS: tl.constexpr, EPILOGUE: tl.constexpr, STORE_AUX: tl.constexpr):
+def _epilogue(acc, out_ptr, bias_ptr, aux_in_ptr, aux_out_ptr, colsum_ptr, offs_m, offs_n, M, N, stride_outm,
+              stride_outn, stride_colsum, HAS_BIAS: tl.constexpr, EPILOGUE: tl.constexpr, STORE_AUX: tl.constexpr,
+              ACCUMULATE: tl.constexpr, COLSUM_ROWS: tl.constexpr):
     """Bias, activation and stores for a block of a tile: acc (len(offs_m), len(offs_n)) fp32.
 
-    out_ptr, aux_in_ptr, aux_out_ptr and bias_ptr point at the tile's first element (row and column);
-    offs_m / offs_n are int32 row / column indices inside the tile; M / N are the rows / columns left
-    from the tile's first one (those past them are masked).
+    out_ptr, aux_in_ptr, aux_out_ptr, colsum_ptr and bias_ptr point at the tile's first element (row and
+    column; colsum_ptr: its first partial row); offs_m / offs_n are int32 row / column indices inside the
+    tile; M / N are the rows / columns left from the tile's first one (those past them are masked).
+    ACCUMULATE: out += result (out's old values read). COLSUM_ROWS > 0: the result's column sums over each
+    COLSUM_ROWS rows of the tile go to consecutive partial rows (row stride stride_colsum) at colsum_ptr.
     """
     if HAS_BIAS:
         bias = tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)
@@ -97,6 +103,16 @@ def _epilogue(acc, out_ptr, bias_ptr, aux_in_ptr, aux_out_ptr, offs_m, offs_n, M
         acc = acc * _gelu_tanh_grad(pre)
         if STORE_AUX:
             tl.store(aux_out_ptr + offs, _gelu_tanh(pre).to(aux_out_ptr.dtype.element_ty), mask=mask)
+    if COLSUM_ROWS > 0:
+        ROWS: tl.constexpr = acc.shape[0]
+        PIECES: tl.constexpr = ROWS // COLSUM_ROWS
+        WIDTH: tl.constexpr = acc.shape[1]
+        sums = tl.sum(tl.reshape(tl.where(mask, acc, 0.0), (PIECES, COLSUM_ROWS, WIDTH)), axis=1)  # (PIECES, WIDTH)
+        piece = tl.arange(0, PIECES)
+        tl.store(colsum_ptr + piece[:, None] * stride_colsum + offs_n[None, :], sums,
+                 mask=(piece * COLSUM_ROWS < M)[:, None] & (offs_n < N)[None, :])
+    if ACCUMULATE:
+        acc += tl.load(out_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -107,28 +123,31 @@ def _split_cols(x, ROWS: tl.constexpr, HALF: tl.constexpr):
 
 
 @triton.jit
-def _epilogue_halves(acc, out_ptr, bias_ptr, aux_in_ptr, aux_out_ptr, offs_m, first_col, M, N, stride_outm,
-                     stride_outn, HAS_BIAS: tl.constexpr, EPILOGUE: tl.constexpr, STORE_AUX: tl.constexpr,
+def _epilogue_halves(acc, out_ptr, bias_ptr, aux_in_ptr, aux_out_ptr, colsum_ptr, offs_m, first_col, M, N,
+                     stride_outm, stride_outn, stride_colsum, HAS_BIAS: tl.constexpr, EPILOGUE: tl.constexpr,
+                     STORE_AUX: tl.constexpr, ACCUMULATE: tl.constexpr, COLSUM_ROWS: tl.constexpr,
                      ROWS: tl.constexpr, WIDTH: tl.constexpr):
     """_epilogue on the left, then the right half of acc (ROWS, WIDTH), the tile's columns from first_col."""
     HALF: tl.constexpr = WIDTH // 2
     lo, hi = _split_cols(acc, ROWS, HALF)
-    _epilogue(lo, out_ptr, bias_ptr, aux_in_ptr, aux_out_ptr, offs_m, first_col + tl.arange(0, HALF), M, N,
-              stride_outm, stride_outn, HAS_BIAS, EPILOGUE, STORE_AUX)
-    _epilogue(hi, out_ptr, bias_ptr, aux_in_ptr, aux_out_ptr, offs_m, first_col + HALF + tl.arange(0, HALF), M, N,
-              stride_outm, stride_outn, HAS_BIAS, EPILOGUE, STORE_AUX)
+    _epilogue(lo, out_ptr, bias_ptr, aux_in_ptr, aux_out_ptr, colsum_ptr, offs_m, first_col + tl.arange(0, HALF), M,
+              N, stride_outm, stride_outn, stride_colsum, HAS_BIAS, EPILOGUE, STORE_AUX, ACCUMULATE, COLSUM_ROWS)
+    _epilogue(hi, out_ptr, bias_ptr, aux_in_ptr, aux_out_ptr, colsum_ptr, offs_m,
+              first_col + HALF + tl.arange(0, HALF), M, N, stride_outm, stride_outn, stride_colsum, HAS_BIAS,
+              EPILOGUE, STORE_AUX, ACCUMULATE, COLSUM_ROWS)
 
 
 @triton.jit
 def _matmul_kernel(
-    a_ptr, b_ptr, out_ptr, bias_ptr, aux_in_ptr, aux_out_ptr,
+    a_ptr, b_ptr, out_ptr, bias_ptr, aux_in_ptr, aux_out_ptr, colsum_ptr,
     M, N, K, K_SPLIT,
     M_BUCKET, K_BUCKET,
     stride_am, stride_ak,
     stride_bk, stride_bn,
     stride_outm, stride_outn,
     HAS_BIAS: tl.constexpr, EPILOGUE: tl.constexpr, STORE_AUX: tl.constexpr, IEEE_FP32: tl.constexpr,
-    UPCAST_OPERANDS: tl.constexpr, EVEN_K: tl.constexpr, SPLIT_K: tl.constexpr,
+    UPCAST_OPERANDS: tl.constexpr, EVEN_K: tl.constexpr, SPLIT_K: tl.constexpr, ACCUMULATE: tl.constexpr,
+    COLSUM_ROWS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     SUBTILE: tl.constexpr,
 ):
@@ -136,12 +155,15 @@ def _matmul_kernel(
 
     bias (N,) any float dtype; aux_in (M, N) with out's strides: the saved pre-activation (EPI_GELU_GRAD);
     aux_out (M, N) with out's strides: pre (EPI_GELU) or gelu(pre) (EPI_GELU_GRAD) when STORE_AUX.
+    colsum (cdiv(M, COLSUM_ROWS), N) fp32 when COLSUM_ROWS > 0: per COLSUM_ROWS rows of out, the column sums
+    of the result (a bias gradient's partials; COLSUM_ROWS divides every candidate's BLOCK_M, so every row
+    is written whatever config runs). ACCUMULATE: out += result.
     M_BUCKET / K_BUCKET: only the autotune key (M and K rounded up to powers of two).
     UPCAST_OPERANDS: the a / b tiles go to tl.dot as fp32 (exact for bf16); set only under the interpreter,
     whose tl.dot on bf16 operands is wrong (triton 3.9).
-    EVEN_K: K_SPLIT is a multiple of BLOCK_K and K of K_SPLIT (the K loop needs no mask).
-    SPLIT_K > 1: program (tile, s) sums k in [s * K_SPLIT, (s + 1) * K_SPLIT) and writes its fp32 partial to
-    out + s * M * N (out is a contiguous (SPLIT_K, M, N) workspace; no bias, no epilogue).
+    EVEN_K: K_SPLIT and K are multiples of BLOCK_K (the K loop needs no mask).
+    SPLIT_K > 1: program (tile, s) sums k in [s * K_SPLIT, min((s + 1) * K_SPLIT, K)) and writes its fp32
+    partial to out + s * M * N (out is a contiguous (SPLIT_K, M, N) workspace; no bias, no epilogue).
     SUBTILE (1, 2, 4): the epilogue runs on that many column slices of the tile (fewer live registers).
     Offsets inside a tile are int32 (the launcher checks BLOCK * stride < 2^31); tile bases are int64.
     """
@@ -207,20 +229,26 @@ def _matmul_kernel(
         aux_in_ptr += tile
     if STORE_AUX:
         aux_out_ptr += tile
+    if COLSUM_ROWS > 0:
+        colsum_ptr += (row0 // COLSUM_ROWS).to(tl.int64) * N + col0
     rows_left, cols_left = M - row0, N - col0
     offs_m = tl.arange(0, BLOCK_M)
     if SUBTILE == 4 and BLOCK_N >= 64:
         lo, hi = _split_cols(acc, BLOCK_M, BLOCK_N // 2)
-        _epilogue_halves(lo, out_ptr, bias_ptr, aux_in_ptr, aux_out_ptr, offs_m, 0, rows_left, cols_left,
-                         stride_outm, stride_outn, HAS_BIAS, EPILOGUE, STORE_AUX, BLOCK_M, BLOCK_N // 2)
-        _epilogue_halves(hi, out_ptr, bias_ptr, aux_in_ptr, aux_out_ptr, offs_m, BLOCK_N // 2, rows_left, cols_left,
-                         stride_outm, stride_outn, HAS_BIAS, EPILOGUE, STORE_AUX, BLOCK_M, BLOCK_N // 2)
+        _epilogue_halves(lo, out_ptr, bias_ptr, aux_in_ptr, aux_out_ptr, colsum_ptr, offs_m, 0, rows_left, cols_left,
+                         stride_outm, stride_outn, N, HAS_BIAS, EPILOGUE, STORE_AUX, ACCUMULATE, COLSUM_ROWS,
+                         BLOCK_M, BLOCK_N // 2)
+        _epilogue_halves(hi, out_ptr, bias_ptr, aux_in_ptr, aux_out_ptr, colsum_ptr, offs_m, BLOCK_N // 2, rows_left,
+                         cols_left, stride_outm, stride_outn, N, HAS_BIAS, EPILOGUE, STORE_AUX, ACCUMULATE,
+                         COLSUM_ROWS, BLOCK_M, BLOCK_N // 2)
     elif SUBTILE >= 2 and BLOCK_N >= 32:
-        _epilogue_halves(acc, out_ptr, bias_ptr, aux_in_ptr, aux_out_ptr, offs_m, 0, rows_left, cols_left,
-                         stride_outm, stride_outn, HAS_BIAS, EPILOGUE, STORE_AUX, BLOCK_M, BLOCK_N)
+        _epilogue_halves(acc, out_ptr, bias_ptr, aux_in_ptr, aux_out_ptr, colsum_ptr, offs_m, 0, rows_left,
+                         cols_left, stride_outm, stride_outn, N, HAS_BIAS, EPILOGUE, STORE_AUX, ACCUMULATE,
+                         COLSUM_ROWS, BLOCK_M, BLOCK_N)
     else:
-        _epilogue(acc, out_ptr, bias_ptr, aux_in_ptr, aux_out_ptr, offs_m, tl.arange(0, BLOCK_N), rows_left,
-                  cols_left, stride_outm, stride_outn, HAS_BIAS, EPILOGUE, STORE_AUX)
+        _epilogue(acc, out_ptr, bias_ptr, aux_in_ptr, aux_out_ptr, colsum_ptr, offs_m, tl.arange(0, BLOCK_N),
+                  rows_left, cols_left, stride_outm, stride_outn, N, HAS_BIAS, EPILOGUE, STORE_AUX, ACCUMULATE,
+                  COLSUM_ROWS)
 
 
 def _matmul_tiles(dtype: torch.dtype) -> list:
@@ -231,7 +259,7 @@ def _matmul_tiles(dtype: torch.dtype) -> list:
     if dtype == torch.float32:
         return [(128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 64, 32, 4, 4), (64, 128, 32, 4, 4),
                 (64, 64, 32, 4, 5), (64, 32, 32, 4, 5)]
-    return [(128, 256, 64, 8, 3), (128, 128, 64, 8, 4), (128, 128, 64, 8, 3), (64, 256, 32, 4, 4),
+    return [(128, 256, 64, 8, 3), (128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (64, 256, 32, 4, 4),
             (128, 128, 32, 4, 4), (128, 64, 32, 4, 4), (64, 128, 32, 4, 4), (128, 32, 32, 4, 4),
             (64, 64, 32, 4, 5), (64, 32, 32, 4, 5)]
 
@@ -250,10 +278,11 @@ def _matmul_smem(config, args) -> int:
 # changes with every batch, tune once per bucket instead of once per length.
 _matmul = autotuned(
     _matmul_kernel, names=("BLOCK_M", "BLOCK_N", "BLOCK_K"), candidates=_matmul_tiles,
-    key=["M_BUCKET", "N", "K_BUCKET", "EPILOGUE", "HAS_BIAS", "STORE_AUX", "EVEN_K", "SPLIT_K"],
+    key=["M_BUCKET", "N", "K_BUCKET", "EPILOGUE", "HAS_BIAS", "STORE_AUX", "EVEN_K", "SPLIT_K", "ACCUMULATE",
+         "COLSUM_ROWS"],
     variants=[(torch.float16,), (torch.float32,)],
     variant_of=lambda args: (torch.float32 if args["a_ptr"].dtype == torch.float32 else torch.float16,),
-    interpreter_tile=(32, 64, 32, 4, 3), extra={"GROUP_M": 8}, smem=_matmul_smem)
+    interpreter_tile=(32, 64, 32, 4, 3), extra={"GROUP_M": 8}, smem=_matmul_smem, restore=["out_ptr"])
 _MATMUL_CANDIDATES = candidates_of(_matmul)
 
 
@@ -274,18 +303,24 @@ def _gelu_bwd_kernel(
 
 
 # ----------------------------------------------------------------------------------------------
-# Plain launchers (no autograd). Internal helpers write into outputs they are handed; the
-# registered launchers below always allocate fresh outputs and never mutate their inputs.
+# Plain launchers (no autograd). Internal helpers write into outputs they are handed; the registered
+# launchers below allocate their activations and write parameter grads into the buffers they are given.
 # ----------------------------------------------------------------------------------------------
 @functools.cache
-def _max_blocks(interpreter: bool) -> dict:
-    """Largest BLOCK_M / BLOCK_N / BLOCK_K among the configs the autotuner may pick."""
+def _block_bounds(interpreter: bool) -> dict:
+    """(smallest, largest) BLOCK_M / BLOCK_N / BLOCK_K among the configs the autotuner may pick."""
     configs = _MATMUL_CANDIDATES.configs()
-    return {name: max(cfg.kwargs[name] for cfg in configs) for name in ("BLOCK_M", "BLOCK_N", "BLOCK_K")}
+    return {name: (min(cfg.kwargs[name] for cfg in configs), max(cfg.kwargs[name] for cfg in configs))
+            for name in ("BLOCK_M", "BLOCK_N", "BLOCK_K")}
 
 
 def _max_block(name):
-    return _max_blocks(is_interpreter())[name]
+    return _block_bounds(is_interpreter())[name][1]
+
+
+def colsum_rows() -> int:
+    """Rows of out per column-sum partial (COLSUM_ROWS): the smallest BLOCK_M, which divides every other."""
+    return _block_bounds(is_interpreter())["BLOCK_M"][0]
 
 
 # Epilogue column slices, by epilogue: fewer live registers where the GELU math spills the tiles with
@@ -294,11 +329,15 @@ def _max_block(name):
 _EPILOGUE_SUBTILES = {EPI_NONE.value: 1, EPI_GELU.value: 2, EPI_GELU_GRAD.value: 4}
 
 
-def _launch_matmul(a, b, out, bias=None, epilogue=EPI_NONE, aux_in=None, aux_out=None, split_k=1):
-    """out (M, N) <- epilogue(a (M, K) @ b (K, N)); a and b share a dtype, any strides.
+def _launch_matmul(a, b, out, bias=None, epilogue=EPI_NONE, aux_in=None, aux_out=None, split_k=1,
+                   accumulate=False, colsum=None):
+    """out (M, N) <- epilogue(a (M, K) @ b (K, N)), or out += a @ b with accumulate (EPI_NONE, no bias);
+    a and b share a dtype, any strides.
 
-    aux_in / aux_out share out's strides. split_k > 1 (no bias, no epilogue): K is cut into split_k
-    ranges whose fp32 partials go to a (split_k, M, N) workspace, summed in a fixed order into out.
+    aux_in / aux_out share out's strides. colsum: (cdiv(M, colsum_rows()), N) fp32 <- the column sums of
+    the result per colsum_rows() rows. split_k > 1 (no bias, no epilogue): out is a contiguous (split_k', M, N)
+    fp32 workspace, split_k' = cdiv(K, K_SPLIT) of `_k_split`, for the K ranges' partial products (the
+    caller sums them).
     """
     M, K = a.shape
     N = b.shape[1]
@@ -306,64 +345,88 @@ def _launch_matmul(a, b, out, bias=None, epilogue=EPI_NONE, aux_in=None, aux_out
         return out
     for t in (aux_in, aux_out):
         assert t is None or t.stride() == out.stride(), "aux tensors must share out's strides"
-    assert split_k == 1 or (bias is None and epilogue == EPI_NONE)
-    target = out
-    if split_k > 1:
-        target = torch.empty((split_k, M, N), dtype=torch.float32, device=out.device)
+    assert split_k == 1 or (bias is None and epilogue == EPI_NONE and not accumulate and colsum is None)
     bm, bn, bk = _max_block("BLOCK_M"), _max_block("BLOCK_N"), _max_block("BLOCK_K")
-    for name, t, (b0, b1) in (("a", a, (bm, bk)), ("b", b, (bk, bn)), ("out", target, (bm, bn))):
+    for name, t, (b0, b1) in (("a", a, (bm, bk)), ("b", b, (bk, bn)), ("out", out, (bm, bn))):
         if b0 * t.stride(-2) + b1 * t.stride(-1) >= 2**31:
             raise ValueError(f"matmul: {name} strides {t.stride()} are too large for the kernel's int32 "
                              f"offsets inside a tile (need {b0}·stride(0) + {b1}·stride(1) < 2^31)")
-    k_split = max(triton.cdiv(triton.cdiv(K, split_k), bk), 1) * bk
-    # No K mask when every config's BLOCK_K divides every split's range.
-    even_k = K % k_split == 0
+    k_split = _k_split(K, split_k)
     bias = bias.contiguous() if bias is not None else None
-    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]), split_k)  # noqa: E731
+    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),  # noqa: E731
+                         triton.cdiv(K, k_split))
     with device_guard(a.device):
         _matmul[grid](
-            a, b, target, bias, aux_in, aux_out,
+            a, b, out, bias, aux_in, aux_out, colsum,
             M, N, K, k_split,
             bucket(M), bucket(K),
             a.stride(0), a.stride(1), b.stride(0), b.stride(1),
-            target.stride(-2), target.stride(-1),
+            out.stride(-2), out.stride(-1),
             HAS_BIAS=bias is not None, EPILOGUE=epilogue.value, STORE_AUX=aux_out is not None,
             IEEE_FP32=a.dtype == torch.float32, UPCAST_OPERANDS=is_interpreter() and a.dtype == torch.bfloat16,
-            EVEN_K=even_k, SPLIT_K=split_k, SUBTILE=_EPILOGUE_SUBTILES[epilogue.value],
+            EVEN_K=K % bk == 0, SPLIT_K=split_k, ACCUMULATE=accumulate,
+            COLSUM_ROWS=colsum_rows() if colsum is not None else 0, SUBTILE=_EPILOGUE_SUBTILES[epilogue.value],
         )
-    if split_k > 1:  # a fixed-order sum: the same bits on every run
-        if out.dtype == torch.float32:
-            torch.sum(target, dim=0, out=out)
-        else:
-            out.copy_(target.sum(0))
     return out
 
 
+def _k_split(K: int, split_k: int) -> int:
+    """K elements per split (K_SPLIT): a multiple of the largest BLOCK_K, so that every split but the last
+    is whole and no split needs a K mask when K is a multiple of BLOCK_K (EVEN_K)."""
+    bk = _max_block("BLOCK_K")
+    return max(triton.cdiv(triton.cdiv(K, split_k), bk), 1) * bk
+
+
 # The weight-grad products dW_fc = d(pre).T @ x (H x C, K = M) and dW_proj = dy.T @ h (C x H, K = M) make
-# 144 tiles of 128x128 at GPT-2 124M size (M = B·T = 16384, C = 768, H = 3072): 1.09 waves on an H100's
-# 132 SMs. They split K (_split_k: 4 splits, 576 programs, 4.4 waves); the other products have enough tiles.
-def _split_k(M: int, N: int, K: int, num_sms: int) -> int:
-    """K splits (1, 2, 4 or 8) for an (M, N) output with a long K, from a simple time model: waves of
-    128x128 tiles (num_sms at a time), each 2·128·128·K/S FLOPs, plus the fp32 partials written and read
-    (8·S·M·N bytes) at 300 FLOP per byte (an H100's bf16 peak over its memory bandwidth)."""
-    tiles = triton.cdiv(M, 128) * triton.cdiv(N, 128)
+# 72 tiles of the hand-picked 128x256 tile at GPT-2 124M size (M = B·T = 16384, C = 768, H = 3072): 0.55 waves
+# on an H100's 132 SMs. They split K (_split_k: 3 splits, 216 programs, 1.64 waves).
+SPLITS = (1, 2, 3, 4, 6, 8)
+
+
+def _split_k(M: int, N: int, K: int, num_sms: int, tile: tuple) -> int:
+    """K splits for an (M, N) output with a long K, from a simple time model of the hand-picked tile
+    (BLOCK_M, BLOCK_N), one program per SM at a time: waves of num_sms tiles, each 2·BLOCK_M·BLOCK_N·K/S
+    FLOPs, plus the fp32 partials written and read (8·S·M·N bytes) at 300 FLOP per byte (an H100's bf16
+    peak over its memory bandwidth)."""
+    block_m, block_n = tile
+    tiles = triton.cdiv(M, block_m) * triton.cdiv(N, block_n)
 
     def cost(s):
-        compute = triton.cdiv(tiles * s, num_sms) * num_sms * 2 * 128 * 128 * K / s
+        programs = tiles * triton.cdiv(K, _k_split(K, s))
+        compute = triton.cdiv(programs, num_sms) * num_sms * 2 * block_m * block_n * _k_split(K, s)
         return compute + (8 * s * M * N * 300 if s > 1 else 0)
 
-    return min((1, 2, 4, 8), key=cost)
+    return min(SPLITS, key=cost)
 
 
-def _weight_grad(a, b, out):
-    """out <- a @ b for a weight gradient (K = the M rows of the batch), split over K on a GPU (without
-    the split where split-K has failed in this process: feature "split_k")."""
+def _split_matmul(a, b, out, split_k, accumulate=False, pairs=()):
+    """out (+)= a @ b over split_k K ranges: their fp32 partial products summed into out (contiguous, any
+    float dtype) in a fixed order, with `pairs` (more sum_partials pairs) in the same launch."""
+    M, K = a.shape
+    N = b.shape[1]
+    splits = triton.cdiv(K, _k_split(K, split_k))
+    pieces = torch.empty((splits, M, N), dtype=torch.float32, device=out.device)
+    _launch_matmul(a, b, pieces, split_k=split_k)
+    sum_partials([(pieces.view(splits, M * N), out, accumulate), *pairs])
+
+
+def _weight_grad(a, b, out, accumulate=False, pairs=()):
+    """out (+)= a @ b for a weight gradient (K = the M rows of the batch; out contiguous, any float dtype),
+    split over K on a GPU (without the split where split-K has failed in this process: feature "split_k");
+    `pairs` (sum_partials pairs: bias-grad partials) are summed in the same launch as the split-K pieces."""
+    M, K = a.shape
+    N = b.shape[1]
     num_sms = sm_count(a.device)
-    split_k = _split_k(a.shape[0], b.shape[1], a.shape[1], num_sms) if num_sms else 1
-    if split_k == 1:
-        return _launch_matmul(a, b, out)
-    return with_fallbacks([("split_k", lambda: _launch_matmul(a, b, out, split_k=split_k))],
-                          lambda: _launch_matmul(a, b, out))
+    split_k = _split_k(M, N, K, num_sms, _matmul_tiles(a.dtype)[0][:2]) if num_sms else 1
+
+    def unsplit():
+        _launch_matmul(a, b, out, accumulate=accumulate)
+        if pairs:
+            sum_partials(pairs)
+
+    if split_k == 1 or M == 0 or N == 0:
+        return unsplit()
+    return with_fallbacks([("split_k", lambda: _split_matmul(a, b, out, split_k, accumulate, pairs))], unsplit)
 
 
 def _gelu_bwd(dout, pre):
@@ -382,9 +445,15 @@ def _gelu_bwd(dout, pre):
     return dpre
 
 
-def _bias_grad(grad, like):
-    """Column sums of grad (M, N) in fp32, returned in like's dtype."""
-    return grad.sum(0, dtype=torch.float32).to(like.dtype)
+def _bias_grad_into(grad, out, accumulate):
+    """out (+)= the column sums of grad (M, N), summed in fp32 (a bias gradient outside a fused kernel)."""
+    sums = grad.sum(0, dtype=torch.float32)
+    out.add_(sums) if accumulate else out.copy_(sums)
+
+
+def _colsum_partials(M: int, N: int, device) -> torch.Tensor:
+    """The (cdiv(M, colsum_rows()), N) fp32 column-sum partials a COLSUM epilogue writes (every row)."""
+    return torch.empty((triton.cdiv(M, colsum_rows()), N), dtype=torch.float32, device=device)
 
 
 @torch.library.custom_op("gpt2_triton::gelu_mlp_fwd", mutates_args=())
@@ -393,20 +462,21 @@ def gelu_mlp_fwd(x2d: torch.Tensor, fc_weight: torch.Tensor, fc_bias: Optional[t
                  save_pre: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """x2d (M, C) -> (y (M, C), pre (M, H)), both in x2d's dtype.
 
-    fc_weight (H, C), fc_bias (H,) or None, proj_weight (C, H), proj_bias (C,) or None; weights of any
-    float dtype are cast to x2d's once per call, biases are added in fp32. pre = x2d @ fc_weight.T + fc_bias
-    is written only when save_pre (otherwise pre is an empty (0,) tensor). We save pre alone for
-    backward and recompute gelu(pre) there: one (M, 4C) tensor kept per layer instead of two (pre and h).
+    fc_weight (H, C), fc_bias (H,) or None, proj_weight (C, H), proj_bias (C,) or None; weights of another
+    float dtype are read through `cast_weight` (a parameter is cast once per optimizer step), biases are
+    added in fp32. pre = x2d @ fc_weight.T + fc_bias is written only when save_pre (otherwise pre is an
+    empty (0,) tensor). We save pre alone for backward and recompute gelu(pre) there: one (M, 4C) tensor
+    kept per layer instead of two (pre and h).
     """
     M, H, C = x2d.shape[0], fc_weight.shape[0], fc_weight.shape[1]
     dtype = x2d.dtype
     with autocast_disabled(x2d.device.type):
         h = torch.empty((M, H), dtype=dtype, device=x2d.device)  # gelu(pre), only lives until c_proj
         pre = torch.empty((M, H) if save_pre else (0,), dtype=dtype, device=x2d.device)
-        _launch_matmul(x2d, fc_weight.to(dtype).t(), h, bias=fc_bias, epilogue=EPI_GELU,
+        _launch_matmul(x2d, cast_weight(fc_weight, dtype).t(), h, bias=fc_bias, epilogue=EPI_GELU,
                        aux_out=pre if save_pre else None)
         y = torch.empty((M, C), dtype=dtype, device=x2d.device)
-        _launch_matmul(h, proj_weight.to(dtype).t(), y, bias=proj_bias)
+        _launch_matmul(h, cast_weight(proj_weight, dtype).t(), y, bias=proj_bias)
     return y, pre
 
 
@@ -416,37 +486,46 @@ def _(x2d, fc_weight, fc_bias, proj_weight, proj_bias, save_pre):
     return x2d.new_empty((M, fc_weight.shape[1])), x2d.new_empty((M, H) if save_pre else (0,))
 
 
-@torch.library.custom_op("gpt2_triton::gelu_mlp_bwd", mutates_args=())
+@torch.library.custom_op("gpt2_triton::gelu_mlp_bwd", mutates_args=("dfc_w", "dfc_b", "dproj_w", "dproj_b"))
 def gelu_mlp_bwd(dy: torch.Tensor, x2d: torch.Tensor, pre: torch.Tensor, fc_weight: torch.Tensor,
-                 proj_weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
-                                                     torch.Tensor, torch.Tensor]:
+                 proj_weight: torch.Tensor, dfc_w: Optional[torch.Tensor], dfc_b: Optional[torch.Tensor],
+                 dproj_w: Optional[torch.Tensor], dproj_b: Optional[torch.Tensor],
+                 accumulate: Sequence[bool]) -> torch.Tensor:
     """Grads of gelu_mlp: dy (M, C), x2d (M, C), pre (M, H) from gelu_mlp_fwd, weights as in the fwd.
 
-    Returns dx (M, C) in x2d's dtype; dfc_w (H, C), dfc_b (H,) in fc_weight's dtype;
-    dproj_w (C, H), dproj_b (C,) in proj_weight's dtype (fp32-accumulated).
+    Returns dx (M, C) in x2d's dtype. Writes the parameter grads into dfc_w (H, C), dfc_b (H,), dproj_w
+    (C, H), dproj_b (C,) (contiguous, any float dtype; None: not wanted), adding to what they hold where
+    `accumulate` (one flag each, in that order) says so; fp32-accumulated throughout (split-K pieces and
+    the fc bias's per-tile column sums of d(pre) summed in fp32, in a fixed order).
     """
     dtype = x2d.dtype
     M, C, H = x2d.shape[0], x2d.shape[1], pre.shape[1]
+    acc_fc_w, acc_fc_b, acc_proj_w, acc_proj_b = accumulate
     with autocast_disabled(x2d.device.type):
         dy, pre = dy.to(dtype), pre.contiguous()
-        # d(pre) = (dy @ W_proj) * gelu'(pre), and h = gelu(pre) recomputed in the same epilogue.
+        # d(pre) = (dy @ W_proj) * gelu'(pre), h = gelu(pre) recomputed and d(fc_b)'s partials, one epilogue.
         dpre = torch.empty((M, H), dtype=dtype, device=x2d.device)
         h = torch.empty((M, H), dtype=dtype, device=x2d.device)
-        _launch_matmul(dy, proj_weight.to(dtype), dpre, epilogue=EPI_GELU_GRAD, aux_in=pre, aux_out=h)
-        dproj_w = torch.empty((C, H), dtype=proj_weight.dtype, device=x2d.device)
-        _weight_grad(dy.t(), h, dproj_w)  # (C, M) @ (M, H)
-        dfc_w = torch.empty((H, C), dtype=fc_weight.dtype, device=x2d.device)
-        _weight_grad(dpre.t(), x2d, dfc_w)  # (H, M) @ (M, C)
+        colsum = _colsum_partials(M, H, x2d.device) if dfc_b is not None else None
+        _launch_matmul(dy, cast_weight(proj_weight, dtype), dpre, epilogue=EPI_GELU_GRAD, aux_in=pre, aux_out=h,
+                       colsum=colsum)
+        if dproj_w is not None:
+            _weight_grad(dy.t(), h, dproj_w, acc_proj_w)  # (C, M) @ (M, H)
+        bias_pairs = [(colsum, dfc_b, acc_fc_b)] if dfc_b is not None else []
+        if dfc_w is not None:
+            _weight_grad(dpre.t(), x2d, dfc_w, acc_fc_w, bias_pairs)  # (H, M) @ (M, C)
+        elif bias_pairs:
+            sum_partials(bias_pairs)
+        if dproj_b is not None:
+            _bias_grad_into(dy, dproj_b, acc_proj_b)
         dx = torch.empty((M, C), dtype=dtype, device=x2d.device)
-        _launch_matmul(dpre, fc_weight.to(dtype), dx)  # (M, H) @ (H, C)
-        return dx, dfc_w, _bias_grad(dpre, fc_weight), dproj_w, _bias_grad(dy, proj_weight)
+        _launch_matmul(dpre, cast_weight(fc_weight, dtype), dx)  # (M, H) @ (H, C)
+        return dx
 
 
 @gelu_mlp_bwd.register_fake
-def _(dy, x2d, pre, fc_weight, proj_weight):
-    H, C = fc_weight.shape
-    return (x2d.new_empty(x2d.shape), fc_weight.new_empty((H, C)), fc_weight.new_empty((H,)),
-            proj_weight.new_empty((C, H)), proj_weight.new_empty((C,)))
+def _(dy, x2d, pre, fc_weight, proj_weight, dfc_w, dfc_b, dproj_w, dproj_b, accumulate):
+    return x2d.new_empty(x2d.shape)
 
 
 @torch.library.custom_op("gpt2_triton::linear_gelu_fwd", mutates_args=())
@@ -454,14 +533,14 @@ def linear_gelu_fwd(x2d: torch.Tensor, weight: torch.Tensor, bias: Optional[torc
                     save_pre: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """x2d (M, K), weight (N, K), bias (N,) or None -> (gelu(pre) (M, N), pre (M, N) or empty (0,)).
 
-    Outputs in x2d's dtype; the weight (any float dtype) is cast to it once per call, the bias is added in fp32.
+    Outputs in x2d's dtype; the weight is read through `cast_weight`, the bias is added in fp32.
     """
     M, N = x2d.shape[0], weight.shape[0]
     dtype = x2d.dtype
     with autocast_disabled(x2d.device.type):
         out = torch.empty((M, N), dtype=dtype, device=x2d.device)
         pre = torch.empty((M, N) if save_pre else (0,), dtype=dtype, device=x2d.device)
-        _launch_matmul(x2d, weight.to(dtype).t(), out, bias=bias, epilogue=EPI_GELU,
+        _launch_matmul(x2d, cast_weight(weight, dtype).t(), out, bias=bias, epilogue=EPI_GELU,
                        aux_out=pre if save_pre else None)
     return out, pre
 
@@ -472,24 +551,26 @@ def _(x2d, weight, bias, save_pre):
     return x2d.new_empty((M, N)), x2d.new_empty((M, N) if save_pre else (0,))
 
 
-@torch.library.custom_op("gpt2_triton::linear_gelu_bwd", mutates_args=())
-def linear_gelu_bwd(dout: torch.Tensor, x2d: torch.Tensor, pre: torch.Tensor,
-                    weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """dout (M, N), x2d (M, K), pre (M, N), weight (N, K) -> dx (M, K) in x2d's dtype,
-    dw (N, K) and db (N,) in weight's dtype (fp32-accumulated)."""
+@torch.library.custom_op("gpt2_triton::linear_gelu_bwd", mutates_args=("dw", "db"))
+def linear_gelu_bwd(dout: torch.Tensor, x2d: torch.Tensor, pre: torch.Tensor, weight: torch.Tensor,
+                    dw: Optional[torch.Tensor], db: Optional[torch.Tensor], accumulate: Sequence[bool]) -> torch.Tensor:
+    """dout (M, N), x2d (M, K), pre (M, N), weight (N, K) -> dx (M, K) in x2d's dtype; writes dw (N, K) and
+    db (N,) (None: not wanted), adding to what they hold where `accumulate` says (fp32-accumulated)."""
     dtype = x2d.dtype
     with autocast_disabled(x2d.device.type):
         dpre = _gelu_bwd(dout.to(dtype), pre)  # (M, N)
-        dw = torch.empty(weight.shape, dtype=weight.dtype, device=x2d.device)
-        _weight_grad(dpre.t(), x2d, dw)  # (N, M) @ (M, K)
+        if dw is not None:
+            _weight_grad(dpre.t(), x2d, dw, accumulate[0])  # (N, M) @ (M, K)
+        if db is not None:
+            _bias_grad_into(dpre, db, accumulate[1])
         dx = torch.empty(x2d.shape, dtype=dtype, device=x2d.device)
-        _launch_matmul(dpre, weight.to(dtype), dx)  # (M, N) @ (N, K)
-        return dx, dw, _bias_grad(dpre, weight)
+        _launch_matmul(dpre, cast_weight(weight, dtype), dx)  # (M, N) @ (N, K)
+        return dx
 
 
 @linear_gelu_bwd.register_fake
-def _(dout, x2d, pre, weight):
-    return x2d.new_empty(x2d.shape), weight.new_empty(weight.shape), weight.new_empty((weight.shape[0],))
+def _(dout, x2d, pre, weight, dw, db, accumulate):
+    return x2d.new_empty(x2d.shape)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -501,16 +582,17 @@ class GeluMLPFunction(torch.autograd.Function):
         x2d = x.reshape(-1, x.shape[-1])  # (M, C)
         y, pre = gelu_mlp_fwd(x2d, fc_weight, fc_bias, proj_weight, proj_bias, save_pre)
         ctx.save_for_backward(x2d, pre, fc_weight, proj_weight)
-        ctx.has_bias = (fc_bias is not None, proj_bias is not None)
+        ctx.sinks = GradSinks(fc_weight, fc_bias, proj_weight, proj_bias)
         return y.view(x.shape)
 
     @staticmethod
     def backward(ctx, dy):
         x2d, pre, fc_weight, proj_weight = ctx.saved_tensors
-        dx, dfc_w, dfc_b, dproj_w, dproj_b = gelu_mlp_bwd(
-            dy.reshape(-1, dy.shape[-1]), x2d, pre, fc_weight, proj_weight)
-        return (dx.view(dy.shape), dfc_w, dfc_b if ctx.has_bias[0] else None,
-                dproj_w, dproj_b if ctx.has_bias[1] else None, None)
+        (dfc_w, a0), (dfc_b, a1), (dproj_w, a2), (dproj_b, a3) = ctx.sinks.buffers(ctx.needs_input_grad[1:5])
+        dx = gelu_mlp_bwd(dy.reshape(-1, dy.shape[-1]), x2d, pre, fc_weight, proj_weight,
+                          dfc_w, dfc_b, dproj_w, dproj_b, (a0, a1, a2, a3))
+        return (dx.view(dy.shape), returned(dfc_w, a0), returned(dfc_b, a1), returned(dproj_w, a2),
+                returned(dproj_b, a3), None)
 
 
 class LinearGeluFunction(torch.autograd.Function):
@@ -519,14 +601,15 @@ class LinearGeluFunction(torch.autograd.Function):
         x2d = x.reshape(-1, x.shape[-1])  # (M, K)
         out, pre = linear_gelu_fwd(x2d, weight, bias, save_pre)
         ctx.save_for_backward(x2d, pre, weight)
-        ctx.has_bias = bias is not None
+        ctx.sinks = GradSinks(weight, bias)
         return out.view(*x.shape[:-1], weight.shape[0])
 
     @staticmethod
     def backward(ctx, dout):
         x2d, pre, weight = ctx.saved_tensors
-        dx, dw, db = linear_gelu_bwd(dout.reshape(-1, dout.shape[-1]), x2d, pre, weight)
-        return dx.view(*dout.shape[:-1], x2d.shape[1]), dw, db if ctx.has_bias else None, None
+        (dw, a0), (db, a1) = ctx.sinks.buffers(ctx.needs_input_grad[1:3])
+        dx = linear_gelu_bwd(dout.reshape(-1, dout.shape[-1]), x2d, pre, weight, dw, db, (a0, a1))
+        return dx.view(*dout.shape[:-1], x2d.shape[1]), returned(dw, a0), returned(db, a1), None
 
 
 def _check_params(op, x, params, cast_to):

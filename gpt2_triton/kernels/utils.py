@@ -17,12 +17,12 @@ import contextlib
 import functools
 import os
 import warnings
-import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Optional
 
 import torch
+from torch.utils.weak import WeakIdKeyDictionary
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -144,7 +144,7 @@ def cast_floats(dtype: Optional[torch.dtype], *tensors):
 
 
 # Casts of model parameters, one per version of their values: parameter -> (version, storage, dtype, cast).
-_weight_casts: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_weight_casts = WeakIdKeyDictionary()
 
 
 def cast_weight(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
