@@ -40,9 +40,8 @@ def mlp_bwd(dy, x, pre, fc_w, proj_w, accumulate=(False, False, False, False)):
     """gelu_mlp_bwd into fresh grad buffers (or .grad-like ones given as accumulate targets):
     (dx, dfc_w, dfc_b, dproj_w, dproj_b)."""
     H, C = fc_w.shape
-    bufs = [torch.zeros((H, C), dtype=fc_w.dtype, device=x.device), torch.zeros((H,), dtype=fc_w.dtype, device=x.device),
-            torch.zeros((C, H), dtype=proj_w.dtype, device=x.device),
-            torch.zeros((C,), dtype=proj_w.dtype, device=x.device)]
+    bufs = [torch.zeros(shape, dtype=w.dtype, device=x.device)
+            for shape, w in (((H, C), fc_w), ((H,), fc_w), ((C, H), proj_w), ((C,), proj_w))]
     dx = gelu_mlp_bwd(dy, x, pre, fc_w, proj_w, *bufs, accumulate)
     return (dx, *bufs)
 
