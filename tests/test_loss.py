@@ -502,8 +502,12 @@ def test_linear_cross_entropy_autocast_low_precision_inputs(amp_dtype, device):
         [x, weight], grad_loss, amp_dtype, device, targets)
     ref = _loss_and_grads(_ref64_lce, [x.double(), weight.double()], grad_loss.double(), targets)
     assert ours[0].dtype == torch.float32 and ours[1].dtype == ours[2].dtype == amp_dtype
-    for name, a, b, r in zip(("loss", "grad_x", "grad_weight"), ours, torch_amp, ref):
+    for name, a, b, r in zip(("loss", "grad_x"), ours, torch_amp, ref):
         assert_close_to_ref(a, b, r, atol=1e-6, name=name)
+    # grad_weight: the fp32 sum over the chunks, scaled and rounded to bf16 once by a kernel's store, which
+    # under the interpreter rounds toward zero (measured here: 1.9x PyTorch's max error, 2.1x its RMS error)
+    factor = 3.0 if is_interpreter() and amp_dtype == torch.bfloat16 else 2.0
+    assert_close_to_ref(ours[2], torch_amp[2], ref[2], factor=factor, atol=1e-6, name="grad_weight")
 
 
 def test_linear_cross_entropy_grad_weight_summed_in_fp32(device):
@@ -682,3 +686,21 @@ def test_linear_cross_entropy_no_grad_gpt2_size_bf16(device):
         loss16 = reference.linear_cross_entropy(x, weight, targets, IGNORE, num_classes=50257, upcast=False)
         loss32 = reference.linear_cross_entropy(x, weight, targets, IGNORE, num_classes=50257)
     assert_close_to_ref(loss, loss16, loss32, atol=1e-4, name="loss")
+
+
+def test_linear_cross_entropy_weight_grad_accumulates_into_grad(device):
+    """Gradient accumulation as the training step does it, (loss / k).backward() per micro-step: the
+    weight's gradient is scaled by the upstream 1/k and added into the same .grad by one pass, equal to
+    the reference's sum of the micro-steps; torch.autograd.grad leaves .grad alone."""
+    x, weight, targets, _ = _lce_inputs(37, 32, 300, "some", torch.float32, device, seed=30)
+    weight = torch.nn.Parameter(weight)
+    for _ in range(3):
+        (linear_cross_entropy(x, weight, targets, chunk_size=16) / 4).backward()
+    grad = weight.grad
+    ref_w = weight.detach().double().requires_grad_()
+    (want,) = torch.autograd.grad(_ref64_lce(x.double(), ref_w, targets) * 0.75, ref_w)
+    assert_close(weight.grad, want, atol=1e-6, rtol=1e-5, name="3 x (loss / 4)")
+    (fresh,) = torch.autograd.grad(linear_cross_entropy(x, weight, targets, chunk_size=16), weight)
+    assert weight.grad is grad
+    assert_close(weight.grad, want, atol=1e-6, rtol=1e-5, name="untouched by autograd.grad")
+    assert_close(fresh, want / 0.75, atol=1e-6, rtol=1e-5, name="autograd.grad")

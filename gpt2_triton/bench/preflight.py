@@ -23,7 +23,7 @@ from typing import Optional
 import torch
 
 from gpt2_triton.kernels import reference
-from gpt2_triton.kernels.loss import FP32_OUT_KINDS
+from gpt2_triton.kernels.grads import FP32_OUT_KINDS
 from gpt2_triton.kernels.utils import failed_features, fp32_out_matmul_kind, isolated_features, override_target
 
 _EXTENSION = """#include <Python.h>

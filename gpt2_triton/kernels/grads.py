@@ -3,12 +3,14 @@
 Autograd adds each new parameter gradient to an existing `.grad` in a pass of its own (`grad += new`: the
 gradient read twice and written once more). The fused backwards instead write into `.grad` themselves:
 `GradSinks` tells a backward, per parameter, where its gradient goes:
-- into the existing `.grad` (accumulating in the kernel that computes it; the backward returns None
-  for that parameter, so autograd adds nothing), when this backward pass accumulates into the
-  parameter's `.grad` (a `.backward()`, not `torch.autograd.grad`), the `.grad` is a dense tensor of the
-  parameter's shape and dtype, and the parameter has no tensor hooks that would expect the gradient;
-- otherwise into a fresh tensor the backward returns, which autograd adopts as `.grad` without a copy
-  when there is none, or hands to `autograd.grad`.
+- into the parameter's `.grad` (accumulating in the kernel that computes it; made, unfilled, and set as
+  `.grad` when there is none), when this backward pass accumulates into `.grad` (a `.backward()`, not
+  `torch.autograd.grad`) and the parameter is a leaf without tensor hooks (which would expect to see the
+  gradient); the backward returns None for it, so autograd adds nothing;
+- otherwise into a fresh tensor the backward returns (`torch.autograd.grad`, or a `.grad` of another
+  layout or dtype, which autograd then adds to).
+A weight two ops share (GPT-2's tied wte: the loss and the embedding) gets both contributions added into
+one `.grad`, with no sum of the two made first.
 DDP's reducer reads `.grad` in its post-accumulate hook, which runs whether or not the backward returned
 a gradient: gradient accumulation under `no_sync` and the all-reduce of the last micro-step see the same
 `.grad` as without the fusion. Under torch.compile (traced code) nothing is written in place.
@@ -18,13 +20,13 @@ epilogue, split-K weight-grad pieces) into their gradients in one launch, rows s
 the same bits on every run.
 """
 from collections.abc import Sequence
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import triton
 import triton.language as tl
 
-from gpt2_triton.kernels.utils import device_guard, is_interpreter
+from gpt2_triton.kernels.utils import device_guard, fp32_out_matmul_kind, is_interpreter, with_fallbacks
 
 
 @triton.jit
@@ -107,9 +109,54 @@ def sum_partials(pairs: Sequence[tuple], scale: Optional[torch.Tensor] = None) -
             num_warps=4)
 
 
+FP32_OUT_KINDS = ("addmm", "mm", "upcast")  # fastest first; each falls back to the next (features fp32_out_*)
+
+
+def matmul_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, accumulate: bool) -> None:
+    """out = a @ b, or out += a @ b, for a weight gradient by the vendor's matmul: fp16/bf16 products summed
+    into an fp32 out in fp32, never rounded to a's dtype (torch.addmm with out_dtype where this torch has
+    it on this device, `fp32_out_matmul_kind`); the same dtypes throughout otherwise."""
+    beta = 1 if accumulate else 0
+    if out.dtype == a.dtype:
+        out.addmm_(a, b, beta=beta)
+        return
+
+    def addmm():
+        torch.addmm(out, a, b, beta=beta, out_dtype=torch.float32, out=out)
+
+    def mm():
+        product = torch.mm(a, b, out_dtype=torch.float32)
+        out.add_(product) if accumulate else out.copy_(product)
+
+    def upcast():
+        out.addmm_(a.float(), b.float(), beta=beta)
+
+    kinds = FP32_OUT_KINDS[FP32_OUT_KINDS.index(fp32_out_matmul_kind(a.device)):]
+    attempts = [(f"fp32_out_{kind}", fn) for kind, fn in (("addmm", addmm), ("mm", mm)) if kind in kinds]
+    with_fallbacks(attempts, upcast)
+
+
+def bias_grad_into(grad: torch.Tensor, out: torch.Tensor, accumulate: bool) -> None:
+    """out (+)= the column sums of grad (M, N), summed in fp32 (a bias gradient no fused kernel made)."""
+    sums = grad.sum(0, dtype=torch.float32)
+    out.add_(sums) if accumulate else out.copy_(sums)
+
+
+class GradBuffer(NamedTuple):
+    """Where a backward writes one parameter's gradient: `tensor` (None: not wanted), adding to what it holds
+    when `accumulate`; `in_grad`: tensor is the parameter's `.grad` (the backward then returns None for it)."""
+    tensor: Optional[torch.Tensor]
+    accumulate: bool = False
+    in_grad: bool = False
+
+    def returned(self) -> Optional[torch.Tensor]:
+        """What the backward returns for the parameter."""
+        return None if self.in_grad else self.tensor
+
+
 class GradSinks:
     """Made in a fused op's forward for its parameters (None entries allowed); its backward asks
-    `buffers(...)` where each gradient goes and returns `returned(buffer, accumulated)` for each."""
+    `buffers(...)` where each gradient goes, writes them, and returns each buffer's `returned()`."""
 
     def __init__(self, *params: Optional[torch.Tensor]):
         self.params = params
@@ -124,27 +171,26 @@ class GradSinks:
         return torch.autograd.graph.get_gradient_edge(param).node
 
     def buffers(self, needed: Sequence[bool]) -> list:
-        """Per parameter: (its existing `.grad`, True) to accumulate into, (a fresh empty tensor of its shape
-        and dtype, False) to write, or (None, False) where it is None or its gradient is not needed."""
+        """Per parameter (None or not `needed`: GradBuffer(None)): its existing `.grad` to add into; where it
+        has none, a new one set as its `.grad` now (another op of this backward pass, a tied weight, then
+        adds into it); else (autograd.grad, a `.grad` of another layout) a fresh tensor returned to autograd."""
         out = []
         for param, node, need in zip(self.params, self.nodes, needed):
             if param is None or not need:
-                out.append((None, False))
+                out.append(GradBuffer(None))
                 continue
-            grad = param.grad if node is not None else None
-            if grad is not None and _accumulates(node) and grad.layout == torch.strided \
-                    and grad.shape == param.shape and grad.dtype == param.dtype and grad.device == param.device \
-                    and grad.is_contiguous():
-                out.append((grad, True))
-            else:
-                out.append((torch.empty(param.shape, dtype=param.dtype, device=param.device), False))
+            if node is not None and _accumulates(node):
+                grad = param.grad
+                if grad is None:
+                    param.grad = grad = torch.empty_like(param, memory_format=torch.contiguous_format)
+                    out.append(GradBuffer(grad, False, True))
+                    continue
+                if grad.layout == torch.strided and grad.shape == param.shape and grad.dtype == param.dtype \
+                        and grad.device == param.device and grad.is_contiguous():
+                    out.append(GradBuffer(grad, True, True))
+                    continue
+            out.append(GradBuffer(torch.empty(param.shape, dtype=param.dtype, device=param.device)))
         return out
-
-
-def returned(buffer: Optional[torch.Tensor], accumulated: bool) -> Optional[torch.Tensor]:
-    """What a backward returns for a parameter whose gradient it wrote into `buffer`: None where that was
-    the parameter's `.grad` (accumulated already), else the buffer."""
-    return None if accumulated else buffer
 
 
 def _accumulates(node) -> bool:

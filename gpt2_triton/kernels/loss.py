@@ -39,16 +39,16 @@ import triton
 import triton.language as tl
 
 from gpt2_triton.kernels.autotune import autotuned, bucket
+from gpt2_triton.kernels.grads import GradSinks, matmul_into, sum_partials
 from gpt2_triton.kernels.utils import (
     autocast_disabled,
     autocast_dtype,
     cast_floats,
+    cast_weight,
     check_device,
     check_float,
     device_guard,
-    fp32_out_matmul_kind,
     is_interpreter,
-    with_fallbacks,
 )
 
 
@@ -371,31 +371,6 @@ def _linear_cross_entropy_rows(x, weight, targets, ignore_index, num_classes):
     return torch.where(targets != ignore_index, loss_rows, 0.0)
 
 
-FP32_OUT_KINDS = ("addmm", "mm", "upcast")  # fastest first; each falls back to the next (features fp32_out_*)
-
-
-def _matmul_into_fp32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, accumulate: bool) -> None:
-    """acc (fp32) = a @ b, or acc += a @ b: products summed in fp32, never rounded to a's dtype."""
-    beta = 1 if accumulate else 0
-    if a.dtype == torch.float32:
-        acc.addmm_(a, b, beta=beta)
-        return
-
-    def addmm():
-        torch.addmm(acc, a, b, beta=beta, out_dtype=torch.float32, out=acc)
-
-    def mm():
-        product = torch.mm(a, b, out_dtype=torch.float32)
-        acc.add_(product) if accumulate else acc.copy_(product)
-
-    def upcast():
-        acc.addmm_(a.float(), b.float(), beta=beta)
-
-    kinds = FP32_OUT_KINDS[FP32_OUT_KINDS.index(fp32_out_matmul_kind(a.device)):]
-    attempts = [(f"fp32_out_{kind}", fn) for kind, fn in (("addmm", addmm), ("mm", mm)) if kind in kinds]
-    with_fallbacks(attempts, upcast)
-
-
 @torch.library.custom_op("gpt2_triton::linear_cross_entropy_fwd", mutates_args=())
 def linear_cross_entropy_fwd(
     x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int, chunk_size: int,
@@ -407,7 +382,8 @@ def linear_cross_entropy_fwd(
     (default: none) are not classes. With compute_grad, rows go in chunks of `chunk_size`: logits
     (chunk, V) by matmul, then the Triton kernel writes loss and d(loss)/d(logits) over them in place;
     dx rows go straight into grad_x and dW is summed over the chunks in fp32. The grads of the
-    (unscaled) loss come back: grad_x (M, C) in x's dtype and grad_weight (V, C) in weight's dtype.
+    (unscaled) loss come back: grad_x (M, C) in x's dtype and grad_weight (V, C) in fp32 (rounded to the
+    weight's dtype once, where the backward scales it into the weight's gradient).
     Without compute_grad one fused kernel computes the loss with no logits in memory and both grads
     are empty (0,) tensors. Returns (loss () fp32, grad_x, grad_weight). No host sync.
     """
@@ -416,7 +392,7 @@ def linear_cross_entropy_fwd(
         num_rows, hidden = x.shape
         vocab = weight.shape[0]
         num_classes = vocab if num_classes is None else num_classes
-        weight_in = _row_major(weight.to(x.dtype))  # (V, C); no copy when the dtypes already match
+        weight_in = _row_major(cast_weight(weight, x.dtype))  # (V, C); a parameter is cast once per step
         count = _num_valid(targets, ignore_index)  # (1,) global count: right normalisation across chunks
         # The interpreter multiplies bf16 tl.dot tiles as their uint16 storage: there the bf16 loss
         # without grads goes through the chunks too.
@@ -429,13 +405,11 @@ def linear_cross_entropy_fwd(
         stats = torch.empty((num_rows, 2), dtype=torch.float32, device=x.device)
         if compute_grad:
             grad_x = torch.empty((num_rows, hidden), dtype=x.dtype, device=x.device)
-        # One product over all rows accumulates in fp32 inside the matmul; otherwise an fp32 sum over
-        # the chunks (grad_weight itself for fp32 weights).
-        single_product = chunk_size >= num_rows and weight.dtype == x.dtype
-        if num_rows == 0:
-            grad_weight = torch.zeros_like(weight)
-        elif compute_grad and not single_product:
-            grad_weight_acc = torch.empty((vocab, hidden), dtype=torch.float32, device=x.device)
+        # dW summed over the chunks in fp32, by the matmuls themselves (fp32 output, beta=1).
+        if compute_grad:
+            grad_weight = torch.empty((vocab, hidden), dtype=torch.float32, device=x.device)
+            if num_rows == 0:
+                grad_weight.zero_()
         for start in range(0, num_rows, chunk_size):
             end = min(start + chunk_size, num_rows)
             x_chunk = x[start:end]  # (m, C)
@@ -444,16 +418,11 @@ def linear_cross_entropy_fwd(
                         logits if compute_grad else None, grad_scale, ignore_index, num_classes)
             if compute_grad:
                 torch.matmul(logits, weight_in, out=grad_x[start:end])  # (m, C)
-                if single_product:
-                    grad_weight = logits.T @ x_chunk  # (V, C)
-                else:
-                    _matmul_into_fp32(grad_weight_acc, logits.T, x_chunk, accumulate=start > 0)
+                matmul_into(grad_weight, logits.T, x_chunk, accumulate=start > 0)  # (V, C)
             del logits  # freed before the next chunk's logits are allocated
         loss = loss_rows.sum() / count[0]
         if not compute_grad:
             return loss, x.new_empty((0,)), weight.new_empty((0,))
-        if num_rows > 0 and not single_product:
-            grad_weight = grad_weight_acc.to(weight.dtype)
     return loss, grad_x, grad_weight
 
 
@@ -462,7 +431,25 @@ def _(x, weight, targets, ignore_index, chunk_size, compute_grad, num_classes=No
     loss = x.new_empty((), dtype=torch.float32)
     if not compute_grad:
         return loss, x.new_empty((0,)), weight.new_empty((0,))
-    return loss, x.new_empty(x.shape), weight.new_empty(weight.shape)
+    return loss, x.new_empty(x.shape), weight.new_empty(weight.shape, dtype=torch.float32)
+
+
+@torch.library.custom_op("gpt2_triton::linear_cross_entropy_bwd", mutates_args=("dweight",))
+def linear_cross_entropy_bwd(grad_loss: torch.Tensor, grad_x: torch.Tensor, grad_weight: torch.Tensor,
+                             dweight: Optional[torch.Tensor], accumulate: bool, need_dx: bool) -> torch.Tensor:
+    """The forward's grads (those of an upstream gradient of 1) for the upstream gradient grad_loss (): returns
+    grad_x * grad_loss (an empty (0,) tensor unless need_dx) and writes grad_weight * grad_loss into dweight
+    (V, C) (None: not wanted), added to what it holds when accumulate, in one pass (scaled in fp32)."""
+    with autocast_disabled(grad_x.device.type):
+        if dweight is not None:
+            sum_partials([(grad_weight.view(1, -1), dweight, accumulate)],
+                         scale=grad_loss.to(torch.float32).reshape(()))
+        return grad_x * grad_loss if need_dx else grad_x.new_empty((0,))
+
+
+@linear_cross_entropy_bwd.register_fake
+def _(grad_loss, grad_x, grad_weight, dweight, accumulate, need_dx):
+    return grad_x.new_empty(grad_x.shape if need_dx else (0,))
 
 
 class CrossEntropyFunction(torch.autograd.Function):
@@ -486,6 +473,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         loss, grad_x, grad_weight = linear_cross_entropy_fwd(
             x, weight, targets, ignore_index, chunk_size, compute_grad, num_classes)
         ctx.save_for_backward(grad_x, grad_weight)
+        ctx.sinks = GradSinks(weight)
         return loss
 
     @staticmethod
@@ -493,10 +481,9 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         grad_x, grad_weight = ctx.saved_tensors
         if grad_x.numel() == 0 and grad_weight.numel() == 0:
             raise RuntimeError("linear_cross_entropy: forward ran without grads (compute_grad=False)")
-        # A 0-dim fp32 grad_loss scales in fp32 and keeps each grad's dtype.
-        grad_x = grad_x * grad_loss if ctx.needs_input_grad[0] else None
-        grad_weight = grad_weight * grad_loss if ctx.needs_input_grad[1] else None
-        return grad_x, grad_weight, None, None, None, None, None
+        (dw,) = ctx.sinks.buffers(ctx.needs_input_grad[1:2])
+        dx = linear_cross_entropy_bwd(grad_loss, grad_x, grad_weight, dw.tensor, dw.accumulate, ctx.needs_input_grad[0])
+        return dx if ctx.needs_input_grad[0] else None, dw.returned(), None, None, None, None, None
 
 
 # ----------------------------------------------------------------------------------------------

@@ -30,7 +30,7 @@ import triton
 import triton.language as tl
 
 from gpt2_triton.kernels.autotune import autotuned, bucket, candidates_of
-from gpt2_triton.kernels.grads import GradSinks, returned, sum_partials
+from gpt2_triton.kernels.grads import GradSinks, bias_grad_into, sum_partials
 from gpt2_triton.kernels.utils import (
     autocast_disabled,
     autocast_dtype,
@@ -445,12 +445,6 @@ def _gelu_bwd(dout, pre):
     return dpre
 
 
-def _bias_grad_into(grad, out, accumulate):
-    """out (+)= the column sums of grad (M, N), summed in fp32 (a bias gradient outside a fused kernel)."""
-    sums = grad.sum(0, dtype=torch.float32)
-    out.add_(sums) if accumulate else out.copy_(sums)
-
-
 def _colsum_partials(M: int, N: int, device) -> torch.Tensor:
     """The (cdiv(M, colsum_rows()), N) fp32 column-sum partials a COLSUM epilogue writes (every row)."""
     return torch.empty((triton.cdiv(M, colsum_rows()), N), dtype=torch.float32, device=device)
@@ -517,7 +511,7 @@ def gelu_mlp_bwd(dy: torch.Tensor, x2d: torch.Tensor, pre: torch.Tensor, fc_weig
         elif bias_pairs:
             sum_partials(bias_pairs)
         if dproj_b is not None:
-            _bias_grad_into(dy, dproj_b, acc_proj_b)
+            bias_grad_into(dy, dproj_b, acc_proj_b)
         dx = torch.empty((M, C), dtype=dtype, device=x2d.device)
         _launch_matmul(dpre, cast_weight(fc_weight, dtype), dx)  # (M, H) @ (H, C)
         return dx
@@ -562,7 +556,7 @@ def linear_gelu_bwd(dout: torch.Tensor, x2d: torch.Tensor, pre: torch.Tensor, we
         if dw is not None:
             _weight_grad(dpre.t(), x2d, dw, accumulate[0])  # (N, M) @ (M, K)
         if db is not None:
-            _bias_grad_into(dpre, db, accumulate[1])
+            bias_grad_into(dpre, db, accumulate[1])
         dx = torch.empty(x2d.shape, dtype=dtype, device=x2d.device)
         _launch_matmul(dpre, cast_weight(weight, dtype), dx)  # (M, N) @ (N, K)
         return dx
@@ -588,11 +582,10 @@ class GeluMLPFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         x2d, pre, fc_weight, proj_weight = ctx.saved_tensors
-        (dfc_w, a0), (dfc_b, a1), (dproj_w, a2), (dproj_b, a3) = ctx.sinks.buffers(ctx.needs_input_grad[1:5])
+        buffers = ctx.sinks.buffers(ctx.needs_input_grad[1:5])
         dx = gelu_mlp_bwd(dy.reshape(-1, dy.shape[-1]), x2d, pre, fc_weight, proj_weight,
-                          dfc_w, dfc_b, dproj_w, dproj_b, (a0, a1, a2, a3))
-        return (dx.view(dy.shape), returned(dfc_w, a0), returned(dfc_b, a1), returned(dproj_w, a2),
-                returned(dproj_b, a3), None)
+                          *(b.tensor for b in buffers), tuple(b.accumulate for b in buffers))
+        return (dx.view(dy.shape), *(b.returned() for b in buffers), None)
 
 
 class LinearGeluFunction(torch.autograd.Function):
@@ -607,9 +600,10 @@ class LinearGeluFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout):
         x2d, pre, weight = ctx.saved_tensors
-        (dw, a0), (db, a1) = ctx.sinks.buffers(ctx.needs_input_grad[1:3])
-        dx = linear_gelu_bwd(dout.reshape(-1, dout.shape[-1]), x2d, pre, weight, dw, db, (a0, a1))
-        return dx.view(*dout.shape[:-1], x2d.shape[1]), returned(dw, a0), returned(db, a1), None
+        dw, db = ctx.sinks.buffers(ctx.needs_input_grad[1:3])
+        dx = linear_gelu_bwd(dout.reshape(-1, dout.shape[-1]), x2d, pre, weight, dw.tensor, db.tensor,
+                             (dw.accumulate, db.accumulate))
+        return dx.view(*dout.shape[:-1], x2d.shape[1]), dw.returned(), db.returned(), None
 
 
 def _check_params(op, x, params, cast_to):

@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from gpt2_triton.kernels.grads import GradSinks, returned, sum_partials
+from gpt2_triton.kernels.grads import GradSinks, sum_partials
 from gpt2_triton.kernels.utils import (
     FLOAT_DTYPES,
     autocast_disabled,
@@ -274,13 +274,13 @@ class LayerNormFunction(torch.autograd.Function):
         shape = (dy if dy is not None else dresidual).shape
         dy = torch.zeros_like(x2d) if dy is None else dy.reshape(x2d.shape)
         needs = ctx.needs_input_grad
-        (dw, acc_w), (db, acc_b), (dbb, acc_bb) = ctx.sinks.buffers((needs[1], needs[2], needs[6]))
+        dw, db, dbb = ctx.sinks.buffers((needs[1], needs[2], needs[6]))
         dx, dbranch = layer_norm_bwd(
-            dy, x2d, weight, mean, rstd, dw, db, (acc_w, acc_b, acc_bb),
+            dy, x2d, weight, mean, rstd, dw.tensor, db.tensor, (dw.accumulate, db.accumulate, dbb.accumulate),
             dresidual.reshape(x2d.shape) if dresidual is not None else None,
-            ctx.branch_dtype if needs[5] else None, dbb)
-        return (dx.view(shape), returned(dw, acc_w), returned(db, acc_b), None, None,
-                dbranch.view(shape) if needs[5] else None, returned(dbb, acc_bb))
+            ctx.branch_dtype if needs[5] else None, dbb.tensor)
+        return (dx.view(shape), dw.returned(), db.returned(), None, None,
+                dbranch.view(shape) if needs[5] else None, dbb.returned())
 
 
 def _check(op, x, weight, bias, out_dtype, **others):

@@ -245,9 +245,10 @@ def fp32_out_matmul_kind(device: torch.device) -> str:
 FEATURES = {
     "tma": "attention: fp16/bf16 tiles read through TMA descriptors (fallback: pointer loads)",
     "split_k": "matmul: weight gradients split over K (fallback: one program per output tile)",
-    "fp32_out_addmm": "linear_cross_entropy: torch.addmm(out_dtype=float32) into the fp32 weight gradient "
-                      "(fallback: torch.mm(out_dtype=float32))",
-    "fp32_out_mm": "linear_cross_entropy: torch.mm(out_dtype=float32) (fallback: fp32 copies of the operands)",
+    "fp32_out_addmm": "weight gradients by the vendor's matmul (linear, linear_cross_entropy): torch.addmm("
+                      "out_dtype=float32) into the fp32 gradient (fallback: torch.mm(out_dtype=float32))",
+    "fp32_out_mm": "weight gradients by the vendor's matmul: torch.mm(out_dtype=float32) (fallback: fp32 copies "
+                   "of the operands)",
 }
 _failed_features: dict = {}  # feature -> why it failed, in this process
 
