@@ -64,7 +64,8 @@ def test_state_dict_same_whichever_kernels():
 
 
 def test_resolve_kernels():
-    assert resolve_kernels("torch") == {op: "torch" for op in ("layer_norm", "attention", "gelu_mlp", "cross_entropy")}
+    assert resolve_kernels("torch") == {op: "torch" for op in ("layer_norm", "attention", "gelu_mlp", "cross_entropy",
+                                                               "linear", "embedding")}
     mixed = resolve_kernels({"attention": "triton"})
     assert mixed["attention"] == "triton" and mixed["layer_norm"] == "torch"
     assert resolve_kernels({"linear_cross_entropy": "triton"})["cross_entropy"] == "triton"

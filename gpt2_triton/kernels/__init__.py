@@ -1,11 +1,14 @@
 """Triton kernels for GPT-2, one module per op; this package only hands the public ops on.
 
     from gpt2_triton.kernels import (flash_attention, flash_attention_qkv, flash_attention_varlen, layer_norm,
-                                     gelu_mlp, linear_gelu, cross_entropy, linear_cross_entropy, document_bounds)
+                                     add_layer_norm, gelu_mlp, linear_gelu, cross_entropy, linear_cross_entropy,
+                                     linear, embedding, document_bounds)
 
 Names resolve on first use, so `import gpt2_triton.kernels.reference` (plain PyTorch) never imports triton.
-Modules: attention, varlen (packed and document-masked attention), norm (LayerNorm), mlp (GELU-MLP), loss
-(cross-entropy); reference (PyTorch) and utils.
+Modules: attention, varlen (packed and document-masked attention), norm (LayerNorm, and the residual add
+fused into it), mlp (GELU-MLP), loss (cross-entropy), linear (the attention projections: cuBLAS with fp32
+weight grads into .grad), embedding (token + position); grads (parameter grads straight into .grad, and the
+reduction of per-program partials), reference (PyTorch) and utils.
 """
 import importlib
 
@@ -15,12 +18,16 @@ OP_MODULES = {
     "flash_attention_qkv": "gpt2_triton.kernels.varlen",
     "flash_attention_varlen": "gpt2_triton.kernels.varlen",
     "layer_norm": "gpt2_triton.kernels.norm",
+    "add_layer_norm": "gpt2_triton.kernels.norm",
     "gelu_mlp": "gpt2_triton.kernels.mlp",
     "linear_gelu": "gpt2_triton.kernels.mlp",
     "cross_entropy": "gpt2_triton.kernels.loss",
     "linear_cross_entropy": "gpt2_triton.kernels.loss",
+    "linear": "gpt2_triton.kernels.linear",
+    "embedding": "gpt2_triton.kernels.embedding",
 }
-KERNEL_MODULES = tuple(dict.fromkeys(OP_MODULES.values()))  # the modules that define Triton kernels
+# the modules that define Triton kernels: the ops' and the gradient reduction they share
+KERNEL_MODULES = tuple(dict.fromkeys([*OP_MODULES.values(), "gpt2_triton.kernels.grads"]))
 HELPERS = {"document_bounds": "gpt2_triton.kernels.utils"}  # plain PyTorch: no triton import
 
 __all__ = list(OP_MODULES) + list(HELPERS)

@@ -2,7 +2,9 @@
 
 Pre-LN blocks, learned position embeddings, one batched QKV projection, tanh-GELU MLP, final
 LayerNorm, lm_head tied to wte. Each hot op comes from `gpt2_triton.model.ops` (torch or Triton), chosen once
-here at construction; the parameters and the state_dict are the same whichever runs. `generate`
+here at construction; the parameters and the state_dict are the same whichever runs. Each residual add
+`x = x + f(x)` runs inside the LayerNorm that follows it (`ops.add_layer_norm`), together with the bias of
+the projection that ends f: a block hands the next its stream and its MLP's output still to be added. `generate`
 keeps a KVCache per layer: one prefill, then one-token steps. Loading Hugging Face weights
 (`gpt2_triton.hf.from_pretrained`), exporting (`gpt2_triton.export.save_pretrained`) and checkpoints sit
 above this module and import it, never the reverse.
@@ -28,8 +30,15 @@ class LayerNorm(nn.Module):
         self.eps = eps
         self.layer_norm = ops.layer_norm
 
-    def forward(self, x):  # every LayerNorm of GPT-2 feeds a matmul: write its input dtype in the same pass
-        return self.layer_norm(x, self.weight, self.bias, self.eps, out_dtype=autocast_dtype(x.device.type))
+        self.add_layer_norm = ops.add_layer_norm
+
+    def forward(self, x, branch=None, branch_bias=None):
+        """ln(x); with a branch (x, ln(x)) for x = x + branch + branch_bias, the residual add in the same op.
+        Every LayerNorm of GPT-2 feeds a matmul: its output is written in that matmul's dtype."""
+        out_dtype = autocast_dtype(x.device.type)
+        if branch is None:
+            return self.layer_norm(x, self.weight, self.bias, self.eps, out_dtype=out_dtype)
+        return self.add_layer_norm(x, branch, branch_bias, self.weight, self.bias, self.eps, out_dtype=out_dtype)
 
 
 class KVCache:
@@ -89,18 +98,21 @@ class CausalSelfAttention(nn.Module):
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)  # q, k, v for all heads at once
         self.c_proj = nn.Linear(config.n_embd, config.n_embd)
         self.c_proj.RESIDUAL_PROJECTION = True
-        self.attention_qkv, self.attention_varlen = ops.attention_qkv, ops.attention_varlen
+        self.attention_qkv, self.attention_varlen, self.linear = ops.attention_qkv, ops.attention_varlen, ops.linear
 
     def forward(self, x, documents=None, kv_cache=None):
-        qkv = self.c_attn(x)  # (B, T, 3C): q | k | v, heads side by side
+        """c_proj(attention(c_attn(x))) without c_proj's bias, which the next LayerNorm adds with the residual."""
+        qkv = self.linear(x, self.c_attn.weight, self.c_attn.bias)  # (B, T, 3C): q | k | v, heads side by side
         if kv_cache is None:  # training and plain inference: one op, its backward writes one dqkv
             if documents is None:
-                return self.c_proj(self.attention_qkv(qkv, self.n_head, causal=True))  # (B, T, C)
-            return self.c_proj(self.attention_qkv(qkv, self.n_head, causal=True, documents=documents))
+                y = self.attention_qkv(qkv, self.n_head, causal=True)  # (B, T, C)
+            else:
+                y = self.attention_qkv(qkv, self.n_head, causal=True, documents=documents)
+            return self.linear(y, self.c_proj.weight)
         # generation: x (1, total_new, C), the new tokens of every sequence packed one after another
         q, k, v = qkv[0].unflatten(-1, (3, self.n_head, self.n_embd // self.n_head)).unbind(1)  # (total_new, nh, hs)
         y = kv_cache.attend(self.layer, q, k, v, self.attention_varlen)  # (total_new, nh, hs)
-        return self.c_proj(y.flatten(1)[None])  # (1, total_new, C)
+        return self.linear(y.flatten(1)[None], self.c_proj.weight)  # (1, total_new, C)
 
 
 class MLP(nn.Module):
@@ -111,8 +123,8 @@ class MLP(nn.Module):
         self.c_proj.RESIDUAL_PROJECTION = True
         self.gelu_mlp = ops.gelu_mlp
 
-    def forward(self, x):  # c_proj(gelu_tanh(c_fc(x)))
-        return self.gelu_mlp(x, self.c_fc.weight, self.c_fc.bias, self.c_proj.weight, self.c_proj.bias)
+    def forward(self, x):  # c_proj(gelu_tanh(c_fc(x))) without c_proj's bias: the next LayerNorm adds it
+        return self.gelu_mlp(x, self.c_fc.weight, self.c_fc.bias, self.c_proj.weight, None)
 
 
 class Block(nn.Module):
@@ -123,10 +135,13 @@ class Block(nn.Module):
         self.ln_2 = LayerNorm(config.n_embd, config.layer_norm_eps, ops)
         self.mlp = MLP(config, ops)
 
-    def forward(self, x, documents=None, kv_cache=None):
-        x = x + self.attn(self.ln_1(x), documents, kv_cache)
-        x = x + self.mlp(self.ln_2(x))
-        return x
+    def forward(self, x, pending=None, documents=None, kv_cache=None):
+        """x = x + attn(ln_1(x)); x = x + mlp(ln_2(x)), each add inside the LayerNorm after it. x: the
+        residual stream; pending: (branch, bias) of the previous block's MLP, not yet added (None for the first
+        block). Returns the stream and this block's pending MLP output."""
+        x, h = self.ln_1(x, *pending) if pending else (x, self.ln_1(x))
+        x, h = self.ln_2(x, self.attn(h, documents, kv_cache), self.attn.c_proj.bias)
+        return x, (self.mlp(h), self.mlp.c_proj.bias)
 
 
 class GPT(nn.Module):
@@ -134,6 +149,7 @@ class GPT(nn.Module):
         super().__init__()
         self.config = config
         self.ops = build_ops(kernels)
+        self.embedding = self.ops.embedding
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(config.padded_vocab_size, config.n_embd),
             wpe=nn.Embedding(config.block_size, config.n_embd),
@@ -190,11 +206,15 @@ class GPT(nn.Module):
         if T > self.config.block_size:
             raise ValueError(f"GPT: sequence length {T} exceeds block_size {self.config.block_size}")
         documents = None if doc_starts is None else self.ops.document_mask(doc_starts)
-        pos = torch.arange(T, dtype=torch.long, device=idx.device)  # (T,)
-        x = self.transformer.wte(idx) + self.transformer.wpe(pos)  # (B, T, C)
+        x = self.embedding(idx, self.transformer.wte.weight, self.transformer.wpe.weight)  # (B, T, C)
+        return self._blocks(x, documents=documents)
+
+    def _blocks(self, x, **kwargs):
+        """The residual stream x through every block and ln_f (which adds the last MLP's output)."""
+        pending = None
         for block in self.transformer.h:
-            x = block(x, documents)
-        return self.transformer.ln_f(x)
+            x, pending = block(x, pending, **kwargs)
+        return self.transformer.ln_f(x, *pending)[1] if pending else self.transformer.ln_f(x)
 
     def extend(self, tokens, new: list, kv_cache: "KVCache"):
         """Final hidden states (total_new, C) of the next tokens of kv_cache's sequences: tokens (total_new,)
@@ -205,10 +225,8 @@ class GPT(nn.Module):
                 raise ValueError(f"GPT: {kv_cache.lengths[s]} cached + {n} new positions exceed block_size "
                                  f"{self.config.block_size}")
         pos = kv_cache.begin(new)  # (total_new,)
-        x = (self.transformer.wte(tokens) + self.transformer.wpe(pos))[None]  # (1, total_new, C)
-        for block in self.transformer.h:
-            x = block(x, kv_cache=kv_cache)
-        return self.transformer.ln_f(x)[0]
+        x = self.embedding(tokens, self.transformer.wte.weight, self.transformer.wpe.weight, pos)[None]  # (1, N, C)
+        return self._blocks(x, kv_cache=kv_cache)[0]
 
     def logits(self, x):
         """lm_head on hidden states; the padded vocab rows never reach the logits."""

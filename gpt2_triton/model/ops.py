@@ -16,14 +16,16 @@ from gpt2_triton import kernels as triton_kernels
 from gpt2_triton.kernels import reference
 from gpt2_triton.kernels.utils import document_bounds, is_interpreter, merge_heads, split_heads
 
-OP_NAMES = ("layer_norm", "attention", "gelu_mlp", "cross_entropy")
+OP_NAMES = ("layer_norm", "attention", "gelu_mlp", "cross_entropy", "linear", "embedding")
 IMPLS = ("torch", "triton")
 # op -> the public functions that serve it (each implemented in torch below and in gpt2_triton.kernels)
 OP_FUNCTIONS = {
-    "layer_norm": ("layer_norm",),
+    "layer_norm": ("layer_norm", "add_layer_norm"),
     "attention": ("flash_attention", "flash_attention_qkv", "flash_attention_varlen"),
     "gelu_mlp": ("gelu_mlp",),
     "cross_entropy": ("cross_entropy", "linear_cross_entropy"),
+    "linear": ("linear",),
+    "embedding": ("embedding",),
 }
 
 
@@ -31,6 +33,16 @@ OP_FUNCTIONS = {
 def torch_layer_norm(x, weight, bias, eps=1e-5, out_dtype=None):
     y = F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
     return y if out_dtype is None else y.to(out_dtype)
+
+
+def torch_add_layer_norm(x, branch, branch_bias, weight, bias, eps=1e-5, out_dtype=None):
+    residual = x + branch if branch_bias is None else x + branch + branch_bias
+    return residual, torch_layer_norm(residual, weight, bias, eps, out_dtype)
+
+
+def torch_embedding(idx, wte, wpe, pos=None):
+    positions = wpe[: idx.shape[-1]] if pos is None else F.embedding(pos, wpe)
+    return F.embedding(idx, wte) + positions
 
 
 def torch_attention(q, k, v, causal=True, scale=None):
@@ -131,6 +143,9 @@ def torch_gelu_mlp(x, fc_weight, fc_bias, proj_weight, proj_bias):
 
 TORCH_OPS = {
     "layer_norm": torch_layer_norm,
+    "add_layer_norm": torch_add_layer_norm,
+    "linear": F.linear,
+    "embedding": torch_embedding,
     "flash_attention": torch_attention,
     "flash_attention_qkv": torch_attention_qkv,
     "flash_attention_varlen": torch_attention_varlen,
@@ -202,6 +217,9 @@ def _load_triton(op: str) -> dict:
 @dataclass(frozen=True)
 class Ops:
     layer_norm: Callable
+    add_layer_norm: Callable  # (x, branch, branch_bias, weight, bias, eps, out_dtype) -> (x + branch + bias, ln)
+    linear: Callable  # (x, weight, bias=None): the attention projections
+    embedding: Callable  # (idx, wte, wpe, pos=None) -> wte[idx] + wpe[pos]
     attention: Callable  # (q, k, v) (B, nh, T, hs) each -> (B, nh, T, hs)
     attention_qkv: Callable  # (qkv (B, T, 3C), n_head, documents=None) -> (B, T, C)
     attention_varlen: Callable  # packed (total, nh, hs) q, k, v, cu_seqlens, ... -> (total_q, nh, hs)
@@ -231,7 +249,8 @@ def build_ops(kernels="torch") -> Ops:
                     fn = functools.partial(fn, check_seqlens=False)
                 fns[name] = fn  # each public op applies the autocast policy itself (kernels/utils.py)
     document_mask = document_bounds if choice["attention"] == "triton" else torch_document_mask
-    return Ops(layer_norm=fns["layer_norm"], attention=fns["flash_attention"],
+    return Ops(layer_norm=fns["layer_norm"], add_layer_norm=fns["add_layer_norm"], linear=fns["linear"],
+               embedding=fns["embedding"], attention=fns["flash_attention"],
                attention_qkv=fns["flash_attention_qkv"], attention_varlen=fns["flash_attention_varlen"],
                document_mask=document_mask, gelu_mlp=fns["gelu_mlp"],
                cross_entropy=fns["cross_entropy"], linear_cross_entropy=fns["linear_cross_entropy"],
