@@ -432,3 +432,21 @@ def test_add_layer_norm_compile_matches_eager(device):
     for a, e in zip(_add_ln_grads(compiled, x, branch, params, dres, dy),
                     _add_ln_grads(add_layer_norm, x, branch, params, dres, dy)):
         assert torch.equal(a, e)
+
+
+def test_add_layer_norm_without_branch_returns_x_and_adds_its_other_grad(device):
+    """The first block's ln_1: no branch, the residual output is x itself, and the gradient of x's use as the
+    residual is added to the LayerNorm's in the backward (no separate add)."""
+    x, _, (weight, bias, _), dres = _add_ln_inputs((5, 24), torch.float32, torch.float32, device, seed=30)
+    dy = torch.randn(5, 24, generator=torch.Generator().manual_seed(31)).to(device)
+    leaves = [t.detach().requires_grad_() for t in (x, weight, bias)]
+    residual, y = add_layer_norm(leaves[0], None, None, leaves[1], leaves[2])
+    assert torch.equal(residual, leaves[0])
+    ours = torch.autograd.grad((residual, y), leaves, (dres, dy))
+    ref = [t.detach().double().requires_grad_() for t in (x, weight, bias)]
+    y_ref = F.layer_norm(ref[0], (24,), ref[1], ref[2])
+    truth = torch.autograd.grad((ref[0], y_ref), ref, (dres.double(), dy.double()))
+    for name, a, e in zip(("dx", "dweight", "dbias"), ours, truth):
+        assert_close(a, e, atol=2e-5, name=name)
+    with pytest.raises(ValueError, match="add_layer_norm: branch_bias needs a branch"):
+        add_layer_norm(x, None, bias, weight, bias)

@@ -6,8 +6,8 @@
 
 Names resolve on first use, so `import gpt2_triton.kernels.reference` (plain PyTorch) never imports triton.
 Modules: attention, varlen (packed and document-masked attention), norm (LayerNorm, and the residual add
-fused into it), mlp (GELU-MLP), loss (cross-entropy), linear (the attention projections: cuBLAS with fp32
-weight grads into .grad), embedding (token + position); grads (parameter grads straight into .grad, and the
+fused into it), mlp (GELU-MLP), loss (cross-entropy), projection (linear: the attention projections on cuBLAS, fp32
+weight grads into .grad), embeddings (token + position); grads (parameter grads straight into .grad, and the
 reduction of per-program partials), reference (PyTorch) and utils.
 """
 import importlib
@@ -23,8 +23,8 @@ OP_MODULES = {
     "linear_gelu": "gpt2_triton.kernels.mlp",
     "cross_entropy": "gpt2_triton.kernels.loss",
     "linear_cross_entropy": "gpt2_triton.kernels.loss",
-    "linear": "gpt2_triton.kernels.linear",
-    "embedding": "gpt2_triton.kernels.embedding",
+    "linear": "gpt2_triton.kernels.projection",
+    "embedding": "gpt2_triton.kernels.embeddings",
 }
 # the modules that define Triton kernels: the ops' and the gradient reduction they share
 KERNEL_MODULES = tuple(dict.fromkeys([*OP_MODULES.values(), "gpt2_triton.kernels.grads"]))

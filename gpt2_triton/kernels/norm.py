@@ -251,10 +251,11 @@ def _(dy, x, weight, mean, rstd, dweight, dbias, accumulate, dresidual=None, bra
 
 
 class LayerNormFunction(torch.autograd.Function):
-    """y = layer_norm(x), or with a branch (residual, y) = (x + branch (+ branch_bias), layer_norm(residual))."""
+    """y = layer_norm(x); with_residual: (residual, y) = (x + branch (+ branch_bias), layer_norm(residual)), or
+    (x, layer_norm(x)) without a branch (x itself returned: its two uses' grads are added in the backward)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, eps, out_dtype, branch, branch_bias):
+    def forward(ctx, x, weight, bias, eps, out_dtype, branch, branch_bias, with_residual):
         shape = x.shape
         x2d = x.reshape(-1, shape[-1])  # (M, N)
         branch2d = branch.reshape(x2d.shape) if branch is not None else None
@@ -262,15 +263,16 @@ class LayerNormFunction(torch.autograd.Function):
         ctx.save_for_backward(residual if branch is not None else x2d, weight, mean, rstd)
         ctx.sinks = GradSinks(weight, bias, branch_bias)
         ctx.branch_dtype = branch.dtype if branch is not None else None
+        ctx.with_residual = with_residual
         ctx.set_materialize_grads(False)
-        if branch is None:
+        if not with_residual:
             return y.view(shape)
-        return residual.view(shape), y.view(shape)
+        return (residual.view(shape) if branch is not None else x), y.view(shape)
 
     @staticmethod
     def backward(ctx, *grads):
         x2d, weight, mean, rstd = ctx.saved_tensors
-        dresidual, dy = grads if ctx.branch_dtype is not None else (None, grads[0])
+        dresidual, dy = grads if ctx.with_residual else (None, grads[0])
         shape = (dy if dy is not None else dresidual).shape
         dy = torch.zeros_like(x2d) if dy is None else dy.reshape(x2d.shape)
         needs = ctx.needs_input_grad
@@ -280,7 +282,7 @@ class LayerNormFunction(torch.autograd.Function):
             dresidual.reshape(x2d.shape) if dresidual is not None else None,
             ctx.branch_dtype if needs[5] else None, dbb.tensor)
         return (dx.view(shape), dw.returned(), db.returned(), None, None,
-                dbranch.view(shape) if needs[5] else None, dbb.returned())
+                dbranch.view(shape) if needs[5] else None, dbb.returned(), None)
 
 
 def _check(op, x, weight, bias, out_dtype, **others):
@@ -314,13 +316,15 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
     dx comes back in x's dtype, dweight/dbias in the parameters' dtypes.
     """
     out_dtype = _check("layer_norm", x, weight, bias, out_dtype)
-    return LayerNormFunction.apply(x, weight, bias, float(eps), out_dtype, None, None)
+    return LayerNormFunction.apply(x, weight, bias, float(eps), out_dtype, None, None, False)
 
 
-def add_layer_norm(x: torch.Tensor, branch: torch.Tensor, branch_bias: Optional[torch.Tensor], weight: torch.Tensor,
-                   bias: Optional[torch.Tensor], eps: float = 1e-5, out_dtype: Optional[torch.dtype] = None):
+def add_layer_norm(x: torch.Tensor, branch: Optional[torch.Tensor], branch_bias: Optional[torch.Tensor],
+                   weight: torch.Tensor, bias: Optional[torch.Tensor], eps: float = 1e-5,
+                   out_dtype: Optional[torch.dtype] = None):
     """A residual add and the LayerNorm after it in one pass: returns (residual, layer_norm(residual)) with
-    residual = x + branch (+ branch_bias), as a Pre-LN block's `x = x + f(x); h = ln(x)`.
+    residual = x + branch (+ branch_bias), as a Pre-LN block's `x = x + f(x); h = ln(x)`. Without a branch
+    (the first block's ln_1) residual is x itself, and the backward adds the gradient of its other use.
 
     x (..., N) (the residual stream, e.g. fp32), branch (..., N) (any float dtype, e.g. a bf16 projection
     output), branch_bias (N,) or None (the projection's bias, added here instead of in the projection),
@@ -331,8 +335,10 @@ def add_layer_norm(x: torch.Tensor, branch: torch.Tensor, branch_bias: Optional[
     """
     op = "add_layer_norm"
     out_dtype = _check(op, x, weight, bias, out_dtype, branch=branch, branch_bias=branch_bias)
-    if branch.shape != x.shape:
+    if branch is None and branch_bias is not None:
+        raise ValueError(f"{op}: branch_bias needs a branch")
+    if branch is not None and branch.shape != x.shape:
         raise ValueError(f"{op}: branch must have x's shape {tuple(x.shape)}; got {tuple(branch.shape)}")
     if branch_bias is not None and branch_bias.shape != (x.shape[-1],):
         raise ValueError(f"{op}: branch_bias must have shape (N,) = ({x.shape[-1]},); got {tuple(branch_bias.shape)}")
-    return LayerNormFunction.apply(x, weight, bias, float(eps), out_dtype, branch, branch_bias)
+    return LayerNormFunction.apply(x, weight, bias, float(eps), out_dtype, branch, branch_bias, True)

@@ -28,17 +28,13 @@ class LayerNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(n_embd))
         self.bias = nn.Parameter(torch.zeros(n_embd))
         self.eps = eps
-        self.layer_norm = ops.layer_norm
-
         self.add_layer_norm = ops.add_layer_norm
 
     def forward(self, x, branch=None, branch_bias=None):
-        """ln(x); with a branch (x, ln(x)) for x = x + branch + branch_bias, the residual add in the same op.
-        Every LayerNorm of GPT-2 feeds a matmul: its output is written in that matmul's dtype."""
-        out_dtype = autocast_dtype(x.device.type)
-        if branch is None:
-            return self.layer_norm(x, self.weight, self.bias, self.eps, out_dtype=out_dtype)
-        return self.add_layer_norm(x, branch, branch_bias, self.weight, self.bias, self.eps, out_dtype=out_dtype)
+        """(x, ln(x)) for x = x + branch + branch_bias: every LayerNorm of GPT-2 follows a residual add (the
+        first one's, of nothing) and runs it. Its output feeds a matmul: written in that matmul's dtype."""
+        return self.add_layer_norm(x, branch, branch_bias, self.weight, self.bias, self.eps,
+                                   out_dtype=autocast_dtype(x.device.type))
 
 
 class KVCache:
@@ -135,11 +131,11 @@ class Block(nn.Module):
         self.ln_2 = LayerNorm(config.n_embd, config.layer_norm_eps, ops)
         self.mlp = MLP(config, ops)
 
-    def forward(self, x, pending=None, documents=None, kv_cache=None):
+    def forward(self, x, pending=(None, None), documents=None, kv_cache=None):
         """x = x + attn(ln_1(x)); x = x + mlp(ln_2(x)), each add inside the LayerNorm after it. x: the
         residual stream; pending: (branch, bias) of the previous block's MLP, not yet added (None for the first
-        block). Returns the stream and this block's pending MLP output."""
-        x, h = self.ln_1(x, *pending) if pending else (x, self.ln_1(x))
+        block: (None, None)). Returns the stream and this block's pending MLP output."""
+        x, h = self.ln_1(x, *pending)
         x, h = self.ln_2(x, self.attn(h, documents, kv_cache), self.attn.c_proj.bias)
         return x, (self.mlp(h), self.mlp.c_proj.bias)
 
@@ -211,10 +207,10 @@ class GPT(nn.Module):
 
     def _blocks(self, x, **kwargs):
         """The residual stream x through every block and ln_f (which adds the last MLP's output)."""
-        pending = None
+        pending = (None, None)
         for block in self.transformer.h:
             x, pending = block(x, pending, **kwargs)
-        return self.transformer.ln_f(x, *pending)[1] if pending else self.transformer.ln_f(x)
+        return self.transformer.ln_f(x, *pending)[1]
 
     def extend(self, tokens, new: list, kv_cache: "KVCache"):
         """Final hidden states (total_new, C) of the next tokens of kv_cache's sequences: tokens (total_new,)

@@ -36,7 +36,7 @@ def torch_layer_norm(x, weight, bias, eps=1e-5, out_dtype=None):
 
 
 def torch_add_layer_norm(x, branch, branch_bias, weight, bias, eps=1e-5, out_dtype=None):
-    residual = x + branch if branch_bias is None else x + branch + branch_bias
+    residual = x if branch is None else x + branch if branch_bias is None else x + branch + branch_bias
     return residual, torch_layer_norm(residual, weight, bias, eps, out_dtype)
 
 

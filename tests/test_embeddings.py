@@ -1,9 +1,9 @@
-"""gpt2_triton.kernels.embedding: wte[idx] + wpe[pos] forward, grads added into the tables' .grad."""
+"""gpt2_triton.kernels.embeddings: wte[idx] + wpe[pos] forward, grads added into the tables' .grad."""
 import pytest
 import torch
 from helpers import assert_close
 
-from gpt2_triton.kernels.embedding import embedding, embedding_bwd, embedding_fwd
+from gpt2_triton.kernels.embeddings import embedding, embedding_bwd, embedding_fwd
 
 
 def _tables(V, P, N, device, seed=0):

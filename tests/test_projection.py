@@ -1,10 +1,10 @@
-"""gpt2_triton.kernels.linear: the attention projections on the vendor's matmul, weight grads in fp32 into .grad."""
+"""gpt2_triton.kernels.projection: the attention projections on the vendor's matmul, weight grads in fp32 into .grad."""
 import pytest
 import torch
 import torch.nn.functional as F
 from helpers import assert_close, assert_close_to_ref
 
-from gpt2_triton.kernels.linear import linear, linear_bwd, linear_fwd
+from gpt2_triton.kernels.projection import linear, linear_bwd, linear_fwd
 
 
 def _inputs(shape, n_out, device, seed=0):
