@@ -3,8 +3,9 @@
 Pre-LN blocks, learned position embeddings, one batched QKV projection, tanh-GELU MLP, final
 LayerNorm, lm_head tied to wte. Each hot op comes from `gpt2_triton.model.ops` (torch or Triton), chosen once
 here at construction; the parameters and the state_dict are the same whichever runs. Each residual add
-`x = x + f(x)` runs inside the LayerNorm that follows it (`ops.add_layer_norm`), together with the bias of
-the projection that ends f: a block hands the next its stream and its MLP's output still to be added. `generate`
+`x = x + f(x)` runs inside the LayerNorm that follows it (`ops.add_layer_norm`), with Triton's kernels also
+the bias of the projection that ends f: a block hands the next its stream and its MLP's output still to be
+added (and that bias). `generate`
 keeps a KVCache per layer: one prefill, then one-token steps. Loading Hugging Face weights
 (`gpt2_triton.hf.from_pretrained`), exporting (`gpt2_triton.export.save_pretrained`) and checkpoints sit
 above this module and import it, never the reverse.
@@ -95,20 +96,22 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(config.n_embd, config.n_embd)
         self.c_proj.RESIDUAL_PROJECTION = True
         self.attention_qkv, self.attention_varlen, self.linear = ops.attention_qkv, ops.attention_varlen, ops.linear
+        self.bias_in_norm = ops.bias_in_norm
 
     def forward(self, x, documents=None, kv_cache=None):
-        """c_proj(attention(c_attn(x))) without c_proj's bias, which the next LayerNorm adds with the residual."""
+        """c_proj(attention(c_attn(x))) as (output, c_proj's bias where the next LayerNorm adds it, else None)."""
         qkv = self.linear(x, self.c_attn.weight, self.c_attn.bias)  # (B, T, 3C): q | k | v, heads side by side
         if kv_cache is None:  # training and plain inference: one op, its backward writes one dqkv
             if documents is None:
                 y = self.attention_qkv(qkv, self.n_head, causal=True)  # (B, T, C)
             else:
                 y = self.attention_qkv(qkv, self.n_head, causal=True, documents=documents)
-            return self.linear(y, self.c_proj.weight)
-        # generation: x (1, total_new, C), the new tokens of every sequence packed one after another
-        q, k, v = qkv[0].unflatten(-1, (3, self.n_head, self.n_embd // self.n_head)).unbind(1)  # (total_new, nh, hs)
-        y = kv_cache.attend(self.layer, q, k, v, self.attention_varlen)  # (total_new, nh, hs)
-        return self.linear(y.flatten(1)[None], self.c_proj.weight)  # (1, total_new, C)
+        else:  # generation: x (1, total_new, C), the new tokens of every sequence packed one after another
+            q, k, v = qkv[0].unflatten(-1, (3, self.n_head, self.n_embd // self.n_head)).unbind(1)  # (N, nh, hs)
+            y = kv_cache.attend(self.layer, q, k, v, self.attention_varlen).flatten(1)[None]  # (1, total_new, C)
+        if self.bias_in_norm:
+            return self.linear(y, self.c_proj.weight), self.c_proj.bias
+        return self.linear(y, self.c_proj.weight, self.c_proj.bias), None
 
 
 class MLP(nn.Module):
@@ -118,9 +121,14 @@ class MLP(nn.Module):
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd)
         self.c_proj.RESIDUAL_PROJECTION = True
         self.gelu_mlp = ops.gelu_mlp
+        self.bias_in_norm = ops.bias_in_norm
 
-    def forward(self, x):  # c_proj(gelu_tanh(c_fc(x))) without c_proj's bias: the next LayerNorm adds it
-        return self.gelu_mlp(x, self.c_fc.weight, self.c_fc.bias, self.c_proj.weight, None)
+    def forward(self, x):
+        """c_proj(gelu_tanh(c_fc(x))) as (output, c_proj's bias where the next LayerNorm adds it, else None)."""
+        bias = self.c_proj.bias
+        if self.bias_in_norm:
+            return self.gelu_mlp(x, self.c_fc.weight, self.c_fc.bias, self.c_proj.weight, None), bias
+        return self.gelu_mlp(x, self.c_fc.weight, self.c_fc.bias, self.c_proj.weight, bias), None
 
 
 class Block(nn.Module):
@@ -136,8 +144,8 @@ class Block(nn.Module):
         residual stream; pending: (branch, bias) of the previous block's MLP, not yet added (None for the first
         block: (None, None)). Returns the stream and this block's pending MLP output."""
         x, h = self.ln_1(x, *pending)
-        x, h = self.ln_2(x, self.attn(h, documents, kv_cache), self.attn.c_proj.bias)
-        return x, (self.mlp(h), self.mlp.c_proj.bias)
+        x, h = self.ln_2(x, *self.attn(h, documents, kv_cache))
+        return x, self.mlp(h)
 
 
 class GPT(nn.Module):

@@ -230,6 +230,12 @@ class Ops:
     choice: dict  # {op: "torch" | "triton"}
 
     @property
+    def bias_in_norm(self) -> bool:
+        """True when a projection's bias before a residual add is added by the LayerNorm after it (Triton's
+        add_layer_norm, in the same pass as the add); else by the projection's matmul, as nn.Linear does."""
+        return self.choice["layer_norm"] == "triton"
+
+    @property
     def fused_lm_head_loss(self) -> bool:
         """True when the loss is computed without ever materialising the (B, T, V) logits."""
         return self.choice["cross_entropy"] == "triton"
