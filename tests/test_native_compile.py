@@ -74,6 +74,26 @@ def _run_layer_norm(dtype, N, bias=True, param_dtype=torch.float32):
                       (False, False))
 
 
+def _run_add_layer_norm(dtype, N):
+    """GPT-2's residual adds: fp32 stream, a dtype branch with its fp32 bias, the output in dtype."""
+    ln = importlib.import_module("gpt2_triton.kernels.norm")
+    M = 64
+    x, branch = torch.empty((M, N)), torch.empty((M, N), dtype=dtype)
+    w, b = torch.empty((N,)), torch.empty((N,))
+    y, mean, rstd, residual = ln.layer_norm_fwd(x, w, b, 1e-5, dtype, branch, b)
+    ln.layer_norm_bwd(torch.empty_like(y), residual, w, mean, rstd, torch.empty_like(w), torch.empty_like(b),
+                      (True, True, True), torch.empty_like(x), dtype, torch.empty_like(b))
+
+
+def _run_embedding(N):
+    emb = importlib.import_module("gpt2_triton.kernels.embeddings")
+    idx = torch.zeros((64,), dtype=torch.int64)
+    wte, wpe = torch.empty((50304, N)), torch.empty((1024, N))
+    emb.embedding_fwd(idx, wte, wpe, 32)
+    emb.embedding_fwd(idx, wte, wpe, 64, idx)
+    emb.embedding_bwd(torch.empty((64, N)), idx, 32, None, None, torch.empty_like(wpe), (False, False))
+
+
 def _run_cross_entropy(dtype, V, num_classes=None):
     ce = importlib.import_module("gpt2_triton.kernels.loss")
     M = 8
@@ -204,6 +224,7 @@ def _all_cases():
         bf16 = dt_name == "bf16"
         add(f"{dt_name}-N768", _capture(_run_layer_norm, dt, 768), critical=bf16)
         add(f"{dt_name}-N16384", _capture(_run_layer_norm, dt, 16384))
+        add(f"{dt_name}-N768-residual", _capture(_run_add_layer_norm, dt, 768), critical=bf16)
         ce_launches = _capture(_run_cross_entropy, dt, 50304, 50257)  # the model's padded lm_head
         add(f"{dt_name}-V50304-classes50257", ce_launches, critical=bf16)
         add_autotuned(f"{dt_name}-V50304-classes50257", ce_launches, d, sweep=bf16, sweep_is_slow=False,
@@ -225,6 +246,7 @@ def _all_cases():
             add_attention(f"{dt_name}-D{D}-causal", d, dt, D, slow=True, run=_run_varlen)
         add_attention(f"{dt_name}-D64-full", d, dt, 64, False, slow=True, run=_run_varlen)
         add_attention(f"{dt_name}-D64-full", d, dt, 64, False, slow=True, run=_run_documents)
+    add("N768", _capture(_run_embedding, 768), critical=True)
     ids = [c.id for c, _ in cases]
     assert len(ids) == len(set(ids)), "duplicate case ids"
     return cases

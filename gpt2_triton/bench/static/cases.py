@@ -183,6 +183,15 @@ def launch_tag(launch: Launch) -> str:
         parts.append("nobias")
     if "COMPUTE_GRAD" in a:
         parts.append("grad" if a["COMPUTE_GRAD"] else "nograd")
+    flags = {"HAS_BRANCH": "branch", "HAS_BRANCH_BIAS": "branchbias", "HAS_DRESIDUAL": "dres",
+             "HAS_DBRANCH": "dbranch", "ACCUMULATE": "acc", "HAS_SCALE": "scaled", "HAS_POS": "pos"}
+    parts += [tag for name, tag in flags.items() if a.get(name)]
+    if a.get("COLSUM_ROWS"):
+        parts.append(f"colsum{a['COLSUM_ROWS']}")
+    if a.get("NUM_PARTIALS", 2) != 2:
+        parts.append(f"{a['NUM_PARTIALS']}partials")
+    if "NUM_PAIRS" in a:
+        parts.append(f"{a['NUM_PAIRS']}pairs")
     return "-".join(parts)
 
 
