@@ -31,7 +31,10 @@ import torch.nn.functional as F
 
 from gpt2_triton.model import GPT, GPTConfig
 from gpt2_triton.model.gpt import check_token_ids
-from gpt2_triton.model.ops import OP_NAMES, build_ops
+from gpt2_triton.model.ops import build_ops
+
+# The ops the patch can put in HF's GPT-2; its Conv1D projections and embeddings stay HF's.
+PATCHED_OPS = ("layer_norm", "attention", "gelu_mlp", "cross_entropy")
 
 # HF stores these as Conv1D (in_features, out_features): transpose into nn.Linear layout.
 CONV1D_SUFFIXES = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
@@ -248,7 +251,7 @@ def apply_kernels(model, kernels="triton"):
         raise TypeError(f"apply_kernels: expected a transformers GPT2LMHeadModel; got {type(model).__name__}")
     remove_kernels(model)
     ops = build_ops(kernels)
-    patch = _Patch(applied={op: "hf" for op in OP_NAMES})
+    patch = _Patch(applied={op: "hf" for op in PATCHED_OPS})
     config = model.config
     if ops.choice["layer_norm"] == "triton":
         forward = _layer_norm_forward(ops.layer_norm)
@@ -300,7 +303,7 @@ def remove_kernels(model):
 def applied_kernels(model) -> dict:
     """{op: "triton" | "hf"}: what runs each op of a (possibly) patched GPT2LMHeadModel."""
     patch = vars(model).get("_gpt2_triton_patch")
-    return dict(patch.applied) if patch else {op: "hf" for op in OP_NAMES}
+    return dict(patch.applied) if patch else {op: "hf" for op in PATCHED_OPS}
 
 
 @contextlib.contextmanager

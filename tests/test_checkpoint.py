@@ -162,7 +162,8 @@ def test_load_model_from_hf_save_pretrained_dir(tmp_path):
 def test_load_model_uses_the_requested_kernels(tmp_path):
     save_checkpoint(tmp_path / "m.pt", training_state(tiny_model(), step=1))
     assert load_model(tmp_path / "m.pt", kernels="torch").kernels == {
-        "layer_norm": "torch", "attention": "torch", "gelu_mlp": "torch", "cross_entropy": "torch"}
+        "layer_norm": "torch", "attention": "torch", "gelu_mlp": "torch", "cross_entropy": "torch", "linear": "torch",
+        "embedding": "torch"}
     state = load_checkpoint(tmp_path / "m.pt")
     state["kernels"] = {**state["kernels"], "attention": "triton"}  # as a run with Triton attention saved it
     assert ckpt.model_from_checkpoint(state, kernels=None).kernels["attention"] == "triton"

@@ -34,9 +34,14 @@ def test_public_ops_import_from_package():
     from gpt2_triton.kernels.utils import document_bounds as bounds_helper
     from gpt2_triton.kernels.varlen import flash_attention_varlen as varlen_op
     assert flash_attention_varlen is varlen_op and document_bounds is bounds_helper
+    from gpt2_triton.kernels import add_layer_norm, embedding, linear
+    from gpt2_triton.kernels.embeddings import embedding as embedding_op
+    from gpt2_triton.kernels.norm import add_layer_norm as add_layer_norm_op
+    from gpt2_triton.kernels.projection import linear as linear_op
+    assert add_layer_norm is add_layer_norm_op and embedding is embedding_op and linear is linear_op
     assert set(kernels.__all__) == {"flash_attention", "flash_attention_qkv", "flash_attention_varlen", "layer_norm",
-                                    "gelu_mlp", "linear_gelu", "cross_entropy", "linear_cross_entropy",
-                                    "document_bounds"}
+                                    "add_layer_norm", "gelu_mlp", "linear_gelu", "cross_entropy",
+                                    "linear_cross_entropy", "linear", "embedding", "document_bounds"}
     with pytest.raises(ImportError, match="no_such_op"):
         from gpt2_triton.kernels import no_such_op  # noqa: F401
 

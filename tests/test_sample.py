@@ -59,9 +59,9 @@ def test_triton_kernels_on_cpu_without_the_interpreter_is_a_one_line_error(monke
     with pytest.raises(SystemExit) as excinfo:
         sample.main(["--init", "no-such-model", "--device", "cpu", "--kernels", "triton"])
     err = capsys.readouterr().err
-    assert excinfo.value.code == 2 and "Triton kernels (layer_norm, attention, gelu_mlp, cross_entropy) need a " \
-        "CUDA GPU, and there is none. To run them on the CPU through Triton's interpreter (slow), set " \
-        "TRITON_INTERPRET=1" in err
+    assert excinfo.value.code == 2 and "Triton kernels (layer_norm, attention, gelu_mlp, cross_entropy, linear, " \
+        "embedding) need a CUDA GPU, and there is none. To run them on the CPU through Triton's interpreter " \
+        "(slow), set TRITON_INTERPRET=1" in err
 
 
 def tiny_checkpoint(path, **config_changes):

@@ -26,8 +26,10 @@ OP_MODULES = {
     "linear": "gpt2_triton.kernels.projection",
     "embedding": "gpt2_triton.kernels.embeddings",
 }
-# the modules that define Triton kernels: the ops' and the gradient reduction they share
-KERNEL_MODULES = tuple(dict.fromkeys([*OP_MODULES.values(), "gpt2_triton.kernels.grads"]))
+# the modules that define Triton kernels: the ops' (but projection's, which runs cuBLAS only) and the
+# gradient reduction they share
+KERNEL_MODULES = tuple(m for m in dict.fromkeys([*OP_MODULES.values(), "gpt2_triton.kernels.grads"])
+                       if m != "gpt2_triton.kernels.projection")
 HELPERS = {"document_bounds": "gpt2_triton.kernels.utils"}  # plain PyTorch: no triton import
 
 __all__ = list(OP_MODULES) + list(HELPERS)

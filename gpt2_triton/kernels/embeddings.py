@@ -96,7 +96,7 @@ class EmbeddingFunction(torch.autograd.Function):
         out = embedding_fwd(flat_idx, wte, wpe, T, flat_pos)
         ctx.save_for_backward(flat_idx, flat_pos)
         ctx.T = T
-        ctx.sinks = GradSinks(wte, wpe)
+        ctx.sinks = GradSinks((wte, wpe), ctx.needs_input_grad[1:3])
         return out.view(*idx.shape, wte.shape[1])
 
     @staticmethod

@@ -5,8 +5,8 @@ gradient read twice and written once more). The fused backwards instead write in
 `GradSinks` tells a backward, per parameter, where its gradient goes:
 - into the parameter's `.grad` (accumulating in the kernel that computes it; made, unfilled, and set as
   `.grad` when there is none), when this backward pass accumulates into `.grad` (a `.backward()`, not
-  `torch.autograd.grad`) and the parameter is a leaf without tensor hooks (which would expect to see the
-  gradient); the backward returns None for it, so autograd adds nothing;
+  `torch.autograd.grad`) and the tensor is an nn.Parameter (not a view of one) without tensor hooks
+  (which would expect to see the gradient); the backward returns None for it, so autograd adds nothing;
 - otherwise into a fresh tensor the backward returns (`torch.autograd.grad`, or a `.grad` of another
   layout or dtype, which autograd then adds to).
 A weight two ops share (GPT-2's tied wte: the loss and the embedding) gets both contributions added into
@@ -53,60 +53,57 @@ def _sum_rows_into(partial_ptr, out_ptr, scale_ptr, num_rows, row_len, stride_p,
 @triton.jit(do_not_specialize=["rows0", "rows1", "rows2", "accumulate0", "accumulate1", "accumulate2"])
 def _sum_partials_kernel(
     partial0_ptr, out0_ptr, rows0, len0, stride0, accumulate0,  # (rows0, len0) partials -> (len0,) out
-    partial1_ptr, out1_ptr, rows1, len1, stride1, accumulate1,  # second pair, when NUM_PAIRS >= 2
-    partial2_ptr, out2_ptr, rows2, len2, stride2, accumulate2,  # third pair, when NUM_PAIRS == 3
+    partial1_ptr, out1_ptr, rows1, len1, stride1, accumulate1,  # second pair (grid axis 1 >= 2)
+    partial2_ptr, out2_ptr, rows2, len2, stride2, accumulate2,  # third pair (grid axis 1 == 3)
     scale_ptr,  # () fp32 factor on every sum when HAS_SCALE
-    NUM_PAIRS: tl.constexpr, HAS_SCALE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+    HAS_SCALE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    """Grid (cdiv(longest len, BLOCK_C), NUM_PAIRS): program (i, p) sums the partial rows of pair p over
-    columns [i * BLOCK_C, (i + 1) * BLOCK_C) into out_p, added to what out_p holds when accumulate_p."""
+    """Grid (cdiv(longest len, BLOCK_C), pairs): program (i, p) sums the partial rows of pair p over columns
+    [i * BLOCK_C, (i + 1) * BLOCK_C) into out_p, added to what out_p holds when accumulate_p. The pairs
+    are runtime arguments (unused ones repeat the first): one compile serves 1 to 3 pairs."""
     col0 = tl.program_id(0).to(tl.int64) * BLOCK_C
     pair = tl.program_id(1)
     if pair == 0:
         _sum_rows_into(partial0_ptr, out0_ptr, scale_ptr, rows0, len0, stride0, accumulate0, col0, HAS_SCALE,
                        BLOCK_R, BLOCK_C)
-    if NUM_PAIRS >= 2:
-        if pair == 1:
-            _sum_rows_into(partial1_ptr, out1_ptr, scale_ptr, rows1, len1, stride1, accumulate1, col0,
-                           HAS_SCALE, BLOCK_R, BLOCK_C)
-    if NUM_PAIRS == 3:
-        if pair == 2:
-            _sum_rows_into(partial2_ptr, out2_ptr, scale_ptr, rows2, len2, stride2, accumulate2, col0,
-                           HAS_SCALE, BLOCK_R, BLOCK_C)
+    elif pair == 1:
+        _sum_rows_into(partial1_ptr, out1_ptr, scale_ptr, rows1, len1, stride1, accumulate1, col0, HAS_SCALE,
+                       BLOCK_R, BLOCK_C)
+    else:
+        _sum_rows_into(partial2_ptr, out2_ptr, scale_ptr, rows2, len2, stride2, accumulate2, col0, HAS_SCALE,
+                       BLOCK_R, BLOCK_C)
 
 
 def _sum_tile(max_rows: int) -> tuple:
-    """(BLOCK_R, BLOCK_C): 4096 elements a program step, as many rows as there are (up to 32) for the
-    hundreds of per-program rows of LayerNorm's partials, wide rows for the few of split-K."""
+    """(BLOCK_R, BLOCK_C) of a program step: the few wide rows of split-K pieces (or one scaled row) in 4 x 1024
+    steps; the hundreds of short per-program rows (LayerNorm's, the column sums') in 64 x 32 steps, which
+    spread GPT-2's 768 columns over 24 programs a pair. Two tiles: two compiles serve every call."""
     if is_interpreter():
         return 4, 64
-    block_r = min(32, triton.next_power_of_2(max(max_rows, 1)))
-    return block_r, 4096 // block_r
+    return (4, 1024) if max_rows <= 8 else (64, 32)
 
 
 def sum_partials(pairs: Sequence[tuple], scale: Optional[torch.Tensor] = None) -> None:
     """For each (partials, out, accumulate) of 1 to 3 pairs: out (+)= scale * partials.sum(0), in one launch.
 
-    partials: (S, L), any float dtype, unit column stride (S may be 0: a sum of nothing is 0); out: L contiguous
-    elements (any float dtype, any shape), overwritten, or added to when accumulate. scale: () fp32 on the
-    device, or None. Rows are summed in order in fp32: bit-reproducible.
+    partials: (S, L), any float dtype, unit column stride (S may be 0: a sum of nothing is 0); out: L
+    contiguous elements (any float dtype, any shape), overwritten, or added to when accumulate. scale: ()
+    fp32 on the device, or None. Rows are summed in a fixed order in fp32: bit-reproducible.
     """
     if not 1 <= len(pairs) <= 3:
         raise ValueError(f"sum_partials: 1 to 3 pairs; got {len(pairs)}")
     args = []
-    for partials, out, accumulate in pairs:
+    for partials, out, accumulate in [*pairs, *[pairs[0]] * (3 - len(pairs))]:
         assert partials.dim() == 2 and partials.stride(1) == 1 and out.is_contiguous() \
             and out.numel() == partials.shape[1], "sum_partials: (S, L) partials and L contiguous outputs"
         args += [partials, out, partials.shape[0], partials.shape[1], partials.stride(0), bool(accumulate)]
-    args += [None, None, 0, 0, 0, False] * (3 - len(pairs))
     longest = max(p[0].shape[1] for p in pairs)
     if longest == 0:
         return
     block_r, block_c = _sum_tile(max(p[0].shape[0] for p in pairs))
     with device_guard(pairs[0][1].device):
         _sum_partials_kernel[(triton.cdiv(longest, block_c), len(pairs))](
-            *args, scale, NUM_PAIRS=len(pairs), HAS_SCALE=scale is not None, BLOCK_R=block_r, BLOCK_C=block_c,
-            num_warps=4)
+            *args, scale, HAS_SCALE=scale is not None, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=4)
 
 
 FP32_OUT_KINDS = ("addmm", "mm", "upcast")  # fastest first; each falls back to the next (features fp32_out_*)
@@ -158,15 +155,17 @@ class GradSinks:
     """Made in a fused op's forward for its parameters (None entries allowed); its backward asks
     `buffers(...)` where each gradient goes, writes them, and returns each buffer's `returned()`."""
 
-    def __init__(self, *params: Optional[torch.Tensor]):
+    def __init__(self, params: Sequence[Optional[torch.Tensor]], needed: Sequence[bool]):
+        """params and, for each, whether the backward will compute its gradient (the forward's
+        ctx.needs_input_grad for it)."""
         self.params = params
-        self.nodes = [self._node(p) for p in params]
+        self.nodes = [self._node(p) if need else None for p, need in zip(params, needed)]
 
     @staticmethod
     def _node(param):
         """The parameter's AccumulateGrad node where its gradient may go straight into .grad, else None."""
-        if param is None or not param.requires_grad or not param.is_leaf or torch.compiler.is_compiling() \
-                or param._backward_hooks:
+        if not isinstance(param, torch.nn.Parameter) or not param.requires_grad or not param.is_leaf \
+                or torch.compiler.is_compiling() or param._backward_hooks:
             return None
         return torch.autograd.graph.get_gradient_edge(param).node
 

@@ -473,7 +473,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         loss, grad_x, grad_weight = linear_cross_entropy_fwd(
             x, weight, targets, ignore_index, chunk_size, compute_grad, num_classes)
         ctx.save_for_backward(grad_x, grad_weight)
-        ctx.sinks = GradSinks(weight)
+        ctx.sinks = GradSinks((weight,), ctx.needs_input_grad[1:2])
         return loss
 
     @staticmethod

@@ -326,6 +326,8 @@ def colsum_rows() -> int:
 # Epilogue column slices, by epilogue: fewer live registers where the GELU math spills the tiles with
 # 128 accumulator registers per thread (ptxas -v, sm_90, bf16, triton 3.9: the GELU gradient spills
 # 1.9-2.2 KB with one slice, 1.1-1.6 KB with two, nothing with four; the GELU 40-80 B with one slice).
+# Adding into out (accumulate) reads an fp32 tile beside the accumulator: two slices (one spilled 192 B
+# at 64x256x32 and 128x128x32 with 4 warps, 255 registers).
 _EPILOGUE_SUBTILES = {EPI_NONE.value: 1, EPI_GELU.value: 2, EPI_GELU_GRAD.value: 4}
 
 
@@ -365,7 +367,8 @@ def _launch_matmul(a, b, out, bias=None, epilogue=EPI_NONE, aux_in=None, aux_out
             HAS_BIAS=bias is not None, EPILOGUE=epilogue.value, STORE_AUX=aux_out is not None,
             IEEE_FP32=a.dtype == torch.float32, UPCAST_OPERANDS=is_interpreter() and a.dtype == torch.bfloat16,
             EVEN_K=K % bk == 0, SPLIT_K=split_k, ACCUMULATE=accumulate,
-            COLSUM_ROWS=colsum_rows() if colsum is not None else 0, SUBTILE=_EPILOGUE_SUBTILES[epilogue.value],
+            COLSUM_ROWS=colsum_rows() if colsum is not None else 0,
+            SUBTILE=max(_EPILOGUE_SUBTILES[epilogue.value], 2 if accumulate else 1),
         )
     return out
 
@@ -576,7 +579,7 @@ class GeluMLPFunction(torch.autograd.Function):
         x2d = x.reshape(-1, x.shape[-1])  # (M, C)
         y, pre = gelu_mlp_fwd(x2d, fc_weight, fc_bias, proj_weight, proj_bias, save_pre)
         ctx.save_for_backward(x2d, pre, fc_weight, proj_weight)
-        ctx.sinks = GradSinks(fc_weight, fc_bias, proj_weight, proj_bias)
+        ctx.sinks = GradSinks((fc_weight, fc_bias, proj_weight, proj_bias), ctx.needs_input_grad[1:5])
         return y.view(x.shape)
 
     @staticmethod
@@ -594,7 +597,7 @@ class LinearGeluFunction(torch.autograd.Function):
         x2d = x.reshape(-1, x.shape[-1])  # (M, K)
         out, pre = linear_gelu_fwd(x2d, weight, bias, save_pre)
         ctx.save_for_backward(x2d, pre, weight)
-        ctx.sinks = GradSinks(weight, bias)
+        ctx.sinks = GradSinks((weight, bias), ctx.needs_input_grad[1:3])
         return out.view(*x.shape[:-1], weight.shape[0])
 
     @staticmethod

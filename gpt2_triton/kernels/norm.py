@@ -261,7 +261,7 @@ class LayerNormFunction(torch.autograd.Function):
         branch2d = branch.reshape(x2d.shape) if branch is not None else None
         y, mean, rstd, residual = layer_norm_fwd(x2d, weight, bias, eps, out_dtype, branch2d, branch_bias)
         ctx.save_for_backward(residual if branch is not None else x2d, weight, mean, rstd)
-        ctx.sinks = GradSinks(weight, bias, branch_bias)
+        ctx.sinks = GradSinks((weight, bias, branch_bias), [ctx.needs_input_grad[i] for i in (1, 2, 6)])
         ctx.branch_dtype = branch.dtype if branch is not None else None
         ctx.with_residual = with_residual
         ctx.set_materialize_grads(False)

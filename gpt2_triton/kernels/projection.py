@@ -68,7 +68,7 @@ class LinearFunction(torch.autograd.Function):
         x2d = x.reshape(-1, x.shape[-1])  # (M, K)
         out = linear_fwd(x2d, weight, bias)
         ctx.save_for_backward(x2d, weight)
-        ctx.sinks = GradSinks(weight, bias)
+        ctx.sinks = GradSinks((weight, bias), ctx.needs_input_grad[1:3])
         return out.view(*x.shape[:-1], weight.shape[0])
 
     @staticmethod
