@@ -4,23 +4,26 @@
                                      gelu_mlp, linear_gelu, cross_entropy, linear_cross_entropy, document_bounds)
 
 Names resolve on first use, so `import gpt2_triton.kernels.reference` (plain PyTorch) never imports triton.
-Modules: attention, varlen (packed and document-masked attention), norm (LayerNorm), mlp (GELU-MLP), loss
-(cross-entropy); reference (PyTorch) and utils.
+Modules: attention (a package: dense, packed and document-masked attention), norm (LayerNorm), mlp (GELU-MLP),
+loss (cross-entropy); reference (PyTorch), autotune and utils.
 """
 import importlib
 
-# public op -> the module that defines it
+# public op -> the module it is imported from
 OP_MODULES = {
     "flash_attention": "gpt2_triton.kernels.attention",
-    "flash_attention_qkv": "gpt2_triton.kernels.varlen",
-    "flash_attention_varlen": "gpt2_triton.kernels.varlen",
+    "flash_attention_qkv": "gpt2_triton.kernels.attention",
+    "flash_attention_varlen": "gpt2_triton.kernels.attention",
     "layer_norm": "gpt2_triton.kernels.norm",
     "gelu_mlp": "gpt2_triton.kernels.mlp",
     "linear_gelu": "gpt2_triton.kernels.mlp",
     "cross_entropy": "gpt2_triton.kernels.loss",
     "linear_cross_entropy": "gpt2_triton.kernels.loss",
 }
-KERNEL_MODULES = tuple(dict.fromkeys(OP_MODULES.values()))  # the modules that define Triton kernels
+KERNEL_MODULES = (  # the modules that define Triton kernels (tests/test_kernels_package.py checks the list)
+    "gpt2_triton.kernels.attention.core", "gpt2_triton.kernels.attention.dense", "gpt2_triton.kernels.attention.varlen",
+    "gpt2_triton.kernels.norm", "gpt2_triton.kernels.mlp", "gpt2_triton.kernels.loss",
+)
 HELPERS = {"document_bounds": "gpt2_triton.kernels.utils"}  # plain PyTorch: no triton import
 
 __all__ = list(OP_MODULES) + list(HELPERS)
