@@ -1,21 +1,19 @@
-"""Flash attention (kernels/attention.py) against the fp32 reference (kernels/reference.py)."""
+"""Dense flash attention (kernels/attention/) against the fp32 reference (kernels/reference.py)."""
 import math
 
 import pytest
 import torch
 from helpers import assert_close, assert_close_to_ref
 
-from gpt2_triton.kernels import attention as attn
 from gpt2_triton.kernels import reference as ref
-from gpt2_triton.kernels.attention import (
-    flash_attention,
+from gpt2_triton.kernels.attention import core, flash_attention, flash_attention_qkv
+from gpt2_triton.kernels.attention.dense import (
     flash_attention_bwd,
     flash_attention_fwd,
     flash_attention_qkv_bwd,
     flash_attention_qkv_fwd,
 )
 from gpt2_triton.kernels.utils import feature_failed, isolated_features, override_target
-from gpt2_triton.kernels.varlen import flash_attention_qkv
 
 SHAPES = [  # (B, H, T, D); T not a multiple of any block on purpose
     pytest.param((1, 1, 1, 16), id="B1-H1-T1-D16"),
@@ -358,18 +356,18 @@ def test_tma_layout_rule(device):
     half = dict(device=device, dtype=torch.float16)
     x = torch.randn(2, 8, 3 * 2 * 16, **half)
     q, k, v = _model_views(x, 2)
-    assert all(attn._tma_ok(t) for t in (q, k, v))  # the model's views of the QKV projection: read in place
-    assert attn._tma_readable(q) is q
-    assert attn._tma_ok(torch.randn(1, 2, 5, 16, **half))
-    assert attn._tma_ok(torch.randn(1, 2, 5, 16, **half).as_strided((1, 2, 5, 16), (3, 80, 16, 1)))  # B = 1
+    assert all(core.tma_ok(t) for t in (q, k, v))  # the model's views of the QKV projection: read in place
+    assert core.tma_readable(q) is q
+    assert core.tma_ok(torch.randn(1, 2, 5, 16, **half))
+    assert core.tma_ok(torch.randn(1, 2, 5, 16, **half).as_strided((1, 2, 5, 16), (3, 80, 16, 1)))  # B = 1
     odd = [torch.randn(1, 2, 5, 32, **half)[..., ::2],  # stride 2 along D
            torch.randn(1, 2, 5, 17, **half)[..., 1:],  # rows not 16-byte aligned
            torch.randn(1 * 2 * 5 * 16 + 1, **half)[1:].view(1, 2, 5, 16),  # base not 16-byte aligned
            torch.randn(1, 1, 1, 16, **half).expand(1, 2, 5, 16)]  # stride 0
     for t in odd:
-        assert not attn._tma_ok(t)
-        copy = attn._tma_readable(t)
-        assert attn._tma_ok(copy) and torch.equal(copy, t)
+        assert not core.tma_ok(t)
+        copy = core.tma_readable(t)
+        assert core.tma_ok(copy) and torch.equal(copy, t)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32-pointers", "fp16-tma"])

@@ -158,7 +158,7 @@ def test_a_persisted_config_the_static_rule_no_longer_admits_is_retuned(tmp_path
 
 
 @pytest.mark.parametrize("module, name", [("gpt2_triton.kernels.mlp", "_matmul"),
-                                          ("gpt2_triton.kernels.attention", "_flash_attention_fwd"),
+                                          ("gpt2_triton.kernels.attention.dense", "_flash_attention_fwd"),
                                           ("gpt2_triton.kernels.loss", "_linear_cross_entropy_lse")])
 def test_kernels_tune_through_the_tuner(module, name):
     import importlib

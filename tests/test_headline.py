@@ -185,8 +185,9 @@ def test_pytest_job_chooses_gpu_tests_by_marker_and_reports_a_broken_module(tmp_
 def test_find_autotuners_scans_the_kernels_package():
     from gpt2_triton.kernels.autotune import Tuner
     tuners = headline.find_autotuners()
-    assert {"attention._flash_attention_fwd", "attention._flash_attention_bwd_dkdv",
-            "attention._flash_attention_bwd_dq", "mlp._matmul", "loss._linear_cross_entropy_lse"} <= set(tuners)
+    assert {"attention.dense._flash_attention_fwd", "attention.dense._flash_attention_bwd_dkdv",
+            "attention.dense._flash_attention_bwd_dq", "attention.varlen._varlen_fwd", "mlp._matmul",
+            "loss._linear_cross_entropy_lse"} <= set(tuners)
     assert all(isinstance(t, Tuner) for t in tuners.values())
 
 

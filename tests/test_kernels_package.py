@@ -28,11 +28,11 @@ def test_public_ops_import_from_package():
     for fn in (cross_entropy, gelu_mlp, layer_norm):
         assert fn.__module__.startswith("gpt2_triton.kernels.") and callable(fn)
     from gpt2_triton.kernels import flash_attention_qkv
-    from gpt2_triton.kernels.varlen import flash_attention_qkv as attention_qkv_op
+    from gpt2_triton.kernels.attention import flash_attention_qkv as attention_qkv_op
     assert flash_attention_qkv is attention_qkv_op
     from gpt2_triton.kernels import document_bounds, flash_attention_varlen
+    from gpt2_triton.kernels.attention import flash_attention_varlen as varlen_op
     from gpt2_triton.kernels.utils import document_bounds as bounds_helper
-    from gpt2_triton.kernels.varlen import flash_attention_varlen as varlen_op
     assert flash_attention_varlen is varlen_op and document_bounds is bounds_helper
     from gpt2_triton.kernels import add_layer_norm, embedding, linear
     from gpt2_triton.kernels.embeddings import embedding as embedding_op
@@ -59,16 +59,23 @@ def test_torch_only_imports_do_not_import_triton():
 
 
 def test_kernel_modules_lists_every_module_with_kernels():
-    """KERNEL_MODULES (what the static profile and the headline scan) names every module that defines one."""
+    """KERNEL_MODULES (what the static profile and the headline scan) names every module, in subpackages too,
+    that defines a Triton kernel (a @triton.jit function of its own source, autotuned or not)."""
     import pkgutil
 
     import triton
 
     import gpt2_triton.kernels as kernels
+
+    def defined_in(v) -> str:
+        while isinstance(v, triton.runtime.Autotuner):
+            v = v.fn
+        is_kernel = isinstance(v, triton.runtime.JITFunction) or type(v).__name__ == "InterpretedFunction"
+        return v.fn.__module__ if is_kernel else None
+
     defining = set()
-    for info in pkgutil.iter_modules(kernels.__path__, "gpt2_triton.kernels."):
+    for info in pkgutil.walk_packages(kernels.__path__, "gpt2_triton.kernels."):
         module = importlib.import_module(info.name)
-        if any(isinstance(v, (triton.runtime.JITFunction, triton.runtime.Autotuner))
-               or type(v).__name__ == "InterpretedFunction" for v in vars(module).values()):
+        if any(defined_in(v) == info.name for v in vars(module).values()):
             defining.add(info.name)
     assert defining == set(kernels.KERNEL_MODULES)

@@ -69,6 +69,100 @@ def test_no_import_cycles():
             visit(node)
 
 
+# Private names that modules outside the attention package still import from another module; each entry is
+# (importing module, module imported from, name). Cleared by giving the name a public home in its module.
+PRIVATE_IMPORTS_ALLOWED = {
+    ("gpt2_triton.bench.gelu_mlp", "gpt2_triton.kernels.mlp", "_split_k"),
+    ("gpt2_triton.bench.gelu_mlp", "gpt2_triton.kernels.mlp", "_launch_matmul"),
+    ("gpt2_triton.bench.preflight", "gpt2_triton.kernels.mlp", "_launch_matmul"),
+}
+
+
+def _resolve(name: str, node: ast.ImportFrom) -> str:
+    """The absolute module a `from ... import` names, relative ones included."""
+    if node.level == 0:
+        return node.module
+    base = name.split(".")[: len(name.split(".")) - node.level + (1 if _is_package(name) else 0)]
+    return ".".join(base + ([node.module] if node.module else []))
+
+
+def _is_package(name: str) -> bool:
+    return (PACKAGE.parent / name.replace(".", "/") / "__init__.py").is_file()
+
+
+def _own_core(importer: str, source: str) -> bool:
+    """source is (in) the core module of a package that importer belongs to: names there are public to it."""
+    parts = source.split(".")
+    return "core" in parts and importer.startswith(".".join(parts[: parts.index("core")]) + ".")
+
+
+def private_imports(name: str, path: Path, modules: dict) -> set:
+    """(name, module, private name) for each `_name` (not a dunder) that module `name` takes from another
+    project module: `from m import _x`, or `m._x` after `import m` / `from pkg import m`."""
+    found, aliases = set(), {}
+    tree = ast.parse(path.read_text())
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
+            source = _resolve(name, node)
+            for alias in node.names:
+                if f"{source}.{alias.name}" in modules:
+                    aliases[alias.asname or alias.name] = f"{source}.{alias.name}"
+                elif source in modules and alias.name.startswith("_") and not alias.name.startswith("__"):
+                    found.add((name, source, alias.name))
+        elif isinstance(node, ast.Import):
+            for alias in node.names:
+                if alias.name in modules:  # `import a.b as m` binds m to a.b; `import a.b` binds a
+                    top = alias.name.split(".")[0]
+                    aliases[alias.asname or top] = alias.name if alias.asname else top
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.Attribute):
+            continue
+        chain, base = [], node
+        while isinstance(base, ast.Attribute):
+            chain.insert(0, base.attr)
+            base = base.value
+        if not isinstance(base, ast.Name) or base.id not in aliases:
+            continue
+        module = aliases[base.id]
+        while chain and f"{module}.{chain[0]}" in modules:
+            module = f"{module}.{chain.pop(0)}"
+        if chain and chain[0].startswith("_") and not chain[0].startswith("__") and module != name:
+            found.add((name, module, chain[0]))
+    return {f for f in found if f[1] != name and not _own_core(name, f[1])}
+
+
+def test_no_module_imports_a_private_name_of_another():
+    """A `_name` is its module's own: another module that needs it needs a public name (a package shares its
+    internals through its core module, whose names are public to the package)."""
+    modules = project_modules()
+    found = set().union(*(private_imports(name, path, modules) for name, path in modules.items()))
+    assert not found - PRIVATE_IMPORTS_ALLOWED, "private names imported: " + ", ".join(
+        f"{m} takes {source}.{attr}" for m, source, attr in sorted(found - PRIVATE_IMPORTS_ALLOWED))
+    assert not PRIVATE_IMPORTS_ALLOWED - found, f"allowed but no longer imported: {PRIVATE_IMPORTS_ALLOWED - found}"
+
+
+def test_private_import_rule_sees_every_form(tmp_path):
+    """The rule above flags `from m import _x`, `m._x` after `from pkg import m` or `import pkg.m as m`, and
+    relative imports; not dunders, not a package's core, not a module's own names."""
+    modules = {"gpt2_triton.kernels.mlp": None, "gpt2_triton.kernels": None, "gpt2_triton": None,
+               "gpt2_triton.kernels.attention": None, "gpt2_triton.kernels.attention.core": None,
+               "gpt2_triton.kernels.attention.dense": None, "gpt2_triton.bench.x": None}
+    src = tmp_path / "x.py"
+    src.write_text("from gpt2_triton.kernels.mlp import _a, b, __version__\n"
+                   "from gpt2_triton.kernels import mlp\n"
+                   "import gpt2_triton.kernels.mlp as m2\n"
+                   "mlp._c(m2._d, mlp.e, mlp.__name__)\n")
+    assert private_imports("gpt2_triton.bench.x", src, modules) == {
+        ("gpt2_triton.bench.x", "gpt2_triton.kernels.mlp", n) for n in ("_a", "_c", "_d")}
+    src.write_text("from gpt2_triton.kernels.attention.core import _shared\n"
+                   "from .core import _also\n"
+                   "from ..mlp import _f\n")
+    assert private_imports("gpt2_triton.kernels.attention.dense", src, modules) == {
+        ("gpt2_triton.kernels.attention.dense", "gpt2_triton.kernels.mlp", "_f")}
+    assert private_imports("gpt2_triton.bench.x", src, modules) == {
+        ("gpt2_triton.bench.x", "gpt2_triton.kernels.attention.core", "_shared")}
+
+
 def test_each_module_imports_alone():
     """Every module imports in a fresh interpreter state of the project (no reliance on import order)."""
     names = [n for n in project_modules() if not n.endswith("__main__")]

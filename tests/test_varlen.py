@@ -1,4 +1,4 @@
-"""Variable-length and document-masked flash attention (kernels/varlen.py) against dense-mask references
+"""Variable-length and document-masked flash attention (kernels/attention/varlen.py) against dense-mask references
 (kernels/reference.py) computed in fp64: forward, logsumexp and every gradient.
 
 Under the interpreter the tiles are 32 x 16 (forward, dQ) and 16 x 32 (dK/dV), so lengths 16, 17, 32
@@ -9,15 +9,14 @@ import torch
 from helpers import assert_close, assert_close_to_ref
 
 from gpt2_triton.kernels import reference as ref
-from gpt2_triton.kernels.utils import document_bounds, feature_failed, isolated_features, override_target
-from gpt2_triton.kernels.varlen import (
-    flash_attention_qkv,
+from gpt2_triton.kernels.attention import flash_attention_qkv, flash_attention_varlen
+from gpt2_triton.kernels.attention.varlen import (
     flash_attention_qkv_documents_bwd,
     flash_attention_qkv_documents_fwd,
-    flash_attention_varlen,
     flash_attention_varlen_bwd,
     flash_attention_varlen_fwd,
 )
+from gpt2_triton.kernels.utils import document_bounds, feature_failed, isolated_features, override_target
 
 FP32_TOL = dict(atol=1e-5, rtol=1e-5)
 CAUSAL = [pytest.param(True, id="causal"), pytest.param(False, id="full")]

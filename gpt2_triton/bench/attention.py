@@ -17,8 +17,7 @@ from gpt2_triton.bench.common import (
     sizes_text,
 )
 from gpt2_triton.kernels import reference
-from gpt2_triton.kernels.attention import flash_attention
-from gpt2_triton.kernels.varlen import flash_attention_qkv
+from gpt2_triton.kernels.attention import flash_attention, flash_attention_qkv
 
 MODES = ("fwd", "bwd", "fwd+bwd")
 

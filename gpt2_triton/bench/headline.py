@@ -238,8 +238,8 @@ def row_record(row) -> dict:
 
 # --- autotuners ---------------------------------------------------------------------------------
 def find_autotuners() -> dict:
-    """{"attention._flash_attention_fwd": Autotuner, ...}: every triton.autotune'd kernel that a
-    kernels.* module holds (also under triton.heuristics), found by scanning, not by name."""
+    """{"attention.dense._flash_attention_fwd": Autotuner, "mlp._matmul": ...}: every triton.autotune'd kernel
+    that a kernels.* module holds (also under triton.heuristics), found by scanning, not by name."""
     from triton.runtime.autotuner import Autotuner
     from triton.runtime.jit import JITFunction, KernelInterface
 
@@ -250,7 +250,7 @@ def find_autotuners() -> dict:
             while isinstance(obj, KernelInterface) and not isinstance(obj, JITFunction):
                 if isinstance(obj, Autotuner) and id(obj) not in seen:
                     seen.add(id(obj))
-                    found[f"{module_name.rsplit('.', 1)[1]}.{attr}"] = obj
+                    found[f"{module_name.removeprefix('gpt2_triton.kernels.')}.{attr}"] = obj
                 obj = getattr(obj, "fn", None)
     return found
 

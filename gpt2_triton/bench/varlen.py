@@ -61,9 +61,9 @@ def measure_document_lengths(data_dir, split: str = "train") -> np.ndarray:
 
 def first_tiles(dtype=torch.bfloat16, head_dim: int = 64) -> dict:
     """The hand-picked (first candidate) tiles of the forward, dQ and dK/dV kernels on a GPU."""
-    from gpt2_triton.kernels.attention import _bwd_dkdv_tiles, _bwd_dq_tiles, _fwd_tiles
-    return {"fwd": _fwd_tiles(head_dim, dtype)[0][:2], "dq": _bwd_dq_tiles(head_dim, dtype)[0][:2],
-            "dkdv": _bwd_dkdv_tiles(head_dim, dtype)[0][:2]}
+    from gpt2_triton.kernels.attention.core import bwd_dkdv_tiles, bwd_dq_tiles, fwd_tiles
+    return {"fwd": fwd_tiles(head_dim, dtype)[0][:2], "dq": bwd_dq_tiles(head_dim, dtype)[0][:2],
+            "dkdv": bwd_dkdv_tiles(head_dim, dtype)[0][:2]}
 
 
 def tile_counts(starts: torch.Tensor, block_m: int, block_n: int) -> dict:

@@ -5,18 +5,18 @@
                                      linear, embedding, document_bounds)
 
 Names resolve on first use, so `import gpt2_triton.kernels.reference` (plain PyTorch) never imports triton.
-Modules: attention, varlen (packed and document-masked attention), norm (LayerNorm, and the residual add
-fused into it), mlp (GELU-MLP), loss (cross-entropy), projection (linear: the attention projections on cuBLAS, fp32
-weight grads into .grad), embeddings (token + position); grads (parameter grads straight into .grad, and the
-reduction of per-program partials), reference (PyTorch) and utils.
+Modules: attention (a package: dense, packed and document-masked attention), norm (LayerNorm, and the residual
+add fused into it), mlp (GELU-MLP), loss (cross-entropy), projection (linear: the attention projections on
+cuBLAS, fp32 weight grads into .grad), embeddings (token + position); grads (parameter grads straight into
+.grad, and the reduction of per-program partials), reference (PyTorch), autotune and utils.
 """
 import importlib
 
-# public op -> the module that defines it
+# public op -> the module it is imported from
 OP_MODULES = {
     "flash_attention": "gpt2_triton.kernels.attention",
-    "flash_attention_qkv": "gpt2_triton.kernels.varlen",
-    "flash_attention_varlen": "gpt2_triton.kernels.varlen",
+    "flash_attention_qkv": "gpt2_triton.kernels.attention",
+    "flash_attention_varlen": "gpt2_triton.kernels.attention",
     "layer_norm": "gpt2_triton.kernels.norm",
     "add_layer_norm": "gpt2_triton.kernels.norm",
     "gelu_mlp": "gpt2_triton.kernels.mlp",
@@ -26,10 +26,11 @@ OP_MODULES = {
     "linear": "gpt2_triton.kernels.projection",
     "embedding": "gpt2_triton.kernels.embeddings",
 }
-# the modules that define Triton kernels: the ops' (but projection's, which runs cuBLAS only) and the
-# gradient reduction they share
-KERNEL_MODULES = tuple(m for m in dict.fromkeys([*OP_MODULES.values(), "gpt2_triton.kernels.grads"])
-                       if m != "gpt2_triton.kernels.projection")
+KERNEL_MODULES = (  # the modules that define Triton kernels (tests/test_kernels_package.py checks the list)
+    "gpt2_triton.kernels.attention.core", "gpt2_triton.kernels.attention.dense", "gpt2_triton.kernels.attention.varlen",
+    "gpt2_triton.kernels.norm", "gpt2_triton.kernels.mlp", "gpt2_triton.kernels.loss", "gpt2_triton.kernels.embeddings",
+    "gpt2_triton.kernels.grads",
+)
 HELPERS = {"document_bounds": "gpt2_triton.kernels.utils"}  # plain PyTorch: no triton import
 
 __all__ = list(OP_MODULES) + list(HELPERS)
