@@ -277,7 +277,7 @@ def test_matmul_strided_operands(apply_gelu, with_bias, dtype, device):
         out = a @ b if bias is None else a @ b + bias
         return ref.gelu_tanh(out) if apply_gelu else out
 
-    out = mlp._launch_matmul(a, b, torch.empty((M, N), dtype=dtype, device=device), bias=bias,
+    out = mlp.launch_matmul(a, b, torch.empty((M, N), dtype=dtype, device=device), bias=bias,
                              epilogue=mlp.EPI_GELU if apply_gelu else mlp.EPI_NONE)
     want = torch_version(a, b, bias, upcast=True)
     assert out.shape == (M, N) and out.dtype == dtype and out.is_contiguous()
@@ -301,21 +301,21 @@ def test_split_k_matches_reference(K, split_k, out_dtype, device):
     b = torch.randn(K, N, generator=gen).to(device, torch.float16)
     want = a.double() @ b.double()
     out = torch.empty(M, N, dtype=out_dtype, device=device)
-    mlp._split_matmul(a, b, out, split_k)
+    mlp.split_matmul(a, b, out, split_k)
     single = torch.empty(M, N, dtype=out_dtype, device=device)
-    mlp._launch_matmul(a, b, single)
+    mlp.launch_matmul(a, b, single)
     # fp16 products are exact in fp32: only the summation order and the final rounding differ
     tol = dict(atol=1e-4, rtol=1e-5) if out_dtype == torch.float32 else dict(atol=2e-3, rtol=1e-3)
     assert_close(out, want, **tol, name="split-K")
     assert_close(out, single, **tol, name="split-K vs one split")
     again = torch.empty_like(out)
-    mlp._split_matmul(a, b, again, split_k)
+    mlp.split_matmul(a, b, again, split_k)
     assert torch.equal(out, again), "split-K must give the same bits on every run"
 
 
 def test_split_k_through_the_public_ops(device, monkeypatch):
     """gelu_mlp / linear_gelu weight grads with split-K forced on (off a GPU it is never chosen)."""
-    monkeypatch.setattr(mlp, "_split_k", lambda M, N, K, num_sms, tile: 3)
+    monkeypatch.setattr(mlp, "split_k_for", lambda M, N, K, num_sms, tile: 3)
     x, params, dy = make_mlp_inputs((5, 9, 40), 200, torch.float32, device)
     lx, lw, lb, ldout = make_linear_inputs((37, 40), 200, torch.float32, device)
     with override_target(sm_count=4):
@@ -330,7 +330,7 @@ def test_split_k_through_the_public_ops(device, monkeypatch):
 
 def test_split_k_failure_falls_back_to_one_split(device, monkeypatch):
     """A split-K launch that fails is recorded once, with a warning, and the weight grads run unsplit."""
-    monkeypatch.setattr(mlp, "_split_k", lambda M, N, K, num_sms, tile: 3)
+    monkeypatch.setattr(mlp, "split_k_for", lambda M, N, K, num_sms, tile: 3)
     x, params, dy = make_mlp_inputs((5, 9, 40), 200, torch.float32, device)
     with isolated_features(), override_target(sm_count=4, fail_features=("split_k",)):
         with pytest.warns(RuntimeWarning, match="split over K"):
@@ -344,12 +344,12 @@ def test_split_k_failure_falls_back_to_one_split(device, monkeypatch):
 def test_matmul_candidates_fit_and_lead_with_the_hand_picked_tile():
     """Per dtype family, the first candidate is the hand-picked tile; every candidate's shared memory
     (the static rule's estimate) fits an H100's 227 KB, so the static rule drops none at GPT-2 shapes."""
-    assert mlp._matmul_tiles(torch.bfloat16)[0] == (128, 256, 64, 8, 3)
-    assert mlp._matmul_tiles(torch.float32)[0] == (128, 128, 64, 8, 3)  # 128x256x64 spilled 0.4-45 KB in fp32
+    assert mlp.matmul_tiles(torch.bfloat16)[0] == (128, 256, 64, 8, 3)
+    assert mlp.matmul_tiles(torch.float32)[0] == (128, 128, 64, 8, 3)  # 128x256x64 spilled 0.4-45 KB in fp32
     spec = candidates_of(mlp._matmul)
     for dtype in (torch.bfloat16, torch.float32):
         args = {"a_ptr": torch.empty(1, dtype=dtype)}
-        for tile in mlp._matmul_tiles(dtype):
+        for tile in mlp.matmul_tiles(dtype):
             assert mlp._matmul_smem(spec.config(tile), args) <= 232448, (dtype, tile)
 
 
@@ -357,11 +357,11 @@ def test_split_k_choice():
     """The split-K time model at GPT-2 124M training shapes on 132 SMs (an H100), for the tile that runs
     (the hand-picked bf16 tile, 128x256)."""
     B_T, C, H = 16 * 1024, 768, 3072
-    tile = mlp._matmul_tiles(torch.bfloat16)[0][:2]
-    assert mlp._split_k(H, C, B_T, 132, tile) == 3  # dW_fc: 72 output tiles -> 216 programs (1.64 waves)
-    assert mlp._split_k(C, H, B_T, 132, tile) == 3  # dW_proj
-    assert mlp._split_k(H, C, 1024, 132, tile) == 1  # short K: the partials would cost more than they win
-    assert mlp._split_k(B_T, C, H, 132, tile) == 1  # c_proj-shaped: 384 tiles already fill the GPU
+    tile = mlp.matmul_tiles(torch.bfloat16)[0][:2]
+    assert mlp.split_k_for(H, C, B_T, 132, tile) == 3  # dW_fc: 72 output tiles -> 216 programs (1.64 waves)
+    assert mlp.split_k_for(C, H, B_T, 132, tile) == 3  # dW_proj
+    assert mlp.split_k_for(H, C, 1024, 132, tile) == 1  # short K: the partials would cost more than they win
+    assert mlp.split_k_for(B_T, C, H, 132, tile) == 1  # c_proj-shaped: 384 tiles already fill the GPU
     assert mlp._k_split(B_T, 3) % mlp._max_block("BLOCK_K") == 0  # uneven splits stay whole BLOCK_Ks: no K mask
 
 
@@ -379,7 +379,7 @@ def test_huge_strides_rejected_before_launch():
     b = torch.empty((2 ** 26, 8), device="meta", dtype=torch.float16)
     out = torch.empty((64, 8), device="meta", dtype=torch.float16)
     with pytest.raises(ValueError, match="a strides .* too large for the kernel's int32 offsets"):
-        mlp._launch_matmul(a, b, out)
+        mlp.launch_matmul(a, b, out)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -570,7 +570,7 @@ def test_grads_accumulate_into_existing_grad(split, device, monkeypatch):
     """Two .backward() passes over nn.Parameters: the second adds into the first's .grad inside the kernels
     (the .grad tensors stay the same objects; split-K sums its pieces, the fc bias its column-sum partials,
     into them), giving twice one pass; autograd.grad returns the grads and leaves .grad alone."""
-    monkeypatch.setattr(mlp, "_split_k", lambda M, N, K, num_sms, tile: split)
+    monkeypatch.setattr(mlp, "split_k_for", lambda M, N, K, num_sms, tile: split)
     x, params, dy = make_mlp_inputs((3, 7, 40), 200, torch.float32, device, seed=9)
     params = [torch.nn.Parameter(p.clone()) for p in params]
     with override_target(sm_count=4):

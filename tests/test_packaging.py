@@ -71,11 +71,7 @@ def test_no_import_cycles():
 
 # Private names that modules outside the attention package still import from another module; each entry is
 # (importing module, module imported from, name). Cleared by giving the name a public home in its module.
-PRIVATE_IMPORTS_ALLOWED = {
-    ("gpt2_triton.bench.gelu_mlp", "gpt2_triton.kernels.mlp", "_split_k"),
-    ("gpt2_triton.bench.gelu_mlp", "gpt2_triton.kernels.mlp", "_launch_matmul"),
-    ("gpt2_triton.bench.preflight", "gpt2_triton.kernels.mlp", "_launch_matmul"),
-}
+PRIVATE_IMPORTS_ALLOWED = set()
 
 
 def _resolve(name: str, node: ast.ImportFrom) -> str:

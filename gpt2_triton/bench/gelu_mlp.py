@@ -57,19 +57,19 @@ def run(dtype, quick=False, sizes=None):
         h = torch.randn(M, Hd, device=device, dtype=dtype, generator=gen)
         dpre = torch.randn(M, Hd, device=device, dtype=dtype, generator=gen)
         w_grad = torch.empty(Hd, C, device=device, dtype=torch.float32)
-        split = mlp._split_k(Hd, C, M, mlp.sm_count(a.device) or 1, mlp._matmul_tiles(dtype)[0][:2])
+        split = mlp.split_k_for(Hd, C, M, mlp.sm_count(a.device) or 1, mlp.matmul_tiles(dtype)[0][:2])
         fc_out, proj_out = torch.empty_like(h), torch.empty_like(a)
         vendor = matmul_provider()
         products = [
             (f"matmul M{M}-K{C}-N{Hd}", (M, Hd, C), {
-                "triton": lambda: mlp._launch_matmul(a, b, fc_out), vendor: lambda: a @ b}),
+                "triton": lambda: mlp.launch_matmul(a, b, fc_out), vendor: lambda: a @ b}),
             (f"c_proj M{M}-K{Hd}-N{C}", (M, C, Hd), {
-                "triton": lambda: mlp._launch_matmul(h, proj_w.detach().t(), proj_out),
+                "triton": lambda: mlp.launch_matmul(h, proj_w.detach().t(), proj_out),
                 vendor: lambda: h @ proj_w.detach().t()}),
             (f"dW_fc M{Hd}-K{M}-N{C} split{split}", (Hd, C, M), {
-                "triton": lambda: mlp._split_matmul(dpre.t(), a, w_grad, split) if split > 1
-                else mlp._launch_matmul(dpre.t(), a, w_grad),
-                "triton-nosplit": lambda: mlp._launch_matmul(dpre.t(), a, w_grad),
+                "triton": lambda: mlp.split_matmul(dpre.t(), a, w_grad, split) if split > 1
+                else mlp.launch_matmul(dpre.t(), a, w_grad),
+                "triton-nosplit": lambda: mlp.launch_matmul(dpre.t(), a, w_grad),
                 vendor: lambda: w_grad.copy_(dpre.t() @ a)}),
         ]
         for case, (pm, pn, pk), providers in products:

@@ -127,7 +127,7 @@ def _weight_grad(split_k):
         from gpt2_triton.kernels import mlp
         a, b = _randn(4096, 64, device=device, dtype=dtype), _randn(4096, 96, device=device, dtype=dtype)
         out = torch.empty((64, 96), device=device, dtype=torch.float32)
-        mlp._split_matmul(a.t(), b, out, split_k) if split_k > 1 else mlp._launch_matmul(a.t(), b, out)
+        mlp.split_matmul(a.t(), b, out, split_k) if split_k > 1 else mlp.launch_matmul(a.t(), b, out)
         return _rel_err(out, a.t().float() @ b.float())
     return check
 

@@ -251,7 +251,7 @@ def _matmul_kernel(
                   COLSUM_ROWS)
 
 
-def _matmul_tiles(dtype: torch.dtype) -> list:
+def matmul_tiles(dtype: torch.dtype) -> list:
     """Hopper tiles (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages), the hand-picked one first. fp16/bf16:
     all with 4 or 8 warps, so every dot lowers to wgmma on sm_90 (2-warp programs fall back to mma.sync).
     fp32 (IEEE products on FMA units): the tiles that spill on neither triton 3.6 nor 3.9 (ptxas -v, sm_90;
@@ -277,7 +277,7 @@ def _matmul_smem(config, args) -> int:
 # Keyed on M and K rounded up to powers of two (M_BUCKET, K_BUCKET): evaluation and generation, whose M
 # changes with every batch, tune once per bucket instead of once per length.
 _matmul = autotuned(
-    _matmul_kernel, names=("BLOCK_M", "BLOCK_N", "BLOCK_K"), candidates=_matmul_tiles,
+    _matmul_kernel, names=("BLOCK_M", "BLOCK_N", "BLOCK_K"), candidates=matmul_tiles,
     key=["M_BUCKET", "N", "K_BUCKET", "EPILOGUE", "HAS_BIAS", "STORE_AUX", "EVEN_K", "SPLIT_K", "ACCUMULATE",
          "COLSUM_ROWS"],
     variants=[(torch.float16,), (torch.float32,)],
@@ -331,7 +331,7 @@ def colsum_rows() -> int:
 _EPILOGUE_SUBTILES = {EPI_NONE.value: 1, EPI_GELU.value: 2, EPI_GELU_GRAD.value: 4}
 
 
-def _launch_matmul(a, b, out, bias=None, epilogue=EPI_NONE, aux_in=None, aux_out=None, split_k=1,
+def launch_matmul(a, b, out, bias=None, epilogue=EPI_NONE, aux_in=None, aux_out=None, split_k=1,
                    accumulate=False, colsum=None):
     """out (M, N) <- epilogue(a (M, K) @ b (K, N)), or out += a @ b with accumulate (EPI_NONE, no bias);
     a and b share a dtype, any strides.
@@ -382,11 +382,11 @@ def _k_split(K: int, split_k: int) -> int:
 
 # The weight-grad products dW_fc = d(pre).T @ x (H x C, K = M) and dW_proj = dy.T @ h (C x H, K = M) make
 # 72 tiles of the hand-picked 128x256 tile at GPT-2 124M size (M = B·T = 16384, C = 768, H = 3072): 0.55 waves
-# on an H100's 132 SMs. They split K (_split_k: 3 splits, 216 programs, 1.64 waves).
+# on an H100's 132 SMs. They split K (split_k_for: 3 splits, 216 programs, 1.64 waves).
 SPLITS = (1, 2, 3, 4, 6, 8)
 
 
-def _split_k(M: int, N: int, K: int, num_sms: int, tile: tuple) -> int:
+def split_k_for(M: int, N: int, K: int, num_sms: int, tile: tuple) -> int:
     """K splits for an (M, N) output with a long K, from a simple time model of the hand-picked tile
     (BLOCK_M, BLOCK_N), one program per SM at a time: waves of num_sms tiles, each 2·BLOCK_M·BLOCK_N·K/S
     FLOPs, plus the fp32 partials written and read (8·S·M·N bytes) at 300 FLOP per byte (an H100's bf16
@@ -402,14 +402,14 @@ def _split_k(M: int, N: int, K: int, num_sms: int, tile: tuple) -> int:
     return min(SPLITS, key=cost)
 
 
-def _split_matmul(a, b, out, split_k, accumulate=False, pairs=()):
+def split_matmul(a, b, out, split_k, accumulate=False, pairs=()):
     """out (+)= a @ b over split_k K ranges: their fp32 partial products summed into out (contiguous, any
     float dtype) in a fixed order, with `pairs` (more sum_partials pairs) in the same launch."""
     M, K = a.shape
     N = b.shape[1]
     splits = triton.cdiv(K, _k_split(K, split_k))
     pieces = torch.empty((splits, M, N), dtype=torch.float32, device=out.device)
-    _launch_matmul(a, b, pieces, split_k=split_k)
+    launch_matmul(a, b, pieces, split_k=split_k)
     sum_partials([(pieces.view(splits, M * N), out, accumulate), *pairs])
 
 
@@ -420,16 +420,16 @@ def _weight_grad(a, b, out, accumulate=False, pairs=()):
     M, K = a.shape
     N = b.shape[1]
     num_sms = sm_count(a.device)
-    split_k = _split_k(M, N, K, num_sms, _matmul_tiles(a.dtype)[0][:2]) if num_sms else 1
+    split_k = split_k_for(M, N, K, num_sms, matmul_tiles(a.dtype)[0][:2]) if num_sms else 1
 
     def unsplit():
-        _launch_matmul(a, b, out, accumulate=accumulate)
+        launch_matmul(a, b, out, accumulate=accumulate)
         if pairs:
             sum_partials(pairs)
 
     if split_k == 1 or M == 0 or N == 0:
         return unsplit()
-    return with_fallbacks([("split_k", lambda: _split_matmul(a, b, out, split_k, accumulate, pairs))], unsplit)
+    return with_fallbacks([("split_k", lambda: split_matmul(a, b, out, split_k, accumulate, pairs))], unsplit)
 
 
 def _gelu_bwd(dout, pre):
@@ -470,10 +470,10 @@ def gelu_mlp_fwd(x2d: torch.Tensor, fc_weight: torch.Tensor, fc_bias: Optional[t
     with autocast_disabled(x2d.device.type):
         h = torch.empty((M, H), dtype=dtype, device=x2d.device)  # gelu(pre), only lives until c_proj
         pre = torch.empty((M, H) if save_pre else (0,), dtype=dtype, device=x2d.device)
-        _launch_matmul(x2d, cast_weight(fc_weight, dtype).t(), h, bias=fc_bias, epilogue=EPI_GELU,
+        launch_matmul(x2d, cast_weight(fc_weight, dtype).t(), h, bias=fc_bias, epilogue=EPI_GELU,
                        aux_out=pre if save_pre else None)
         y = torch.empty((M, C), dtype=dtype, device=x2d.device)
-        _launch_matmul(h, cast_weight(proj_weight, dtype).t(), y, bias=proj_bias)
+        launch_matmul(h, cast_weight(proj_weight, dtype).t(), y, bias=proj_bias)
     return y, pre
 
 
@@ -504,7 +504,7 @@ def gelu_mlp_bwd(dy: torch.Tensor, x2d: torch.Tensor, pre: torch.Tensor, fc_weig
         dpre = torch.empty((M, H), dtype=dtype, device=x2d.device)
         h = torch.empty((M, H), dtype=dtype, device=x2d.device)
         colsum = _colsum_partials(M, H, x2d.device) if dfc_b is not None else None
-        _launch_matmul(dy, cast_weight(proj_weight, dtype), dpre, epilogue=EPI_GELU_GRAD, aux_in=pre, aux_out=h,
+        launch_matmul(dy, cast_weight(proj_weight, dtype), dpre, epilogue=EPI_GELU_GRAD, aux_in=pre, aux_out=h,
                        colsum=colsum)
         if dproj_w is not None:
             _weight_grad(dy.t(), h, dproj_w, acc_proj_w)  # (C, M) @ (M, H)
@@ -516,7 +516,7 @@ def gelu_mlp_bwd(dy: torch.Tensor, x2d: torch.Tensor, pre: torch.Tensor, fc_weig
         if dproj_b is not None:
             bias_grad_into(dy, dproj_b, acc_proj_b)
         dx = torch.empty((M, C), dtype=dtype, device=x2d.device)
-        _launch_matmul(dpre, cast_weight(fc_weight, dtype), dx)  # (M, H) @ (H, C)
+        launch_matmul(dpre, cast_weight(fc_weight, dtype), dx)  # (M, H) @ (H, C)
         return dx
 
 
@@ -537,7 +537,7 @@ def linear_gelu_fwd(x2d: torch.Tensor, weight: torch.Tensor, bias: Optional[torc
     with autocast_disabled(x2d.device.type):
         out = torch.empty((M, N), dtype=dtype, device=x2d.device)
         pre = torch.empty((M, N) if save_pre else (0,), dtype=dtype, device=x2d.device)
-        _launch_matmul(x2d, cast_weight(weight, dtype).t(), out, bias=bias, epilogue=EPI_GELU,
+        launch_matmul(x2d, cast_weight(weight, dtype).t(), out, bias=bias, epilogue=EPI_GELU,
                        aux_out=pre if save_pre else None)
     return out, pre
 
@@ -561,7 +561,7 @@ def linear_gelu_bwd(dout: torch.Tensor, x2d: torch.Tensor, pre: torch.Tensor, we
         if db is not None:
             bias_grad_into(dpre, db, accumulate[1])
         dx = torch.empty(x2d.shape, dtype=dtype, device=x2d.device)
-        _launch_matmul(dpre, cast_weight(weight, dtype), dx)  # (M, N) @ (N, K)
+        launch_matmul(dpre, cast_weight(weight, dtype), dx)  # (M, N) @ (N, K)
         return dx
 
 
