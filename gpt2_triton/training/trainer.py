@@ -121,7 +121,10 @@ class Trainer:
         if cfg.compile:
             self.model = torch.compile(self.model)
         if ctx.is_ddp:
-            self.model = DDP(self.model, device_ids=[ctx.local_rank] if self.device.type == "cuda" else None)
+            # gradient_as_bucket_view: .grad is a view into DDP's all-reduce buckets, so the kernels that add
+            # into .grad write the bucket itself (no copy into it before each all-reduce).
+            self.model = DDP(self.model, device_ids=[ctx.local_rank] if self.device.type == "cuda" else None,
+                             gradient_as_bucket_view=True)
         self.hellaswag_examples = self.load_hellaswag()
         self.flops_per_token = self.raw_model.flops_per_token(cfg.seq_len)
         self.peak_flops = device_peak_flops(self.device, cfg.peak_flops)
