@@ -1,6 +1,7 @@
 """Atomic file writes and folder locks: nothing a user made is left half-written or written twice at once."""
 import errno
 import fcntl
+import json
 import os
 import re
 import secrets
@@ -280,3 +281,10 @@ def sigterm_raises():
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def write_json_atomic(path: Path, obj) -> None:
+    """`obj` as indented JSON at `path`, written atomically (a temp file renamed over it)."""
+    with atomic_write(path, "w") as f:
+        json.dump(obj, f, indent=2)
+        f.write("\n")

@@ -769,12 +769,12 @@ def test_sweep_takes_only_what_a_dead_prepare_left(tmp_path):
 
 def test_sigterm_during_prepare_removes_its_staging_folder(tmp_path, text_corpus):
     code = ("import sys, time\n"
-            "from gpt2_triton import data\n"
-            "real = data.tokenize_document\n"
+            "from gpt2_triton.data import cli, pipeline\n"
+            "real = pipeline.tokenize_document\n"
             "def slow(text):\n"
             "    print('tokenizing', flush=True); time.sleep(60); return real(text)\n"
-            "data.tokenize_document = slow\n"
-            f"data.main(['prepare', 'text:{text_corpus}', '--out', {str(tmp_path / 'out')!r}, '--workers', '1'])\n")
+            "pipeline.tokenize_document = slow\n"
+            f"cli.main(['prepare', 'text:{text_corpus}', '--out', {str(tmp_path / 'out')!r}, '--workers', '1'])\n")
     proc = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
     try:

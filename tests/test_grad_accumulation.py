@@ -1,6 +1,7 @@
 """Gradient accumulation with the fused backwards writing into .grad: k micro-steps of the training step give
 the grads of the torch kernels (fp32, bf16 autocast), the .grad tensors are written in place, and 2 gloo DDP
 processes (no_sync on all but the last micro-step, both bucket layouts) give one process's grads."""
+import copy
 import os
 import subprocess
 import sys
@@ -69,6 +70,34 @@ def test_low_precision_autocast_grads_within_the_suites_rule():
         ours, theirs = error_stats(g, truth[name]), error_stats(torch_grads[name], truth[name])
         assert g.dtype == torch.float32, name
         assert ours[1] <= factor * theirs[1] + 1e-6, f"{name}: rel RMS {ours[1]:.3e} vs PyTorch's {theirs[1]:.3e}"
+
+
+def test_weight_casts_follow_optimizer_steps_and_loaded_weights():
+    """One half-precision copy per version of each weight: after optimizer.step() and after load_state_dict (what
+    a resume does) the next micro-steps use the new values, bit for bit as a model built from them."""
+    amp = torch.float16 if is_interpreter() else torch.bfloat16
+
+    def step(model, opt, seed):
+        model.zero_grad(set_to_none=True)
+        batches = iter(_batches(seed, k=2))
+        loss = accumulate_gradients(model, lambda: next(batches), 2, torch.device("cpu"), amp)
+        opt.step()
+        return loss.item()
+
+    torch.manual_seed(0)
+    model = GPT(CONFIG, kernels="triton")
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    step(model, opt, 0)
+    state = copy.deepcopy((model.state_dict(), opt.state_dict()))  # a checkpoint: not views of live tensors
+    losses = [step(model, opt, s) for s in (1, 2)]  # the casts made at seed 0 are stale from here on
+
+    resumed = GPT(CONFIG, kernels="triton")
+    resumed.load_state_dict(state[0])
+    resumed_opt = torch.optim.AdamW(resumed.parameters(), lr=1e-2)
+    resumed_opt.load_state_dict(state[1])
+    assert [step(resumed, resumed_opt, s) for s in (1, 2)] == losses
+    model.load_state_dict(resumed.state_dict())  # into a model whose casts are of other values
+    assert step(model, opt, 3) == step(resumed, resumed_opt, 3)
 
 
 DDP_SCRIPT = """

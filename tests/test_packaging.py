@@ -206,7 +206,7 @@ def test_installed_package_runs_from_any_folder(tmp_path, where):
 
 
 ENTRY_POINTS = [  # (module whose main() parses the arguments, arguments before --help, how it is run)
-    ("gpt2_triton.data", [], "python -m gpt2_triton.data"),
+    ("gpt2_triton.data.cli", [], "python -m gpt2_triton.data"),
     ("gpt2_triton.export", [], "python -m gpt2_triton.export"),
     ("gpt2_triton.hellaswag", [], "python -m gpt2_triton.hellaswag"),
     ("gpt2_triton.sample", [], "python -m gpt2_triton.sample"),

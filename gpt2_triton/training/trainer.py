@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from gpt2_triton import data as gpt2_data
 from gpt2_triton import hellaswag
-from gpt2_triton.atomic import OutOfSpaceError, sigterm_raises
+from gpt2_triton.atomic import OutOfSpaceError, sigterm_raises, write_json_atomic
 from gpt2_triton.checkpoint import (
     CheckpointError,
     checkpoint_path,
@@ -140,7 +140,7 @@ class Trainer:
                 path.unlink()
             if old:
                 self.print(f"--overwrite: deleted the previous run in {self.run_dir} ({len(old)} files)")
-        gpt2_data.write_json_atomic(self.run_dir / "train_config.json", asdict(self.cfg))
+        write_json_atomic(self.run_dir / "train_config.json", asdict(self.cfg))
         self.metrics = MetricsLog(self.run_dir / "metrics.jsonl")
         if self.resumed_from is not None:
             self.log("resume", step=self.step, checkpoint=str(self.resumed_from), changed=self.resume_changes)
