@@ -176,6 +176,31 @@ def test_kv_cache_steps_give_full_forward_logits():
         model.extend(idx[0, :1], [1, 0], cache)
 
 
+def test_torch_kv_cache_builds_one_varlen_plan_per_step(monkeypatch):
+    """The torch kernels' varlen attention takes its gather plan from the KV cache: built once per step for
+    every layer, held by that cache (no process-wide state), and refused for other sizes."""
+    from gpt2_triton.model import torch_ops
+    built = []
+
+    class CountedPlan(torch_ops.VarlenPlan):
+        def __init__(self, *args):
+            built.append(args)
+            super().__init__(*args)
+    monkeypatch.setattr(torch_ops, "VarlenPlan", CountedPlan)
+    model = GPT(tiny(vocab_size=50, block_size=16, n_layer=3)).eval()
+    assert model.ops.varlen_plan is CountedPlan
+    cache = model.new_kv_cache(2)
+    with torch.no_grad():
+        model.extend(torch.arange(7), [4, 3], cache)
+        model.extend(torch.arange(2), [1, 1], cache)
+    assert len(built) == 2  # 2 steps x 3 layers, one plan per step
+    q = torch.zeros(5, 2, 8)
+    with pytest.raises(ValueError, match=r"the plan is for \(total_q, total_k, causal\) \(2, 32, True\); got \(5, 32, True\)"):
+        torch_ops.flash_attention_varlen(q, torch.zeros(32, 2, 8), torch.zeros(32, 2, 8), None, None, 1, 1,
+                                         plan=cache.step["plan"])
+    assert GPT(tiny(), kernels="triton").ops.varlen_plan is None
+
+
 @pytest.mark.parametrize("use_cache", [True, False], ids=["kv-cache", "recompute"])
 def test_generate_prompts_of_different_lengths_equal_each_alone(use_cache):
     """A list of prompts of lengths 1 .. 20 (some past block_size 16) gives each prompt the greedy tokens

@@ -143,9 +143,9 @@ def providers(starts, n_head: int) -> dict:
            "triton-varlen": triton_varlen, "sdpa-dense-mask": sdpa_mask,
            "dense-causal": lambda qkv: flash_attention_qkv(qkv, n_head), "sdpa-causal": sdpa_causal}
     if has_cuda():
-        from gpt2_triton.model.ops import torch_attention_qkv, torch_document_mask
-        block_mask = torch_document_mask(starts)
-        out["flex"] = lambda qkv: torch_attention_qkv(qkv, n_head, documents=block_mask)
+        from gpt2_triton.model import torch_ops
+        block_mask = torch_ops.document_mask(starts)
+        out["flex"] = lambda qkv: torch_ops.flash_attention_qkv(qkv, n_head, documents=block_mask)
     return out
 
 

@@ -47,8 +47,9 @@ class KVCache:
     each layer then `attend`s its new tokens' queries to everything its sequence holds.
     """
 
-    def __init__(self, n_layer: int, n_seq: int, max_len: int, device):
+    def __init__(self, n_layer: int, n_seq: int, max_len: int, device, varlen_plan=None):
         self.n_seq, self.max_len, self.device = n_seq, max_len, torch.device(device)
+        self.varlen_plan = varlen_plan  # Ops.varlen_plan: what every layer's attention of a step shares
         self.lengths = [0] * n_seq  # positions each sequence holds (host ints: no sync to plan a step)
         self.keys, self.values = [None] * n_layer, [None] * n_layer  # (N * max_len, nh, hs), on first use
         self.step = None
@@ -73,6 +74,11 @@ class KVCache:
             cu_seqlens_k=as_tensor([s * self.max_len for s in range(self.n_seq + 1)], dtype=torch.int32),
             max_seqlen_q=max(new), max_seqlen_k=max(self.lengths),
             seqused_k=as_tensor(self.lengths, dtype=torch.int32))
+        if self.varlen_plan is not None:  # built once per step, not once per layer
+            step = self.step
+            step["plan"] = self.varlen_plan(step["cu_seqlens_q"], step["cu_seqlens_k"], step["max_seqlen_q"],
+                                            step["max_seqlen_k"], len(slots), self.n_seq * self.max_len, True,
+                                            step["seqused_k"])
         return as_tensor(positions, dtype=torch.long)
 
     def attend(self, layer: int, q, k, v, attention_varlen):
@@ -355,7 +361,8 @@ class GPT(nn.Module):
 
     def new_kv_cache(self, n_seq: int, device=None) -> KVCache:
         """An empty KVCache for n_seq sequences of up to block_size positions, on the model's device."""
-        return KVCache(self.config.n_layer, n_seq, self.config.block_size, device or self.lm_head.weight.device)
+        return KVCache(self.config.n_layer, n_seq, self.config.block_size, device or self.lm_head.weight.device,
+                       self.ops.varlen_plan)
 
 
 def check_token_ids(ids, vocab_size: int, name: str, ignore_index=None) -> None:
