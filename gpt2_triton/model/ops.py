@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from gpt2_triton import kernels as triton_kernels
+from gpt2_triton import versions
 from gpt2_triton.kernels.utils import document_bounds, is_interpreter
 from gpt2_triton.model import torch_ops
 
@@ -58,6 +59,8 @@ def triton_unusable(kernels, device_type: str) -> str | None:
     """Why `kernels` cannot run on `device_type` ("cuda" or "cpu"), or None: Triton kernels on a CPU need
     the interpreter, which must be chosen (TRITON_INTERPRET=1) before triton is first imported."""
     triton_ops = [op for op, impl in resolve_kernels(kernels).items() if impl == "triton"]
+    if triton_ops and (untested := versions.problem("triton")):
+        return untested
     if not triton_ops or device_type == "cuda" or is_interpreter():
         return None
     return (f"Triton kernels ({', '.join(triton_ops)}) need a CUDA GPU, and there is none. To run them on the CPU "
