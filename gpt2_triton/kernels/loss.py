@@ -49,6 +49,7 @@ from gpt2_triton.kernels.utils import (
     check_float,
     device_guard,
     is_interpreter,
+    row_major,
 )
 
 
@@ -229,10 +230,6 @@ def _num_valid(targets: torch.Tensor, ignore_index: int) -> torch.Tensor:
     return (targets != ignore_index).sum().clamp(min=1).to(torch.float32).reshape(1)
 
 
-def _row_major(t: torch.Tensor) -> torch.Tensor:
-    return t if t.stride(-1) == 1 else t.contiguous()
-
-
 def _launch_fwd(logits, targets, loss_rows, stats, grad, grad_scale, ignore_index, num_classes):
     """Runs the forward kernel on (m, V) logits; grad/grad_scale None -> loss and stats only."""
     num_rows, num_cols = logits.shape
@@ -257,7 +254,7 @@ def cross_entropy_fwd(
     stats (M, 2) fp32: per row the max and log Σ exp(x − max) over the first num_classes columns
     (default all; their sum is the logsumexp). No host sync."""
     with autocast_disabled(logits.device.type):
-        logits, targets = _row_major(logits), targets.contiguous()
+        logits, targets = row_major(logits), targets.contiguous()
         num_rows, num_cols = logits.shape
         loss_rows = torch.empty((num_rows,), dtype=torch.float32, device=logits.device)
         stats = torch.empty((num_rows, 2), dtype=torch.float32, device=logits.device)
@@ -281,7 +278,7 @@ def cross_entropy_bwd(
     cross_entropy_fwd -> grad_logits (M, V) in logits' dtype, a new tensor: (softmax - one_hot) * grad_loss
     / count, 0 in the columns past num_classes."""
     with autocast_disabled(logits.device.type):
-        logits, targets = _row_major(logits), targets.contiguous()
+        logits, targets = row_major(logits), targets.contiguous()
         num_rows, num_cols = logits.shape
         grad_logits = torch.empty((num_rows, num_cols), dtype=logits.dtype, device=logits.device)
         if num_rows == 0:
@@ -388,11 +385,11 @@ def linear_cross_entropy_fwd(
     are empty (0,) tensors. Returns (loss () fp32, grad_x, grad_weight). No host sync.
     """
     with autocast_disabled(x.device.type):
-        x, targets = _row_major(x), targets.contiguous()
+        x, targets = row_major(x), targets.contiguous()
         num_rows, hidden = x.shape
         vocab = weight.shape[0]
         num_classes = vocab if num_classes is None else num_classes
-        weight_in = _row_major(cast_weight(weight, x.dtype))  # (V, C); a parameter is cast once per step
+        weight_in = row_major(cast_weight(weight, x.dtype))  # (V, C); a parameter is cast once per step
         count = _num_valid(targets, ignore_index)  # (1,) global count: right normalisation across chunks
         # The interpreter multiplies bf16 tl.dot tiles as their uint16 storage: there the bf16 loss
         # without grads goes through the chunks too.

@@ -26,6 +26,7 @@ from gpt2_triton.kernels.utils import (
     check_float,
     device_guard,
     is_interpreter,
+    row_major,
     sm_count,
 )
 
@@ -155,10 +156,6 @@ def _bwd_num_programs(num_rows: int, device: torch.device) -> int:
     return max(min(num_rows, 4 * num_sms if num_sms else 4), 1)
 
 
-def _row_major(t: torch.Tensor) -> torch.Tensor:
-    return t if t.stride(-1) == 1 else t.contiguous()
-
-
 @torch.library.custom_op("gpt2_triton::layer_norm_fwd", mutates_args=())
 def layer_norm_fwd(
     x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], eps: float,
@@ -170,8 +167,8 @@ def layer_norm_fwd(
     branch (+ branch_bias), summed in fp32 and written in x's dtype; otherwise x itself (residual is an
     empty (0,) tensor)."""
     with autocast_disabled(x.device.type):
-        x = _row_major(x)
-        branch = _row_major(branch) if branch is not None else None
+        x = row_major(x)
+        branch = row_major(branch) if branch is not None else None
         num_rows, feat_dim = x.shape
         y = torch.empty((num_rows, feat_dim), dtype=out_dtype or x.dtype, device=x.device)
         mean = torch.empty((num_rows,), dtype=torch.float32, device=x.device)
@@ -215,8 +212,8 @@ def layer_norm_bwd(
     `accumulate` (one flag each, in that order) says so. Sums of fixed per-program fp32 partials:
     bit-reproducible."""
     with autocast_disabled(x.device.type):
-        dy, x = _row_major(dy), _row_major(x)
-        dresidual = _row_major(dresidual) if dresidual is not None else None
+        dy, x = row_major(dy), row_major(x)
+        dresidual = row_major(dresidual) if dresidual is not None else None
         num_rows, feat_dim = x.shape
         dx = torch.empty((num_rows, feat_dim), dtype=x.dtype, device=x.device)
         dbranch = torch.empty((num_rows, feat_dim) if branch_dtype is not None else (0,),

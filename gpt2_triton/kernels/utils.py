@@ -108,6 +108,11 @@ def check_same_dtype(op: str, **tensors: torch.Tensor) -> None:
         raise TypeError(f"{op}: tensors must share one dtype; got {found}")
 
 
+def row_major(t: torch.Tensor) -> torch.Tensor:
+    """t itself when its last dimension is contiguous (what the row kernels index), else a contiguous copy."""
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
 def split_heads(qkv: torch.Tensor, n_head: int):
     """The (B, T, 3C) QKV projection (q | k | v along the last dim, heads side by side) -> q, k, v as
     (B, n_head, T, C // n_head) views: no copy."""
