@@ -195,7 +195,8 @@ def test_torch_kv_cache_builds_one_varlen_plan_per_step(monkeypatch):
         model.extend(torch.arange(2), [1, 1], cache)
     assert len(built) == 2  # 2 steps x 3 layers, one plan per step
     q = torch.zeros(5, 2, 8)
-    with pytest.raises(ValueError, match=r"the plan is for \(total_q, total_k, causal\) \(2, 32, True\); got \(5, 32, True\)"):
+    message = r"the plan is for \(total_q, total_k, causal\) \(2, 32, True\); got \(5, 32, True\)"
+    with pytest.raises(ValueError, match=message):
         torch_ops.flash_attention_varlen(q, torch.zeros(32, 2, 8), torch.zeros(32, 2, 8), None, None, 1, 1,
                                          plan=cache.step["plan"])
     assert GPT(tiny(), kernels="triton").ops.varlen_plan is None

@@ -17,6 +17,7 @@ from gpt2_triton.model.config import GPTConfig
 from gpt2_triton.model.ops import resolve_kernels, triton_unusable
 from gpt2_triton.training.distributed import wants_cuda
 from gpt2_triton.training.errors import ConfigError
+from gpt2_triton.training.sinks import sinks_problem
 
 USAGE = """Train GPT-2 on CPU, one GPU, or several with DDP (build-nanogpt's recipe).
 
@@ -107,6 +108,8 @@ class TrainConfig:
                             "(on a terminal a progress bar shows every step)", ge=1)
     quiet: bool = opt(False, "no step lines, progress bar or samples: only the header, evaluations, checkpoints "
                              "and the closing summary")
+    log_to: str = opt("", "also log every metrics.jsonl record to: tensorboard, wandb (comma-separated; each "
+                          "must be installed; W&B offline unless WANDB_MODE=online)")
 
 
 PRESETS = {
@@ -128,6 +131,7 @@ RESUME_MAY_CHANGE = (
     "max_steps", "lr_decay_steps", "kernels", "data_dir", "fused_adamw", "device", "dtype", "compile", "dist_timeout",
     "val_every", "val_steps", "hellaswag_every", "hellaswag", "hellaswag_limit", "sample_every", "sample_count",
     "sample_tokens", "checkpoint_every", "keep_checkpoints", "peak_flops", "plot", "log_every", "quiet",
+    "log_to",
 )
 RESUME_IGNORED = ("preset", "run_dir", "resume", "overwrite")  # how the run is named and started
 
@@ -248,6 +252,8 @@ def check_config(cfg: TrainConfig) -> None:
     problem = triton_unusable(kernels, "cuda" if wants_cuda(cfg.device) else "cpu")
     if problem:  # fail here, not deep inside
         raise ConfigError(f"--kernels {cfg.kernels}: {problem}")
+    if problem := sinks_problem(cfg.log_to):
+        raise ConfigError(problem)
     if cfg.seq_len > model_config.block_size:
         raise ConfigError(f"--seq-len {cfg.seq_len} exceeds the model's block size {model_config.block_size}")
     if cfg.resume and cfg.overwrite:

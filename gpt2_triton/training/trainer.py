@@ -64,6 +64,7 @@ from gpt2_triton.training.metrics import (
 )
 from gpt2_triton.training.report import Report, header_lines, summary_lines
 from gpt2_triton.training.run_dir import claim_run_dir
+from gpt2_triton.training.sinks import open_sinks
 from gpt2_triton.training.step import autocast_context, doc_starts, train_step, weights_finite
 
 SAMPLE_PROMPT = "Hello, I'm a language model,"
@@ -94,7 +95,7 @@ class Trainer:
         self.best_val_loss = self.last_val_loss = None
         self.resumed_from, self.resume_changes = None, {}
         self.last_saved = self.saved_step = None
-        self.metrics = None
+        self.metrics, self.sinks = None, []
         self.updating = self.saving = False  # in an optimizer update / in save(): an error then saves nothing
         self.completed = None  # (step, loader state, RNG states) right after the last completed update
 
@@ -142,12 +143,15 @@ class Trainer:
                 self.print(f"--overwrite: deleted the previous run in {self.run_dir} ({len(old)} files)")
         write_json_atomic(self.run_dir / "train_config.json", asdict(self.cfg))
         self.metrics = MetricsLog(self.run_dir / "metrics.jsonl")
+        self.sinks = open_sinks(self.cfg.log_to, self.run_dir, asdict(self.cfg))
         if self.resumed_from is not None:
             self.log("resume", step=self.step, checkpoint=str(self.resumed_from), changed=self.resume_changes)
 
     def log(self, kind, **fields):
         if self.metrics is not None:
-            self.metrics.log(kind, **fields)
+            record = self.metrics.log(kind, **fields)
+            for sink in self.sinks:
+                sink.log(record)
 
     def print(self, text: str):
         self.report.print(text)
@@ -523,6 +527,8 @@ def train(cfg: TrainConfig) -> list[dict]:
     finally:
         if trainer is not None:
             trainer.report.close()  # an error ends the progress bar's line before it is printed
+            for sink in trainer.sinks:
+                sink.close()
         trainer = None  # free DDP's reducer before its process group: gloo aborts at exit otherwise
         gc.collect()
         if dist.is_initialized():
