@@ -20,6 +20,7 @@ class GPU:
 
 
 GPUS = (
+    GPU("B200", 2.25e15, 8.0e12, 148),  # HGX B200 datasheet (per GPU); a GB200 is faster and not in the table
     GPU("H200", 989.5e12, 4.8e12, 132, 232448),
     GPU("H100 PCIe", 756e12, 2.0e12, 114, 232448),
     GPU("H100", 989.5e12, 3.35e12, 132, 232448),  # SXM5, HBM3

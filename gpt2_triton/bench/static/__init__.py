@@ -18,6 +18,9 @@ What it measures, and how:
   reads and writes (tensor arguments the kernel loads from / stores to, each once: tile re-reads are
   assumed to hit L2), per op call against the op's minimum, and per micro-step (see `trace`).
 - Launch counts. Per micro-step: Triton launches by kernel, other device ops by aten name, host syncs.
+- Predicted throughput (`predict`, not a measurement): each traced device op's FLOPs (`flops`) and bytes on a
+  roofline per GPU (H100 SXM, H200, B200) and efficiency band, summed into tok/s and MFU for
+  kernels="triton", "torch" and an llm.c-style variant; `--predict-only` prints it alone.
 
 Output: DIR/static.json (everything) and DIR/static.md (tables). tests/test_static.py runs a fast
 subset as regression gates with budgets.

@@ -1,12 +1,13 @@
 """python -m gpt2_triton.bench.static --out DIR [--python OTHER_PYTHON] [--quick] [--jobs N] [--only TEXT]
-   python -m gpt2_triton.bench.static --budgets DIR/static.json   (budget tables for tests/test_static.py)"""
+   python -m gpt2_triton.bench.static --budgets DIR/static.json   (budget tables for tests/test_static.py)
+   python -m gpt2_triton.bench.static --predict-only [--batch B]   (predicted tok/s table; writes nothing)"""
 import argparse
 import json
 import os
 import sys
 
 from gpt2_triton.bench.common import out_dir_for
-from gpt2_triton.bench.static import profile
+from gpt2_triton.bench.static import predict, profile
 from gpt2_triton.bench.static.native import ptxas_path
 
 
@@ -23,7 +24,12 @@ def main(argv=None):
                    help="compile only the cases whose id contains TEXT (repeatable); bytes and launches as always")
     p.add_argument("--budgets", metavar="STATIC_JSON",
                    help="print tests/test_static.py's budget tables from a profile's static.json, and exit")
+    p.add_argument("--predict-only", action="store_true",
+                   help="print the predicted throughput per GPU from the traced micro-step (no compiles), and exit")
     args = p.parse_args(argv)
+    if args.predict_only:
+        print(predict.markdown(predict.predict(batch=args.batch)))
+        return
     if args.budgets:
         with open(args.budgets) as f:
             print(profile.budgets(json.load(f)))

@@ -428,11 +428,16 @@ def op_traffic(batches=(4, 16)) -> list:
     return rows
 
 
-def step_summary(batch: int = 16) -> dict:
-    """Micro-step launches, device ops, host syncs and bytes for kernels="triton" and "torch"."""
+def step_traces(batch: int = 16) -> dict:
+    """{kernels: (steady, first) micro-step events} for kernels="triton" and "torch" (`micro_step`)."""
+    return {kernels: micro_step(batch, kernels) for kernels in ("triton", "torch")}
+
+
+def step_summary(batch: int = 16, traces: Optional[dict] = None) -> dict:
+    """Micro-step launches, device ops, host syncs and bytes for kernels="triton" and "torch"; traces: those
+    of `step_traces(batch)`, traced here when None."""
     out = {"B": batch}
-    for kernels in ("triton", "torch"):
-        steady, first = micro_step(batch, kernels)
+    for kernels, (steady, first) in (traces or step_traces(batch)).items():
         out[kernels] = summarize(steady)
         out[kernels]["first_micro_step_bytes"] = summarize(first)["bytes"]
     return out

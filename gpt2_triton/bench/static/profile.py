@@ -12,6 +12,7 @@ import torch
 
 from gpt2_triton.bench.common import git_commit
 from gpt2_triton.bench.static import cases as cases_mod
+from gpt2_triton.bench.static import predict
 from gpt2_triton.bench.static.native import compile_many
 from gpt2_triton.bench.static.trace import H100_SMS, H100_TARGET
 from gpt2_triton.kernels.autotune import max_configs
@@ -72,8 +73,10 @@ def run(out_dir, pythons=(None,), quick=False, jobs=1, batch=16, only=(), log=pr
     timing["compile_s"] = time.time() - t
     t = time.time()
     ops = cases_mod.op_traffic((4, batch))
-    step = cases_mod.step_summary(batch)
+    traces = cases_mod.step_traces(batch)
+    step = cases_mod.step_summary(batch, traces)
     timing["traffic_s"] = time.time() - t
+    prediction = predict.predict(traces, batch)
 
     kernels = []
     for c in all_cases:
@@ -98,7 +101,7 @@ def run(out_dir, pythons=(None,), quick=False, jobs=1, batch=16, only=(), log=pr
         "shapes": {"B": batch, "T": cases_mod.T, "C": cases_mod.C, "H": cases_mod.N_HEAD,
                    "D": cases_mod.C // cases_mod.N_HEAD,
                    "V": cases_mod.VOCAB, "dtype": "bf16 autocast, fp32 parameters"},
-        "h100": H100, "kernels": kernels, "ops": ops, "micro_step": step, "timing": timing,
+        "h100": H100, "kernels": kernels, "ops": ops, "micro_step": step, "prediction": prediction, "timing": timing,
         "cold_start": cold_start(kernels, sorted(compiled)),
     }
     out_dir = Path(out_dir)
@@ -418,4 +421,6 @@ def markdown(p) -> str:
         lines.append(f"| {a[0].removeprefix('aten.')} | {_gb(a[1]) if a[1] is not None else ''} | "
                      f"{b[0].removeprefix('aten.')} | {_gb(b[1]) if b[1] is not None else ''} |")
     lines.append("")
+    if "prediction" in p:
+        lines += ["", predict.markdown(p["prediction"])]
     return "\n".join(lines)

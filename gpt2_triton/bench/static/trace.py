@@ -12,7 +12,7 @@ autocast would on the ops that matter here, and
 - the project's custom ops (torch.library ops defined in kernels/) run their Python launcher instead
   of their fake implementation, so the launches inside them are seen;
 - every aten op and every launch is an event with the HBM bytes it moves (see `aten_bytes` and
-  `launch_bytes`): the traffic trace;
+  `launch_bytes`) and its FLOPs (see `flops`): the traffic trace;
 - data-dependent ops (`.item()`, `bool(tensor)`, `x[mask]`, `nonzero`) are host syncs on a GPU: they
   are recorded as such and answered as if every check passed (scalars 0 / False, masks all True).
 
@@ -44,6 +44,7 @@ import torch
 from torch._subclasses.fake_tensor import DynamicOutputShapeException, FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from gpt2_triton.bench.static.flops import aten_flops, launch_flops
 from gpt2_triton.devices import H100
 from gpt2_triton.kernels import KERNEL_MODULES
 from gpt2_triton.kernels.autotune import Tuner, gpu_configs
@@ -536,6 +537,7 @@ class Event:
     written: int
     op: Optional[str] = None  # enclosing custom op, if any
     launch: Optional[Launch] = None
+    flops: int = 0  # `flops.aten_flops` / `flops.launch_flops`
 
 
 class Trace(TorchDispatchMode):
@@ -548,7 +550,8 @@ class Trace(TorchDispatchMode):
 
     def record_launch(self, launch):
         read, written = launch_bytes(launch)
-        self.events.append(Event("launch", launch.fn.__name__, read, written, launch.op, launch))
+        self.events.append(Event("launch", launch.fn.__name__, read, written, launch.op, launch,
+                                 launch_flops(launch)))
 
     @property
     def launches(self):
@@ -580,7 +583,7 @@ class Trace(TorchDispatchMode):
             out = _all_kept(func, args, kwargs)
             self.events.append(Event("sync", str(func), 0, 0, op))
         read, written = aten_bytes(func, args, kwargs, out)
-        self.events.append(Event("aten", str(func), read, written, op))
+        self.events.append(Event("aten", str(func), read, written, op, None, aten_flops(func, args, kwargs, out)))
         return out
 
 
