@@ -84,6 +84,8 @@ def compile_options(launch: Launch, config=None) -> dict:
         opts.update(num_warps=config.num_warps, num_stages=config.num_stages)
         if getattr(config, "num_ctas", 1) not in (None, 1):
             opts["num_ctas"] = config.num_ctas
+        if getattr(config, "maxnreg", None) is not None:
+            opts["maxnreg"] = config.maxnreg
     return opts
 
 

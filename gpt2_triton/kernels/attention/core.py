@@ -310,6 +310,19 @@ def bwd_dkdv_tiles(head_dim: int, dtype: torch.dtype) -> list:
     return [(32, 64, 8, 2), (32, 128, 8, 2), (64, 64, 8, 2), (16, 64, 4, 2)]
 
 
+def dense_bwd_dkdv_tiles(head_dim: int, dtype: torch.dtype) -> list:
+    """dK/dV of the dense kernel: bwd_dkdv_tiles, with the first fp16/bf16 tile at D = 64 run at 5 stages.
+    Compiled for sm_90 at T = 1024 causal, 32 x 128 with 8 warps takes 127 registers (3.6) and 132 (3.9,
+    1 CTA/SM) at 3 stages, 127 and 128 (2 CTAs/SM on both) at 5, with 1-2 fewer instructions per
+    iteration of each hot loop on both; maxnreg=128 at 3 stages spills 16 B on 3.9. At D = 16 and 32 the
+    5-stage loops are longer on 3.9; the varlen kernel keeps 3 stages (142-155 registers, 1 CTA/SM; at 5
+    stages up to 171 on 3.6)."""
+    tiles = bwd_dkdv_tiles(head_dim, dtype)
+    if head_dim == 64 and dtype != torch.float32:
+        return [(32, 128, 8, 5), *tiles[1:]]
+    return tiles
+
+
 def bwd_dq_tiles(head_dim: int, dtype: torch.dtype) -> list:
     """dQ: BLOCK_M queries per program, BLOCK_N keys per step. Constraint: BLOCK_M % BLOCK_N == 0."""
     if dtype == torch.float32:

@@ -22,10 +22,10 @@ from gpt2_triton.kernels.attention.core import (
     LOG2E,
     autotuned_tiles,
     bwd_dkdv_inner,
-    bwd_dkdv_tiles,
     bwd_dq_inner,
     bwd_dq_tiles,
     default_scale,
+    dense_bwd_dkdv_tiles,
     fwd_inner,
     fwd_tiles,
     input_precision,
@@ -264,7 +264,7 @@ _AUTOTUNE_KEY = ["T_BUCKET", "HEAD_DIM", "CAUSAL", "EVEN_T", "USE_TMA"]
 _flash_attention_fwd = autotuned_tiles(_flash_attention_fwd_kernel, fwd_tiles, (32, 16, 4, 1), _AUTOTUNE_KEY)
 _flash_attention_bwd_dq = autotuned_tiles(_flash_attention_bwd_dq_kernel, bwd_dq_tiles, (32, 16, 4, 1),
                                           _AUTOTUNE_KEY)
-_flash_attention_bwd_dkdv = autotuned_tiles(_flash_attention_bwd_dkdv_kernel, bwd_dkdv_tiles, (16, 32, 4, 1),
+_flash_attention_bwd_dkdv = autotuned_tiles(_flash_attention_bwd_dkdv_kernel, dense_bwd_dkdv_tiles, (16, 32, 4, 1),
                                             _AUTOTUNE_KEY)
 
 
