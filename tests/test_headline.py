@@ -279,6 +279,30 @@ def _first_contact_records():
     ]
 
 
+def test_summary_sets_predicted_beside_measured_kernels(tmp_path):
+    """A GPU run's profiled e2e step against the static prediction: ours by kernel name, cuBLAS by its names."""
+    from gpt2_triton.bench.static import predict
+    table = [{"name": "_matmul_kernel", "count": 72, "total_us": 9000.0},
+             {"name": "sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64", "count": 61, "total_us": 7000.0},
+             {"name": "nvjet_tst_128x256_64x4_1x2_h_bz_coopA_TNT", "count": 1, "total_us": 100.0},
+             {"name": "void at::native::vectorized_elementwise_kernel<4>", "count": 40, "total_us": 2000.0}]
+    step = "gpt2-124m train step B16-T1024"
+    records = _gpu_records() + [
+        {**_row("triton", step, "triton", "step", 30.0, stage="e2e",
+                extra={"tokens_per_s": 540000, "mfu": 0.47, "kernel_table": table}), "shape": {"B": 16, "T": 1024}}]
+    headline.write_summary(tmp_path, records, GPU_ENV)
+    text = (tmp_path / headline.SUMMARY).read_text()
+    assert "## Predicted vs measured per kernel (one training step)" in text
+    predicted = predict.step_kernel_times("triton", 16, "H100")
+    count, us = predicted["_matmul_kernel"]
+    assert f"| triton | _matmul_kernel | {count} | {us:,.0f} | 72 | 9,000 | {9000 / us:.2f} |" in text
+    gemm_count, gemm_us = predicted["GEMM (cuBLAS)"]
+    assert f"| triton | GEMM (cuBLAS) | {gemm_count} | {gemm_us:,.0f} | 62 | 7,100 |" in text
+    assert "| eager-sdpa | – (no profiled step) |" in text
+    headline.write_summary(tmp_path, records, {**GPU_ENV, "device": "cpu"})
+    assert "nothing to compare" in (tmp_path / headline.SUMMARY).read_text()
+
+
 def test_summary_says_what_first_contact_cost_and_which_fallbacks_ran(tmp_path):
     records = _first_contact_records()
     headline.write_summary(tmp_path, records, GPU_ENV)

@@ -6,6 +6,8 @@ Each step is `gpt2_triton.training.step.train_step`, the one train.py runs: forw
 autocast on CUDA), grad clipping, the finiteness checks and fused AdamW, T = 1024. The first step
 (torch.compile, autotuning, allocator warm-up) is timed on its own and reported apart, with what it
 compiled and tuned (Triton kernels) and the cold start: model built, optimizer made, first step done.
+One more step runs under torch.profiler after the timed ones: its per-kernel table (`kernel_table`) is in the
+row, for the headline's predicted-vs-measured table (`gpt2_triton.bench.static.predict.compare`).
 """
 import time
 
@@ -57,6 +59,28 @@ def train_step_fn(model, optimizer, x, y, device):
     return step
 
 
+KERNEL_TABLE_ROWS = 80
+KERNEL_NAME_CHARS = 160
+
+
+def kernel_table(step, device) -> list:
+    """One call of `step` under torch.profiler: [{name, count, total_us}], longest first. On CUDA the device
+    kernels by self device time; on a CPU the aten ops by self CPU time."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+    cuda = torch.device(device).type == "cuda"
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+        step()
+        if cuda:
+            torch.cuda.synchronize()
+    rows = []
+    for e in prof.key_averages():
+        us = e.self_device_time_total if cuda else e.self_cpu_time_total
+        if us > 0 and (e.device_type == DeviceType.CUDA) == cuda:
+            rows.append({"name": e.key[:KERNEL_NAME_CHARS], "count": e.count, "total_us": round(us, 1)})
+    return sorted(rows, key=lambda r: -r["total_us"])[:KERNEL_TABLE_ROWS]
+
+
 def run(dtype=torch.bfloat16, quick=False, batch_sizes=None, stacks=None, warmup=None, reps=None):
     """Rows for each batch size and stack (default: all). warmup counts the first step (>= 1)."""
     config, default_batch_sizes, T, default_warmup, default_reps = setup(quick)
@@ -98,6 +122,7 @@ def _measure_stack(config, kernels, compile_model, B, T, device, peak, warmup, r
             cold_start_s = time.perf_counter() - cold_start
             cost = first.per_kernel().values()
             med, p20, p80 = wall_clock_ms(step, warmup - 1, reps, warmup_ms=WARMUP_MS - 1e3 * first_step_s)
+            kernels_profiled = kernel_table(step, device)
         tokens_per_s = B * T / (med * 1e-3)
         util = mfu(model.flops_per_token(T), tokens_per_s, peak)
         return Row("e2e", case, provider, "step", shape, step_dtype(), med, p20, p80,
@@ -111,7 +136,7 @@ def _measure_stack(config, kernels, compile_model, B, T, device, peak, warmup, r
                           "first_step_compile_s": round(sum(c["compile_s"] for c in cost), 2),
                           "first_step_tunings": sum(c["tunings"] for c in cost),
                           "first_step_tune_s": round(sum(c["tune_s"] for c in cost), 2),
-                          "warmup_steps": warmup, "timed_steps": reps,
+                          "warmup_steps": warmup, "timed_steps": reps, "kernel_table": kernels_profiled,
                           **({} if has_cuda() else {"threads": CPU_THREADS})})
     except Exception as e:  # e.g. out of memory at a large micro-batch
         return Row("e2e", case, provider, "step", shape, step_dtype(), None, error=f"{type(e).__name__}: {e}"[:300])

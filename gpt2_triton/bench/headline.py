@@ -61,6 +61,7 @@ from gpt2_triton.bench.common import (
     session,
 )
 from gpt2_triton.bench.layer_norm import device_bandwidth
+from gpt2_triton.devices import gpu_named
 from gpt2_triton.kernels import KERNEL_MODULES
 from gpt2_triton.kernels.autotune import accounting, tuning_record
 from gpt2_triton.kernels.utils import (
@@ -681,6 +682,7 @@ def write_summary(out, records, env, budget=None):
     md += ["", "Cold start: model built, optimizer made and the first training step done (in a job process "
                "after the preflight's precompile and the kernel jobs' tunings on this machine)."]
 
+    md += ["", "## Predicted vs measured per kernel (one training step)", "", _prediction_text(rows, env)]
     md += ["", "## Sanity checks", "", _sanity_text(rows)]
     md += ["", "## Correctness: `pytest -m gpu`", "", _pytest_text(records)]
     md += ["", "## Compiling and autotuning", "", _cost_text(records, env)]
@@ -697,6 +699,36 @@ def write_summary(out, records, env, budget=None):
            f"Every row (all providers, p20/p80, peak memory, first-call times) is in `{RESULTS}`; "
            f"the environment in `{ENV}`; job output in `{RUN_LOG}` and `{PYTEST_LOG}`."]
     (Path(out) / SUMMARY).write_text("\n".join(md) + "\n")
+
+
+PREDICTED_STACKS = (("triton", "triton"), ("eager-sdpa", "torch"))  # e2e job, kernels= of the static trace
+
+
+def _prediction_text(rows, env):
+    """The static profile's prediction (realistic band) beside the e2e job's step under torch.profiler."""
+    if not _on_gpu(env):
+        return "– (CPU run: the profiled step's table holds aten ops, not GPU kernels; nothing to compare)"
+    gpu = gpu_named(str(env.get("device")))
+    if gpu is None:
+        return f"– (no prediction for {env.get('device')}: not in gpt2_triton.devices)"
+    from gpt2_triton.bench.static import cases, predict
+    md = ["Predicted: the static profile's roofline (`gpt2_triton.bench.static.predict`, realistic band, "
+          f"{gpu.key} datasheet peak and bandwidth) of one `train_step` at grad_accum 1 (grads created, clip, "
+          "fused AdamW). Measured: the e2e job's same step once under torch.profiler, device time per kernel. "
+          "A ratio far from 1 says which efficiency of the model to correct.", "",
+          "| stack | kernel | predicted count | predicted µs | measured count | measured µs | measured / predicted |",
+          "|---|---|---:|---:|---:|---:|---:|"]
+    for job, kernels in PREDICTED_STACKS:
+        r = rows.e2e(job)
+        table = r["extra"].get("kernel_table") if r else None
+        if not table or r["shape"].get("T") != cases.T:
+            md.append(f"| {job} | – ({'no profiled step' if not table else 'not at T=' + str(cases.T)}) | | | | | |")
+            continue
+        for c in predict.compare(table, predict.step_kernel_times(kernels, r["shape"]["B"], gpu.key)):
+            ratio = f"{c['measured_us'] / c['predicted_us']:.2f}" if c["predicted_us"] and c["measured_us"] else "–"
+            md.append(f"| {job} | {c['name']} | {c['predicted_count']} | {c['predicted_us']:,.0f} | "
+                      f"{c['measured_count']} | {c['measured_us']:,.0f} | {ratio} |")
+    return "\n".join(md)
 
 
 def _sanity_text(rows):

@@ -20,6 +20,7 @@ trace with every GEMM at cuBLAS efficiency and attention at cuDNN rates (llm.c r
 cuBLAS(Lt) and its attention on cuDNN, with the fusions our trace already has).
 """
 import collections
+import functools
 from dataclasses import dataclass
 from typing import Optional
 
@@ -250,3 +251,53 @@ def markdown(pred: dict) -> str:
                      f"{r['ms']:.3f} | {r['bound']} | {r['gflop']:.1f} | {r['gb']:.2f} |")
     lines.append("")
     return "\n".join(lines)
+
+
+# --- predicted vs measured per kernel (the headline's summary) -------------------------------------
+OTHER_GROUPS = {"cublas_gemm": "GEMM (cuBLAS)", "sdpa_attention_fwd": "attention (SDPA)",
+                "sdpa_attention_bwd": "attention (SDPA)"}
+OTHER = "other device ops (elementwise, reductions, optimizer)"
+_MEASURED_GROUPS = (("GEMM (cuBLAS)", ("gemm", "nvjet", "cutlass", "xmma", "cublas")),
+                    ("attention (SDPA)", ("flash", "fmha", "attention", "cudnn")))
+
+
+@functools.cache
+def step_kernel_times(kernels: str, batch: int, gpu_key: str, band: str = "realistic") -> dict:
+    """Predicted {row name: [count, µs]} of one `train_step` with grad_accum 1 (the first micro-step, grads
+    created, and the optimizer phase): our Triton kernels by name, the rest by `OTHER_GROUPS` or OTHER."""
+    gpu = next(g for g in GPUS if g.key == gpu_key)
+    _, first = cases.micro_step(batch, kernels)
+    out = collections.defaultdict(lambda: [0, 0.0])
+    for t in timed(first, gpu, BANDS[band], kernels) + timed(optimizer_events(_model_numbers()[1]), gpu, BANDS[band]):
+        key = t.event.name if t.event.kind == "launch" else OTHER_GROUPS.get(t.cls, OTHER)
+        out[key][0] += 1
+        out[key][1] += 1e6 * t.seconds
+    return dict(out)
+
+
+def measured_group(name: str, triton_kernels) -> str:
+    """The row a profiled kernel's time goes to: its own for one of ours, else a group by its name."""
+    if name in triton_kernels:
+        return name
+    low = name.lower()
+    return next((group for group, words in _MEASURED_GROUPS if any(w in low for w in words)), OTHER)
+
+
+def compare(measured: list, predicted: dict) -> list:
+    """Rows {name, predicted_count, predicted_us, measured_count, measured_us} from a profiled step's
+    kernel table ([{name, count, total_us}]) and `step_kernel_times`: our kernels (longest predicted
+    first), then the groups, then the total."""
+    groups = list(dict.fromkeys([*OTHER_GROUPS.values(), OTHER]))
+    ours = {k for k in predicted if k not in groups}
+    got = collections.defaultdict(lambda: [0, 0.0])
+    for m in measured:
+        g = got[measured_group(m["name"], ours)]
+        g[0] += m["count"]
+        g[1] += m["total_us"]
+    names = sorted(ours, key=lambda k: -predicted[k][1]) + [g for g in groups if g in predicted or g in got]
+    rows = [{"name": k, "predicted_count": predicted.get(k, (0, 0.0))[0], "predicted_us": predicted.get(k, (0, 0.0))[1],
+             "measured_count": got[k][0] if k in got else 0, "measured_us": got[k][1] if k in got else 0.0}
+            for k in names]
+    rows.append({"name": "total", **{f: sum(r[f] for r in rows) for f in
+                                     ("predicted_count", "predicted_us", "measured_count", "measured_us")}})
+    return rows
