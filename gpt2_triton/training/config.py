@@ -14,7 +14,7 @@ from gpt2_triton import data as gpt2_data
 from gpt2_triton.atomic import folder_write_problem
 from gpt2_triton.model.config import PRESETS as MODEL_PRESETS
 from gpt2_triton.model.config import GPTConfig
-from gpt2_triton.model.ops import resolve_kernels, triton_unusable
+from gpt2_triton.model.ops import auto_kernels, kernels_spec, resolve_kernels, triton_unusable
 from gpt2_triton.training.distributed import wants_cuda
 from gpt2_triton.training.errors import ConfigError
 
@@ -51,7 +51,9 @@ class TrainConfig:
     n_head: int | None = opt(None, "attention heads; none: the model preset's", ge=1)
     n_embd: int | None = opt(None, "model width; none: the model preset's", ge=1)
     pad_vocab_to: int = opt(128, "round the embedding table up to a multiple of this (50257 -> 50304)", ge=1)
-    kernels: str = opt("torch", "torch | triton | op=impl,... (ops: attention, layer_norm, gelu_mlp, cross_entropy)")
+    kernels: str = opt("auto", "auto (Triton on CUDA, each op whose Triton path cannot run there on torch; torch "
+                               "on a CPU) | torch | triton | op=impl,... (ops: attention, layer_norm, gelu_mlp, "
+                               "cross_entropy, linear, embedding)")
     doc_mask: bool = opt(False, "document masking: a token attends only to earlier tokens of its own document "
                                 "(documents begin at the EOT token), in training and validation")
     # data
@@ -241,11 +243,11 @@ def check_config(cfg: TrainConfig) -> None:
     if not preparable and not (cfg.data_dir and cfg.data):  # with --data-dir: the name in its manifest
         raise ConfigError(f"--data must be pystdlib, fineweb-edu or text:PATH; got {cfg.data!r}")
     try:
-        kernels = resolve_kernels(cfg.kernels)
+        kernels = None if cfg.kernels == "auto" else resolve_kernels(cfg.kernels)
         model_config = model_config_of(cfg)
     except (ValueError, TypeError) as e:
         raise ConfigError(str(e)) from None
-    problem = triton_unusable(kernels, "cuda" if wants_cuda(cfg.device) else "cpu")
+    problem = kernels and triton_unusable(kernels, "cuda" if wants_cuda(cfg.device) else "cpu")
     if problem:  # fail here, not deep inside
         raise ConfigError(f"--kernels {cfg.kernels}: {problem}")
     if cfg.seq_len > model_config.block_size:
@@ -264,6 +266,15 @@ def check_config(cfg: TrainConfig) -> None:
         raise ConfigError(f"--data-dir {cfg.data_dir}: {problem}")  # an existing one may be read-only if prepared
 
 
+def kernel_choice(cfg: TrainConfig, device_type: str) -> tuple[str, dict | None]:
+    """The --kernels value a run on `device_type` uses and, where cfg.kernels is "auto", {op: why it runs
+    torch though Triton was wanted} (empty when none falls back); None where the kernels were named."""
+    if cfg.kernels != "auto":
+        return cfg.kernels, None
+    choice, fallbacks = auto_kernels(model_config_of(cfg), device_type)
+    return kernels_spec(choice), fallbacks
+
+
 def resolve_config(cfg: TrainConfig, device: torch.device, world_size: int) -> TrainConfig:
     """Every "auto"/None that depends on the machine made concrete: this is what gets printed and saved."""
     on_cuda = device.type == "cuda"
@@ -275,6 +286,7 @@ def resolve_config(cfg: TrainConfig, device: torch.device, world_size: int) -> T
     return replace(
         cfg,
         device=str(device),
+        kernels=kernel_choice(cfg, device.type)[0],
         dtype=cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if on_cuda else "float32"),
         compile=on_cuda if cfg.compile is None else cfg.compile,
         fused_adamw=on_cuda if cfg.fused_adamw is None else cfg.fused_adamw,
