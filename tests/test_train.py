@@ -777,6 +777,29 @@ def test_kernels_auto_fallback_is_recorded_and_said_once(data_dir, tmp_path, mon
     assert set(record["fallbacks"]) == set(ops.OP_NAMES)
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks a machine without CUDA")
+def test_no_preset_names_the_device_flag_not_a_cuda_it_did_not_find(capsys):
+    assert training.parse_config(["--device", "cuda"]).preset == "gpt2-124m"
+    assert capsys.readouterr().out == "no --preset given: using 'gpt2-124m' (--device cuda)\n"
+    training.parse_config([])
+    assert capsys.readouterr().out == "no --preset given: using 'demo' (no CUDA)\n"
+
+
+def test_a_prefix_of_a_flag_is_not_taken_for_it(capsys):
+    with pytest.raises(SystemExit):
+        training.parse_config(["--max-step", "5"])
+    assert "unrecognized arguments: --max-step 5" in capsys.readouterr().err
+
+
+def test_warmup_longer_than_the_run_is_warned_about_once(data_dir, tmp_path, capsys):
+    from gpt2_triton.training.config import config_warnings
+    assert config_warnings(tiny_config(data_dir, tmp_path, max_steps=30, warmup_steps=30)) == []
+    training.train(tiny_config(data_dir, tmp_path, max_steps=2, warmup_steps=4, val_every=0, checkpoint_every=0))
+    warned = [line for line in capsys.readouterr().out.splitlines() if line.startswith("warning:")]
+    assert warned == ["warning: --warmup-steps 4 exceeds --max-steps 2: the learning rate never reaches --max-lr "
+                      "1.00e-02 (it ends at 5.00e-03, still warming up)"]
+
+
 def test_cli_overrides_preset_and_defaults():
     cfg = training.parse_config(["--preset", "gpt2-124m", "--micro-batch", "16", "--max-steps", "100",
                               "--no-compile", "--resume", "--kernels", "attention=triton"])

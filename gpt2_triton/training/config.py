@@ -165,7 +165,7 @@ def _help(f) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="train.py", description=USAGE,
+    parser = argparse.ArgumentParser(prog="train.py", description=USAGE, allow_abbrev=False,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     hints = typing.get_type_hints(TrainConfig)
     for f in fields(TrainConfig):
@@ -197,8 +197,10 @@ def parse_config(argv=None) -> TrainConfig:
     given = vars(build_parser().parse_args(argv))
     preset = given.pop("preset", None)
     if preset is None:
-        chosen = "gpt2-124m" if wants_cuda(given.get("device", "auto")) else "demo"
-        print(f"no --preset given: using {chosen!r} ({'CUDA found' if chosen == 'gpt2-124m' else 'no CUDA'})")
+        device = given.get("device", "auto")
+        chosen = "gpt2-124m" if wants_cuda(device) else "demo"
+        why = f"--device {device}" if device != "auto" else "CUDA found" if chosen == "gpt2-124m" else "no CUDA"
+        print(f"no --preset given: using {chosen!r} ({why})")
     return make_config(preset, **given)
 
 
@@ -264,6 +266,16 @@ def check_config(cfg: TrainConfig) -> None:
         raise ConfigError(f"--data-dir {cfg.data_dir}: not a folder")
     if cfg.data_dir and not Path(cfg.data_dir).exists() and (problem := folder_write_problem(cfg.data_dir)):
         raise ConfigError(f"--data-dir {cfg.data_dir}: {problem}")  # an existing one may be read-only if prepared
+
+
+def config_warnings(cfg: TrainConfig) -> list[str]:
+    """Settings that run but are likely not what was meant: one line each, for the run to print."""
+    warnings = []
+    if cfg.warmup_steps > cfg.max_steps:
+        peak = cfg.max_lr * cfg.max_steps / cfg.warmup_steps
+        warnings.append(f"warning: --warmup-steps {cfg.warmup_steps} exceeds --max-steps {cfg.max_steps}: the learning "
+                        f"rate never reaches --max-lr {cfg.max_lr:.2e} (it ends at {peak:.2e}, still warming up)")
+    return warnings
 
 
 def kernel_choice(cfg: TrainConfig, device_type: str) -> tuple[str, dict | None]:

@@ -40,6 +40,7 @@ from gpt2_triton.training.config import (
     RESUME_MAY_CHANGE,
     TrainConfig,
     check_config,
+    config_warnings,
     flag_name,
     kernel_choice,
     model_config_of,
@@ -391,6 +392,8 @@ class Trainer:
         """Train to max_steps and return this run's per-step records. Raises TrainingInterrupted after
         saving when a SIGINT/SIGTERM stopped it early."""
         cfg = self.cfg
+        for line in config_warnings(cfg):
+            self.print(line)
         if self.kernel_fallbacks:
             self.print(fallback_line(self.kernel_fallbacks))
         for line in header_lines(cfg, self.raw_model.num_params(), self.raw_model.kernels, self.grad_accum,
