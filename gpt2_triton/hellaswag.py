@@ -8,6 +8,7 @@ model's cross-entropy is taken over the ending tokens only. Predicted ending: ar
 """
 import argparse
 import json
+import os
 import time
 import urllib.error
 import urllib.request
@@ -20,7 +21,6 @@ from tqdm import tqdm
 
 from gpt2_triton.atomic import atomic_write
 from gpt2_triton.checkpoint import load_model
-from gpt2_triton.data import default_data_dir
 from gpt2_triton.model.ops import device_problem
 from gpt2_triton.tokenizer import get_encoding
 
@@ -29,8 +29,10 @@ DOWNLOAD_TIMEOUT_S = 5.0
 
 
 def default_path() -> Path:
-    """Where the val file is cached: next to the prepared datasets."""
-    return default_data_dir("pystdlib").parent / "hellaswag" / "hellaswag_val.jsonl"
+    """Where the val file is cached: the user's cache folder ($XDG_CACHE_HOME, else ~/.cache), whatever the
+    current folder."""
+    cache = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(cache) / "gpt2_triton" / "hellaswag" / "hellaswag_val.jsonl"
 
 
 def download(path, url=HELLASWAG_URL, timeout=DOWNLOAD_TIMEOUT_S) -> Path:
@@ -171,7 +173,7 @@ def evaluate_hellaswag(model, examples, device, rank=0, world_size=1, autocast_d
 
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m gpt2_triton.hellaswag",
-                                     description="HellaSwag val accuracy of a GPT-2 model")
+                                     description="HellaSwag val accuracy of a GPT-2 model", allow_abbrev=False)
     parser.add_argument("--init", required=True,
                         help="HF name (gpt2, ...), HF save_pretrained dir, checkpoint or run dir")
     parser.add_argument("--data", default=None, help="hellaswag_val.jsonl (default: cache, downloaded if needed)")

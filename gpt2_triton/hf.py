@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 from gpt2_triton.model import GPT, GPTConfig
 from gpt2_triton.model.gpt import check_token_ids
-from gpt2_triton.model.ops import build_ops
+from gpt2_triton.model.ops import build_ops, triton_unusable
 
 # The ops the patch can put in HF's GPT-2; its Conv1D projections and embeddings stay HF's.
 PATCHED_OPS = ("layer_norm", "attention", "gelu_mlp", "cross_entropy")
@@ -249,6 +249,10 @@ def apply_kernels(model, kernels="triton"):
                           f"found {transformers.__version__}")
     if not isinstance(model, GPT2LMHeadModel):
         raise TypeError(f"apply_kernels: expected a transformers GPT2LMHeadModel; got {type(model).__name__}")
+    device_type = next(model.parameters()).device.type
+    problem = triton_unusable(kernels, device_type)
+    if problem:  # here, not deep inside the first forward
+        raise RuntimeError(f"apply_kernels: the model is on {device_type}: {problem}")
     remove_kernels(model)
     ops = build_ops(kernels)
     patch = _Patch(applied={op: "hf" for op in PATCHED_OPS})

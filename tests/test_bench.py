@@ -183,3 +183,13 @@ def test_document_tile_counts():
     assert tile_counts(starts, 4, 4) == {"dense_causal": 6, "documents": 5, "varlen": 2 + 4}
     drawn = document_starts(4, 256, (3.0, 0.5), seed=1)
     assert drawn.shape == (4, 256) and 25 < int(drawn.sum()) < 75  # mean length exp(3 + 0.5**2 / 2) = 23
+
+
+def test_varlen_bench_takes_out_like_the_others(tmp_path, monkeypatch, capsys):
+    from gpt2_triton.bench import varlen
+    row = Row("varlen", "varlen B1-T8", "triton", "fwd", {"B": 1, "T": 8}, "float32", 1.0, 0.9, 1.1)
+    monkeypatch.setattr(varlen, "run", lambda dtype, quick=False: [row])
+    assert varlen.main(["--quick", "--out", str(tmp_path / "out")]) == [row]
+    saved = [json.loads(line) for line in (tmp_path / "out" / "varlen.jsonl").read_text().splitlines()]
+    assert [(s["case"], s["median_ms"]) for s in saved] == [("varlen B1-T8", 1.0)]
+    assert f"results in {tmp_path / 'out'}" in capsys.readouterr().out

@@ -168,3 +168,15 @@ def test_a_changed_checkpoint_is_refused_in_one_line(tmp_path, jsonl):
     with pytest.raises(SystemExit, match=rf"^error: checkpoint {path} is corrupt: its contents do not match the "
                                          r"checksum saved with it \(the file changed after it was saved\)$"):
         hellaswag.main(args)
+
+
+def test_the_cache_is_in_the_user_cache_folder_whatever_the_current_folder(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    monkeypatch.chdir(tmp_path)
+    assert hellaswag.default_path() == tmp_path / "xdg" / "gpt2_triton" / "hellaswag" / "hellaswag_val.jsonl"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    cache = tmp_path / "home" / ".cache"
+    assert hellaswag.default_path() == cache / "gpt2_triton" / "hellaswag" / "hellaswag_val.jsonl"

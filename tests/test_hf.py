@@ -308,3 +308,16 @@ def test_patched_hf_bf16_autocast_on_gpu():
     ref_params, half_params = dict(ref.named_parameters()), dict(half.named_parameters())
     for name, p in model.named_parameters():
         assert_close_to_ref(p.grad, half_params[name].grad, ref_params[name].grad, atol=1e-5, name=f"grad {name}")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks a machine without CUDA")
+def test_triton_on_a_cpu_model_without_the_interpreter_is_refused_up_front(hf_dir, monkeypatch):
+    path, _ = hf_dir
+    model = transformers.GPT2LMHeadModel.from_pretrained(path).eval()
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(RuntimeError, match=r"^apply_kernels: the model is on cpu: Triton kernels \(layer_norm, "
+                                           r"attention, .*\) need a CUDA GPU.*TRITON_INTERPRET=1") as excinfo:
+        apply_kernels(model, "triton")
+    assert "\n" not in str(excinfo.value)
+    assert applied_kernels(model) == applied_kernels(transformers.GPT2LMHeadModel(model.config))  # untouched
+    assert apply_kernels(model, "torch") is model

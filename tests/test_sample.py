@@ -28,10 +28,30 @@ def test_sample_cli_is_deterministic(hf_dir, capsys):
     assert sample.main(args[:-3] + ["7", "--device", "cpu"]) != first
 
 
+def test_temperature_0_is_greedy_whatever_the_seed(hf_dir):
+    from gpt2_triton.checkpoint import load_model
+    args = ["--init", str(hf_dir), "--num-samples", "1", "--max-new-tokens", "5", "--temperature", "0",
+            "--device", "cpu"]
+    greedy = sample.main(args + ["--seed", "1"])
+    assert sample.main(args + ["--seed", "2"]) == greedy
+    model = load_model(str(hf_dir), device="cpu").eval()
+    idx = torch.tensor([sample.get_encoding().encode("Hello, I'm a language model,")])
+    for _ in range(5):
+        idx = torch.cat([idx, model(idx)[:, -1, :model.config.vocab_size].argmax(-1, keepdim=True)], dim=1)
+    assert greedy == [sample.get_encoding().decode(idx[0].tolist())]
+
+
+def test_prefixes_of_flags_are_not_taken_for_them(capsys):
+    with pytest.raises(SystemExit) as excinfo:
+        sample.main(["--init", "no-such-model", "--max-new", "3"])
+    assert excinfo.value.code == 2 and "unrecognized arguments: --max-new 3" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("flag, value, rule", [
     ("--max-new-tokens", "-5", ">= 1"), ("--max-new-tokens", "0", ">= 1"), ("--num-samples", "0", ">= 1"),
-    ("--top-k", "0", ">= 1"), ("--temperature", "0", ">= 1e-06"), ("--temperature", "nan", ">= 1e-06"),
-    ("--temperature", "1e-45", ">= 1e-06"), ("--seed", "-1", ">= 0"),
+    ("--top-k", "0", ">= 1"), ("--temperature", "-1.0", "0 (greedy) or >= 1e-06"),
+    ("--temperature", "nan", "0 (greedy) or >= 1e-06"), ("--temperature", "1e-45", "0 (greedy) or >= 1e-06"),
+    ("--seed", "-1", ">= 0"),
 ])
 def test_bad_flags_are_rejected_before_loading(flag, value, rule, capsys):
     with pytest.raises(SystemExit) as excinfo:

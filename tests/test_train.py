@@ -141,7 +141,7 @@ def test_output_header_step_lines_and_summary(trained):
                         f"(2 layers, 2 heads, 32 wide, context 32)")
     assert lines[1].split() == "batch 128 tokens per step = 4 x 32 tokens x 1 micro-step".split()
     assert lines[2].split()[:6] == ["length", "steps", "1-30:", "3,840", "tokens", "="]
-    assert lines[4].split() == "device cpu | fp32 | torch.compile off | kernels torch".split()
+    assert lines[4].split() == "device cpu | fp32 | torch.compile off | kernels torch (auto)".split()
     assert lines[5].split() == ["run", str(run_dir), "(full", "config", "in", "train_config.json)"]
     # one line per --log-every 10 steps (and the first), each with the step's numbers as metrics.jsonl has them
     records = {r["step"]: r for r in read_metrics(run_dir / "metrics.jsonl", "train")}
@@ -688,6 +688,96 @@ def test_triton_on_cpu_without_interpreter_exits_clearly(tmp_path, monkeypatch, 
                     "--data-dir", str(data_dir), "--run-dir", str(tmp_path / "run")])
     assert "Triton kernels (attention) need a CUDA GPU" in str(excinfo.value)  # names the triton ops only
     assert not data_dir.exists() and not (tmp_path / "run").exists()  # failed before any work
+
+
+def test_kernels_auto_runs_triton_on_cuda_and_torch_on_cpu(monkeypatch):
+    """The default on a GPU is our kernels (no preset turns them off); on a CPU torch (the interpreter is for
+    tests, asked for with --kernels triton); --kernels torch is the opt-out. CUDA faked by its device type."""
+    from gpt2_triton.training.config import PRESETS, kernel_choice, resolve_config
+    assert training.TrainConfig().kernels == "auto" and not any("kernels" in p for p in PRESETS.values())
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    cfg = training.parse_config([])
+    assert cfg.preset == "gpt2-124m" and cfg.kernels == "auto"
+    assert kernel_choice(cfg, "cuda") == ("triton", {})
+    assert resolve_config(cfg, torch.device("cuda"), 1).kernels == "triton"
+    assert resolve_config(cfg, torch.device("cpu"), 1).kernels == "torch"
+    assert kernel_choice(replace(cfg, kernels="torch"), "cuda") == ("torch", None)
+    assert resolve_config(replace(cfg, kernels="torch"), torch.device("cuda"), 1).kernels == "torch"
+    demo = training.make_config("demo", device="cpu")
+    assert kernel_choice(demo, "cpu") == ("torch", {}) and kernel_choice(demo, "cuda") == ("triton", {})
+
+
+def test_kernels_auto_falls_back_per_op_and_says_why(monkeypatch):
+    from gpt2_triton.model import ops
+    from gpt2_triton.training.config import kernel_choice
+    from gpt2_triton.training.report import fallback_line, header_lines
+    cfg = replace(training.make_config("demo", device="cpu"), n_head=16)  # head dim 128 / 16 = 8
+    spec, fallbacks = kernel_choice(cfg, "cuda")
+    assert fallbacks == {"attention": "head dim 8 is not one of (16, 32, 64, 128)"}
+    assert spec == ("layer_norm=triton,attention=torch,gelu_mlp=triton,cross_entropy=triton,linear=triton,"
+                    "embedding=triton")
+    assert fallback_line(fallbacks) == ("kernels auto: torch for attention (head dim 8 is not one of "
+                                        "(16, 32, 64, 128)), where Triton cannot run; Triton for the other ops")
+    resolved = replace(cfg, kernels=spec, total_batch=1024, lr_decay_steps=200, run_dir="runs/demo")
+    device_line = header_lines(resolved, 1, ops.resolve_kernels(spec), 1, 1, 10, kernels_auto=True)[4]
+    assert device_line.endswith("| kernels layer_norm=triton, attention=torch, gelu_mlp=triton, "
+                                "cross_entropy=triton, linear=triton, embedding=triton (auto)")
+    assert header_lines(replace(resolved, kernels="triton"), 1, ops.resolve_kernels("triton"), 1, 1, 10,
+                        kernels_auto=True)[4].endswith("| kernels triton (auto)")
+
+    def no_gelu_mlp(op):
+        if op == "gelu_mlp":
+            raise ImportError("libtriton.so: cannot open shared object file")
+        return {}
+    monkeypatch.setattr(ops, "_load_triton", no_gelu_mlp)
+    assert ops.auto_kernels(GPTConfig(), "cuda")[1] == {
+        "gelu_mlp": "triton does not import (ImportError: libtriton.so: cannot open shared object file)"}
+
+
+def test_kernels_auto_fallback_is_recorded_and_said_once(data_dir, tmp_path, monkeypatch, capsys):
+    """A run whose Triton path is unusable on its GPU (faked: triton does not import, CUDA's choice on a CPU):
+    every op runs torch, the one line says so, the header says auto, train_config.json and metrics.jsonl
+    record the choice and the reasons."""
+    from gpt2_triton.model import ops
+    from gpt2_triton.training import config as config_module
+
+    def no_triton(op):
+        raise ImportError("no triton here")
+    monkeypatch.setattr(ops, "_load_triton", no_triton)
+    monkeypatch.setattr(config_module, "auto_kernels", lambda config, device_type: ops.auto_kernels(config, "cuda"))
+    training.train(tiny_config(data_dir, tmp_path, max_steps=2, warmup_steps=1, val_every=0, checkpoint_every=0))
+    lines = capsys.readouterr().out.splitlines()
+    said = [line for line in lines if line.startswith("kernels auto:")]
+    assert said == [f"kernels auto: torch for {', '.join(ops.OP_NAMES)} (triton does not import (ImportError: no "
+                    f"triton here)), where Triton cannot run"]
+    assert lines.index(said[0]) == 0 and lines[5].endswith("| kernels torch (auto)")
+    assert json.loads((tmp_path / "train_config.json").read_text())["kernels"] == "torch"
+    record = read_metrics(tmp_path / "metrics.jsonl", "kernels")[0]
+    assert record["requested"] == "auto" and set(record["choice"].values()) == {"torch"}
+    assert set(record["fallbacks"]) == set(ops.OP_NAMES)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks a machine without CUDA")
+def test_no_preset_names_the_device_flag_not_a_cuda_it_did_not_find(capsys):
+    assert training.parse_config(["--device", "cuda"]).preset == "gpt2-124m"
+    assert capsys.readouterr().out == "no --preset given: using 'gpt2-124m' (--device cuda)\n"
+    training.parse_config([])
+    assert capsys.readouterr().out == "no --preset given: using 'demo' (no CUDA)\n"
+
+
+def test_a_prefix_of_a_flag_is_not_taken_for_it(capsys):
+    with pytest.raises(SystemExit):
+        training.parse_config(["--max-step", "5"])
+    assert "unrecognized arguments: --max-step 5" in capsys.readouterr().err
+
+
+def test_warmup_longer_than_the_run_is_warned_about_once(data_dir, tmp_path, capsys):
+    from gpt2_triton.training.config import config_warnings
+    assert config_warnings(tiny_config(data_dir, tmp_path, max_steps=30, warmup_steps=30)) == []
+    training.train(tiny_config(data_dir, tmp_path, max_steps=2, warmup_steps=4, val_every=0, checkpoint_every=0))
+    warned = [line for line in capsys.readouterr().out.splitlines() if line.startswith("warning:")]
+    assert warned == ["warning: --warmup-steps 4 exceeds --max-steps 2: the learning rate never reaches --max-lr "
+                      "1.00e-02 (it ends at 5.00e-03, still warming up)"]
 
 
 def test_cli_overrides_preset_and_defaults():

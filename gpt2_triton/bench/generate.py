@@ -42,7 +42,8 @@ def setup(quick, model=None):
     return model or ("gpt2" if has_cuda() else "small"), 1, 16, 256, kernel_sets, 1, 3
 
 
-def run(dtype=torch.bfloat16, quick=False, model=None):
+def run(dtype=torch.bfloat16, quick=False, model=None, progress=False):
+    """The rows; `progress`: print a line as each one is measured (flushed, so a pipe shows it then)."""
     name, B, prompt_len, new_tokens, kernel_sets, warmup, reps = setup(quick, model)
     config = MODELS[name]
     device = "cuda" if has_cuda() else "cpu"
@@ -65,10 +66,18 @@ def run(dtype=torch.bfloat16, quick=False, model=None):
             except Exception as e:  # e.g. triton requested on CPU without the interpreter
                 rows.append(Row("generate", case, provider, "generate", shape, dtype_name, None,
                                 error=f"{type(e).__name__}: {e}"[:300]))
-                continue
-            rows.append(Row("generate", case, provider, "generate", shape, dtype_name, med, p20, p80,
-                            extra={"tokens_per_s": round(B * new_tokens / (med * 1e-3), 1), "kernels": kernels}))
+            else:
+                rows.append(Row("generate", case, provider, "generate", shape, dtype_name, med, p20, p80,
+                                extra={"tokens_per_s": round(B * new_tokens / (med * 1e-3), 1), "kernels": kernels}))
+            if progress:
+                print(progress_line(rows[-1]), flush=True)
     return rows
+
+
+def progress_line(row) -> str:
+    if row.error:
+        return f"{row.case} | {row.provider}: {row.error}"
+    return f"{row.case} | {row.provider}: {row.median_ms:,.1f} ms, {row.extra['tokens_per_s']:,.1f} tokens/s"
 
 
 def summary(rows) -> str:
@@ -84,7 +93,8 @@ def summary(rows) -> str:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m gpt2_triton.bench.generate", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m gpt2_triton.bench.generate", description=__doc__.split("\n\n")[0],
+                                allow_abbrev=False)
     p.add_argument("--model", choices=sorted(set(MODELS) - {"tiny"}), default=None,
                    help="default: gpt2 on a GPU, small on CPU")
     p.add_argument("--dtype", default="bf16", choices=sorted(DTYPES), help="autocast dtype on a GPU (CPU: fp32)")
@@ -93,8 +103,9 @@ def main(argv=None):
                                                "(default: bench/results/<device> in the current folder)")
     args = p.parse_args(argv)
     env = environment()
-    print(f"# {env['device']} | torch {env['torch']} | threads {torch.get_num_threads()} | commit {env['git_commit']}")
-    rows = run(DTYPES[args.dtype], quick=args.quick, model=args.model)
+    print(f"# {env['device']} | torch {env['torch']} | threads {torch.get_num_threads()} | commit {env['git_commit']}",
+          flush=True)
+    rows = run(DTYPES[args.dtype], quick=args.quick, model=args.model, progress=True)
     check_rows(rows)
     print(format_table(rows, ours="kv-cache"))
     if not has_cuda():

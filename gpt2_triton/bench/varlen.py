@@ -27,7 +27,17 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from gpt2_triton.bench.common import DTYPES, has_cuda, measure, run_modes
+from gpt2_triton.bench.common import (
+    DTYPES,
+    check_rows,
+    environment,
+    format_table,
+    has_cuda,
+    measure,
+    out_dir_for,
+    run_modes,
+    write_results,
+)
 from gpt2_triton.kernels import reference
 from gpt2_triton.kernels.utils import document_bounds, split_heads
 from gpt2_triton.model.config import EOT_ID
@@ -190,13 +200,16 @@ def run(dtype, quick=False):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m gpt2_triton.bench.varlen", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m gpt2_triton.bench.varlen", description=__doc__.split("\n\n")[0],
+                                allow_abbrev=False)
     p.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
     p.add_argument("--quick", action="store_true", help="tiny sizes; on CPU runs through the interpreter")
     p.add_argument("--data", default=None, help="a prepared data folder: its document lengths and tiles skipped")
     p.add_argument("--seq-len", type=int, default=1024)
     p.add_argument("--micro-batch", type=int, default=16)
     p.add_argument("--batches", type=int, default=20)
+    p.add_argument("--out", default=None, help="results folder for varlen.jsonl/.md/.png "
+                                               "(default: bench/results/<device> in the current folder)")
     args = p.parse_args(argv)
     if args.data:
         lengths = measure_document_lengths(args.data)
@@ -209,9 +222,11 @@ def main(argv=None):
               f"after position 0; (query, key) pairs kept / causal {pairs:.4f}; tiles computed / dense causal "
               f"(GPU tiles {first_tiles()}): {fractions}")
         return fractions
-    from gpt2_triton.bench.common import format_table
+    env = environment()
     rows = run(DTYPES[args.dtype] if has_cuda() else torch.float32, quick=args.quick or not has_cuda())
+    check_rows(rows)
     print(format_table(rows))
+    print(f"results in {write_results(rows, out_dir_for(args.out), 'varlen', env)}")
     return rows
 
 

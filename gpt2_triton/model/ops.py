@@ -67,6 +67,40 @@ def triton_unusable(kernels, device_type: str) -> str | None:
             f"through Triton's interpreter (slow), set TRITON_INTERPRET=1; or use --kernels torch.")
 
 
+def triton_op_problem(op: str, config) -> str | None:
+    """Why `op`'s Triton path cannot serve a model of GPTConfig `config` on a CUDA GPU, or None: triton does
+    not import, or the model's shape is outside what the kernel takes."""
+    try:
+        _load_triton(op)
+    except (ImportError, RuntimeError, OSError) as e:
+        return f"triton does not import ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+    if op == "attention":
+        from gpt2_triton.kernels.attention import SUPPORTED_HEAD_DIMS
+        if config.head_size not in SUPPORTED_HEAD_DIMS:
+            return f"head dim {config.head_size} is not one of {SUPPORTED_HEAD_DIMS}"
+    if op == "layer_norm":
+        from gpt2_triton.kernels.norm import MAX_FEAT_DIM
+        if config.n_embd > MAX_FEAT_DIM:
+            return f"n_embd {config.n_embd} exceeds the kernel's {MAX_FEAT_DIM}"
+    return None
+
+
+def auto_kernels(config, device_type: str) -> tuple[dict, dict]:
+    """What kernels="auto" runs for a model of GPTConfig `config` on `device_type`: ({op: impl}, {op: why
+    it runs torch}). On CUDA every op runs Triton unless `triton_op_problem` names a reason; on a CPU every
+    op runs torch (the interpreter is for tests: ask for it with kernels="triton")."""
+    if device_type != "cuda":
+        return {op: "torch" for op in OP_NAMES}, {}
+    fallbacks = {op: problem for op in OP_NAMES if (problem := triton_op_problem(op, config))}
+    return {op: "torch" if op in fallbacks else "triton" for op in OP_NAMES}, fallbacks
+
+
+def kernels_spec(choice: dict) -> str:
+    """{op: impl} as a --kernels value: "triton" or "torch" where every op agrees, else "op=impl,..."."""
+    impls = set(choice.values())
+    return impls.pop() if len(impls) == 1 else ",".join(f"{op}={impl}" for op, impl in choice.items())
+
+
 def device_problem(device: str, kernels="torch") -> str | None:
     """Why a model with `kernels` cannot run on `device` (no such device, no CUDA, Triton on a CPU
     without the interpreter), or None: for tools to say before they load anything."""

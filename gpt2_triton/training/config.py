@@ -14,7 +14,7 @@ from gpt2_triton import data as gpt2_data
 from gpt2_triton.atomic import folder_write_problem
 from gpt2_triton.model.config import PRESETS as MODEL_PRESETS
 from gpt2_triton.model.config import GPTConfig
-from gpt2_triton.model.ops import resolve_kernels, triton_unusable
+from gpt2_triton.model.ops import auto_kernels, kernels_spec, resolve_kernels, triton_unusable
 from gpt2_triton.training.distributed import wants_cuda
 from gpt2_triton.training.errors import ConfigError
 from gpt2_triton.training.sinks import sinks_problem
@@ -52,7 +52,9 @@ class TrainConfig:
     n_head: int | None = opt(None, "attention heads; none: the model preset's", ge=1)
     n_embd: int | None = opt(None, "model width; none: the model preset's", ge=1)
     pad_vocab_to: int = opt(128, "round the embedding table up to a multiple of this (50257 -> 50304)", ge=1)
-    kernels: str = opt("torch", "torch | triton | op=impl,... (ops: attention, layer_norm, gelu_mlp, cross_entropy)")
+    kernels: str = opt("auto", "auto (Triton on CUDA, each op whose Triton path cannot run there on torch; torch "
+                               "on a CPU) | torch | triton | op=impl,... (ops: attention, layer_norm, gelu_mlp, "
+                               "cross_entropy, linear, embedding)")
     doc_mask: bool = opt(False, "document masking: a token attends only to earlier tokens of its own document "
                                 "(documents begin at the EOT token), in training and validation")
     # data
@@ -167,7 +169,7 @@ def _help(f) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="train.py", description=USAGE,
+    parser = argparse.ArgumentParser(prog="train.py", description=USAGE, allow_abbrev=False,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     hints = typing.get_type_hints(TrainConfig)
     for f in fields(TrainConfig):
@@ -199,8 +201,10 @@ def parse_config(argv=None) -> TrainConfig:
     given = vars(build_parser().parse_args(argv))
     preset = given.pop("preset", None)
     if preset is None:
-        chosen = "gpt2-124m" if wants_cuda(given.get("device", "auto")) else "demo"
-        print(f"no --preset given: using {chosen!r} ({'CUDA found' if chosen == 'gpt2-124m' else 'no CUDA'})")
+        device = given.get("device", "auto")
+        chosen = "gpt2-124m" if wants_cuda(device) else "demo"
+        why = f"--device {device}" if device != "auto" else "CUDA found" if chosen == "gpt2-124m" else "no CUDA"
+        print(f"no --preset given: using {chosen!r} ({why})")
     return make_config(preset, **given)
 
 
@@ -245,11 +249,11 @@ def check_config(cfg: TrainConfig) -> None:
     if not preparable and not (cfg.data_dir and cfg.data):  # with --data-dir: the name in its manifest
         raise ConfigError(f"--data must be pystdlib, fineweb-edu or text:PATH; got {cfg.data!r}")
     try:
-        kernels = resolve_kernels(cfg.kernels)
+        kernels = None if cfg.kernels == "auto" else resolve_kernels(cfg.kernels)
         model_config = model_config_of(cfg)
     except (ValueError, TypeError) as e:
         raise ConfigError(str(e)) from None
-    problem = triton_unusable(kernels, "cuda" if wants_cuda(cfg.device) else "cpu")
+    problem = kernels and triton_unusable(kernels, "cuda" if wants_cuda(cfg.device) else "cpu")
     if problem:  # fail here, not deep inside
         raise ConfigError(f"--kernels {cfg.kernels}: {problem}")
     if problem := sinks_problem(cfg.log_to):
@@ -270,6 +274,25 @@ def check_config(cfg: TrainConfig) -> None:
         raise ConfigError(f"--data-dir {cfg.data_dir}: {problem}")  # an existing one may be read-only if prepared
 
 
+def config_warnings(cfg: TrainConfig) -> list[str]:
+    """Settings that run but are likely not what was meant: one line each, for the run to print."""
+    warnings = []
+    if cfg.warmup_steps > cfg.max_steps:
+        peak = cfg.max_lr * cfg.max_steps / cfg.warmup_steps
+        warnings.append(f"warning: --warmup-steps {cfg.warmup_steps} exceeds --max-steps {cfg.max_steps}: the learning "
+                        f"rate never reaches --max-lr {cfg.max_lr:.2e} (it ends at {peak:.2e}, still warming up)")
+    return warnings
+
+
+def kernel_choice(cfg: TrainConfig, device_type: str) -> tuple[str, dict | None]:
+    """The --kernels value a run on `device_type` uses and, where cfg.kernels is "auto", {op: why it runs
+    torch though Triton was wanted} (empty when none falls back); None where the kernels were named."""
+    if cfg.kernels != "auto":
+        return cfg.kernels, None
+    choice, fallbacks = auto_kernels(model_config_of(cfg), device_type)
+    return kernels_spec(choice), fallbacks
+
+
 def resolve_config(cfg: TrainConfig, device: torch.device, world_size: int) -> TrainConfig:
     """Every "auto"/None that depends on the machine made concrete: this is what gets printed and saved."""
     on_cuda = device.type == "cuda"
@@ -281,6 +304,7 @@ def resolve_config(cfg: TrainConfig, device: torch.device, world_size: int) -> T
     return replace(
         cfg,
         device=str(device),
+        kernels=kernel_choice(cfg, device.type)[0],
         dtype=cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if on_cuda else "float32"),
         compile=on_cuda if cfg.compile is None else cfg.compile,
         fused_adamw=on_cuda if cfg.fused_adamw is None else cfg.fused_adamw,

@@ -51,7 +51,7 @@ def peak_memory_mb(device) -> float:
 
 class MetricsLog:
     """metrics.jsonl: one JSON object per line, each with a "kind" ("train", "val", "hellaswag",
-    "sample", "resume"). Append-only: a resumed run appends a "resume" record and goes on, so nothing
+    "sample", "resume", "kernels"). Append-only: a resumed run appends a "resume" record and goes on, so nothing
     an earlier process wrote is ever lost; `read_metrics` gives the run's history as it stands."""
 
     def __init__(self, path):

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from gpt2_triton.model.ops import OP_NAMES
 from gpt2_triton.training.config import TrainConfig, model_config_of
 from gpt2_triton.training.metrics import ema, ema_beta, read_metrics
 
@@ -34,6 +35,16 @@ def kernels_text(kernels: dict) -> str:
     return impls.pop() if len(impls) == 1 else ", ".join(f"{op}={impl}" for op, impl in kernels.items())
 
 
+def fallback_line(fallbacks: dict) -> str:
+    """The one line that says which ops --kernels auto runs on torch on a GPU, and why."""
+    by_reason = {}
+    for op, why in fallbacks.items():
+        by_reason.setdefault(why, []).append(op)
+    ops = "; ".join(f"{', '.join(names)} ({why})" for why, names in by_reason.items())
+    rest = "" if len(fallbacks) == len(OP_NAMES) else "; Triton for the other ops"
+    return f"kernels auto: torch for {ops}, where Triton cannot run{rest}"
+
+
 def device_text(device: torch.device, world_size: int) -> str:
     """"cpu", "cuda:0 (NVIDIA H100 80GB HBM3)", "8 x cuda (NVIDIA H100 80GB HBM3)"."""
     device = torch.device(device)
@@ -42,8 +53,9 @@ def device_text(device: torch.device, world_size: int) -> str:
 
 
 def header_lines(cfg: TrainConfig, n_params: int, kernels: dict, grad_accum: int, world_size: int,
-                 train_tokens: int, start_step: int = 0) -> list[str]:
-    """What this run is, in six lines: model, batch, length, schedule, device and where it writes."""
+                 train_tokens: int, start_step: int = 0, kernels_auto: bool = False) -> list[str]:
+    """What this run is, in six lines: model, batch, length, schedule, device (and which kernels run, "(auto)"
+    where --kernels auto chose them) and where it writes."""
     m = model_config_of(cfg)
     steps = cfg.max_steps - start_step
     tokens = steps * cfg.total_batch
@@ -59,7 +71,7 @@ def header_lines(cfg: TrainConfig, n_params: int, kernels: dict, grad_accum: int
         f"  lr       {cfg.max_lr:.2e} after {cfg.warmup_steps} warmup steps, cosine to "
         f"{cfg.max_lr * cfg.min_lr_ratio:.2e} at step {cfg.lr_decay_steps}",
         f"  device   {device_text(cfg.device, world_size)} | {dtype} | torch.compile {'on' if cfg.compile else 'off'}"
-        f" | kernels {kernels_text(kernels)}",
+        f" | kernels {kernels_text(kernels)}{' (auto)' if kernels_auto else ''}",
         f"  run      {cfg.run_dir} (full config in train_config.json)",
     ]
 

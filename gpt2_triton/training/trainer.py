@@ -40,7 +40,9 @@ from gpt2_triton.training.config import (
     RESUME_MAY_CHANGE,
     TrainConfig,
     check_config,
+    config_warnings,
     flag_name,
+    kernel_choice,
     model_config_of,
     resolve_config,
 )
@@ -62,7 +64,7 @@ from gpt2_triton.training.metrics import (
     peak_memory_mb,
     plot_metrics,
 )
-from gpt2_triton.training.report import Report, header_lines, summary_lines
+from gpt2_triton.training.report import Report, fallback_line, header_lines, summary_lines
 from gpt2_triton.training.run_dir import claim_run_dir
 from gpt2_triton.training.sinks import open_sinks
 from gpt2_triton.training.step import autocast_context, doc_starts, train_step, weights_finite
@@ -84,8 +86,11 @@ class TrainingInterrupted(Exception):
 
 
 class Trainer:
-    def __init__(self, cfg: TrainConfig, ctx: DistContext, resume_from: Path | None = None):
+    def __init__(self, cfg: TrainConfig, ctx: DistContext, resume_from: Path | None = None,
+                 kernel_fallbacks: dict | None = None):
+        """`kernel_fallbacks`: where --kernels auto chose cfg.kernels, {op: why it runs torch} (may be empty)."""
         self.cfg, self.ctx, self.device = cfg, ctx, ctx.device
+        self.kernel_fallbacks = kernel_fallbacks
         self.report = Report(ctx.is_main, cfg.quiet, cfg.log_every)
         self.amp_dtype = {"bfloat16": torch.bfloat16, "float32": None}[cfg.dtype]
         self.run_dir = Path(cfg.run_dir)
@@ -144,6 +149,8 @@ class Trainer:
         write_json_atomic(self.run_dir / "train_config.json", asdict(self.cfg))
         self.metrics = MetricsLog(self.run_dir / "metrics.jsonl")
         self.sinks = open_sinks(self.cfg.log_to, self.run_dir, asdict(self.cfg))
+        if self.kernel_fallbacks:  # --kernels auto gave some op to torch on a GPU
+            self.log("kernels", requested="auto", choice=self.raw_model.kernels, fallbacks=self.kernel_fallbacks)
         if self.resumed_from is not None:
             self.log("resume", step=self.step, checkpoint=str(self.resumed_from), changed=self.resume_changes)
 
@@ -389,8 +396,13 @@ class Trainer:
         """Train to max_steps and return this run's per-step records. Raises TrainingInterrupted after
         saving when a SIGINT/SIGTERM stopped it early."""
         cfg = self.cfg
+        for line in config_warnings(cfg):
+            self.print(line)
+        if self.kernel_fallbacks:
+            self.print(fallback_line(self.kernel_fallbacks))
         for line in header_lines(cfg, self.raw_model.num_params(), self.raw_model.kernels, self.grad_accum,
-                                 self.ctx.world_size, int(self.train_loader.sizes.sum()), self.step):
+                                 self.ctx.world_size, int(self.train_loader.sizes.sum()), self.step,
+                                 kernels_auto=self.kernel_fallbacks is not None):
             self.print(line)
         self.report.start(self.step, cfg.max_steps)
         if self.step == 0 and cfg.val_every:
@@ -498,6 +510,7 @@ def train(cfg: TrainConfig) -> list[dict]:
     ctx = setup_distributed(cfg.device, cfg.dist_timeout)
     lock = data_lock = trainer = None
     try:
+        fallbacks = kernel_choice(cfg, ctx.device.type)[1]  # None: --kernels named them, not "auto"
         cfg = resolve_config(cfg, ctx.device, ctx.world_size)
         with sigterm_raises():  # until the loop's own handlers: SIGTERM cleans up as Ctrl-C does
             lock, resume_from = on_rank0(ctx, lambda: claim_run_dir(cfg)) or (None, None)
@@ -509,7 +522,7 @@ def train(cfg: TrainConfig) -> list[dict]:
                 data_lock = gpt2_data.read_lock(cfg.data_dir)  # prepare refuses the folder while this run reads it
             except ValueError as e:
                 raise ConfigError(str(e)) from None
-            trainer = Trainer(cfg, ctx, resume_from)
+            trainer = Trainer(cfg, ctx, resume_from, fallbacks)
             trainer.begin()
         with StopOnSignals(trainer, repeat_quits=not ctx.is_ddp), trainer.saving_on_error():
             history = trainer.run()
