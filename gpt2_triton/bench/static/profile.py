@@ -307,7 +307,7 @@ def markdown(p) -> str:
         "",
         "## Summary: each launch, its first (hand-picked) autotune candidate",
         "",
-        f"Cells with two values: triton {vs}. Spilling candidates: of all candidates the autotuner may pick for "
+        f"Cells: triton {vs}, in that order. Spilling candidates: of all candidates the autotuner may pick for "
         "this launch, how many spill and the most spill-store bytes. Loops: SASS instructions per iteration "
         "of each loop, in address order.",
         "",
@@ -319,7 +319,7 @@ def markdown(p) -> str:
         *cold_start_lines(p),
         "## Kernels: every launch and autotune candidate",
         "",
-        f"Cells with two values: triton {vs}. First contact: among the candidates its autotuner tries the first "
+        f"Cells: triton {vs}, in that order. First contact: among the candidates its autotuner tries the first "
         "time it meets a tuning key. CTAs: grid size of the launch. CTAs/SM: resident per H100 SM "
         "(registers, shared memory, warps). dots: wgmma of all tl.dot. Pipelined: asynchronous copies "
         "(cp.async / TMA) issued ahead of use in the TTGIR. Compile s: cold, on this CPU.",
