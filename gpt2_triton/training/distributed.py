@@ -55,10 +55,17 @@ def setup_distributed(device: str, timeout: float = 300.0) -> DistContext:
                        setup_group)
 
 
+# What gloo's transport says when a collective times out or loses its peer; DDP's reducer raises the
+# timeout in backward without gloo's source-file prefix.
+GLOO_FAILURES = ("gloo", "Timed out waiting", "Application timeout caused pair closure", "Connection closed by peer",
+                 "Connection reset by peer")
+
+
 def is_collective_failure(error: BaseException) -> bool:
     """A collective that timed out or lost a peer: torch's DistError, or gloo's RuntimeError from its
-    transport ("Timed out waiting ...", "Connection closed by peer")."""
-    return isinstance(error, dist.DistError) or (isinstance(error, RuntimeError) and "gloo" in str(error))
+    transport."""
+    return isinstance(error, dist.DistError) or (
+        isinstance(error, RuntimeError) and any(text in str(error) for text in GLOO_FAILURES))
 
 
 def broadcast(obj, ctx: DistContext):

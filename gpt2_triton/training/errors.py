@@ -3,7 +3,9 @@
 
 class RunError(Exception):
     """Ends the run with one line that names the problem and what to do: a bad step's data, a full disk, a
-    process that stopped answering."""
+    process that stopped answering. `reported`: that line has been printed already."""
+
+    reported = False
 
 
 class ConfigError(RunError, ValueError):

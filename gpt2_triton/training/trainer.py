@@ -532,10 +532,15 @@ def train(cfg: TrainConfig) -> list[dict]:
     except Exception as e:
         if ctx.is_ddp and is_collective_failure(e):
             cause = re.sub(r"^\[[^\]]*\] ", "", one_line(e, 200))  # gloo prefixes its source file and line
-            raise RunError(
+            error = RunError(
                 f"rank {ctx.rank}: a collective with the other processes failed ({cause}): one of them froze (no "
                 f"answer within --dist-timeout {cfg.dist_timeout:g} s) or died. Last good checkpoint: "
-                f"{newest_verified_checkpoint(cfg.run_dir) if cfg.run_dir else None}; continue with --resume") from None
+                f"{newest_verified_checkpoint(cfg.run_dir) if cfg.run_dir else None}; continue with --resume")
+            # said before the teardown below: once one rank has failed, torchrun ends the others with a SIGTERM,
+            # which can come during it
+            print(f"error: {error}", file=sys.stderr, flush=True)
+            error.reported = True
+            raise error from None
         raise
     finally:
         if trainer is not None:
@@ -561,7 +566,7 @@ def exit_on_errors():
         print(str(e), file=sys.stderr, flush=True)
         raise SystemExit(e.exit_code) from None
     except RunError as e:
-        raise SystemExit(f"error: {e}") from None
+        raise SystemExit(1 if e.reported else f"error: {e}") from None
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr, flush=True)
         raise SystemExit(128 + signal.SIGINT) from None
