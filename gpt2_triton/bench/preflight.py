@@ -41,9 +41,9 @@ def toolchain() -> dict:
     python_h = os.path.join(include, "Python.h")
     out = {"cc": cc, "python_h": python_h if os.path.isfile(python_h) else None, "ok": False, "error": ""}
     try:
-        from triton.runtime.build import compile_module_from_src
+        from gpt2_triton.kernels import compat
         with tempfile.TemporaryDirectory() as cache, _triton_cache(cache):
-            compile_module_from_src(_EXTENSION, "gpt2_triton_preflight")
+            compat.build_extension(_EXTENSION, "gpt2_triton_preflight")
         out["ok"] = True
     except Exception as e:  # noqa: BLE001 - reported as the row's error
         out["error"] = f"{type(e).__name__}: {e}"[:500]

@@ -40,9 +40,9 @@ from typing import Optional
 
 import torch
 import triton
-from triton.runtime.autotuner import Autotuner
 
 from gpt2_triton import versions
+from gpt2_triton.kernels import compat
 from gpt2_triton.kernels.utils import is_interpreter, sm_count, smem_per_block, target
 
 versions.require("triton")  # an untested triton fails here, in one line, not at a launch
@@ -172,10 +172,9 @@ _accounting: list = []  # the active Accountings, outermost first (nested blocks
 def accounting(on_tuning: Optional[Callable[[Tuning], None]] = None):
     """`with accounting() as acct:` every kernel compile (Triton's JIT, this process) and every tuning
     inside the block is recorded in acct; on_tuning(tuning) is called as each tuning ends. Blocks nest."""
-    from triton import knobs
     acct = Accounting(on_tuning=on_tuning)
     started = {}
-    previous = (knobs.runtime.jit_cache_hook, knobs.runtime.jit_post_compile_hook)
+    previous = compat.jit_hooks()
 
     def before(*args, **kwargs):
         started[str(kwargs.get("key"))] = time.perf_counter()
@@ -187,12 +186,12 @@ def accounting(on_tuning: Optional[Callable[[Tuning], None]] = None):
             acct.compiles.append((kwargs["fn"].name, time.perf_counter() - begun))
         return previous[1](*args, **kwargs) if previous[1] else None
 
-    knobs.runtime.jit_cache_hook, knobs.runtime.jit_post_compile_hook = before, after
+    compat.set_jit_hooks(before, after)
     _accounting.append(acct)
     try:
         yield acct
     finally:
-        knobs.runtime.jit_cache_hook, knobs.runtime.jit_post_compile_hook = previous
+        compat.set_jit_hooks(*previous)
         _accounting.remove(acct)
 
 
@@ -209,10 +208,8 @@ def _record(tuning: Tuning) -> None:
 def _source_key(fn) -> str:
     """The kernel source's identity: JITFunction.cache_key (its source and what it calls), else a hash
     of its Python source (the interpreter's function)."""
-    while isinstance(fn, Autotuner) or type(fn).__name__ == "Heuristics":
-        fn = fn.fn
-    key = fn.cache_key if isinstance(fn, triton.runtime.JITFunction) else None
-    return key or hashlib.sha256(inspect.getsource(fn.fn).encode()).hexdigest()
+    fn = compat.base_kernel(fn)
+    return compat.source_key(fn) or hashlib.sha256(inspect.getsource(compat.python_function(fn)).encode()).hexdigest()
 
 
 def _device_name(device: Optional[torch.device]) -> str:
@@ -236,8 +233,7 @@ class TuningStore:
         if directory == "":
             return None
         if directory is None:
-            from triton import knobs
-            directory = os.path.join(knobs.cache.dir, "gpt2_triton_tuning")
+            directory = os.path.join(compat.cache_dir(), "gpt2_triton_tuning")
         return TuningStore(Path(directory))
 
     def path(self, kernel: str, identity: list) -> Path:
@@ -262,8 +258,7 @@ class TuningStore:
 
 
 def _config_record(config: triton.Config) -> dict:
-    return {"kwargs": dict(config.kwargs), "num_warps": config.num_warps, "num_stages": config.num_stages,
-            "num_ctas": config.num_ctas, "maxnreg": config.maxnreg}
+    return compat.config_fields(config)
 
 
 def _same_config(config: triton.Config, record: dict) -> bool:
@@ -273,53 +268,47 @@ def _same_config(config: triton.Config, record: dict) -> bool:
 # ----------------------------------------------------------------------------------------------
 # The autotuner
 # ----------------------------------------------------------------------------------------------
-class Tuner(Autotuner):
+class Tuner(compat.AutotunerBase):
     """triton.autotune's Autotuner that tries what `candidates` admits, reuses persisted results, compiles
     the candidates before timing them and reports each tuning (see the module docstring)."""
 
     def __init__(self, fn, configs, key, spec: Optional[Candidates] = None, do_bench=None,
                  restore: Sequence[str] = ()):
-        prune = {"early_config_prune": spec.prune} if spec is not None and spec.variant_of is not None else None
-        super().__init__(fn, fn.arg_names, configs, key, reset_to_zero=None, restore_value=list(restore) or None,
-                         prune_configs_by=prune, do_bench=do_bench)
+        prune = spec.prune if spec is not None and spec.variant_of is not None else None
+        super().__init__(fn, configs, key, restore=restore, prune=prune, do_bench=do_bench)
         self.spec = spec
-        self.name = getattr(fn, "__name__", None) or fn.fn.__name__
+        self.name = getattr(fn, "__name__", None) or compat.python_function(fn).__name__
 
     def tuning_key(self, args: dict) -> tuple:
         """Triton's autotune key: the `key` arguments' values, then every tensor argument's dtype."""
-        named = {k: v for k, v in args.items() if k in self.arg_names}
-        return (*(named[k] for k in self.keys if k in named),
+        names = self.param_names()
+        named = {k: v for k, v in args.items() if k in names}
+        return (*(named[k] for k in self.key_names() if k in named),
                 *(str(v.dtype) for v in named.values() if hasattr(v, "dtype")))
 
     def candidates(self, args: dict, grid=None, configs: Optional[list] = None) -> list:
         """What the static rule admits, of `configs` (default: the configs it holds), for a launch with
         these arguments and grid, in the listed order; the first `max_configs()` are tried."""
-        configs = list(self.configs if configs is None else configs)
-        if self.early_config_prune is not None:
-            configs = self.early_config_prune(configs, args)
+        configs = self.prune_early(list(self.held_configs() if configs is None else configs), args)
         if self.spec is None:
             return configs
         return static_rule(self.spec, configs, args, grid)
 
     def run(self, *args, **kwargs):
-        if len(self.configs) <= 1:
-            return super().run(*args, **kwargs)
-        self.nargs = dict(zip(self.arg_names, args))
-        named = {**self.nargs, **kwargs}
-        key = self.tuning_key(named)
-        if key not in self.cache:
-            self.cache[key] = self._tune(key, args, kwargs, named)
-        config = self.best_config = self.cache[key]
-        try:
-            return self.fn.run(*args, **kwargs, **config.all_kwargs())
-        finally:
-            self.nargs = None
+        if len(self.held_configs()) <= 1:
+            return self.run_untuned(*args, **kwargs)
+        with self.launching(args) as nargs:
+            named = {**nargs, **kwargs}
+            key = self.tuning_key(named)
+            if self.cached(key) is None:
+                self.remember(key, self._tune(key, args, kwargs, named))
+            return self.launch_with(self.cached(key), args, kwargs)
 
     def _tune(self, key, args, kwargs, named) -> triton.Config:
         admitted = self.candidates(named, kwargs.get("grid"))
         device = _device_of(named)
         store = TuningStore.default()
-        identity = [self.name, _source_key(self.fn), repr(key), _device_name(device), torch.__version__,
+        identity = [self.name, _source_key(self), repr(key), _device_name(device), torch.__version__,
                     triton.__version__]
         persisted = store.get(self.name, identity) if store is not None else None
         if persisted is not None:
@@ -337,28 +326,24 @@ class Tuner(Autotuner):
             launch_kwargs = {k: v for k, v in kwargs.items() if k != "warmup"}
             for config in tried:
                 with contextlib.suppress(Exception):  # a candidate that cannot compile times as inf below
-                    self.fn.warmup(*args, **launch_kwargs, **config.all_kwargs())
+                    self.compile_with(config, args, launch_kwargs)
         compile_s = time.perf_counter() - start
         start = time.perf_counter()
-        timings = {config: self._bench(*args, config=config, **kwargs) for config in tried}
+        timings = {config: self.time_config(config, args, kwargs) for config in tried}
         bench_s = time.perf_counter() - start
-        self.configs_timings = timings
-        finite = {c: t for c, t in timings.items() if math.isfinite(_median(t))}
+        self.keep_timings(timings)
+        finite = {c: t for c, t in timings.items() if math.isfinite(compat.median_ms(t))}
         if not finite:
             raise RuntimeError(f"{self.name}: none of the {len(tried)} candidate configs ran for key {key}: "
                                f"{[str(c) for c in tried]}")
-        best = builtins.min(finite, key=lambda c: _median(finite[c]))
-        timings_ms = {str(c): _median(t) for c, t in timings.items()}
+        best = builtins.min(finite, key=lambda c: compat.median_ms(finite[c]))
+        timings_ms = {str(c): compat.median_ms(t) for c, t in timings.items()}
         if store is not None:
             store.put(self.name, identity, {"config": _config_record(best), "timings_ms": timings_ms,
                                             "date": time.strftime("%Y-%m-%dT%H:%M:%S")})
         _record(Tuning(self.name, repr(key), len(admitted), len(tried), False, round(compile_s, 3),
                        round(bench_s, 3), str(best), timings_ms))
         return best
-
-
-def _median(timing) -> float:
-    return float(timing[0] if isinstance(timing, (list, tuple)) else timing)
 
 
 _CANDIDATES = {}  # Tuner -> its Candidates

@@ -195,8 +195,8 @@ def sm_count(device: torch.device) -> Optional[int]:
 
 @functools.cache
 def _cuda_smem_per_block(device_index: int) -> int:
-    from triton.runtime import driver  # what Triton itself checks a kernel's shared memory against
-    return driver.active.utils.get_device_properties(device_index)["max_shared_mem"]
+    from gpt2_triton.kernels import compat  # what Triton itself checks a kernel's shared memory against
+    return compat.max_shared_mem(device_index)
 
 
 def smem_per_block(device: torch.device) -> Optional[int]:

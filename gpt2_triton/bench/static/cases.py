@@ -23,6 +23,7 @@ from gpt2_triton.bench.static.trace import (
     summarize,
     tensor_bytes,
 )
+from gpt2_triton.kernels import compat
 from gpt2_triton.kernels.autotune import Tuner, max_configs
 from gpt2_triton.kernels.mlp import linear_gelu
 from gpt2_triton.model import GPT, GPTConfig
@@ -81,11 +82,12 @@ def specialize(launch: Launch, config=None):
 def compile_options(launch: Launch, config=None) -> dict:
     opts = {k: v for k, v in launch.options.items() if k in ("num_warps", "num_stages", "num_ctas")}
     if config is not None:
-        opts.update(num_warps=config.num_warps, num_stages=config.num_stages)
-        if getattr(config, "num_ctas", 1) not in (None, 1):
-            opts["num_ctas"] = config.num_ctas
-        if getattr(config, "maxnreg", None) is not None:
-            opts["maxnreg"] = config.maxnreg
+        fields = compat.config_fields(config)
+        opts.update(num_warps=fields["num_warps"], num_stages=fields["num_stages"])
+        if fields["num_ctas"] not in (None, 1):
+            opts["num_ctas"] = fields["num_ctas"]
+        if fields["maxnreg"] is not None:
+            opts["maxnreg"] = fields["maxnreg"]
     return opts
 
 

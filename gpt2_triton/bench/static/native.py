@@ -29,7 +29,6 @@ Method:
 """
 import collections
 import contextlib
-import inspect
 import io
 import json
 import os
@@ -71,15 +70,11 @@ def sass_class(base: str) -> str:
 # ----------------------------------------------------------------------------------------------
 # Tools of the running triton
 # ----------------------------------------------------------------------------------------------
-def _nv():
-    import triton.backends.nvidia.compiler as nv
-    return nv
-
-
 def ptxas_path():
     """The ptxas Triton itself runs for sm_90 (triton 3.6: CUDA 12.8, 3.9: 13.x), or None."""
+    from gpt2_triton.kernels import compat
     try:
-        path = _nv().get_ptxas(90).path
+        path = compat.ptxas_path(90)
     except Exception:  # noqa: BLE001 - no NVIDIA backend / no ptxas: the caller reports it
         return None
     return path if path and os.path.isfile(path) else None
@@ -87,9 +82,8 @@ def ptxas_path():
 
 def _tool(name):
     """nvdisasm / cuobjdump shipped next to triton's ptxas."""
-    import triton
-    for d in (os.path.dirname(ptxas_path() or ""),
-              os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")):
+    from gpt2_triton.kernels import compat
+    for d in (os.path.dirname(ptxas_path() or ""), compat.nvidia_bin_dir()):
         path = os.path.join(d, name)
         if d and os.path.isfile(path):
             return path
@@ -98,7 +92,8 @@ def _tool(name):
 
 def _ptxas_extra_flags() -> tuple:
     """Flags of Triton's make_cubin that change register allocation (3.9: --regAllocOptLevel=2)."""
-    src = inspect.getsource(_nv().CUDABackend.make_cubin)
+    from gpt2_triton.kernels import compat
+    src = compat.make_cubin_source()
     return tuple(f for f in ("--regAllocOptLevel=2",) if f in src)
 
 
@@ -249,17 +244,15 @@ def _kernel(module: str, name: str):
     """The JITFunction called `name` in `module` (under an Autotuner if need be)."""
     import importlib
 
-    import triton
+    from gpt2_triton.kernels import compat
     mod = importlib.import_module(module)
-    obj = getattr(mod, name, None)
-    if isinstance(obj, triton.runtime.Autotuner):
-        obj = obj.fn
+    obj = compat.unwrap_autotuner(getattr(mod, name, None))
     if obj is None:
         for v in vars(mod).values():
-            fn = v.fn if isinstance(v, triton.runtime.Autotuner) else v
+            fn = compat.unwrap_autotuner(v)
             if getattr(fn, "__name__", None) == name:
                 obj = fn
-    if not isinstance(obj, triton.runtime.JITFunction):
+    if not compat.is_jit_function(obj):
         raise RuntimeError(f"{module}.{name} is a {type(obj).__name__}, not a JITFunction: compile outside the "
                            "interpreter (TRITON_INTERPRET unset)")
     return obj
@@ -271,41 +264,11 @@ SM90 = ("cuda", 90, 32)  # GPUTarget(backend, arch, warp size) the profile compi
 def compile_spec(spec: dict):
     """triton.compile of a spec for its "target" (default sm_90): the JIT's own compile of that
     specialization, so it fills the same entry of Triton's cache as the first launch would."""
-    import triton
-    from triton.backends.compiler import GPUTarget
+    from gpt2_triton.kernels import compat
     fn = _kernel(spec["module"], spec["kernel"])
     attrs = {tuple(k): v for k, v in spec["attrs"]}
-    src = triton.compiler.ASTSource(fn, dict(spec["signature"]), dict(spec["constexprs"]), attrs)
-    return triton.compile(src, target=GPUTarget(*spec.get("target", SM90)), options=dict(spec["options"]))
-
-
-@contextlib.contextmanager
-def _compiling_for(target):
-    """Triton's JIT sees a device of `target` ((backend, arch, warp size)) and compiles for it; nothing
-    is launched (the warmup path), so no GPU is needed."""
-    import torch
-    from triton.backends.compiler import GPUTarget
-    from triton.runtime import driver
-
-    class TargetOnly:
-        def get_current_target(self):
-            return GPUTarget(*target)
-
-        def get_current_device(self):
-            return 0
-
-        def get_current_stream(self, device):
-            return 0
-
-        def get_active_torch_device(self):
-            return torch.device("cpu")
-
-    previous = driver._active  # None until a driver is first asked for (none exists on a CPU machine)
-    driver.set_active(TargetOnly())
-    try:
-        yield
-    finally:
-        driver.set_active(previous)
+    return compat.compile_source(fn, dict(spec["signature"]), dict(spec["constexprs"]), attrs,
+                                 tuple(spec.get("target", SM90)), dict(spec["options"]))
 
 
 def _launch_arg(described):
@@ -322,8 +285,9 @@ def _launch_arg(described):
 def warmup_spec(spec: dict):
     """The JIT's own compile of a launch (JITFunction.warmup on stand-in arguments) for spec["target"]: the
     entry of Triton's cache the launch itself would make, whatever this triton's specialization rules."""
+    from gpt2_triton.kernels import compat
     fn = _kernel(spec["module"], spec["kernel"])
-    with _compiling_for(spec.get("target", SM90)):
+    with compat.target_only_driver(tuple(spec.get("target", SM90))):
         return fn.warmup(*(_launch_arg(a) for a in spec["args"]), grid=(1,), **spec["options"])
 
 
@@ -331,6 +295,8 @@ def analyze_spec(spec: dict, usage=True, sass=True) -> dict:
     """Compile and measure one spec: {ok, compile_s, shared, num_warps, regs, spill_*, dots, pipeline, tma,
     sass: {...}}; with spec["analyze"] False only {ok, compile_s}."""
     import triton
+
+    from gpt2_triton.kernels import compat
     printed = io.StringIO()
     start = time.perf_counter()
     with contextlib.redirect_stdout(printed):  # TRITON_DUMP_PTXAS_LOG=1: Triton prints its ptxas -v log
@@ -339,21 +305,20 @@ def analyze_spec(spec: dict, usage=True, sass=True) -> dict:
     if not spec.get("analyze", True):
         out = {"ok": True, "compile_s": compile_s}
         if spec.get("launcher"):  # the C launcher Triton builds at a kernel's first launch (triton 3.6)
-            from triton.runtime import driver
-            driver.active.launcher_cls(k.src, k.metadata)  # this machine's own driver: it has the GPU
+            compat.build_launcher(k)  # this machine's own driver: it has the GPU
             out["launcher_s"] = round(time.perf_counter() - start - compile_s, 3)
         return out
-    cubin = k.asm.get("cubin")
+    asm = compat.kernel_asm(k)
+    cubin = asm.get("cubin")
     res = {"ok": True, "triton": triton.__version__, "compile_s": compile_s,
-           "cubin_bytes": len(cubin) if isinstance(cubin, bytes) else 0,
-           "shared": k.metadata.shared, "num_warps": k.metadata.num_warps}
+           "cubin_bytes": len(cubin) if isinstance(cubin, bytes) else 0, **compat.kernel_resources(k)}
     if usage:
         usage = parse_ptxas_log(printed.getvalue())
         if usage["regs"] is None:  # a cache hit: Triton ran no ptxas, so run it on the same PTX
-            usage = ptxas_usage(k.asm["ptx"])
+            usage = ptxas_usage(asm["ptx"])
         res.update(usage)
-    res["dots"] = dot_lowering(k.asm.get("ttgir", ""))
-    res["pipeline"] = pipelining(k.asm.get("ttgir", ""))
+    res["dots"] = dot_lowering(asm.get("ttgir", ""))
+    res["pipeline"] = pipelining(asm.get("ttgir", ""))
     if sass:
         instrs = parse_sass(disassemble(cubin))
         total = breakdown(instrs)
@@ -388,11 +353,12 @@ class Worker:
     def __init__(self, python=None, repo=None, cache_dir=None, ptxas_log=True):
         """cache_dir: Triton's cache for its compiles (default: this process's, TRITON_CACHE_DIR); an empty
         folder makes every compile cold. ptxas_log: registers and spills from the compile's own ptxas run."""
+        from gpt2_triton.kernels import compat
         repo = repo or str(Path(__file__).resolve().parents[3])  # the folder that holds gpt2_triton
         env = dict(os.environ)
         env.pop("TRITON_INTERPRET", None)
         if ptxas_log:
-            env["TRITON_DUMP_PTXAS_LOG"] = "1"
+            env[compat.PTXAS_LOG_ENV] = "1"
         if cache_dir is not None:
             env["TRITON_CACHE_DIR"] = str(cache_dir)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (repo, env.get("PYTHONPATH")) if p)

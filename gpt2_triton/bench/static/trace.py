@@ -62,31 +62,27 @@ H100_TARGET = dict(interpreter=False, device_type="cuda", sm_count=H100_SMS, sme
 
 
 def is_kernel(obj) -> bool:
-    import triton
-    return isinstance(obj, (triton.runtime.JITFunction, triton.runtime.Autotuner)) \
-        or type(obj).__name__ == "InterpretedFunction"
+    from gpt2_triton.kernels import compat
+    return compat.is_kernel(obj)
 
 
 def raw_kernel(obj):
     """The JITFunction / InterpretedFunction under an Autotuner (or the object itself)."""
-    import triton
-    return obj.fn if isinstance(obj, triton.runtime.Autotuner) else obj
+    from gpt2_triton.kernels import compat
+    return compat.unwrap_autotuner(obj)
 
 
 def param_info(fn):
     """(arg names, constexpr arg names, do_not_specialize arg names) of a JITFunction or an
     InterpretedFunction, read from the Python function (same rules as JITFunction's KernelParam)."""
-    import triton
     import triton.language as tl
-    params = inspect.signature(fn.fn).parameters
+
+    from gpt2_triton.kernels import compat
+    params = inspect.signature(compat.python_function(fn)).parameters
     names = list(params)
     constexprs = {n for n, p in params.items()
                   if p.annotation is tl.constexpr or "constexpr" in str(p.annotation)}
-    if isinstance(fn, triton.runtime.JITFunction):
-        no_spec = {p.name for p in fn.params if p.do_not_specialize}
-    else:
-        no_spec = {names[x] if isinstance(x, int) else x for x in (fn.kwargs.get("do_not_specialize") or ())}
-    return names, constexprs, no_spec
+    return names, constexprs, compat.do_not_specialize(fn, names)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -98,9 +94,11 @@ _NO_TAINT = frozenset()
 
 def _is_jit_helper(obj) -> bool:
     """A @triton.jit function outside triton itself (tl.sum & co. neither load nor store)."""
-    fn = getattr(obj, "fn", None)
-    return type(obj).__name__ in ("JITFunction", "InterpretedFunction") and inspect.isfunction(fn) \
-        and not fn.__module__.startswith("triton")
+    from gpt2_triton.kernels import compat
+    if not compat.is_plain_jit(obj):
+        return False
+    fn = compat.python_function(obj)
+    return inspect.isfunction(fn) and not fn.__module__.startswith("triton")
 
 
 @functools.cache
@@ -284,7 +282,9 @@ class _Taint:
             return _NO_TAINT  # a loaded value is data, not an address
         target = self.resolve(func)
         if target is not _UNKNOWN and _is_jit_helper(target):
-            params = inspect.signature(target.fn).parameters
+            from gpt2_triton.kernels import compat
+            pyfn = compat.python_function(target)
+            params = inspect.signature(pyfn).parameters
             taints, known = {}, {}
             arg_exprs = dict(zip(params, c.args))
             arg_exprs.update({k.arg: k.value for k in c.keywords})
@@ -301,7 +301,7 @@ class _Taint:
                 hash(key_known)
             except TypeError:
                 key_known = ()
-            roles, ret = _analyze(target.fn, tuple(sorted(taints.items())), key_known)
+            roles, ret = _analyze(pyfn, tuple(sorted(taints.items())), key_known)
             for label, r in roles.items():
                 self.roles[label].update(r)
             return ret
@@ -316,7 +316,8 @@ class _Taint:
 def pointer_roles(fn, constexprs: dict) -> dict:
     """{param: {"read", "write"}} of a @triton.jit kernel (JITFunction or InterpretedFunction) for
     these constexpr values; params it never loads from or stores to are absent."""
-    pyfn = fn.fn
+    from gpt2_triton.kernels import compat
+    pyfn = compat.python_function(fn)
     names = list(inspect.signature(pyfn).parameters)
     known = []
     for k, v in constexprs.items():
@@ -459,8 +460,10 @@ class DescriptorMeta:
 def _arg_meta(v):
     if isinstance(v, torch.Tensor):
         return TensorMeta.of(v)
-    if type(v).__name__ == "TensorDescriptor" and isinstance(getattr(v, "base", None), torch.Tensor):
-        return DescriptorMeta(TensorMeta.of(v.base), tuple(v.block_shape))
+    from gpt2_triton.kernels import compat
+    parts = compat.descriptor_parts(v)
+    if parts is not None and isinstance(parts[0], torch.Tensor):
+        return DescriptorMeta(TensorMeta.of(parts[0]), parts[1])
     return v
 
 
