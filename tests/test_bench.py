@@ -193,3 +193,23 @@ def test_varlen_bench_takes_out_like_the_others(tmp_path, monkeypatch, capsys):
     saved = [json.loads(line) for line in (tmp_path / "out" / "varlen.jsonl").read_text().splitlines()]
     assert [(s["case"], s["median_ms"]) for s in saved] == [("varlen B1-T8", 1.0)]
     assert f"results in {tmp_path / 'out'}" in capsys.readouterr().out
+
+
+def test_accumulation_times_each_micro_step_apart_from_the_optimizer_step():
+    from gpt2_triton import GPT, GPTConfig
+    from gpt2_triton.bench import e2e
+    torch.manual_seed(0)
+    model = GPT(GPTConfig.from_preset("tiny", vocab_size=512, pad_vocab_to=64), kernels="torch")
+    optimizer = model.configure_optimizer(0.1, 6e-4)
+    x, y = torch.randint(0, 512, (2, 32)), torch.randint(0, 512, (2, 32))
+    before = [p.detach().clone() for p in model.parameters()]
+    micro, opt, whole = e2e.accumulation_ms(model, optimizer, x, y, "cpu", grad_accum=3, reps=2, warmup=1)
+    assert len(micro) == 6 and len(opt) == 2 and len(whole) == 2
+    assert all(t > 0 for t in micro + opt)
+    for i, total in enumerate(whole):  # the parts tile the step: micro-steps back to back, then the optimizer
+        assert total == pytest.approx(sum(micro[3 * i:3 * i + 3]) + opt[i], rel=1e-3, abs=0.05)
+    assert any(not torch.equal(a, p) for a, p in zip(before, model.parameters()))  # the optimizer stepped
+    assert all(not p._post_accumulate_grad_hooks for p in model.parameters())  # its hooks are gone
+    text = e2e.accumulation_text([Row("e2e", "tiny", "eager-sdpa", "step", {}, "float32", 1.0, extra={
+        "grad_accum": e2e._accumulation(model, optimizer, x, y, "cpu", 64, reps=3)})])
+    assert "eager-sdpa: grad_accum 2 x 1 step(s): " in text and "ms per micro-step, optimizer step" in text

@@ -279,6 +279,20 @@ def _first_contact_records():
     ]
 
 
+def test_summary_gives_the_accumulation_per_micro_step_and_the_optimizer_step_apart(tmp_path):
+    step = "gpt2-124m train step B16-T1024"
+    accum = {"micro_steps": 4, "steps": 6, "micro_step_ms": [30.5, 30.1, 31.0], "optimizer_step_ms": [2.25, 2.0, 2.5],
+             "step_ms": [124.0, 123.0, 125.0], "tokens_per_s": 528516}
+    records = _gpu_records() + [_row("triton", step, "triton", "step", 32.0, stage="e2e",
+                                     extra={"tokens_per_s": 512000, "mfu": 0.45, "grad_accum": accum})]
+    headline.write_summary(tmp_path, records, GPU_ENV)
+    text = (tmp_path / headline.SUMMARY).read_text()
+    assert "### Gradient accumulation: `train_step` at grad_accum > 1" in text
+    assert (f"| triton | {step} | 4 x 6 | 30.50 (30.10-31.00) | 2.25 (2.00-2.50) | 124.0 | 528,516 |") in text
+    assert "| compile-sdpa | | no accumulation timing in the row |" in text  # a row without it says so
+    assert "| eager-sdpa | | not run yet |" in text
+
+
 def test_summary_sets_predicted_beside_measured_kernels(tmp_path):
     """A GPU run's profiled e2e step against the static prediction: ours by kernel name, cuBLAS by its names."""
     from gpt2_triton.bench.static import predict

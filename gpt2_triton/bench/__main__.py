@@ -62,6 +62,8 @@ def main(argv=None):
         rows = module.run(dtype, quick=args.quick)
         failed += len(check_rows(rows))
         print(f"\n## {name}\n{format_table(rows)}", flush=True)
+        if hasattr(module, "accumulation_text"):
+            print(module.accumulation_text(rows), flush=True)
         write_results(rows, out_dir, name, env)
         if hasattr(module, "plots"):
             module.plots(rows, out_dir, f"on {env['device']}")

@@ -8,6 +8,8 @@ autocast on CUDA), grad clipping, the finiteness checks and fused AdamW, T = 102
 compiled and tuned (Triton kernels) and the cold start: model built, optimizer made, first step done.
 One more step runs under torch.profiler after the timed ones: its per-kernel table (`kernel_table`) is in the
 row, for the headline's predicted-vs-measured table (`gpt2_triton.bench.static.predict.compare`).
+Then the real gradient accumulation: `train_step` at grad_accum = GRAD_ACCUM (2 on CPU --quick) micro-steps of
+the same micro-batch, each micro-step timed apart from the optimizer step (`extra["grad_accum"]`).
 """
 import time
 
@@ -21,12 +23,16 @@ from gpt2_triton.bench.common import (
     cpu_threads,
     has_cuda,
     record,
+    summarize,
     timed_call_s,
     wall_clock_ms,
 )
 from gpt2_triton.kernels.autotune import accounting
 from gpt2_triton.training.metrics import device_peak_flops, mfu
 from gpt2_triton.training.step import train_step
+
+GRAD_ACCUM = 4  # micro-steps of the accumulation timing on a GPU
+QUICK_GRAD_ACCUM = 2  # on CPU --quick: a triton micro-step takes seconds in the interpreter
 
 STACKS = {  # provider -> (kernels, compile)
     "eager-sdpa": ("torch", False),
@@ -48,15 +54,83 @@ def step_dtype() -> str:
     return "bf16-autocast" if has_cuda() else "float32"
 
 
+def _step_args(device):
+    device = torch.device(device)
+    return device, torch.bfloat16 if device.type == "cuda" else None
+
+
 def train_step_fn(model, optimizer, x, y, device):
     """One step of `gpt2_triton.training.step.train_step`, the step train.py runs: bf16 autocast on CUDA,
     gradient clipping at 1.0, the loss/grad-norm/weight checks and their host syncs included."""
-    device = torch.device(device)
-    amp_dtype = torch.bfloat16 if device.type == "cuda" else None
+    device, amp_dtype = _step_args(device)
 
     def step():
         train_step(model, optimizer, lambda: (x, y), 1, device, amp_dtype, lr=6e-4, grad_clip=1.0, step=1)
     return step
+
+
+class _Marks:
+    """Points in the device's stream: CUDA events on CUDA, the wall clock on a CPU (which runs in order)."""
+
+    def __init__(self, cuda):
+        self.cuda = cuda
+
+    def now(self):
+        if not self.cuda:
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def record(self, mark):
+        """Move `mark` (from now()) to the present point; returns it."""
+        if not self.cuda:
+            return time.perf_counter()
+        mark.record()
+        return mark
+
+    def ms(self, a, b):
+        return a.elapsed_time(b) if self.cuda else 1e3 * (b - a)
+
+
+def accumulation_ms(model, optimizer, x, y, device, grad_accum, reps, warmup=0):
+    """`train_step` at grad_accum micro-steps of (x, y), `warmup` times untimed (a kernel that accumulates into
+    an existing .grad may compile or tune on first contact), then `reps` times: ([ms of each micro-step], [ms of each
+    optimizer step], [ms of each whole step]). A micro-step runs from its batch being fetched to the last
+    parameter's gradient accumulated (its forward, backward and grad accumulation); the optimizer step is
+    the rest of train_step: the loss sync, grad clipping, fused AdamW and the finiteness checks."""
+    device, amp_dtype = _step_args(device)
+    marks = _Marks(device.type == "cuda")
+    starts, backward_done = [], [marks.now()]
+
+    def next_batch():
+        starts.append(marks.now())
+        return x, y
+
+    def grad_accumulated(_):
+        if len(starts) == grad_accum:  # the last micro-step: the latest hook marks the end of its backward
+            backward_done[0] = marks.record(backward_done[0])
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    hooks = [p.register_post_accumulate_grad_hook(grad_accumulated) for p in params]
+    micro, opt, whole = [], [], []
+    try:
+        for i in range(warmup + reps):
+            starts.clear()
+            train_step(model, optimizer, next_batch, grad_accum, device, amp_dtype, lr=6e-4, grad_clip=1.0, step=1)
+            end = marks.now()
+            if marks.cuda:
+                torch.cuda.synchronize()
+            if i < warmup:
+                continue
+            bounds = starts + [backward_done[0]]
+            micro += [marks.ms(a, b) for a, b in zip(bounds, bounds[1:])]
+            opt.append(marks.ms(backward_done[0], end))
+            whole.append(marks.ms(starts[0], end))
+    finally:
+        for h in hooks:
+            h.remove()
+    return micro, opt, whole
 
 
 KERNEL_TABLE_ROWS = 80
@@ -103,6 +177,20 @@ def run(dtype=torch.bfloat16, quick=False, batch_sizes=None, stacks=None, warmup
     return rows
 
 
+def _accumulation(model, optimizer, x, y, device, tokens, reps):
+    """extra["grad_accum"]: the accumulation timing (accumulation_ms) summarised as [median, p20, p80] ms, and
+    tokens/s of the whole step (all its micro-batches' tokens over its median time). On CUDA one untimed step
+    first and `reps` timed; on a CPU (the interpreter: seconds per micro-step) one timed step."""
+    cuda = torch.device(device).type == "cuda"
+    k = GRAD_ACCUM if cuda else QUICK_GRAD_ACCUM
+    reps = reps if cuda else 1
+    micro, opt, whole = accumulation_ms(model, optimizer, x, y, device, k, reps, warmup=1 if cuda else 0)
+    step_ms = summarize(whole)
+    return {"micro_steps": k, "steps": reps, "micro_step_ms": [round(v, 3) for v in summarize(micro)],
+            "optimizer_step_ms": [round(v, 3) for v in summarize(opt)],
+            "step_ms": [round(v, 3) for v in step_ms], "tokens_per_s": round(k * tokens / (step_ms[0] * 1e-3))}
+
+
 def _measure_stack(config, kernels, compile_model, B, T, device, peak, warmup, reps, case, provider, shape):
     model = optimizer = None
     try:
@@ -123,6 +211,7 @@ def _measure_stack(config, kernels, compile_model, B, T, device, peak, warmup, r
             cost = first.per_kernel().values()
             med, p20, p80 = wall_clock_ms(step, warmup - 1, reps, warmup_ms=WARMUP_MS - 1e3 * first_step_s)
             kernels_profiled = kernel_table(step, device)
+            accum = _accumulation(runner, optimizer, x, y, device, B * T, reps)
         tokens_per_s = B * T / (med * 1e-3)
         util = mfu(model.flops_per_token(T), tokens_per_s, peak)
         return Row("e2e", case, provider, "step", shape, step_dtype(), med, p20, p80,
@@ -137,6 +226,7 @@ def _measure_stack(config, kernels, compile_model, B, T, device, peak, warmup, r
                           "first_step_tunings": sum(c["tunings"] for c in cost),
                           "first_step_tune_s": round(sum(c["tune_s"] for c in cost), 2),
                           "warmup_steps": warmup, "timed_steps": reps, "kernel_table": kernels_profiled,
+                          "grad_accum": accum,
                           **({} if has_cuda() else {"threads": CPU_THREADS})})
     except Exception as e:  # e.g. out of memory at a large micro-batch
         return Row("e2e", case, provider, "step", shape, step_dtype(), None, error=f"{type(e).__name__}: {e}"[:300])
@@ -144,3 +234,17 @@ def _measure_stack(config, kernels, compile_model, B, T, device, peak, warmup, r
         del model, optimizer
         if has_cuda():
             torch.cuda.empty_cache()
+
+
+def accumulation_text(rows) -> str:
+    """The gradient-accumulation timing of each measured row, a line each (for the printed table)."""
+    lines = []
+    for r in rows:
+        a = r.extra.get("grad_accum")
+        if a:
+            lines.append(f"{r.case} | {r.provider}: grad_accum {a['micro_steps']} x {a['steps']} step(s): "
+                         f"{a['micro_step_ms'][0]:.3f} ms per micro-step, "
+                         f"optimizer step {a['optimizer_step_ms'][0]:.3f} ms, "
+                         f"whole step {a['step_ms'][0]:.3f} ms = {a['tokens_per_s']:,} tok/s")
+    return "\n".join(["gradient accumulation (median ms; micro-steps timed apart from the optimizer step):"] + lines
+                     if lines else [])

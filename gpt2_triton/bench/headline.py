@@ -13,7 +13,8 @@ Stages, in order; everything is written the moment it exists, so a kill keeps wh
   3. pytest     `pytest -m gpu` over tests/ under a time cap, GPT-2-sized tests first     -> pytest.log
   4. kernels    each kernel at its GPT-2 124M training shape against every baseline, fwd/bwd/fwd+bwd
   5. e2e        one GPT-2 124M training step at B=16, T=1024 for the four stacks (with what the first
-                step compiled and tuned)
+                step compiled and tuned), one step profiled per kernel, and the step at grad_accum 4
+                (ms per micro-step and of the optimizer step apart)
   6. summary    the goals beside the measurements, compile and tuning cost, and plots
                                                                      -> summary.md, kernels.png, e2e.png
 Every row, test outcome, preflight row, compile/tuning record and stage event goes to results.jsonl
@@ -681,6 +682,7 @@ def write_summary(out, records, env, budget=None):
                   f"{_fmt(x.get('compile_s'), 1)} | {_fmt(x.get('cold_start_s'), 1)} | {first} |")
     md += ["", "Cold start: model built, optimizer made and the first training step done (in a job process "
                "after the preflight's precompile and the kernel jobs' tunings on this machine)."]
+    md += ["", "### Gradient accumulation: `train_step` at grad_accum > 1", "", _accumulation_text(rows)]
 
     md += ["", "## Predicted vs measured per kernel (one training step)", "", _prediction_text(rows, env)]
     md += ["", "## Sanity checks", "", _sanity_text(rows)]
@@ -699,6 +701,26 @@ def write_summary(out, records, env, budget=None):
            f"Every row (all providers, p20/p80, peak memory, first-call times) is in `{RESULTS}`; "
            f"the environment in `{ENV}`; job output in `{RUN_LOG}` and `{PYTEST_LOG}`."]
     (Path(out) / SUMMARY).write_text("\n".join(md) + "\n")
+
+
+def _accumulation_text(rows):
+    """The e2e jobs' accumulation timing: ms per micro-step and of the optimizer step apart, tok/s of the step."""
+    md = ["Each micro-step (same micro-batch) timed from its batch fetched to its last parameter gradient "
+          "accumulated; the optimizer step (loss sync, grad clip, fused AdamW, finiteness checks) apart. "
+          "tokens/s: all micro-steps' tokens over the whole step's median.", "",
+          "| stack | case | micro-steps x steps | ms/micro-step (p20-p80) | optimizer step ms (p20-p80) | "
+          "ms/step | tokens/s |", "|---|---|---:|---:|---:|---:|---:|"]
+    for job in [j.name for j in JOBS if j.stage == "e2e"]:
+        r = rows.e2e(job)
+        a = r["extra"].get("grad_accum") if r and r["median_ms"] else None
+        if not a:
+            reason = (r["error"] or "no accumulation timing in the row") if r else _job_reason(rows.records, job)
+            md.append(f"| {job} | | {reason} | | | | |")
+            continue
+        (micro, m20, m80), (opt, o20, o80) = a["micro_step_ms"], a["optimizer_step_ms"]
+        md.append(f"| {job} | {r['case']} | {a['micro_steps']} x {a['steps']} | {micro:.2f} ({m20:.2f}-{m80:.2f}) | "
+                  f"{opt:.2f} ({o20:.2f}-{o80:.2f}) | {a['step_ms'][0]:.1f} | {a['tokens_per_s']:,} |")
+    return "\n".join(md)
 
 
 PREDICTED_STACKS = (("triton", "triton"), ("eager-sdpa", "torch"))  # e2e job, kernels= of the static trace
