@@ -367,9 +367,12 @@ class _Worker:
         return json.loads(line) if line else None
 
     def run(self, spec: dict) -> dict:
-        self.proc.stdin.write(json.dumps(spec) + "\n")
-        self.proc.stdin.flush()
-        res = self._read()
+        try:
+            self.proc.stdin.write(json.dumps(spec) + "\n")
+            self.proc.stdin.flush()
+            res = self._read()
+        except OSError:  # the worker is gone (a broken pipe)
+            res = None
         if res is None:
             self.close()
             tail = [ln for ln in self.log_tail().splitlines() if ln.strip()]
@@ -380,7 +383,8 @@ class _Worker:
 
     def close(self):
         if self.proc.poll() is None:
-            self.proc.stdin.close()
+            with contextlib.suppress(OSError):
+                self.proc.stdin.close()
             try:
                 self.proc.wait(timeout=30)
             except subprocess.TimeoutExpired:
@@ -505,10 +509,6 @@ def totals(rows, target_names) -> dict:
 # ----------------------------------------------------------------------------------------------
 # Markdown
 # ----------------------------------------------------------------------------------------------
-def _kb(b):
-    return "-" if b is None else f"{b / 1024:.1f}"
-
-
 def _mma_cell(r) -> str:
     kinds = collections.Counter(d["kind"] for d in r["dots"])
     dots = ", ".join(f"{n} {k}" for k, n in kinds.items()) or "-"
@@ -539,7 +539,8 @@ def markdown(p) -> str:
              f"triton {p['env']['triton']}, torch {p['env']['torch']}, commit {p['env']['git_commit']}, "
              f"{p['env']['date']}, {p['env']['wall_s']:.0f} s with {p['env']['jobs']} job(s). "
              f"GPT-2 124M shapes, B={p['shapes']['B']} x T={p['shapes']['T']}; {p['shapes']['launches']}.", "",
-             "Regenerate: `python -m gpt2_triton.bench.static.targets --out bench/results/static/targets --jobs 2`", "",
+             "Regenerate: `python -m gpt2_triton.bench.static.targets --out bench/results/static/targets "
+             "[--jobs 2]`", "",
              "| target | GPU | compiled | failed | spilling | bf16 dots on the MMA | does not fit (smem / LDS) |",
              "|---|---|---|---|---|---|---|"]
     for n in names:
@@ -555,7 +556,7 @@ def markdown(p) -> str:
     for n in names:
         t = p["targets"][n]
         lines += [f"## {n} ({t['gpu']})", "", f"Limits: {t['source']}.", "",
-                  "| case | regs | spill B | smem/LDS KB | occupancy | dots (MMA instructions) | loops |",
+                  "| case | regs | spill B | smem/LDS B | occupancy | dots (MMA instructions) | loops |",
                   "|---|---|---|---|---|---|---|"]
         for row in p["cases"]:
             r = row["targets"][n]
@@ -563,8 +564,9 @@ def markdown(p) -> str:
                 lines.append(f"| {row['id']} | FAILED: {r['error'][:200].replace('|', '/')} | | | | | |")
                 continue
             smem = r["lds"] if "lds" in r else r.get("shared")
+            smem = "-" if smem is None else smem
             loops = " / ".join(str(lp["instructions"]) for lp in r["loops"]) or "-"
-            lines.append(f"| {row['id']} | {_regs_cell(r)} | {_spill_cell(r)} | {_kb(smem)} | {_occ_cell(r)} | "
+            lines.append(f"| {row['id']} | {_regs_cell(r)} | {_spill_cell(r)} | {smem} | {_occ_cell(r)} | "
                          f"{_mma_cell(r)} | {loops} |")
         lines.append("")
     return "\n".join(lines)
