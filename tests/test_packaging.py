@@ -216,6 +216,7 @@ ENTRY_POINTS = [  # (module whose main() parses the arguments, arguments before 
     ("gpt2_triton.bench.generate", [], "python -m gpt2_triton.bench.generate"),
     ("gpt2_triton.bench.varlen", [], "python -m gpt2_triton.bench.varlen"),
     ("gpt2_triton.bench.static.__main__", [], "python -m gpt2_triton.bench.static"),
+    ("gpt2_triton.bench.static.targets", [], "python -m gpt2_triton.bench.static.targets"),
 ]
 
 
