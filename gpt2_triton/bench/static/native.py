@@ -346,6 +346,18 @@ def worker_main():
         proto.write(json.dumps(res) + "\n")
 
 
+def stop_worker(proc: subprocess.Popen) -> None:
+    """End a worker subprocess: close its stdin (it exits at EOF), killed if it has not gone in 30 s."""
+    if proc.poll() is None:
+        with contextlib.suppress(OSError):
+            proc.stdin.close()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 class Worker:
     """A compile worker subprocess: `python -m gpt2_triton.bench.static.native` under `python` (default: this
     one), with the repository on PYTHONPATH and TRITON_INTERPRET removed."""
@@ -400,13 +412,7 @@ class Worker:
         return self.receive(spec["id"])
 
     def close(self):
-        if self.proc.poll() is None:
-            self.proc.stdin.close()
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_worker(self.proc)
         self.log.close()
 
 

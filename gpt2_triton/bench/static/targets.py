@@ -319,12 +319,12 @@ def worker_main():
         try:
             res.update(analyze(spec))
         except Exception as e:  # noqa: BLE001 - reported to the parent
-            res.update(ok=False, error=one_line(e),
+            res.update(ok=False, error=compile_error_line(e),
                        traceback=traceback.format_exc()[-4000:])
         proto.write(json.dumps(res) + "\n")
 
 
-def one_line(exc: BaseException, limit: int = 300) -> str:
+def compile_error_line(exc: BaseException, limit: int = 300) -> str:
     """The reason of a failed compile in one line: the innermost exception of the chain (a
     CompilationError's own text is the source excerpt) and its last line (MLIR diagnostics: the line
     with 'error:')."""
@@ -382,14 +382,8 @@ class _Worker:
         return res
 
     def close(self):
-        if self.proc.poll() is None:
-            with contextlib.suppress(OSError):
-                self.proc.stdin.close()
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        from gpt2_triton.bench.static.native import stop_worker
+        stop_worker(self.proc)
 
 
 def compile_all(specs: list, jobs: int = 1, log=print) -> list:
