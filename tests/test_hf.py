@@ -321,3 +321,14 @@ def test_triton_on_a_cpu_model_without_the_interpreter_is_refused_up_front(hf_di
     assert "\n" not in str(excinfo.value)
     assert applied_kernels(model) == applied_kernels(transformers.GPT2LMHeadModel(model.config))  # untouched
     assert apply_kernels(model, "torch") is model
+
+
+def test_gpt_from_pretrained_is_the_hf_loader(hf_dir):
+    from gpt2_triton import GPT
+    path, _ = hf_dir
+    torch.manual_seed(0)
+    ours = GPT.from_pretrained(str(path), pad_vocab_to=64)
+    torch.manual_seed(0)  # the padded rows are drawn at random
+    direct = from_pretrained(str(path), pad_vocab_to=64)
+    assert ours.config == direct.config and ours.config.padded_vocab_size == 320
+    assert all(torch.equal(a, b) for a, b in zip(ours.state_dict().values(), direct.state_dict().values()))

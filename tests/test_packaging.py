@@ -4,6 +4,7 @@ imports train.py, and the installed package works from outside the repository ne
 import ast
 import importlib.util
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -43,9 +44,16 @@ def test_one_top_level_package():
     assert packages == {"gpt2_triton"}
 
 
+# Imports made only inside a function, when it is called, that would close a cycle at import time:
+# GPT.from_pretrained is nanoGPT's thin delegate to the HF adapter, which imports the model.
+CALL_TIME_IMPORTS = {("gpt2_triton.model.gpt", "gpt2_triton.hf")}
+
+
 def test_no_import_cycles():
     modules = project_modules()
     graph = {name: imported_modules(path, modules) - {name} for name, path in modules.items()}
+    for importer, imported in CALL_TIME_IMPORTS:
+        graph[importer].discard(imported)
     # A package's __init__ is imported before any of its submodules: an edge parent -> child is an import
     # the package makes itself, child -> parent comes for free; only real module-to-module imports count.
     for name in graph:
@@ -175,6 +183,36 @@ def test_each_module_imports_alone():
     assert result.returncode == 0, result.stderr[-3000:]
 
 
+def test_call_time_imports_are_not_made_at_import():
+    for importer, imported in CALL_TIME_IMPORTS:
+        tree = ast.parse((ROOT / (importer.replace(".", "/") + ".py")).read_text())
+        top = [n for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom))]
+        assert not any(imported in [getattr(n, "module", None), *(a.name for a in n.names)] for n in top)
+    code = "import sys, gpt2_triton.model; assert 'gpt2_triton.hf' not in sys.modules, sorted(sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_version_entry_point_and_console_script(tmp_path, monkeypatch, capsys):
+    import tomllib
+
+    import gpt2_triton
+    from gpt2_triton import train
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert pyproject["tool"]["setuptools"]["dynamic"]["version"] == {"attr": "gpt2_triton.__version__"}
+    assert re.fullmatch(r"\d+\.\d+\.\d+", gpt2_triton.__version__)
+    assert pyproject["project"]["scripts"] == {"gpt2-triton-train": "gpt2_triton.train:script_main"}
+    monkeypatch.setattr(sys, "argv", ["/somewhere/bin/gpt2-triton-train", "--help"])
+    with pytest.raises(SystemExit) as excinfo:
+        train.script_main()
+    assert excinfo.value.code == 0 and capsys.readouterr().out.startswith("usage: gpt2-triton-train ")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}  # outside the clone: nothing of the repo's root on the path
+    result = subprocess.run([sys.executable, "-m", "gpt2_triton.train", "--max-step", "3"], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and "python -m gpt2_triton.train: error: unrecognized arguments: --max-step 3" \
+        in result.stderr
+
+
 def test_nothing_imports_train_py():
     for path in [*PACKAGE.rglob("*.py"), *(ROOT / "tests").rglob("*.py")]:
         for node in ast.walk(ast.parse(path.read_text())):
@@ -210,6 +248,7 @@ ENTRY_POINTS = [  # (module whose main() parses the arguments, arguments before 
     ("gpt2_triton.export", [], "python -m gpt2_triton.export"),
     ("gpt2_triton.hellaswag", [], "python -m gpt2_triton.hellaswag"),
     ("gpt2_triton.sample", [], "python -m gpt2_triton.sample"),
+    ("gpt2_triton.train", [], "python -m gpt2_triton.train"),
     ("gpt2_triton.bench.__main__", [], "python -m gpt2_triton.bench"),
     ("gpt2_triton.bench.__main__", ["headline"], "python -m gpt2_triton.bench headline"),
     ("gpt2_triton.bench.headline", [], "python -m gpt2_triton.bench headline"),  # also its jobs' entry

@@ -780,6 +780,29 @@ def test_warmup_longer_than_the_run_is_warned_about_once(data_dir, tmp_path, cap
                       "1.00e-02 (it ends at 5.00e-03, still warming up)"]
 
 
+def test_config_file_overrides_the_preset_and_flags_override_it(tmp_path):
+    toml = tmp_path / "run.toml"
+    toml.write_text('preset = "demo"\nmicro_batch = 2\nmax-steps = 7\nmax_lr = 1\ncompile = false\n')
+    cfg = training.parse_config(["--config", str(toml), "--max-steps", "9"])
+    assert (cfg.preset, cfg.micro_batch, cfg.max_steps, cfg.max_lr, cfg.compile) == ("demo", 2, 9, 1, False)
+    assert cfg.seq_len == 128  # the preset's, where the file says nothing
+    for text, message in (("micro_batch = 2\nbatch = 3\n", r"'batch' is not a setting"),
+                          ("micro_batch = \n", "not valid TOML"), ("micro_batch = -2\n", "--micro-batch must be >= 1")):
+        toml.write_text(text)
+        with pytest.raises(SystemExit, match=f"^error: .*{message}") as excinfo:
+            train_main(["--config", str(toml), "--run-dir", str(tmp_path / "never")])
+        assert "\n" not in str(excinfo.value.code) and not (tmp_path / "never").exists()
+    with pytest.raises(SystemExit, match=r"^error: --config .*missing.toml: No such file"):
+        train_main(["--config", str(tmp_path / "missing.toml")])
+
+
+def test_a_runs_train_config_json_repeats_it(trained, tmp_path):
+    run_dir, _, _ = trained
+    saved = json.loads((run_dir / "train_config.json").read_text())
+    again = training.parse_config(["--config", str(run_dir / "train_config.json"), "--run-dir", str(tmp_path)])
+    assert {**saved, "run_dir": str(tmp_path)} == {f.name: getattr(again, f.name) for f in fields(again)}
+
+
 def test_cli_overrides_preset_and_defaults():
     cfg = training.parse_config(["--preset", "gpt2-124m", "--micro-batch", "16", "--max-steps", "100",
                               "--no-compile", "--resume", "--kernels", "attention=triton"])

@@ -364,6 +364,13 @@ class GPT(nn.Module):
         return KVCache(self.config.n_layer, n_seq, self.config.block_size, device or self.lm_head.weight.device,
                        self.ops.varlen_plan)
 
+    @classmethod
+    def from_pretrained(cls, name_or_dir, kernels="torch", **config_overrides) -> "GPT":
+        """GPT-2's weights from Hugging Face (a name such as "gpt2", or a save_pretrained folder), as in nanoGPT:
+        `gpt2_triton.hf.from_pretrained`, imported when called (the adapter imports the model, not the reverse)."""
+        from gpt2_triton.hf import from_pretrained
+        return from_pretrained(name_or_dir, kernels=kernels, **config_overrides)
+
 
 def check_token_ids(ids, vocab_size: int, name: str, ignore_index=None) -> None:
     """Every id in [0, vocab_size) (or == ignore_index). On CPU a ValueError naming the range; on a GPU

@@ -1,6 +1,6 @@
 """Training GPT-2: the configuration and its flags (`config`), processes (`distributed`), one optimizer step
 (`step`), the run folder (`run_dir`), the trainer and its loop (`trainer`) and what it logs (`metrics`).
-`train.py` at the repository root is the command line over these.
+`gpt2_triton.train` (and `train.py` at the repository root, calling it) is the command line over these.
 
 Names load on first use: `gpt2_triton.training.step` (what the bench times) needs neither the tokenizer
 nor the data tools that the trainer imports.

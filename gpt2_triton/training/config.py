@@ -1,6 +1,7 @@
 """The training configuration: `TrainConfig` (every field is a `train.py` flag, its metadata the flag's
 help and valid range), the presets, parsing and every check that needs neither data nor devices."""
 import argparse
+import json
 import math
 import operator
 import re
@@ -9,6 +10,11 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 import torch
+
+try:
+    import tomllib
+except ImportError:  # Python 3.10
+    tomllib = None
 
 from gpt2_triton import data as gpt2_data
 from gpt2_triton.atomic import folder_write_problem
@@ -25,9 +31,11 @@ USAGE = """Train GPT-2 on CPU, one GPU, or several with DDP (build-nanogpt's rec
     python train.py --preset demo --max-steps 50
     torchrun --nproc_per_node=8 train.py --preset gpt2-124m --micro-batch 32
     python train.py --preset demo --resume        # continue from the latest checkpoint in the run folder
+    python train.py --config run.toml --max-steps 50   # settings from a file; flags override it
 
 Every TrainConfig field is a flag (`--micro-batch 8`, `--no-compile`, ...); a preset is a partial
-override of the defaults, and flags override the preset.
+override of the defaults, a --config file (TOML, `micro_batch = 8`, or a run's own train_config.json, to
+repeat that run) overrides the preset, and flags override the file.
 
 A run folder belongs to one run: a new run refuses a folder that holds one (continue it with
 --resume, or start over with --overwrite), and a second train.py refuses a folder in use.
@@ -168,9 +176,12 @@ def _help(f) -> str:
     return f"{meta['help']} ({notes})" if notes else meta["help"]
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="train.py", description=USAGE, allow_abbrev=False,
+def build_parser(prog: str = "train.py") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description=USAGE, allow_abbrev=False,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default=argparse.SUPPRESS, metavar="FILE",
+                        help="settings from a TOML file (TrainConfig field names: micro_batch = 8) or a run's "
+                             "train_config.json; they override the preset, flags override them")
     hints = typing.get_type_hints(TrainConfig)
     for f in fields(TrainConfig):
         flag, kind = flag_name(f.name), _field_type(hints[f.name])
@@ -197,8 +208,33 @@ def make_config(preset: str | None = None, **overrides) -> TrainConfig:
     return replace(TrainConfig(), **{**PRESETS[preset], **overrides, "preset": preset})
 
 
-def parse_config(argv=None) -> TrainConfig:
-    given = vars(build_parser().parse_args(argv))
+def read_config_file(path) -> dict:
+    """{field: value} from a TOML file or a run's train_config.json (keys are TrainConfig fields, `-` or `_`).
+    ConfigError for a file that cannot be read or parsed, or a key that is no field."""
+    path, is_json = Path(path), str(path).endswith(".json")
+    if not is_json and tomllib is None:
+        raise ConfigError(f"--config {path}: reading TOML needs Python 3.11 (tomllib); use a JSON file")
+    try:
+        text = path.read_text()
+        settings = json.loads(text) if is_json else tomllib.loads(text)
+    except OSError as e:
+        raise ConfigError(f"--config {path}: {e.strerror or e}") from None
+    except ValueError as e:  # JSONDecodeError, TOMLDecodeError
+        raise ConfigError(f"--config {path}: not valid {'JSON' if is_json else 'TOML'} ({e})") from None
+    if not isinstance(settings, dict):
+        raise ConfigError(f"--config {path}: expected a table of settings; got {type(settings).__name__}")
+    settings = {key.replace("-", "_"): value for key, value in settings.items()}
+    unknown = sorted(set(settings) - {f.name for f in fields(TrainConfig)})
+    if unknown:
+        raise ConfigError(f"--config {path}: {', '.join(map(repr, unknown))} "
+                          f"{'is not a setting' if len(unknown) == 1 else 'are not settings'} (see train.py --help)")
+    return settings
+
+
+def parse_config(argv=None, prog: str = "train.py") -> TrainConfig:
+    given = vars(build_parser(prog).parse_args(argv))
+    config_file = given.pop("config", None)
+    given = {**(read_config_file(config_file) if config_file else {}), **given}
     preset = given.pop("preset", None)
     if preset is None:
         device = given.get("device", "auto")
