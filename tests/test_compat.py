@@ -340,3 +340,42 @@ def test_nvidia_tools():
     assert os.path.isfile(compat.ptxas_path(90))
     assert os.path.isfile(os.path.join(compat.nvidia_bin_dir(), "nvdisasm"))
     assert "ptxas" in compat.make_cubin_source()
+
+
+# ----------------------------------------------------------------------------------------------
+# compat is the one place
+# ----------------------------------------------------------------------------------------------
+INTERNAL_MODULES = ("triton.runtime", "triton.backends", "triton.compiler", "triton.knobs", "triton.tools")
+# modules that still reach triton internals themselves, and why
+ALLOWED = {"gpt2_triton/kernels/compat.py": "the one place",
+           "gpt2_triton/bench/headline.py": "its autotuner scan (Autotuner, KernelInterface, JITFunction) is on "
+                                            "another branch's files"}
+
+
+def _internal_uses(path) -> list:
+    import ast
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        names = []
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names = [node.module] + ([f"{node.module}.{a.name}" for a in node.names] if node.module == "triton" else [])
+        elif isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "triton":
+            names = [f"triton.{node.attr}"]
+        found += [f"{path.name}:{node.lineno} {n}" for n in names if _internal(n)]
+    return found
+
+
+def _internal(name: str) -> bool:
+    """triton.runtime & co., or a private name of triton (triton._C, not triton.__version__)."""
+    return any(name == m or name.startswith(m + ".") for m in INTERNAL_MODULES) \
+        or (name.startswith("triton._") and not name.startswith("triton.__"))
+
+
+def test_no_module_but_compat_reaches_a_triton_internal():
+    from pathlib import Path
+    root = Path(compat.__file__).resolve().parents[2]
+    found = [u for p in sorted((root / "gpt2_triton").rglob("*.py")) if str(p.relative_to(root)) not in ALLOWED
+             for u in _internal_uses(p)]
+    assert not found, found

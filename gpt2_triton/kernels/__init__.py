@@ -8,7 +8,8 @@ Names resolve on first use, so `import gpt2_triton.kernels.reference` (plain PyT
 Modules: attention (a package: dense, packed and document-masked attention), norm (LayerNorm, and the residual
 add fused into it), mlp (GELU-MLP), loss (cross-entropy), projection (linear: the attention projections on
 cuBLAS, fp32 weight grads into .grad), embeddings (token + position); grads (parameter grads straight into
-.grad, and the reduction of per-program partials), reference (PyTorch), autotune and utils.
+.grad, and the reduction of per-program partials), reference (PyTorch), autotune, utils and compat (every
+triton internal the package touches, one test each in tests/test_compat.py).
 """
 import importlib
 

@@ -21,7 +21,6 @@ import torch
 import triton
 import triton.language as tl
 
-from gpt2_triton.kernels import compat
 from gpt2_triton.kernels.autotune import autotuned
 from gpt2_triton.kernels.utils import (
     asserts_on_device,
@@ -389,6 +388,7 @@ def ensure_scratch_allocator(device: torch.device) -> None:
     caller's own allocator is left alone."""
     if device.type != "cuda":
         return
+    from gpt2_triton.kernels import compat
     if compat.allocator_unset():
         triton.set_allocator(_torch_scratch)
 
