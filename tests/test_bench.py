@@ -13,6 +13,7 @@ from gpt2_triton.bench.__main__ import BENCHES, main
 from gpt2_triton.bench.common import (
     NOT_SELECTED,
     WARMUP_MS,
+    Reference,
     Row,
     check_rows,
     format_table,
@@ -213,3 +214,37 @@ def test_accumulation_times_each_micro_step_apart_from_the_optimizer_step():
     text = e2e.accumulation_text([Row("e2e", "tiny", "eager-sdpa", "step", {}, "float32", 1.0, extra={
         "grad_accum": e2e._accumulation(model, optimizer, x, y, "cpu", 64, reps=3)})])
     assert "eager-sdpa: grad_accum 2 x 1 step(s): " in text and "ms per micro-step, optimizer step" in text
+
+
+def test_max_err_checks_each_provider_against_the_fp32_reference_once_outside_the_timing():
+    x = torch.randn(64, dtype=torch.float64, generator=torch.Generator().manual_seed(1)).requires_grad_()
+    ref = Reference(lambda x: 2 * x, [x])
+    calls = []
+
+    def wrong_grad():  # the right values, half the right gradient
+        calls.append(1)
+        return 2 * x.detach() + (x - x.detach())
+
+    exact, shifted, bad_grad = ref.errors(lambda: 2 * x, [x]), ref.errors(lambda: 2 * x + 0.5, [x]), ref.errors(
+        wrong_grad, [x])
+    assert exact("fwd") == 0 and exact("bwd") == 0
+    assert shifted("fwd") == pytest.approx(0.5) and shifted("fwd+bwd") == pytest.approx(0.5)
+    grad_out = ref.result()[1]
+    assert bad_grad("fwd") == 0 and bad_grad("bwd") == pytest.approx(float(grad_out.abs().max()))
+    bad_grad("fwd+bwd")
+    assert len(calls) == 2 and x.grad is None  # once per kind of row; the timed inputs' .grad untouched
+    assert ref.result()[0].dtype == torch.float32  # the reference ran on fp32 copies
+    half = torch.randn(64, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
+    rounding = Reference(lambda t: t, [half.float()], grads=False).errors(lambda: half)("fwd")
+    assert rounding == 0  # a bf16 output is compared in fp32
+
+    row = measure("b", "c", "p", "fwd", lambda: 2 * x, {}, "float64", quick=True, memory=False, max_err=shifted)
+    assert row.max_err == pytest.approx(0.5)
+    failing = measure("b", "c", "p", "fwd", lambda: None, {}, "float64", quick=True, memory=False,
+                      max_err=ref.errors(lambda: None))
+    assert failing.max_err is None and "AttributeError" in failing.extra["max_err_failed"]
+    asked = []
+    with session(select=lambda case, provider: False):
+        measure("b", "c", "p", "fwd", lambda: 2 * x, {}, "float64", quick=True, max_err=asked.append)
+    assert asked == []  # a provider no row measures is not checked
+    assert "max err" in format_table([row]) and "5.0e-01" in format_table([row])

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from gpt2_triton.bench.common import (
+    Reference,
     attention_flops,
     has_cuda,
     kernel_providers,
@@ -90,7 +91,9 @@ def run(dtype, quick=False, sizes=None, qkv_sizes=None):
         gen = torch.Generator(device=device).manual_seed(0)
         q, k, v = (torch.randn(B, H, T, D, device=device, dtype=dtype, generator=gen).requires_grad_()
                    for _ in range(3))
+        ref = Reference(functools.partial(reference.flash_attention, causal=True), [q, k, v])
         for name, fn in providers(quick).items():
+            errors = ref.errors(lambda fn=fn: fn(q, k, v, causal=True), [q, k, v])
             try:
                 fns = run_modes(lambda fn=fn: fn(q, k, v, causal=True), [q, k, v], MODES)
             except Exception as e:  # an SDPA backend this device / dtype does not support
@@ -100,7 +103,7 @@ def run(dtype, quick=False, sizes=None, qkv_sizes=None):
             for mode, call in fns.items():
                 rows.append(measure("attention", case, name, mode, call, shape, dtype_name,
                                     flops=attention_flops(B, H, T, D, True, mode), grad_to_none=[q, k, v],
-                                    quick=quick))
+                                    quick=quick, max_err=errors))
             if has_cuda():
                 torch.cuda.empty_cache()
     for B, T, H, D in qkv_shapes(quick) if qkv_sizes is None else qkv_sizes:
@@ -108,7 +111,9 @@ def run(dtype, quick=False, sizes=None, qkv_sizes=None):
         case = f"attention-qkv B{B}-T{T}-C{H * D}-H{H} causal"
         gen = torch.Generator(device=device).manual_seed(0)
         qkv = torch.randn(B, T, 3 * H * D, device=device, dtype=dtype, generator=gen).requires_grad_()
+        ref = Reference(lambda qkv: reference.flash_attention_qkv(qkv, H, causal=True), [qkv])
         for name, fn in qkv_providers().items():
+            errors = ref.errors(lambda fn=fn: fn(qkv, H, causal=True), [qkv])
             try:
                 fns = run_modes(lambda fn=fn: fn(qkv, H, causal=True), [qkv], MODES)
             except Exception as e:
@@ -118,7 +123,7 @@ def run(dtype, quick=False, sizes=None, qkv_sizes=None):
             for mode, call in fns.items():
                 rows.append(measure("attention", case, name, mode, call, shape, dtype_name,
                                     flops=attention_flops(B, H, T, D, True, mode), grad_to_none=[qkv],
-                                    quick=quick))
+                                    quick=quick, max_err=errors))
             if has_cuda():
                 torch.cuda.empty_cache()
     return rows

@@ -233,6 +233,60 @@ def run_modes(forward, inputs, modes):
     return {mode: fns[mode] for mode in modes}
 
 
+class Reference:
+    """The fp32 reference of one case, to check each provider against on the timed inputs (`max_err`).
+
+    reference(*inputs) runs on fp32 copies of `inputs` (integer tensors as they are); its output and the
+    gradients of the floating inputs that require grad are computed once, on first use, with a seeded
+    incoming gradient that every provider receives too (cast to its output's dtype).
+    `errors(forward, leaves, view)` gives a provider's mode -> max abs error: "fwd" its output (one forward
+    without autograd), "bwd" and "fwd+bwd" the output and every gradient of `leaves` (one forward and
+    backward; view(grads) maps them onto the reference's inputs where the layouts differ). Each computed
+    once per provider when a row first asks, after its timing; nothing runs for a provider no row measures."""
+
+    def __init__(self, reference, inputs, grads=True):
+        self.reference, self.inputs, self.grads = reference, list(inputs), grads
+        self._result = None
+
+    def result(self):
+        if self._result is None:
+            copies = [t.detach().float().requires_grad_(t.requires_grad) if t.is_floating_point() else t
+                      for t in self.inputs]
+            leaves = [t for t in copies if t.is_floating_point() and t.requires_grad] if self.grads else []
+            with torch.enable_grad() if leaves else torch.no_grad():
+                out = self.reference(*copies)
+            gen = torch.Generator(device=out.device).manual_seed(0)
+            grad_out = torch.randn(out.shape, device=out.device, generator=gen)
+            grads = torch.autograd.grad(out, leaves, grad_out) if leaves else ()
+            self._result = out.detach(), grad_out, list(grads)
+        return self._result
+
+    def errors(self, forward, leaves=(), view=None):
+        """mode -> max abs error of forward() (and of its leaves' grads for bwd modes), cached."""
+        cache = {}
+
+        def of(mode):
+            key = "fwd" if mode == "fwd" else "bwd"
+            if key not in cache:
+                ref_out, grad_out, ref_grads = self.result()
+                leaves_ = [t for t in leaves if t.requires_grad] if self.grads and key == "bwd" else []
+                with torch.enable_grad() if leaves_ else torch.no_grad():  # the graph its timed rows ran
+                    out = forward()
+                errors = [_max_abs(out, ref_out)]
+                if leaves_:
+                    grads = list(torch.autograd.grad(out, leaves_, grad_out.to(out.dtype)))
+                    errors += [_max_abs(g, r) for g, r in zip(view(grads) if view else grads, ref_grads)]
+                cache[key] = max(errors)
+            return cache[key]
+        return of
+
+
+def _max_abs(x, ref) -> float:
+    if x.shape != ref.shape:
+        raise ValueError(f"shape {tuple(x.shape)} differs from the reference's {tuple(ref.shape)}")
+    return float((x.detach().float() - ref).abs().max()) if ref.numel() else 0.0
+
+
 def kernel_providers(ours, eager):
     """Ours, the eager PyTorch code and (on CUDA) torch.compile of that same eager code, specialised
     to each shape (dynamic=False: a second shape recompiles statically instead of going dynamic)."""
@@ -272,6 +326,7 @@ class Row:
     error: str | None = None  # a provider that could not run says why
     env: dict = field(default_factory=dict)
     sanity: list | None = None  # check_rows: the checks this row failed, in words ([] passed; None not checked)
+    max_err: float | None = None  # max abs error against the fp32 reference on the timed inputs (Reference)
 
     @property
     def key(self):
@@ -310,8 +365,10 @@ def record(row):
 
 
 def measure(bench, case, provider, mode, fn, shape, dtype, flops=None, nbytes=None, grad_to_none=None,
-            quick=False, memory=True, extra=None):
+            quick=False, memory=True, extra=None, max_err=None):
     """Time fn and return a Row (a failing provider gives a Row with `error` instead of raising).
+    max_err(mode) (Reference.errors): the row's error against the reference, asked after the timing; if it
+    fails, extra["max_err_failed"] says why.
     extra["first_call_s"]: the first, untimed call (torch.compile and autotuning happen there);
     extra["back_to_back_ms"]: on CUDA, for ops under SHORT_OP_MS per call, the back-to-back timing too."""
     if _session.select is not None and not _session.select(case, provider):
@@ -333,11 +390,17 @@ def measure(bench, case, provider, mode, fn, shape, dtype, flops=None, nbytes=No
     except Exception as e:  # a baseline missing on this device must not stop the suite
         return record(Row(bench, case, provider, mode, shape, dtype, None, extra=extra,
                           error=f"{type(e).__name__}: {e}"[:300]))
+    err = None
+    if max_err is not None:
+        try:
+            err = max_err(mode)
+        except Exception as e:
+            extra["max_err_failed"] = f"{type(e).__name__}: {e}"[:200]
     rates = has_cuda()
     return record(Row(bench, case, provider, mode, shape, dtype, med, p20, p80,
                       tflops=flops / (med * 1e-3) / 1e12 if flops and rates else None,
                       gbps=nbytes / (med * 1e-3) / 1e9 if nbytes and rates else None,
-                      peak_mb=peak, extra=extra))
+                      peak_mb=peak, extra=extra, max_err=err))
 
 
 def check_rows(rows, peak_flops=None) -> list[str]:
@@ -415,7 +478,7 @@ def _check_mark(r) -> str:
 
 def format_table(rows, ours="triton"):
     lines = [f"{'case':<46} {'mode':<8} {'provider':<16} {'median ms':>10} {'p20-p80':>17} "
-             f"{'TFLOP/s':>8} {'GB/s':>8} {'peak MB':>9} {'ours x':>7} {'check':>6}"]
+             f"{'TFLOP/s':>8} {'GB/s':>8} {'peak MB':>9} {'max err':>9} {'ours x':>7} {'check':>6}"]
     ratio_of = speedup_text(rows, ours)
     for r in rows:
         if r.error:
@@ -425,8 +488,18 @@ def format_table(rows, ours="triton"):
         lines.append(
             f"{r.case:<46} {r.mode:<8} {r.provider:<16} {r.median_ms:>10.3f} "
             f"{f'{r.p20_ms:.3f}-{r.p80_ms:.3f}':>17} {_fmt(r.tflops, 1):>8} {_fmt(r.gbps, 0):>8} "
-            f"{_fmt(r.peak_mb, 1):>9} {ratio:>7} {_check_mark(r):>6}")
+            f"{_fmt(r.peak_mb, 1):>9} {err_text(r.max_err):>9} {ratio:>7} {_check_mark(r):>6}")
     return "\n".join(lines + sanity_notes(rows))
+
+
+MAX_ERR_NOTE = ("max err: the largest absolute difference from the fp32 reference (gpt2_triton.kernels.reference) "
+                "on the timed inputs, computed once apart from the timing: fwd rows the output, bwd and fwd+bwd rows "
+                "the output and every input gradient (one seeded incoming gradient for all providers).")
+
+
+def err_text(x) -> str:
+    """A max abs error as text: 2 significant digits ("3.1e-03"), "0" when exact, "" when not computed."""
+    return "" if x is None else "0" if x == 0 else f"{x:.1e}"
 
 
 def _fmt(x, digits):
@@ -446,19 +519,20 @@ def write_results(rows, out_dir, name, env):
     if not has_cuda():
         md += ["**CPU run (`--quick`): tiny sizes through Triton's interpreter. These numbers check "
                "that the code runs; they are not kernel performance.**", ""]
-    md += ["| case | mode | provider | median ms | p20-p80 ms | TFLOP/s | GB/s | peak MB | speedup of ours | check |",
-           "|---|---|---|---:|---:|---:|---:|---:|---:|---|"]
+    md += ["| case | mode | provider | median ms | p20-p80 ms | TFLOP/s | GB/s | peak MB | max err | speedup of ours "
+           "| check |", "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
     ratio_of = speedup_text(rows)
     for r in rows:
         if r.error:
-            md.append(f"| {r.case} | {r.mode} | {r.provider} | not measured: {r.error[:80]} | | | | | | |")
+            md.append(f"| {r.case} | {r.mode} | {r.provider} | not measured: {r.error[:80]} | | | | | | | |")
             continue
         ratio = ratio_of(r)
         ratio = f"{ratio}x" if ratio else ""
         md.append(f"| {r.case} | {r.mode} | {r.provider} | {r.median_ms:.3f} | {r.p20_ms:.3f}-{r.p80_ms:.3f} | "
-                  f"{_fmt(r.tflops, 1)} | {_fmt(r.gbps, 0)} | {_fmt(r.peak_mb, 1)} | {ratio} | {_check_mark(r)} |")
-    md += ["", cpu_columns_note()] + [f"- {note.strip()}" if note.startswith("  ") else note
-                                      for note in sanity_notes(rows)]
+                  f"{_fmt(r.tflops, 1)} | {_fmt(r.gbps, 0)} | {_fmt(r.peak_mb, 1)} | {err_text(r.max_err)} | {ratio} | "
+                  f"{_check_mark(r)} |")
+    md += ["", MAX_ERR_NOTE, "", cpu_columns_note()] + [f"- {note.strip()}" if note.startswith("  ") else note
+                                                        for note in sanity_notes(rows)]
     (out_dir / f"{name}.md").write_text("\n".join(md) + "\n")
     speedup_figure(rows, title=f"{name} on {env['device']}").savefig(out_dir / f"{name}.png", dpi=120)
     return out_dir

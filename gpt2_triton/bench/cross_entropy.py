@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from gpt2_triton.bench.common import (
+    Reference,
     has_cuda,
     kernel_providers,
     matmul_flops,
@@ -18,6 +19,7 @@ from gpt2_triton.bench.common import (
     run_modes,
     sizes_text,
 )
+from gpt2_triton.kernels import reference
 from gpt2_triton.kernels.loss import cross_entropy, linear_cross_entropy
 
 MODES = ("fwd", "bwd", "fwd+bwd")
@@ -60,11 +62,15 @@ def run(dtype, quick=False, sizes=None):
         nbytes = {"fwd": size, "bwd": 2 * size, "fwd+bwd": 3 * size}
         calls = kernel_providers(lambda t: cross_entropy(padded, t, check_targets=False, num_classes=nc),
                                  lambda t: eager_ce(real, t))
+        ref = Reference(reference.cross_entropy, [real, targets])  # ours' padded columns: its grads cut to nc
         for name, fn in calls.items():
             leaf = padded if name == "triton" else real
+            cut = (lambda g: [g[0][:, :nc]]) if leaf is padded else None
+            errors = ref.errors(lambda fn=fn: fn(targets), [leaf], cut)
             for mode, call in run_modes(lambda fn=fn: fn(targets), [leaf], MODES).items():
                 rows.append(measure("cross_entropy", case, name, mode, call, {"M": M, "V": V, "classes": nc},
-                                    dtype_name, nbytes=nbytes[mode], grad_to_none=[leaf], quick=quick))
+                                    dtype_name, nbytes=nbytes[mode], grad_to_none=[leaf], quick=quick,
+                                    max_err=errors))
     amp = dtype != torch.float32
     for M, C, V, nc in sizes["linear_ce"]:
         x = torch.randn(M, C, device=device, generator=gen).requires_grad_()
@@ -83,11 +89,13 @@ def run(dtype, quick=False, sizes=None):
                     return fn()
             return forward
 
+        ref = Reference(lambda x, w, t: reference.linear_cross_entropy(x, w, t, num_classes=nc), [x, weight, targets])
         for name, fn in calls.items():
+            errors = ref.errors(under_autocast(fn), [x, weight])
             for mode, call in run_modes(under_autocast(fn), [x, weight], MODES).items():
                 rows.append(measure("cross_entropy", case, name, mode, call, {"M": M, "C": C, "V": V, "classes": nc},
                                     dtype_name, flops=flops[mode], grad_to_none=[x, weight], quick=quick,
-                                    extra={"autocast": dtype_name if amp else None}))
+                                    extra={"autocast": dtype_name if amp else None}, max_err=errors))
     return rows
 
 

@@ -50,11 +50,13 @@ import torch
 
 from gpt2_triton.bench import e2e
 from gpt2_triton.bench.common import (
+    MAX_ERR_NOTE,
     SHORT_OP_MS,
     Row,
     check_rows,
     cpu_note,
     environment,
+    err_text,
     has_cuda,
     nvidia_smi,
     out_dir_for,
@@ -640,21 +642,24 @@ def write_summary(out, records, env, budget=None):
 
     md += ["", "## Kernels (ours vs the fastest baseline)", "",
            f"Per call: median of `do_bench` (L2 flushed before each call); ops under {SHORT_OP_MS} ms also "
-           "timed back to back (many calls between two events: launch overhead hidden).", "",
-           "| case | mode | ours ms | TFLOP/s | GB/s | ours peak MB | fastest baseline | its ms | ours × | "
-           "its peak / ours | first call s |", "|---|---|---:|---:|---:|---:|---|---:|---:|---:|---:|"]
+           "timed back to back (many calls between two events: launch overhead hidden). " + MAX_ERR_NOTE, "",
+           "| case | mode | ours ms | TFLOP/s | GB/s | ours peak MB | ours max err | fastest baseline | its ms | "
+           "its max err | ours × | its peak / ours | first call s |",
+           "|---|---|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|"]
     for r in [r for r in rows.rows if r["stage"] == "kernels" and r["provider"] == OURS]:
         base = rows.best_baseline(r["case"], r["mode"])
         if not r["median_ms"]:
-            md.append(f"| {r['case']} | {r['mode']} | {r['error']} | | | | | | | | |")
+            md.append(f"| {r['case']} | {r['mode']} | {r['error']} | | | | | | | | | | |")
             continue
         speed = f"{base['median_ms'] / r['median_ms']:.2f}" if base else "–"
         mem = (f"{base['peak_mb'] / r['peak_mb']:.1f}" if base and base["peak_mb"] and r["peak_mb"] else "–")
+        base_err = err_text(base.get("max_err")) if base else ""
         b2b = r["extra"].get("back_to_back_ms")
         ours_ms = f"{r['median_ms']:.3f}" + (f" (back to back {b2b[0]:.3f})" if b2b else "")
         md.append(f"| {r['case']} | {r['mode']} | {ours_ms} | {_fmt(r['tflops'])} | {_fmt(r['gbps'], 0)} | "
-                  f"{_fmt(r['peak_mb'])} | {base['provider'] if base else '–'} | "
-                  f"{_fmt(base['median_ms'] if base else None, 3)} | {speed} | {mem} | "
+                  f"{_fmt(r['peak_mb'])} | {err_text(r.get('max_err'))} | {base['provider'] if base else '–'} | "
+                  f"{_fmt(base['median_ms'] if base else None, 3)} | {base_err} | "
+                  f"{speed} | {mem} | "
                   f"{_fmt(r['extra'].get('first_call_s'), 2)} |")
     compiled = {}
     for r in rows.rows:

@@ -6,8 +6,9 @@ one pass) vs F.layer_norm in fp32 followed by a cast.
 import torch
 import torch.nn.functional as F
 
-from gpt2_triton.bench.common import has_cuda, kernel_providers, measure, run_modes
+from gpt2_triton.bench.common import Reference, has_cuda, kernel_providers, measure, run_modes
 from gpt2_triton.devices import cuda_gpu
+from gpt2_triton.kernels import reference
 from gpt2_triton.kernels.norm import layer_norm
 
 MODES = ("fwd", "bwd", "fwd+bwd")
@@ -63,10 +64,12 @@ def run(dtype, quick=False, sizes=None):
 
 def _measure_all(case, providers, inputs, shape, dtype_name, nbytes, bandwidth, quick):
     rows = []
+    ref = Reference(lambda x, w, b: reference.layer_norm(x, w, b, 1e-5), inputs)
     for name, fn in providers.items():
+        errors = ref.errors(lambda fn=fn: fn(*inputs), inputs)
         for mode, call in run_modes(lambda fn=fn: fn(*inputs), list(inputs), MODES).items():
             row = measure("layer_norm", case, name, mode, call, shape, dtype_name,
-                          nbytes=nbytes[mode], grad_to_none=list(inputs), quick=quick)
+                          nbytes=nbytes[mode], grad_to_none=list(inputs), quick=quick, max_err=errors)
             if bandwidth and row.gbps:
                 row.extra["pct_of_bandwidth"] = round(100 * row.gbps * 1e9 / bandwidth, 1)
             rows.append(row)

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 
 from gpt2_triton.bench.common import (
     DTYPES,
+    Reference,
     check_rows,
     environment,
     format_table,
@@ -39,12 +40,16 @@ from gpt2_triton.bench.common import (
     write_results,
 )
 from gpt2_triton.kernels import reference
-from gpt2_triton.kernels.utils import document_bounds, split_heads
+from gpt2_triton.kernels.utils import document_bounds, merge_heads, split_heads
 from gpt2_triton.model.config import EOT_ID
 
 MODES = ("fwd", "bwd", "fwd+bwd")
 PYSTDLIB_LN_LENGTH = (7.887, 1.712)  # mean and std of ln(document length), measured (see the docstring)
 SHORT_DOCS_LN_LENGTH = (math.log(400), 1.712)
+CAUSAL_PROVIDERS = ("dense-causal", "sdpa-causal")  # attend across documents: the whole causal triangle
+MODEL_LAYOUT = {  # provider -> its output as (B, T, C), for the check against the reference
+    "triton-varlen": lambda out, B, T: out.reshape(B, T, -1),  # packed (B*T, H, D): every row one sequence run
+    "sdpa-dense-mask": lambda out, B, T: merge_heads(out), "sdpa-causal": lambda out, B, T: merge_heads(out)}
 
 
 # --- document lengths and tiles ---------------------------------------------------------------------
@@ -188,12 +193,19 @@ def run(dtype, quick=False):
         case = f"documents B{B}-T{T}-H{H}-D{D} {name}"
         gen = torch.Generator(device=device).manual_seed(0)
         qkv = torch.randn(B, T, 3 * H * D, device=device, dtype=dtype, generator=gen).requires_grad_()
+        docs = document_bounds(starts)
+        refs = {"documents": Reference(lambda t: reference.flash_attention_qkv(t, H, documents=docs), [qkv]),
+                "causal": Reference(lambda t: reference.flash_attention_qkv(t, H), [qkv])}
         for provider, fn in providers(starts, H).items():
+            # dense-causal and sdpa-causal compute plain causal attention: checked against that reference
+            ref = refs["causal" if provider in CAUSAL_PROVIDERS else "documents"]
+            layout = MODEL_LAYOUT.get(provider, lambda out, B, T: out)  # as the reference's (B, T, C)
+            errors = ref.errors(lambda fn=fn, layout=layout: layout(fn(qkv), B, T), [qkv])
             fns = run_modes(functools.partial(fn, qkv), [qkv], MODES)
             for mode, call in fns.items():
                 flops = {"fwd": fwd_flops, "bwd": 2.5 * fwd_flops, "fwd+bwd": 3.5 * fwd_flops}[mode]
                 rows.append(measure("varlen", case, provider, mode, call, shape, dtype_name, flops=flops,
-                                    grad_to_none=[qkv], quick=quick, extra=extra))
+                                    grad_to_none=[qkv], quick=quick, extra=extra, max_err=errors))
             if has_cuda():
                 torch.cuda.empty_cache()
     return rows
