@@ -803,6 +803,36 @@ def test_a_runs_train_config_json_repeats_it(trained, tmp_path):
     assert {**saved, "run_dir": str(tmp_path)} == {f.name: getattr(again, f.name) for f in fields(again)}
 
 
+def test_init_from_an_hf_folder_or_a_run_starts_a_new_run_from_its_weights(data_dir, tmp_path, capsys):
+    """nanoGPT's init_from='gpt2', offline: a local save_pretrained folder (GPT-2's vocabulary, 1 layer) gives the
+    model its shape and weights (a learning rate of 1e-12 leaves them as they were); the source is recorded; a
+    run's folder is a source too, and the new run has its own folder and starts at step 1."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=1, n_head=2, n_embd=32, n_positions=64))
+    hf.save_pretrained(tmp_path / "hf")
+    first = tiny_config(data_dir, tmp_path / "a", init=str(tmp_path / "hf"), max_steps=1, warmup_steps=1,
+                        max_lr=1e-12, weight_decay=0, val_every=0, checkpoint_every=0)
+    assert [r["step"] for r in training.train(first)] == [1]
+    out = capsys.readouterr().out
+    assert f"init: weights from {tmp_path / 'hf'}; a new run from step 1" in out
+    assert "(1 layers, 2 heads, 32 wide, context 64)" in out.splitlines()[1]
+    saved = json.loads((tmp_path / "a" / "train_config.json").read_text())
+    assert saved["init"] == str(tmp_path / "hf") and (saved["n_layer"], saved["block_size"]) == (1, 64)
+    record = read_metrics(tmp_path / "a" / "metrics.jsonl", "init")[0]
+    assert record["source"] == str(tmp_path / "hf") and record["model_config"]["n_embd"] == 32
+    state = load_checkpoint(latest_checkpoint(tmp_path / "a"))["model"]
+    torch.testing.assert_close(state["transformer.wte.weight"][:50257], hf.transformer.wte.weight, atol=1e-9, rtol=0)
+    torch.testing.assert_close(state["transformer.h.0.mlp.c_fc.weight"], hf.transformer.h[0].mlp.c_fc.weight.t(),
+                               atol=1e-9, rtol=0)
+    second = replace(first, init=str(tmp_path / "a"), run_dir=str(tmp_path / "b"), max_steps=2, max_lr=1e-2)
+    assert [r["step"] for r in training.train(second)] == [1, 2]
+    assert read_metrics(tmp_path / "b" / "metrics.jsonl", "init")[0]["source"] == str(tmp_path / "a")
+    with pytest.raises(SystemExit, match=r"^error: --init .*nowhere: load_model: .*nowhere does not exist$"):
+        train_main(["--init", str(tmp_path / "nowhere"), "--run-dir", str(tmp_path / "c")])
+    assert not (tmp_path / "c").exists()
+
+
 def test_cli_overrides_preset_and_defaults():
     cfg = training.parse_config(["--preset", "gpt2-124m", "--micro-batch", "16", "--max-steps", "100",
                               "--no-compile", "--resume", "--kernels", "attention=triton"])

@@ -32,6 +32,7 @@ USAGE = """Train GPT-2 on CPU, one GPU, or several with DDP (build-nanogpt's rec
     torchrun --nproc_per_node=8 train.py --preset gpt2-124m --micro-batch 32
     python train.py --preset demo --resume        # continue from the latest checkpoint in the run folder
     python train.py --config run.toml --max-steps 50   # settings from a file; flags override it
+    python train.py --init gpt2 --run-dir runs/ft      # fine-tune: a new run from GPT-2's weights
 
 Every TrainConfig field is a flag (`--micro-batch 8`, `--no-compile`, ...); a preset is a partial
 override of the defaults, a --config file (TOML, `micro_batch = 8`, or a run's own train_config.json, to
@@ -60,6 +61,10 @@ class TrainConfig:
     n_head: int | None = opt(None, "attention heads; none: the model preset's", ge=1)
     n_embd: int | None = opt(None, "model width; none: the model preset's", ge=1)
     pad_vocab_to: int = opt(128, "round the embedding table up to a multiple of this (50257 -> 50304)", ge=1)
+    init: str | None = opt(None, "start this new run from trained weights: an HF name (gpt2, gpt2-medium, ...), a "
+                                 "save_pretrained folder, a checkpoint or a run folder (its newest good checkpoint); "
+                                 "the model's shape (layers, heads, width, context, vocabulary) is theirs; "
+                                 "none: random weights")
     kernels: str = opt("auto", "auto (Triton on CUDA, each op whose Triton path cannot run there on torch; torch "
                                "on a CPU) | torch | triton | op=impl,... (ops: attention, layer_norm, gelu_mlp, "
                                "cross_entropy, linear, embedding)")
@@ -144,6 +149,7 @@ RESUME_MAY_CHANGE = (
     "log_to",
 )
 RESUME_IGNORED = ("preset", "run_dir", "resume", "overwrite")  # how the run is named and started
+INIT_SHAPE = ("block_size", "vocab_size", "n_layer", "n_head", "n_embd")  # what --init's weights decide
 
 
 
@@ -308,6 +314,14 @@ def check_config(cfg: TrainConfig) -> None:
         raise ConfigError(f"--data-dir {cfg.data_dir}: not a folder")
     if cfg.data_dir and not Path(cfg.data_dir).exists() and (problem := folder_write_problem(cfg.data_dir)):
         raise ConfigError(f"--data-dir {cfg.data_dir}: {problem}")  # an existing one may be read-only if prepared
+
+
+def with_init_shape(cfg: TrainConfig, source: GPTConfig) -> TrainConfig:
+    """cfg with the model shape of --init's weights (the preset's and flags' shape give way to them)."""
+    if source.layer_norm_eps != GPTConfig.layer_norm_eps:
+        raise ConfigError(f"--init {cfg.init}: its LayerNorm epsilon is {source.layer_norm_eps}; train.py builds "
+                          f"models with {GPTConfig.layer_norm_eps}")
+    return replace(cfg, **{name: getattr(source, name) for name in INIT_SHAPE})
 
 
 def config_warnings(cfg: TrainConfig) -> list[str]:

@@ -24,6 +24,7 @@ from gpt2_triton.checkpoint import (
     checkpoint_path,
     latest_checkpoint,
     load_checkpoint,
+    load_model,
     newest_verified_checkpoint,
     one_line,
     prune_checkpoints,
@@ -45,6 +46,7 @@ from gpt2_triton.training.config import (
     kernel_choice,
     model_config_of,
     resolve_config,
+    with_init_shape,
 )
 from gpt2_triton.training.distributed import (
     DistContext,
@@ -87,8 +89,9 @@ class TrainingInterrupted(Exception):
 
 class Trainer:
     def __init__(self, cfg: TrainConfig, ctx: DistContext, resume_from: Path | None = None,
-                 kernel_fallbacks: dict | None = None):
-        """`kernel_fallbacks`: where --kernels auto chose cfg.kernels, {op: why it runs torch} (may be empty)."""
+                 kernel_fallbacks: dict | None = None, init_model=None):
+        """`kernel_fallbacks`: where --kernels auto chose cfg.kernels, {op: why it runs torch} (may be empty).
+        `init_model`: the GPT --init loaded, whose weights a new run starts from (a resumed one has its own)."""
         self.cfg, self.ctx, self.device = cfg, ctx, ctx.device
         self.kernel_fallbacks = kernel_fallbacks
         self.report = Report(ctx.is_main, cfg.quiet, cfg.log_every)
@@ -123,6 +126,8 @@ class Trainer:
             raise ConfigError(str(e)) from None
         if resume_from is not None:
             self.restore(resume_from)
+        elif init_model is not None:
+            self.load_init(init_model)
         self.model = self.raw_model
         if cfg.compile:
             self.model = torch.compile(self.model)
@@ -134,6 +139,17 @@ class Trainer:
         self.hellaswag_examples = self.load_hellaswag()
         self.flops_per_token = self.raw_model.flops_per_token(cfg.seq_len)
         self.peak_flops = device_peak_flops(self.device, cfg.peak_flops)
+
+    def load_init(self, source):
+        """The weights of `source` (same shape) into the model; the padded vocabulary rows, which no id
+        reaches, keep their initial values where the two pad to different sizes."""
+        ours, theirs, vocab = self.raw_model.state_dict(), source.state_dict(), self.model_config.vocab_size
+        with torch.no_grad():
+            for name, tensor in ours.items():
+                if tensor.shape == theirs[name].shape:
+                    tensor.copy_(theirs[name])
+                else:  # transformer.wte.weight and the lm_head tied to it: (padded vocab, C)
+                    tensor[:vocab].copy_(theirs[name][:vocab])
 
     def begin(self):
         """Rank 0, once everything has been checked: start over (--overwrite), write train_config.json and
@@ -149,6 +165,8 @@ class Trainer:
         write_json_atomic(self.run_dir / "train_config.json", asdict(self.cfg))
         self.metrics = MetricsLog(self.run_dir / "metrics.jsonl")
         self.sinks = open_sinks(self.cfg.log_to, self.run_dir, asdict(self.cfg))
+        if self.cfg.init and self.resumed_from is None:
+            self.log("init", source=self.cfg.init, model_config=self.model_config.to_dict())
         if self.kernel_fallbacks:  # --kernels auto gave some op to torch on a GPU
             self.log("kernels", requested="auto", choice=self.raw_model.kernels, fallbacks=self.kernel_fallbacks)
         if self.resumed_from is not None:
@@ -398,6 +416,8 @@ class Trainer:
         cfg = self.cfg
         for line in config_warnings(cfg):
             self.print(line)
+        if cfg.init and self.step == 0:
+            self.print(f"init: weights from {cfg.init}; a new run from step 1")
         if self.kernel_fallbacks:
             self.print(fallback_line(self.kernel_fallbacks))
         for line in header_lines(cfg, self.raw_model.num_params(), self.raw_model.kernels, self.grad_accum,
@@ -506,6 +526,13 @@ def train(cfg: TrainConfig) -> list[dict]:
     records. Raises ConfigError for bad settings, data or run folder (before anything is written),
     NonFiniteError on NaN/inf, RunError when bad data, a full disk or a stuck process ends the run
     mid-way, TrainingInterrupted after saving when a signal stopped the run."""
+    init_model = None
+    if cfg.init:  # its weights decide the model's shape, which check_config needs (context vs --seq-len)
+        try:
+            init_model = load_model(cfg.init, kernels="torch", device="cpu")
+        except (OSError, ValueError, ImportError) as e:
+            raise ConfigError(f"--init {cfg.init}: {e}") from None
+        cfg = with_init_shape(cfg, init_model.config)
     check_config(cfg)
     ctx = setup_distributed(cfg.device, cfg.dist_timeout)
     lock = data_lock = trainer = None
@@ -522,7 +549,8 @@ def train(cfg: TrainConfig) -> list[dict]:
                 data_lock = gpt2_data.read_lock(cfg.data_dir)  # prepare refuses the folder while this run reads it
             except ValueError as e:
                 raise ConfigError(str(e)) from None
-            trainer = Trainer(cfg, ctx, resume_from, fallbacks)
+            trainer = Trainer(cfg, ctx, resume_from, fallbacks, init_model)
+            init_model = None  # its weights are in the trainer's model now
             trainer.begin()
         with StopOnSignals(trainer, repeat_quits=not ctx.is_ddp), trainer.saving_on_error():
             history = trainer.run()
