@@ -100,7 +100,9 @@ def accumulation_ms(model, optimizer, x, y, device, grad_accum, reps, warmup=0):
     an existing .grad may compile or tune on first contact), then `reps` times: ([ms of each micro-step], [ms of each
     optimizer step], [ms of each whole step]). A micro-step runs from its batch being fetched to the last
     parameter's gradient accumulated (its forward, backward and grad accumulation); the optimizer step is
-    the rest of train_step: the loss sync, grad clipping, fused AdamW and the finiteness checks."""
+    the rest of train_step: the loss sync, grad clipping, fused AdamW and the finiteness checks. The end of a
+    backward is marked by post-accumulate-grad hooks (what DDP's reducer uses): they run after a kernel
+    that wrote its gradient straight into `.grad` too, and leave that in-place path on (kernels/grads.py)."""
     device, amp_dtype = _step_args(device)
     marks = _Marks(device.type == "cuda")
     starts, backward_done = [], [marks.now()]
