@@ -248,3 +248,35 @@ def test_max_err_checks_each_provider_against_the_fp32_reference_once_outside_th
         measure("b", "c", "p", "fwd", lambda: 2 * x, {}, "float64", quick=True, max_err=asked.append)
     assert asked == []  # a provider no row measures is not checked
     assert "max err" in format_table([row]) and "5.0e-01" in format_table([row])
+
+
+def test_max_autotune_joins_the_compile_baselines_and_says_why_it_is_skipped(monkeypatch):
+    from gpt2_triton.bench import common, e2e
+    providers = common.kernel_providers(torch.neg, torch.neg)
+    assert "compile" not in providers  # CPU: no torch.compile baseline
+    row = measure("b", "c", "compile-max-autotune", "fwd", lambda: providers["compile-max-autotune"](torch.ones(2)),
+                  {}, "float32", quick=True, memory=False)
+    assert row.median_ms is None and row.error == "Skipped: max-autotune runs on CUDA without --quick only"
+    assert "not measured: Skipped: max-autotune runs on CUDA without --quick only" in format_table([row])
+    (cpu_row,) = e2e.run(quick=True, stacks=["compile-max-autotune"])
+    assert cpu_row.error == e2e.COMPILE_NEEDS_CUDA
+    monkeypatch.setattr(common, "has_cuda", lambda: True)  # a GPU: compiled (not called here), but not with --quick
+    with pytest.raises(common.Skipped, match="without --quick"):
+        common.kernel_providers(torch.neg, torch.neg, quick=True)["compile-max-autotune"](torch.ones(2))
+    full = common.kernel_providers(torch.neg, torch.neg)
+    assert set(full) == {"triton", "eager", "compile", "compile-max-autotune"}
+    assert "skipped" not in getattr(full["compile-max-autotune"], "__qualname__", "")
+    monkeypatch.setattr(e2e, "has_cuda", lambda: True)
+    monkeypatch.setattr(e2e, "device_peak_flops", lambda device: None)
+    (quick_gpu_row,) = e2e.run(quick=True, stacks=["compile-max-autotune"])
+    assert quick_gpu_row.error == e2e.MAX_AUTOTUNE_NEEDS_FULL
+
+
+def test_headline_runs_the_max_autotune_baselines_in_their_own_job_only():
+    from gpt2_triton.bench import headline
+    jobs = headline.JOBS_BY_NAME
+    assert jobs["max-autotune-baselines"].needs_cuda and jobs["compile-max-autotune"].needs_cuda
+    assert jobs["max-autotune-baselines"].select("attention B16-H12-T1024-D64 causal", "compile-max-autotune")
+    assert not jobs["max-autotune-baselines"].select("attention B16-H12-T1024-D64 causal", "compile")
+    for name in ("attention", "layer_norm", "gelu_mlp", "compile-baselines"):
+        assert not jobs[name].select("layer_norm M16384-N768", "compile-max-autotune"), name

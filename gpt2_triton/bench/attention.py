@@ -38,10 +38,10 @@ def sdpa_with(backend, q, k, v, causal):
 
 
 def providers(quick):
-    out = kernel_providers(flash_attention, functools.partial(reference.flash_attention, upcast=False))
+    out = kernel_providers(flash_attention, functools.partial(reference.flash_attention, upcast=False), quick)
     out.update({name: functools.partial(sdpa_with, backend) for name, backend in sdpa_backends().items()})
     if not has_cuda():  # CPU (--quick): only the math backend runs here
-        out = {k: v for k, v in out.items() if k in ("triton", "eager", "sdpa-math")}
+        out = {k: v for k, v in out.items() if k in ("triton", "eager", "sdpa-math", "compile-max-autotune")}
     return out
 
 
@@ -55,15 +55,17 @@ def on_head_views(attention):
     return step
 
 
-def qkv_providers():
+def qkv_providers(quick=False):
     """flash_attention_qkv ("triton") vs the step on head views: flash_attention ("triton-views", its
     backward concatenates dq, dk, dv), every SDPA backend, the reference eager and compiled."""
-    out = kernel_providers(flash_attention_qkv, functools.partial(reference.flash_attention_qkv, upcast=False))
+    out = kernel_providers(flash_attention_qkv, functools.partial(reference.flash_attention_qkv, upcast=False),
+                           quick)
     out["triton-views"] = on_head_views(flash_attention)
     out.update({name: on_head_views(functools.partial(sdpa_with, backend))
                 for name, backend in sdpa_backends().items()})
     if not has_cuda():
-        out = {k: v for k, v in out.items() if k in ("triton", "triton-views", "eager", "sdpa-math")}
+        out = {k: v for k, v in out.items()
+               if k in ("triton", "triton-views", "eager", "sdpa-math", "compile-max-autotune")}
     return out
 
 
@@ -112,7 +114,7 @@ def run(dtype, quick=False, sizes=None, qkv_sizes=None):
         gen = torch.Generator(device=device).manual_seed(0)
         qkv = torch.randn(B, T, 3 * H * D, device=device, dtype=dtype, generator=gen).requires_grad_()
         ref = Reference(lambda qkv: reference.flash_attention_qkv(qkv, H, causal=True), [qkv])
-        for name, fn in qkv_providers().items():
+        for name, fn in qkv_providers(quick).items():
             errors = ref.errors(lambda fn=fn: fn(qkv, H, causal=True), [qkv])
             try:
                 fns = run_modes(lambda fn=fn: fn(qkv, H, causal=True), [qkv], MODES)

@@ -287,12 +287,32 @@ def _max_abs(x, ref) -> float:
     return float((x.detach().float() - ref).abs().max()) if ref.numel() else 0.0
 
 
-def kernel_providers(ours, eager):
+COMPILE_BASELINES = ("compile", "compile-max-autotune")  # torch.compile of the eager code: default, max-autotune
+# max-autotune benchmarks candidate GEMM and Triton templates on the device: minutes per graph, CUDA only
+MAX_AUTOTUNE_SKIPPED = "max-autotune runs on CUDA without --quick only"
+
+
+class Skipped(Exception):
+    """A provider not run here; its rows say why (measure() gives "Skipped: <reason>")."""
+
+
+def skipped(reason):
+    """A provider that raises Skipped(reason) when called: its rows are error rows naming the reason."""
+    def provider(*args, **kwargs):
+        raise Skipped(reason)
+    return provider
+
+
+def kernel_providers(ours, eager, quick=False):
     """Ours, the eager PyTorch code and (on CUDA) torch.compile of that same eager code, specialised
-    to each shape (dynamic=False: a second shape recompiles statically instead of going dynamic)."""
+    to each shape (dynamic=False: a second shape recompiles statically instead of going dynamic), with
+    the default mode ("compile") and mode="max-autotune" ("compile-max-autotune": on CPU or with --quick
+    a provider whose rows say it was skipped and why)."""
     out = {"triton": ours, "eager": eager}
     if has_cuda():
         out["compile"] = torch.compile(eager, dynamic=False)
+    out["compile-max-autotune"] = (torch.compile(eager, dynamic=False, mode="max-autotune")
+                                   if has_cuda() and not quick else skipped(MAX_AUTOTUNE_SKIPPED))
     return out
 
 
@@ -477,16 +497,16 @@ def _check_mark(r) -> str:
 
 
 def format_table(rows, ours="triton"):
-    lines = [f"{'case':<46} {'mode':<8} {'provider':<16} {'median ms':>10} {'p20-p80':>17} "
+    lines = [f"{'case':<46} {'mode':<8} {'provider':<20} {'median ms':>10} {'p20-p80':>17} "
              f"{'TFLOP/s':>8} {'GB/s':>8} {'peak MB':>9} {'max err':>9} {'ours x':>7} {'check':>6}"]
     ratio_of = speedup_text(rows, ours)
     for r in rows:
         if r.error:
-            lines.append(f"{r.case:<46} {r.mode:<8} {r.provider:<16} not measured: {r.error[:60]}")
+            lines.append(f"{r.case:<46} {r.mode:<8} {r.provider:<20} not measured: {r.error[:60]}")
             continue
         ratio = ratio_of(r)
         lines.append(
-            f"{r.case:<46} {r.mode:<8} {r.provider:<16} {r.median_ms:>10.3f} "
+            f"{r.case:<46} {r.mode:<8} {r.provider:<20} {r.median_ms:>10.3f} "
             f"{f'{r.p20_ms:.3f}-{r.p80_ms:.3f}':>17} {_fmt(r.tflops, 1):>8} {_fmt(r.gbps, 0):>8} "
             f"{_fmt(r.peak_mb, 1):>9} {err_text(r.max_err):>9} {ratio:>7} {_check_mark(r):>6}")
     return "\n".join(lines + sanity_notes(rows))

@@ -61,7 +61,7 @@ def run(dtype, quick=False, sizes=None):
         size = M * nc * padded.element_size()
         nbytes = {"fwd": size, "bwd": 2 * size, "fwd+bwd": 3 * size}
         calls = kernel_providers(lambda t: cross_entropy(padded, t, check_targets=False, num_classes=nc),
-                                 lambda t: eager_ce(real, t))
+                                 lambda t: eager_ce(real, t), quick)
         ref = Reference(reference.cross_entropy, [real, targets])  # ours' padded columns: its grads cut to nc
         for name, fn in calls.items():
             leaf = padded if name == "triton" else real
@@ -81,7 +81,7 @@ def run(dtype, quick=False, sizes=None):
                  "fwd+bwd": 3 * matmul_flops(M, nc, C)}
         calls = kernel_providers(
             lambda: linear_cross_entropy(x, weight, targets, check_targets=False, num_classes=nc),
-            lambda: eager_linear_ce(x, weight[:nc], targets))  # the model's eager lm_head slices the weight
+            lambda: eager_linear_ce(x, weight[:nc], targets), quick)  # the model's eager lm_head slices the weight
 
         def under_autocast(fn):
             def forward():

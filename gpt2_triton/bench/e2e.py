@@ -1,6 +1,6 @@
-"""End-to-end GPT-2 124M training step: tokens/s, MFU and peak memory for four stacks.
+"""End-to-end GPT-2 124M training step: tokens/s, MFU and peak memory for five stacks.
 
-1. PyTorch eager + SDPA   2. torch.compile + SDPA (build-nanogpt's recipe)
+1. PyTorch eager + SDPA   2. torch.compile + SDPA (build-nanogpt's recipe)   2b. the same, mode="max-autotune"
 3. our Triton kernels, eager   4. our Triton kernels inside torch.compile
 Each step is `gpt2_triton.training.step.train_step`, the one train.py runs: forward + backward (bf16
 autocast on CUDA), grad clipping, the finiteness checks and fused AdamW, T = 1024. The first step
@@ -34,13 +34,15 @@ from gpt2_triton.training.step import train_step
 GRAD_ACCUM = 4  # micro-steps of the accumulation timing on a GPU
 QUICK_GRAD_ACCUM = 2  # on CPU --quick: a triton micro-step takes seconds in the interpreter
 
-STACKS = {  # provider -> (kernels, compile)
+STACKS = {  # provider -> (kernels, torch.compile: False, True (default mode) or its mode)
     "eager-sdpa": ("torch", False),
     "compile-sdpa": ("torch", True),
+    "compile-max-autotune": ("torch", "max-autotune"),
     "triton": ("triton", False),
     "triton-compile": ("triton", True),
 }
 COMPILE_NEEDS_CUDA = "skipped: torch.compile stacks run on CUDA only (not on CPU --quick)"
+MAX_AUTOTUNE_NEEDS_FULL = "skipped: max-autotune compiles for minutes; not with --quick"
 
 
 def setup(quick):
@@ -98,7 +100,9 @@ def accumulation_ms(model, optimizer, x, y, device, grad_accum, reps, warmup=0):
     an existing .grad may compile or tune on first contact), then `reps` times: ([ms of each micro-step], [ms of each
     optimizer step], [ms of each whole step]). A micro-step runs from its batch being fetched to the last
     parameter's gradient accumulated (its forward, backward and grad accumulation); the optimizer step is
-    the rest of train_step: the loss sync, grad clipping, fused AdamW and the finiteness checks."""
+    the rest of train_step: the loss sync, grad clipping, fused AdamW and the finiteness checks. The end of a
+    backward is marked by post-accumulate-grad hooks (what DDP's reducer uses): they run after a kernel
+    that wrote its gradient straight into `.grad` too, and leave that in-place path on (kernels/grads.py)."""
     device, amp_dtype = _step_args(device)
     marks = _Marks(device.type == "cuda")
     starts, backward_done = [], [marks.now()]
@@ -168,9 +172,10 @@ def run(dtype=torch.bfloat16, quick=False, batch_sizes=None, stacks=None, warmup
         shape = {"B": B, "T": T, "n_layer": config.n_layer, "n_embd": config.n_embd}
         for provider in stacks or STACKS:
             kernels, compile_model = STACKS[provider]
-            if compile_model and not has_cuda():
-                rows.append(record(Row("e2e", case, provider, "step", shape, step_dtype(), None,
-                                       error=COMPILE_NEEDS_CUDA)))
+            skip = (COMPILE_NEEDS_CUDA if compile_model and not has_cuda() else
+                    MAX_AUTOTUNE_NEEDS_FULL if compile_model == "max-autotune" and quick else None)
+            if skip:
+                rows.append(record(Row("e2e", case, provider, "step", shape, step_dtype(), None, error=skip)))
                 continue
             rows.append(record(_measure_stack(config, kernels, compile_model, B, T, device, peak, warmup,
                                               reps, case, provider, shape)))
@@ -198,7 +203,8 @@ def _measure_stack(config, kernels, compile_model, B, T, device, peak, warmup, r
         cold_start = time.perf_counter()
         model = GPT(config, kernels=kernels).to(device)
         optimizer = model.configure_optimizer(0.1, 6e-4)
-        runner = torch.compile(model) if compile_model else model
+        runner = (model if not compile_model else torch.compile(model) if compile_model is True
+                  else torch.compile(model, mode=compile_model))
         x = torch.randint(0, config.vocab_size, (B, T), device=device)
         y = torch.randint(0, config.vocab_size, (B, T), device=device)
         step = train_step_fn(runner, optimizer, x, y, device)

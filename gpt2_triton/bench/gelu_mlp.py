@@ -49,7 +49,7 @@ def run(dtype, quick=False, sizes=None):
         flops = {"fwd": mlp_flops, "bwd": 2 * mlp_flops, "fwd+bwd": 3 * mlp_flops}
         params = [x, fc_w, fc_b, proj_w, proj_b]
         ref = Reference(reference.gelu_mlp, params)
-        for name, fn in kernel_providers(gelu_mlp, eager_mlp).items():
+        for name, fn in kernel_providers(gelu_mlp, eager_mlp, quick).items():
             errors = ref.errors(lambda fn=fn: fn(*params), params)
             for mode, call in run_modes(lambda fn=fn: fn(*params), params, MODES).items():
                 rows.append(measure("gelu_mlp", f"gelu_mlp M{M}-C{C}-H{Hd}", name, mode, call, shape,
@@ -58,7 +58,7 @@ def run(dtype, quick=False, sizes=None):
         lg_flops = {"fwd": matmul_flops(M, Hd, C), "bwd": 2 * matmul_flops(M, Hd, C),
                     "fwd+bwd": 3 * matmul_flops(M, Hd, C)}
         ref = Reference(reference.linear_gelu, [x, fc_w, fc_b])
-        for name, fn in kernel_providers(linear_gelu, eager_linear_gelu).items():
+        for name, fn in kernel_providers(linear_gelu, eager_linear_gelu, quick).items():
             errors = ref.errors(lambda fn=fn: fn(x, fc_w, fc_b), [x, fc_w, fc_b])
             for mode, call in run_modes(lambda fn=fn: fn(x, fc_w, fc_b), [x, fc_w, fc_b], MODES).items():
                 rows.append(measure("gelu_mlp", f"linear_gelu M{M}-C{C}-H{Hd}", name, mode, call, shape,

@@ -12,7 +12,7 @@ Stages, in order; everything is written the moment it exists, so a kill keeps wh
                 later jobs take its fallback from their start: one broken feature costs one row.
   3. pytest     `pytest -m gpu` over tests/ under a time cap, GPT-2-sized tests first     -> pytest.log
   4. kernels    each kernel at its GPT-2 124M training shape against every baseline, fwd/bwd/fwd+bwd
-  5. e2e        one GPT-2 124M training step at B=16, T=1024 for the four stacks (with what the first
+  5. e2e        one GPT-2 124M training step at B=16, T=1024 for the five stacks (with what the first
                 step compiled and tuned), one step profiled per kernel, and the step at grad_accum 4
                 (ms per micro-step and of the optimizer step apart)
   6. summary    the goals beside the measurements, compile and tuning cost, and plots
@@ -50,6 +50,7 @@ import torch
 
 from gpt2_triton.bench import e2e
 from gpt2_triton.bench.common import (
+    COMPILE_BASELINES,
     MAX_ERR_NOTE,
     SHORT_OP_MS,
     Row,
@@ -181,12 +182,13 @@ def _preflight_job(ctx):
 
 
 def _without_compile(*ops):
-    """Every provider but the torch.compile baseline, for cases whose first word is in ops (any if none)."""
-    return lambda case, provider: provider != "compile" and (not ops or case.split()[0] in ops)
+    """Every provider but the torch.compile baselines, for cases whose first word is in ops (any if none)."""
+    return lambda case, provider: provider not in COMPILE_BASELINES and (not ops or case.split()[0] in ops)
 
 
-# Kernels are measured first without their torch.compile baseline (two graph compiles each), which
-# then run together in one job, those that goals need first; attention at T=2048 comes last.
+# Kernels are measured first without their torch.compile baselines (two graph compiles each), which
+# then run together in one job, those that goals need first; attention at T=2048 comes next, and the
+# mode="max-autotune" baselines (minutes of template benchmarking per graph) last.
 JOBS = (
     Job("preflight", "precompile", 1.5, 15, _precompile_job),
     Job("preflight", "preflight", 1.0, 10, _preflight_job),
@@ -202,9 +204,15 @@ JOBS = (
                     ("cross_entropy", "cross_entropy"), ("cross_entropy", "linear_cross_entropy")),
         lambda case, provider: provider == "compile" and case.split()[0] != "linear_gelu", needs_cuda=True),
     Job("kernels", "attention-T2048", 1.2, 15, _kernel_job(("attention", "attention-T2048")), _without_compile()),
+    Job("kernels", "max-autotune-baselines", 3.0, 60,
+        _kernel_job(("layer_norm", "layer_norm"), ("gelu_mlp", "gelu_mlp"), ("attention", "attention"),
+                    ("cross_entropy", "cross_entropy"), ("cross_entropy", "linear_cross_entropy")),
+        lambda case, provider: provider == "compile-max-autotune" and case.split()[0] != "linear_gelu",
+        needs_cuda=True),
     Job("e2e", "eager-sdpa", 1.0, 12, _e2e_job("eager-sdpa")),
     Job("e2e", "triton", 1.5, 20, _e2e_job("triton")),
     Job("e2e", "compile-sdpa", 3.5, 45, _e2e_job("compile-sdpa"), needs_cuda=True),
+    Job("e2e", "compile-max-autotune", 3.5, 90, _e2e_job("compile-max-autotune"), needs_cuda=True),
     Job("e2e", "triton-compile", 4.0, 55, _e2e_job("triton-compile"), needs_cuda=True),
 )
 JOBS_BY_NAME = {job.name: job for job in JOBS}
@@ -661,13 +669,14 @@ def write_summary(out, records, env, budget=None):
                   f"{_fmt(base['median_ms'] if base else None, 3)} | {base_err} | "
                   f"{speed} | {mem} | "
                   f"{_fmt(r['extra'].get('first_call_s'), 2)} |")
-    compiled = {}
-    for r in rows.rows:
-        if r["stage"] == "kernels" and r["provider"] == "compile" and r["extra"].get("first_call_s") is not None:
-            compiled[r["case"]] = compiled.get(r["case"], 0.0) + r["extra"]["first_call_s"]
-    if compiled:
-        md += ["", "torch.compile baselines, first calls of fwd, bwd and fwd+bwd together (compilation): "
-               + ", ".join(f"{case} {s:.0f} s" for case, s in compiled.items()) + "."]
+    for provider in COMPILE_BASELINES:
+        compiled = {}
+        for r in rows.rows:
+            if r["stage"] == "kernels" and r["provider"] == provider and r["extra"].get("first_call_s") is not None:
+                compiled[r["case"]] = compiled.get(r["case"], 0.0) + r["extra"]["first_call_s"]
+        if compiled:
+            md += ["", f"torch.compile baselines ({provider}), first calls of fwd, bwd and fwd+bwd together "
+                   "(compilation): " + ", ".join(f"{case} {s:.0f} s" for case, s in compiled.items()) + "."]
 
     md += ["", "## End to end: one training step (fwd + bwd + AdamW, bf16 autocast on CUDA)", "",
            "| stack | case | ms/step (p20-p80) | tokens/s | MFU | peak MB | first step s | compile s | "

@@ -47,7 +47,7 @@ def run(dtype, quick=False, sizes=None):
         b = (0.1 * torch.randn(N, device=device, generator=gen)).to(dtype).requires_grad_()
         elem = x.element_size()
         nbytes = {"fwd": 2 * M * N * elem, "bwd": 3 * M * N * elem, "fwd+bwd": 5 * M * N * elem}
-        providers = kernel_providers(lambda x, w, b: layer_norm(x, w, b, 1e-5), eager)
+        providers = kernel_providers(lambda x, w, b: layer_norm(x, w, b, 1e-5), eager, quick)
         rows += _measure_all(f"layer_norm M{M}-N{N}", providers, (x, w, b), {"M": M, "N": N}, dtype_name,
                              nbytes, bandwidth, quick)
         if dtype != torch.float32:  # fp32 residual and parameters in, `dtype` out
@@ -56,7 +56,7 @@ def run(dtype, quick=False, sizes=None):
             # minimum traffic: fwd reads x (4 B) and writes y; bwd reads dy, x and writes dx (4 B)
             nbytes = {"fwd": M * N * (4 + elem), "bwd": M * N * (elem + 8), "fwd+bwd": M * N * (2 * elem + 12)}
             providers = kernel_providers(lambda x, w, b: layer_norm(x, w, b, 1e-5, out_dtype=dtype),
-                                         eager_cast_to(dtype))
+                                         eager_cast_to(dtype), quick)
             rows += _measure_all(f"layer_norm fp32->{dtype_name} M{M}-N{N}", providers, (x32, w32, b32),
                                  {"M": M, "N": N, "out_dtype": dtype_name}, "float32", nbytes, bandwidth, quick)
     return rows
