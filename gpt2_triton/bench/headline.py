@@ -252,18 +252,16 @@ def row_record(row) -> dict:
 def find_autotuners() -> dict:
     """{"attention.dense._flash_attention_fwd": Autotuner, "mlp._matmul": ...}: every triton.autotune'd kernel
     that a kernels.* module holds (also under triton.heuristics), found by scanning, not by name."""
-    from triton.runtime.autotuner import Autotuner
-    from triton.runtime.jit import JITFunction, KernelInterface
+    from gpt2_triton.kernels import compat
 
     found, seen = {}, set()
     for module_name in sorted(KERNEL_MODULES):
         module = importlib.import_module(module_name)
         for attr, obj in sorted(vars(module).items()):
-            while isinstance(obj, KernelInterface) and not isinstance(obj, JITFunction):
-                if isinstance(obj, Autotuner) and id(obj) not in seen:
-                    seen.add(id(obj))
-                    found[f"{module_name.removeprefix('gpt2_triton.kernels.')}.{attr}"] = obj
-                obj = getattr(obj, "fn", None)
+            for tuner in compat.autotuners_in(obj):
+                if id(tuner) not in seen:
+                    seen.add(id(tuner))
+                    found[f"{module_name.removeprefix('gpt2_triton.kernels.')}.{attr}"] = tuner
     return found
 
 

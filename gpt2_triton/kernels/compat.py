@@ -166,6 +166,17 @@ def base_kernel(obj):
     return obj
 
 
+def autotuners_in(obj) -> list:
+    """The Autotuners in obj's chain of Autotuner / Heuristics wrappers, outermost first ([] for anything else)."""
+    heuristics = _jit_classes()[2]
+    found = []
+    while isinstance(obj, (Autotuner, heuristics)):
+        if isinstance(obj, Autotuner):
+            found.append(obj)
+        obj = obj.fn
+    return found
+
+
 def python_function(kernel):
     """The Python function a JITFunction or InterpretedFunction was made from."""
     return kernel.fn
