@@ -115,7 +115,7 @@ def test_metrics_plot_config_and_checkpoints(trained):
     assert val_rows[-1]["val_loss"] < val_rows[0]["val_loss"] - 2.0
     samples = [r for r in rows if r["kind"] == "sample"]
     assert [r["step"] for r in samples] == [15, 30]
-    assert samples[0]["text"][0].startswith(training.SAMPLE_PROMPT)
+    assert samples[0]["text"][0].startswith("def ")  # the demo preset's prompt (its data is Python code)
     png = run_dir / "loss.png"
     assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     saved = json.loads((run_dir / "train_config.json").read_text())
@@ -547,7 +547,8 @@ def test_resume_refuses_changed_settings_and_names_them(data_dir, tmp_path):
     with pytest.raises(training.ConfigError, match=r"--seq-len \(32 in the checkpoint, 16 now\), "
                                                r"--micro-batch \(4 in the checkpoint, 2 now\), "
                                                r"--total-batch \(128 in the checkpoint, 32 now\)\. "
-                                               r"A resumed run may change only --max-steps, --lr-decay-steps"):
+                                               r"A resumed run may change only --kernels, --data-dir, --max-steps, "
+                                               r"--lr-decay-steps"):
         training.train(replace(cfg, resume="latest", max_steps=4, micro_batch=2, seq_len=16))
     with pytest.raises(training.ConfigError, match="holds another model: n_layer 2 \\(now 3\\)"):
         training.train(replace(cfg, resume="latest", max_steps=4, n_layer=3))
@@ -1250,3 +1251,29 @@ def test_an_error_in_evaluation_saves_the_step_it_came_after(data_dir, tmp_path,
     monkeypatch.undo()
     assert [r["step"] for r in training.train(tiny_config(data_dir, tmp_path, max_steps=4, val_every=3,
                                                           checkpoint_every=0, resume="latest"))] == [4]
+
+
+def test_every_field_declares_its_resume_policy():
+    """What --resume does with each TrainConfig field is declared on the field, next to its help and bounds."""
+    from dataclasses import fields
+
+    from gpt2_triton.training.config import RESUME_POLICIES, TrainConfig, fields_resumed, opt
+    policies = {f.name: f.metadata.get("resume") for f in fields(TrainConfig)}
+    assert all(p in RESUME_POLICIES for p in policies.values()), {k: p for k, p in policies.items()
+                                                                   if p not in RESUME_POLICIES}
+    assert fields_resumed("model")[0] == "model" and "n_layer" in fields_resumed("model")
+    assert {"max_steps", "kernels", "log_to", "sample_prompt"} <= set(fields_resumed("may_change"))
+    assert {"max_lr", "seed", "micro_batch", "init"} <= set(fields_resumed("fixed"))
+    assert {"preset", "run_dir", "resume", "overwrite"} == set(fields_resumed("ignored"))
+    with pytest.raises(ValueError, match="resume must be one of model, fixed, may_change, ignored; got 'maybe'"):
+        opt(1, "a field", resume="maybe")
+
+
+def test_resume_problems():
+    from gpt2_triton.training.config import resume_problems
+    saved = {"max_lr": 6e-4, "max_steps": 10, "seed": 1, "run_dir": "a", "n_layer": 2, "removed_since": 3}
+    assert resume_problems(saved, {**saved, "max_steps": 20, "run_dir": "b", "added_since": 1}) == (
+        None, {"max_steps": (10, 20)})
+    problem, _ = resume_problems(saved, {**saved, "max_lr": 1e-3, "seed": 2}, "ckpt_000010.pt")
+    assert problem.startswith("this run differs from ckpt_000010.pt in --max-lr (0.0006 in the checkpoint, 0.001 "
+                              "now), --seed (1 in the checkpoint, 2 now). A resumed run may change only --kernels")

@@ -11,7 +11,7 @@ _NAMES = {
     "ConfigError": "errors", "NonFiniteError": "errors",
     "TrainConfig": "config", "build_parser": "config", "make_config": "config", "parse_config": "config",
     "accumulate_gradients": "step", "train_step": "step",
-    "SAMPLE_PROMPT": "trainer", "Trainer": "trainer", "TrainingInterrupted": "trainer",
+    "Trainer": "trainer", "TrainingInterrupted": "trainer",
     "exit_on_errors": "trainer", "train": "trainer",
 }
 __all__ = list(_NAMES)

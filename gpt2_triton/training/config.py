@@ -44,87 +44,106 @@ Ctrl-C or SIGTERM: finish the step, save a checkpoint, exit 130 / 143.
 """
 
 
-def opt(default, help: str, **check):
-    """A TrainConfig field: its default, its --help text and its valid range
-    (ge / gt / le / lt bounds, `choices`, `inf_ok` for floats that may be inf)."""
-    return field(default=default, metadata={"help": help, **check})
+# What --resume does with a field: the policy every TrainConfig field declares (tests check that each does).
+RESUME_POLICIES = {
+    "model": "decides the model: checked through the checkpoint's GPTConfig",
+    "fixed": "must equal the checkpoint's (the run would train otherwise than it did)",
+    "may_change": "a resumed run may change it (length, evaluation, logging, how it runs)",
+    "ignored": "how the run is named and started",
+}
+
+
+def opt(default, help: str, *, resume: str, **check):
+    """A TrainConfig field: its default, its --help text, what a resume does with it (RESUME_POLICIES) and its
+    valid range (ge / gt / le / lt bounds, `choices`, `inf_ok` for floats that may be inf)."""
+    if resume not in RESUME_POLICIES:
+        raise ValueError(f"opt: resume must be one of {', '.join(RESUME_POLICIES)}; got {resume!r}")
+    return field(default=default, metadata={"help": help, "resume": resume, **check})
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    preset: str | None = opt(None, "demo | gpt2-124m; none given: demo on a CPU, gpt2-124m on a GPU")
+    preset: str | None = opt(None, "demo | gpt2-124m; none given: demo on a CPU, gpt2-124m on a GPU", resume="ignored")
     # model: a GPTConfig preset, with optional overrides (None keeps the preset's value)
-    model: str = opt("gpt2", "GPTConfig preset the model starts from", choices=tuple(MODEL_PRESETS))
-    block_size: int | None = opt(None, "context length (learned position embeddings); none: the model preset's", ge=1)
-    vocab_size: int | None = opt(None, "vocabulary size; none: the model preset's (50257)", ge=1)
-    n_layer: int | None = opt(None, "transformer blocks; none: the model preset's", ge=1)
-    n_head: int | None = opt(None, "attention heads; none: the model preset's", ge=1)
-    n_embd: int | None = opt(None, "model width; none: the model preset's", ge=1)
-    pad_vocab_to: int = opt(128, "round the embedding table up to a multiple of this (50257 -> 50304)", ge=1)
+    model: str = opt("gpt2", "GPTConfig preset the model starts from", choices=tuple(MODEL_PRESETS), resume="model")
+    block_size: int | None = opt(None, "context length (learned position embeddings); none: the model preset's",
+                                 ge=1, resume="model")
+    vocab_size: int | None = opt(None, "vocabulary size; none: the model preset's (50257)", ge=1, resume="model")
+    n_layer: int | None = opt(None, "transformer blocks; none: the model preset's", ge=1, resume="model")
+    n_head: int | None = opt(None, "attention heads; none: the model preset's", ge=1, resume="model")
+    n_embd: int | None = opt(None, "model width; none: the model preset's", ge=1, resume="model")
+    pad_vocab_to: int = opt(128, "round the embedding table up to a multiple of this (50257 -> 50304)", ge=1,
+                            resume="model")
     init: str | None = opt(None, "start this new run from trained weights: an HF name (gpt2, gpt2-medium, ...), a "
                                  "save_pretrained folder, a checkpoint or a run folder (its newest good checkpoint); "
                                  "the model's shape (layers, heads, width, context, vocabulary) is theirs; "
-                                 "none: random weights")
+                                 "none: random weights", resume="fixed")
     kernels: str = opt("auto", "auto (Triton on CUDA, each op whose Triton path cannot run there on torch; torch "
                                "on a CPU) | torch | triton | op=impl,... (ops: attention, layer_norm, gelu_mlp, "
-                               "cross_entropy, linear, embedding)")
+                               "cross_entropy, linear, embedding)", resume="may_change")
     doc_mask: bool = opt(False, "document masking: a token attends only to earlier tokens of its own document "
-                                "(documents begin at the EOT token), in training and validation")
+                                "(documents begin at the EOT token), in training and validation", resume="fixed")
     # data
     data: str = opt("fineweb-edu", "pystdlib | fineweb-edu | text:PATH (a .txt/.jsonl file or a folder of them); "
-                                   "with --data-dir, the source named in its manifest")
+                                   "with --data-dir, the source named in its manifest", resume="fixed")
     data_dir: str | None = opt(None, "token shards (prepared here if missing), or an llm.c shard folder; "
-                                     "none: $GPT2_DATA_DIR/<data>, i.e. data/<data>")
-    seq_len: int = opt(1024, "tokens per sequence", ge=1)
-    micro_batch: int = opt(64, "sequences per forward pass, per process", ge=1)
+                                     "none: $GPT2_DATA_DIR/<data>, i.e. data/<data>", resume="may_change")
+    seq_len: int = opt(1024, "tokens per sequence", ge=1, resume="fixed")
+    micro_batch: int = opt(64, "sequences per forward pass, per process", ge=1, resume="fixed")
     total_batch: int | None = opt(524288, "tokens per optimizer step, by gradient accumulation; "
-                                          "none: one micro-batch per process", ge=1)
+                                          "none: one micro-batch per process", ge=1, resume="fixed")
     # optimisation
-    max_steps: int = opt(19073, "optimizer steps to train for", ge=1)
+    max_steps: int = opt(19073, "optimizer steps to train for", ge=1, resume="may_change")
     lr_decay_steps: int | None = opt(None, "the cosine decay ends at this step (more than max_steps: stop early "
-                                           "on a longer schedule); none: max_steps", ge=1)
-    warmup_steps: int = opt(715, "linear learning-rate warmup steps", ge=0)
-    max_lr: float = opt(6e-4, "peak learning rate", gt=0)
-    min_lr_ratio: float = opt(0.1, "final learning rate as a fraction of max_lr", ge=0, le=1)
-    weight_decay: float = opt(0.1, "AdamW weight decay (matrices only)", ge=0)
-    beta1: float = opt(0.9, "AdamW beta1", ge=0, lt=1)
-    beta2: float = opt(0.95, "AdamW beta2", ge=0, lt=1)
-    adam_eps: float = opt(1e-8, "AdamW epsilon", gt=0)
-    grad_clip: float = opt(1.0, "clip the global gradient norm to this (inf: no clipping)", gt=0, inf_ok=True)
-    fused_adamw: bool | None = opt(None, "fused AdamW; none: on CUDA")
+                                           "on a longer schedule); none: max_steps", ge=1, resume="may_change")
+    warmup_steps: int = opt(715, "linear learning-rate warmup steps", ge=0, resume="fixed")
+    max_lr: float = opt(6e-4, "peak learning rate", gt=0, resume="fixed")
+    min_lr_ratio: float = opt(0.1, "final learning rate as a fraction of max_lr", ge=0, le=1, resume="fixed")
+    weight_decay: float = opt(0.1, "AdamW weight decay (matrices only)", ge=0, resume="fixed")
+    beta1: float = opt(0.9, "AdamW beta1", ge=0, lt=1, resume="fixed")
+    beta2: float = opt(0.95, "AdamW beta2", ge=0, lt=1, resume="fixed")
+    adam_eps: float = opt(1e-8, "AdamW epsilon", gt=0, resume="fixed")
+    grad_clip: float = opt(1.0, "clip the global gradient norm to this (inf: no clipping)", gt=0, inf_ok=True,
+                           resume="fixed")
+    fused_adamw: bool | None = opt(None, "fused AdamW; none: on CUDA", resume="may_change")
     # runtime
-    device: str = opt("auto", "auto | cpu | cuda | cuda:N")
+    device: str = opt("auto", "auto | cpu | cuda | cuda:N", resume="may_change")
     dtype: str = opt("auto", "auto (bfloat16 autocast on CUDA, float32 on CPU) | bfloat16 | float32",
-                     choices=("auto", "bfloat16", "float32"))
-    compile: bool | None = opt(None, "torch.compile the model; none: on CUDA, off on CPU")
-    seed: int = opt(1337, "seed of the initial weights, the data order and the samples", ge=0)
+                     choices=("auto", "bfloat16", "float32"), resume="may_change")
+    compile: bool | None = opt(None, "torch.compile the model; none: on CUDA, off on CPU", resume="may_change")
+    seed: int = opt(1337, "seed of the initial weights, the data order and the samples", ge=0, resume="fixed")
     dist_timeout: float = opt(300.0, "seconds a DDP process waits at a collective for the others before the run "
-                                     "stops (a frozen or dead rank)", gt=0, le=86400)
+                                     "stops (a frozen or dead rank)", gt=0, le=86400, resume="may_change")
     # evaluation, logging, checkpoints (an interval of 0 turns it off; the last step always counts)
-    val_every: int = opt(250, "validate every N steps (0: never)", ge=0)
-    val_steps: int = opt(20, "micro-batches per validation", ge=1)
-    hellaswag_every: int = opt(250, "HellaSwag every N steps (0: never)", ge=0)
-    hellaswag: str | None = opt(None, "hellaswag_val.jsonl; none: the cached file if present")
-    hellaswag_limit: int | None = opt(None, "score only the first N HellaSwag examples; none: all", ge=1)
-    sample_every: int = opt(250, "print samples every N steps (0: never)", ge=0)
-    sample_count: int = opt(4, "samples each time", ge=0)
-    sample_tokens: int = opt(32, "new tokens per sample", ge=1)
-    checkpoint_every: int = opt(5000, "save a checkpoint every N steps (0: only at the end)", ge=0)
-    keep_checkpoints: int = opt(2, "keep the newest N checkpoints", ge=1)
-    run_dir: str | None = opt(None, "run folder (config, metrics, plot, checkpoints); none: runs/<preset>")
+    val_every: int = opt(250, "validate every N steps (0: never)", ge=0, resume="may_change")
+    val_steps: int = opt(20, "micro-batches per validation", ge=1, resume="may_change")
+    hellaswag_every: int = opt(250, "HellaSwag every N steps (0: never)", ge=0, resume="may_change")
+    hellaswag: str | None = opt(None, "hellaswag_val.jsonl; none: the cached file if present", resume="may_change")
+    hellaswag_limit: int | None = opt(None, "score only the first N HellaSwag examples; none: all", ge=1,
+                                      resume="may_change")
+    sample_every: int = opt(250, "print samples every N steps (0: never)", ge=0, resume="may_change")
+    sample_count: int = opt(4, "samples each time", ge=0, resume="may_change")
+    sample_tokens: int = opt(32, "new tokens per sample", ge=1, resume="may_change")
+    sample_prompt: str = opt("Hello, I'm a language model,", "the text every sample continues (the demo, trained "
+                                                            "on Python code, starts a line of Python)",
+                             resume="may_change")
+    checkpoint_every: int = opt(5000, "save a checkpoint every N steps (0: only at the end)", ge=0, resume="may_change")
+    keep_checkpoints: int = opt(2, "keep the newest N checkpoints", ge=1, resume="may_change")
+    run_dir: str | None = opt(None, "run folder (config, metrics, plot, checkpoints); none: runs/<preset>",
+                              resume="ignored")
     resume: str | None = opt(None, "continue a run: the latest checkpoint in the run folder (no value) "
-                                   "or a checkpoint path")
+                                   "or a checkpoint path", resume="ignored")
     overwrite: bool = opt(False, "start a new run in a run folder that holds one, deleting its checkpoints, "
-                                 "metrics and config")
+                                 "metrics and config", resume="ignored")
     peak_flops: float | None = opt(None, "bf16 peak FLOP/s of one device, for MFU; none: from the table of "
-                                         "known GPUs", gt=0)
-    plot: bool = opt(True, "write loss.png at the end")
+                                         "known GPUs", gt=0, resume="may_change")
+    plot: bool = opt(True, "write loss.png at the end", resume="may_change")
     log_every: int = opt(1, "print a step line every N steps, and this process's first and the last step "
-                            "(on a terminal a progress bar shows every step)", ge=1)
+                            "(on a terminal a progress bar shows every step)", ge=1, resume="may_change")
     quiet: bool = opt(False, "no step lines, progress bar or samples: only the header, evaluations, checkpoints "
-                             "and the closing summary")
+                             "and the closing summary", resume="may_change")
     log_to: str = opt("", "also log every metrics.jsonl record to: tensorboard, wandb (comma-separated; each "
-                          "must be installed; W&B offline unless WANDB_MODE=online)")
+                          "must be installed; W&B offline unless WANDB_MODE=online)", resume="may_change")
 
 
 PRESETS = {
@@ -137,18 +156,19 @@ PRESETS = {
         model="gpt2", block_size=128, n_layer=4, n_head=4, n_embd=128, data="pystdlib", seq_len=128,
         micro_batch=8, total_batch=None, max_steps=200, warmup_steps=20, max_lr=3e-3,
         val_every=50, val_steps=5, hellaswag_every=0, sample_every=100, sample_count=2, sample_tokens=32,
+        sample_prompt="def ",
         checkpoint_every=100, log_every=10,
     ),
 }
-MODEL_FIELDS = ("model", "block_size", "vocab_size", "n_layer", "n_head", "n_embd", "pad_vocab_to")
-# What a resumed run may change; every other field must equal the checkpoint's (the model's via its GPTConfig).
-RESUME_MAY_CHANGE = (
-    "max_steps", "lr_decay_steps", "kernels", "data_dir", "fused_adamw", "device", "dtype", "compile", "dist_timeout",
-    "val_every", "val_steps", "hellaswag_every", "hellaswag", "hellaswag_limit", "sample_every", "sample_count",
-    "sample_tokens", "checkpoint_every", "keep_checkpoints", "peak_flops", "plot", "log_every", "quiet",
-    "log_to",
-)
-RESUME_IGNORED = ("preset", "run_dir", "resume", "overwrite")  # how the run is named and started
+
+
+def fields_resumed(policy: str) -> tuple:
+    """The TrainConfig fields with this resume policy, in declaration order."""
+    return tuple(f.name for f in fields(TrainConfig) if f.metadata["resume"] == policy)
+
+
+MODEL_FIELDS = fields_resumed("model")  # "model" (the preset) first, then its overrides
+RESUME_MAY_CHANGE = fields_resumed("may_change")
 INIT_SHAPE = ("block_size", "vocab_size", "n_layer", "n_head", "n_embd")  # what --init's weights decide
 
 
@@ -273,6 +293,21 @@ def _range_problem(f, value, annotation) -> str | None:
 def model_config_of(cfg: TrainConfig) -> GPTConfig:
     return GPTConfig.from_preset(cfg.model, **{k: getattr(cfg, k) for k in MODEL_FIELDS[1:]
                                                if getattr(cfg, k) is not None})
+
+
+def resume_problems(saved: dict, now: dict, where: str = "the checkpoint") -> tuple:
+    """(why settings `now` cannot resume a checkpoint trained with `saved`, in one line, or None; {field: (then,
+    now)} of the fields the resume changes). Fields the checkpoint does not know (added since) pass."""
+    policy = {f.name: f.metadata["resume"] for f in fields(TrainConfig)}
+    differ = [k for k in now if k in saved and policy.get(k) == "fixed" and saved[k] != now[k]]
+    changes = {k: (saved[k], now[k]) for k in now
+               if k in saved and policy.get(k) == "may_change" and saved[k] != now[k]}
+    if not differ:
+        return None, changes
+    return (f"this run differs from {where} in " +
+            ", ".join(f"{flag_name(k)} ({saved[k]} in the checkpoint, {now[k]} now)" for k in differ) +
+            f". A resumed run may change only {', '.join(flag_name(k) for k in RESUME_MAY_CHANGE)}; "
+            f"to train with other settings, start a new run in another --run-dir"), changes
 
 
 def check_config(cfg: TrainConfig) -> None:

@@ -36,16 +36,13 @@ from gpt2_triton.checkpoint import (
 from gpt2_triton.model import GPT
 from gpt2_triton.tokenizer import get_encoding
 from gpt2_triton.training.config import (
-    MODEL_FIELDS,
-    RESUME_IGNORED,
-    RESUME_MAY_CHANGE,
     TrainConfig,
     check_config,
     config_warnings,
-    flag_name,
     kernel_choice,
     model_config_of,
     resolve_config,
+    resume_problems,
     with_init_shape,
 )
 from gpt2_triton.training.distributed import (
@@ -70,8 +67,6 @@ from gpt2_triton.training.report import Report, fallback_line, header_lines, sum
 from gpt2_triton.training.run_dir import claim_run_dir
 from gpt2_triton.training.sinks import open_sinks
 from gpt2_triton.training.step import autocast_context, doc_starts, train_step, weights_finite
-
-SAMPLE_PROMPT = "Hello, I'm a language model,"
 
 
 class TrainingInterrupted(Exception):
@@ -298,18 +293,12 @@ class Trainer:
             raise ConfigError(f"--resume: {path} was written by {state['world_size']} processes; "
                               f"resume with the same number (now {self.ctx.world_size})")
         saved, now = state.get("train_config", {}), asdict(self.cfg)
-        fixed = [k for k in now if k in saved and k not in RESUME_MAY_CHANGE + RESUME_IGNORED + MODEL_FIELDS]
-        differ = [k for k in fixed if saved[k] != now[k]]
-        if differ:
-            raise ConfigError(
-                f"--resume: this run differs from {path.name} in " +
-                ", ".join(f"{flag_name(k)} ({saved[k]} in the checkpoint, {now[k]} now)" for k in differ) +
-                f". A resumed run may change only {', '.join(flag_name(k) for k in RESUME_MAY_CHANGE)}; "
-                f"to train with other settings, start a new run in another --run-dir")
+        problem, self.resume_changes = resume_problems(saved, now, path.name)
+        if problem:
+            raise ConfigError(f"--resume: {problem}")
         if state["step"] >= self.cfg.max_steps:
             raise ConfigError(f"--resume: {path.name} is at step {state['step']}, and --max-steps is "
                               f"{self.cfg.max_steps}: nothing left to train (raise --max-steps to go on)")
-        self.resume_changes = {k: (saved[k], now[k]) for k in RESUME_MAY_CHANGE if k in saved and saved[k] != now[k]}
 
     # --- evaluation ---
     @torch.no_grad()
@@ -355,7 +344,7 @@ class Trainer:
     def sample(self) -> list[str]:
         """Rank 0, uncompiled module, fixed seed: the same prompt each time."""
         enc = get_encoding()
-        prompt = torch.tensor([enc.encode(SAMPLE_PROMPT)] * self.cfg.sample_count, device=self.device)
+        prompt = torch.tensor([enc.encode(self.cfg.sample_prompt)] * self.cfg.sample_count, device=self.device)
         generator = torch.Generator(device=self.device).manual_seed(42)
         self.raw_model.eval()
         with autocast_context(self.device, self.amp_dtype):
