@@ -108,6 +108,16 @@ def next_tile(src, start, offs_t, T, MASK: tl.constexpr, USE_TMA: tl.constexpr):
 
 
 @triton.jit
+def advance_sources(a_src, b_src, rows, stride_a, stride_b, USE_TMA: tl.constexpr):
+    """Two row_tiles sources moved on by rows rows: pointers advance; a TMA descriptor stays as it is (its
+    loads name their row)."""
+    if not USE_TMA:
+        a_src += rows * stride_a
+        b_src += rows * stride_b
+    return a_src, b_src
+
+
+@triton.jit
 def next_stats(src, start, offs_t, T, stride_s, MASK: tl.constexpr, USE_TMA: tl.constexpr):
     """(lse2, delta) at entries offs_t = start + arange(BLOCK) of the per-row statistics at src, rows of
     a (2, T) matrix with row stride stride_s: a TMA descriptor of it ([2, BLOCK] blocks), or src itself
@@ -181,9 +191,7 @@ def fwd_inner(acc, m_i, l_i, q, k_src, v_src, stride_kt, stride_vt, offs_n0, lo_
     (> 0, log2 units): max(s * qk) = s * max(qk). MASK: each row keeps only the keys of its window
     [lo_m, hi_m] (visible); LOAD_MASK: K/V rows at or past len_k may be read (they read as 0);
     MAYBE_EMPTY: a row may have kept no key yet, so its max is still -inf: exp2 then runs against 0."""
-    if not USE_TMA:
-        k_src += lo * stride_kt
-        v_src += lo * stride_vt
+    k_src, v_src = advance_sources(k_src, v_src, lo, stride_kt, stride_vt, USE_TMA)
     for start_n in range(lo, hi, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
         offs_n = start_n + offs_n0
@@ -216,9 +224,7 @@ def bwd_dq_inner(dq, q, do, lse2, delta, k_src, v_src, stride_kt, stride_vt, off
     """Accumulate dq (BLOCK_M, D) over key tiles [lo, hi); lse2 is the logsumexp in log2 units (+inf for
     a row that sees no key). MASK: each row keeps only its window. Keys past len_k need no score mask:
     they read as 0 (LOAD_MASK), so k = 0 adds nothing to dq."""
-    if not USE_TMA:
-        k_src += lo * stride_kt
-        v_src += lo * stride_vt
+    k_src, v_src = advance_sources(k_src, v_src, lo, stride_kt, stride_vt, USE_TMA)
     for start_n in range(lo, hi, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
         offs_n = start_n + offs_n0
@@ -246,9 +252,7 @@ def bwd_dkdv_inner(dk, dv, k, v, q_src, do_src, stats_src, stride_qt, stride_dot
     """Accumulate dk, dv (BLOCK_N, D) over query tiles [lo, hi), on transposed scores (BLOCK_N, BLOCK_M).
     MASK: keep the pairs in each query's window (row_windows of CAUSAL, DOCS). Query rows past len_q
     need no score mask: q, do and delta read as 0 there (LOAD_MASK) and add nothing."""
-    if not USE_TMA:
-        q_src += lo * stride_qt
-        do_src += lo * stride_dot
+    q_src, do_src = advance_sources(q_src, do_src, lo, stride_qt, stride_dot, USE_TMA)
     for start_m in range(lo, hi, BLOCK_M):
         start_m = tl.multiple_of(start_m, BLOCK_M)
         offs_m = start_m + offs_m0

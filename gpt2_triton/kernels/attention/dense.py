@@ -51,14 +51,18 @@ TILE_MULTIPLE = tl.constexpr(128)
 
 
 @triton.jit
-def _program_tile(H, BLOCK: tl.constexpr):
-    """The program's place in a (cdiv(T, BLOCK), B * H) grid: (first row of its tile, its (batch, head)
-    index, batch, head; the last two int64)."""
+def _program_tile(H, BLOCK: tl.constexpr, STEP: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """The program's place in a (cdiv(T, BLOCK), B * H) grid, its own tile BLOCK rows and the walked ones
+    STEP (BLOCK % STEP == 0, both dividing TILE_MULTIPLE): (first row of its tile, its (batch, head)
+    index, batch, head (the last two int64), tile_offsets(start, BLOCK, STEP, HEAD_DIM))."""
+    tl.static_assert(BLOCK % STEP == 0)
+    tl.static_assert(TILE_MULTIPLE % BLOCK == 0)
     start = tl.program_id(0) * BLOCK
     off_bh = tl.program_id(1)
     off_b = (off_bh // H).to(tl.int64)
     off_h = (off_bh % H).to(tl.int64)
-    return start, off_bh, off_b, off_h
+    offs, offs0, offs_d = tile_offsets(start, BLOCK, STEP, HEAD_DIM)
+    return start, off_bh, off_b, off_h, offs, offs0, offs_d
 
 
 @triton.jit(do_not_specialize=["T", "T_BUCKET"])
@@ -74,10 +78,7 @@ def _flash_attention_fwd_kernel(
     """q, k, v, o: (B, H, T, HEAD_DIM) with any strides (USE_TMA: k, v with stride_d 1 and 16-byte
     aligned rows); lse: (B, H, T) fp32 contiguous, natural log. Grid: (cdiv(T, BLOCK_M), B * H).
     qk_scale = scale * log2(e) > 0. T_BUCKET (next power of two of T) is the autotuner's key."""
-    tl.static_assert(BLOCK_M % BLOCK_N == 0)
-    tl.static_assert(TILE_MULTIPLE % BLOCK_M == 0)
-    start_m, off_bh, off_b, off_h = _program_tile(H, BLOCK_M)
-    offs_m, offs_n0, offs_d = tile_offsets(start_m, BLOCK_M, BLOCK_N, HEAD_DIM)
+    start_m, off_bh, off_b, off_h, offs_m, offs_n0, offs_d = _program_tile(H, BLOCK_M, BLOCK_N, HEAD_DIM)
     q = load_tile(tile_ptrs(slice_base(q_ptr, off_b, off_h, stride_qb, stride_qh), offs_m, offs_d, stride_qt,
                             stride_qd), offs_m, T, not EVEN_T)  # (BLOCK_M, D)
     k_src = row_tiles(slice_base(k_ptr, off_b, off_h, stride_kb, stride_kh), stride_kt, stride_kd, T,
@@ -139,10 +140,7 @@ def _flash_attention_bwd_dq_kernel(
     with stride_d 1 and 16-byte aligned rows); lse: (B, H, T) fp32 contiguous; stats: (B * H, 2, T)
     fp32 (lse2 | delta) with row stride stride_s. Grid: (cdiv(T, BLOCK_M), B * H). T_BUCKET: the
     autotuner's key."""
-    tl.static_assert(BLOCK_M % BLOCK_N == 0)
-    tl.static_assert(TILE_MULTIPLE % BLOCK_M == 0)
-    start_m, off_bh, off_b, off_h = _program_tile(H, BLOCK_M)
-    offs_m, offs_n0, offs_d = tile_offsets(start_m, BLOCK_M, BLOCK_N, HEAD_DIM)
+    start_m, off_bh, off_b, off_h, offs_m, offs_n0, offs_d = _program_tile(H, BLOCK_M, BLOCK_N, HEAD_DIM)
     q = load_tile(tile_ptrs(slice_base(q_ptr, off_b, off_h, stride_qb, stride_qh), offs_m, offs_d, stride_qt,
                             stride_qd), offs_m, T, not EVEN_T)  # (BLOCK_M, D)
     do = load_tile(tile_ptrs(slice_base(do_ptr, off_b, off_h, stride_dob, stride_doh), offs_m, offs_d, stride_dot,
@@ -212,10 +210,7 @@ def _flash_attention_bwd_dkdv_kernel(
     16-byte aligned rows). stats: (B * H, 2, T) fp32 (lse2 | delta) with row stride stride_s (16-byte
     aligned), from the dQ kernel.
     Grid: (cdiv(T, BLOCK_N), B * H). Needs BLOCK_N % BLOCK_M == 0."""
-    tl.static_assert(BLOCK_N % BLOCK_M == 0)
-    tl.static_assert(TILE_MULTIPLE % BLOCK_N == 0)
-    start_n, off_bh, off_b, off_h = _program_tile(H, BLOCK_N)
-    offs_n, offs_m0, offs_d = tile_offsets(start_n, BLOCK_N, BLOCK_M, HEAD_DIM)
+    start_n, off_bh, off_b, off_h, offs_n, offs_m0, offs_d = _program_tile(H, BLOCK_N, BLOCK_M, HEAD_DIM)
     k = load_tile(tile_ptrs(slice_base(k_ptr, off_b, off_h, stride_kb, stride_kh), offs_n, offs_d, stride_kt,
                             stride_kd), offs_n, T, not EVEN_T)  # (BLOCK_N, D)
     v = load_tile(tile_ptrs(slice_base(v_ptr, off_b, off_h, stride_vb, stride_vh), offs_n, offs_d, stride_vt,

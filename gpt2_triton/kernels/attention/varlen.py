@@ -61,11 +61,13 @@ from gpt2_triton.kernels.utils import split_heads
 # Kernels
 # ----------------------------------------------------------------------------------------------
 @triton.jit
-def _seq_of_program(pid, cu_ptr, n_seqs, n_steps, seq_len, BLOCK: tl.constexpr, DOCS: tl.constexpr):
-    """(sequence, first row of the program's tile within it, the sequence's first packed row, its length).
+def _seq_of_program(cu_ptr, n_seqs, n_steps, seq_len, BLOCK: tl.constexpr, DOCS: tl.constexpr):
+    """(sequence, first row of the tile of program pid = program_id(0) within it, the sequence's first
+    packed row, its length).
     DOCS: sequences are the rows of a (B, seq_len) batch, cdiv(seq_len, BLOCK) programs each. Else
     sequence s owns programs cu[s] // BLOCK + s + j: the last s with cu[s] // BLOCK + s <= pid, in
     n_steps = ceil(log2(n_seqs)) halvings. The tile start may lie past the length (no tile: exit)."""
+    pid = tl.program_id(0)
     if DOCS:
         n_tiles = tl.cdiv(seq_len, BLOCK)
         seq = pid // n_tiles
@@ -168,15 +170,38 @@ def _partner_rows(seq, row0, length, cu_ptr, used_ptr, HAS_USED: tl.constexpr, D
 
 
 @triton.jit
-def _slice_rows(q_row0, k_row0, bounds_ptr, DOCS: tl.constexpr):
-    """(head of the program, first packed q row, first packed k row), int64, and (DOCS) the document
-    bounds of the sequence's row."""
+def _load_rows(ptr, row0, off_h, stride_t, stride_h, stride_d, offs_t, offs_d, length):
+    """The (len(offs_t), len(offs_d)) tile at rows offs_t of head off_h of the sequence whose first packed row
+    is row0; rows at or past length read as 0."""
+    return load_tile(tile_ptrs(slice_base(ptr, row0, off_h, stride_t, stride_h), offs_t, offs_d, stride_t,
+                               stride_d), offs_t, length, True)
+
+
+@triton.jit
+def _rows_source(ptr, row0, off_h, stride_t, stride_h, stride_d, length, BLOCK: tl.constexpr,
+                 HEAD_DIM: tl.constexpr, USE_TMA: tl.constexpr):
+    """row_tiles of head off_h of the sequence whose first packed row is row0 (length rows)."""
+    return row_tiles(slice_base(ptr, row0, off_h, stride_t, stride_h), stride_t, stride_d, tl.maximum(length, 1),
+                     BLOCK, HEAD_DIM, USE_TMA)
+
+
+@triton.jit
+def _own_tile(seq, start, row0, length, ptr, stride_t, stride_h, stride_d, cu_ptr, used_ptr, bounds_ptr,
+              BLOCK: tl.constexpr, STEP: tl.constexpr, HEAD_DIM: tl.constexpr, HAS_USED: tl.constexpr,
+              DOCS: tl.constexpr):
+    """A program's own tile (rows start..start + BLOCK - 1 of sequence seq, first packed row row0, length
+    rows, in ptr) and what the kernel needs besides: (the tile, head of the program, first packed row of
+    this side and of the other side (int64), the other side's length (_partner_rows), the document bounds
+    of the sequence's row (DOCS), tile_offsets(start, BLOCK, STEP, HEAD_DIM))."""
+    other_row0, other_length = _partner_rows(seq, row0, length, cu_ptr, used_ptr, HAS_USED, DOCS)
     off_h = tl.program_id(1).to(tl.int64)
-    q_row0 = q_row0.to(tl.int64)
-    k_row0 = k_row0.to(tl.int64)
+    row0 = row0.to(tl.int64)
+    other_row0 = other_row0.to(tl.int64)
     if DOCS:
-        bounds_ptr += q_row0 * 2
-    return off_h, q_row0, k_row0, bounds_ptr
+        bounds_ptr += row0 * 2
+    offs, offs0, offs_d = tile_offsets(start, BLOCK, STEP, HEAD_DIM)
+    tile = _load_rows(ptr, row0, off_h, stride_t, stride_h, stride_d, offs, offs_d, length)
+    return tile, off_h, row0, other_row0, other_length, bounds_ptr, offs, offs0, offs_d
 
 
 @triton.jit(do_not_specialize=["n_seqs", "n_steps", "seq_len", "Q_BUCKET", "K_BUCKET"])
@@ -194,19 +219,13 @@ def _varlen_fwd_kernel(
     holds each position's document [start, end). Grid: (programs, H), see _seq_of_program.
     qk_scale = scale * log2(e) > 0. Q_BUCKET, K_BUCKET (powers of two of the longest sequences) are the
     autotuner's key."""
-    seq, start_m, q_row0, len_q = _seq_of_program(tl.program_id(0), cu_q_ptr, n_seqs, n_steps, seq_len,
-                                                  BLOCK_M, DOCS)
+    seq, start_m, q_row0, len_q = _seq_of_program(cu_q_ptr, n_seqs, n_steps, seq_len, BLOCK_M, DOCS)
     if start_m >= len_q:
         return
-    k_row0, len_k = _partner_rows(seq, q_row0, len_q, cu_k_ptr, used_k_ptr, HAS_USED, DOCS)
-    off_h, q_row0, k_row0, bounds_ptr = _slice_rows(q_row0, k_row0, bounds_ptr, DOCS)
-    offs_m, offs_n0, offs_d = tile_offsets(start_m, BLOCK_M, BLOCK_N, HEAD_DIM)
-    q = load_tile(tile_ptrs(slice_base(q_ptr, q_row0, off_h, stride_qt, stride_qh), offs_m, offs_d, stride_qt,
-                            stride_qd), offs_m, len_q, True)  # (BLOCK_M, D)
-    k_src = row_tiles(slice_base(k_ptr, k_row0, off_h, stride_kt, stride_kh), stride_kt, stride_kd,
-                      tl.maximum(len_k, 1), BLOCK_N, HEAD_DIM, USE_TMA)
-    v_src = row_tiles(slice_base(v_ptr, k_row0, off_h, stride_vt, stride_vh), stride_vt, stride_vd,
-                      tl.maximum(len_k, 1), BLOCK_N, HEAD_DIM, USE_TMA)
+    q, off_h, q_row0, k_row0, len_k, bounds_ptr, offs_m, offs_n0, offs_d = _own_tile(seq, start_m, q_row0, len_q, q_ptr,
+        stride_qt, stride_qh, stride_qd, cu_k_ptr, used_k_ptr, bounds_ptr, BLOCK_M, BLOCK_N, HEAD_DIM, HAS_USED, DOCS)
+    k_src = _rows_source(k_ptr, k_row0, off_h, stride_kt, stride_kh, stride_kd, len_k, BLOCK_N, HEAD_DIM, USE_TMA)
+    v_src = _rows_source(v_ptr, k_row0, off_h, stride_vt, stride_vh, stride_vd, len_k, BLOCK_N, HEAD_DIM, USE_TMA)
     lo_m, hi_m = row_windows(bounds_ptr, offs_m, len_q, len_k, CAUSAL, DOCS)
     lo, b, c, hi = _key_stages(bounds_ptr, start_m, len_q, len_k, BLOCK_M, BLOCK_N, CAUSAL, DOCS)
 
@@ -243,19 +262,13 @@ def _varlen_bwd_dq_kernel(
     """One program per (sequence, query tile): the row statistics the dK/dV kernel reads (lse2 = lse in
     log2 units, delta = rowsum(o * do)) into stats (H, 2, total_q) fp32 (head stride stride_sh, lse2 |
     delta rows total_q apart), then dq. Layouts as in _varlen_fwd_kernel; do, dq like q."""
-    seq, start_m, q_row0, len_q = _seq_of_program(tl.program_id(0), cu_q_ptr, n_seqs, n_steps, seq_len,
-                                                  BLOCK_M, DOCS)
+    seq, start_m, q_row0, len_q = _seq_of_program(cu_q_ptr, n_seqs, n_steps, seq_len, BLOCK_M, DOCS)
     if start_m >= len_q:
         return
-    k_row0, len_k = _partner_rows(seq, q_row0, len_q, cu_k_ptr, used_k_ptr, HAS_USED, DOCS)
-    off_h, q_row0, k_row0, bounds_ptr = _slice_rows(q_row0, k_row0, bounds_ptr, DOCS)
-    offs_m, offs_n0, offs_d = tile_offsets(start_m, BLOCK_M, BLOCK_N, HEAD_DIM)
-    q = load_tile(tile_ptrs(slice_base(q_ptr, q_row0, off_h, stride_qt, stride_qh), offs_m, offs_d, stride_qt,
-                            stride_qd), offs_m, len_q, True)  # (BLOCK_M, D)
-    do = load_tile(tile_ptrs(slice_base(do_ptr, q_row0, off_h, stride_dot, stride_doh), offs_m, offs_d, stride_dot,
-                             stride_dod), offs_m, len_q, True)
-    o = load_tile(tile_ptrs(slice_base(o_ptr, q_row0, off_h, stride_ot, stride_oh), offs_m, offs_d, stride_ot,
-                            stride_od), offs_m, len_q, True)
+    q, off_h, q_row0, k_row0, len_k, bounds_ptr, offs_m, offs_n0, offs_d = _own_tile(seq, start_m, q_row0, len_q, q_ptr,
+        stride_qt, stride_qh, stride_qd, cu_k_ptr, used_k_ptr, bounds_ptr, BLOCK_M, BLOCK_N, HEAD_DIM, HAS_USED, DOCS)
+    do = _load_rows(do_ptr, q_row0, off_h, stride_dot, stride_doh, stride_dod, offs_m, offs_d, len_q)
+    o = _load_rows(o_ptr, q_row0, off_h, stride_ot, stride_oh, stride_od, offs_m, offs_d, len_q)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)  # (BLOCK_M,)
     lse2 = load_row_stat(lse_ptr + off_h * stride_lh + q_row0 + offs_m, offs_m, len_q, True) * LOG2E
     total_q = stride_sh // 2
@@ -263,10 +276,8 @@ def _varlen_bwd_dq_kernel(
     tl.store(stats_ptrs, lse2, mask=offs_m < len_q)
     tl.store(stats_ptrs + total_q, delta, mask=offs_m < len_q)
 
-    k_src = row_tiles(slice_base(k_ptr, k_row0, off_h, stride_kt, stride_kh), stride_kt, stride_kd,
-                      tl.maximum(len_k, 1), BLOCK_N, HEAD_DIM, USE_TMA)
-    v_src = row_tiles(slice_base(v_ptr, k_row0, off_h, stride_vt, stride_vh), stride_vt, stride_vd,
-                      tl.maximum(len_k, 1), BLOCK_N, HEAD_DIM, USE_TMA)
+    k_src = _rows_source(k_ptr, k_row0, off_h, stride_kt, stride_kh, stride_kd, len_k, BLOCK_N, HEAD_DIM, USE_TMA)
+    v_src = _rows_source(v_ptr, k_row0, off_h, stride_vt, stride_vh, stride_vd, len_k, BLOCK_N, HEAD_DIM, USE_TMA)
     lo_m, hi_m = row_windows(bounds_ptr, offs_m, len_q, len_k, CAUSAL, DOCS)
     lo, b, c, hi = _key_stages(bounds_ptr, start_m, len_q, len_k, BLOCK_M, BLOCK_N, CAUSAL, DOCS)
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
@@ -293,23 +304,17 @@ def _varlen_bwd_dkdv_kernel(
     """One program per (sequence, key tile): dk, dv like k, v (USE_TMA: q, do with stride_d 1 and
     16-byte aligned rows). stats from the dQ kernel. Keys past used_k get no program (their grads
     stay as the caller made them: zeros). Grid: (programs over cu_k, H)."""
-    seq, start_n, k_row0, len_k = _seq_of_program(tl.program_id(0), cu_k_ptr, n_seqs, n_steps, seq_len,
-                                                  BLOCK_N, DOCS)
+    seq, start_n, k_row0, len_k = _seq_of_program(cu_k_ptr, n_seqs, n_steps, seq_len, BLOCK_N, DOCS)
     if HAS_USED:
         len_k = tl.load(used_k_ptr + seq)
     if start_n >= len_k:
         return
-    q_row0, len_q = _partner_rows(seq, k_row0, len_k, cu_q_ptr, used_k_ptr, False, DOCS)
-    off_h, q_row0, k_row0, bounds_ptr = _slice_rows(q_row0, k_row0, bounds_ptr, DOCS)
-    offs_n, offs_m0, offs_d = tile_offsets(start_n, BLOCK_N, BLOCK_M, HEAD_DIM)
-    k = load_tile(tile_ptrs(slice_base(k_ptr, k_row0, off_h, stride_kt, stride_kh), offs_n, offs_d, stride_kt,
-                            stride_kd), offs_n, len_k, True)  # (BLOCK_N, D)
-    v = load_tile(tile_ptrs(slice_base(v_ptr, k_row0, off_h, stride_vt, stride_vh), offs_n, offs_d, stride_vt,
-                            stride_vd), offs_n, len_k, True)
-    q_src = row_tiles(slice_base(q_ptr, q_row0, off_h, stride_qt, stride_qh), stride_qt, stride_qd,
-                      tl.maximum(len_q, 1), BLOCK_M, HEAD_DIM, USE_TMA)
-    do_src = row_tiles(slice_base(do_ptr, q_row0, off_h, stride_dot, stride_doh), stride_dot, stride_dod,
-                       tl.maximum(len_q, 1), BLOCK_M, HEAD_DIM, USE_TMA)
+    k, off_h, k_row0, q_row0, len_q, bounds_ptr, offs_n, offs_m0, offs_d = _own_tile(seq, start_n, k_row0, len_k, k_ptr,
+        stride_kt, stride_kh, stride_kd, cu_q_ptr, used_k_ptr, bounds_ptr, BLOCK_N, BLOCK_M, HEAD_DIM, False, DOCS)
+    v = _load_rows(v_ptr, k_row0, off_h, stride_vt, stride_vh, stride_vd, offs_n, offs_d, len_k)
+    q_src = _rows_source(q_ptr, q_row0, off_h, stride_qt, stride_qh, stride_qd, len_q, BLOCK_M, HEAD_DIM, USE_TMA)
+    do_src = _rows_source(do_ptr, q_row0, off_h, stride_dot, stride_doh, stride_dod, len_q, BLOCK_M, HEAD_DIM,
+                          USE_TMA)
     stats_src = stats_ptr + off_h * stride_sh + q_row0  # this sequence's lse2; its delta total_q further on
     total_q = stride_sh // 2
     lo, b, c, hi = _query_stages(bounds_ptr, start_n, len_q, len_k, BLOCK_M, BLOCK_N, CAUSAL, DOCS)
