@@ -21,6 +21,7 @@ import torch
 
 from gpt2_triton.atomic import atomic_write
 from gpt2_triton.hf import from_pretrained
+from gpt2_triton.messages import one_line
 from gpt2_triton.model import GPT, GPTConfig
 
 CKPT_PATTERN = re.compile(r"^ckpt_(\d+)\.pt$")
@@ -31,12 +32,6 @@ CHECKSUM_KEY = "checksum"  # "sha256:<hex>" of every other entry of the checkpoi
 
 class CheckpointError(ValueError):
     """Not a usable checkpoint: unreadable, changed since it was saved (checksum), or not one of ours."""
-
-
-def one_line(error: BaseException, limit: int = 300) -> str:
-    """An exception's text on one line (torch's messages span several), cut to `limit` characters."""
-    text = " ".join(str(error).split())
-    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def checkpoint_path(run_dir, step: int) -> Path:
@@ -217,17 +212,6 @@ def _as_tuples(x):
 
 
 # --- models ---------------------------------------------------------------------------------------
-def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
-    """The plain module under DistributedDataParallel and/or torch.compile wrappers."""
-    while True:
-        if hasattr(model, "module") and isinstance(model, torch.nn.parallel.DistributedDataParallel):
-            model = model.module
-        elif hasattr(model, "_orig_mod"):
-            model = model._orig_mod
-        else:
-            return model
-
-
 def model_from_checkpoint(state: dict, kernels=None, device="cpu", where="checkpoint"):
     """A GPT built from a training checkpoint dict (its kernels choice unless `kernels` is given).
     CheckpointError, naming `where`, when its model_config or weights do not make a GPT."""

@@ -35,8 +35,9 @@ from gpt2_triton.atomic import (
     sigterm_raises,
     temp_folder,
 )
-from gpt2_triton.checkpoint import load_model, unwrap_model
+from gpt2_triton.checkpoint import load_model
 from gpt2_triton.hf import CONV1D_SUFFIXES
+from gpt2_triton.model.gpt import unwrap_model
 from gpt2_triton.tokenizer import EOT, EOT_ID, local_bpe_files
 
 SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}

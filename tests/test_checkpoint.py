@@ -23,8 +23,8 @@ from gpt2_triton.checkpoint import (
     rng_state,
     save_checkpoint,
     set_rng_state,
-    unwrap_model,
 )
+from gpt2_triton.model.gpt import unwrap_model
 from tests.helpers import disk_full, overwrite_tensor_bytes
 
 

@@ -189,7 +189,7 @@ def summarize(times_ms):
     return statistics.median(times_ms), q[0], q[3]
 
 
-def peak_memory_mb(fn):
+def peak_memory_of(fn):
     """Peak CUDA memory allocated while fn() runs, above what was allocated before (on CPU: None,
     without running fn)."""
     if not has_cuda():
@@ -406,7 +406,7 @@ def measure(bench, case, provider, mode, fn, shape, dtype, flops=None, nbytes=No
             med, p20, p80 = time_ms(fn, grad_to_none=grad_to_none, quick=quick, warmed_ms=1e3 * first_s)
         if has_cuda() and med < SHORT_OP_MS:
             extra["back_to_back_ms"] = [round(x, 5) for x in back_to_back_ms(fn, grad_to_none)]
-        peak = peak_memory_mb(fn) if memory else None
+        peak = peak_memory_of(fn) if memory else None
     except Exception as e:  # a baseline missing on this device must not stop the suite
         return record(Row(bench, case, provider, mode, shape, dtype, None, extra=extra,
                           error=f"{type(e).__name__}: {e}"[:300]))

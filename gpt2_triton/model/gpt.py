@@ -388,3 +388,14 @@ def check_token_ids(ids, vocab_size: int, name: str, ignore_index=None) -> None:
         valid = ids if ignore_index is None else ids[ids != ignore_index]
         raise ValueError(f"{name} has ids outside [0, {vocab_size}): min {valid.min().item()}, "
                          f"max {valid.max().item()}")
+
+
+def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The plain module under DistributedDataParallel and/or torch.compile wrappers."""
+    while True:
+        if hasattr(model, "module") and isinstance(model, torch.nn.parallel.DistributedDataParallel):
+            model = model.module
+        elif hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        else:
+            return model

@@ -5,8 +5,8 @@ from contextlib import nullcontext
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from gpt2_triton.checkpoint import unwrap_model
 from gpt2_triton.model.config import EOT_ID
+from gpt2_triton.model.gpt import unwrap_model
 from gpt2_triton.training.distributed import DistContext, all_reduce_mean
 from gpt2_triton.training.errors import NonFiniteError
 

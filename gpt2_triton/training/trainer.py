@@ -26,13 +26,13 @@ from gpt2_triton.checkpoint import (
     load_checkpoint,
     load_model,
     newest_verified_checkpoint,
-    one_line,
     prune_checkpoints,
     rng_state,
     run_artifacts,
     save_checkpoint,
     set_rng_state,
 )
+from gpt2_triton.messages import one_line
 from gpt2_triton.model import GPT
 from gpt2_triton.tokenizer import get_encoding
 from gpt2_triton.training.config import (
