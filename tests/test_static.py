@@ -15,9 +15,10 @@ triton (bench/static: fake tensors, recorded launches, the compile worker). Gate
   against HOT_LOOP_BUDGET;
 - HBM bytes per op call (fwd + bwd) over the op's minimum, against BYTES_RATIO_BUDGET, and the
   Triton launches / other device ops / host syncs of one micro-step, against STEP_BUDGET.
-Budgets are today's measurements (the kernels as they are now; triton 3.9.0 for CI and 3.6.0
-for the GPU machine, picked by the installed version) with a small margin: spills +16 B, instructions
-+2 % (at least +2), byte ratios +2 %, launch and device-op counts +2 %, host syncs exact. Lower them
+Budgets are today's measurements (the kernels as they are now; triton 3.9.0 for CI, 3.8.0 for what
+`pip install torch` brings a GPU user, 3.6.0 for the GPU machine; picked by the installed version) with a
+small margin: spills +16 B, instructions +2 % (at least +2), byte ratios +2 %, launch and device-op counts
++2 %, host syncs exact. Lower them
 when a kernel gets better; a case that spills or loops less than its budget passes. Performance is
 not timed anywhere here.
 
@@ -43,73 +44,109 @@ from gpt2_triton.kernels.autotune import Tuner, candidates_of  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore:TRITON_DEFAULT_FP_FUSION")
 
-TRITON = "3.6" if triton.__version__.startswith("3.6") else "3.9"  # budgets of the nearest measured version
+TRITON = {"3.6": "3.6", "3.8": "3.8"}.get(triton.__version__[:3], "3.9")  # budgets of the nearest measured one
 
 # Spill-store bytes allowed (measured + 16 B); every other candidate must not spill. None spills today
 # (the kernels of bench/results/static/before spilled: GELU / GELU-gradient epilogues up to 6.3 KB,
 # attention 4 B).
-SPILL_BUDGET_BYTES = {"3.9": {}, "3.6": {}}
+SPILL_BUDGET_BYTES = {"3.9": {}, "3.8": {}, "3.6": {}}
 
 # Candidates whose dots do not lower to wgmma. None today (the 2-warp matmul candidates are gone).
 NOT_WGMMA = set()
 
 # Instructions per iteration of each loop, in address order, of each launch's first candidate
-# (measured + 2 %, at least + 2). Comments: before -> after (triton version of the dict).
+# (measured + 2 %, at least + 2), per triton version, from the committed profile (--budgets).
 HOT_LOOP_BUDGET = {
     "3.9": {
         "embedding_fwd-fp32": [],
         "layer_norm_fwd-fp32": [],
-        "attn_fwd-bf16-D64-causal-128x64-w4s3": [522, 668],  # off-diagonal 590 -> 511, diagonal 930 -> 654
-        "layer_norm_fwd-fp32-branch-branchbias": [],  # x + branch + bias, then LayerNorm (24 per micro-step)
-        "matmul-bf16-gelu-bias-aux-NT-128x256x64-w8s3": [97],  # K loop 175 -> 95
+        "attn_fwd-bf16-D64-causal-128x64-w4s3": [522, 668],
+        "layer_norm_fwd-fp32-branch-branchbias": [],
+        "matmul-bf16-gelu-bias-aux-NT-128x256x64-w8s3": [97],
         "matmul-bf16-none-nobias-NT-128x256x64-w8s3": [97],
-        "cross_entropy_fwd-bf16-grad": [220, 272, 272, 323],  # lse 274 -> 215, grad 359 -> 266 (+ tail blocks)
-        "sum_partials-fp32-scaled": [111, 111, 111],  # linear_cross_entropy's dW, scaled, into wte.grad
+        "cross_entropy_fwd-bf16-grad": [220, 272, 272, 323],
+        "sum_partials-fp32-scaled": [111, 111, 111],
         "layer_norm_bwd-bf16-dbranch-3partials": [217],
-        "sum_partials-fp32": [70, 70, 70],  # per-program partials into .grad (LayerNorm, bias column sums, wpe)
-        "matmul-bf16-geluGrad-nobias-aux-NN-colsum64-128x256x64-w8s3": [108],  # + the fc bias's column sums
-        "matmul-bf16-none-nobias-TN-128x256x64-w8s3": [100],  # 172 -> 98 (split-K weight grads)
-        "sum_partials-fp32#2": [111, 111, 111],  # split-K pieces into .grad
-        "matmul-bf16-none-nobias-NN-128x256x64-w8s3": [106],  # 155 -> 103
-        "layer_norm_bwd-bf16-dres-dbranch-3partials": [229],  # + residual grad, bf16 dx, branch-bias partials
-        "attn_bwd_dq-bf16-D64-causal-128x32-w8s3": [185, 223],  # 186 -> 181, 285 -> 218 (+ delta, lse)
-        "attn_bwd_dkdv-bf16-D64-causal-32x128-w8s5": [287, 248],  # diagonal 317 -> 281, rest 233 -> 243
+        "sum_partials-fp32": [70, 70, 70],
+        "matmul-bf16-geluGrad-nobias-aux-NN-colsum64-128x256x64-w8s3": [108],
+        "matmul-bf16-none-nobias-TN-128x256x64-w8s3": [100],
+        "sum_partials-fp32#2": [111, 111, 111],
+        "matmul-bf16-none-nobias-NN-128x256x64-w8s3": [106],
+        "layer_norm_bwd-bf16-dres-dbranch-3partials": [229],
+        "attn_bwd_dq-bf16-D64-causal-128x32-w8s3": [185, 223],
+        "attn_bwd_dkdv-bf16-D64-causal-32x128-w8s5r128": [287, 248],
         "layer_norm_bwd-bf16-dres": [210],
-        "matmul-bf16-gelu-bias-NT-128x256x64-w8s3": [97],  # c_fc in a validation forward (no pre-activation kept)
-        "linear_cross_entropy_lse-bf16-128x64-w8s3": [1268],  # validation loss: one V block (logsumexp of 128x128)
+        "matmul-bf16-gelu-bias-NT-128x256x64-w8s3": [97],
+        "linear_cross_entropy_lse-bf16-128x64-w8s3": [1268],
         "layer_norm_fwd-fp32#2": [],
         "layer_norm_bwd-fp32": [186],
-        "varlen_fwd-bf16-D64-causal-docs-128x64-w4s3": [801, 515, 802],  # masked, unmasked, masked key tiles
+        "varlen_fwd-bf16-D64-causal-docs-128x64-w4s3": [801, 515, 802],
         "varlen_bwd_dq-bf16-D64-causal-docs-128x32-w8s3": [257, 183, 259],
         "varlen_bwd_dkdv-bf16-D64-causal-docs-32x128-w8s3": [340, 253, 331],
-        "varlen_fwd-bf16-D64-causal-128x64-w4s3": [53, 17, 523, 678],  # sequence search, unmasked, masked
+        "varlen_fwd-bf16-D64-causal-128x64-w4s3": [53, 17, 523, 678],
         "varlen_bwd_dq-bf16-D64-causal-128x32-w8s3": [53, 17, 191, 232],
         "varlen_bwd_dkdv-bf16-D64-causal-32x128-w8s3": [53, 17, 313, 252, 292],
-        "matmul-bf16-none-bias-NT-128x256x64-w8s3": [97],  # 175 -> 95
+        "matmul-bf16-none-bias-NT-128x256x64-w8s3": [97],
         "cross_entropy_fwd-bf16-nograd": [235, 344],
-        "cross_entropy_bwd-bf16": [381, 418],  # the op on unpadded 50257-wide rows (2-byte loads)
-        "cross_entropy_fwd-bf16-grad#2": [234, 331, 381, 423],  # the op on fp32 logits (not in a micro-step)
-        "varlen_fwd-bf16-D64-causal-seqused-128x64-w4s3": [53, 17, 523, 678],  # decode step, KV cache
+        "cross_entropy_bwd-bf16": [381, 418],
+        "cross_entropy_fwd-bf16-grad#2": [234, 331, 381, 423],
+        "varlen_fwd-bf16-D64-causal-seqused-128x64-w4s3": [53, 17, 523, 678],
+        "gelu_bwd-bf16": [],
+    },
+    "3.8": {
+        "embedding_fwd-fp32": [],
+        "layer_norm_fwd-fp32": [],
+        "attn_fwd-bf16-D64-causal-128x64-w4s3": [515, 658],
+        "layer_norm_fwd-fp32-branch-branchbias": [],
+        "matmul-bf16-gelu-bias-aux-NT-128x256x64-w8s3": [97],
+        "matmul-bf16-none-nobias-NT-128x256x64-w8s3": [97],
+        "cross_entropy_fwd-bf16-grad": [214, 274, 251, 328],
+        "sum_partials-fp32-scaled": [120, 121, 121],
+        "layer_norm_bwd-bf16-dbranch-3partials": [217],
+        "sum_partials-fp32": [70, 70, 70],
+        "matmul-bf16-geluGrad-nobias-aux-NN-colsum64-128x256x64-w8s3": [106],
+        "matmul-bf16-none-nobias-TN-128x256x64-w8s3": [105],
+        "sum_partials-fp32#2": [120, 121, 121],
+        "matmul-bf16-none-nobias-NN-128x256x64-w8s3": [106],
+        "layer_norm_bwd-bf16-dres-dbranch-3partials": [229],
+        "attn_bwd_dq-bf16-D64-causal-128x32-w8s3": [180, 222],
+        "attn_bwd_dkdv-bf16-D64-causal-32x128-w8s5r128": [295, 255],
+        "layer_norm_bwd-bf16-dres": [209],
+        "matmul-bf16-gelu-bias-NT-128x256x64-w8s3": [97],
+        "linear_cross_entropy_lse-bf16-128x64-w8s3": [1268],
+        "layer_norm_fwd-fp32#2": [],
+        "layer_norm_bwd-fp32": [185],
+        "varlen_fwd-bf16-D64-causal-docs-128x64-w4s3": [800, 512, 798],
+        "varlen_bwd_dq-bf16-D64-causal-docs-128x32-w8s3": [250, 181, 258],
+        "varlen_bwd_dkdv-bf16-D64-causal-docs-32x128-w8s3": [329, 244, 326],
+        "varlen_fwd-bf16-D64-causal-128x64-w4s3": [53, 17, 519, 674],
+        "varlen_bwd_dq-bf16-D64-causal-128x32-w8s3": [53, 17, 186, 231],
+        "varlen_bwd_dkdv-bf16-D64-causal-32x128-w8s3": [53, 17, 300, 244, 284],
+        "matmul-bf16-none-bias-NT-128x256x64-w8s3": [97],
+        "cross_entropy_fwd-bf16-nograd": [225, 312],
+        "cross_entropy_bwd-bf16": [385, 412],
+        "cross_entropy_fwd-bf16-grad#2": [225, 311, 293, 397],
+        "varlen_fwd-bf16-D64-causal-seqused-128x64-w4s3": [53, 17, 519, 674],
         "gelu_bwd-bf16": [],
     },
     "3.6": {
         "embedding_fwd-fp32": [],
         "layer_norm_fwd-fp32": [],
-        "attn_fwd-bf16-D64-causal-128x64-w4s3": [521, 665],  # off-diagonal 572 -> 510, diagonal 927 -> 651
+        "attn_fwd-bf16-D64-causal-128x64-w4s3": [521, 665],
         "layer_norm_fwd-fp32-branch-branchbias": [],
-        "matmul-bf16-gelu-bias-aux-NT-128x256x64-w8s3": [92],  # K loop 177 -> 90
+        "matmul-bf16-gelu-bias-aux-NT-128x256x64-w8s3": [92],
         "matmul-bf16-none-nobias-NT-128x256x64-w8s3": [100],
-        "cross_entropy_fwd-bf16-grad": [227, 282, 267, 328],  # lse 287 -> 222, grad 351 -> 261 (+ tail blocks)
+        "cross_entropy_fwd-bf16-grad": [227, 282, 267, 328],
         "sum_partials-fp32-scaled": [125, 126, 126],
         "layer_norm_bwd-bf16-dbranch-3partials": [223],
         "sum_partials-fp32": [70, 72, 72],
         "matmul-bf16-geluGrad-nobias-aux-NN-colsum64-128x256x64-w8s3": [100],
-        "matmul-bf16-none-nobias-TN-128x256x64-w8s3": [96],  # 166 -> 94 (split-K weight grads)
+        "matmul-bf16-none-nobias-TN-128x256x64-w8s3": [96],
         "sum_partials-fp32#2": [125, 126, 126],
-        "matmul-bf16-none-nobias-NN-128x256x64-w8s3": [100],  # 153 -> 98
+        "matmul-bf16-none-nobias-NN-128x256x64-w8s3": [100],
         "layer_norm_bwd-bf16-dres-dbranch-3partials": [235],
-        "attn_bwd_dq-bf16-D64-causal-128x32-w8s3": [180, 222],  # 157 -> 176, 262 -> 217 (+ delta, lse)
-        "attn_bwd_dkdv-bf16-D64-causal-32x128-w8s5": [273, 235],  # diagonal 373 -> 267, rest 231 -> 230
+        "attn_bwd_dq-bf16-D64-causal-128x32-w8s3": [180, 222],
+        "attn_bwd_dkdv-bf16-D64-causal-32x128-w8s5r128": [273, 235],
         "layer_norm_bwd-bf16-dres": [216],
         "matmul-bf16-gelu-bias-NT-128x256x64-w8s3": [92],
         "linear_cross_entropy_lse-bf16-128x64-w8s3": [1262],
@@ -121,7 +158,7 @@ HOT_LOOP_BUDGET = {
         "varlen_fwd-bf16-D64-causal-128x64-w4s3": [53, 17, 517, 875],
         "varlen_bwd_dq-bf16-D64-causal-128x32-w8s3": [53, 17, 186, 231],
         "varlen_bwd_dkdv-bf16-D64-causal-32x128-w8s3": [53, 17, 387, 303, 384],
-        "matmul-bf16-none-bias-NT-128x256x64-w8s3": [100],  # 172 -> 98
+        "matmul-bf16-none-bias-NT-128x256x64-w8s3": [100],
         "cross_entropy_fwd-bf16-nograd": [233, 324],
         "cross_entropy_bwd-bf16": [383, 415],
         "cross_entropy_fwd-bf16-grad#2": [252, 349, 389, 432],
@@ -154,10 +191,11 @@ COLD_STEP_COMPILES = 26
 
 # Occupancy of the attention kernels' first candidates at GPT-2 124M (bf16, D=64, causal) on every triton
 # of the committed profile: kernel -> (most registers, fewest CTAs per SM), no spills. A triton release can
-# move a kernel across 128 registers (8 warps: 2 -> 1 CTA/SM); dK/dV at 3 stages took 127 on 3.6, 132 on 3.9.
+# move a kernel across 128 registers (8 warps: 2 -> 1 CTA/SM); dK/dV at 3 stages took 127 on 3.6, 132 on 3.8
+# and 3.9, at 5 stages 135 on 3.8 (maxnreg=128 now).
 # The forward's 4 warps keep 2 CTAs/SM up to sm_90's 255 registers per thread.
 COMMITTED_PROFILE = Path(__file__).resolve().parent.parent / "bench" / "results" / "static" / "after" / "static.json"
-SUPPORTED_TRITONS = ("3.6", "3.9")
+SUPPORTED_TRITONS = ("3.6", "3.8", "3.9")
 OCCUPANCY_BUDGET = {"attn_fwd": (255, 2), "attn_bwd_dq": (128, 2), "attn_bwd_dkdv": (128, 2)}
 
 CASES = static_cases.gpt2_cases(16)

@@ -70,12 +70,15 @@ class Candidates:
     smem: Optional[Callable[[triton.Config, dict], int]] = None  # shared memory (bytes) of a config at a launch
 
     def config(self, tile) -> triton.Config:
-        *values, num_warps, num_stages = tile
-        return triton.Config({**dict(zip(self.names, values)), **self.extra},
-                             num_warps=num_warps, num_stages=num_stages)
+        """(*meta-parameters, num_warps, num_stages[, maxnreg]) -> its triton.Config."""
+        values, (num_warps, num_stages, *maxnreg) = tile[:len(self.names)], tile[len(self.names):]
+        return triton.Config({**dict(zip(self.names, values)), **self.extra}, num_warps=num_warps,
+                             num_stages=num_stages, maxnreg=maxnreg[0] if maxnreg else None)
 
     def tile(self, config: triton.Config) -> tuple:
-        return (*(config.kwargs[n] for n in self.names), config.num_warps, config.num_stages)
+        maxnreg = compat.config_fields(config)["maxnreg"]
+        return (*(config.kwargs[n] for n in self.names), config.num_warps, config.num_stages,
+                *((maxnreg,) if maxnreg else ()))
 
     def gpu_configs(self) -> list:
         """Every candidate of every variant, each once."""

@@ -161,7 +161,8 @@ def short_name(name: str) -> str:
 def config_id(cfg) -> str:
     kw = cfg.kwargs
     blocks = "x".join(str(kw[k]) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K") if k in kw)
-    return f"{blocks}-w{cfg.num_warps}s{cfg.num_stages}"
+    maxnreg = compat.config_fields(cfg)["maxnreg"]
+    return f"{blocks}-w{cfg.num_warps}s{cfg.num_stages}" + (f"r{maxnreg}" if maxnreg else "")
 
 
 def launch_tag(launch: Launch) -> str:
