@@ -48,8 +48,9 @@ EXCEPTIONS = {
             "matmul-bf16-geluGrad-nobias-aux-NN-colsum64-128x256x64-w8s3", "matmul-bf16-none-nobias-TN-128x256x64-w8s3",
             "matmul-bf16-none-nobias-NN-128x256x64-w8s3", "matmul-bf16-gelu-bias-NT-128x256x64-w8s3",
             "matmul-bf16-none-bias-NT-128x256x64-w8s3")},
-        "attn_bwd_dkdv-bf16-D64-causal-32x128-w8s3": {
-            "spills": "256 VGPRs (the arch VGPR maximum), 51 VGPR spills, 140 B scratch: no AGPRs used"},
+        "attn_bwd_dkdv-bf16-D64-causal-32x128-w8s5r128": {
+            "spills": "256 VGPRs (the arch VGPR maximum), 116 spills, 328 B scratch: the 5-stage tile chosen for "
+                      "sm_90 (maxnreg is NVIDIA's); a per-target tile is still to come"},
         "varlen_bwd_dkdv-bf16-D64-causal-32x128-w8s3": {
             "spills": "256 VGPRs, 61 VGPR spills, 184 B scratch: no AGPRs used"},
         "varlen_bwd_dkdv-bf16-D64-causal-docs-32x128-w8s3": {
@@ -59,7 +60,7 @@ EXCEPTIONS = {
     },
     "gfx950": {case: {"compile": _TF32} for case in (
         "attn_fwd-bf16-D64-causal-128x64-w4s3", "attn_bwd_dq-bf16-D64-causal-128x32-w8s3",
-        "attn_bwd_dkdv-bf16-D64-causal-32x128-w8s3", "linear_cross_entropy_lse-bf16-128x64-w8s3",
+        "attn_bwd_dkdv-bf16-D64-causal-32x128-w8s5r128", "linear_cross_entropy_lse-bf16-128x64-w8s3",
         "varlen_fwd-bf16-D64-causal-docs-128x64-w4s3", "varlen_bwd_dq-bf16-D64-causal-docs-128x32-w8s3",
         "varlen_bwd_dkdv-bf16-D64-causal-docs-32x128-w8s3", "varlen_fwd-bf16-D64-causal-128x64-w4s3",
         "varlen_bwd_dq-bf16-D64-causal-128x32-w8s3", "varlen_bwd_dkdv-bf16-D64-causal-32x128-w8s3",
