@@ -59,8 +59,7 @@ def test_quick_bench_writes_complete_results(tmp_path, capsys):
         if name == "e2e":
             assert {r["dtype"] for r in rows} == {"float32"}  # CPU steps run in fp32, not bf16 autocast
     assert (tmp_path / "attention_scaling.png").exists()
-    assert "are left blank" in printed and ("every row passed its sanity checks" in printed
-                                            or "sanity check failed" in printed)
+    assert "are left blank" in printed and "every row passed its sanity checks" in printed  # no timing order on CPU
 
 
 def row(case="c", provider="eager", mode="fwd", ms=1.0, spread=0.1, **kw):
@@ -72,7 +71,7 @@ def test_sanity_checks_flag_a_fwd_bwd_faster_than_its_parts_and_a_rate_above_pea
             row(provider="triton", mode="fwd", ms=1.0), row(provider="triton", mode="fwd+bwd", ms=0.95),  # noise
             row(provider="triton", mode="bwd", ms=0.5, tflops=2000.0),
             Row("b", "c", "sdpa-flash", "fwd", {}, "float32", None, error="not supported")]
-    problems = check_rows(rows, peak_flops=989.5e12)
+    problems = check_rows(rows, peak_flops=989.5e12, timing_order=True)
     assert problems == [
         "c | fwd+bwd | eager: fwd+bwd (0.200 ms) is faster than fwd alone (28.000 ms)",
         "c | fwd+bwd | eager: fwd+bwd (0.200 ms) is faster than bwd alone (0.300 ms)",
@@ -80,7 +79,8 @@ def test_sanity_checks_flag_a_fwd_bwd_faster_than_its_parts_and_a_rate_above_pea
     assert [r.sanity for r in rows[3:5]] == [[], []] and rows[6].sanity is None  # within noise; not measured
     table = format_table(rows)  # a failure is printed, not hidden
     assert "FAILED" in table and "sanity check failed (3):" in table and problems[0] in table
-    assert check_rows([row(mode="fwd"), row(mode="fwd+bwd", ms=2.5)]) == []
+    assert check_rows([row(mode="fwd"), row(mode="fwd+bwd", ms=2.5)], timing_order=True) == []
+    assert check_rows(rows[:3], timing_order=False) == []  # a CPU's --quick timings: not performance
 
 
 def test_speedup_plot_uses_a_log_axis_and_marks_what_was_not_measured():

@@ -289,3 +289,15 @@ def test_the_gpu_run_needs_none_of_the_packages_the_gpu_image_lacks():
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
                             timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_every_parser_refuses_abbreviated_flags():
+    """argparse's prefix matching would take --max-step for --max-steps: every command line sets allow_abbrev=False."""
+    import ast
+    missing = []
+    for path in PACKAGE.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and getattr(node.func, "attr", None) in ("ArgumentParser", "add_parser"):
+                if not any(k.arg == "allow_abbrev" and getattr(k.value, "value", None) is False for k in node.keywords):
+                    missing.append(f"{path.relative_to(PACKAGE.parent)}:{node.lineno}")
+    assert not missing, missing

@@ -31,7 +31,7 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["headline"]:
         return headline(argv[1:])
-    p = argparse.ArgumentParser(prog="python -m gpt2_triton.bench", description=__doc__)
+    p = argparse.ArgumentParser(allow_abbrev=False, prog="python -m gpt2_triton.bench", description=__doc__)
     p.add_argument("benches", nargs="*", metavar="bench",
                    help=f"any of {', '.join(BENCHES)} (default: all)")
     p.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))

@@ -423,11 +423,13 @@ def measure(bench, case, provider, mode, fn, shape, dtype, flops=None, nbytes=No
                       peak_mb=peak, extra=extra, max_err=err))
 
 
-def check_rows(rows, peak_flops=None) -> list[str]:
+def check_rows(rows, peak_flops=None, timing_order=None) -> list[str]:
     """Sanity checks of measured rows: a time is positive; a fwd+bwd is not clearly faster than the same
-    provider's fwd or bwd alone (its p80 below their p20); TFLOP/s stay under the device's peak (`peak_flops`,
-    default: the table's entry for this GPU). Each row's failures go to its `sanity`; returns them all as
-    "case | mode | provider: what is wrong"."""
+    provider's fwd or bwd alone (its p80 below their p20; `timing_order`, default on a GPU only: the CPU's tiny
+    --quick timings on a shared machine are not performance, and a 0.05 ms eager call there swings past that
+    margin); TFLOP/s stay under the device's peak (`peak_flops`, default: the table's entry for this GPU). Each
+    row's failures go to its `sanity`; returns them all as "case | mode | provider: what is wrong"."""
+    timing_order = has_cuda() if timing_order is None else timing_order
     gpu = cuda_gpu()
     peak = peak_flops or (gpu.bf16_flops if gpu else None)
     measured = {(r.case, r.provider, r.mode): r for r in rows if r.median_ms is not None}
@@ -436,7 +438,7 @@ def check_rows(rows, peak_flops=None) -> list[str]:
         r.sanity = []
         if not (math.isfinite(r.median_ms) and r.median_ms > 0):
             r.sanity.append(f"time {r.median_ms} ms is not a positive number")
-        if r.mode == "fwd+bwd":
+        if r.mode == "fwd+bwd" and timing_order:
             for part in ("fwd", "bwd"):
                 alone = measured.get((r.case, r.provider, part))
                 if alone is not None and r.p80_ms < alone.p20_ms:

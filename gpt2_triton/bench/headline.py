@@ -926,7 +926,7 @@ def default_out():
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(prog="python -m gpt2_triton.bench headline", description=__doc__,
+    p = argparse.ArgumentParser(allow_abbrev=False, prog="python -m gpt2_triton.bench headline", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=None, help="results folder (default bench/results/<device>/headline)")
     p.add_argument("--budget-s", type=float, default=420.0, help="seconds for the whole run (default 420)")

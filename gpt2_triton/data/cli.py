@@ -12,9 +12,9 @@ DESCRIPTION = "Token shards on disk: prepare them from a text source, then strea
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m gpt2_triton.data", description=DESCRIPTION)
+    parser = argparse.ArgumentParser(allow_abbrev=False, prog="python -m gpt2_triton.data", description=DESCRIPTION)
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("prepare", help="tokenise a source into train/val shards")
+    p = sub.add_parser("prepare", allow_abbrev=False, help="tokenise a source into train/val shards")
     p.add_argument("source", help="pystdlib | fineweb-edu | text:PATH")
     p.add_argument("--out", default=None, help="output folder (default: $GPT2_DATA_DIR/<name>, i.e. data/<name>)")
     p.add_argument("--shard-tokens", type=int, default=None, help="tokens per shard (default: per source)")

@@ -12,7 +12,7 @@ from gpt2_triton.bench.static.native import ptxas_path
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m gpt2_triton.bench.static",
+    p = argparse.ArgumentParser(allow_abbrev=False, prog="python -m gpt2_triton.bench.static",
                                 description="Static performance profile at GPT-2 124M training shapes (no GPU).")
     p.add_argument("--out", default=None, help="results folder (default: bench/results/static in the current folder)")
     p.add_argument("--python", action="append", default=[], metavar="OTHER_PYTHON",

@@ -567,7 +567,7 @@ def markdown(p) -> str:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m gpt2_triton.bench.static.targets",
+    p = argparse.ArgumentParser(allow_abbrev=False, prog="python -m gpt2_triton.bench.static.targets",
                                 description="Static profile of the first autotune candidates on sm_90a, sm_100a, "
                                             "gfx942 and gfx950 (compiled on a CPU, no GPU).")
     p.add_argument("--out", required=True, help="folder for static_targets.json / .md")
