@@ -14,7 +14,7 @@ from helpers import assert_close, error_stats
 
 from gpt2_triton import GPT, GPTConfig
 from gpt2_triton.kernels.utils import is_interpreter
-from gpt2_triton.training.step import accumulate_gradients
+from gpt2_triton.training.step import StepSettings, accumulate_gradients
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = GPTConfig.from_preset("tiny", vocab_size=97, block_size=16, n_embd=32, n_head=2, n_layer=2,
@@ -41,7 +41,7 @@ def _accumulate(kernels, amp_dtype=None, dtype=torch.float32, seed=0):
             if p.grad is not None:
                 seen.setdefault(n, set()).add(id(p.grad))
         return next(batches)
-    loss = accumulate_gradients(model, next_batch, K, torch.device("cpu"), amp_dtype)
+    loss = accumulate_gradients(model, next_batch, StepSettings(torch.device("cpu"), amp_dtype, grad_accum=K))
     return loss, {n: p.grad.clone() for n, p in model.named_parameters()}, seen
 
 
@@ -80,7 +80,7 @@ def test_weight_casts_follow_optimizer_steps_and_loaded_weights():
     def step(model, opt, seed):
         model.zero_grad(set_to_none=True)
         batches = iter(_batches(seed, k=2))
-        loss = accumulate_gradients(model, lambda: next(batches), 2, torch.device("cpu"), amp)
+        loss = accumulate_gradients(model, lambda: next(batches), StepSettings(torch.device("cpu"), amp, grad_accum=2))
         opt.step()
         return loss.item()
 
@@ -106,7 +106,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 sys.path.insert(0, {tests!r})
 from test_grad_accumulation import CONFIG, _batches
 from gpt2_triton import GPT
-from gpt2_triton.training.step import accumulate_gradients
+from gpt2_triton.training.step import StepSettings, accumulate_gradients
 dist.init_process_group("gloo")
 rank = dist.get_rank()
 torch.manual_seed(0)
@@ -114,7 +114,7 @@ model = DDP(GPT(CONFIG, kernels="triton"), gradient_as_bucket_view={bucket_view}
 mine = iter(_batches(k=4)[2 * rank: 2 * rank + 2])  # rank r: micro-batches 2r, 2r + 1 of the 4
 for step in range(2):  # twice: zero_grad(set_to_none) between, as train_step does
     model.zero_grad(set_to_none=True)
-    accumulate_gradients(model, lambda: next(mine), 2, torch.device("cpu"))
+    accumulate_gradients(model, lambda: next(mine), StepSettings(torch.device("cpu"), grad_accum=2))
     mine = iter(_batches(k=4)[2 * rank: 2 * rank + 2])
 if rank == 0:
     torch.save({{n: p.grad for n, p in model.module.named_parameters()}}, {out!r})
@@ -139,6 +139,6 @@ def test_ddp_two_processes_equal_one(bucket_view, tmp_path):
     torch.manual_seed(0)
     model = GPT(CONFIG, kernels="triton")
     batches = iter(_batches(k=4))
-    accumulate_gradients(model, lambda: next(batches), 4, torch.device("cpu"))
+    accumulate_gradients(model, lambda: next(batches), StepSettings(torch.device("cpu"), grad_accum=4))
     for name, p in model.named_parameters():
         assert_close(ddp[name], p.grad, atol=2e-6, rtol=1e-5, name=name)

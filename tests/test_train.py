@@ -308,7 +308,8 @@ def test_grad_accumulation_equals_one_big_batch():
     def grads_with(k):
         model.zero_grad(set_to_none=True)
         batches = iter(zip(x.chunk(k), y.chunk(k)))
-        loss = training.accumulate_gradients(model, lambda: next(batches), k, torch.device("cpu"))
+        loss = training.accumulate_gradients(model, lambda: next(batches), training.StepSettings(torch.device("cpu"),
+                                                                                                  grad_accum=k))
         return loss, {n: p.grad.clone() for n, p in model.named_parameters()}
 
     loss_1, grads_1 = grads_with(1)

@@ -29,7 +29,7 @@ from gpt2_triton.bench.common import (
 )
 from gpt2_triton.kernels.autotune import accounting
 from gpt2_triton.training.metrics import device_peak_flops, mfu
-from gpt2_triton.training.step import train_step
+from gpt2_triton.training.step import StepSettings, train_step
 
 GRAD_ACCUM = 4  # micro-steps of the accumulation timing on a GPU
 QUICK_GRAD_ACCUM = 2  # on CPU --quick: a triton micro-step takes seconds in the interpreter
@@ -67,7 +67,7 @@ def train_step_fn(model, optimizer, x, y, device):
     device, amp_dtype = _step_args(device)
 
     def step():
-        train_step(model, optimizer, lambda: (x, y), 1, device, amp_dtype, lr=6e-4, grad_clip=1.0, step=1)
+        train_step(model, optimizer, lambda: (x, y), StepSettings(device, amp_dtype, grad_clip=1.0), lr=6e-4, step=1)
     return step
 
 
@@ -104,6 +104,7 @@ def accumulation_ms(model, optimizer, x, y, device, grad_accum, reps, warmup=0):
     backward is marked by post-accumulate-grad hooks (what DDP's reducer uses): they run after a kernel
     that wrote its gradient straight into `.grad` too, and leave that in-place path on (kernels/grads.py)."""
     device, amp_dtype = _step_args(device)
+    settings = StepSettings(device, amp_dtype, grad_accum, grad_clip=1.0)
     marks = _Marks(device.type == "cuda")
     starts, backward_done = [], [marks.now()]
 
@@ -121,7 +122,7 @@ def accumulation_ms(model, optimizer, x, y, device, grad_accum, reps, warmup=0):
     try:
         for i in range(warmup + reps):
             starts.clear()
-            train_step(model, optimizer, next_batch, grad_accum, device, amp_dtype, lr=6e-4, grad_clip=1.0, step=1)
+            train_step(model, optimizer, next_batch, settings, lr=6e-4, step=1)
             end = marks.now()
             if marks.cuda:
                 torch.cuda.synchronize()

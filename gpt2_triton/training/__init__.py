@@ -10,7 +10,7 @@ import importlib
 _NAMES = {
     "ConfigError": "errors", "NonFiniteError": "errors",
     "TrainConfig": "config", "build_parser": "config", "make_config": "config", "parse_config": "config",
-    "accumulate_gradients": "step", "train_step": "step",
+    "accumulate_gradients": "step", "train_step": "step", "StepSettings": "step", "model_loss": "step",
     "Trainer": "trainer", "TrainingInterrupted": "trainer",
     "exit_on_errors": "trainer", "train": "trainer",
 }

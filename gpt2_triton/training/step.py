@@ -1,6 +1,7 @@
 """One optimizer step (`train_step`): what `train.py` runs each step and what the bench times."""
 import math
 from contextlib import nullcontext
+from dataclasses import dataclass
 
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -23,18 +24,37 @@ def doc_starts(x: torch.Tensor, doc_mask: bool):
     return x == EOT_ID if doc_mask else None
 
 
-def accumulate_gradients(model, next_batch, grad_accum: int, device, amp_dtype=None, doc_mask=False) -> torch.Tensor:
-    """Forward/backward over grad_accum micro-batches; the grads sum to those of their mean loss.
-    Returns this process's mean loss (detached). doc_mask: attention stays inside documents."""
-    loss_accum = torch.zeros((), device=device)
+@dataclass(frozen=True)
+class StepSettings:
+    """How a step runs, built once (by the trainer, the bench): where, in which precision, with how many
+    micro-batches, the clip, document masking and the processes its loss is averaged over."""
+    device: torch.device
+    amp_dtype: torch.dtype | None = None  # autocast dtype; None: no autocast
+    grad_accum: int = 1  # micro-batches per optimizer step
+    grad_clip: float = float("inf")
+    doc_mask: bool = False  # attention stays inside documents (they begin at EOT)
+    ctx: DistContext | None = None  # DDP processes (None: this one alone)
+
+
+def model_loss(model, x, y, settings: StepSettings) -> torch.Tensor:
+    """The mean next-token loss of batch x, y (B, T) on settings.device: how training and validation call the
+    model (autocast, document starts)."""
+    x, y = x.to(settings.device, non_blocking=True), y.to(settings.device, non_blocking=True)
+    with autocast_context(settings.device, settings.amp_dtype):
+        _, loss = model(x, y, doc_starts=doc_starts(x, settings.doc_mask))
+    return loss
+
+
+def accumulate_gradients(model, next_batch, settings: StepSettings) -> torch.Tensor:
+    """Forward/backward over settings.grad_accum micro-batches; the grads sum to those of their mean loss.
+    Returns this process's mean loss (detached)."""
+    grad_accum = settings.grad_accum
+    loss_accum = torch.zeros((), device=settings.device)
     for micro_step in range(grad_accum):
         x, y = next_batch()
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         if isinstance(model, DDP):  # all-reduce grads on the last micro-step only; decided before forward
             model.require_backward_grad_sync = micro_step == grad_accum - 1
-        with autocast_context(device, amp_dtype):
-            _, loss = model(x, y, doc_starts=doc_starts(x, doc_mask))
-        loss = loss / grad_accum  # k micro-steps == one k-times bigger batch
+        loss = model_loss(model, x, y, settings) / grad_accum  # k micro-steps == one k-times bigger batch
         loss_accum += loss.detach()
         loss.backward()
     return loss_accum
@@ -46,23 +66,20 @@ def weights_finite(params) -> bool:
     return bool(torch.stack([n.float() for n in torch._foreach_norm(params)]).isfinite().all())
 
 
-
-def train_step(model, optimizer, next_batch, grad_accum: int, device: torch.device, amp_dtype, lr: float,
-               grad_clip: float, step: int, ctx: DistContext | None = None, doc_mask: bool = False
-               ) -> tuple[float, float]:
-    """Optimizer step number `step`: zero the grads, accumulate them over grad_accum micro-batches, clip
-    them, set the learning rate and update. `model` may be wrapped (torch.compile, DDP); the optimizer
+def train_step(model, optimizer, next_batch, settings: StepSettings, lr: float, step: int) -> tuple[float, float]:
+    """Optimizer step number `step`: zero the grads, accumulate them over settings.grad_accum micro-batches,
+    clip them, set the learning rate and update. `model` may be wrapped (torch.compile, DDP); the optimizer
     holds its parameters. Returns (loss averaged over processes, gradient norm before clipping).
 
     The loss and gradient norm are checked before the update and the weights after it: a NonFiniteError
     leaves the weights as they were or stops before anything non-finite can be saved."""
     optimizer.zero_grad(set_to_none=True)
-    loss = accumulate_gradients(model, next_batch, grad_accum, device, amp_dtype, doc_mask)
-    if ctx is not None:
-        loss = all_reduce_mean(loss, ctx)
+    loss = accumulate_gradients(model, next_batch, settings)
+    if settings.ctx is not None:
+        loss = all_reduce_mean(loss, settings.ctx)
     loss = loss.item()
     params = list(unwrap_model(model).parameters())
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip).item()
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, settings.grad_clip).item()
     for name, value in (("loss", loss), ("grad norm", grad_norm)):
         if not math.isfinite(value):
             raise NonFiniteError(f"step {step}: {name} is {value}; stopped before the update")

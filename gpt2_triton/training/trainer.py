@@ -66,7 +66,7 @@ from gpt2_triton.training.metrics import (
 from gpt2_triton.training.report import Report, fallback_line, header_lines, summary_lines
 from gpt2_triton.training.run_dir import claim_run_dir
 from gpt2_triton.training.sinks import open_sinks
-from gpt2_triton.training.step import autocast_context, doc_starts, train_step, weights_finite
+from gpt2_triton.training.step import StepSettings, autocast_context, model_loss, train_step, weights_finite
 
 
 class TrainingInterrupted(Exception):
@@ -93,6 +93,8 @@ class Trainer:
         self.amp_dtype = {"bfloat16": torch.bfloat16, "float32": None}[cfg.dtype]
         self.run_dir = Path(cfg.run_dir)
         self.grad_accum = cfg.total_batch // (cfg.micro_batch * cfg.seq_len * ctx.world_size)
+        self.settings = StepSettings(self.device, self.amp_dtype, self.grad_accum, cfg.grad_clip, cfg.doc_mask,
+                                     ctx)  # how train_step and validate call the model
         self.stop_signal = 0  # set by StopOnSignals: SIGINT / SIGTERM
         self.step = 0
         self.best_val_loss = self.last_val_loss = None
@@ -308,10 +310,7 @@ class Trainer:
         total = torch.zeros((), device=self.device)
         for _ in tqdm(range(self.cfg.val_steps), desc="val", leave=False,
                       disable=None if self.ctx.is_main and not self.cfg.quiet else True):
-            x, y = (t.to(self.device, non_blocking=True) for t in self.val_loader.next_batch())
-            with autocast_context(self.device, self.amp_dtype):
-                _, loss = self.model(x, y, doc_starts=doc_starts(x, self.cfg.doc_mask))
-            total += loss.detach() / self.cfg.val_steps
+            total += model_loss(self.model, *self.val_loader.next_batch(), self.settings).detach() / self.cfg.val_steps
         self.model.train()
         val_loss = all_reduce_mean(total, self.ctx).item()
         self.last_val_loss = val_loss
@@ -367,9 +366,8 @@ class Trainer:
         t0 = time.time()
         lr = cosine_lr(self.step, cfg.max_lr, cfg.max_lr * cfg.min_lr_ratio, cfg.warmup_steps,
                        cfg.lr_decay_steps)
-        loss, grad_norm = train_step(self.model, self.optimizer, self.train_loader.next_batch, self.grad_accum,
-                                     self.device, self.amp_dtype, lr, cfg.grad_clip, self.step + 1, self.ctx,
-                                     cfg.doc_mask)
+        loss, grad_norm = train_step(self.model, self.optimizer, self.train_loader.next_batch, self.settings, lr,
+                                     self.step + 1)
         if self.device.type == "cuda":
             torch.cuda.synchronize()
         self.step += 1

@@ -28,7 +28,7 @@ from gpt2_triton.kernels.autotune import Tuner, max_configs
 from gpt2_triton.kernels.mlp import linear_gelu
 from gpt2_triton.model import GPT, GPTConfig
 from gpt2_triton.model.ops import build_ops
-from gpt2_triton.training.step import accumulate_gradients, autocast_context
+from gpt2_triton.training.step import StepSettings, accumulate_gradients, autocast_context
 
 T, C, N_HEAD, VOCAB = 1024, 768, 12, 50257
 TORCH_TO_TRITON = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16",
@@ -260,10 +260,11 @@ def micro_step(batch: int, kernels: str, target_fields=None):
         model = GPT(gpt2_config(), kernels=kernels)
         x = torch.zeros((batch, T), dtype=torch.int64)
         y = torch.zeros((batch, T), dtype=torch.int64)
+        settings = StepSettings(torch.device("cpu"), torch.bfloat16)
         first = trace.mark()
-        accumulate_gradients(model, lambda: (x, y), 1, torch.device("cpu"), torch.bfloat16)
+        accumulate_gradients(model, lambda: (x, y), settings)
         second = trace.mark()
-        accumulate_gradients(model, lambda: (x, y), 1, torch.device("cpu"), torch.bfloat16)
+        accumulate_gradients(model, lambda: (x, y), settings)
         return trace.since(second), trace.events[first:second]
 
 
