@@ -890,39 +890,41 @@ def process_state(pid: int) -> str:
 @pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds the workers through /proc")
 def test_a_frozen_ddp_rank_ends_the_run_within_dist_timeout(data_dir, tmp_path):
     """SIGSTOP on rank 1 of 2 (gloo): rank 0 gives up after --dist-timeout, says so in one line, and the last
-    checkpoint stays good; rank 1, let go again, finds rank 0 gone and says so too (its line goes out before
-    the teardown, during which torchrun's SIGTERM may come). Gloo words rank 0's timeout as "Timed out waiting
-    3000ms" in a collective, or "Application timeout caused pair closure" when DDP's reducer meets it."""
+    checkpoint stays good; rank 1, let go again, finds rank 0 gone and says so too. Gloo words rank 0's timeout
+    as "Timed out waiting 3000ms" in a collective, or "Application timeout caused pair closure" when DDP's
+    reducer meets it. The two ranks are started as torchrun starts them (RANK, WORLD_SIZE, MASTER_ADDR, ...) but
+    without its agent, whose teardown SIGTERM would race rank 1's own line on a loaded machine."""
     run_dir = tmp_path / "ddp"
     flags = cli_flags(data_dir, run_dir, max_steps=100000, checkpoint_every=2, val_every=0, total_batch=2 * 4 * 32,
                       dist_timeout=3)
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py"]
-    proc = subprocess.Popen([*torchrun, *flags], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
+           "WORLD_SIZE": "2"}
+    ranks = [subprocess.Popen([sys.executable, "train.py", *flags], cwd=REPO, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, env={**env, "RANK": str(r), "LOCAL_RANK": str(r)})
+             for r in range(2)]
     try:
-        wait_for(lambda: len(train_steps(run_dir)) >= 3 and list_checkpoints(run_dir), proc, what="3 DDP steps")
-        rank0, rank1 = find_worker(proc.pid, rank=0), find_worker(proc.pid, rank=1)
-        os.kill(rank1, signal.SIGSTOP)
+        wait_for(lambda: len(train_steps(run_dir)) >= 3 and list_checkpoints(run_dir), ranks[0], what="3 DDP steps")
+        os.kill(ranks[1].pid, signal.SIGSTOP)
         frozen_at = time.monotonic()
         try:
-            wait_for(lambda: process_state(rank0) in ("Z", ""), proc, timeout=60, what="rank 0 to give up")
+            wait_for(lambda: ranks[0].poll() is not None, ranks[1], timeout=60, what="rank 0 to give up")
             waited = time.monotonic() - frozen_at
         finally:
-            os.kill(rank1, signal.SIGCONT)
-        out, err = proc.communicate(timeout=120)
+            os.kill(ranks[1].pid, signal.SIGCONT)
+        outputs = [rank.communicate(timeout=120) for rank in ranks]
     finally:
-        proc.kill()
-    assert proc.returncode != 0 and 3 <= waited < 20, (waited, err[-3000:])
-    lines = [line for line in (out + err).splitlines() if line.startswith("error: rank")]
+        for rank in ranks:
+            rank.kill()
+    assert all(rank.returncode != 0 for rank in ranks) and 3 <= waited < 20, (waited, outputs[0][1][-3000:])
     for rank, causes in ((0, ("Timed out waiting 3000ms", "Application timeout caused pair closure")),
                          (1, ("Connection closed by peer",))):
-        said = [line for line in lines if line.startswith(f"error: rank {rank}: ")]
+        out, err = outputs[rank]
+        said = [line for line in (out + err).splitlines() if line.startswith("error: rank")]
         assert len(said) == 1 and said[0].startswith(tuple(f"error: rank {rank}: a collective with the other "
                                                           f"processes failed ({cause}" for cause in causes)), \
-            (rank, lines, err[-3000:])
+            (rank, said, err[-3000:])
         assert "no answer within --dist-timeout 3 s) or died. Last good checkpoint: " in said[0]
     assert newest_verified_checkpoint(run_dir) == latest_checkpoint(run_dir)
-
 
 
 def test_gloo_timeouts_and_lost_peers_are_collective_failures():
