@@ -7,8 +7,6 @@ the name contains (so "H100 PCIe" comes before "H100").
 from dataclasses import dataclass
 from typing import Optional
 
-import torch
-
 
 @dataclass(frozen=True)
 class GPU:
@@ -44,6 +42,14 @@ def gpu_named(name: str) -> Optional[GPU]:
 
 def cuda_gpu(device=None) -> Optional[GPU]:
     """The table entry of a CUDA device (the current one by default); None without CUDA or when unknown."""
+    import torch  # here: the table itself is read by processes that never load torch (compile workers)
     if not torch.cuda.is_available():
         return None
     return gpu_named(torch.cuda.get_device_name(device))
+
+
+# Per-SM limits of compute capability 9.0 (H100 / H200), for occupancy: CUDA C++ Programming Guide, its
+# compute capability table (64K 32-bit registers per SM allocated per warp in units of 256, 228 KB shared
+# memory per SM of which 227 KB per block and 1 KB reserved per block, 64 warps, 32 blocks).
+SM90_LIMITS = {"regs_per_sm": 65536, "reg_alloc_unit": 256, "smem_per_sm": 233472, "smem_per_block": 232448,
+               "smem_reserved_per_block": 1024, "max_warps_per_sm": 64, "max_ctas_per_sm": 32}

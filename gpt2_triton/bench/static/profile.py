@@ -15,12 +15,12 @@ from gpt2_triton.bench.static import cases as cases_mod
 from gpt2_triton.bench.static import predict
 from gpt2_triton.bench.static.native import compile_many
 from gpt2_triton.bench.static.trace import H100_SMS, H100_TARGET
+from gpt2_triton.devices import SM90_LIMITS
 from gpt2_triton.kernels.autotune import max_configs
 
-# H100 SXM (sm_90) per-SM limits used for CTAs per SM.
-H100 = {"sms": H100_SMS, "regs_per_sm": 65536, "reg_alloc_unit": 256, "smem_per_sm": 233472,
-        "smem_per_block": H100_TARGET["smem_per_block"],
-        "smem_reserved_per_block": 1024, "max_warps_per_sm": 64, "max_ctas_per_sm": 32}
+# H100 SXM (sm_90) per-SM limits used for CTAs per SM (devices.SM90_LIMITS), with its SM count.
+H100 = {"sms": H100_SMS, **SM90_LIMITS}
+assert H100["smem_per_block"] == H100_TARGET["smem_per_block"]
 
 
 def ctas_per_sm(regs, num_warps, shared) -> int:

@@ -45,15 +45,15 @@ import time
 import traceback
 from pathlib import Path
 
+from gpt2_triton.devices import SM90_LIMITS
+
 COMPILE_TIMEOUT_S = 600
 
 # Per-target limits used for occupancy, each with its source.
 TARGETS = {
     "sm_90a": {
-        "gpu": "H100 / H200", "target": ["cuda", 90, 32], "mma": "wgmma",
-        "regs_per_sm": 65536, "reg_alloc_unit": 256, "smem_per_sm": 233472, "smem_per_block": 232448,
-        "smem_reserved_per_block": 1024, "max_warps_per_sm": 64, "max_ctas_per_sm": 32,
-        "source": "CUDA C++ Programming Guide, compute capability 9.0 table (as profile.H100)",
+        "gpu": "H100 / H200", "target": ["cuda", 90, 32], "mma": "wgmma", **SM90_LIMITS,
+        "source": "CUDA C++ Programming Guide, compute capability 9.0 table (devices.SM90_LIMITS)",
     },
     "sm_100a": {
         "gpu": "B200", "target": ["cuda", 100, 32], "mma": "tcgen05",
