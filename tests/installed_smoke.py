@@ -83,7 +83,8 @@ def main() -> None:
     except ImportError:
         print("transformers is not installed: skipping the Hugging Face round trip")
         return
-    hf_config = transformers.GPT2Config(n_layer=1, n_head=2, n_embd=32, n_positions=16, vocab_size=96)
+    hf_config = transformers.GPT2Config(n_layer=1, n_head=2, n_embd=32, n_positions=16, vocab_size=96,
+                                        bos_token_id=None, eos_token_id=None)  # GPT-2's 50256 is past 96
     transformers.GPT2LMHeadModel(hf_config)  # builds beside our package
     model = model.cpu().eval()
     with tempfile.TemporaryDirectory() as tmp:
