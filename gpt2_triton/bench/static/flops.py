@@ -13,6 +13,8 @@ import math
 import torch
 from torch.utils.flop_counter import flop_registry
 
+from gpt2_triton.bench.common import attention_flops, matmul_flops
+
 aten = torch.ops.aten
 
 CAUSAL_FRACTION = 0.5  # of the T×T score matrix a causal mask keeps (the diagonal counted half)
@@ -79,18 +81,17 @@ def _bhtd(launch) -> tuple:
     return q.shape[0], launch.args["H"], launch.args["T"], launch.args["HEAD_DIM"]
 
 
-def _attention_fwd(launch) -> float:
-    B, H, T, D = _bhtd(launch)
-    return 4 * B * H * T * T * D * (CAUSAL_FRACTION if launch.args["CAUSAL"] else 1.0)
+def _attention(launch, mode: str) -> float:
+    return attention_flops(*_bhtd(launch), bool(launch.args["CAUSAL"]), mode)
 
 
 LAUNCH_FLOPS = {
-    "_matmul_kernel": lambda launch: 2 * launch.args["M"] * launch.args["N"] * launch.args["K"],
+    "_matmul_kernel": lambda launch: matmul_flops(launch.args["M"], launch.args["N"], launch.args["K"]),
     "_linear_cross_entropy_lse_kernel":
-        lambda launch: 2 * launch.args["M"] * launch.args["num_classes"] * launch.args["C"],
-    "_flash_attention_fwd_kernel": _attention_fwd,
-    "_flash_attention_bwd_dq_kernel": lambda launch: _attention_fwd(launch) * ATTENTION_BWD_RATIO * DQ_SHARE,
-    "_flash_attention_bwd_dkdv_kernel": lambda launch: _attention_fwd(launch) * ATTENTION_BWD_RATIO * DKDV_SHARE,
+        lambda launch: matmul_flops(launch.args["M"], launch.args["num_classes"], launch.args["C"]),
+    "_flash_attention_fwd_kernel": lambda launch: _attention(launch, "fwd"),
+    "_flash_attention_bwd_dq_kernel": lambda launch: _attention(launch, "bwd") * DQ_SHARE,
+    "_flash_attention_bwd_dkdv_kernel": lambda launch: _attention(launch, "bwd") * DKDV_SHARE,
 }
 ATTENTION_FWD_KERNELS = {"_flash_attention_fwd_kernel"}
 ATTENTION_BWD_KERNELS = {"_flash_attention_bwd_dq_kernel", "_flash_attention_bwd_dkdv_kernel"}
