@@ -29,7 +29,7 @@ import triton.language as tl
 from gpt2_triton import versions
 from gpt2_triton.kernels.utils import device_guard, fp32_out_matmul_kind, is_interpreter, with_fallbacks
 
-versions.require("triton")  # an untested triton fails here, in one line, not at a launch
+versions.require("triton")  # as kernels/compat.py does, for the modules that import this one and not it
 
 
 @triton.jit
