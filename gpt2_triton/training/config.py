@@ -111,6 +111,12 @@ class TrainConfig:
     dtype: str = opt("auto", "auto (bfloat16 autocast on CUDA, float32 on CPU) | bfloat16 | float32",
                      choices=("auto", "bfloat16", "float32"), resume="may_change")
     compile: bool | None = opt(None, "torch.compile the model; none: on CUDA, off on CPU", resume="may_change")
+    shard: str = opt("none", "none (DDP: every process holds all weights, grads and AdamW state) | optimizer "
+                             "(ZeRO-1: AdamW state sharded over processes) | full (FSDP2: weights, grads and AdamW "
+                             "state sharded per Block)", choices=("none", "optimizer", "full"), resume="may_change")
+    recompute: str = opt("none", "activation recompute in backward: none | gelu (the MLP's GELU input) | block "
+                                 "(each Block, by torch.utils.checkpoint)", choices=("none", "gelu", "block"),
+                         resume="may_change")
     seed: int = opt(1337, "seed of the initial weights, the data order and the samples", ge=0, resume="fixed")
     dist_timeout: float = opt(300.0, "seconds a DDP process waits at a collective for the others before the run "
                                      "stops (a frozen or dead rank)", gt=0, le=86400, resume="may_change")
@@ -310,6 +316,9 @@ def resume_problems(saved: dict, now: dict, where: str = "the checkpoint") -> tu
             f"to train with other settings, start a new run in another --run-dir"), changes
 
 
+BUILT = ()  # the options above "none" that train; each lands with its implementation
+
+
 def check_config(cfg: TrainConfig) -> None:
     """Every field in its range, and every combination that can be checked without data or devices.
     Raises ConfigError naming the flag; nothing has been written yet."""
@@ -337,6 +346,9 @@ def check_config(cfg: TrainConfig) -> None:
         raise ConfigError(problem)
     if cfg.seq_len > model_config.block_size:
         raise ConfigError(f"--seq-len {cfg.seq_len} exceeds the model's block size {model_config.block_size}")
+    for name in ("shard", "recompute"):
+        if getattr(cfg, name) != "none" and name not in BUILT:
+            raise ConfigError(f"--{name} {getattr(cfg, name)}: not built yet (only none)")
     if cfg.resume and cfg.overwrite:
         raise ConfigError("--resume continues the run in the run folder and --overwrite deletes it: pick one")
     if cfg.resume not in (None, "latest") and not Path(cfg.resume).is_file():
