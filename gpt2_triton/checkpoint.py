@@ -6,6 +6,11 @@ position, RNG states, the model/train configs, the kernels choice, the data fing
 value). Every load checks it, so a file changed after it was saved is refused, not trained on.
 Everything in it loads with `torch.load(weights_only=True)`.
 
+Under `--shard full` a checkpoint is a folder `ckpt_<step>.dcp`: every rank's shard of the weights and AdamW
+state as `torch.distributed.checkpoint` writes them, and `train_state.pt` (the rest of the dict, with the
+SHA-256 of every file of the folder, under its own checksum). It is built in a hidden temp folder and renamed
+into place when complete, so a save cut short is never taken for a checkpoint.
+
 A run folder belongs to one run: its checkpoints, `train_config.json`, `metrics.jsonl` and
 `loss.png` (`run_artifacts`), guarded while the run lives by a FolderLock on `RUN_LOCK`.
 """
@@ -13,18 +18,22 @@ import hashlib
 import os
 import random
 import re
+import shutil
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from gpt2_triton.atomic import atomic_write
+from gpt2_triton.atomic import atomic_write, fsync_dir, remove_stale_temp_folders
 from gpt2_triton.hf import from_pretrained
 from gpt2_triton.messages import one_line
 from gpt2_triton.model import GPT, GPTConfig
 
 CKPT_PATTERN = re.compile(r"^ckpt_(\d+)\.pt$")
+SHARDED_PATTERN = re.compile(r"^ckpt_(\d+)\.dcp$")  # --shard full: a torch.distributed.checkpoint folder
+SHARDED_META = "train_state.pt"  # in it: everything but the weights and AdamW state, and each file's SHA-256
 RUN_LOCK = ".lock"  # a FolderLock: held by the (rank-0) process of the live run
 RUN_FILES = ("train_config.json", "metrics.jsonl", "loss.png")
 CHECKSUM_KEY = "checksum"  # "sha256:<hex>" of every other entry of the checkpoint
@@ -112,8 +121,15 @@ def _read(path: Path, map_location="cpu", mmap: bool = False) -> dict:
 
 def load_checkpoint(path, map_location="cpu") -> dict:
     """The checkpoint dict at `path`, its checksum verified. CheckpointError (one line, naming the file) for
-    a file that is unreadable or fails its checksum; one saved before checksums loads with a note."""
+    a file that is unreadable or fails its checksum; one saved before checksums loads with a note.
+    A sharded folder: its train_state.pt and "sharded": its path (the weights and AdamW state stay in the
+    folder: `training.sharding.load_sharded_state` / `load_sharded_weights` read them)."""
     path = Path(path)
+    if path.is_dir():
+        problem = _sharded_problem(path)
+        if problem:
+            raise CheckpointError(problem)
+        return {**load_checkpoint(path / SHARDED_META, map_location), "sharded": str(path)}
     state = _read(path, map_location)
     problem = _checksum_problem(state)
     if problem:
@@ -127,6 +143,8 @@ def load_checkpoint(path, map_location="cpu") -> dict:
 def checkpoint_problem(path) -> str | None:
     """Why the checkpoint at `path` cannot be used (unreadable, or fails its checksum), or None. Reads
     the file through mmap and keeps nothing."""
+    if Path(path).is_dir():
+        return _sharded_problem(Path(path))
     try:
         return _checksum_problem(_read(Path(path), mmap=True))
     except (CheckpointError, OSError) as e:
@@ -134,13 +152,95 @@ def checkpoint_problem(path) -> str | None:
 
 
 def list_checkpoints(run_dir) -> list[Path]:
-    """`ckpt_<step>.pt` files in run_dir, oldest step first (temp files never match)."""
+    """`ckpt_<step>.pt` files and `ckpt_<step>.dcp` folders in run_dir, oldest step first (temp files and
+    folders never match)."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         return []
     found = [(int(m.group(1)), p) for p in run_dir.iterdir()
-             if p.is_file() and (m := CKPT_PATTERN.match(p.name))]
+             if (p.is_file() and (m := CKPT_PATTERN.match(p.name)))
+             or (p.is_dir() and not p.is_symlink() and (m := SHARDED_PATTERN.match(p.name)))]
     return [p for _, p in sorted(found)]
+
+
+def remove_checkpoint(path: Path) -> None:
+    shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+
+
+def _file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            h.update(chunk)
+    return "sha256:" + h.hexdigest()
+
+
+def sharded_checkpoint_path(run_dir, step: int) -> Path:
+    return Path(run_dir) / f"ckpt_{step:06d}.dcp"
+
+
+def save_sharded_checkpoint(path, meta: dict | None, shards: dict, rank: int, world_size: int) -> Path | None:
+    """Every rank calls (a collective): `shards` ({"model", "optimizer"}: this rank's, by name) through
+    torch.distributed.checkpoint into a temp folder that rank 0 made; rank 0 adds `meta` (the rest of the
+    training checkpoint) with every file's SHA-256 as train_state.pt and renames the folder to `path`."""
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+
+    from gpt2_triton.atomic import temp_folder
+    path = Path(path)
+    with temp_folder(path.parent, path.name) if rank == 0 else _no_folder() as tmp:
+        holder = [str(tmp) if tmp else None]
+        dist.broadcast_object_list(holder, src=0)
+        tmp = Path(holder[0])
+        dcp.save(shards, checkpoint_id=str(tmp))
+        mine = {p.name: _file_digest(p) for p in sorted(tmp.iterdir()) if p.name.startswith(f"__{rank}_")}
+        digests = [None] * world_size
+        dist.all_gather_object(digests, mine)
+        if rank == 0:
+            files = {k: v for d in digests for k, v in d.items()}
+            files[".metadata"] = _file_digest(tmp / ".metadata")
+            save_checkpoint(tmp / SHARDED_META, {**meta, "files": files, "world_size": world_size})
+            for p in tmp.iterdir():
+                with open(p, "rb") as f:
+                    os.fsync(f.fileno())
+            os.replace(tmp, path)
+            fsync_dir(path.parent)
+        dist.barrier()  # no rank goes on (or prunes) before the folder is in place
+    return path if rank == 0 else None
+
+
+class _no_folder:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+def load_sharded_weights(model, path) -> None:
+    """A sharded folder's weights into a whole model in this process (sample, export, HellaSwag, --init)."""
+    import torch.distributed.checkpoint as dcp
+    state = {"model": model.state_dict()}
+    with warnings.catch_warnings():  # DCP warns that it loads in one process, which is what no_dist asks
+        warnings.filterwarnings("ignore", r"torch\.distributed is .*uninitialized")
+        dcp.load(state, checkpoint_id=str(path), no_dist=True)  # this process reads it all, whoever wrote it
+    model.load_state_dict(state["model"])
+
+
+def _sharded_problem(path: Path) -> str | None:
+    """Why the checkpoint folder at `path` cannot be used, or None: train_state.pt reads and verifies, and every
+    file it lists is there with the SHA-256 it had when saved."""
+    try:
+        meta = load_checkpoint(path / SHARDED_META)
+    except (CheckpointError, OSError) as e:
+        return str(e)
+    for name, digest in meta.get("files", {}).items():
+        file = path / name
+        if not file.is_file():
+            return f"checkpoint {path} is incomplete: {name} is missing"
+        if _file_digest(file) != digest:
+            return f"checkpoint {path} is corrupt: {name} changed after it was saved"
+    return None
 
 
 def latest_checkpoint(run_dir) -> Path | None:
@@ -169,6 +269,8 @@ def run_artifacts(run_dir) -> list[Path]:
 def prune_checkpoints(run_dir, keep: int) -> list[Path]:
     """Delete all but the newest `keep` checkpoints, except the newest one that verifies when none of
     those `keep` does (so a corrupt newest file never costs the last good one); returns the deleted paths."""
+    # sharded saves a kill cut short (their builder gone)
+    remove_stale_temp_folders(run_dir, owns=lambda folder: bool(SHARDED_PATTERN.match(folder.name[1:-13])))
     ckpts = list_checkpoints(run_dir)
     if keep < 1 or len(ckpts) <= keep:
         return []
@@ -178,7 +280,7 @@ def prune_checkpoints(run_dir, keep: int) -> list[Path]:
         if good is not None:
             old.remove(good)
     for p in old:
-        p.unlink(missing_ok=True)
+        remove_checkpoint(p)
     return old
 
 
@@ -215,7 +317,7 @@ def _as_tuples(x):
 def model_from_checkpoint(state: dict, kernels=None, device="cpu", where="checkpoint"):
     """A GPT built from a training checkpoint dict (its kernels choice unless `kernels` is given).
     CheckpointError, naming `where`, when its model_config or weights do not make a GPT."""
-    missing = [k for k in ("model", "model_config") if k not in state]
+    missing = [k for k in ("model_config",) + (() if "sharded" in state else ("model",)) if k not in state]
     if missing:
         raise CheckpointError(f"load_model: {where} lacks {missing}; not a gpt2-triton training checkpoint")
     try:
@@ -224,6 +326,9 @@ def model_from_checkpoint(state: dict, kernels=None, device="cpu", where="checkp
         raise CheckpointError(f"load_model: {where} has a model_config that is not a GPTConfig "
                               f"({one_line(e)})") from None
     model = GPT(config, kernels=kernels or state.get("kernels", "torch"))
+    if "sharded" in state:
+        load_sharded_weights(model, state["sharded"])
+        return model.to(device)
     try:
         result = model.load_state_dict(state["model"], strict=False)
     except (RuntimeError, TypeError, AttributeError) as e:
@@ -255,6 +360,8 @@ def load_model(init, kernels="torch", device="cpu"):
     FileNotFoundError or ValueError (CheckpointError for a bad checkpoint), in one line."""
     path = Path(init)
     if path.is_file():
+        model = model_from_checkpoint(load_checkpoint(path), kernels, device, where=path)
+    elif path.is_dir() and SHARDED_PATTERN.match(path.name):
         model = model_from_checkpoint(load_checkpoint(path), kernels, device, where=path)
     elif path.is_dir() and list_checkpoints(path):
         skipped = []

@@ -1200,11 +1200,14 @@ def two_nodes(script, flags, rdzv_id):
 
 @pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds torchrun's workers through /proc")
-def test_two_nodes_train_checkpoint_are_killed_and_resume_exactly(data_dir, tmp_path):
-    """Two "nodes" on localhost (c10d rendezvous, gloo): they train and checkpoint, both are killed -9 one step
-    after a checkpoint, and the resumed run redoes that step bit for bit, then goes on."""
+@pytest.mark.parametrize("shard", ["none", "full"])
+def test_two_nodes_train_checkpoint_are_killed_and_resume_exactly(data_dir, tmp_path, shard):
+    """Two "nodes" on localhost (c10d rendezvous, gloo): they train and checkpoint (one file under DDP, a sharded
+    folder under FSDP2), both are killed -9 one step after a checkpoint, and the resumed run redoes that step bit
+    for bit, then goes on."""
     run_dir = tmp_path / "run"
-    flags = cli_flags(data_dir, run_dir, max_steps=100000, checkpoint_every=4, val_every=0, total_batch=2 * 4 * 32)
+    flags = cli_flags(data_dir, run_dir, max_steps=100000, checkpoint_every=4, val_every=0, total_batch=2 * 4 * 32,
+                      shard=shard)
     hold = tmp_path / "hold_after_step_5.py"  # train.py, but every rank stops moving after step 5
     hold.write_text("import runpy, sys, time\n"
                     "from gpt2_triton import training\n"
@@ -1216,7 +1219,7 @@ def test_two_nodes_train_checkpoint_are_killed_and_resume_exactly(data_dir, tmp_
                     "training.Trainer.after_step = after_step\n"
                     f"sys.argv[0] = {str(REPO / 'train.py')!r}\n"
                     "runpy.run_path(sys.argv[0], run_name='__main__')\n")
-    nodes = two_nodes(hold, flags, "killed")
+    nodes = two_nodes(hold, flags, f"killed-{shard}")
     try:
         wait_for(lambda: train_steps(run_dir)[-1:] == [5], nodes[0], what="step 5 on two nodes")
     finally:
@@ -1227,9 +1230,11 @@ def test_two_nodes_train_checkpoint_are_killed_and_resume_exactly(data_dir, tmp_
             node.communicate(timeout=60)
     state = load_checkpoint(latest_checkpoint(run_dir))
     assert state["step"] == 4 and state["world_size"] == 2 and len(state["loader"]) == 2
+    assert latest_checkpoint(run_dir).name == {"none": "ckpt_000004.pt", "full": "ckpt_000004.dcp"}[shard]
     lost = read_metrics(run_dir / "metrics.jsonl", "train")[-1]
     resumed = two_nodes(REPO / "train.py", cli_flags(data_dir, run_dir, max_steps=6, checkpoint_every=4, val_every=0,
-                                                     total_batch=2 * 4 * 32, resume=True), "resumed")
+                                                     total_batch=2 * 4 * 32, resume=True, shard=shard),
+                        f"resumed-{shard}")
     outputs = [node.communicate(timeout=300) for node in resumed]
     assert [node.returncode for node in resumed] == [0, 0], outputs[0][1][-3000:] + outputs[1][1][-3000:]
     rows = read_metrics(run_dir / "metrics.jsonl", "train")

@@ -144,6 +144,7 @@ class Block(nn.Module):
         self.attn = CausalSelfAttention(config, ops, layer)
         self.ln_2 = LayerNorm(config.n_embd, config.layer_norm_eps, ops)
         self.mlp = MLP(config, ops)
+        self.sharded = False  # FSDP2 frees this Block's weights when its forward returns (training.sharding)
 
     def forward(self, x, pending=(None, None), documents=None, kv_cache=None):
         """x = x + attn(ln_1(x)); x = x + mlp(ln_2(x)), each add inside the LayerNorm after it. x: the
@@ -151,7 +152,10 @@ class Block(nn.Module):
         block: (None, None)). Returns the stream and this block's pending MLP output."""
         x, h = self.ln_1(x, *pending)
         x, h = self.ln_2(x, *self.attn(h, documents, kv_cache))
-        return x, self.mlp(h)
+        branch, bias = self.mlp(h)
+        if self.sharded and bias is not None:  # the next LayerNorm reads it after this Block's weights are freed
+            bias = bias.clone()
+        return x, (branch, bias)
 
 
 class GPT(nn.Module):
@@ -270,13 +274,18 @@ class GPT(nn.Module):
         logits = self.logits(x)
         return logits, self.ops.cross_entropy(logits.view(-1, logits.size(-1)), flat_targets)
 
-    def configure_optimizer(self, weight_decay, learning_rate, betas=(0.9, 0.95), eps=1e-8, fused=None):
-        """AdamW with weight decay on matrices/embeddings (dim >= 2) only, as in GPT-2/nanoGPT."""
+    def optimizer_groups(self, weight_decay) -> list[dict]:
+        """Weight decay on matrices/embeddings (dim >= 2) only, as in GPT-2/nanoGPT."""
         params = [p for p in self.parameters() if p.requires_grad]
-        groups = [
+        return [
             {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
             {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
         ]
+
+    def configure_optimizer(self, weight_decay, learning_rate, betas=(0.9, 0.95), eps=1e-8, fused=None):
+        """AdamW over `optimizer_groups`."""
+        groups = self.optimizer_groups(weight_decay)
+        params = [p for g in groups for p in g["params"]]
         if fused is None:
             fused = all(p.is_cuda for p in params)
         return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, eps=eps, fused=fused)

@@ -4,12 +4,13 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
-from torch.nn.parallel import DistributedDataParallel as DDP
+import torch.distributed as dist
 
 from gpt2_triton.model.config import EOT_ID
 from gpt2_triton.model.gpt import unwrap_model
 from gpt2_triton.training.distributed import DistContext, all_reduce_mean
 from gpt2_triton.training.errors import NonFiniteError
+from gpt2_triton.training.sharding import full_value, local, set_gradient_sync
 
 
 def autocast_context(device: torch.device, amp_dtype):
@@ -52,18 +53,23 @@ def accumulate_gradients(model, next_batch, settings: StepSettings) -> torch.Ten
     loss_accum = torch.zeros((), device=settings.device)
     for micro_step in range(grad_accum):
         x, y = next_batch()
-        if isinstance(model, DDP):  # all-reduce grads on the last micro-step only; decided before forward
-            model.require_backward_grad_sync = micro_step == grad_accum - 1
+        set_gradient_sync(model, micro_step == grad_accum - 1)  # reduce on the last micro-step only
         loss = model_loss(model, x, y, settings) / grad_accum  # k micro-steps == one k-times bigger batch
         loss_accum += loss.detach()
         loss.backward()
     return loss_accum
 
 
-def weights_finite(params) -> bool:
-    """True when every parameter is finite (by the norm of each; weights beyond ~1e19 count as inf)."""
+def weights_finite(params, ctx: DistContext | None = None) -> bool:
+    """True when every parameter is finite (by the norm of each; weights beyond ~1e19 count as inf). Sharded
+    (FSDP2) parameters are checked by their shards here, and every process of `ctx` gets the same answer."""
     params = [p.detach() for p in params]
-    return bool(torch.stack([n.float() for n in torch._foreach_norm(params)]).isfinite().all())
+    shards = [local(p) for p in params]
+    finite = torch.stack([n.float() for n in torch._foreach_norm(shards)]).isfinite().all()
+    if ctx is not None and ctx.is_ddp and any(p is not q for p, q in zip(params, shards)):
+        finite = finite.float()
+        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+    return bool(finite)
 
 
 def train_step(model, optimizer, next_batch, settings: StepSettings, lr: float, step: int) -> tuple[float, float]:
@@ -79,14 +85,14 @@ def train_step(model, optimizer, next_batch, settings: StepSettings, lr: float, 
         loss = all_reduce_mean(loss, settings.ctx)
     loss = loss.item()
     params = list(unwrap_model(model).parameters())
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, settings.grad_clip).item()
+    grad_norm = full_value(torch.nn.utils.clip_grad_norm_(params, settings.grad_clip)).item()
     for name, value in (("loss", loss), ("grad norm", grad_norm)):
         if not math.isfinite(value):
             raise NonFiniteError(f"step {step}: {name} is {value}; stopped before the update")
     for group in optimizer.param_groups:
         group["lr"] = lr
     optimizer.step()
-    if not weights_finite(params):
+    if not weights_finite(params, settings.ctx):
         raise NonFiniteError(f"step {step}: the update made the weights non-finite (loss {loss:.4f}, "
                              f"grad norm {grad_norm:.3g}, lr {lr:.3g}); they were not saved")
     return loss, grad_norm

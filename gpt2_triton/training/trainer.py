@@ -13,7 +13,6 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from gpt2_triton import data as gpt2_data
@@ -27,10 +26,13 @@ from gpt2_triton.checkpoint import (
     load_model,
     newest_verified_checkpoint,
     prune_checkpoints,
+    remove_checkpoint,
     rng_state,
     run_artifacts,
     save_checkpoint,
+    save_sharded_checkpoint,
     set_rng_state,
+    sharded_checkpoint_path,
 )
 from gpt2_triton.messages import one_line
 from gpt2_triton.model import GPT
@@ -65,6 +67,15 @@ from gpt2_triton.training.metrics import (
 )
 from gpt2_triton.training.report import Report, fallback_line, header_lines, summary_lines
 from gpt2_triton.training.run_dir import claim_run_dir
+from gpt2_triton.training.sharding import (
+    file_state,
+    load_file_state,
+    load_sharded_state,
+    make_optimizer,
+    shard_model,
+    sharded_state,
+    wrap_ddp,
+)
 from gpt2_triton.training.sinks import open_sinks
 from gpt2_triton.training.step import StepSettings, autocast_context, model_loss, train_step, weights_finite
 
@@ -106,9 +117,13 @@ class Trainer:
 
         torch.manual_seed(cfg.seed)
         self.model_config = model_config_of(cfg)
+        self.shard = cfg.shard if ctx.is_ddp else "none"  # one process has nothing to share
         self.raw_model = GPT(self.model_config, kernels=cfg.kernels).to(self.device)
-        self.optimizer = self.raw_model.configure_optimizer(
-            cfg.weight_decay, cfg.max_lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps, fused=cfg.fused_adamw)
+        if init_model is not None and resume_from is None:
+            self.load_init(init_model)  # before sharding: the weights are whole here
+        shard_model(self.raw_model, self.shard, self.amp_dtype)
+        self.optimizer = make_optimizer(self.raw_model, self.shard, ctx, cfg.weight_decay, cfg.max_lr,
+                                        (cfg.beta1, cfg.beta2), cfg.adam_eps, cfg.fused_adamw)
         self.optimizer.register_step_pre_hook(lambda *_: setattr(self, "updating", True))
         self.optimizer.register_step_post_hook(self.update_done)
         data_dir, pin = Path(cfg.data_dir), self.device.type == "cuda"
@@ -123,16 +138,10 @@ class Trainer:
             raise ConfigError(str(e)) from None
         if resume_from is not None:
             self.restore(resume_from)
-        elif init_model is not None:
-            self.load_init(init_model)
         self.model = self.raw_model
         if cfg.compile:
             self.model = torch.compile(self.model)
-        if ctx.is_ddp:
-            # gradient_as_bucket_view: .grad is a view into DDP's all-reduce buckets, so the kernels that add
-            # into .grad write the bucket itself (no copy into it before each all-reduce).
-            self.model = DDP(self.model, device_ids=[ctx.local_rank] if self.device.type == "cuda" else None,
-                             gradient_as_bucket_view=True)
+        self.model = wrap_ddp(self.model, self.shard, ctx)
         self.hellaswag_examples = self.load_hellaswag()
         self.flops_per_token = self.raw_model.flops_per_token(cfg.seq_len)
         self.peak_flops = device_peak_flops(self.device, cfg.peak_flops)
@@ -156,7 +165,7 @@ class Trainer:
         if self.cfg.overwrite:
             old = run_artifacts(self.run_dir)
             for path in old:
-                path.unlink()
+                remove_checkpoint(path)
             if old:
                 self.print(f"--overwrite: deleted the previous run in {self.run_dir} ({len(old)} files)")
         write_json_atomic(self.run_dir / "train_config.json", asdict(self.cfg))
@@ -179,14 +188,17 @@ class Trainer:
         self.report.print(text)
 
     # --- checkpoints ---
-    def checkpoint_state(self) -> dict | None:
-        """The full training state (all ranks call: loader positions and RNGs are gathered); None off rank 0."""
+    def checkpoint_state(self, weights: bool = True) -> dict | None:
+        """The full training state (all ranks call: loader positions and RNGs are gathered, ZeRO's AdamW state
+        consolidated); None off rank 0. weights=False: all but the weights and AdamW state (a sharded save)."""
         loaders, rngs = gather(self.train_loader.state_dict(), self.ctx), gather(rng_state(), self.ctx)
+        model_and_optimizer = file_state(self.raw_model, self.optimizer) if weights else ({}, {})
         if not self.ctx.is_main:
             return None
+        model_state, optimizer_state = model_and_optimizer
         return {
-            "model": self.raw_model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
+            **({"model": model_state, "optimizer": optimizer_state} if weights else {}),
+            "shard": self.shard,
             "step": self.step,
             "loader": loaders,  # one per rank
             "rng": rngs,  # one per rank
@@ -200,17 +212,23 @@ class Trainer:
         }
 
     def save(self) -> Path | None:
-        if not weights_finite(self.raw_model.parameters()):  # the step checks catch this first; never save bad weights
+        if not weights_finite(self.raw_model.parameters(), self.ctx):  # never save bad weights
             raise NonFiniteError(f"step {self.step}: the weights are not finite; not saving them")
         self.saving = True  # stays set if this save fails: it is not tried again after the error
-        state = self.checkpoint_state()
+        sharded = self.shard == "full"
+        state = self.checkpoint_state(weights=not sharded)
+        try:
+            if sharded:  # every rank writes its shard
+                path = save_sharded_checkpoint(sharded_checkpoint_path(self.run_dir, self.step), state,
+                                               sharded_state(self.raw_model, self.optimizer), self.ctx.rank,
+                                               self.ctx.world_size)
+            elif state is not None:
+                path = save_checkpoint(checkpoint_path(self.run_dir, self.step), state)
+        except OutOfSpaceError as e:
+            raise RunError(f"step {self.step}: {e}; the previous checkpoints are intact") from None
         if state is None:
             self.saving = False
             return None
-        try:
-            path = save_checkpoint(checkpoint_path(self.run_dir, self.step), state)
-        except OutOfSpaceError as e:
-            raise RunError(f"step {self.step}: {e}; the previous checkpoints are intact") from None
         prune_checkpoints(self.run_dir, self.cfg.keep_checkpoints)  # never the newest one that verifies
         self.saving = False
         self.last_saved, self.saved_step = path, self.step
@@ -262,10 +280,14 @@ class Trainer:
         except (OSError, CheckpointError) as e:
             raise ConfigError(f"--resume: {e}") from None
         self.check_resumable(path, state)
-        self.raw_model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.train_loader.load_state_dict(state["loader"][self.ctx.rank])
-        set_rng_state(state["rng"][self.ctx.rank])
+        if "sharded" in state:  # a --shard full folder, resharded into this run's mode and world size
+            load_sharded_state(self.raw_model, self.optimizer, path)
+        else:
+            load_file_state(self.raw_model, self.optimizer, state["model"], state["optimizer"])
+        # the loader's position is the same on every rank and for any world size (loader.state_dict); a rank
+        # the checkpoint had not takes rank 0's RNG states
+        self.train_loader.load_state_dict(state["loader"][0])
+        set_rng_state(state["rng"][self.ctx.rank if self.ctx.rank < len(state["rng"]) else 0])
         self.step = state["step"]
         self.best_val_loss, self.last_val_loss = state["best_val_loss"], state["last_val_loss"]
         self.resumed_from = path
@@ -275,8 +297,8 @@ class Trainer:
     def check_resumable(self, path: Path, state: dict):
         """The checkpoint was written by this same run: same model, data, batch and optimizer settings,
         as many processes, and it has steps left to take. Records which changeable fields changed."""
-        missing = [k for k in ("model", "optimizer", "step", "loader", "rng", "world_size", "model_config")
-                   if k not in state]
+        missing = [k for k in ("step", "loader", "rng", "world_size", "model_config")
+                   + (() if "sharded" in state else ("model", "optimizer")) if k not in state]
         if missing:
             raise ConfigError(f"--resume: {path} is not a training checkpoint (it lacks {', '.join(missing)})")
         model_now = self.model_config.to_dict()
@@ -291,9 +313,10 @@ class Trainer:
                 f"{then['train']}, val {then['val']}; now: train {now['train']}, val {now['val']}; fingerprint "
                 f"{then['fingerprint']} vs {now['fingerprint']}). Resume on the data it was trained on (prepared "
                 f"with the same options), or start a new run")
-        if state["world_size"] != self.ctx.world_size:
-            raise ConfigError(f"--resume: {path} was written by {state['world_size']} processes; "
-                              f"resume with the same number (now {self.ctx.world_size})")
+        if state["world_size"] != self.ctx.world_size and self.cfg.total_batch is None:
+            raise ConfigError(f"--resume: {path} was written by {state['world_size']} processes and the batch is one "
+                              f"micro-batch per process (no --total-batch): resume with {state['world_size']} "
+                              f"processes (now {self.ctx.world_size}), or set --total-batch")
         saved, now = state.get("train_config", {}), asdict(self.cfg)
         problem, self.resume_changes = resume_problems(saved, now, path.name)
         if problem:
@@ -381,9 +404,10 @@ class Trainer:
         cfg = self.cfg
         if self.due(cfg.val_every):
             self.validate()
-        if self.hellaswag_examples and self.due(cfg.hellaswag_every):
+        whole = self.shard != "full"  # sharded weights: evaluate and sample the saved checkpoint instead
+        if whole and self.hellaswag_examples and self.due(cfg.hellaswag_every):
             self.eval_hellaswag()
-        if self.ctx.is_main and cfg.sample_count and self.due(cfg.sample_every):
+        if whole and self.ctx.is_main and cfg.sample_count and self.due(cfg.sample_every):
             self.sample()
         if self.due(cfg.checkpoint_every):
             self.save()
@@ -407,6 +431,12 @@ class Trainer:
             self.print(f"init: weights from {cfg.init}; a new run from step 1")
         if self.kernel_fallbacks:
             self.print(fallback_line(self.kernel_fallbacks))
+        if self.shard == "full" and ((self.hellaswag_examples and cfg.hellaswag_every) or
+                                     (cfg.sample_count and cfg.sample_every)):
+            self.print("--shard full: no HellaSwag or samples during training (each rank holds a shard of the "
+                       "weights); run python -m gpt2_triton.hellaswag / sample on a checkpoint folder")
+        if cfg.shard != "none" and not self.ctx.is_ddp:
+            self.print(f"--shard {cfg.shard}: one process holds everything; nothing to shard")
         for line in header_lines(cfg, self.raw_model.num_params(), self.raw_model.kernels, self.grad_accum,
                                  self.ctx.world_size, int(self.train_loader.sizes.sum()), self.step,
                                  kernels_auto=self.kernel_fallbacks is not None):
