@@ -1,7 +1,7 @@
 """`python -m gpt2_triton.bench --quick` runs every benchmark on CPU (interpreter) and writes complete outputs,
 labelled by what ran, with blank rates and every row sanity-checked; the checks, the plots' log axis and
 "not measured" marks, titles from the measured sizes, the warm-up; measure() and run_modes() behave as
-bench/headline.py relies on."""
+bench/headline/ relies on."""
 import json
 import time
 
@@ -252,6 +252,7 @@ def test_max_err_checks_each_provider_against_the_fp32_reference_once_outside_th
 
 def test_max_autotune_joins_the_compile_baselines_and_says_why_it_is_skipped(monkeypatch):
     from gpt2_triton.bench import common, e2e
+    from gpt2_triton.bench import providers as providers_module
     providers = common.kernel_providers(torch.neg, torch.neg)
     assert "compile" not in providers  # CPU: no torch.compile baseline
     row = measure("b", "c", "compile-max-autotune", "fwd", lambda: providers["compile-max-autotune"](torch.ones(2)),
@@ -260,7 +261,7 @@ def test_max_autotune_joins_the_compile_baselines_and_says_why_it_is_skipped(mon
     assert "not measured: Skipped: max-autotune runs on CUDA without --quick only" in format_table([row])
     (cpu_row,) = e2e.run(quick=True, stacks=["compile-max-autotune"])
     assert cpu_row.error == e2e.COMPILE_NEEDS_CUDA
-    monkeypatch.setattr(common, "has_cuda", lambda: True)  # a GPU: compiled (not called here), but not with --quick
+    monkeypatch.setattr(providers_module, "has_cuda", lambda: True)  # a GPU: compiled, not with --quick
     with pytest.raises(common.Skipped, match="without --quick"):
         common.kernel_providers(torch.neg, torch.neg, quick=True)["compile-max-autotune"](torch.ones(2))
     full = common.kernel_providers(torch.neg, torch.neg)

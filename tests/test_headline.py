@@ -94,7 +94,7 @@ def test_stages_option_runs_only_what_is_asked(tmp_path):
 
 def test_a_job_past_its_time_cap_is_killed(tmp_path):
     args = headline.parse_args(["--quick", "--out", str(tmp_path)])
-    event, reason = headline._launch(headline.JOBS_BY_NAME["attention"], 0.5, args, tmp_path)
+    event, reason = headline.launch(headline.JOBS_BY_NAME["attention"], 0.5, args, tmp_path)
     assert event == "killed" and "time cap" in reason
     assert "kernels/attention" in (tmp_path / headline.RUN_LOG).read_text()
 
@@ -107,7 +107,7 @@ def test_pytest_job_runs_gpt2_sized_tests_first_and_stops_at_its_deadline(tmp_pa
     collected, test, _, exit_ = records
     assert len(collected["tests"]) > 1 and "gpt2_size" in test["test"]  # one test, then the cap
     assert exit_["rc"] == pytest.ExitCode.INTERRUPTED
-    assert "(the time cap was reached)" in headline._pytest_text(records)
+    assert "(the time cap was reached)" in headline.pytest_text(records)
 
 
 def test_cpu_without_interpreter_and_quick_refuses(monkeypatch):
@@ -173,7 +173,7 @@ def test_pytest_job_chooses_gpu_tests_by_marker_and_reports_a_broken_module(tmp_
     assert "No module named 'gpt2_triton.no_such_module'" in broken["message"]
     missing = by_test["test_needs_missing.py"]
     assert missing["outcome"] == "skipped" and "needs no_such_dist_xyz" in missing["message"]
-    text = headline._pytest_text(records)
+    text = headline.pytest_text(records)
     assert "1 `gpu` tests collected" in text and "1 test module did not import" in text
     assert "FAILED `tests/test_broken.py` (collect): " in text and "no_such_module" in text
     assert "Test modules skipped whole: `tests/test_needs_missing.py` (" in text
@@ -359,7 +359,7 @@ def test_pytest_summary_counts_failures_and_tests_cut_by_the_cap():
         {"kind": "job", "stage": "pytest", "job": "pytest", "event": "killed", "reason": "time cap: stopped",
          "allowance_s": 60.0, "elapsed_s": 60.0},
     ]
-    text = headline._pytest_text(records)
+    text = headline.pytest_text(records)
     assert text.startswith("3 `gpu` tests collected: 1 passed, 1 failed, 0 skipped, 1 not run (killed: time cap")
     assert "FAILED `t::b`" in text and "max abs err 0.5" in text
 

@@ -251,7 +251,7 @@ ENTRY_POINTS = [  # (module whose main() parses the arguments, arguments before 
     ("gpt2_triton.train", [], "python -m gpt2_triton.train"),
     ("gpt2_triton.bench.__main__", [], "python -m gpt2_triton.bench"),
     ("gpt2_triton.bench.__main__", ["headline"], "python -m gpt2_triton.bench headline"),
-    ("gpt2_triton.bench.headline", [], "python -m gpt2_triton.bench headline"),  # also its jobs' entry
+    ("gpt2_triton.bench.headline.cli", [], "python -m gpt2_triton.bench headline"),  # also its jobs' entry
     ("gpt2_triton.bench.generate", [], "python -m gpt2_triton.bench.generate"),
     ("gpt2_triton.bench.varlen", [], "python -m gpt2_triton.bench.varlen"),
     ("gpt2_triton.bench.static.__main__", [], "python -m gpt2_triton.bench.static"),

@@ -2,7 +2,7 @@
 [--out DIR]
 
 python -m gpt2_triton.bench headline [--out DIR] [--budget-s 420]: the headline table in one budgeted run
-(bench/headline.py; `python -m gpt2_triton.bench headline --help`)."""
+(bench/headline/; `python -m gpt2_triton.bench headline --help`)."""
 import argparse
 import importlib
 import sys

@@ -284,16 +284,27 @@ def cold_start_lines(p) -> list:
               "",
               f"On {cs['cores']} cores (a parallel precompile, longest first): "
               f"{_cell([total['compile_s_parallel'][v] for v in versions])} s of compiling; tuning about "
-              f"{total['tune_s_estimate']} s.",
-              ""]
+              f"{total['tune_s_estimate']} s."]
     return lines
 
 
 def markdown(p) -> str:
-    versions = p["env"]["tritons"]
-    vs = " / ".join(versions)
+    """static.md: one section per part of the profile, a blank line between sections."""
+    sections = [_header(p), _summary(p), cold_start_lines(p), _kernels(p), _hot_loops(p), _op_bytes(p),
+                _micro_step(p)]
+    lines = []
+    for section in (s for s in sections if s):
+        lines += ([""] if lines else []) + section
+    lines.append("")
+    if "prediction" in p:
+        lines += ["", predict.markdown(p["prediction"])]
+    return "\n".join(lines)
+
+
+def _header(p) -> list:
+    vs = " / ".join(p["env"]["tritons"])
     s = p["shapes"]
-    lines = [
+    return [
         "# Static profile: GPT-2 124M training shapes, sm_90 (H100)",
         "",
         f"`python -m gpt2_triton.bench.static` | commit {p['env']['git_commit']} | torch {p['env']['torch']} | "
@@ -304,7 +315,12 @@ def markdown(p) -> str:
         f"Shapes: B={s['B']}, T={s['T']}, C={s['C']}, H={s['H']}, D={s['D']}, V={s['V']}, {s['dtype']}. "
         "Nothing ran on a GPU: compiled for sm_90 with each triton's ptxas; bytes and launches traced on "
         "fake tensors (see bench/static/__init__.py for the method).",
-        "",
+    ]
+
+
+def _summary(p) -> list:
+    vs = " / ".join(p["env"]["tritons"])
+    return [
         "## Summary: each launch, its first (hand-picked) autotune candidate",
         "",
         f"Cells: triton {vs}, in that order. Spilling candidates: of all candidates the autotuner may pick for "
@@ -315,8 +331,14 @@ def markdown(p) -> str:
         "| loops: instructions per iteration |",
         "|---|---|---|---:|---:|---|---:|---:|---|",
         *summary_rows(p),
-        "",
-        *cold_start_lines(p),
+    ]
+
+
+def _kernels(p) -> list:
+    """Every launch and autotune candidate: resources, dots, TMA, pipelining and compile time per triton."""
+    versions = p["env"]["tritons"]
+    vs = " / ".join(versions)
+    lines = [
         "## Kernels: every launch and autotune candidate",
         "",
         f"Cells: triton {vs}, in that order. First contact: among the candidates its autotuner tries the first "
@@ -342,8 +364,12 @@ def markdown(p) -> str:
                      f"{k['num_warps']} | {get('regs')} | {get('spill_stores')} | "
                      f"{get('shared', lambda b: round(b / 1024, 1))} | {get('ctas_per_sm')} | {dots} | {tma} | "
                      f"{piped} | {get('compile_s', lambda x: round(x, 2))} |")
-    lines += [
-        "",
+    return lines
+
+
+def _hot_loops(p) -> list:
+    """Each loop of each launch's first candidate: SASS instructions per iteration by opcode class."""
+    lines = [
         "## Hot loops (SASS instructions per iteration), first candidate of each launch",
         "",
         "One row per loop and triton version; `line`: the kernel source line the loop comes from. "
@@ -358,15 +384,19 @@ def markdown(p) -> str:
         if not k["first_candidate"]:
             continue
         base = launch_base(k)
-        for v in versions:
+        for v in p["env"]["tritons"]:
             r = k["results"][v]
             if not r.get("ok"):
                 continue
             for i, loop in enumerate(r["sass"]["loops"]):
                 cells = " | ".join(str(x) for x in _loop_counts(loop))
                 lines.append(f"| {base} | {k['config'] or '-'} | {v} | {i + 1} ({loop['site']}) | {cells} |")
-    lines += [
-        "",
+    return lines
+
+
+def _op_bytes(p) -> list:
+    """HBM bytes per op call, ours and eager, against the op's minimum."""
+    lines = [
         "## HBM bytes per op call (forward + backward), traced",
         "",
         "Ours: `gpt2_triton.model.ops.build_ops(\"triton\")`, eager: `build_ops(\"torch\")`, called as GPT-2 "
@@ -383,10 +413,14 @@ def markdown(p) -> str:
         lines.append(f"| {r['op']} | {r['B']} | {_gb(m)} | {_gb(o)} | {o / m:.2f} | {_gb(e)} | {e / m:.2f} | "
                      f"{o / e:.2f} | {r['triton']['triton_launches']} + {r['triton']['device_ops']} | "
                      f"{r['torch']['device_ops']} |")
+    return lines
+
+
+def _micro_step(p) -> list:
+    """One micro-step of each stack: launches, other device ops, host syncs and where the bytes go."""
     st = p["micro_step"]
     tri, eag = st["triton"], st["torch"]
-    lines += [
-        "",
+    lines = [
         f"## One training micro-step, B={st['B']} (steady state of gradient accumulation)",
         "",
         "`gpt2_triton.training.step.accumulate_gradients` on GPT-2 124M (gpt2 preset, pad_vocab_to=128), bf16 "
@@ -420,7 +454,4 @@ def markdown(p) -> str:
         b = top_e[i] if i < len(top_e) else ("", None)
         lines.append(f"| {a[0].removeprefix('aten.')} | {_gb(a[1]) if a[1] is not None else ''} | "
                      f"{b[0].removeprefix('aten.')} | {_gb(b[1]) if b[1] is not None else ''} |")
-    lines.append("")
-    if "prediction" in p:
-        lines += ["", predict.markdown(p["prediction"])]
-    return "\n".join(lines)
+    return lines
