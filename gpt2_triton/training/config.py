@@ -316,7 +316,7 @@ def resume_problems(saved: dict, now: dict, where: str = "the checkpoint") -> tu
             f"to train with other settings, start a new run in another --run-dir"), changes
 
 
-BUILT = ()  # the options above "none" that train; each lands with its implementation
+BUILT = ("recompute",)  # the options above "none" that train; each lands with its implementation
 
 
 def check_config(cfg: TrainConfig) -> None:

@@ -106,7 +106,7 @@ class Trainer:
 
         torch.manual_seed(cfg.seed)
         self.model_config = model_config_of(cfg)
-        self.raw_model = GPT(self.model_config, kernels=cfg.kernels).to(self.device)
+        self.raw_model = GPT(self.model_config, kernels=cfg.kernels, recompute=cfg.recompute).to(self.device)
         self.optimizer = self.raw_model.configure_optimizer(
             cfg.weight_decay, cfg.max_lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps, fused=cfg.fused_adamw)
         self.optimizer.register_step_pre_hook(lambda *_: setattr(self, "updating", True))
