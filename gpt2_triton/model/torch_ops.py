@@ -123,8 +123,8 @@ def flash_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
 
 
 def gelu_mlp(x, fc_weight, fc_bias, proj_weight, proj_bias, *, recompute=False):
-    """recompute: c_fc and the GELU run again in backward (torch.utils.checkpoint), so their input, the
-    (..., 4C) c_fc output, is not kept; c_proj still keeps the GELU output it multiplies."""
+    """recompute: c_fc and the GELU run again in backward (torch.utils.checkpoint), so the GELU's input,
+    the (..., 4C) c_fc output, is not kept; c_proj still keeps the GELU output it multiplies."""
     if not (recompute and torch.is_grad_enabled()):
         return reference.gelu_mlp(x, fc_weight, fc_bias, proj_weight, proj_bias, upcast=False)
     hidden = torch.utils.checkpoint.checkpoint(_fc_gelu, x, fc_weight, fc_bias, use_reentrant=False)
