@@ -1,4 +1,6 @@
 """Fused GELU-MLP (kernels/mlp.py) vs kernels/reference.py: forward, every gradient, GELU edge values."""
+import functools
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -11,11 +13,13 @@ from gpt2_triton.kernels.mlp import (
     gelu_mlp,
     gelu_mlp_bwd,
     gelu_mlp_fwd,
+    gelu_mlp_pre,
     linear_gelu,
     linear_gelu_bwd,
     linear_gelu_fwd,
 )
 from gpt2_triton.kernels.utils import feature_failed, is_interpreter, isolated_features, override_target
+from gpt2_triton.model import torch_ops
 
 # (x shape, hidden): the last dim of x is C.
 SHAPES = [
@@ -162,6 +166,42 @@ def test_gelu_mlp_without_biases_and_no_grad(device):
     with torch.no_grad():
         out_nograd = gelu_mlp(x, fc_w, None, proj_w, None)
     torch.testing.assert_close(out_nograd, out, atol=0, rtol=0)
+
+
+def saved_bytes(fn, inputs):
+    """(output, bytes of the distinct storages autograd keeps from fn(x, *params), the params left out)."""
+    leaves = {t.untyped_storage().data_ptr() for t in inputs[1:]}
+    kept = {}
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in leaves:
+            kept[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn(*inputs)
+    return out, sum(kept.values())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("x_shape, hidden", SHAPES)
+@pytest.mark.parametrize("impl", ["triton", "torch"])
+def test_gelu_mlp_recompute_same_bits_without_the_hidden_activation(impl, x_shape, hidden, dtype, device):
+    """recompute=True: the output and every grad equal recompute=False bit for bit, and backward keeps
+    M·H values fewer (Triton: its pre-activation, so only x is left; torch: c_fc's output)."""
+    op = gelu_mlp if impl == "triton" else torch_ops.gelu_mlp
+    x, params, dy = make_mlp_inputs(x_shape, hidden, dtype, device)
+    def without_biases(x, fc_w, proj_w, recompute=False):
+        return op(x, fc_w, None, proj_w, None, recompute=recompute)
+    for fn, inputs in ((op, (x, *params)), (without_biases, (x, params[0], params[2]))):
+        want, want_grads = forward_and_grads(fn, inputs, dy)
+        out, grads = forward_and_grads(functools.partial(fn, recompute=True), inputs, dy)
+        assert torch.equal(out, want)
+        assert len(grads) == len(inputs) and all(torch.equal(g, w) for g, w in zip(grads, want_grads))
+        leaves = [t.detach().clone().requires_grad_() for t in inputs]
+        kept = [saved_bytes(functools.partial(fn, recompute=r), leaves)[1] for r in (False, True)]
+        assert kept[0] - kept[1] == x.numel() // x_shape[-1] * hidden * x.element_size()
+        if impl == "triton":
+            assert kept[1] == x.numel() * x.element_size()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -507,6 +547,8 @@ def test_custom_ops_opcheck(device):
                         torch.zeros_like(proj_w), torch.zeros_like(proj_b), (False, True, True, False))),
         (gelu_mlp_bwd, (dy, x, pre, fc_w, proj_w, None, torch.zeros_like(fc_b), None, None,
                         (False, False, False, False))),
+        (gelu_mlp_pre, (x, fc_w, fc_b)),
+        (gelu_mlp_pre, (x, fc_w, None)),
         (linear_gelu_fwd, (lx, lw, lb, True)),
         (linear_gelu_bwd, (ldout, lx, lpre, lw, torch.zeros_like(lw), torch.zeros_like(lb), (True, False))),
     ]
@@ -518,12 +560,14 @@ def test_torch_compile_no_graph_breaks(device):
     """fullgraph=True fails on any graph break; aot_eager traces fwd and bwd through the fake impls."""
     x, params, dy = make_mlp_inputs((2, 5, 32), 128, torch.float32, device)
     torch._dynamo.reset()
-    compiled = torch.compile(gelu_mlp, backend="aot_eager", fullgraph=True)
-    out, grads = forward_and_grads(compiled, (x, *params), dy)
     eager_out, eager_grads = forward_and_grads(gelu_mlp, (x, *params), dy)
-    torch.testing.assert_close(out, eager_out, atol=0, rtol=0)
-    for g, eg in zip(grads, eager_grads):
-        torch.testing.assert_close(g, eg, atol=0, rtol=0)
+    for recompute in (False, True):
+        compiled = torch.compile(functools.partial(gelu_mlp, recompute=recompute), backend="aot_eager",
+                                 fullgraph=True)
+        out, grads = forward_and_grads(compiled, (x, *params), dy)
+        torch.testing.assert_close(out, eager_out, atol=0, rtol=0)
+        for g, eg in zip(grads, eager_grads):
+            torch.testing.assert_close(g, eg, atol=0, rtol=0)
 
 
 # ---------------------------------------------------------------------------------------------

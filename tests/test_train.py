@@ -299,6 +299,17 @@ def test_doc_mask_trains_resumes_exactly_and_stays_fixed(data_dir, tmp_path):
                                    resume="latest"))
 
 
+@pytest.mark.parametrize("recompute", ["gelu", "block"])
+def test_recompute_trains_the_same_losses(data_dir, tmp_path, recompute):
+    """Recomputing in backward what the forward computed gives the same bits: the same loss curve."""
+    common = dict(max_steps=4, lr_decay_steps=4, val_every=100, checkpoint_every=100, doc_mask=True)
+    plain = training.train(tiny_config(data_dir, tmp_path / "none", **common))
+    runs = training.train(tiny_config(data_dir, tmp_path / recompute, recompute=recompute, **common))
+    assert [r["loss"] for r in runs] == [r["loss"] for r in plain]
+    assert [r["grad_norm"] for r in runs] == [r["grad_norm"] for r in plain]
+    assert json.loads((tmp_path / recompute / "train_config.json").read_text())["recompute"] == recompute
+
+
 def test_grad_accumulation_equals_one_big_batch():
     torch.manual_seed(0)
     model = GPT(GPTConfig.from_preset("tiny", vocab_size=300, pad_vocab_to=64))

@@ -465,22 +465,41 @@ def gelu_mlp_fwd(x2d: torch.Tensor, fc_weight: torch.Tensor, fc_bias: Optional[t
     empty (0,) tensor). We save pre alone for backward and recompute gelu(pre) there: one (M, 4C) tensor
     kept per layer instead of two (pre and h).
     """
-    M, H, C = x2d.shape[0], fc_weight.shape[0], fc_weight.shape[1]
     dtype = x2d.dtype
     with autocast_disabled(x2d.device.type):
-        h = torch.empty((M, H), dtype=dtype, device=x2d.device)  # gelu(pre), only lives until c_proj
-        pre = torch.empty((M, H) if save_pre else (0,), dtype=dtype, device=x2d.device)
-        launch_matmul(x2d, cast_weight(fc_weight, dtype).t(), h, bias=fc_bias, epilogue=EPI_GELU,
-                       aux_out=pre if save_pre else None)
-        y = torch.empty((M, C), dtype=dtype, device=x2d.device)
+        h, pre = _fc_gelu(x2d, fc_weight, fc_bias, save_pre)  # h = gelu(pre) only lives until c_proj
+        y = torch.empty((x2d.shape[0], fc_weight.shape[1]), dtype=dtype, device=x2d.device)
         launch_matmul(h, cast_weight(proj_weight, dtype).t(), y, bias=proj_bias)
     return y, pre
+
+
+def _fc_gelu(x2d, fc_weight, fc_bias, save_pre):
+    """(gelu(pre), pre or an empty (0,) tensor) for pre = x2d @ fc_weight.T + fc_bias, in x2d's dtype."""
+    M, H = x2d.shape[0], fc_weight.shape[0]
+    h = torch.empty((M, H), dtype=x2d.dtype, device=x2d.device)
+    pre = torch.empty((M, H) if save_pre else (0,), dtype=x2d.dtype, device=x2d.device)
+    launch_matmul(x2d, cast_weight(fc_weight, x2d.dtype).t(), h, bias=fc_bias, epilogue=EPI_GELU,
+                   aux_out=pre if save_pre else None)
+    return h, pre
 
 
 @gelu_mlp_fwd.register_fake
 def _(x2d, fc_weight, fc_bias, proj_weight, proj_bias, save_pre):
     M, H = x2d.shape[0], fc_weight.shape[0]
     return x2d.new_empty((M, fc_weight.shape[1])), x2d.new_empty((M, H) if save_pre else (0,))
+
+
+@torch.library.custom_op("gpt2_triton::gelu_mlp_pre", mutates_args=())
+def gelu_mlp_pre(x2d: torch.Tensor, fc_weight: torch.Tensor, fc_bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """pre (M, H) of gelu_mlp_fwd, recomputed for a backward that did not keep it: the same launch as the
+    forward's (same tile, same accumulation order), so the same bits."""
+    with autocast_disabled(x2d.device.type):
+        return _fc_gelu(x2d, fc_weight, fc_bias, True)[1]
+
+
+@gelu_mlp_pre.register_fake
+def _(x2d, fc_weight, fc_bias):
+    return x2d.new_empty((x2d.shape[0], fc_weight.shape[0]))
 
 
 @torch.library.custom_op("gpt2_triton::gelu_mlp_bwd", mutates_args=("dfc_w", "dfc_b", "dproj_w", "dproj_b"))
@@ -575,20 +594,24 @@ def _(dout, x2d, pre, weight, dw, db, accumulate):
 # ----------------------------------------------------------------------------------------------
 class GeluMLPFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, fc_weight, fc_bias, proj_weight, proj_bias, save_pre):
+    def forward(ctx, x, fc_weight, fc_bias, proj_weight, proj_bias, save_pre, recompute):
+        """recompute: keep only x for backward and compute pre again there (4C fewer values kept per row)."""
         x2d = x.reshape(-1, x.shape[-1])  # (M, C)
-        y, pre = gelu_mlp_fwd(x2d, fc_weight, fc_bias, proj_weight, proj_bias, save_pre)
-        ctx.save_for_backward(x2d, pre, fc_weight, proj_weight)
+        y, pre = gelu_mlp_fwd(x2d, fc_weight, fc_bias, proj_weight, proj_bias, save_pre and not recompute)
+        ctx.save_for_backward(x2d, pre, fc_weight, fc_bias, proj_weight)
+        ctx.recompute = recompute
         ctx.sinks = GradSinks((fc_weight, fc_bias, proj_weight, proj_bias), ctx.needs_input_grad[1:5])
         return y.view(x.shape)
 
     @staticmethod
     def backward(ctx, dy):
-        x2d, pre, fc_weight, proj_weight = ctx.saved_tensors
+        x2d, pre, fc_weight, fc_bias, proj_weight = ctx.saved_tensors
+        if ctx.recompute:
+            pre = gelu_mlp_pre(x2d, fc_weight, fc_bias)  # (M, H)
         buffers = ctx.sinks.buffers(ctx.needs_input_grad[1:5])
         dx = gelu_mlp_bwd(dy.reshape(-1, dy.shape[-1]), x2d, pre, fc_weight, proj_weight,
                           *(b.tensor for b in buffers), tuple(b.accumulate for b in buffers))
-        return (dx.view(dy.shape), *(b.returned() for b in buffers), None)
+        return (dx.view(dy.shape), *(b.returned() for b in buffers), None, None)
 
 
 class LinearGeluFunction(torch.autograd.Function):
@@ -639,9 +662,10 @@ def _needs_grad(*tensors):
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
-def gelu_mlp(x, fc_weight, fc_bias, proj_weight, proj_bias):
+def gelu_mlp(x, fc_weight, fc_bias, proj_weight, proj_bias, *, recompute=False):
     """c_proj(gelu_tanh(c_fc(x))): x (..., C), fc_weight (H, C), fc_bias (H,) or None,
-    proj_weight (C, H), proj_bias (C,) or None -> (..., C).
+    proj_weight (C, H), proj_bias (C,) or None -> (..., C). recompute: backward keeps only x and
+    recomputes the (..., H) pre-activation (one more x @ fc_weight.T); same outputs and grads.
 
     Without autocast the parameters share one dtype, x's or fp32 (with fp16/bf16 x), and the result has
     x's dtype. Under autocast x is cast to the autocast dtype, the parameters (any one float dtype) are
@@ -660,7 +684,7 @@ def gelu_mlp(x, fc_weight, fc_bias, proj_weight, proj_bias):
                          f"got {tuple(x.shape)}")
     (x,) = cast_floats(cast_to, x)
     save_pre = _needs_grad(x, fc_weight, fc_bias, proj_weight, proj_bias)
-    return GeluMLPFunction.apply(x, fc_weight, fc_bias, proj_weight, proj_bias, save_pre)
+    return GeluMLPFunction.apply(x, fc_weight, fc_bias, proj_weight, proj_bias, save_pre, recompute)
 
 
 def linear_gelu(x, weight, bias):

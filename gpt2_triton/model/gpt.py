@@ -17,6 +17,7 @@ import itertools
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
+from torch.utils.checkpoint import checkpoint
 
 from gpt2_triton.kernels.utils import asserts_on_device, autocast_dtype
 from gpt2_triton.model.config import GPTConfig
@@ -121,12 +122,12 @@ class CausalSelfAttention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, config: GPTConfig, ops: Ops):
+    def __init__(self, config: GPTConfig, ops: Ops, recompute_gelu: bool = False):
         super().__init__()
         self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd)
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd)
         self.c_proj.RESIDUAL_PROJECTION = True
-        self.gelu_mlp = ops.gelu_mlp
+        self.gelu_mlp = functools.partial(ops.gelu_mlp, recompute=True) if recompute_gelu else ops.gelu_mlp
         self.bias_in_norm = ops.bias_in_norm
 
     def forward(self, x):
@@ -138,12 +139,12 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, config: GPTConfig, ops: Ops, layer: int):
+    def __init__(self, config: GPTConfig, ops: Ops, layer: int, recompute_gelu: bool = False):
         super().__init__()
         self.ln_1 = LayerNorm(config.n_embd, config.layer_norm_eps, ops)
         self.attn = CausalSelfAttention(config, ops, layer)
         self.ln_2 = LayerNorm(config.n_embd, config.layer_norm_eps, ops)
-        self.mlp = MLP(config, ops)
+        self.mlp = MLP(config, ops, recompute_gelu)
         self.sharded = False  # FSDP2 frees this Block's weights when its forward returns (training.sharding)
 
     def forward(self, x, pending=(None, None), documents=None, kv_cache=None):
@@ -158,16 +159,32 @@ class Block(nn.Module):
         return x, (branch, bias)
 
 
+RECOMPUTE = ("none", "gelu", "block")
+
+
+def _run_block(block, x, branch, bias, **kwargs):
+    """block(x, (branch, bias)): the checkpoint keeps tensor arguments as saved tensors only when they
+    are passed flat, not inside a tuple."""
+    return block(x, (branch, bias), **kwargs)
+
+
 class GPT(nn.Module):
-    def __init__(self, config: GPTConfig, kernels="torch"):
+    """kernels: which implementation runs each hot op (model/ops.py). recompute: what backward computes again
+    instead of keeping from the forward: "none"; "gelu" (each MLP's 4C-wide c_fc output); "block" (all of a
+    Block but its inputs: torch.utils.checkpoint per Block, in training mode with grad enabled)."""
+
+    def __init__(self, config: GPTConfig, kernels="torch", recompute="none"):
         super().__init__()
+        if recompute not in RECOMPUTE:
+            raise ValueError(f"GPT: recompute must be one of {RECOMPUTE}; got {recompute!r}")
         self.config = config
+        self.recompute = recompute
         self.ops = build_ops(kernels)
         self.embedding = self.ops.embedding
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(config.padded_vocab_size, config.n_embd),
             wpe=nn.Embedding(config.block_size, config.n_embd),
-            h=nn.ModuleList([Block(config, self.ops, i) for i in range(config.n_layer)]),
+            h=nn.ModuleList([Block(config, self.ops, i, recompute == "gelu") for i in range(config.n_layer)]),
             ln_f=LayerNorm(config.n_embd, config.layer_norm_eps, self.ops),
         ))
         self.lm_head = nn.Linear(config.n_embd, config.padded_vocab_size, bias=False)
@@ -226,8 +243,13 @@ class GPT(nn.Module):
     def _blocks(self, x, **kwargs):
         """The residual stream x through every block and ln_f (which adds the last MLP's output)."""
         pending = (None, None)
+        checkpointed = (self.recompute == "block" and self.training and torch.is_grad_enabled()
+                        and kwargs.get("kv_cache") is None)
         for block in self.transformer.h:
-            x, pending = block(x, pending, **kwargs)
+            if checkpointed:  # keeps x and pending; the block's forward runs again in backward
+                x, pending = checkpoint(_run_block, block, x, *pending, use_reentrant=False, **kwargs)
+            else:
+                x, pending = block(x, pending, **kwargs)
         return self.transformer.ln_f(x, *pending)[1]
 
     def extend(self, tokens, new: list, kv_cache: "KVCache"):

@@ -7,6 +7,7 @@ import functools
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 from gpt2_triton.kernels import reference
 from gpt2_triton.kernels.utils import document_bounds, merge_heads, split_heads
@@ -121,8 +122,17 @@ def flash_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     return out.reshape(n * max_q, H, D).index_select(0, plan.out_rows)
 
 
-def gelu_mlp(x, fc_weight, fc_bias, proj_weight, proj_bias):
-    return reference.gelu_mlp(x, fc_weight, fc_bias, proj_weight, proj_bias, upcast=False)
+def gelu_mlp(x, fc_weight, fc_bias, proj_weight, proj_bias, *, recompute=False):
+    """recompute: c_fc and the GELU run again in backward (torch.utils.checkpoint), so the GELU's input,
+    the (..., 4C) c_fc output, is not kept; c_proj still keeps the GELU output it multiplies."""
+    if not (recompute and torch.is_grad_enabled()):
+        return reference.gelu_mlp(x, fc_weight, fc_bias, proj_weight, proj_bias, upcast=False)
+    hidden = torch.utils.checkpoint.checkpoint(_fc_gelu, x, fc_weight, fc_bias, use_reentrant=False)
+    return F.linear(hidden, proj_weight, proj_bias).to(x.dtype)
+
+
+def _fc_gelu(x, fc_weight, fc_bias):
+    return reference.gelu_tanh(F.linear(x, fc_weight, fc_bias))
 
 
 def cross_entropy(logits, targets, ignore_index=-100, *, num_classes=None):

@@ -316,9 +316,6 @@ def resume_problems(saved: dict, now: dict, where: str = "the checkpoint") -> tu
             f"to train with other settings, start a new run in another --run-dir"), changes
 
 
-BUILT = ("shard",)  # the options above "none" that train; each lands with its implementation
-
-
 def check_config(cfg: TrainConfig) -> None:
     """Every field in its range, and every combination that can be checked without data or devices.
     Raises ConfigError naming the flag; nothing has been written yet."""
@@ -346,9 +343,6 @@ def check_config(cfg: TrainConfig) -> None:
         raise ConfigError(problem)
     if cfg.seq_len > model_config.block_size:
         raise ConfigError(f"--seq-len {cfg.seq_len} exceeds the model's block size {model_config.block_size}")
-    for name in ("shard", "recompute"):
-        if getattr(cfg, name) != "none" and name not in BUILT:
-            raise ConfigError(f"--{name} {getattr(cfg, name)}: not built yet (only none)")
     if cfg.resume and cfg.overwrite:
         raise ConfigError("--resume continues the run in the run folder and --overwrite deletes it: pick one")
     if cfg.resume not in (None, "latest") and not Path(cfg.resume).is_file():

@@ -118,7 +118,7 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         self.model_config = model_config_of(cfg)
         self.shard = cfg.shard if ctx.is_ddp else "none"  # one process has nothing to share
-        self.raw_model = GPT(self.model_config, kernels=cfg.kernels).to(self.device)
+        self.raw_model = GPT(self.model_config, kernels=cfg.kernels, recompute=cfg.recompute).to(self.device)
         if init_model is not None and resume_from is None:
             self.load_init(init_model)  # before sharding: the weights are whole here
         shard_model(self.raw_model, self.shard, self.amp_dtype)
