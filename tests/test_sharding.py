@@ -182,3 +182,26 @@ def test_shard_is_a_flag_that_may_change_on_resume():
         check_config(training.make_config("demo", shard="zero3"))
     assert "zero3" in str(e.value) and "none, optimizer, full" in str(e.value), str(e.value)
     assert TrainConfig().shard == "none"
+
+
+@pytest.mark.slow
+def test_block_recompute_under_full_shard(data_dir, single, tmp_path):
+    """torch.utils.checkpoint per Block around FSDP2's Blocks: the recomputed forward gathers the weights again."""
+    run = {**RUN, "max_steps": 3, "checkpoint_every": 0}
+    torchrun(2, cli_flags(data_dir, tmp_path, total_batch=2 * 4 * 32, shard="full", recompute="block", **run))
+    assert losses(tmp_path) == pytest.approx({k: v for k, v in losses(single[2]).items() if k <= 3}, abs=1e-5)
+
+
+@pytest.mark.slow
+def test_without_total_batch_the_number_of_processes_must_stay(data_dir, tmp_path):
+    """The global batch is one micro-batch per process (the demo's total_batch none, resolved per world size):
+    another number of processes would train another batch, which resume refuses by name."""
+    run = {**RUN, "max_steps": 2, "checkpoint_every": 1}
+    one_process(cli_flags(data_dir, tmp_path, **run))
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           "train.py", *cli_flags(data_dir, tmp_path, resume=True, **{**run, "max_steps": 4})],
+                          cwd=REPO, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode != 0
+    assert ("error: --resume: this run differs from ckpt_000002.pt in --total-batch (128 in the checkpoint, 256 "
+            "now)") in proc.stderr, proc.stderr[-2000:]

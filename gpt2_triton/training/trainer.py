@@ -313,10 +313,6 @@ class Trainer:
                 f"{then['train']}, val {then['val']}; now: train {now['train']}, val {now['val']}; fingerprint "
                 f"{then['fingerprint']} vs {now['fingerprint']}). Resume on the data it was trained on (prepared "
                 f"with the same options), or start a new run")
-        if state["world_size"] != self.ctx.world_size and self.cfg.total_batch is None:
-            raise ConfigError(f"--resume: {path} was written by {state['world_size']} processes and the batch is one "
-                              f"micro-batch per process (no --total-batch): resume with {state['world_size']} "
-                              f"processes (now {self.ctx.world_size}), or set --total-batch")
         saved, now = state.get("train_config", {}), asdict(self.cfg)
         problem, self.resume_changes = resume_problems(saved, now, path.name)
         if problem:
