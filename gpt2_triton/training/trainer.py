@@ -297,8 +297,8 @@ class Trainer:
     def check_resumable(self, path: Path, state: dict):
         """The checkpoint was written by this same run: same model, data, batch and optimizer settings,
         as many processes, and it has steps left to take. Records which changeable fields changed."""
-        missing = [k for k in ("step", "loader", "rng", "world_size", "model_config")
-                   + (() if "sharded" in state else ("model", "optimizer")) if k not in state]
+        needed = ("model", "optimizer", "step", "loader", "rng", "world_size", "model_config")
+        missing = [k for k in needed if k not in state and not ("sharded" in state and k in ("model", "optimizer"))]
         if missing:
             raise ConfigError(f"--resume: {path} is not a training checkpoint (it lacks {', '.join(missing)})")
         model_now = self.model_config.to_dict()
