@@ -143,6 +143,10 @@ def test_output_header_step_lines_and_summary(trained):
     assert lines[2].split()[:6] == ["length", "steps", "1-30:", "3,840", "tokens", "="]
     assert lines[4].split() == "device cpu | fp32 | torch.compile off | kernels torch (auto)".split()
     assert lines[5].split() == ["run", str(run_dir), "(full", "config", "in", "train_config.json)"]
+    from gpt2_triton.training.memory import memory_plan, plan_line
+    plan = memory_plan(GPTConfig.from_preset("gpt2", n_layer=2, n_head=2, n_embd=32, block_size=32, pad_vocab_to=128),
+                       4, 32, 1, amp=False, kernels="torch")
+    assert lines[6] == "  " + plan_line(plan) and lines[6].endswith(" GB")  # a CPU: no device size, no refusal
     # one line per --log-every 10 steps (and the first), each with the step's numbers as metrics.jsonl has them
     records = {r["step"]: r for r in read_metrics(run_dir / "metrics.jsonl", "train")}
     step_lines = [m for m in map(STEP_LINE.fullmatch, lines) if m]

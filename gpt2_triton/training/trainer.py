@@ -55,6 +55,7 @@ from gpt2_triton.training.distributed import (
     setup_distributed,
 )
 from gpt2_triton.training.errors import ConfigError, NonFiniteError, RunError
+from gpt2_triton.training.memory import check_memory, plan_line
 from gpt2_triton.training.metrics import (
     MetricsLog,
     cosine_lr,
@@ -104,6 +105,8 @@ class Trainer:
         self.updating = self.saving = False  # in an optimizer update / in save(): an error then saves nothing
         self.completed = None  # (step, loader state, RNG states) right after the last completed update
 
+        # the memory plan: refuses, before the model is allocated, a run that cannot fit this GPU
+        self.memory_plan, self.device_bytes = check_memory(cfg, ctx.world_size, self.device)
         torch.manual_seed(cfg.seed)
         self.model_config = model_config_of(cfg)
         self.raw_model = GPT(self.model_config, kernels=cfg.kernels).to(self.device)
@@ -409,7 +412,8 @@ class Trainer:
             self.print(fallback_line(self.kernel_fallbacks))
         for line in header_lines(cfg, self.raw_model.num_params(), self.raw_model.kernels, self.grad_accum,
                                  self.ctx.world_size, int(self.train_loader.sizes.sum()), self.step,
-                                 kernels_auto=self.kernel_fallbacks is not None):
+                                 kernels_auto=self.kernel_fallbacks is not None,
+                                 memory=plan_line(self.memory_plan, self.device_bytes)):
             self.print(line)
         self.report.start(self.step, cfg.max_steps)
         if self.step == 0 and cfg.val_every:
