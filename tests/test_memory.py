@@ -35,7 +35,7 @@ def tensor_bytes(tensors):
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def within(planned, measured, rel=0.10):
+def within(planned, measured, rel=0.02):  # measured: exact but for torch bf16 C64-L3 (+0.75%); the issue asks 10%
     assert abs(planned - measured) <= rel * measured, (planned, measured)
 
 

@@ -12,9 +12,10 @@ and under bf16 autocast. Per layer, with C the width and H the heads:
          + 16 (two LayerNorms' mean and rstd)
   bf16:  28C (Triton) or 36C (torch) + 4H + 16; torch's linears under autocast keep their bf16 weight
          copies too, 24C^2 bytes per layer
-and once per token outside the blocks: 24C + 16 (fp32) or 6C + 16 (bf16) with the fused lm_head +
-cross-entropy, 4V + 8C + 16 or 4V + 6C + 16 with torch's (its fp32 log-softmax of V logits); under bf16
-autocast also one copy of the tied (V_padded, C) lm_head weight: fp32 with the fused loss, bf16 with torch's.
+and once per token outside the blocks: 8C + 16 (fp32) or 6C + 16 (bf16), plus 4V with torch's
+cross-entropy (its fp32 log-softmax of V logits); and once per run one (V_padded, C) tensor: the fused lm_head +
+cross-entropy keeps an fp32 one (the lm_head gradient it computes in forward), torch's linear under bf16
+autocast its bf16 copy of the tied weight.
 recompute="gelu" keeps no 4C tensor of the MLP (its GELU input is recomputed in backward); "block" keeps
 each Block's input (the residual stream and the pending MLP branch, 2C fp32) and one Block's activations
 while that Block is recomputed.
@@ -72,7 +73,7 @@ def _impls(kernels) -> dict:
 
 def activation_bytes_per_token(config: GPTConfig, amp: bool, kernels, recompute: str = "none") -> tuple:
     """(bytes per token per Block, bytes per token outside the blocks, bytes per Block not per token, bytes
-    once: the copy of the tied lm_head weight autocast keeps)."""
+    once: the (V_padded, C) tensor the loss keeps)."""
     impls = _impls(kernels)
     C, H, V = config.n_embd, config.n_head, config.vocab_size
     triton_mlp = impls.get("gelu_mlp") == "triton"
@@ -82,14 +83,11 @@ def activation_bytes_per_token(config: GPTConfig, amp: bool, kernels, recompute:
     layer += 4 * H + 16
     mlp_wide = (4 if triton_mlp else 8) * C * act  # the MLP's 4C-wide tensors
     fused_loss = impls.get("cross_entropy") == "triton"
-    if fused_loss:
-        outside = (6 if amp else 24) * C + 16
-    else:
-        outside = 4 * V + (6 if amp else 8) * C + 16
+    outside = (6 if amp else 8) * C + 16 + (0 if fused_loss else 4 * V)
     weight_copies = 0
     if amp:
         weight_copies = 2 * C * C * ((4 if impls.get("linear") != "triton" else 0) + (8 if not triton_mlp else 0))
-    lm_head_copy = (4 if fused_loss else 2) * config.padded_vocab_size * C if amp else 0
+    lm_head_copy = 4 * config.padded_vocab_size * C if fused_loss else 2 * config.padded_vocab_size * C * amp
     if recompute == "gelu":
         layer -= mlp_wide
     return layer, outside, weight_copies, lm_head_copy
