@@ -839,6 +839,23 @@ def test_init_from_an_hf_folder_or_a_run_starts_a_new_run_from_its_weights(data_
     assert not (tmp_path / "c").exists()
 
 
+def test_larger_gpt2_presets_are_llm_c_recipes_that_resolve_on_8_gpus():
+    from gpt2_triton.training.config import check_config, model_config_of, resolve_config
+    expected = {  # llm.c run_gpt2_*.sh: model, -b, -d, -l, -q, -u, -x
+        "gpt2-350m": ((24, 16, 1024), 64, 524288, 3e-4, 0.0, 700, 60000),
+        "gpt2-774m": ((36, 20, 1280), 32, 524288, 2.5e-4, 0.0, 700, 286102),
+        "gpt2-1558m": ((48, 25, 1600), 16, 1048576, 6e-4, 0.1, 700, 32000),
+    }
+    for preset, (shape, micro_batch, total, lr, final, warmup, steps) in expected.items():
+        cfg = training.parse_config(["--preset", preset, "--device", "cpu"])
+        check_config(cfg)
+        m = model_config_of(cfg)
+        assert (m.n_layer, m.n_head, m.n_embd, m.head_size, m.padded_vocab_size) == (*shape, 64, 50304)
+        assert (cfg.micro_batch, cfg.seq_len, cfg.total_batch, cfg.max_lr, cfg.min_lr_ratio, cfg.warmup_steps,
+                cfg.max_steps, cfg.weight_decay) == (micro_batch, 1024, total, lr, final, warmup, steps, 0.1)
+        assert resolve_config(cfg, torch.device("cpu"), 8).total_batch == total  # whole micro-steps on 8 GPUs
+
+
 def test_cli_overrides_preset_and_defaults():
     cfg = training.parse_config(["--preset", "gpt2-124m", "--micro-batch", "16", "--max-steps", "100",
                               "--no-compile", "--resume", "--kernels", "attention=triton"])
