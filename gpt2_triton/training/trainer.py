@@ -105,7 +105,7 @@ class Trainer:
         self.updating = self.saving = False  # in an optimizer update / in save(): an error then saves nothing
         self.completed = None  # (step, loader state, RNG states) right after the last completed update
 
-        # the memory plan: refuses, before the model is allocated, a run that cannot fit this GPU
+        # the memory plan per GPU, for the header (training_session has refused a run it does not fit)
         self.memory_plan, self.device_bytes = check_memory(cfg, ctx.world_size, self.device)
         torch.manual_seed(cfg.seed)
         self.model_config = model_config_of(cfg)
@@ -530,6 +530,7 @@ def train(cfg: TrainConfig) -> list[dict]:
     try:
         fallbacks = kernel_choice(cfg, ctx.device.type)[1]  # None: --kernels named them, not "auto"
         cfg = resolve_config(cfg, ctx.device, ctx.world_size)
+        check_memory(cfg, ctx.world_size, ctx.device)  # the memory plan: refuses a run that cannot fit this GPU
         with sigterm_raises():  # until the loop's own handlers: SIGTERM cleans up as Ctrl-C does
             lock, resume_from = on_rank0(ctx, lambda: claim_run_dir(cfg)) or (None, None)
             resume_from = broadcast(resume_from, ctx)
