@@ -71,7 +71,7 @@ def _impls(kernels) -> dict:
     return resolve_kernels(kernels)
 
 
-def activation_bytes_per_token(config: GPTConfig, amp: bool, kernels, recompute: str = "none") -> tuple:
+def activation_bytes(config: GPTConfig, amp: bool, kernels, recompute: str = "none") -> tuple:
     """(bytes per token per Block, bytes per token outside the blocks, bytes per Block not per token, bytes
     once: the (V_padded, C) tensor the loss keeps)."""
     impls = _impls(kernels)
@@ -112,7 +112,7 @@ def memory_plan(config: GPTConfig, micro_batch: int, seq_len: int, world_size: i
         params, grads = -(-params // world_size), -(-grads // world_size)
         workspace = 2 * block_params(config.n_embd)
     tokens = micro_batch * seq_len
-    layer, outside, weight_copies, lm_head_copy = activation_bytes_per_token(
+    layer, outside, weight_copies, lm_head_copy = activation_bytes(
         config, amp, kernels, "gelu" if recompute == "gelu" else "none")
     L = config.n_layer
     if recompute == "block":
