@@ -53,9 +53,10 @@ def device_text(device: torch.device, world_size: int) -> str:
 
 
 def header_lines(cfg: TrainConfig, n_params: int, kernels: dict, grad_accum: int, world_size: int,
-                 train_tokens: int, start_step: int = 0, kernels_auto: bool = False) -> list[str]:
+                 train_tokens: int, start_step: int = 0, kernels_auto: bool = False,
+                 memory: str | None = None) -> list[str]:
     """What this run is, in six lines: model, batch, length, schedule, device (and which kernels run, "(auto)"
-    where --kernels auto chose them) and where it writes."""
+    where --kernels auto chose them) and where it writes; a seventh, `memory` (memory.plan_line), where given."""
     m = model_config_of(cfg)
     steps = cfg.max_steps - start_step
     tokens = steps * cfg.total_batch
@@ -73,7 +74,7 @@ def header_lines(cfg: TrainConfig, n_params: int, kernels: dict, grad_accum: int
         f"  device   {device_text(cfg.device, world_size)} | {dtype} | torch.compile {'on' if cfg.compile else 'off'}"
         f" | kernels {kernels_text(kernels)}{' (auto)' if kernels_auto else ''}",
         f"  run      {cfg.run_dir} (full config in train_config.json)",
-    ]
+    ] + ([f"  {memory}"] if memory else [])
 
 
 def step_fields(record: dict) -> list[str]:
