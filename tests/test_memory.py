@@ -5,7 +5,7 @@ import torch
 
 from gpt2_triton.model.config import GPTConfig
 from gpt2_triton.model.gpt import GPT
-from gpt2_triton.training.memory import memory_plan, plan_line, plan_problem, plan_table
+from gpt2_triton.training.memory import memory_plan, plan_line, plan_problem, plan_table, zero_partition
 
 CONFIGS = [  # (GPTConfig, micro_batch, seq_len)
     (GPTConfig(block_size=64, vocab_size=96, n_layer=2, n_head=2, n_embd=32), 2, 32),
@@ -72,8 +72,12 @@ def test_sharding_divides_state_and_recompute_shrinks_activations():
     none = memory_plan(xl, 16, 1024, 8, "none")
     zero1 = memory_plan(xl, 16, 1024, 8, "optimizer")
     full = memory_plan(xl, 16, 1024, 8, "full")
-    assert (zero1.params, zero1.grads, zero1.adamw) == (none.params, none.grads, -(-none.adamw // 8))
-    assert (full.params, full.grads, full.adamw) == (-(-none.params // 8), -(-none.grads // 8), zero1.adamw)
+    # ZeRO-1 shares whole parameters: the largest share (8 bytes of AdamW state per element) is about an eighth
+    assert (zero1.params, zero1.grads, zero1.adamw) == (none.params, none.grads, 8 * zero_partition(xl, 8))
+    assert -(-none.adamw // 8) < zero1.adamw < 1.001 * none.adamw / 8
+    assert (full.params, full.grads, full.adamw) == (-(-none.params // 8), -(-none.grads // 8), -(-none.adamw // 8))
+    small = GPTConfig.from_preset("gpt2", pad_vocab_to=128)  # its (50304, 768) embedding is 31 % of it
+    assert zero_partition(small, 8) == 50304 * 768
     assert none.workspace == zero1.workspace == 0 and full.workspace == 2 * (12 * 1600 ** 2 + 13 * 1600)
     assert 2.1e6 < none.activations / (16 * 1024) < 2.3e6  # bytes per token
     gelu, block = (memory_plan(xl, 16, 1024, 8, "none", r).activations for r in ("gelu", "block"))

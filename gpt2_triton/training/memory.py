@@ -2,7 +2,8 @@
 cannot fit.
 
 Model state: fp32 master parameters and gradients, AdamW's two fp32 states. shard="optimizer" (ZeRO-1)
-divides the AdamW state by the world size; "full" (FSDP2) divides parameters, gradients and state, and
+gives each rank the AdamW state of whole parameters (its largest share: `zero_partition`); "full" (FSDP2)
+divides parameters, gradients and state, and
 needs one Block's unsharded bf16 parameters as workspace while it runs.
 
 Activations: the bytes autograd keeps between forward and backward, per token, measured with
@@ -60,6 +61,23 @@ def num_params(config: GPTConfig) -> int:
     return config.padded_vocab_size * C + config.block_size * C + config.n_layer * block_params(C) + 2 * C
 
 
+def param_groups(config: GPTConfig) -> list[list[int]]:
+    """Elements of each parameter in GPT.optimizer_groups' order: the decayed (dim >= 2) ones, then the rest."""
+    C, L = config.n_embd, config.n_layer
+    return [[config.padded_vocab_size * C, config.block_size * C] + [3 * C * C, C * C, 4 * C * C, 4 * C * C] * L,
+            [C, C, 3 * C, C, C, C, 4 * C, C] * L + [C, C]]
+
+
+def zero_partition(config: GPTConfig, world_size: int) -> int:
+    """Elements of the largest rank's share under ZeroRedundancyOptimizer, which gives each parameter whole to
+    the rank with the fewest so far, largest first, group by group: the (V, C) embedding alone can exceed 1/N."""
+    sizes = [0] * world_size
+    for group in param_groups(config):
+        for numel in sorted(group, reverse=True):
+            sizes[sizes.index(min(sizes))] += numel
+    return max(sizes)
+
+
 def block_params(C: int) -> int:
     """c_attn 3C^2+3C, c_proj C^2+C, c_fc 4C^2+4C, mlp c_proj 4C^2+C, two LayerNorms 4C."""
     return 12 * C * C + 13 * C
@@ -106,9 +124,10 @@ def memory_plan(config: GPTConfig, micro_batch: int, seq_len: int, world_size: i
     params = grads = state
     adamw = 2 * state
     workspace = 0
-    if shard in ("optimizer", "full"):
-        adamw = -(-adamw // world_size)
+    if shard == "optimizer":
+        adamw = 2 * 4 * zero_partition(config, world_size)
     if shard == "full":
+        adamw = -(-adamw // world_size)
         params, grads = -(-params // world_size), -(-grads // world_size)
         workspace = 2 * block_params(config.n_embd)
     tokens = micro_batch * seq_len
