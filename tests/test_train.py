@@ -146,7 +146,8 @@ def test_output_header_step_lines_and_summary(trained):
     from gpt2_triton.training.memory import memory_plan, plan_line
     plan = memory_plan(GPTConfig.from_preset("gpt2", n_layer=2, n_head=2, n_embd=32, block_size=32, pad_vocab_to=128),
                        4, 32, 1, amp=False, kernels="torch")
-    assert lines[6] == "  " + plan_line(plan) and lines[6].endswith(" GB")  # a CPU: no device size, no refusal
+    assert lines[6] == "  " + plan_line(plan)  # a CPU: no device size, no refusal; MBs below 1 GB
+    assert lines[6].startswith("  memory per process: params 6.5, ") and lines[6].endswith(" MB")
     # one line per --log-every 10 steps (and the first), each with the step's numbers as metrics.jsonl has them
     records = {r["step"]: r for r in read_metrics(run_dir / "metrics.jsonl", "train")}
     step_lines = [m for m in map(STEP_LINE.fullmatch, lines) if m]

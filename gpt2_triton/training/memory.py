@@ -153,10 +153,14 @@ def gb(n: int) -> str:
 
 
 def plan_line(plan: MemoryPlan, device_bytes: int | None = None) -> str:
-    """memory per GPU: params X, grads X, AdamW X, activations X, workspace X = X GB of Y"""
-    of = f" of {gb(device_bytes)}" if device_bytes else ""
-    return (f"memory per GPU: params {gb(plan.params)}, grads {gb(plan.grads)}, AdamW {gb(plan.adamw)}, "
-            f"activations {gb(plan.activations)}, workspace {gb(plan.workspace)} = {gb(plan.total)} GB{of}")
+    """memory per GPU: params X, grads X, AdamW X, activations X, workspace X = X GB of Y (on a CPU: per
+    process, in MB below 1 GB, no "of")."""
+    scale, unit = (GB, "GB") if plan.total >= GB or device_bytes else (1e6, "MB")  # the demo's are MBs
+    size = lambda n: f"{n / scale:.1f}"  # noqa: E731
+    of = f" of {size(device_bytes)}" if device_bytes else ""
+    where = "GPU" if device_bytes else "process"  # a CPU run: no device memory to compare with
+    return (f"memory per {where}: params {size(plan.params)}, grads {size(plan.grads)}, AdamW {size(plan.adamw)}, "
+            f"activations {size(plan.activations)}, workspace {size(plan.workspace)} = {size(plan.total)} {unit}{of}")
 
 
 def plan_problem(plan: MemoryPlan, device_bytes: int) -> str | None:
