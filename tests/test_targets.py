@@ -270,3 +270,25 @@ def test_dead_worker_is_a_failed_case_and_is_replaced():
     assert not results["crash"]["ok"] and "compile worker died" in results["crash"]["error"]
     assert not results["next"]["ok"] and "KeyError" in results["next"]["error"]  # the spec has no kernel: it ran
     assert len(set(started)) == 2
+
+
+# ----------------------------------------------------------------------------------------------
+# The per-architecture paths, chosen at launch (utils.target_paths), forced per target
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("arch, precision, tma", [("sm_90", "tf32", True), ("sm_100", "tf32", True),
+                                                  ("gfx942", "tf32", False), ("gfx950", "ieee", False),
+                                                  (None, "tf32", True)])
+def test_paths_per_arch(arch, precision, tma):
+    """bf16 dots ask for tf32 only where the architecture's triton takes it (gfx950 does not), fp32 always
+    for ieee; attention reads through TMA descriptors only where a TMA unit reads them (NVIDIA); an
+    unknown architecture (None: CPU, sm_80) picks as sm_90 does."""
+    import torch
+
+    from gpt2_triton.kernels.attention.core import input_precision, use_tma
+    from gpt2_triton.kernels.utils import override_target, target_paths
+    with override_target(arch=arch):
+        assert input_precision(torch.bfloat16) == precision
+        assert input_precision(torch.float32) == "ieee"
+        assert use_tma(torch.bfloat16) is tma and use_tma(torch.float32) is False
+        assert target_paths() == {"arch": arch, "known": arch is not None, "bf16_input_precision": precision,
+                                  "attention_tma": tma}

@@ -48,6 +48,7 @@ from gpt2_triton.kernels.utils import (
     check_device,
     check_float,
     device_guard,
+    dot_precision,
     is_interpreter,
     row_major,
 )
@@ -361,7 +362,7 @@ def _linear_cross_entropy_rows(x, weight, targets, ignore_index, num_classes):
             _linear_cross_entropy_lse[grid](
                 x, weight, targets, part, num_rows, hidden, num_classes, bucket(num_rows),
                 x.stride(0), weight.stride(0),
-                INPUT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32")
+                INPUT_PRECISION=dot_precision(x.dtype, x.device))
     row_max = part[..., 0].amax(dim=0)  # (M,)
     log_norm = torch.log((part[..., 1] * torch.exp(part[..., 0] - row_max)).sum(dim=0))
     loss_rows = log_norm - (part[..., 2].sum(dim=0) - row_max)

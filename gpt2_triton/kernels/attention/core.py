@@ -28,6 +28,8 @@ from gpt2_triton.kernels.utils import (
     check_float,
     check_same_dtype,
     device_guard,
+    dot_precision,
+    tma_hardware,
     with_fallbacks,
 )
 
@@ -277,10 +279,10 @@ def bwd_dkdv_inner(dk, dv, k, v, q_src, do_src, stats_src, stride_qt, stride_dot
 # ----------------------------------------------------------------------------------------------
 # Candidate tiles and autotuners (no hardware probing: TRITON_INTERPRET and the problem decide)
 # ----------------------------------------------------------------------------------------------
-def input_precision(dtype: torch.dtype) -> str:
-    # fp32 inputs: exact fp32 products on the GPU (tf32 would break fp32 tolerances).
-    # The option is ignored for fp16/bf16, where "tf32" is Triton's default.
-    return "ieee" if dtype == torch.float32 else "tf32"
+def input_precision(dtype: torch.dtype, device: Optional[torch.device] = None) -> str:
+    """tl.dot's input_precision on `device` (utils.dot_precision: "tf32" for fp16/bf16 only where the
+    architecture accepts it; gfx950's triton rejects it)."""
+    return dot_precision(dtype, device)
 
 
 # Candidate tiles per head dim and dtype, (BLOCK_M queries, BLOCK_N keys, num_warps, num_stages),
@@ -356,10 +358,11 @@ def autotuned_tiles(kernel, tiles: Callable[..., list], interpreter_tile: tuple,
 # ----------------------------------------------------------------------------------------------
 # TMA and the launch helper
 # ----------------------------------------------------------------------------------------------
-def use_tma(dtype: torch.dtype) -> bool:
-    """fp16/bf16: the hot loops read their tiles through TMA descriptors. fp32 keeps pointer loads: its
-    products are not wgmma ones, and with TMA most fp32 candidates spilled (up to 7.7 KB, triton 3.6)."""
-    return dtype in (torch.float16, torch.bfloat16)
+def use_tma(dtype: torch.dtype, device: Optional[torch.device] = None) -> bool:
+    """fp16/bf16 on an architecture with a TMA unit (utils.tma_hardware): the hot loops read their tiles
+    through TMA descriptors. fp32 keeps pointer loads: its products are not wgmma ones, and with TMA most
+    fp32 candidates spilled (up to 7.7 KB, triton 3.6)."""
+    return dtype in (torch.float16, torch.bfloat16) and tma_hardware(device)
 
 
 def tma_ok(t: torch.Tensor) -> bool:
@@ -410,7 +413,7 @@ def launch(run: Callable[..., None], q: torch.Tensor, *walked: torch.Tensor) -> 
             run(False, *walked)
 
     with device_guard(q.device):
-        if use_tma(q.dtype):
+        if use_tma(q.dtype, q.device):
             with_fallbacks([("tma", lambda: attempt(True))], lambda: attempt(False))
         else:
             attempt(False)
