@@ -50,6 +50,7 @@ from gpt2_triton.kernels.utils import (
     device_guard,
     dot_precision,
     is_interpreter,
+    known_arch,
     row_major,
 )
 
@@ -332,9 +333,11 @@ def _lse_tiles(dtype: torch.dtype) -> list:
 
 def _lse_smem(config, args) -> int:
     """Shared memory of a candidate on sm_90: num_stages x (BLOCK_M + BLOCK_V) x BLOCK_K operand elements
-    (ptxas, triton 3.6 and 3.9, bf16)."""
+    (ptxas, triton 3.6 and 3.9, bf16); on AMD num_stages - 1 buffers (as the matmul's LDS, mlp._matmul_smem)."""
     kw = config.kwargs
-    return config.num_stages * (kw["BLOCK_M"] + kw["BLOCK_V"]) * kw["BLOCK_K"] * args["x_ptr"].element_size()
+    arch = known_arch(args["x_ptr"].device)
+    buffers = config.num_stages - 1 if arch is not None and arch.vendor == "amd" else config.num_stages
+    return buffers * (kw["BLOCK_M"] + kw["BLOCK_V"]) * kw["BLOCK_K"] * args["x_ptr"].element_size()
 
 
 # Every launch overwrites all of its outputs (no accumulation), so benchmarking needs no reset.
