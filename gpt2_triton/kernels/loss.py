@@ -335,7 +335,7 @@ def _lse_smem(config, args) -> int:
     """Shared memory of a candidate on sm_90: num_stages x (BLOCK_M + BLOCK_V) x BLOCK_K operand elements
     (ptxas, triton 3.6 and 3.9, bf16); on AMD num_stages - 1 buffers (as the matmul's LDS, mlp._matmul_smem)."""
     kw = config.kwargs
-    arch = known_arch(args["x_ptr"].device)
+    arch = known_arch(getattr(args["x_ptr"], "device", None))  # the static profile passes TensorMeta
     buffers = config.num_stages - 1 if arch is not None and arch.vendor == "amd" else config.num_stages
     return buffers * (kw["BLOCK_M"] + kw["BLOCK_V"]) * kw["BLOCK_K"] * args["x_ptr"].element_size()
 

@@ -278,7 +278,7 @@ def _matmul_smem(config, args) -> int:
     compiles, triton 3.9: 128x128x64 at 2 / 3 stages 32 / 64 KB)."""
     kw = config.kwargs
     size = args["a_ptr"].element_size()
-    arch = known_arch(args["a_ptr"].device)
+    arch = known_arch(getattr(args["a_ptr"], "device", None))  # the static profile passes TensorMeta
     buffers = config.num_stages - 1 if size == 4 or (arch is not None and arch.vendor == "amd") else config.num_stages
     return buffers * (kw["BLOCK_M"] + kw["BLOCK_N"]) * kw["BLOCK_K"] * size
 
