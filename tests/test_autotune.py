@@ -163,3 +163,54 @@ def test_a_persisted_config_the_static_rule_no_longer_admits_is_retuned(tmp_path
 def test_kernels_tune_through_the_tuner(module, name):
     import importlib
     assert isinstance(getattr(importlib.import_module(module), name), Tuner)
+
+
+def test_the_arch_limits_the_static_rule():
+    """A forced architecture brings its own per-program limit (devices.ARCHS), the smaller of it and the
+    target's: gfx942's 64 KB LDS drops what an H100's 227 KB admits."""
+    spec = _spec(smem=lambda config, args: config.kwargs["BLOCK"] * 512)
+    args = {"x_ptr": torch.empty(1000)}
+    with override_target(smem_per_block=232448, arch="gfx942"):
+        assert _blocks(static_rule(spec, spec.gpu_configs(), args, None)) == [128, 64, 32]
+    with override_target(smem_per_block=232448, arch="sm_90"):
+        assert _blocks(static_rule(spec, spec.gpu_configs(), args, None)) == [256, 128, 64, 32]
+
+
+def _first_tiles(tuner, variant, arch):
+    from gpt2_triton.kernels.autotune import candidates_of
+    return candidates_of(tuner).tiles_for(variant, arch)[0]
+
+
+@pytest.mark.parametrize("arch", [None, "sm_90", "sm_100", "gfx942", "gfx950"])
+def test_per_arch_first_candidates(arch):
+    """Each architecture's hand-picked tiles (what its launches try first): NVIDIA's are sm_90's (an H100's
+    static profile is unchanged by the table); AMD's matmul fits gfx942's 64 KB LDS at 2 stages and its
+    dK/dV is the tile that compiles without scratch there (bench/results/static/targets)."""
+    from gpt2_triton.devices import ARCHS
+    from gpt2_triton.kernels.attention import dense, varlen
+    from gpt2_triton.kernels.mlp import _matmul
+    bf16 = (torch.float16,)
+    amd = arch is not None and ARCHS[arch].vendor == "amd"
+    matmul = _first_tiles(_matmul, bf16, arch)
+    dkdv = _first_tiles(dense._flash_attention_bwd_dkdv, (64, torch.float16), arch)
+    if amd:
+        bm, bn, bk, _, stages = matmul
+        assert (stages - 1) * (bm + bn) * bk * 2 <= ARCHS["gfx942"].smem_per_block
+        assert dkdv == (16, 128, 8, 2) == _first_tiles(varlen._varlen_bwd_dkdv, (64, torch.float16), arch)
+    else:
+        assert matmul == (128, 256, 64, 8, 3)
+        assert dkdv == (32, 128, 8, 5, 128)
+        assert _first_tiles(varlen._varlen_bwd_dkdv, (64, torch.float16), arch) == (32, 128, 8, 3)
+    assert _first_tiles(_matmul, (torch.float32,), arch) == (128, 128, 64, 8, 3)
+
+
+def test_gpu_configs_hold_every_arch_tiles_sm90_first():
+    """The configs a GPU holds: every architecture's tiles, sm_90's first in their own order (prune then
+    picks the launch's architecture's)."""
+    from gpt2_triton.kernels.autotune import candidates_of
+    from gpt2_triton.kernels.mlp import _matmul
+    spec = candidates_of(_matmul)
+    tiles = [spec.tile(c) for c in spec.gpu_configs()]
+    sm90 = list(dict.fromkeys(spec.tiles_for((torch.float16,), None) + spec.tiles_for((torch.float32,), None)))
+    assert tiles[:len(sm90)] == sm90
+    assert set(spec.tiles_for((torch.float16,), "gfx942")) <= set(tiles)

@@ -379,3 +379,12 @@ def test_no_module_but_compat_reaches_a_triton_internal():
     found = [u for p in sorted((root / "gpt2_triton").rglob("*.py")) if str(p.relative_to(root)) not in ALLOWED
              for u in _internal_uses(p)]
     assert not found, found
+
+
+@pytest.mark.parametrize("arch", ["sm_90", "sm_100", "gfx942", "gfx950"])
+def test_dot_input_precisions_match_the_arch_table(arch):
+    """devices.ARCHS' tf32 column is what triton's backend accepts for that target (gfx950: no tf32)."""
+    from gpt2_triton.devices import ARCHS
+    allowed = compat.dot_input_precisions(ARCHS[arch].target)
+    assert "ieee" in allowed
+    assert ("tf32" in allowed) == ARCHS[arch].tf32, (arch, allowed)

@@ -123,3 +123,15 @@ def test_markdown_and_cli(prediction, capsys, tmp_path, monkeypatch):
 def test_b200_in_the_gpu_table():
     g = gpu_named("NVIDIA B200")
     assert (g.bf16_flops, g.hbm_bytes_per_s, g.sms) == (2.25e15, 8.0e12, 148)
+
+
+@pytest.mark.parametrize("name, peak, bandwidth, cus, lds, arch", [
+    ("AMD Instinct MI300X", 1307.4e12, 5.3e12, 304, 65536, "gfx942"),
+    ("AMD Instinct MI355X", 2516.6e12, 8.0e12, 256, 163840, "gfx950")])
+def test_amd_in_the_gpu_table(name, peak, bandwidth, cus, lds, arch):
+    """ROCm's device names find their entries; each architecture names the entry its numbers come from."""
+    from gpt2_triton.devices import ARCHS, arch_gpu
+    g = gpu_named(name)
+    assert (g.bf16_flops, g.hbm_bytes_per_s, g.sms, g.smem_per_block, g.arch) == (peak, bandwidth, cus, lds, arch)
+    assert arch_gpu(arch) is g and ARCHS[arch].smem_per_block == lds
+    assert g.key in predict.PREDICT_GPUS

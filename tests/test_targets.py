@@ -1,7 +1,8 @@
 """Gates of the four-target static profile (`python -m gpt2_triton.bench.static.targets`,
 bench/results/static/targets/static_targets.json): the first (hand-picked) candidate of every launch of
 the static profile's cases, compiled on the CPU for sm_90a (H100/H200), sm_100a (B200), gfx942 (MI300X)
-and gfx950 (MI355X). Gates, per target, on the committed profile:
+and gfx950 (MI355X). Each target's launches are traced for its own architecture (its tiles,
+paths and limits: bench/static/targets.py). Gates, per target, on the committed profile:
 - every case compiled;
 - no spills: NVIDIA ptxas spill stores, AMD scratch bytes and VGPR / SGPR spill counts all 0;
 - every bf16 dot on the target's MMA (wgmma on sm_90a, tcgen05 on sm_100a, MFMA on gfx9xx);
@@ -26,12 +27,9 @@ from gpt2_triton.bench.static import targets
 PROFILE_PATH = Path(__file__).resolve().parent.parent / "bench/results/static/targets/static_targets.json"
 PROFILE = json.loads(PROFILE_PATH.read_text())
 
-_TF32 = "input_precision='tf32' (attention's INPUT_PRECISION, the fused loss's) is rejected by gfx950's " \
-        "triton 3.9 ('ieee' | 'bf16x3' | 'bf16x6'); the option is ignored for bf16, and 'ieee' compiles (checked " \
-        "for attn_fwd: 80 MFMA, 176 VGPRs, no scratch); the kernels' choice is the fix"
-_LDS96 = "the 128x256x64, 3-stage matmul tile needs 96 KB of LDS; MI300X has 64 KB per CU (a per-target tile " \
-         "list is issue 31 item 2)"
-_SGPR = "SGPR spills to VGPR lanes (v_writelane, no scratch memory) in the varlen kernels' 106-SGPR budget"
+_SGPR = "SGPR spills to VGPR lanes (v_writelane / v_readlane, no scratch memory: scratch 0 B) at the 106-SGPR " \
+        "maximum of the varlen kernels with documents (their per-sequence and per-document scalars); the tile " \
+        "does not change the scalar count"
 
 # {target: {case: {gate: reason}}}, gate in compile | spills | mma | fit.
 EXCEPTIONS = {
@@ -43,28 +41,13 @@ EXCEPTIONS = {
             "spills": "4 B of spill stores at 64 registers (ptxas for sm_100a; sm_90a: 0)"},
     },
     "gfx942": {
-        **{case: {"fit": _LDS96} for case in (
-            "matmul-bf16-gelu-bias-aux-NT-128x256x64-w8s3", "matmul-bf16-none-nobias-NT-128x256x64-w8s3",
-            "matmul-bf16-geluGrad-nobias-aux-NN-colsum64-128x256x64-w8s3", "matmul-bf16-none-nobias-TN-128x256x64-w8s3",
-            "matmul-bf16-none-nobias-NN-128x256x64-w8s3", "matmul-bf16-gelu-bias-NT-128x256x64-w8s3",
-            "matmul-bf16-none-bias-NT-128x256x64-w8s3")},
-        "attn_bwd_dkdv-bf16-D64-causal-32x128-w8s5r128": {
-            "spills": "256 VGPRs (the arch VGPR maximum), 116 spills, 328 B scratch: the 5-stage tile chosen for "
-                      "sm_90 (maxnreg is NVIDIA's); a per-target tile is still to come"},
-        "varlen_bwd_dkdv-bf16-D64-causal-32x128-w8s3": {
-            "spills": "256 VGPRs, 61 VGPR spills, 184 B scratch: no AGPRs used"},
-        "varlen_bwd_dkdv-bf16-D64-causal-docs-32x128-w8s3": {
-            "spills": "256 VGPRs, 144 VGPR + 13 SGPR spills, 420 B scratch: no AGPRs used"},
-        "varlen_fwd-bf16-D64-causal-docs-128x64-w4s3": {"spills": _SGPR + " (40)"},
-        "varlen_bwd_dq-bf16-D64-causal-docs-128x32-w8s3": {"spills": _SGPR + " (13)"},
+        "varlen_fwd-bf16-D64-causal-docs-128x64-w4s3": {"spills": _SGPR + " (35)"},
+        "varlen_bwd_dq-bf16-D64-causal-docs-128x32-w8s3": {"spills": _SGPR + " (12)"},
     },
-    "gfx950": {case: {"compile": _TF32} for case in (
-        "attn_fwd-bf16-D64-causal-128x64-w4s3", "attn_bwd_dq-bf16-D64-causal-128x32-w8s3",
-        "attn_bwd_dkdv-bf16-D64-causal-32x128-w8s5r128", "linear_cross_entropy_lse-bf16-128x64-w8s3",
-        "varlen_fwd-bf16-D64-causal-docs-128x64-w4s3", "varlen_bwd_dq-bf16-D64-causal-docs-128x32-w8s3",
-        "varlen_bwd_dkdv-bf16-D64-causal-docs-32x128-w8s3", "varlen_fwd-bf16-D64-causal-128x64-w4s3",
-        "varlen_bwd_dq-bf16-D64-causal-128x32-w8s3", "varlen_bwd_dkdv-bf16-D64-causal-32x128-w8s3",
-        "varlen_fwd-bf16-D64-causal-seqused-128x64-w4s3")},
+    "gfx950": {
+        "varlen_fwd-bf16-D64-causal-docs-128x64-w4s3": {"spills": _SGPR + " (32)"},
+        "varlen_bwd_dq-bf16-D64-causal-docs-128x32-w8s3": {"spills": _SGPR + " (6)"},
+    },
 }
 
 # Compiled live for every target (under 2 s each here): three row kernels and one bf16 matmul.
@@ -114,6 +97,11 @@ def test_profile_covers_the_cases():
     assert profiled == set(ids), f"regenerate the profile: missing {sorted(set(ids) - profiled)}, " \
                                  f"gone {sorted(profiled - set(ids))}"
     assert all(set(row["targets"]) == set(targets.TARGETS) for row in PROFILE["cases"])
+    assert all(row["targets"]["sm_90a"]["case"] == row["id"] for row in PROFILE["cases"])
+    for row in PROFILE["cases"]:  # every target's launch was found in its own trace, and is the same launch
+        for name, r in row["targets"].items():
+            assert r["case"] is not None, (name, row["id"])
+            assert targets.launch_key(r["case"]) == targets.launch_key(row["id"]), (name, row["id"])
     named = {case for per in EXCEPTIONS.values() for case in per} | set(LIVE_CASES)
     assert named <= set(ids), sorted(named - set(ids))
 
@@ -147,15 +135,22 @@ def live():
     assert triton.__version__ == committed, \
         f"triton {triton.__version__} is newer than the profile's {committed}: regenerate the profile"
     chosen = [c for c in cases.gpt2_cases(16) if c.first_candidate and c.id in LIVE_CASES]
-    results = targets.compile_all(targets.target_specs(chosen, list(targets.TARGETS)), jobs=1, log=lambda *a: None)
+    rows = {row["id"]: row for row in PROFILE["cases"]}
+    per_target = {}
+    for name in targets.TARGETS:  # a target whose launcher picks another tile is traced for it
+        if all(rows[c.id]["targets"][name]["case"] == c.id for c in chosen):
+            per_target[name] = chosen
+        else:
+            per_target[name] = list(targets.matched(chosen, targets.target_cases(16, name)).values())
+    results = targets.compile_all(targets.target_specs(per_target), jobs=1, log=lambda *a: None)
     return {(r["target_name"], r["id"]): targets.summarize(r, r["target_name"]) for r in results}
 
 
 @pytest.mark.parametrize("name", list(targets.TARGETS))
 @pytest.mark.parametrize("case", LIVE_CASES)
 def test_live_compile_matches_profile(live, name, case):
-    got = live[(name, case)]
     want = next(row for row in PROFILE["cases"] if row["id"] == case)["targets"][name]
+    got = live[(name, want["case"])]
     assert got["ok"], f"{case} on {name}: {got['error']}"
     fields = LIVE_FIELDS[targets.TARGETS[name]["target"][0]]
     assert got[fields[0]] is not None and got[fields[0]] > 0, f"{case} on {name}: no register count read"
@@ -270,3 +265,25 @@ def test_dead_worker_is_a_failed_case_and_is_replaced():
     assert not results["crash"]["ok"] and "compile worker died" in results["crash"]["error"]
     assert not results["next"]["ok"] and "KeyError" in results["next"]["error"]  # the spec has no kernel: it ran
     assert len(set(started)) == 2
+
+
+# ----------------------------------------------------------------------------------------------
+# The per-architecture paths, chosen at launch (utils.target_paths), forced per target
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("arch, precision, tma", [("sm_90", "tf32", True), ("sm_100", "tf32", True),
+                                                  ("gfx942", "tf32", False), ("gfx950", "ieee", False),
+                                                  (None, "tf32", True)])
+def test_paths_per_arch(arch, precision, tma):
+    """bf16 dots ask for tf32 only where the architecture's triton takes it (gfx950 does not), fp32 always
+    for ieee; attention reads through TMA descriptors only where a TMA unit reads them (NVIDIA); an
+    unknown architecture (None: CPU, sm_80) picks as sm_90 does."""
+    import torch
+
+    from gpt2_triton.kernels.attention.core import input_precision, use_tma
+    from gpt2_triton.kernels.utils import override_target, target_paths
+    with override_target(arch=arch):
+        assert input_precision(torch.bfloat16) == precision
+        assert input_precision(torch.float32) == "ieee"
+        assert use_tma(torch.bfloat16) is tma and use_tma(torch.float32) is False
+        assert target_paths() == {"arch": arch, "known": arch is not None, "bf16_input_precision": precision,
+                                  "attention_tma": tma}

@@ -143,6 +143,11 @@ def test_output_header_step_lines_and_summary(trained):
     assert lines[2].split()[:6] == ["length", "steps", "1-30:", "3,840", "tokens", "="]
     assert lines[4].split() == "device cpu | fp32 | torch.compile off | kernels torch (auto)".split()
     assert lines[5].split() == ["run", str(run_dir), "(full", "config", "in", "train_config.json)"]
+    from gpt2_triton.training.memory import memory_plan, plan_line
+    plan = memory_plan(GPTConfig.from_preset("gpt2", n_layer=2, n_head=2, n_embd=32, block_size=32, pad_vocab_to=128),
+                       4, 32, 1, amp=False, kernels="torch")
+    assert lines[6] == "  " + plan_line(plan)  # a CPU: no device size, no refusal; MBs below 1 GB
+    assert lines[6].startswith("  memory per process: params 6.5, ") and lines[6].endswith(" MB")
     # one line per --log-every 10 steps (and the first), each with the step's numbers as metrics.jsonl has them
     records = {r["step"]: r for r in read_metrics(run_dir / "metrics.jsonl", "train")}
     step_lines = [m for m in map(STEP_LINE.fullmatch, lines) if m]
@@ -844,6 +849,23 @@ def test_init_from_an_hf_folder_or_a_run_starts_a_new_run_from_its_weights(data_
     with pytest.raises(SystemExit, match=r"^error: --init .*nowhere: load_model: .*nowhere does not exist$"):
         train_main(["--init", str(tmp_path / "nowhere"), "--run-dir", str(tmp_path / "c")])
     assert not (tmp_path / "c").exists()
+
+
+def test_larger_gpt2_presets_are_llm_c_recipes_that_resolve_on_8_gpus():
+    from gpt2_triton.training.config import check_config, model_config_of, resolve_config
+    expected = {  # llm.c run_gpt2_*.sh: model, -b, -d, -l, -q, -u, -x
+        "gpt2-350m": ((24, 16, 1024), 64, 524288, 3e-4, 0.0, 700, 60000),
+        "gpt2-774m": ((36, 20, 1280), 32, 524288, 2.5e-4, 0.0, 700, 286102),
+        "gpt2-1558m": ((48, 25, 1600), 16, 1048576, 6e-4, 0.1, 700, 32000),
+    }
+    for preset, (shape, micro_batch, total, lr, final, warmup, steps) in expected.items():
+        cfg = training.parse_config(["--preset", preset, "--device", "cpu"])
+        check_config(cfg)
+        m = model_config_of(cfg)
+        assert (m.n_layer, m.n_head, m.n_embd, m.head_size, m.padded_vocab_size) == (*shape, 64, 50304)
+        assert (cfg.micro_batch, cfg.seq_len, cfg.total_batch, cfg.max_lr, cfg.min_lr_ratio, cfg.warmup_steps,
+                cfg.max_steps, cfg.weight_decay) == (micro_batch, 1024, total, lr, final, warmup, steps, 0.1)
+        assert resolve_config(cfg, torch.device("cpu"), 8).total_batch == total  # whole micro-steps on 8 GPUs
 
 
 def test_cli_overrides_preset_and_defaults():

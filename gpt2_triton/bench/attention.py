@@ -69,16 +69,20 @@ def qkv_providers(quick=False):
     return out
 
 
+LARGER_GPT2_HEADS = (16, 20, 25)  # GPT-2 medium, large, XL: 1024, 1280, 1600 wide in heads of 64
+
+
 def qkv_shapes(quick):
-    """(B, T, n_head, D): GPT-2 124M's training micro-batch."""
-    return [(1, 64, 2, 16)] if quick else [(16, 1024, 12, 64)]
+    """(B, T, n_head, D): the training micro-batch of GPT-2 124M, then of medium, large and XL."""
+    return [(1, 64, 2, 16)] if quick else [(16, 1024, H, 64) for H in (12, *LARGER_GPT2_HEADS)]
 
 
 def shapes(quick):
     if quick:
         return [(1, 2, 64, 16), (1, 2, 32, 16)]
-    # GPT-2 training shape first, then T = 512 ... 8192 at the same B*T tokens
-    return [(16, 12, 1024, 64)] + [(16384 // T, 12, T, 64) for T in (512, 2048, 4096, 8192)]
+    # GPT-2 124M's training shape first, T = 512 ... 8192 at the same B*T tokens, then the larger GPT-2s' heads
+    return ([(16, 12, 1024, 64)] + [(16384 // T, 12, T, 64) for T in (512, 2048, 4096, 8192)]
+            + [(16, H, 1024, 64) for H in LARGER_GPT2_HEADS])
 
 
 def run(dtype, quick=False, sizes=None, qkv_sizes=None):
@@ -137,6 +141,8 @@ def _raise(e):
 
 def plots(rows, out_dir, title):
     rows = [r for r in rows if not r.case.startswith("attention-qkv")]  # the (B, H, T, D) family
+    heads = rows[0].shape["H"] if rows else None
+    rows = [r for r in rows if r.shape["H"] == heads]  # against T: the first case's head count only
     sizes = f"{sizes_text(rows, ('H', 'D'))}, {sizes_text(rows, ('B', 'T'))}, causal"
     plot_scaling(rows, out_dir / "attention_scaling.png", "T", f"attention vs T ({sizes}) {title}",
                  fallback=("median_ms", "median ms"))

@@ -28,7 +28,10 @@ def eager_linear_gelu(x, w, b):
 
 
 def shapes(quick):
-    return [(48, 32, 128), (37, 40, 200)] if quick else [(16384, 768, 3072), (4096, 768, 3072), (16384, 1024, 4096)]
+    """(M, C, hidden): GPT-2 124M at B*T = 16,384 and 4,096 tokens, then medium, large and XL at 16,384."""
+    if quick:
+        return [(48, 32, 128), (37, 40, 200)]
+    return [(16384, 768, 3072), (4096, 768, 3072)] + [(16384, C, 4 * C) for C in (1024, 1280, 1600)]
 
 
 def run(dtype, quick=False, sizes=None):

@@ -31,7 +31,7 @@ def eager_cast_to(dtype):
 def shapes(quick):
     if quick:
         return [(64, 96), (33, 768)]
-    return [(16384, 768), (16384, 1024), (16384, 1600), (16384, 4096), (4096, 8192)]
+    return [(16384, 768), (16384, 1024), (16384, 1280), (16384, 1600), (16384, 4096), (4096, 8192)]
 
 
 def run(dtype, quick=False, sizes=None):

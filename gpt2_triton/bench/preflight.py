@@ -24,7 +24,13 @@ import torch
 
 from gpt2_triton.kernels import reference
 from gpt2_triton.kernels.grads import FP32_OUT_KINDS
-from gpt2_triton.kernels.utils import failed_features, fp32_out_matmul_kind, isolated_features, override_target
+from gpt2_triton.kernels.utils import (
+    failed_features,
+    fp32_out_matmul_kind,
+    isolated_features,
+    override_target,
+    target_paths,
+)
 
 _EXTENSION = """#include <Python.h>
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "gpt2_triton_preflight", NULL, -1, NULL};
@@ -33,13 +39,16 @@ PyMODINIT_FUNC PyInit_gpt2_triton_preflight(void) { return PyModule_Create(&modu
 
 
 def toolchain() -> dict:
-    """{cc, python_h, ok, error}: the C compiler and Python.h Triton's launcher build finds (its own
-    lookup: $CC, else gcc, else clang), and whether a one-line extension builds through Triton."""
+    """{cc, python_h, ok, error, target_paths}: the C compiler and Python.h Triton's launcher build finds
+    (its own lookup: $CC, else gcc, else clang), whether a one-line extension builds through Triton, and the
+    per-architecture paths the launchers take on this GPU (utils.target_paths: architecture, bf16 dot
+    input precision, attention through TMA or pointer loads)."""
     cc = os.environ.get("CC") or shutil.which("gcc") or shutil.which("clang")
     scheme = sysconfig.get_default_scheme()
     include = sysconfig.get_paths(scheme="posix_prefix" if scheme == "posix_local" else scheme)["include"]
     python_h = os.path.join(include, "Python.h")
-    out = {"cc": cc, "python_h": python_h if os.path.isfile(python_h) else None, "ok": False, "error": ""}
+    out = {"cc": cc, "python_h": python_h if os.path.isfile(python_h) else None, "ok": False, "error": "",
+           "target_paths": target_paths(torch.device("cuda") if torch.cuda.is_available() else None)}
     try:
         from gpt2_triton.kernels import compat
         with tempfile.TemporaryDirectory() as cache, _triton_cache(cache):

@@ -10,15 +10,18 @@ first, and wraps its kernel once:
                      variant_of=lambda args: (args["HEAD_DIM"], args["q_ptr"].dtype),
                      interpreter_tile=(32, 16, 4, 1), key=[...])
 
-A tile is (*values of `names`, num_warps, num_stages). `gpu_configs(tuner)` rebuilds the configs a GPU
-would try (the static profile asks for them on a CPU, where the autotuner itself holds the interpreter's).
+A tile is (*values of `names`, num_warps, num_stages). A tile function that takes `arch` lists them per
+architecture (utils.gpu_arch at launch: "sm_90", "sm_100", "gfx942", "gfx950"; None, an architecture not in
+devices.ARCHS, takes sm_90's). `gpu_configs(tuner)` rebuilds the configs a GPU would try (the union over
+the architectures; the static profile asks for them on a CPU, where the autotuner itself holds the
+interpreter's).
 
 What a launch tries the first time it meets a tuning key (`Tuner.candidates`), in the listed order:
 1. its variant's tiles (`variant_of`);
-2. the static rule, from what the static profile measures for sm_90 and needs no compile: a candidate
-   whose shared memory (the kernel's `smem` estimate) exceeds the device's per-program limit would fail
-   to launch; one whose grid leaves SMs idle (fewer programs than SMs) loses to any candidate that
-   fills them;
+2. the static rule, from what the static profile measures per target and needs no compile: a candidate
+   whose shared memory / LDS (the kernel's `smem` estimate for the architecture) exceeds the device's
+   per-program limit (and its architecture's, devices.ARCHS) would fail to launch; one whose grid leaves
+   SMs idle (fewer programs than SMs) loses to any candidate that fills them;
 3. the first `max_configs()` of those (FIRST_CONTACT_CONFIGS, or `override_target(max_configs=...)`).
 A result tuned before on this device, torch and triton, for this kernel source and key, is used
 without tuning (TuningStore, under Triton's cache dir), if the static rule still admits it.
@@ -42,7 +45,7 @@ import torch
 import triton
 
 from gpt2_triton.kernels import compat
-from gpt2_triton.kernels.utils import is_interpreter, sm_count, smem_per_block, target
+from gpt2_triton.kernels.utils import gpu_arch, is_interpreter, known_arch, sm_count, smem_per_block, target
 
 # Candidates a launch tries on first contact with a tuning key: the hand-picked one and the next one the
 # static rule admits. A cold GPT-2 training step then compiles 26 kernels (the static profile's cold start);
@@ -77,9 +80,16 @@ class Candidates:
         return (*(config.kwargs[n] for n in self.names), config.num_warps, config.num_stages,
                 *((maxnreg,) if maxnreg else ()))
 
+    def tiles_for(self, variant: tuple, arch: Optional[str]) -> list:
+        """The variant's candidate tiles on `arch` (a tile function without `arch`: the same everywhere)."""
+        if "arch" in inspect.signature(self.tiles).parameters:
+            return self.tiles(*variant, arch=arch)
+        return self.tiles(*variant)
+
     def gpu_configs(self) -> list:
-        """Every candidate of every variant, each once."""
-        tiles = dict.fromkeys(t for v in self.variants for t in self.tiles(*v))
+        """Every candidate of every variant on every architecture (sm_90's first), each once."""
+        from gpt2_triton.devices import ARCHS
+        tiles = dict.fromkeys(t for a in (None, *ARCHS) for v in self.variants for t in self.tiles_for(v, a))
         return [self.config(t) for t in tiles]
 
     def configs(self) -> list:
@@ -94,7 +104,8 @@ class Candidates:
         if self.variant_of is None:
             return configs
         by_tile = {self.tile(c): c for c in configs}
-        wanted = self.tiles(*self.variant_of({**named_args, **kwargs}))
+        args = {**named_args, **kwargs}
+        wanted = self.tiles_for(self.variant_of(args), gpu_arch(_device_of(args)))
         return [by_tile[t] for t in wanted if t in by_tile] or configs
 
 
@@ -113,6 +124,9 @@ def static_rule(spec: Candidates, configs: list, args: dict, grid) -> list:
     """`configs` without those the static rule drops (see the module docstring), in order; never empty."""
     device = _device_of(args)
     limit = smem_per_block(device) if device is not None else None
+    arch = known_arch(device)
+    if arch is not None:
+        limit = arch.smem_per_block if limit is None else min(limit, arch.smem_per_block)
     kept = configs
     if limit is not None and spec.smem is not None:
         kept = [c for c in kept if spec.smem(c, args) <= limit] or kept[:1]

@@ -27,6 +27,8 @@ Touch points (the user in brackets):
   CUDABackend.make_cubin, its bin folder (nvdisasm, cuobjdump) and knobs.nvidia.dump_ptxas_log's variable
   [bench/static/native]
 - build_extension: triton.runtime.build.compile_module_from_src [bench/preflight]
+- dot_input_precisions: triton.backends.backends[...].compiler(target).parse_options({}) and its
+  allowed_dot_input_precisions [tests/test_compat.py, which checks devices.ARCHS' tf32 column with it]
 """
 import contextlib
 import os
@@ -243,6 +245,13 @@ def descriptor_parts(value):
 def gpu_target(backend: str, arch, warp_size: int):
     from triton.backends.compiler import GPUTarget
     return GPUTarget(backend, arch, warp_size)
+
+
+def dot_input_precisions(target: tuple) -> tuple:
+    """The tl.dot input_precision values triton's backend accepts for target (backend, arch, warp size)."""
+    from triton.backends import backends
+    name = {"cuda": "nvidia", "hip": "amd"}[target[0]]
+    return tuple(backends[name].compiler(gpu_target(*target)).parse_options({}).allowed_dot_input_precisions)
 
 
 def compile_source(fn, signature: dict, constexprs: dict, attrs: dict, target: tuple, options: dict):

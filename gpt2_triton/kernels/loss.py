@@ -48,7 +48,9 @@ from gpt2_triton.kernels.utils import (
     check_device,
     check_float,
     device_guard,
+    dot_precision,
     is_interpreter,
+    known_arch,
     row_major,
 )
 
@@ -331,9 +333,11 @@ def _lse_tiles(dtype: torch.dtype) -> list:
 
 def _lse_smem(config, args) -> int:
     """Shared memory of a candidate on sm_90: num_stages x (BLOCK_M + BLOCK_V) x BLOCK_K operand elements
-    (ptxas, triton 3.6 and 3.9, bf16)."""
+    (ptxas, triton 3.6 and 3.9, bf16); on AMD num_stages - 1 buffers (as the matmul's LDS, mlp._matmul_smem)."""
     kw = config.kwargs
-    return config.num_stages * (kw["BLOCK_M"] + kw["BLOCK_V"]) * kw["BLOCK_K"] * args["x_ptr"].element_size()
+    arch = known_arch(getattr(args["x_ptr"], "device", None))  # the static profile passes TensorMeta
+    buffers = config.num_stages - 1 if arch is not None and arch.vendor == "amd" else config.num_stages
+    return buffers * (kw["BLOCK_M"] + kw["BLOCK_V"]) * kw["BLOCK_K"] * args["x_ptr"].element_size()
 
 
 # Every launch overwrites all of its outputs (no accumulation), so benchmarking needs no reset.
@@ -361,7 +365,7 @@ def _linear_cross_entropy_rows(x, weight, targets, ignore_index, num_classes):
             _linear_cross_entropy_lse[grid](
                 x, weight, targets, part, num_rows, hidden, num_classes, bucket(num_rows),
                 x.stride(0), weight.stride(0),
-                INPUT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32")
+                INPUT_PRECISION=dot_precision(x.dtype, x.device))
     row_max = part[..., 0].amax(dim=0)  # (M,)
     log_norm = torch.log((part[..., 1] * torch.exp(part[..., 0] - row_max)).sum(dim=0))
     loss_rows = log_norm - (part[..., 2].sum(dim=0) - row_max)

@@ -40,6 +40,7 @@ from gpt2_triton.kernels.utils import (
     check_float,
     device_guard,
     is_interpreter,
+    known_arch,
     sm_count,
     with_fallbacks,
 )
@@ -251,11 +252,17 @@ def _matmul_kernel(
                   COLSUM_ROWS)
 
 
-def matmul_tiles(dtype: torch.dtype) -> list:
+def matmul_tiles(dtype: torch.dtype, arch: Optional[str] = None) -> list:
     """Hopper tiles (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages), the hand-picked one first. fp16/bf16:
     all with 4 or 8 warps, so every dot lowers to wgmma on sm_90 (2-warp programs fall back to mma.sync).
     fp32 (IEEE products on FMA units): the tiles that spill on neither triton 3.6 nor 3.9 (ptxas -v, sm_90;
-    128x256x64 spilled 0.4-2.4 KB on 3.6 and 5.7-45 KB on 3.9, 64x256x32 and 128x128x32 0.1-0.3 KB)."""
+    128x256x64 spilled 0.4-2.4 KB on 3.6 and 5.7-45 KB on 3.9, 64x256x32 and 128x128x32 0.1-0.3 KB).
+    AMD (gfx942 / gfx950), fp16/bf16: 2 stages (LDS holds num_stages - 1 buffers there); compiled for gfx942
+    (triton 3.9, GPT-2's NT matmul) 256x128x64 w8 takes 186 VGPRs and 48 KB LDS, 128x128x64 w8 118 VGPRs and
+    32 KB, 256x256x64 w8 256 VGPRs and 64 KB, none spills; 128x256x64 at 3 stages needs 96 KB > 64 KB."""
+    if dtype != torch.float32 and arch is not None and arch.startswith("gfx"):
+        return [(256, 128, 64, 8, 2), (128, 128, 64, 8, 2), (128, 256, 64, 8, 2), (256, 256, 64, 8, 2),
+                (128, 128, 64, 4, 2), (128, 64, 64, 4, 2), (64, 64, 64, 4, 2)]
     if dtype == torch.float32:
         return [(128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 64, 32, 4, 4), (64, 128, 32, 4, 4),
                 (64, 64, 32, 4, 5), (64, 32, 32, 4, 5)]
@@ -267,10 +274,12 @@ def matmul_tiles(dtype: torch.dtype) -> list:
 def _matmul_smem(config, args) -> int:
     """Shared memory of a matmul config on sm_90: buffers x (BLOCK_M x BLOCK_K + BLOCK_K x BLOCK_N) operand
     elements, buffers = num_stages for fp16/bf16 (wgmma) and num_stages - 1 for fp32 (what ptxas reports for
-    every candidate, triton 3.6 and 3.9)."""
+    every candidate, triton 3.6 and 3.9); on AMD num_stages - 1 for every dtype (the LDS of gfx942's
+    compiles, triton 3.9: 128x128x64 at 2 / 3 stages 32 / 64 KB)."""
     kw = config.kwargs
     size = args["a_ptr"].element_size()
-    buffers = config.num_stages - 1 if size == 4 else config.num_stages
+    arch = known_arch(getattr(args["a_ptr"], "device", None))  # the static profile passes TensorMeta
+    buffers = config.num_stages - 1 if size == 4 or (arch is not None and arch.vendor == "amd") else config.num_stages
     return buffers * (kw["BLOCK_M"] + kw["BLOCK_N"]) * kw["BLOCK_K"] * size
 
 

@@ -41,6 +41,7 @@ class Target:
     max_configs: Optional[int] = None  # autotune candidates tried on first contact (None: autotune's default)
     tuning_dir: Optional[str] = None  # persisted autotuning ("": none; None: under Triton's cache dir)
     fail_features: tuple = ()  # FEATURES forced to fail when tried (tests of the fallbacks)
+    arch: Optional[str] = None  # devices.ARCHS key the launchers pick tiles and paths for (None: the device's)
 
 
 _override: Optional[Target] = None
@@ -214,6 +215,59 @@ def device_guard(device: torch.device):
     if device.type != "cuda" or is_interpreter():
         return contextlib.nullcontext()
     return torch.cuda.device(device)
+
+
+@functools.cache
+def _cuda_arch(device_index: int) -> str:
+    props = torch.cuda.get_device_properties(device_index)
+    if torch.version.hip:  # ROCm's torch: gcnArchName is e.g. "gfx942:sramecc+:xnack-"
+        return props.gcnArchName.split(":")[0]
+    return f"sm_{props.major}{props.minor}"
+
+
+def gpu_arch(device: Optional[torch.device] = None) -> Optional[str]:
+    """The architecture the launchers pick tiles and paths for: the target's, else the CUDA / ROCm device's
+    ("sm_90", "sm_100", "gfx942", ...; ROCm builds of torch report torch.version.hip), asked at launch;
+    None on the CPU and under the interpreter."""
+    if target().arch is not None:
+        return target().arch
+    if device is None or device.type != "cuda" or is_interpreter():
+        return None
+    return _cuda_arch(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def known_arch(device: Optional[torch.device] = None):
+    """devices.ARCHS' entry for gpu_arch(device); None for an architecture not in the table (the launchers
+    then pick as for sm_90)."""
+    from gpt2_triton.devices import ARCHS
+    return ARCHS.get(gpu_arch(device))
+
+
+def tf32_ok(device: Optional[torch.device] = None) -> bool:
+    """tl.dot takes input_precision="tf32" on this architecture (unknown ones: True, as on sm_90)."""
+    arch = known_arch(device)
+    return arch is None or arch.tf32
+
+
+def tma_hardware(device: Optional[torch.device] = None) -> bool:
+    """Tensor descriptors are read by a TMA unit (NVIDIA sm_90 and later; unknown ones: True, as on sm_90).
+    AMD's CDNA3/4 have none: Triton lowers a descriptor to masked loads there, and the pointer-load
+    path is the one tuned for it."""
+    arch = known_arch(device)
+    return arch is None or arch.tma
+
+
+def dot_precision(dtype: torch.dtype, device: Optional[torch.device] = None) -> str:
+    """tl.dot's input_precision for operands of `dtype`: fp32 "ieee" (exact fp32 products: tf32 would break
+    fp32 tolerances); fp16/bf16 "tf32" where the architecture accepts it (the option is ignored for them),
+    else "ieee"."""
+    return "tf32" if dtype != torch.float32 and tf32_ok(device) else "ieee"
+
+
+def target_paths(device: Optional[torch.device] = None) -> dict:
+    """The per-architecture choices the launchers make on `device` (recorded by the headline's preflight)."""
+    return {"arch": gpu_arch(device), "known": known_arch(device) is not None,
+            "bf16_input_precision": dot_precision(torch.bfloat16, device), "attention_tma": tma_hardware(device)}
 
 
 @functools.cache

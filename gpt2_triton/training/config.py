@@ -63,7 +63,8 @@ def opt(default, help: str, *, resume: str, **check):
 
 @dataclass(frozen=True)
 class TrainConfig:
-    preset: str | None = opt(None, "demo | gpt2-124m; none given: demo on a CPU, gpt2-124m on a GPU", resume="ignored")
+    preset: str | None = opt(None, "demo | gpt2-124m | gpt2-350m | gpt2-774m | gpt2-1558m; none given: demo on a "
+                                   "CPU, gpt2-124m on a GPU", resume="ignored")
     # model: a GPTConfig preset, with optional overrides (None keeps the preset's value)
     model: str = opt("gpt2", "GPTConfig preset the model starts from", choices=tuple(MODEL_PRESETS), resume="model")
     block_size: int | None = opt(None, "context length (learned position embeddings); none: the model preset's",
@@ -157,6 +158,23 @@ PRESETS = {
         model="gpt2", pad_vocab_to=128, data="fineweb-edu", seq_len=1024, micro_batch=64, total_batch=524288,
         max_steps=19073, warmup_steps=715, max_lr=6e-4, min_lr_ratio=0.1, weight_decay=0.1,
         val_every=250, val_steps=20, hellaswag_every=250, sample_every=250, checkpoint_every=5000,
+    ),
+    # llm.c's GPT-2 reproductions (scripts/run_gpt2_{350M,774M,1558M}.sh): -b micro_batch, -t seq_len,
+    # -d total_batch, -l max_lr, -q min_lr_ratio, -u warmup_steps, -x max_steps, -c weight_decay, -n checkpoints
+    "gpt2-350m": dict(  # 31.5B tokens in 60,000 steps of 0.5M tokens
+        model="gpt2-medium", pad_vocab_to=128, data="fineweb-edu", seq_len=1024, micro_batch=64, total_batch=524288,
+        max_steps=60000, warmup_steps=700, max_lr=3e-4, min_lr_ratio=0.0, weight_decay=0.1,
+        val_every=250, val_steps=20, hellaswag_every=250, sample_every=250, checkpoint_every=2000,
+    ),
+    "gpt2-774m": dict(  # 150B tokens in 286,102 steps of 0.5M tokens
+        model="gpt2-large", pad_vocab_to=128, data="fineweb-edu", seq_len=1024, micro_batch=32, total_batch=524288,
+        max_steps=286102, warmup_steps=700, max_lr=2.5e-4, min_lr_ratio=0.0, weight_decay=0.1,
+        val_every=250, val_steps=20, hellaswag_every=250, sample_every=250, checkpoint_every=4000,
+    ),
+    "gpt2-1558m": dict(  # 33.6B tokens in 32,000 steps of 1M tokens
+        model="gpt2-xl", pad_vocab_to=128, data="fineweb-edu", seq_len=1024, micro_batch=16, total_batch=1048576,
+        max_steps=32000, warmup_steps=700, max_lr=6e-4, min_lr_ratio=0.1, weight_decay=0.1,
+        val_every=250, val_steps=20, hellaswag_every=250, sample_every=250, checkpoint_every=2000,
     ),
     "demo": dict(  # ~3 minutes on 2 CPU cores, data prep included
         model="gpt2", block_size=128, n_layer=4, n_head=4, n_embd=128, data="pystdlib", seq_len=128,

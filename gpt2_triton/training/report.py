@@ -53,14 +53,17 @@ def device_text(device: torch.device, world_size: int) -> str:
 
 
 def header_lines(cfg: TrainConfig, n_params: int, kernels: dict, grad_accum: int, world_size: int,
-                 train_tokens: int, start_step: int = 0, kernels_auto: bool = False) -> list[str]:
+                 train_tokens: int, start_step: int = 0, kernels_auto: bool = False,
+                 memory: str | None = None) -> list[str]:
     """What this run is, in six lines: model, batch, length, schedule, device (and which kernels run, "(auto)"
-    where --kernels auto chose them) and where it writes."""
+    where --kernels auto chose them) and where it writes; a seventh, `memory` (memory.plan_line), where given."""
     m = model_config_of(cfg)
     steps = cfg.max_steps - start_step
     tokens = steps * cfg.total_batch
     processes = f" x {world_size} processes" if world_size > 1 else ""
     dtype = "bf16 autocast" if cfg.dtype == "bfloat16" else "fp32"
+    shard = {"optimizer": " | shard optimizer (ZeRO-1)", "full": " | shard full (FSDP2)"}.get(cfg.shard, "")
+    recompute = f" | recompute {cfg.recompute}" if cfg.recompute != "none" else ""
     return [
         f"GPT-2 training | preset {cfg.preset} | {format_count(n_params)} parameters "
         f"({m.n_layer} layers, {m.n_head} heads, {m.n_embd} wide, context {m.block_size})",
@@ -71,9 +74,10 @@ def header_lines(cfg: TrainConfig, n_params: int, kernels: dict, grad_accum: int
         f"  lr       {cfg.max_lr:.2e} after {cfg.warmup_steps} warmup steps, cosine to "
         f"{cfg.max_lr * cfg.min_lr_ratio:.2e} at step {cfg.lr_decay_steps}",
         f"  device   {device_text(cfg.device, world_size)} | {dtype} | torch.compile {'on' if cfg.compile else 'off'}"
-        f" | kernels {kernels_text(kernels)}{' (auto)' if kernels_auto else ''}",
+        f" | kernels {kernels_text(kernels)}{' (auto)' if kernels_auto else ''}"
+        f"{shard if world_size > 1 else ''}{recompute}",
         f"  run      {cfg.run_dir} (full config in train_config.json)",
-    ]
+    ] + ([f"  {memory}"] if memory else [])
 
 
 def step_fields(record: dict) -> list[str]:

@@ -57,6 +57,7 @@ from gpt2_triton.training.distributed import (
     setup_distributed,
 )
 from gpt2_triton.training.errors import ConfigError, NonFiniteError, RunError
+from gpt2_triton.training.memory import check_memory, plan_line
 from gpt2_triton.training.metrics import (
     MetricsLog,
     cosine_lr,
@@ -115,6 +116,8 @@ class Trainer:
         self.updating = self.saving = False  # in an optimizer update / in save(): an error then saves nothing
         self.completed = None  # (step, loader state, RNG states) right after the last completed update
 
+        # the memory plan per GPU, for the header (training_session has refused a run it does not fit)
+        self.memory_plan, self.device_bytes = check_memory(cfg, ctx.world_size, self.device)
         torch.manual_seed(cfg.seed)
         self.model_config = model_config_of(cfg)
         self.shard = cfg.shard if ctx.is_ddp else "none"  # one process has nothing to share
@@ -435,7 +438,8 @@ class Trainer:
             self.print(f"--shard {cfg.shard}: one process holds everything; nothing to shard")
         for line in header_lines(cfg, self.raw_model.num_params(), self.raw_model.kernels, self.grad_accum,
                                  self.ctx.world_size, int(self.train_loader.sizes.sum()), self.step,
-                                 kernels_auto=self.kernel_fallbacks is not None):
+                                 kernels_auto=self.kernel_fallbacks is not None,
+                                 memory=plan_line(self.memory_plan, self.device_bytes)):
             self.print(line)
         self.report.start(self.step, cfg.max_steps)
         if self.step == 0 and cfg.val_every:
@@ -552,6 +556,7 @@ def train(cfg: TrainConfig) -> list[dict]:
     try:
         fallbacks = kernel_choice(cfg, ctx.device.type)[1]  # None: --kernels named them, not "auto"
         cfg = resolve_config(cfg, ctx.device, ctx.world_size)
+        check_memory(cfg, ctx.world_size, ctx.device)  # the memory plan: refuses a run that cannot fit this GPU
         with sigterm_raises():  # until the loop's own handlers: SIGTERM cleans up as Ctrl-C does
             lock, resume_from = on_rank0(ctx, lambda: claim_run_dir(cfg)) or (None, None)
             resume_from = broadcast(resume_from, ctx)

@@ -8,6 +8,9 @@ attention_fwd / attention_bwd (our attention kernels), sdpa_attention_fwd / _bwd
 memory (everything else: 0 FLOPs). A host sync costs host_sync_s. The efficiencies are fractions of the
 GPU's dense bf16 peak and HBM bandwidth (`gpt2_triton.devices`), one dict per band (`BANDS`), each value
 with its source. Attention rates are H100 TFLOP/s, used as the same fraction of peak on the other GPUs.
+MI300X and MI355X take the same fractions of their own peak and bandwidth (the sources are NVIDIA
+figures; nothing here is measured on AMD) and the sm_90 trace: a prediction of the same step, not of
+the AMD tiles' speed.
 
 An optimizer step of gradient accumulation is the first micro-step (grads created), grad_accum - 1
 steady micro-steps (grads accumulated) and the optimizer phase of `train_step` on the fp32 parameters:
@@ -33,7 +36,7 @@ from gpt2_triton.devices import GPUS, H100
 from gpt2_triton.model import GPT
 
 TOKENS_PER_STEP = 524288  # 2**19, the GPT-2 124M batch of train.py's gpt2 preset
-PREDICT_GPUS = ("H100", "H200", "B200")
+PREDICT_GPUS = ("H100", "H200", "B200", "MI300X", "MI355X")
 KERNEL_ROWS = ("triton", "torch", "llm.c-style")
 
 
@@ -222,7 +225,8 @@ def markdown(pred: dict) -> str:
         f"clip_grad_norm_ + fused AdamW on {pred['optimizer_params']:,} fp32 parameters; MFU at "
         f"{pred['flops_per_token'] / 1e6:.1f} MFLOP/token (GPT.flops_per_token). llm.c-style: our trace with "
         "every GEMM at cuBLAS efficiency and attention at cuDNN rates. ms are per micro-step, the optimizer "
-        "amortised.",
+        "amortised. MI300X and MI355X take the same fractions of their own peak and bandwidth on the same "
+        "(sm_90) trace: no AMD figure stands behind them.",
         "",
         "| kernels | GPU | band | tok/s | MFU | ms | GEMM | attention | memory-bound | launch floor |",
         "|---|---|---|---:|---:|---:|---:|---:|---:|---:|",

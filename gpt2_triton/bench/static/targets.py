@@ -1,12 +1,14 @@
 """The static profile on four GPU targets: the first (hand-picked) candidate of every launch of the
-profile's cases (`cases.gpt2_cases`, traced for an H100 as the sm_90 profile is) compiled on this CPU
-for sm_90a (H100/H200), sm_100a (B200), gfx942 (MI300X) and gfx950 (MI355X) with the installed triton.
+profile's cases (`cases.gpt2_launches`), traced for each target's own architecture (override_target(arch=,
+sm_count=, smem_per_block=) from devices.ARCHS: its tiles, its paths, its static rule; sm_90a's trace is
+the sm_90 profile's) and compiled on this CPU for sm_90a (H100/H200), sm_100a (B200), gfx942 (MI300X) and
+gfx950 (MI355X) with the installed triton.
 
     python -m gpt2_triton.bench.static.targets --out DIR [--only TEXT] [--jobs N] [--target NAME]
 
-Writes DIR/static_targets.json and DIR/static_targets.md. The launches (grids, tiles, stages) are the
-ones the launchers pick for an H100; only the compile target changes, so a tile that needs more shared
-memory / LDS than a target has shows up as "does not fit", not as a smaller tile.
+Writes DIR/static_targets.json and DIR/static_targets.md. A row is one launch of the sm_90a trace; the
+other targets' launches are matched to it by kernel, variant and order (the case id without its tile),
+and each target's cell names the case (tile) that target's launcher picked.
 
 Method, per case and target (`analyze`, in a worker process with its own Triton cache folder; a worker
 that dies is restarted and the case is recorded as failed):
@@ -45,18 +47,18 @@ import time
 import traceback
 from pathlib import Path
 
-from gpt2_triton.devices import SM90_LIMITS
+from gpt2_triton.devices import ARCHS, SM90_LIMITS, arch_gpu
 
 COMPILE_TIMEOUT_S = 600
 
 # Per-target limits used for occupancy, each with its source.
 TARGETS = {
     "sm_90a": {
-        "gpu": "H100 / H200", "target": ["cuda", 90, 32], "mma": "wgmma", **SM90_LIMITS,
+        "arch": "sm_90", "gpu": "H100 / H200", "target": ["cuda", 90, 32], "mma": "wgmma", **SM90_LIMITS,
         "source": "CUDA C++ Programming Guide, compute capability 9.0 table (devices.SM90_LIMITS)",
     },
     "sm_100a": {
-        "gpu": "B200", "target": ["cuda", 100, 32], "mma": "tcgen05",
+        "arch": "sm_100", "gpu": "B200", "target": ["cuda", 100, 32], "mma": "tcgen05",
         "regs_per_sm": 65536, "reg_alloc_unit": 256, "smem_per_sm": 233472, "smem_per_block": 232448,
         "smem_reserved_per_block": 1024, "max_warps_per_sm": 64, "max_ctas_per_sm": 32, "tmem_columns": 512,
         "source": "CUDA C++ Programming Guide, compute capability 10.0 table (64K registers, 228 KB shared "
@@ -64,7 +66,7 @@ TARGETS = {
                   "columns per SM",
     },
     "gfx942": {
-        "gpu": "MI300X", "target": ["hip", "gfx942", 64], "mma": "mfma",
+        "arch": "gfx942", "gpu": "MI300X", "target": ["hip", "gfx942", 64], "mma": "mfma",
         "vgprs_per_simd_lane": 512, "vgpr_granule": 8, "sgprs_per_simd": 800, "sgpr_granule": 16,
         "max_waves_per_simd": 8, "simds_per_cu": 4, "lds_per_cu": 65536,
         "source": "AMD CDNA3 ISA guide and LLVM AMDGPUUsage (unified 512-entry VGPR/AGPR file per lane of "
@@ -72,7 +74,7 @@ TARGETS = {
                   "per CU); MI300X datasheet: 64 KB LDS per CU",
     },
     "gfx950": {
-        "gpu": "MI355X", "target": ["hip", "gfx950", 64], "mma": "mfma",
+        "arch": "gfx950", "gpu": "MI355X", "target": ["hip", "gfx950", 64], "mma": "mfma",
         "vgprs_per_simd_lane": 512, "vgpr_granule": 8, "sgprs_per_simd": 800, "sgpr_granule": 16,
         "max_waves_per_simd": 8, "simds_per_cu": 4, "lds_per_cu": 163840,
         "source": "AMD CDNA4 ISA guide (register file, waves and SIMDs as CDNA3); CDNA4 white paper / "
@@ -419,9 +421,40 @@ def compile_all(specs: list, jobs: int = 1, log=print) -> list:
     return results
 
 
-def target_specs(cases, target_names) -> list:
+_TILE = re.compile(r"-\d+x\d+(?:x\d+)?-w\d+s\d+(?:r\d+)?")
+
+
+def launch_key(case_id: str) -> str:
+    """A case id without its tile and duplicate number: what a launch is, whatever tile a target picks."""
+    return _TILE.sub("", case_id).split("#")[0]
+
+
+def target_fields(name: str) -> dict:
+    """The machine the launchers size their launches for on target `name` (trace.capture's target)."""
+    from gpt2_triton.bench.static.trace import H100_TARGET
+    arch = ARCHS[TARGETS[name]["arch"]]
+    return {**H100_TARGET, "arch": arch.name, "sm_count": arch_gpu(arch.name).sms,
+            "smem_per_block": arch.smem_per_block}
+
+
+def target_cases(batch: int, name: str) -> list:
+    """The first-candidate cases of every launch as target `name`'s launchers pick them."""
+    from gpt2_triton.bench.static import cases as cases_mod
+    launches, step = cases_mod.gpt2_launches(batch, target_fields(name))
+    return [c for c in cases_mod.cases_from_launches(launches, [id(launch) for launch in step]) if c.first_candidate]
+
+
+def matched(reference: list, cases: list) -> dict:
+    """{reference case id: the case of `cases` for the same launch}: by launch_key, in order."""
+    pending = collections.defaultdict(list)
+    for c in cases:
+        pending[launch_key(c.id)].append(c)
+    return {r.id: pending[launch_key(r.id)].pop(0) for r in reference if pending[launch_key(r.id)]}
+
+
+def target_specs(cases_by_target: dict) -> list:
     specs = []
-    for name in target_names:
+    for name, cases in cases_by_target.items():
         for c in cases:
             spec = c.spec()
             spec.update(target=TARGETS[name]["target"], target_name=name)
@@ -455,19 +488,23 @@ def run(out_dir, only=(), jobs=1, batch=16, target_names=tuple(TARGETS), log=pri
     from gpt2_triton.bench.common import git_commit
     from gpt2_triton.bench.static import cases as cases_mod
     t0 = time.time()
-    cases = [c for c in cases_mod.gpt2_cases(batch) if c.first_candidate]
+    cases = target_cases(batch, "sm_90a")
     if only:
         cases = [c for c in cases if any(s in c.id for s in only)]
+    per_target = {name: matched(cases, cases if name == "sm_90a" else target_cases(batch, name))
+                  for name in target_names}
     log(f"{len(cases)} first-candidate cases x {len(target_names)} targets")
-    results = compile_all(target_specs(cases, target_names), jobs, log)
+    results = compile_all(target_specs({n: list(m.values()) for n, m in per_target.items()}), jobs, log)
     by_key = {(r["target_name"], r["id"]): r for r in results}
     rows = []
     for c in cases:
         row = {"id": c.id, "kernel": c.launch.fn.__name__, "sites": list(c.sites),
                "in_step": any(" x" in s for s in c.sites), "num_warps": c.num_warps, "targets": {}}
         for name in target_names:
-            r = by_key.get((name, c.id), {"ok": False, "error": "not compiled"})
-            row["targets"][name] = summarize(r, name)
+            own = per_target[name].get(c.id)
+            r = by_key.get((name, own.id), {"ok": False, "error": "not compiled"}) if own else \
+                {"ok": False, "error": "no matching launch in this target's trace"}
+            row["targets"][name] = {"case": own.id if own else None, **summarize(r, name)}
         rows.append(row)
     import triton
     profile = {
@@ -476,7 +513,8 @@ def run(out_dir, only=(), jobs=1, batch=16, target_names=tuple(TARGETS), log=pri
                 "host": platform.node(), "cpus": os.cpu_count(), "jobs": jobs,
                 "wall_s": round(time.time() - t0, 1)},
         "shapes": {"B": batch, "T": cases_mod.T, "C": cases_mod.C, "H": cases_mod.N_HEAD, "V": cases_mod.VOCAB,
-                   "launches": "traced for an H100 (trace.H100_TARGET); first autotune candidate only"},
+                   "launches": "traced per target (its architecture's tiles, paths and limits); first autotune "
+                               "candidate only"},
         "targets": {n: TARGETS[n] for n in target_names}, "summary": totals(rows, target_names), "cases": rows,
     }
     out_dir = Path(out_dir)
@@ -542,7 +580,9 @@ def markdown(p) -> str:
         lines.append(f"| {n} | {p['targets'][n]['gpu']} | {s['ok']}/{s['cases']} | {s['failed']} | {s['spilling']} | "
                      f"{s['bf16_dots'] - s['bf16_dots_off_mma']}/{s['bf16_dots']} ({p['targets'][n]['mma']}) | "
                      f"{s['not_fitting']} |")
-    lines += ["", "Occupancy: CTAs per SM (NVIDIA) or waves per SIMD (AMD) and what limits it; 0 = the launch "
+    lines += ["", "Rows: the launches of the sm_90a trace; a target whose launcher picks another tile names "
+              "its own case (here ...). Occupancy: CTAs per SM (NVIDIA) or waves per SIMD (AMD) and what "
+              "limits it; 0 = the launch "
               "needs more shared memory / LDS than the target has. Spills: NVIDIA ptxas spill-store bytes (and "
               "the stack frame); AMD scratch bytes per lane (private segment) and the VGPR spills (to scratch) "
               "/ SGPR spills (to VGPR lanes) counts. Loops: instructions per iteration of each "
@@ -554,13 +594,14 @@ def markdown(p) -> str:
                   "|---|---|---|---|---|---|---|"]
         for row in p["cases"]:
             r = row["targets"][n]
+            case = row["id"] if r.get("case") in (None, row["id"]) else f"{row['id']} (here {r['case']})"
             if not r.get("ok"):
-                lines.append(f"| {row['id']} | FAILED: {r['error'][:200].replace('|', '/')} | | | | | |")
+                lines.append(f"| {case} | FAILED: {r['error'][:200].replace('|', '/')} | | | | | |")
                 continue
             smem = r["lds"] if "lds" in r else r.get("shared")
             smem = "-" if smem is None else smem
             loops = " / ".join(str(lp["instructions"]) for lp in r["loops"]) or "-"
-            lines.append(f"| {row['id']} | {_regs_cell(r)} | {_spill_cell(r)} | {smem} | {_occ_cell(r)} | "
+            lines.append(f"| {case} | {_regs_cell(r)} | {_spill_cell(r)} | {smem} | {_occ_cell(r)} | "
                          f"{_mma_cell(r)} | {loops} |")
         lines.append("")
     return "\n".join(lines)

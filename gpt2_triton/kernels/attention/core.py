@@ -28,6 +28,8 @@ from gpt2_triton.kernels.utils import (
     check_float,
     check_same_dtype,
     device_guard,
+    dot_precision,
+    tma_hardware,
     with_fallbacks,
 )
 
@@ -277,10 +279,10 @@ def bwd_dkdv_inner(dk, dv, k, v, q_src, do_src, stats_src, stride_qt, stride_dot
 # ----------------------------------------------------------------------------------------------
 # Candidate tiles and autotuners (no hardware probing: TRITON_INTERPRET and the problem decide)
 # ----------------------------------------------------------------------------------------------
-def input_precision(dtype: torch.dtype) -> str:
-    # fp32 inputs: exact fp32 products on the GPU (tf32 would break fp32 tolerances).
-    # The option is ignored for fp16/bf16, where "tf32" is Triton's default.
-    return "ieee" if dtype == torch.float32 else "tf32"
+def input_precision(dtype: torch.dtype, device: Optional[torch.device] = None) -> str:
+    """tl.dot's input_precision on `device` (utils.dot_precision: "tf32" for fp16/bf16 only where the
+    architecture accepts it; gfx950's triton rejects it)."""
+    return dot_precision(dtype, device)
 
 
 # Candidate tiles per head dim and dtype, (BLOCK_M queries, BLOCK_N keys, num_warps, num_stages),
@@ -303,8 +305,22 @@ def fwd_tiles(head_dim: int, dtype: torch.dtype) -> list:
     return [(128, 64, 8, 3), (128, 32, 8, 3), (64, 64, 4, 3), (64, 32, 4, 3)]
 
 
-def bwd_dkdv_tiles(head_dim: int, dtype: torch.dtype) -> list:
+# AMD (gfx942 / gfx950), fp16/bf16 dK/dV at D <= 64 (triton 3.9, T = 1024 causal, pointer loads): 16 x 128
+# with 8 warps at 2 stages compiles without scratch for the dense kernel (gfx950: 110 VGPRs) and the
+# varlen one with documents (gfx942 / gfx950: 150 / 140 VGPRs); 32 x 128 w8 spills at 3 and 5 stages on
+# gfx942 (50 / 71 spills), at 2 stages in the varlen kernels (gfx942: 36-196 B) and on gfx950 (12 B);
+# 32 x 64 w4 s2 spills in the varlen one (17-20 VGPR spills); 16 x 64 w4 s2 is spill-free everywhere.
+_AMD_DKDV_TILES = [(16, 128, 8, 2), (16, 64, 4, 2), (32, 128, 8, 2)]
+
+
+def _amd(arch: Optional[str]) -> bool:
+    return arch is not None and arch.startswith("gfx")
+
+
+def bwd_dkdv_tiles(head_dim: int, dtype: torch.dtype, arch: Optional[str] = None) -> list:
     """dK/dV: BLOCK_M queries per step, BLOCK_N keys per program. Constraint: BLOCK_N % BLOCK_M == 0."""
+    if _amd(arch) and dtype != torch.float32 and head_dim <= 64:
+        return list(_AMD_DKDV_TILES)
     if dtype == torch.float32:
         if head_dim <= 64:
             return [(16, 64, 8, 2), (16, 32, 4, 2)]
@@ -314,15 +330,16 @@ def bwd_dkdv_tiles(head_dim: int, dtype: torch.dtype) -> list:
     return [(32, 64, 8, 2), (32, 128, 8, 2), (64, 64, 8, 2), (16, 64, 4, 2)]
 
 
-def dense_bwd_dkdv_tiles(head_dim: int, dtype: torch.dtype) -> list:
+def dense_bwd_dkdv_tiles(head_dim: int, dtype: torch.dtype, arch: Optional[str] = None) -> list:
     """dK/dV of the dense kernel: bwd_dkdv_tiles, with the first fp16/bf16 tile at D = 64 run at 5 stages and
     at most 128 registers. Compiled for sm_90 at T = 1024 causal, 32 x 128 with 8 warps takes 127 / 132 / 132
     registers (triton 3.6 / 3.8 / 3.9) at 3 stages, 127 / 135 / 128 at 5: 1 CTA/SM above 128. maxnreg=128 at
     5 stages: 127 / 128 / 128, no spills, 2 CTAs/SM on all three (3.8's loops 5 and 3 instructions longer,
     the others unchanged); at 3 stages it spills 16 B on 3.9. At D = 16 and 32 the 5-stage loops are longer on
-    3.9; the varlen kernel keeps 3 stages (142-155 registers, 1 CTA/SM; at 5 stages up to 171 on 3.6)."""
-    tiles = bwd_dkdv_tiles(head_dim, dtype)
-    if head_dim == 64 and dtype != torch.float32:
+    3.9; the varlen kernel keeps 3 stages (142-155 registers, 1 CTA/SM; at 5 stages up to 171 on 3.6).
+    maxnreg is NVIDIA's: AMD takes bwd_dkdv_tiles' own."""
+    tiles = bwd_dkdv_tiles(head_dim, dtype, arch)
+    if head_dim == 64 and dtype != torch.float32 and not _amd(arch):
         return [(32, 128, 8, 5, 128), *tiles[1:]]
     return tiles
 
@@ -356,10 +373,11 @@ def autotuned_tiles(kernel, tiles: Callable[..., list], interpreter_tile: tuple,
 # ----------------------------------------------------------------------------------------------
 # TMA and the launch helper
 # ----------------------------------------------------------------------------------------------
-def use_tma(dtype: torch.dtype) -> bool:
-    """fp16/bf16: the hot loops read their tiles through TMA descriptors. fp32 keeps pointer loads: its
-    products are not wgmma ones, and with TMA most fp32 candidates spilled (up to 7.7 KB, triton 3.6)."""
-    return dtype in (torch.float16, torch.bfloat16)
+def use_tma(dtype: torch.dtype, device: Optional[torch.device] = None) -> bool:
+    """fp16/bf16 on an architecture with a TMA unit (utils.tma_hardware): the hot loops read their tiles
+    through TMA descriptors. fp32 keeps pointer loads: its products are not wgmma ones, and with TMA most
+    fp32 candidates spilled (up to 7.7 KB, triton 3.6)."""
+    return dtype in (torch.float16, torch.bfloat16) and tma_hardware(device)
 
 
 def tma_ok(t: torch.Tensor) -> bool:
@@ -410,7 +428,7 @@ def launch(run: Callable[..., None], q: torch.Tensor, *walked: torch.Tensor) -> 
             run(False, *walked)
 
     with device_guard(q.device):
-        if use_tma(q.dtype):
+        if use_tma(q.dtype, q.device):
             with_fallbacks([("tma", lambda: attempt(True))], lambda: attempt(False))
         else:
             attempt(False)

@@ -296,7 +296,7 @@ def _fwd_into(q, k, v, o, lse, causal: bool, scale: float) -> None:
             *q.stride(), *k.stride(), *v.stride(), *o.stride(),
             H, T, bucket(T), scale * LOG2E.value,
             HEAD_DIM=D, CAUSAL=causal, EVEN_T=_even_t(T), USE_TMA=use_tma,
-            INPUT_PRECISION=input_precision(q.dtype))
+            INPUT_PRECISION=input_precision(q.dtype, q.device))
 
     launch(run, q, k, v)
 
@@ -307,7 +307,7 @@ def _bwd_into(do, q, k, v, o, lse, dq, dk, dv, causal: bool, scale: float) -> No
     B, H, T, D = q.shape
     stride_s = triton.cdiv(T, 4) * 4  # 16-byte aligned rows: the dK/dV kernel reads them through TMA
     stats = torch.empty((B * H, 2, stride_s), dtype=torch.float32, device=q.device)  # lse2 | delta
-    precision = input_precision(q.dtype)
+    precision = input_precision(q.dtype, q.device)
     even_t = _even_t(T)
     grid_dq = lambda meta: (triton.cdiv(T, meta["BLOCK_M"]), B * H)  # noqa: E731  one program per query tile
     grid_dkdv = lambda meta: (triton.cdiv(T, meta["BLOCK_N"]), B * H)  # noqa: E731  one program per key tile

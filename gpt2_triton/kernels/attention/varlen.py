@@ -396,7 +396,8 @@ def _fwd_into(q, k, v, o, lse, layout: _Layout, causal: bool, scale: float) -> N
             q, k, v, o, lse, *layout.args(),
             *q.stride(), *k.stride(), *v.stride(), *o.stride(), lse.stride(0),
             *layout.scalars(), scale * LOG2E.value,
-            HEAD_DIM=D, **layout.constexprs(causal), USE_TMA=use_tma, INPUT_PRECISION=input_precision(q.dtype))
+            HEAD_DIM=D, **layout.constexprs(causal), USE_TMA=use_tma,
+            INPUT_PRECISION=input_precision(q.dtype, q.device))
 
     launch(run, q, k, v)
 
@@ -412,7 +413,7 @@ def _bwd_into(do, q, k, v, o, lse, dq, dk, dv, layout: _Layout, causal: bool, sc
 
     def run(use_tma, q, k, v, do):  # the dQ loop reads k, v tiles; the dK/dV loop q, do tiles
         common = dict(HEAD_DIM=D, **layout.constexprs(causal), USE_TMA=use_tma,
-                      INPUT_PRECISION=input_precision(q.dtype))
+                      INPUT_PRECISION=input_precision(q.dtype, q.device))
         _varlen_bwd_dq[grid_dq](
             q, k, v, o, do, lse, stats, dq, *layout.args(),
             *q.stride(), *k.stride(), *v.stride(), *o.stride(), *do.stride(), *dq.stride(),
