@@ -115,3 +115,20 @@ def run_where_unwritable(folder, code: str, cwd, timeout: float = 300):
         pytest.skip("running as root, and no read-only bind mount is possible here (unshare -rm)")
     return subprocess.run([*mount, sys.executable, "-c", code], cwd=cwd, capture_output=True, text=True,
                           timeout=timeout)
+
+
+def saved_bytes(fn, *args, leaves=(), amp=False):
+    """(fn(*args), bytes of the distinct storages autograd keeps for backward): `leaves` (parameters) left out;
+    amp: under CPU bf16 autocast."""
+    skip = {t.untyped_storage().data_ptr() for t in leaves}
+    kept = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in skip:
+            kept[storage.data_ptr()] = storage.nbytes()
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+            out = fn(*args)
+    return out, sum(kept.values())

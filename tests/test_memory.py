@@ -6,6 +6,7 @@ import torch
 from gpt2_triton.model.config import GPTConfig
 from gpt2_triton.model.gpt import GPT
 from gpt2_triton.training.memory import memory_plan, plan_line, plan_problem, plan_table, zero_partition
+from tests.helpers import saved_bytes
 
 CONFIGS = [  # (GPTConfig, micro_batch, seq_len)
     (GPTConfig(block_size=64, vocab_size=96, n_layer=2, n_head=2, n_embd=32), 2, 32),
@@ -14,21 +15,10 @@ CONFIGS = [  # (GPTConfig, micro_batch, seq_len)
 ]
 
 
-def saved_bytes(model, idx, amp):
-    """Bytes of the distinct storages autograd keeps for backward, parameters left out."""
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    kept = {}
-
-    def pack(t):
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in params:
-            kept[storage.data_ptr()] = storage.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
-            _, loss = model(idx, idx)
-    return sum(kept.values()), loss
+def model_saved_bytes(model, idx, amp):
+    """(bytes autograd keeps from one forward on idx, parameters left out; the loss)."""
+    (_, loss), kept = saved_bytes(model, idx, idx, leaves=list(model.parameters()), amp=amp)
+    return kept, loss
 
 
 def tensor_bytes(tensors):
@@ -47,7 +37,7 @@ def test_plan_matches_allocations_torch_kernels(config, micro_batch, seq_len, am
     plan = memory_plan(config, micro_batch, seq_len, amp=amp, kernels="torch")
     assert plan.params == tensor_bytes(model.parameters())
     idx = torch.randint(0, config.vocab_size, (micro_batch, seq_len))
-    activations, loss = saved_bytes(model, idx, amp)
+    activations, loss = model_saved_bytes(model, idx, amp)
     within(plan.activations, activations)
     loss.backward()
     assert plan.grads == tensor_bytes(p.grad for p in model.parameters())
@@ -64,7 +54,7 @@ def test_plan_matches_saved_activations_triton_kernels(amp):
     model = GPT(config, kernels="triton")
     idx = torch.randint(0, config.vocab_size, (micro_batch, seq_len))
     within(memory_plan(config, micro_batch, seq_len, amp=amp, kernels="triton").activations,
-           saved_bytes(model, idx, amp)[0])
+           model_saved_bytes(model, idx, amp)[0])
 
 
 def test_sharding_divides_state_and_recompute_shrinks_activations():

@@ -4,7 +4,7 @@ import functools
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import assert_close, assert_close_to_ref, error_stats
+from helpers import assert_close, assert_close_to_ref, error_stats, saved_bytes
 
 from gpt2_triton.kernels import mlp
 from gpt2_triton.kernels import reference as ref
@@ -168,20 +168,6 @@ def test_gelu_mlp_without_biases_and_no_grad(device):
     torch.testing.assert_close(out_nograd, out, atol=0, rtol=0)
 
 
-def saved_bytes(fn, inputs):
-    """(output, bytes of the distinct storages autograd keeps from fn(x, *params), the params left out)."""
-    leaves = {t.untyped_storage().data_ptr() for t in inputs[1:]}
-    kept = {}
-
-    def pack(t):
-        if t.untyped_storage().data_ptr() not in leaves:
-            kept[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = fn(*inputs)
-    return out, sum(kept.values())
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 @pytest.mark.parametrize("x_shape, hidden", SHAPES)
 @pytest.mark.parametrize("impl", ["triton", "torch"])
@@ -198,7 +184,8 @@ def test_gelu_mlp_recompute_same_bits_without_the_hidden_activation(impl, x_shap
         assert torch.equal(out, want)
         assert len(grads) == len(inputs) and all(torch.equal(g, w) for g, w in zip(grads, want_grads))
         leaves = [t.detach().clone().requires_grad_() for t in inputs]
-        kept = [saved_bytes(functools.partial(fn, recompute=r), leaves)[1] for r in (False, True)]
+        kept = [saved_bytes(functools.partial(fn, recompute=r), *leaves, leaves=leaves[1:])[1]
+                for r in (False, True)]
         assert kept[0] - kept[1] == x.numel() // x_shape[-1] * hidden * x.element_size()
         if impl == "triton":
             assert kept[1] == x.numel() * x.element_size()

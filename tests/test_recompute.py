@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from gpt2_triton import GPT, GPTConfig
+from tests.helpers import saved_bytes
 
 CONFIG = GPTConfig.from_preset("tiny", vocab_size=97, block_size=32, n_embd=32, n_head=2, n_layer=2,
                                pad_vocab_to=64)
@@ -47,18 +48,7 @@ def test_same_loss_and_grads_bit_for_bit(kernels, recompute, documents):
 def saved_activation_bytes(model, idx) -> int:
     """Bytes of the distinct storages autograd keeps from one forward of `model` on idx (targets = idx),
     parameters left out. The checkpoint of a Block keeps its inputs as saved tensors too, so they count."""
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    kept = {}
-
-    def pack(t):
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in params:
-            kept[storage.data_ptr()] = storage.nbytes()
-        return t
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        _, loss = model(idx, idx)
-    del loss
-    return sum(kept.values())
+    return saved_bytes(model, idx, idx, leaves=list(model.parameters()))[1]
 
 
 def per_layer_per_token(kernels, recompute, n_embd, T, B=2):
