@@ -691,8 +691,10 @@ def test_bad_flag_from_the_shell_exits_1_with_one_line(tmp_path):
 
 def test_help_shows_what_each_flag_does():
     text = " ".join(training.build_parser().format_help().split())  # argparse wraps lines
-    assert "--micro-batch MICRO_BATCH sequences per forward pass, per process (>= 1; default 64; demo: 8)" in text
-    assert "--max-lr MAX_LR peak learning rate (> 0; default 0.0006; demo: 0.003)" in text
+    assert ("--micro-batch MICRO_BATCH sequences per forward pass, per process (>= 1; default 64; gpt2-774m: 32; "
+            "gpt2-1558m: 16; demo: 8)") in text
+    assert ("--max-lr MAX_LR peak learning rate (> 0; default 0.0006; gpt2-350m: 0.0003; gpt2-774m: 0.00025; "
+            "demo: 0.003)") in text
     for f in fields(training.TrainConfig):
         assert f.metadata["help"].split(";")[0].split("(")[0].strip() in text, f.name
 
