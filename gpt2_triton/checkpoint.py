@@ -14,6 +14,7 @@ into place when complete, so a save cut short is never taken for a checkpoint.
 A run folder belongs to one run: its checkpoints, `train_config.json`, `metrics.jsonl` and
 `loss.png` (`run_artifacts`), guarded while the run lives by a FolderLock on `RUN_LOCK`.
 """
+import contextlib
 import hashlib
 import os
 import random
@@ -26,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from gpt2_triton.atomic import atomic_write, fsync_dir, remove_stale_temp_folders
+from gpt2_triton.atomic import TEMP_PATTERN, atomic_write, fsync_dir, remove_stale_temp_folders, temp_folder
 from gpt2_triton.hf import from_pretrained
 from gpt2_triton.messages import one_line
 from gpt2_triton.model import GPT, GPTConfig
@@ -126,10 +127,7 @@ def load_checkpoint(path, map_location="cpu") -> dict:
     folder: `training.sharding.load_sharded_state` / `load_sharded_weights` read them)."""
     path = Path(path)
     if path.is_dir():
-        problem = _sharded_problem(path)
-        if problem:
-            raise CheckpointError(problem)
-        return {**load_checkpoint(path / SHARDED_META, map_location), "sharded": str(path)}
+        return {**_sharded_meta(path, map_location), "sharded": str(path)}
     state = _read(path, map_location)
     problem = _checksum_problem(state)
     if problem:
@@ -185,10 +183,8 @@ def save_sharded_checkpoint(path, meta: dict | None, shards: dict, rank: int, wo
     training checkpoint) with every file's SHA-256 as train_state.pt and renames the folder to `path`."""
     import torch.distributed as dist
     import torch.distributed.checkpoint as dcp
-
-    from gpt2_triton.atomic import temp_folder
     path = Path(path)
-    with temp_folder(path.parent, path.name) if rank == 0 else _no_folder() as tmp:
+    with temp_folder(path.parent, path.name) if rank == 0 else contextlib.nullcontext() as tmp:
         holder = [str(tmp) if tmp else None]
         dist.broadcast_object_list(holder, src=0)
         tmp = Path(holder[0])
@@ -209,14 +205,6 @@ def save_sharded_checkpoint(path, meta: dict | None, shards: dict, rank: int, wo
     return path if rank == 0 else None
 
 
-class _no_folder:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
-
-
 def load_sharded_weights(model, path) -> None:
     """A sharded folder's weights into a whole model in this process (sample, export, HellaSwag, --init)."""
     import torch.distributed.checkpoint as dcp
@@ -227,19 +215,25 @@ def load_sharded_weights(model, path) -> None:
     model.load_state_dict(state["model"])
 
 
-def _sharded_problem(path: Path) -> str | None:
-    """Why the checkpoint folder at `path` cannot be used, or None: train_state.pt reads and verifies, and every
-    file it lists is there with the SHA-256 it had when saved."""
-    try:
-        meta = load_checkpoint(path / SHARDED_META)
-    except (CheckpointError, OSError) as e:
-        return str(e)
+def _sharded_meta(path: Path, map_location="cpu") -> dict:
+    """The train_state.pt of the checkpoint folder at `path`, verified, once every file it lists is there with the
+    SHA-256 it had when saved; CheckpointError (or OSError) naming the problem otherwise."""
+    meta = load_checkpoint(path / SHARDED_META, map_location)
     for name, digest in meta.get("files", {}).items():
         file = path / name
         if not file.is_file():
-            return f"checkpoint {path} is incomplete: {name} is missing"
+            raise CheckpointError(f"checkpoint {path} is incomplete: {name} is missing")
         if _file_digest(file) != digest:
-            return f"checkpoint {path} is corrupt: {name} changed after it was saved"
+            raise CheckpointError(f"checkpoint {path} is corrupt: {name} changed after it was saved")
+    return meta
+
+
+def _sharded_problem(path: Path) -> str | None:
+    """Why the checkpoint folder at `path` cannot be used, or None."""
+    try:
+        _sharded_meta(path)
+    except (CheckpointError, OSError) as e:
+        return str(e)
     return None
 
 
@@ -270,7 +264,8 @@ def prune_checkpoints(run_dir, keep: int) -> list[Path]:
     """Delete all but the newest `keep` checkpoints, except the newest one that verifies when none of
     those `keep` does (so a corrupt newest file never costs the last good one); returns the deleted paths."""
     # sharded saves a kill cut short (their builder gone)
-    remove_stale_temp_folders(run_dir, owns=lambda folder: bool(SHARDED_PATTERN.match(folder.name[1:-13])))
+    remove_stale_temp_folders(run_dir, owns=lambda folder: bool(SHARDED_PATTERN.match(
+        TEMP_PATTERN.match(folder.name)["name"])))
     ckpts = list_checkpoints(run_dir)
     if keep < 1 or len(ckpts) <= keep:
         return []
@@ -359,9 +354,7 @@ def load_model(init, kernels="torch", device="cpu"):
     neither (say the `gpt2/` of a source tree) is taken as the HF name, with a note. Raises
     FileNotFoundError or ValueError (CheckpointError for a bad checkpoint), in one line."""
     path = Path(init)
-    if path.is_file():
-        model = model_from_checkpoint(load_checkpoint(path), kernels, device, where=path)
-    elif path.is_dir() and SHARDED_PATTERN.match(path.name):
+    if path.is_file() or (path.is_dir() and SHARDED_PATTERN.match(path.name)):  # a file, or a sharded folder
         model = model_from_checkpoint(load_checkpoint(path), kernels, device, where=path)
     elif path.is_dir() and list_checkpoints(path):
         skipped = []

@@ -7,7 +7,7 @@
   weights and gradient reductions.
 none and optimizer save today's single-file checkpoint (rank 0; ZeRO's state consolidated to it first); full
 saves a `torch.distributed.checkpoint` folder, every rank its shard. Each loads into every mode and world size
-(`load_state`): the sharded folder is resharded by DCP; a single file is read whole on every rank."""
+(`load_sharded_state`, `load_file_state`): DCP reshards a folder; a single file is read whole on every rank."""
 import warnings
 
 import torch
@@ -23,8 +23,6 @@ from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.optim import ZeroRedundancyOptimizer
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel as DDP
-
-SHARD_MODES = ("none", "optimizer", "full")
 
 
 def shard_model(model, mode: str, amp_dtype):
@@ -91,7 +89,7 @@ def is_sharded(model) -> bool:
 
 
 # --- checkpoint state ------------------------------------------------------------------------------------
-FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
+WHOLE = StateDictOptions(full_state_dict=True)  # a single file's whole tensors, loaded into FSDP2's shards
 
 
 def file_state(model, optimizer) -> tuple[dict, dict] | None:
@@ -115,9 +113,8 @@ def load_file_state(model, optimizer, model_state: dict, optimizer_state: dict) 
         model.load_state_dict(model_state)
         optimizer.load_state_dict(optimizer_state)  # ZeRO keeps its own partition of the full state
         return
-    set_model_state_dict(model, model_state, options=StateDictOptions(full_state_dict=True))
-    set_optimizer_state_dict(model, optimizer, _by_name(model, optimizer, optimizer_state),
-                             options=StateDictOptions(full_state_dict=True))
+    set_model_state_dict(model, model_state, options=WHOLE)
+    set_optimizer_state_dict(model, optimizer, _by_name(model, optimizer, optimizer_state), options=WHOLE)
 
 
 def load_sharded_state(model, optimizer, path) -> None:

@@ -116,7 +116,7 @@ class Trainer:
         self.updating = self.saving = False  # in an optimizer update / in save(): an error then saves nothing
         self.completed = None  # (step, loader state, RNG states) right after the last completed update
 
-        # the memory plan per GPU, for the header (training_session has refused a run it does not fit)
+        # the memory plan per GPU, for the header (train() has refused a run it does not fit)
         self.memory_plan, self.device_bytes = check_memory(cfg, ctx.world_size, self.device)
         torch.manual_seed(cfg.seed)
         self.model_config = model_config_of(cfg)
@@ -195,12 +195,11 @@ class Trainer:
         """The full training state (all ranks call: loader positions and RNGs are gathered, ZeRO's AdamW state
         consolidated); None off rank 0. weights=False: all but the weights and AdamW state (a sharded save)."""
         loaders, rngs = gather(self.train_loader.state_dict(), self.ctx), gather(rng_state(), self.ctx)
-        model_and_optimizer = file_state(self.raw_model, self.optimizer) if weights else ({}, {})
+        whole = file_state(self.raw_model, self.optimizer) if weights else None  # (model, optimizer) on rank 0
         if not self.ctx.is_main:
             return None
-        model_state, optimizer_state = model_and_optimizer
         return {
-            **({"model": model_state, "optimizer": optimizer_state} if weights else {}),
+            **(dict(zip(("model", "optimizer"), whole)) if weights else {}),
             "shard": self.shard,
             "step": self.step,
             "loader": loaders,  # one per rank
