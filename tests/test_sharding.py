@@ -112,6 +112,18 @@ def test_triton_kernels_under_full_shard(data_dir, single, tmp_path):
     assert losses(tmp_path) == pytest.approx(expected, abs=1e-4)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["optimizer", "full"])
+def test_torch_compile_under_each_shard_mode(data_dir, single, tmp_path, mode):
+    """torch.compile of the ZeRO-1 (DDP) and the FSDP2 model: 3 steps (in the warm-up, where the shorter run
+    has single[2]'s learning rates) with its losses."""
+    run = {**RUN, "max_steps": 3, "checkpoint_every": 0}
+    out = torchrun(2, cli_flags(data_dir, tmp_path, total_batch=2 * 4 * 32, shard=mode, compile=True, **run))
+    assert "torch.compile on" in out.stdout
+    expected = {k: v for k, v in losses(single[2]).items() if k <= 3}
+    assert losses(tmp_path) == pytest.approx(expected, abs=1e-4)
+
+
 def resume_from_step_10(source, tmp_path) -> Path:
     """A copy of run folder `source` as it was after its step-10 checkpoint."""
     run_dir = tmp_path / "resumed"

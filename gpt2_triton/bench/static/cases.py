@@ -7,6 +7,7 @@ Shapes: B x T = B x 1024 tokens, C = 768, H = 12 heads of D = 64, V = 50257 (emb
 pointers and ints % 16 == 0 get tt.divisibility=16, ints == 1 become constexpr 1, do_not_specialize is
 honoured. A tensor is 16-byte aligned when its storage offset is (fresh CUDA allocations are).
 """
+import dataclasses
 import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -100,6 +101,7 @@ class Case:
     critical: bool = False  # for tests: must not spill
     sites: tuple = ()  # custom ops making this launch, and how often per micro-step ("gelu_mlp_bwd x12")
     tuning_keys: int = 0  # autotune keys its launches in one micro-step tune (each tries the first-contact configs)
+    aliases: tuple = ()  # ids (without the tile) of other widths' launches with this specialization
 
     def spec(self, usage=True, sass=True) -> dict:
         """JSON-able compile spec for gpt2_triton.bench.static.native (any triton version)."""
@@ -197,6 +199,8 @@ def launch_tag(launch: Launch) -> str:
         parts.append(f"{a['NUM_PARTIALS']}partials")
     if "NUM_PAIRS" in a:
         parts.append(f"{a['NUM_PAIRS']}pairs")
+    if launch.tag:
+        parts.append(launch.tag)
     return "-".join(parts)
 
 
@@ -228,8 +232,12 @@ def cases_from_launches(launches, in_step=()) -> list:
     in_step: ids (id()) of the launches made by one training micro-step, for the sites."""
     cases, ids = [], set()
     in_step = set(in_step)
+    def base_id(launch):
+        return "-".join(p for p in (short_name(launch.fn.__name__), first_dtype(launch), launch_tag(launch)) if p)
+
     for launch, same in dedup_launches(launches):
-        base = "-".join(p for p in (short_name(launch.fn.__name__), first_dtype(launch), launch_tag(launch)) if p)
+        base = base_id(launch)
+        aliases = tuple(dict.fromkeys(base_id(other) for other in same if other.tag != launch.tag))
         n = 2
         while base in ids:
             base = f"{base.rsplit('#', 1)[0]}#{n}"
@@ -241,7 +249,7 @@ def cases_from_launches(launches, in_step=()) -> list:
             if isinstance(tuner, Tuner) else set()
         for cfg in launch.configs or [None]:
             cid = base if cfg is None else f"{base}-{config_id(cfg)}"
-            cases.append(Case(cid, launch, cfg, sites=sites, tuning_keys=len(keys)))
+            cases.append(Case(cid, launch, cfg, sites=sites, tuning_keys=len(keys), aliases=aliases))
     return cases
 
 
@@ -280,68 +288,100 @@ def eval_step(batch: int, target_fields=None) -> list:
         return trace.since(start)
 
 
+@dataclass(frozen=True)
+class Width:
+    """The model width an op call is traced at: n_embd channels in n_head heads of 64."""
+    n_embd: int = C
+    n_head: int = N_HEAD
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    @property
+    def tag(self) -> str:
+        """"" at GPT-2 124M's width, else e.g. "C1024" (case ids and op rows name it)."""
+        return "" if self.n_embd == C else f"C{self.n_embd}"
+
+
+GPT2_WIDTH = Width()
+# GPT-2 medium / large / XL (the gpt2-350m / 774m / 1558m recipes): 1024 / 1280 / 1600 wide, 16 / 20 / 25 heads
+LARGER_PRESETS = ("gpt2-medium", "gpt2-large", "gpt2-xl")
+LARGER_WIDTHS = tuple(Width(cfg.n_embd, cfg.n_head) for cfg in map(GPTConfig.from_preset, LARGER_PRESETS))
+
+
 @dataclass
 class OpCall:
-    """One op as the model calls it, forward + backward, under bf16 autocast."""
-    name: str
-    make: Callable  # (batch) -> (fn(ops) -> output, [input tensors], [tensors whose grads are produced])
+    """One op as the model calls it, forward + backward, under bf16 autocast, at one model width."""
+    base: str
+    make: Callable  # (batch, width) -> (fn(ops) -> output, [input tensors], [tensors whose grads are produced])
+    width: Width = GPT2_WIDTH
+
+    @property
+    def name(self) -> str:
+        return " ".join(p for p in (self.base, self.width.tag) if p)
+
+    def at(self, width: Width) -> "OpCall":
+        return OpCall(self.base, self.make, width)
 
 
 def _leaf(*shape, dtype=torch.float32):
     return torch.empty(shape, dtype=dtype).requires_grad_()
 
 
-def _layer_norm(batch):
-    x, w, b = _leaf(batch, T, C), _leaf(C), _leaf(C)  # the fp32 residual stream, fp32 parameters
-    return (lambda ops: ops.layer_norm(x, w, b, 1e-5)), [x, w, b], [x, w, b]
+def _layer_norm(batch, w):
+    x, g, b = _leaf(batch, T, w.n_embd), _leaf(w.n_embd), _leaf(w.n_embd)  # the fp32 residual stream, parameters
+    return (lambda ops: ops.layer_norm(x, g, b, 1e-5)), [x, g, b], [x, g, b]
 
 
-def _attention(batch):
-    qkv = _leaf(batch, T, 3 * C, dtype=torch.bfloat16)  # c_attn's output under autocast
+def _attention(batch, w):
+    c = w.n_embd
+    qkv = _leaf(batch, T, 3 * c, dtype=torch.bfloat16)  # c_attn's output under autocast
 
     def run(ops):  # CausalSelfAttention.forward between c_attn and c_proj
-        q, k, v = qkv.split(C, dim=2)
-        q, k, v = (t.view(batch, T, N_HEAD, C // N_HEAD).transpose(1, 2) for t in (q, k, v))
+        q, k, v = qkv.split(c, dim=2)
+        q, k, v = (t.view(batch, T, w.n_head, w.head_dim).transpose(1, 2) for t in (q, k, v))
         y = ops.attention(q, k, v, causal=True)
-        return y.transpose(1, 2).contiguous().view(batch, T, C)
+        return y.transpose(1, 2).contiguous().view(batch, T, c)
     return run, [qkv], [qkv]
 
 
-def _attention_documents(batch):
+def _attention_documents(batch, w):
     """The model's attention with document masking (train.py --doc-mask); the trace sees no values, so the
     document starts only shape the masks."""
-    qkv = _leaf(batch, T, 3 * C, dtype=torch.bfloat16)
+    qkv = _leaf(batch, T, 3 * w.n_embd, dtype=torch.bfloat16)
     starts = torch.zeros((batch, T), dtype=torch.bool)
-    return (lambda ops: ops.attention_qkv(qkv, N_HEAD, causal=True, documents=ops.document_mask(starts))), \
+    return (lambda ops: ops.attention_qkv(qkv, w.n_head, causal=True, documents=ops.document_mask(starts))), \
         [qkv], [qkv]
 
 
 DOCUMENTS_PER_ROW = 2  # packed sequences per 1024 tokens in the varlen op call
 
 
-def _attention_varlen(batch):
+def _attention_varlen(batch, w):
     """flash_attention_varlen on batch x 1024 tokens packed as 2 * batch sequences (self-attention)."""
-    q, k, v = (_leaf(batch * T, N_HEAD, C // N_HEAD, dtype=torch.bfloat16) for _ in range(3))
+    q, k, v = (_leaf(batch * T, w.n_head, w.head_dim, dtype=torch.bfloat16) for _ in range(3))
     cu = torch.zeros((DOCUMENTS_PER_ROW * batch + 1,), dtype=torch.int32)
     return (lambda ops: ops.attention_varlen(q, k, v, cu, cu, T, T, causal=True)), [q, k, v], [q, k, v]
 
 
-def _gelu_mlp(batch):
-    x = _leaf(batch, T, C)  # ln_2's fp32 output
-    fc_w, fc_b, pr_w, pr_b = _leaf(4 * C, C), _leaf(4 * C), _leaf(C, 4 * C), _leaf(C)
+def _gelu_mlp(batch, w):
+    c = w.n_embd
+    x = _leaf(batch, T, c)  # ln_2's fp32 output
+    fc_w, fc_b, pr_w, pr_b = _leaf(4 * c, c), _leaf(4 * c), _leaf(c, 4 * c), _leaf(c)
     params = [x, fc_w, fc_b, pr_w, pr_b]
     return (lambda ops: ops.gelu_mlp(*params)), params, params
 
 
-def _cross_entropy(batch):
+def _cross_entropy(batch, w):
     logits = _leaf(batch * T, VOCAB, dtype=torch.bfloat16)  # lm_head's output under autocast
     targets = torch.zeros((batch * T,), dtype=torch.int64)
     return (lambda ops: ops.cross_entropy(logits, targets)), [logits, targets], [logits]
 
 
-def _linear_cross_entropy(batch):
-    x = _leaf(batch * T, C)  # ln_f's fp32 output, flattened
-    wte = _leaf(gpt2_config().padded_vocab_size, C)
+def _linear_cross_entropy(batch, w):
+    x = _leaf(batch * T, w.n_embd)  # ln_f's fp32 output, flattened
+    wte = _leaf(gpt2_config().padded_vocab_size, w.n_embd)
     weight = wte[:VOCAB]  # as GPT.forward passes lm_head.weight
     targets = torch.zeros((batch * T,), dtype=torch.int64)
     return (lambda ops: ops.linear_cross_entropy(x, weight, targets)), [x, weight, targets], [x, weight]
@@ -351,6 +391,10 @@ OP_CALLS = [OpCall("layer_norm", _layer_norm), OpCall("attention", _attention),
             OpCall("attention_documents", _attention_documents), OpCall("attention_varlen", _attention_varlen),
             OpCall("gelu_mlp", _gelu_mlp), OpCall("cross_entropy", _cross_entropy),
             OpCall("linear_cross_entropy", _linear_cross_entropy)]
+# The larger models' shapes: each width's LayerNorm, attention, MLP and lm_head + loss (the ops whose shapes
+# change with the width; the cross-entropy over the logits and the attention variants' masks do not)
+WIDE_OP_CALLS = [call.at(w) for w in LARGER_WIDTHS for call in OP_CALLS
+                 if call.base in ("layer_norm", "attention", "gelu_mlp", "linear_cross_entropy")]
 
 
 def minimum_bytes(inputs, output, grads) -> int:
@@ -365,7 +409,7 @@ def trace_op(call: OpCall, batch: int, kernels: str, target_fields=None):
     """(events fwd+bwd, minimum bytes) of one op call with the `kernels` implementation."""
     with capture(target_fields) as trace:
         ops = build_ops(kernels)
-        run, inputs, grads = call.make(batch)
+        run, inputs, grads = call.make(batch, call.width)
         start = trace.mark()
         with torch.autocast("cpu", dtype=torch.bfloat16):
             out = run(ops)
@@ -409,6 +453,9 @@ def gpt2_launches(batch: int = 16, target_fields=None) -> tuple:
     for call in OP_CALLS:
         launches += [e.launch for e in trace_op(call, batch, "triton", target_fields)[0] if e.kind == "launch"]
     launches += decode_launches(batch, target_fields)
+    for call in WIDE_OP_CALLS:  # only their specializations that 124M's launches lack become cases
+        launches += [dataclasses.replace(e.launch, tag=call.width.tag)
+                     for e in trace_op(call, batch, "triton", target_fields)[0] if e.kind == "launch"]
     seen = {launch.fn.__name__ for launch in launches}
     launches += [launch for launch in linear_gelu_launches(batch, target_fields) if launch.fn.__name__ not in seen]
     return launches, step
@@ -419,11 +466,14 @@ def gpt2_cases(batch: int = 16) -> list:
     return cases_from_launches(launches, [id(launch) for launch in step])
 
 
-def op_traffic(batches=(4, 16)) -> list:
-    """Per op and batch: bytes moved (ours, eager) against the minimum, and what each side ran."""
+def op_traffic(batches=(4, 16), wide_batch: Optional[int] = 16) -> list:
+    """Per op and batch: bytes moved (ours, eager) against the minimum, and what each side ran; the larger
+    models' widths (WIDE_OP_CALLS) at `wide_batch` only (None: not traced)."""
     rows = []
-    for call in OP_CALLS:
-        for batch in batches:
+    calls = [(call, batches) for call in OP_CALLS]
+    calls += [(call, (wide_batch,)) for call in WIDE_OP_CALLS] if wide_batch else []
+    for call, call_batches in calls:
+        for batch in call_batches:
             row = {"op": call.name, "B": batch}
             for kernels in ("triton", "torch"):
                 events, minimum = trace_op(call, batch, kernels)

@@ -67,12 +67,13 @@ def run(out_dir, pythons=(None,), quick=False, jobs=1, batch=16, only=(), log=pr
     if only:
         all_cases = [c for c in all_cases if any(s in c.id for s in only)]
     timing["trace_launches_s"] = time.time() - t
-    log(f"{len(all_cases)} compile cases (kernel x autotune candidate) at GPT-2 124M shapes")
+    log(f"{len(all_cases)} compile cases (kernel x autotune candidate) at GPT-2 shapes (124M, and the larger "
+        "models' widths)")
     t = time.time()
     compiled = compile_all(all_cases, pythons, jobs, log)
     timing["compile_s"] = time.time() - t
     t = time.time()
-    ops = cases_mod.op_traffic((4, batch))
+    ops = cases_mod.op_traffic((4, batch), wide_batch=batch)
     traces = cases_mod.step_traces(batch)
     step = cases_mod.step_summary(batch, traces)
     timing["traffic_s"] = time.time() - t
@@ -100,7 +101,9 @@ def run(out_dir, pythons=(None,), quick=False, jobs=1, batch=16, only=(), log=pr
                 "host": platform.node(), "cpus": os.cpu_count(), "quick": quick},
         "shapes": {"B": batch, "T": cases_mod.T, "C": cases_mod.C, "H": cases_mod.N_HEAD,
                    "D": cases_mod.C // cases_mod.N_HEAD,
-                   "V": cases_mod.VOCAB, "dtype": "bf16 autocast, fp32 parameters"},
+                   "V": cases_mod.VOCAB, "dtype": "bf16 autocast, fp32 parameters",
+                   "wider": [f"{preset} (C={w.n_embd}, H={w.n_head})"
+                             for preset, w in zip(cases_mod.LARGER_PRESETS, cases_mod.LARGER_WIDTHS)]},
         "h100": H100, "kernels": kernels, "ops": ops, "micro_step": step, "prediction": prediction, "timing": timing,
         "cold_start": cold_start(kernels, sorted(compiled)),
     }
@@ -315,6 +318,11 @@ def _header(p) -> list:
         f"Shapes: B={s['B']}, T={s['T']}, C={s['C']}, H={s['H']}, D={s['D']}, V={s['V']}, {s['dtype']}. "
         "Nothing ran on a GPU: compiled for sm_90 with each triton's ptxas; bytes and launches traced on "
         "fake tensors (see bench/static/__init__.py for the method).",
+        "",
+        f"Larger models: the LayerNorm, attention, MLP and lm_head + loss of GPT-2 "
+        f"{' / '.join(s.get('wider', []))} (B={s['B']}) are traced too; a launch whose specialization "
+        "124M's launches lack is a case of its own, its id tagged with the width (e.g. `-C1024`), and the "
+        "op-bytes table has a row per width.",
     ]
 
 

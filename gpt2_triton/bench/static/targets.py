@@ -445,11 +445,16 @@ def target_cases(batch: int, name: str) -> list:
 
 
 def matched(reference: list, cases: list) -> dict:
-    """{reference case id: the case of `cases` for the same launch}: by launch_key, in order."""
+    """{reference case id: the case of `cases` for the same launch}: by launch_key, in order; a larger width's
+    launch that this target specializes as another launch's (e.g. the same K split) maps to that case."""
     pending = collections.defaultdict(list)
     for c in cases:
         pending[launch_key(c.id)].append(c)
-    return {r.id: pending[launch_key(r.id)].pop(0) for r in reference if pending[launch_key(r.id)]}
+    alias_of = {alias: c for c in cases for alias in c.aliases}
+    out = {r.id: pending[launch_key(r.id)].pop(0) for r in reference if pending[launch_key(r.id)]}
+    out.update({r.id: alias_of[launch_key(r.id)] for r in reference
+                if r.id not in out and launch_key(r.id) in alias_of})
+    return out
 
 
 def target_specs(cases_by_target: dict) -> list:
@@ -494,7 +499,8 @@ def run(out_dir, only=(), jobs=1, batch=16, target_names=tuple(TARGETS), log=pri
     per_target = {name: matched(cases, cases if name == "sm_90a" else target_cases(batch, name))
                   for name in target_names}
     log(f"{len(cases)} first-candidate cases x {len(target_names)} targets")
-    results = compile_all(target_specs({n: list(m.values()) for n, m in per_target.items()}), jobs, log)
+    results = compile_all(target_specs({n: list({c.id: c for c in m.values()}.values())
+                                        for n, m in per_target.items()}), jobs, log)
     by_key = {(r["target_name"], r["id"]): r for r in results}
     rows = []
     for c in cases:
@@ -505,6 +511,8 @@ def run(out_dir, only=(), jobs=1, batch=16, target_names=tuple(TARGETS), log=pri
             r = by_key.get((name, own.id), {"ok": False, "error": "not compiled"}) if own else \
                 {"ok": False, "error": "no matching launch in this target's trace"}
             row["targets"][name] = {"case": own.id if own else None, **summarize(r, name)}
+            if own and launch_key(own.id) != launch_key(c.id):  # another width's launch, the same binary here
+                row["targets"][name]["same_specialization"] = True
         rows.append(row)
     import triton
     profile = {

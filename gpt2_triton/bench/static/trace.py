@@ -496,6 +496,7 @@ class Launch:
     configs: Optional[list] = None  # triton.Config list the autotuner would try, when autotuned
     op: Optional[str] = None  # the custom op whose launcher made this launch
     constexpr_names: frozenset = field(default_factory=frozenset)
+    tag: str = ""  # the shapes' name where they are not GPT-2 124M's (e.g. "C1024"), for case ids
 
     def programs(self, config=None) -> int:
         """Grid size (CTAs) of this launch, with `config`'s meta-parameters for autotuned kernels."""
