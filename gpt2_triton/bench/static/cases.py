@@ -211,6 +211,11 @@ def first_dtype(launch: Launch) -> str:
     return ""
 
 
+def base_id(launch: Launch) -> str:
+    """A case id without its tile: `kernel-dtype-tags`."""
+    return "-".join(p for p in (short_name(launch.fn.__name__), first_dtype(launch), launch_tag(launch)) if p)
+
+
 def dedup_launches(launches):
     """[(launch, [launches with its specialization])], one per specialization, in first-seen order."""
     seen = {}
@@ -232,9 +237,6 @@ def cases_from_launches(launches, in_step=()) -> list:
     in_step: ids (id()) of the launches made by one training micro-step, for the sites."""
     cases, ids = [], set()
     in_step = set(in_step)
-    def base_id(launch):
-        return "-".join(p for p in (short_name(launch.fn.__name__), first_dtype(launch), launch_tag(launch)) if p)
-
     for launch, same in dedup_launches(launches):
         base = base_id(launch)
         aliases = tuple(dict.fromkeys(base_id(other) for other in same if other.tag != launch.tag))
@@ -322,7 +324,7 @@ class OpCall:
         return " ".join(p for p in (self.base, self.width.tag) if p)
 
     def at(self, width: Width) -> "OpCall":
-        return OpCall(self.base, self.make, width)
+        return dataclasses.replace(self, width=width)
 
 
 def _leaf(*shape, dtype=torch.float32):

@@ -319,7 +319,7 @@ def _header(p) -> list:
         "Nothing ran on a GPU: compiled for sm_90 with each triton's ptxas; bytes and launches traced on "
         "fake tensors (see bench/static/__init__.py for the method).",
         "",
-        f"Larger models: the LayerNorm, attention, MLP and lm_head + loss of GPT-2 "
+        f"Larger models: the LayerNorm, attention, MLP and lm_head + loss of "
         f"{' / '.join(s.get('wider', []))} (B={s['B']}) are traced too; a launch whose specialization "
         "124M's launches lack is a case of its own, its id tagged with the width (e.g. `-C1024`), and the "
         "op-bytes table has a row per width.",
