@@ -1234,22 +1234,25 @@ def two_nodes(script, flags, rdzv_id):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds torchrun's workers through /proc")
-@pytest.mark.parametrize("shard", ["none", "full"])
-def test_two_nodes_train_checkpoint_are_killed_and_resume_exactly(data_dir, tmp_path, shard):
-    """Two "nodes" on localhost (c10d rendezvous, gloo): they train and checkpoint (one file under DDP, a sharded
-    folder under FSDP2), both are killed -9 one step after a checkpoint, and the resumed run redoes that step bit
-    for bit, then goes on."""
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds torchrun's workers through /proc")
+@pytest.mark.parametrize("shard,killed", [("none", "every process"), ("full", "every process"),
+                                          ("optimizer", "rank 1")])
+def test_two_nodes_train_checkpoint_are_killed_and_resume_exactly(data_dir, tmp_path, shard, killed):
+    """Two "nodes" on localhost (c10d rendezvous, gloo): they train and checkpoint (one file under DDP and ZeRO-1, a
+    sharded folder under FSDP2), then are killed -9 one step after a checkpoint: every process at once (power loss),
+    or rank 1's worker alone while rank 0 waits for it in step 6's collectives, which then fail on rank 0 in one
+    line and end both nodes. The resumed run redoes step 5 bit for bit, then goes on."""
     run_dir = tmp_path / "run"
     flags = cli_flags(data_dir, run_dir, max_steps=100000, checkpoint_every=4, val_every=0, total_batch=2 * 4 * 32,
                       shard=shard)
-    hold = tmp_path / "hold_after_step_5.py"  # train.py, but every rank stops moving after step 5
+    held = "True" if killed == "every process" else "self.ctx.rank == 1"
+    hold = tmp_path / "hold_after_step_5.py"  # train.py, but the held ranks stop moving after step 5
     hold.write_text("import runpy, sys, time\n"
                     "from gpt2_triton import training\n"
                     "real_after_step = training.Trainer.after_step\n"
                     "def after_step(self):\n"
                     "    real_after_step(self)\n"
-                    "    if self.step == 5:\n"
+                    f"    if self.step == 5 and {held}:\n"
                     "        time.sleep(600)\n"
                     "training.Trainer.after_step = after_step\n"
                     f"sys.argv[0] = {str(REPO / 'train.py')!r}\n"
@@ -1257,15 +1260,26 @@ def test_two_nodes_train_checkpoint_are_killed_and_resume_exactly(data_dir, tmp_
     nodes = two_nodes(hold, flags, f"killed-{shard}")
     try:
         wait_for(lambda: train_steps(run_dir)[-1:] == [5], nodes[0], what="step 5 on two nodes")
+        if killed == "rank 1":
+            worker = next(pid for node in nodes for pid in children(node.pid) if b"RANK=1" in
+                          Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"))
+            os.kill(worker, signal.SIGKILL)
+            outputs = [node.communicate(timeout=120) for node in nodes]  # no hang: rank 0 fails, both nodes end
     finally:
         for pid in [pid for node in nodes for pid in (node.pid, *children(node.pid))]:  # torchrun's worker and
             with contextlib.suppress(ProcessLookupError):                               # itself: power loss
                 os.kill(pid, signal.SIGKILL)
         for node in nodes:
             node.communicate(timeout=60)
+    if killed == "rank 1":
+        assert all(node.returncode != 0 for node in nodes)
+        said = [line for out, err in outputs for line in (out + err).splitlines() if line.startswith("error: rank")]
+        assert len(said) == 1 and said[0].startswith("error: rank 0: a collective with the other processes failed ("), \
+            [err[-3000:] for _, err in outputs]
+        assert said[0].endswith(f"Last good checkpoint: {run_dir / 'ckpt_000004.pt'}; continue with --resume")
     state = load_checkpoint(latest_checkpoint(run_dir))
     assert state["step"] == 4 and state["world_size"] == 2 and len(state["loader"]) == 2
-    assert latest_checkpoint(run_dir).name == {"none": "ckpt_000004.pt", "full": "ckpt_000004.dcp"}[shard]
+    assert latest_checkpoint(run_dir).name == "ckpt_000004." + ("dcp" if shard == "full" else "pt")
     lost = read_metrics(run_dir / "metrics.jsonl", "train")[-1]
     resumed = two_nodes(REPO / "train.py", cli_flags(data_dir, run_dir, max_steps=6, checkpoint_every=4, val_every=0,
                                                      total_batch=2 * 4 * 32, resume=True, shard=shard),
