@@ -1235,8 +1235,8 @@ def two_nodes(script, flags, rdzv_id):
 
 @pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds torchrun's workers through /proc")
-@pytest.mark.parametrize("shard,killed", [("none", "every process"), ("full", "every process"),
-                                          ("optimizer", "rank 1")])
+@pytest.mark.parametrize("shard,killed", [("none", "every process"), ("full", "every process"), ("none", "rank 1"),
+                                          ("optimizer", "rank 1"), ("full", "rank 1")])
 def test_two_nodes_train_checkpoint_are_killed_and_resume_exactly(data_dir, tmp_path, shard, killed):
     """Two "nodes" on localhost (c10d rendezvous, gloo): they train and checkpoint (one file under DDP and ZeRO-1, a
     sharded folder under FSDP2), then are killed -9 one step after a checkpoint: every process at once (power loss),
@@ -1271,15 +1271,16 @@ def test_two_nodes_train_checkpoint_are_killed_and_resume_exactly(data_dir, tmp_
                 os.kill(pid, signal.SIGKILL)
         for node in nodes:
             node.communicate(timeout=60)
+    checkpoint = run_dir / ("ckpt_000004." + ("dcp" if shard == "full" else "pt"))
     if killed == "rank 1":
         assert all(node.returncode != 0 for node in nodes)
         said = [line for out, err in outputs for line in (out + err).splitlines() if line.startswith("error: rank")]
         assert len(said) == 1 and said[0].startswith("error: rank 0: a collective with the other processes failed ("), \
             [err[-3000:] for _, err in outputs]
-        assert said[0].endswith(f"Last good checkpoint: {run_dir / 'ckpt_000004.pt'}; continue with --resume")
-    state = load_checkpoint(latest_checkpoint(run_dir))
+        assert said[0].endswith(f"Last good checkpoint: {checkpoint}; continue with --resume")
+    assert latest_checkpoint(run_dir) == checkpoint
+    state = load_checkpoint(checkpoint)
     assert state["step"] == 4 and state["world_size"] == 2 and len(state["loader"]) == 2
-    assert latest_checkpoint(run_dir).name == "ckpt_000004." + ("dcp" if shard == "full" else "pt")
     lost = read_metrics(run_dir / "metrics.jsonl", "train")[-1]
     resumed = two_nodes(REPO / "train.py", cli_flags(data_dir, run_dir, max_steps=6, checkpoint_every=4, val_every=0,
                                                      total_batch=2 * 4 * 32, resume=True, shard=shard),
