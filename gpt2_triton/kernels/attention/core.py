@@ -370,9 +370,10 @@ VARIANTS = [(d, dt) for d in SUPPORTED_HEAD_DIMS for dt in (torch.float16, torch
 #   (kpack=2 on gfx942: 118 VGPRs, 4 waves, loops 185 / 172.)
 # - dQ 128 x 32 w8 s3, matrix_instr_nonkdim=16: gfx942 155 -> 134 VGPRs, LDS 24 -> 16 KB, 2 waves either way,
 #   loops 268 / 317 -> 179 / 205; gfx950 163 + 35 -> 182 + 54 VGPRs, 2 waves, loop 154 -> 108.
-# - forward 128 x 64 w4 s3, waves_per_eu=3 on gfx950 only: 172 -> 158 + 74 VGPRs, 2 -> 3 waves, no scratch,
-#   loop 246 -> 257. On gfx942 waves_per_eu=3 spills (68 B scratch), waves_per_eu=2 and kpack=2 keep 2 waves
-#   (loop 406 -> 402 / 405), matrix_instr_nonkdim=16 lengthens the loop (406 -> 494; gfx950 246 -> 292).
+# - forward 128 x 64 w4 s3, waves_per_eu=3 on gfx950 only, dense kernel only: 172 -> 158 + 74 VGPRs, 2 -> 3
+#   waves, no scratch, loop 246 -> 257 (the varlen forward spills 20-72 B of scratch with it). On gfx942
+#   waves_per_eu=3 spills (68 B scratch), waves_per_eu=2 and kpack=2 keep 2 waves (loop 406 -> 402 / 405),
+#   matrix_instr_nonkdim=16 lengthens the loop (406 -> 494; gfx950 246 -> 292).
 _AMD_DQ_TILE, _AMD_FWD_TILE = (128, 32, 8, 3), (128, 64, 4, 3)
 
 

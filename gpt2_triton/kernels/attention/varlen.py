@@ -42,7 +42,6 @@ from gpt2_triton.kernels.attention.core import (
     default_scale,
     doc_bound,
     fwd_inner,
-    fwd_options,
     fwd_tiles,
     input_precision,
     launch,
@@ -347,7 +346,7 @@ def _varlen_bwd_dkdv_kernel(
 # USE_TMA is in the key: where TMA fails in a process (feature "tma"), the pointer-load variant is tuned
 # on its own.
 _AUTOTUNE_KEY = ["Q_BUCKET", "K_BUCKET", "HEAD_DIM", "CAUSAL", "DOCS", "HAS_USED", "USE_TMA"]
-_varlen_fwd = autotuned_tiles(_varlen_fwd_kernel, fwd_tiles, (32, 16, 4, 1), _AUTOTUNE_KEY, fwd_options)
+_varlen_fwd = autotuned_tiles(_varlen_fwd_kernel, fwd_tiles, (32, 16, 4, 1), _AUTOTUNE_KEY)
 _varlen_bwd_dq = autotuned_tiles(_varlen_bwd_dq_kernel, bwd_dq_tiles, (32, 16, 4, 1), _AUTOTUNE_KEY,
                                bwd_dq_options)
 _varlen_bwd_dkdv = autotuned_tiles(_varlen_bwd_dkdv_kernel, bwd_dkdv_tiles, (16, 32, 4, 1), _AUTOTUNE_KEY,
