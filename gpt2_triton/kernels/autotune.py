@@ -12,9 +12,11 @@ first, and wraps its kernel once:
 
 A tile is (*values of `names`, num_warps, num_stages). A tile function that takes `arch` lists them per
 architecture (utils.gpu_arch at launch: "sm_90", "sm_100", "gfx942", "gfx950"; None, an architecture not in
-devices.ARCHS, takes sm_90's). `gpu_configs(tuner)` rebuilds the configs a GPU would try (the union over
-the architectures; the static profile asks for them on a CPU, where the autotuner itself holds the
-interpreter's).
+devices.ARCHS, takes sm_90's). A tile's config may carry backend options on an architecture (`options`:
+(tile, arch) -> e.g. {"waves_per_eu": 2}, the HIP backend's BACKEND_OPTIONS; an architecture's configs carry
+only its own, so CUDA's JIT, which rejects unknown keywords, never sees AMD's). `gpu_configs(tuner)` rebuilds
+the configs a GPU would try (the union over the architectures; the static profile asks for them on a CPU,
+where the autotuner itself holds the interpreter's).
 
 What a launch tries the first time it meets a tuning key (`Tuner.candidates`), in the listed order:
 1. its variant's tiles (`variant_of`);
@@ -52,6 +54,10 @@ from gpt2_triton.kernels.utils import gpu_arch, is_interpreter, known_arch, sm_c
 # the headline's kernel benchmarks ask for more (override_target(max_configs=4)).
 FIRST_CONTACT_CONFIGS = 2
 
+# Options of triton's HIP backend (HIPOptions) a config may carry as a keyword: waves per execution unit the
+# register allocator aims for, the MFMA instruction's non-K dimension (16 or 32), and the operand K packing.
+BACKEND_OPTIONS = ("waves_per_eu", "matrix_instr_nonkdim", "kpack")
+
 
 def max_configs() -> int:
     """Candidates a launch tries on first contact (0: every candidate the static rule admits)."""
@@ -68,17 +74,29 @@ class Candidates:
     interpreter_tile: tuple
     extra: dict  # meta-parameters every config carries (e.g. GROUP_M)
     smem: Optional[Callable[[triton.Config, dict], int]] = None  # shared memory (bytes) of a config at a launch
+    options: Optional[Callable[[tuple, Optional[str]], dict]] = None  # (tile, arch) -> its BACKEND_OPTIONS there
 
-    def config(self, tile) -> triton.Config:
-        """(*meta-parameters, num_warps, num_stages[, maxnreg]) -> its triton.Config."""
+    def options_for(self, tile: tuple, arch: Optional[str]) -> dict:
+        return self.options(tile, arch) if self.options is not None and arch is not None else {}
+
+    def config(self, tile, arch: Optional[str] = None) -> triton.Config:
+        """(*meta-parameters, num_warps, num_stages[, maxnreg]) -> its triton.Config on `arch` (with the backend
+        options `options` gives it there)."""
         values, (num_warps, num_stages, *maxnreg) = tile[:len(self.names)], tile[len(self.names):]
-        return triton.Config({**dict(zip(self.names, values)), **self.extra}, num_warps=num_warps,
-                             num_stages=num_stages, maxnreg=maxnreg[0] if maxnreg else None)
+        return triton.Config({**dict(zip(self.names, values)), **self.extra, **self.options_for(tile, arch)},
+                             num_warps=num_warps, num_stages=num_stages, maxnreg=maxnreg[0] if maxnreg else None)
 
     def tile(self, config: triton.Config) -> tuple:
         maxnreg = compat.config_fields(config)["maxnreg"]
         return (*(config.kwargs[n] for n in self.names), config.num_warps, config.num_stages,
                 *((maxnreg,) if maxnreg else ()))
+
+    def identity(self, config: triton.Config) -> tuple:
+        """A config's tile and its backend options: two architectures' configs of one tile differ by these."""
+        return self.tile(config), tuple(sorted((k, v) for k, v in config.kwargs.items() if k in BACKEND_OPTIONS))
+
+    def _identity(self, tile: tuple, arch: Optional[str]) -> tuple:
+        return tile, tuple(sorted(self.options_for(tile, arch).items()))
 
     def tiles_for(self, variant: tuple, arch: Optional[str]) -> list:
         """The variant's candidate tiles on `arch` (a tile function without `arch`: the same everywhere)."""
@@ -89,8 +107,12 @@ class Candidates:
     def gpu_configs(self) -> list:
         """Every candidate of every variant on every architecture (sm_90's first), each once."""
         from gpt2_triton.devices import ARCHS
-        tiles = dict.fromkeys(t for a in (None, *ARCHS) for v in self.variants for t in self.tiles_for(v, a))
-        return [self.config(t) for t in tiles]
+        configs = {}
+        for arch in (None, *ARCHS):
+            for variant in self.variants:
+                for t in self.tiles_for(variant, arch):
+                    configs.setdefault(self._identity(t, arch), self.config(t, arch))
+        return list(configs.values())
 
     def configs(self) -> list:
         """What the autotuner holds: under the interpreter one small config (CPU tests stay fast and the
@@ -103,10 +125,11 @@ class Candidates:
         """The launch's own candidates, in their order (all configs for one variant)."""
         if self.variant_of is None:
             return configs
-        by_tile = {self.tile(c): c for c in configs}
+        by_identity = {self.identity(c): c for c in configs}
         args = {**named_args, **kwargs}
-        wanted = self.tiles_for(self.variant_of(args), gpu_arch(_device_of(args)))
-        return [by_tile[t] for t in wanted if t in by_tile] or configs
+        arch = gpu_arch(_device_of(args))
+        wanted = [self._identity(t, arch) for t in self.tiles_for(self.variant_of(args), arch)]
+        return [by_identity[w] for w in wanted if w in by_identity] or configs
 
 
 def _device_of(args: dict) -> Optional[torch.device]:
@@ -366,11 +389,13 @@ _CANDIDATES = {}  # Tuner -> its Candidates
 def autotuned(kernel, *, names: Sequence[str], candidates: Callable[..., list], key: list,
               variants: Sequence[tuple] = ((),), variant_of: Optional[Callable[[dict], tuple]] = None,
               interpreter_tile: tuple, extra: Optional[dict] = None,
-              smem: Optional[Callable[[triton.Config, dict], int]] = None, restore: Sequence[str] = ()) -> Tuner:
+              smem: Optional[Callable[[triton.Config, dict], int]] = None, restore: Sequence[str] = (),
+              options: Optional[Callable[[tuple, Optional[str]], dict]] = None) -> Tuner:
     """A Tuner over the candidate tiles, narrowed to the launch's variant and the static rule. restore: the
-    tensor arguments a launch adds into (read and written), put back after each candidate is timed."""
+    tensor arguments a launch adds into (read and written), put back after each candidate is timed. options:
+    (tile, arch) -> the BACKEND_OPTIONS the tile's config carries on that architecture."""
     spec = Candidates(tuple(names), candidates, tuple(variants), variant_of, tuple(interpreter_tile), extra or {},
-                      smem)
+                      smem, options)
     tuner = Tuner(kernel, spec.configs(), key, spec, restore=restore)
     _CANDIDATES[tuner] = spec
     return tuner

@@ -331,6 +331,15 @@ def _lse_tiles(dtype: torch.dtype) -> list:
             (64, 128, 64, 4, 4)]
 
 
+def _lse_options(tile: tuple, arch: Optional[str]) -> dict:
+    """AMD backend options (autotune.BACKEND_OPTIONS) of the hand-picked bf16 tile, compiled with triton 3.9 at
+    GPT-2's lm_head shape: on gfx942 kpack=2 takes 168 -> 156 VGPRs and the hot loop 989 -> 954 instructions (2
+    waves per SIMD either way); gfx950 ignores kpack, and neither waves_per_eu=2 (no change), waves_per_eu=3
+    (12 B scratch) nor matrix_instr_nonkdim=16 (loop 1020 -> 1110) helps there, nor nonkdim=16 on gfx942
+    (989 -> 1065)."""
+    return {"kpack": 2} if arch == "gfx942" and tile == _lse_tiles(torch.float16)[0] else {}
+
+
 def _lse_smem(config, args) -> int:
     """Shared memory of a candidate on sm_90: num_stages x (BLOCK_M + BLOCK_V) x BLOCK_K operand elements
     (ptxas, triton 3.6 and 3.9, bf16); on AMD num_stages - 1 buffers (as the matmul's LDS, mlp._matmul_smem)."""
@@ -345,7 +354,7 @@ _linear_cross_entropy_lse = autotuned(
     _linear_cross_entropy_lse_kernel, names=("BLOCK_M", "BLOCK_V", "BLOCK_K"), candidates=_lse_tiles,
     key=["M_BUCKET", "C", "num_classes"], variants=[(torch.float16,), (torch.float32,)],
     variant_of=lambda args: (torch.float32 if args["x_ptr"].dtype == torch.float32 else torch.float16,),
-    interpreter_tile=(16, 32, 16, 1, 1), smem=_lse_smem)  # tl.dot needs 16
+    interpreter_tile=(16, 32, 16, 1, 1), smem=_lse_smem, options=_lse_options)  # tl.dot needs 16
 
 
 def _lse_splits(num_rows: int, num_classes: int) -> int:

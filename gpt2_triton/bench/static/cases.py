@@ -25,7 +25,7 @@ from gpt2_triton.bench.static.trace import (
     tensor_bytes,
 )
 from gpt2_triton.kernels import compat
-from gpt2_triton.kernels.autotune import Tuner, max_configs
+from gpt2_triton.kernels.autotune import BACKEND_OPTIONS, Tuner, max_configs
 from gpt2_triton.kernels.mlp import linear_gelu
 from gpt2_triton.model import GPT, GPTConfig
 from gpt2_triton.model.ops import build_ops
@@ -89,6 +89,7 @@ def compile_options(launch: Launch, config=None) -> dict:
             opts["num_ctas"] = fields["num_ctas"]
         if fields["maxnreg"] is not None:
             opts["maxnreg"] = fields["maxnreg"]
+        opts.update({k: v for k, v in config.kwargs.items() if k in BACKEND_OPTIONS})
     return opts
 
 
@@ -160,11 +161,15 @@ def short_name(name: str) -> str:
     return name.lstrip("_").removesuffix("_kernel").replace("flash_attention", "attn")
 
 
+_OPTION_TAGS = {"waves_per_eu": "e", "matrix_instr_nonkdim": "m", "kpack": "k"}  # config_id's backend option parts
+
+
 def config_id(cfg) -> str:
     kw = cfg.kwargs
     blocks = "x".join(str(kw[k]) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K") if k in kw)
     maxnreg = compat.config_fields(cfg)["maxnreg"]
-    return f"{blocks}-w{cfg.num_warps}s{cfg.num_stages}" + (f"r{maxnreg}" if maxnreg else "")
+    options = "".join(f"{_OPTION_TAGS[k]}{v}" for k, v in cfg.kwargs.items() if k in BACKEND_OPTIONS)
+    return f"{blocks}-w{cfg.num_warps}s{cfg.num_stages}" + (f"r{maxnreg}" if maxnreg else "") + options
 
 
 def launch_tag(launch: Launch) -> str:

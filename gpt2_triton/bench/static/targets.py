@@ -421,7 +421,7 @@ def compile_all(specs: list, jobs: int = 1, log=print) -> list:
     return results
 
 
-_TILE = re.compile(r"-\d+x\d+(?:x\d+)?-w\d+s\d+(?:r\d+)?")
+_TILE = re.compile(r"-\d+x\d+(?:x\d+)?-w\d+s\d+(?:r\d+)?(?:[emk]\d+)*")  # cases.config_id
 
 
 def launch_key(case_id: str) -> str:

@@ -362,12 +362,40 @@ def bwd_dq_tiles(head_dim: int, dtype: torch.dtype) -> list:
 VARIANTS = [(d, dt) for d in SUPPORTED_HEAD_DIMS for dt in (torch.float16, torch.float32)]  # bf16 tiles = fp16's
 
 
-def autotuned_tiles(kernel, tiles: Callable[..., list], interpreter_tile: tuple, key: list):
+# AMD backend options (autotune.BACKEND_OPTIONS) of the hand-picked fp16/bf16 tiles at D <= 64, compiled with
+# triton 3.9 at D = 64, T = 1024 causal (dense kernels; VGPRs arch + AGPRs, waves per SIMD, instructions per
+# iteration of the hot loops), kept only where they measurably help:
+# - dK/dV 16 x 128 w8 s2, matrix_instr_nonkdim=16 (every dot on 16x16 MFMA): gfx942 132 -> 122 VGPRs, 2 -> 4
+#   waves, loops 183 / 173 -> 172 / 159; gfx950 110 -> 117 VGPRs, 4 waves either way, loops 112 / 96 -> 101 / 88.
+#   (kpack=2 on gfx942: 118 VGPRs, 4 waves, loops 185 / 172.)
+# - dQ 128 x 32 w8 s3, matrix_instr_nonkdim=16: gfx942 155 -> 134 VGPRs, LDS 24 -> 16 KB, 2 waves either way,
+#   loops 268 / 317 -> 179 / 205; gfx950 163 + 35 -> 182 + 54 VGPRs, 2 waves, loop 154 -> 108.
+# - forward 128 x 64 w4 s3, waves_per_eu=3 on gfx950 only, dense kernel only: 172 -> 158 + 74 VGPRs, 2 -> 3
+#   waves, no scratch, loop 246 -> 257 (the varlen forward spills 20-72 B of scratch with it). On gfx942
+#   waves_per_eu=3 spills (68 B scratch), waves_per_eu=2 and kpack=2 keep 2 waves (loop 406 -> 402 / 405),
+#   matrix_instr_nonkdim=16 lengthens the loop (406 -> 494; gfx950 246 -> 292).
+_AMD_DQ_TILE, _AMD_FWD_TILE = (128, 32, 8, 3), (128, 64, 4, 3)
+
+
+def fwd_options(tile: tuple, arch: Optional[str]) -> dict:
+    return {"waves_per_eu": 3} if arch == "gfx950" and tile == _AMD_FWD_TILE else {}
+
+
+def bwd_dq_options(tile: tuple, arch: Optional[str]) -> dict:
+    return {"matrix_instr_nonkdim": 16} if _amd(arch) and tile == _AMD_DQ_TILE else {}
+
+
+def bwd_dkdv_options(tile: tuple, arch: Optional[str]) -> dict:
+    return {"matrix_instr_nonkdim": 16} if _amd(arch) and tile == _AMD_DKDV_TILES[0] else {}
+
+
+def autotuned_tiles(kernel, tiles: Callable[..., list], interpreter_tile: tuple, key: list,
+                    options: Optional[Callable[[tuple, Optional[str]], dict]] = None):
     """An attention kernel autotuned over `tiles` (BLOCK_M, BLOCK_N, num_warps, num_stages) for the
-    launch's head dim and dtype."""
+    launch's head dim and dtype; options: (tile, arch) -> its backend options there."""
     return autotuned(kernel, names=("BLOCK_M", "BLOCK_N"), candidates=tiles, key=key,
                      variants=VARIANTS, variant_of=lambda args: (args["HEAD_DIM"], args["q_ptr"].dtype),
-                     interpreter_tile=interpreter_tile)
+                     interpreter_tile=interpreter_tile, options=options)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -22,11 +22,14 @@ from gpt2_triton.kernels.attention.core import (
     LOG2E,
     autotuned_tiles,
     bwd_dkdv_inner,
+    bwd_dkdv_options,
     bwd_dq_inner,
+    bwd_dq_options,
     bwd_dq_tiles,
     default_scale,
     dense_bwd_dkdv_tiles,
     fwd_inner,
+    fwd_options,
     fwd_tiles,
     input_precision,
     launch,
@@ -256,11 +259,12 @@ def _flash_attention_bwd_dkdv_kernel(
 # Autotuners
 # ----------------------------------------------------------------------------------------------
 _AUTOTUNE_KEY = ["T_BUCKET", "HEAD_DIM", "CAUSAL", "EVEN_T", "USE_TMA"]
-_flash_attention_fwd = autotuned_tiles(_flash_attention_fwd_kernel, fwd_tiles, (32, 16, 4, 1), _AUTOTUNE_KEY)
+_flash_attention_fwd = autotuned_tiles(_flash_attention_fwd_kernel, fwd_tiles, (32, 16, 4, 1), _AUTOTUNE_KEY,
+                                       fwd_options)
 _flash_attention_bwd_dq = autotuned_tiles(_flash_attention_bwd_dq_kernel, bwd_dq_tiles, (32, 16, 4, 1),
-                                          _AUTOTUNE_KEY)
+                                          _AUTOTUNE_KEY, bwd_dq_options)
 _flash_attention_bwd_dkdv = autotuned_tiles(_flash_attention_bwd_dkdv_kernel, dense_bwd_dkdv_tiles, (16, 32, 4, 1),
-                                            _AUTOTUNE_KEY)
+                                            _AUTOTUNE_KEY, bwd_dkdv_options)
 
 
 # ----------------------------------------------------------------------------------------------

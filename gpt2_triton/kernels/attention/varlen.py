@@ -34,8 +34,10 @@ from gpt2_triton.kernels.attention.core import (
     LOG2E,
     autotuned_tiles,
     bwd_dkdv_inner,
+    bwd_dkdv_options,
     bwd_dkdv_tiles,
     bwd_dq_inner,
+    bwd_dq_options,
     bwd_dq_tiles,
     default_scale,
     doc_bound,
@@ -345,8 +347,10 @@ def _varlen_bwd_dkdv_kernel(
 # on its own.
 _AUTOTUNE_KEY = ["Q_BUCKET", "K_BUCKET", "HEAD_DIM", "CAUSAL", "DOCS", "HAS_USED", "USE_TMA"]
 _varlen_fwd = autotuned_tiles(_varlen_fwd_kernel, fwd_tiles, (32, 16, 4, 1), _AUTOTUNE_KEY)
-_varlen_bwd_dq = autotuned_tiles(_varlen_bwd_dq_kernel, bwd_dq_tiles, (32, 16, 4, 1), _AUTOTUNE_KEY)
-_varlen_bwd_dkdv = autotuned_tiles(_varlen_bwd_dkdv_kernel, bwd_dkdv_tiles, (16, 32, 4, 1), _AUTOTUNE_KEY)
+_varlen_bwd_dq = autotuned_tiles(_varlen_bwd_dq_kernel, bwd_dq_tiles, (32, 16, 4, 1), _AUTOTUNE_KEY,
+                               bwd_dq_options)
+_varlen_bwd_dkdv = autotuned_tiles(_varlen_bwd_dkdv_kernel, bwd_dkdv_tiles, (16, 32, 4, 1), _AUTOTUNE_KEY,
+                                 bwd_dkdv_options)
 
 
 # ----------------------------------------------------------------------------------------------
