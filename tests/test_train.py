@@ -483,19 +483,13 @@ def test_live_run_locks_its_folder_and_sigterm_saves_and_exits_143(data_dir, tmp
     assert [r["step"] for r in history] == [last + 1] and not stale.exists()
 
 
-def find_worker(parent_pid: int, rank: int) -> int:
-    """The pid of torchrun's worker with RANK=rank (a child of parent_pid), from /proc."""
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            env = (entry / "environ").read_bytes().split(b"\0")
-        except (OSError, IndexError, ValueError):
-            continue
-        if ppid == parent_pid and f"RANK={rank}".encode() in env:
-            return int(entry.name)
-    raise LookupError(f"no worker with RANK={rank} under pid {parent_pid}")
+def find_worker(*parent_pids: int, rank: int) -> int:
+    """The pid of torchrun's worker with RANK=rank (a child of one of parent_pids), from /proc."""
+    for pid in (pid for parent in parent_pids for pid in children(parent)):
+        with contextlib.suppress(OSError):
+            if f"RANK={rank}".encode() in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"):
+                return pid
+    raise LookupError(f"no worker with RANK={rank} under pid(s) {parent_pids}")
 
 
 @pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds the workers through /proc")
@@ -1261,9 +1255,7 @@ def test_two_nodes_train_checkpoint_are_killed_and_resume_exactly(data_dir, tmp_
     try:
         wait_for(lambda: train_steps(run_dir)[-1:] == [5], nodes[0], what="step 5 on two nodes")
         if killed == "rank 1":
-            worker = next(pid for node in nodes for pid in children(node.pid) if b"RANK=1" in
-                          Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"))
-            os.kill(worker, signal.SIGKILL)
+            os.kill(find_worker(*(node.pid for node in nodes), rank=1), signal.SIGKILL)
             outputs = [node.communicate(timeout=120) for node in nodes]  # no hang: rank 0 fails, both nodes end
     finally:
         for pid in [pid for node in nodes for pid in (node.pid, *children(node.pid))]:  # torchrun's worker and

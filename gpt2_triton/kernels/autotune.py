@@ -95,9 +95,6 @@ class Candidates:
         """A config's tile and its backend options: two architectures' configs of one tile differ by these."""
         return self.tile(config), tuple(sorted((k, v) for k, v in config.kwargs.items() if k in BACKEND_OPTIONS))
 
-    def _identity(self, tile: tuple, arch: Optional[str]) -> tuple:
-        return tile, tuple(sorted(self.options_for(tile, arch).items()))
-
     def tiles_for(self, variant: tuple, arch: Optional[str]) -> list:
         """The variant's candidate tiles on `arch` (a tile function without `arch`: the same everywhere)."""
         if "arch" in inspect.signature(self.tiles).parameters:
@@ -111,7 +108,8 @@ class Candidates:
         for arch in (None, *ARCHS):
             for variant in self.variants:
                 for t in self.tiles_for(variant, arch):
-                    configs.setdefault(self._identity(t, arch), self.config(t, arch))
+                    config = self.config(t, arch)
+                    configs.setdefault(self.identity(config), config)
         return list(configs.values())
 
     def configs(self) -> list:
@@ -128,7 +126,7 @@ class Candidates:
         by_identity = {self.identity(c): c for c in configs}
         args = {**named_args, **kwargs}
         arch = gpu_arch(_device_of(args))
-        wanted = [self._identity(t, arch) for t in self.tiles_for(self.variant_of(args), arch)]
+        wanted = [self.identity(self.config(t, arch)) for t in self.tiles_for(self.variant_of(args), arch)]
         return [by_identity[w] for w in wanted if w in by_identity] or configs
 
 
